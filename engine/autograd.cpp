@@ -1,0 +1,124 @@
+#include "engine/autograd.h"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <stdexcept>
+#include <unordered_set>
+
+#include "engine/ops.h"
+
+namespace moelab {
+
+// ---- grad mode -------------------------------------------------------------------------------------------------------
+
+static thread_local bool grad_mode = true;
+
+bool grad_enabled() { return grad_mode; }
+NoGradGuard::NoGradGuard() : previous_(grad_mode) { grad_mode = false; }
+NoGradGuard::~NoGradGuard() { grad_mode = previous_; }
+
+// ---- NaN checks ------------------------------------------------------------------------------------------------------
+
+static bool nan_checks_default() {
+#ifdef MOELAB_NAN_CHECKS
+  return true;
+#else
+  const char* env = std::getenv("MOELAB_NAN_CHECKS");
+  return env && std::string(env) == "1";
+#endif
+}
+static bool nan_checks_on = nan_checks_default();
+void set_nan_checks(bool on) { nan_checks_on = on; }
+bool nan_checks() { return nan_checks_on; }
+
+template <class T> static void check_finite_as(const char* op, const Tensor& t) {
+  std::vector<T> values = t.to_vector<T>();
+  for (size_t i = 0; i < values.size(); ++i)
+    if (!std::isfinite(values[i]))
+      throw std::runtime_error(fmt::format("NaN check: op '{}' produced {} at flat index {} of its output {}", op,
+                                           static_cast<double>(values[i]), i, t.str()));
+}
+
+static void check_finite(const char* op, const Tensor& t) {
+  if (t.dtype() == DType::F32) check_finite_as<float>(op, t);
+  if (t.dtype() == DType::F64) check_finite_as<double>(op, t);
+}
+
+// ---- recording -------------------------------------------------------------------------------------------------------
+
+Tensor record(const char* op, Tensor out, std::vector<Tensor> inputs, BackwardFn backward) {
+  if (nan_checks()) check_finite(op, out);
+  if (!grad_mode || out.dtype() == DType::I32) return out;  // integers carry no gradient
+  bool needs_grad = false;
+  for (const Tensor& t : inputs) needs_grad = needs_grad || (t.defined() && t.requires_grad());
+  if (!needs_grad) return out;
+  auto node = std::make_shared<Node>();
+  node->op = op;
+  node->inputs = std::move(inputs);
+  node->backward = std::move(backward);
+  out.impl()->requires_grad = true;
+  out.impl()->grad_fn = std::move(node);
+  return out;
+}
+
+// ---- backward --------------------------------------------------------------------------------------------------------
+
+// Tensors reachable from root through grad_fn inputs, each after all tensors it depends on (iterative DFS, so deep
+// graphs cannot overflow the stack).
+static std::vector<Tensor> topological_order(const Tensor& root) {
+  std::vector<Tensor> order;
+  std::unordered_set<TensorImpl*> visited;
+  struct Frame {
+    Tensor tensor;
+    size_t next_input;
+  };
+  std::vector<Frame> stack{{root, 0}};
+  visited.insert(root.impl());
+  while (!stack.empty()) {
+    Frame& frame = stack.back();
+    const auto& node = frame.tensor.grad_fn();
+    if (node && frame.next_input < node->inputs.size()) {
+      const Tensor& input = node->inputs[frame.next_input++];
+      if (input.defined() && input.requires_grad() && visited.insert(input.impl()).second) stack.push_back({input, 0});
+    } else {
+      order.push_back(frame.tensor);
+      stack.pop_back();
+    }
+  }
+  return order;
+}
+
+void Tensor::backward() const {
+  if (numel() != 1) throw std::invalid_argument("backward() needs a one-element tensor (a loss), got " + str());
+  if (!requires_grad()) throw std::invalid_argument("backward() of a tensor that does not require a gradient");
+  std::vector<Tensor> order = topological_order(*this);
+  NoGradGuard no_grad;  // backward functions are plain tensor code; they are not themselves recorded
+  impl_->grad = ones_like(*this);
+  for (auto it = order.rbegin(); it != order.rend(); ++it) {
+    TensorImpl& t = *it->impl();
+    if (!t.grad_fn) continue;  // a leaf: keeps its accumulated gradient
+    Node& node = *t.grad_fn;
+    if (!node.backward) throw std::logic_error(fmt::format("backward through op '{}' whose graph was freed", node.op));
+    if (!t.grad.defined()) continue;  // nothing flowed here
+    std::vector<Tensor> input_grads = node.backward(t.grad);
+    for (size_t i = 0; i < node.inputs.size(); ++i) {
+      const Tensor& input = node.inputs[i];
+      if (i >= input_grads.size() || !input_grads[i].defined() || !input.defined() || !input.requires_grad()) continue;
+      const Tensor& g = input_grads[i];
+      if (g.shape() != input.shape())
+        throw std::logic_error(fmt::format("op '{}': backward returned gradient {} for input {} (input {})", node.op,
+                                           g.str(), i, input.str()));
+      // Out of place: a backward may hand the same tensor to several inputs (e.g. add), so never mutate it.
+      input.impl()->grad = input.impl()->grad.defined() ? add(input.impl()->grad, g) : g;
+    }
+    // Free this part of the graph as soon as it is done: the gradient of an intermediate tensor and its node's
+    // references to the inputs.
+    t.grad = Tensor();
+    node.inputs.clear();
+    node.backward = nullptr;
+  }
+}
+
+}  // namespace moelab

@@ -1,0 +1,23 @@
+// Built instead of runtime.cu when moelab has no CUDA backend: every entry point says so.
+#ifndef MOELAB_HAVE_CUDA
+#include <stdexcept>
+
+#include "engine/cuda/runtime.h"
+
+namespace moelab::cuda {
+
+[[noreturn]] static void not_built() {
+  throw std::runtime_error("this moelab build has no CUDA backend (configure with -DMOELAB_CUDA=ON and nvcc)");
+}
+
+bool built_with_cuda() { return false; }
+int device_count() { return 0; }
+void* allocate(size_t) { not_built(); }
+void release(void*) { not_built(); }
+void copy_to_device(void*, const void*, size_t) { not_built(); }
+void copy_to_host(void*, const void*, size_t) { not_built(); }
+void copy_on_device(void*, const void*, size_t) { not_built(); }
+void synchronize() { not_built(); }
+
+}  // namespace moelab::cuda
+#endif

@@ -1,0 +1,33 @@
+#pragma once
+// Element types and devices.
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace moelab {
+
+// f32: everything the model computes. f64: CPU only, for gradient checks. i32: token ids, expert ids, indices.
+enum class DType : uint8_t { F32, F64, I32 };
+
+enum class Device : uint8_t { CPU, CUDA };
+
+inline size_t dtype_size(DType t) { return t == DType::F64 ? 8 : 4; }
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "f32";
+    case DType::F64: return "f64";
+    case DType::I32: return "i32";
+  }
+  return "?";
+}
+
+inline const char* device_name(Device d) { return d == Device::CPU ? "cpu" : "cuda"; }
+
+// Maps a C++ element type to its DType (for typed data access and templated kernels).
+template <class T> constexpr DType dtype_of();
+template <> constexpr DType dtype_of<float>() { return DType::F32; }
+template <> constexpr DType dtype_of<double>() { return DType::F64; }
+template <> constexpr DType dtype_of<int32_t>() { return DType::I32; }
+
+}  // namespace moelab

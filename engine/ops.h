@@ -1,0 +1,134 @@
+#pragma once
+// Every tensor operation of the engine. Differentiable ops record their backward on the tape (autograd.h); ops
+// marked "no grad" return plain tensors. Where an op lives:
+//   engine/ops/create.cpp      creation and random numbers
+//   engine/ops/shape.cpp       reshape, slices, transpose/permute, concat/split, device copies
+//   engine/ops/pointwise.cpp   broadcasting arithmetic and elementwise math
+//   engine/ops/reduce.cpp      sum/mean/max, softmax, log_softmax, cumsum
+//   engine/ops/matmul.cpp      matrix products (CPU: engine/cpu/gemm.h)
+//   engine/ops/index.cpp       index_select, gather, scatter_add, index_add, embedding, where, topk, argsort, bincount
+//   engine/ops/nn.cpp          fused cross-entropy, RMSNorm, RoPE, causal attention
+// Bad use throws std::invalid_argument naming the op and the offending shapes/dtypes.
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+#include "engine/autograd.h"
+#include "engine/rng.h"
+#include "engine/tensor.h"
+
+namespace moelab {
+
+// ---- creation (create.cpp) -----------------------------------------------------------------------------------------
+Tensor zeros(const Shape& shape, DType dtype = DType::F32, Device device = Device::CPU);
+Tensor ones(const Shape& shape, DType dtype = DType::F32, Device device = Device::CPU);
+Tensor full(const Shape& shape, double value, DType dtype = DType::F32, Device device = Device::CPU);
+Tensor zeros_like(const Tensor& x);
+Tensor ones_like(const Tensor& x);
+Tensor arange(int64_t n, DType dtype = DType::I32, Device device = Device::CPU);  // 0, 1, ..., n-1
+// From host values (converted to dtype).
+Tensor from_vector(const std::vector<float>& values, const Shape& shape, DType dtype = DType::F32,
+                   Device device = Device::CPU);
+Tensor from_vector(const std::vector<double>& values, const Shape& shape, DType dtype = DType::F64,
+                   Device device = Device::CPU);
+Tensor from_vector(const std::vector<int32_t>& values, const Shape& shape, Device device = Device::CPU);
+// Seeded, counter-based random numbers (rng.h): element i of the result depends only on (seed, counter + i), so the
+// same generator state gives the same numbers on every backend. Each call advances the generator.
+Tensor randn(const Shape& shape, Generator& gen, double mean = 0.0, double stddev = 1.0, DType dtype = DType::F32,
+             Device device = Device::CPU);
+Tensor uniform(const Shape& shape, Generator& gen, double low = 0.0, double high = 1.0, DType dtype = DType::F32,
+               Device device = Device::CPU);
+
+// ---- shape and memory (shape.cpp) ----------------------------------------------------------------------------------
+Tensor reshape(const Tensor& x, Shape shape);                         // view; one dim may be -1
+Tensor slice_rows(const Tensor& x, int64_t start, int64_t end);       // view of x[start:end] along dim 0
+Tensor transpose(const Tensor& x, int64_t dim0, int64_t dim1);        // copy
+Tensor permute(const Tensor& x, const std::vector<int64_t>& dims);    // copy
+Tensor concat(const std::vector<Tensor>& xs, int64_t dim);
+std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, int64_t dim);
+Tensor clone(const Tensor& x);                                        // differentiable copy
+Tensor to_device(const Tensor& x, Device device);                     // differentiable copy between devices
+Tensor to_dtype(const Tensor& x, DType dtype);                        // differentiable among float types
+void copy_(Tensor& dst, const Tensor& src);                           // in place, no grad, same shape
+
+// ---- pointwise (pointwise.cpp) -------------------------------------------------------------------------------------
+// Binary ops broadcast like NumPy (align trailing dims; a dim of size 1 stretches). Both operands: same dtype/device.
+Tensor add(const Tensor& a, const Tensor& b);
+Tensor sub(const Tensor& a, const Tensor& b);
+Tensor mul(const Tensor& a, const Tensor& b);
+Tensor div(const Tensor& a, const Tensor& b);
+Tensor add(const Tensor& a, double s);
+Tensor mul(const Tensor& a, double s);
+Tensor sub(double s, const Tensor& a);  // s - a
+Tensor div(double s, const Tensor& a);  // s / a
+Tensor neg(const Tensor& x);
+Tensor exp(const Tensor& x);
+Tensor log(const Tensor& x);
+Tensor sqrt(const Tensor& x);
+Tensor rsqrt(const Tensor& x);
+Tensor square(const Tensor& x);
+Tensor tanh(const Tensor& x);
+Tensor sigmoid(const Tensor& x);
+Tensor silu(const Tensor& x);  // x * sigmoid(x)
+// Broadcasts x to `shape` (a copy); the gradient is summed back with sum_to.
+Tensor expand(const Tensor& x, const Shape& shape);
+// Sums a broadcast gradient back to `shape` (the inverse of broadcasting; used by backward functions).
+Tensor sum_to(const Tensor& g, const Shape& shape);
+
+inline Tensor operator+(const Tensor& a, const Tensor& b) { return add(a, b); }
+inline Tensor operator-(const Tensor& a, const Tensor& b) { return sub(a, b); }
+inline Tensor operator*(const Tensor& a, const Tensor& b) { return mul(a, b); }
+inline Tensor operator/(const Tensor& a, const Tensor& b) { return div(a, b); }
+inline Tensor operator+(const Tensor& a, double s) { return add(a, s); }
+inline Tensor operator-(const Tensor& a, double s) { return add(a, -s); }
+inline Tensor operator*(const Tensor& a, double s) { return mul(a, s); }
+inline Tensor operator*(double s, const Tensor& a) { return mul(a, s); }
+inline Tensor operator/(const Tensor& a, double s) { return mul(a, 1.0 / s); }
+inline Tensor operator-(const Tensor& a) { return neg(a); }
+
+// ---- reductions (reduce.cpp) ---------------------------------------------------------------------------------------
+Tensor sum(const Tensor& x);  // all elements -> shape []
+Tensor sum(const Tensor& x, int64_t dim, bool keepdim = false);
+Tensor mean(const Tensor& x);
+Tensor mean(const Tensor& x, int64_t dim, bool keepdim = false);
+Tensor max(const Tensor& x);                                      // gradient goes to the first maximum
+Tensor max(const Tensor& x, int64_t dim, bool keepdim = false);
+Tensor softmax(const Tensor& x);      // over the last dim
+Tensor log_softmax(const Tensor& x);  // over the last dim
+Tensor cumsum(const Tensor& x);       // no grad; over the last dim; f32/f64/i32
+
+// ---- matrix products (matmul.cpp) ----------------------------------------------------------------------------------
+// op(a) @ op(b) with op(x) = x or x^T (the last two dims). 2-D: [m,k] @ [k,n] -> [m,n].
+// Batched: a [..., m, k] and b [..., k, n] with the same leading dims, or b 2-D (shared by every batch).
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
+
+// ---- indexing (index.cpp) ------------------------------------------------------------------------------------------
+// Indices are i32. Out-of-range indices throw, naming the op, the index and the bound.
+Tensor index_select(const Tensor& x, int64_t dim, const Tensor& index);  // x.shape[dim] -> index.numel()
+Tensor gather(const Tensor& x, int64_t dim, const Tensor& index);        // out[i][j] = x[i][index[i][j]] (dim=1)
+// out = x with src added at positions index along dim (torch.scatter_add semantics; index has src's shape).
+Tensor scatter_add(const Tensor& x, int64_t dim, const Tensor& index, const Tensor& src);
+// out = x with src's slices added at x's slices index[i] along dim (torch.index_add semantics).
+Tensor index_add(const Tensor& x, int64_t dim, const Tensor& index, const Tensor& src);
+Tensor embedding(const Tensor& weight, const Tensor& ids);  // weight [V, d], ids [...] -> [..., d]
+// cond is i32 (nonzero = true), broadcast against a and b.
+Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b);
+Tensor masked_fill(const Tensor& x, const Tensor& mask, double value);
+// No grad. Over the last dim: the k largest values (descending; ties -> lower index first) and their i32 indices.
+std::pair<Tensor, Tensor> topk(const Tensor& x, int64_t k);
+Tensor argsort(const Tensor& x, bool descending = false);  // no grad, stable, over the last dim -> i32
+Tensor bincount(const Tensor& ids, int64_t bins);          // no grad, i32 ids in [0, bins) -> i32 counts [bins]
+
+// ---- fused neural-net ops (nn.cpp) ---------------------------------------------------------------------------------
+// Mean cross-entropy of logits [N, V] against i32 targets [N]; targets equal to ignore_index are skipped.
+// Softmax and log are fused: dlogits = (softmax - onehot) / count.
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index = -100);
+// y = x / sqrt(mean(x^2 over the last dim) + eps) * weight, weight [d].
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps = 1e-5);
+// Rotary embedding on x [B, T, H, Dh] (Dh even): pairs (2i, 2i+1) of each head rotate by angle
+// (pos_offset + t) * theta^(-2i/Dh).
+Tensor rope(const Tensor& x, double theta = 10000.0, int64_t pos_offset = 0);
+// Causal softmax(q k^T / sqrt(Dh)) v for q, k, v [B, T, H, Dh] -> [B, T, H, Dh].
+Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v);
+
+}  // namespace moelab

@@ -1,0 +1,65 @@
+#pragma once
+// Shared checks and dtype dispatch for the op implementations (internal to engine/ops).
+#include <fmt/format.h>
+
+#include <stdexcept>
+
+#include "engine/cpu/parallel.h"
+#include "engine/ops.h"
+
+namespace moelab::detail {
+
+template <class... Args> [[noreturn]] void fail(fmt::format_string<Args...> f, Args&&... args) {
+  throw std::invalid_argument(fmt::format(f, std::forward<Args>(args)...));
+}
+
+inline void check_defined(const char* op, const Tensor& x) {
+  if (!x.defined()) fail("{}: undefined input tensor", op);
+}
+
+inline void check_same_dtype_device(const char* op, const Tensor& a, const Tensor& b) {
+  check_defined(op, a);
+  check_defined(op, b);
+  if (a.dtype() != b.dtype() || a.device() != b.device())
+    fail("{}: operands must share dtype and device, got {} and {}", op, a.str(), b.str());
+}
+
+inline void check_float(const char* op, const Tensor& x) {
+  check_defined(op, x);
+  if (x.dtype() == DType::I32) fail("{}: needs a floating-point tensor, got {}", op, x.str());
+}
+
+inline void check_index(const char* op, const Tensor& index) {
+  check_defined(op, index);
+  if (index.dtype() != DType::I32) fail("{}: indices must be i32, got {}", op, index.str());
+}
+
+// The CUDA backend adds its kernels op by op; until an op has one, using it on the GPU says so.
+inline void check_cpu(const char* op, const Tensor& x) {
+  if (x.is_cuda()) fail("{}: no CUDA kernel in this build for input {}", op, x.str());
+}
+
+inline int64_t normalize_dim(const char* op, int64_t dim, int64_t ndim) {
+  if (dim < -ndim || dim >= ndim) fail("{}: dim {} out of range for a {}-d tensor", op, dim, ndim);
+  return dim < 0 ? dim + ndim : dim;
+}
+
+// Calls f(T{}) with T = float or double according to a floating dtype.
+template <class F> decltype(auto) dispatch_float(const char* op, DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32: return f(float{});
+    case DType::F64: return f(double{});
+    default: fail("{}: needs f32 or f64, got {}", op, dtype_name(dtype));
+  }
+}
+
+// Calls f(T{}) with T = float, double or int32_t.
+template <class F> decltype(auto) dispatch_all(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32: return f(float{});
+    case DType::F64: return f(double{});
+    default: return f(int32_t{});
+  }
+}
+
+}  // namespace moelab::detail

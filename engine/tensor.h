@@ -1,0 +1,103 @@
+#pragma once
+// Tensor = a shape and dtype over a shared, reference-counted Storage, plus the autograd hooks.
+//
+// Layout: every tensor is dense and row-major (contiguous) starting at `offset` elements into its storage.
+// Views share storage and never copy: reshape() and slice_rows() (a range along dim 0) are views.
+// transpose()/permute() COPY into a new contiguous tensor: kernels then only ever see contiguous memory, which keeps
+// every op one simple loop, and matmul takes "transposed" flags so the hot path needs no transposes at all.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/dtype.h"
+
+namespace moelab {
+
+using Shape = std::vector<int64_t>;
+std::string shape_str(const Shape& shape);  // "[2, 3]"
+int64_t shape_numel(const Shape& shape);
+
+// One allocation on one device. Tensors that are views of each other share it.
+class Storage {
+ public:
+  Storage(size_t bytes, Device device);
+  ~Storage();
+  Storage(const Storage&) = delete;
+  Storage& operator=(const Storage&) = delete;
+  void* data() const { return data_; }
+  size_t bytes() const { return bytes_; }
+  Device device() const { return device_; }
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  Device device_;
+};
+
+struct Node;        // autograd.h: how to send a gradient back to the inputs of the op that made a tensor
+struct TensorImpl;  // below
+
+class Tensor {
+ public:
+  Tensor() = default;  // undefined ("no tensor"), e.g. a missing gradient
+  explicit Tensor(std::shared_ptr<TensorImpl> impl) : impl_(std::move(impl)) {}
+  // Uninitialized contiguous tensor.
+  static Tensor empty(const Shape& shape, DType dtype = DType::F32, Device device = Device::CPU);
+
+  bool defined() const { return impl_ != nullptr; }
+  const Shape& shape() const;
+  int64_t dim() const { return static_cast<int64_t>(shape().size()); }
+  int64_t size(int64_t d) const;  // negative d counts from the end
+  int64_t numel() const;
+  DType dtype() const;
+  Device device() const;
+  bool is_cuda() const { return device() == Device::CUDA; }
+  std::string str() const;  // "f32[2, 3]" for error messages
+
+  // Typed pointer to the first element (checks the dtype; CPU or device memory as the tensor lives).
+  template <class T> T* data() const;
+  void* raw_data() const;
+  // The single element of a one-element tensor, as double (copies from the GPU if needed).
+  double item() const;
+  template <class T> std::vector<T> to_vector() const;
+
+  // ---- autograd ----
+  bool requires_grad() const;
+  // Marks a leaf (a parameter) so that backward() accumulates into grad().
+  Tensor& set_requires_grad(bool on = true);
+  Tensor grad() const;  // undefined until a backward pass reached this tensor
+  void set_grad(const Tensor& g) const;
+  void zero_grad() const;  // drops the gradient
+  const std::shared_ptr<Node>& grad_fn() const;
+  bool is_leaf() const { return grad_fn() == nullptr; }
+  // Runs reverse-mode autodiff from this one-element tensor (seed gradient 1).
+  void backward() const;
+  // Same storage, cut from the graph (no grad_fn, no requires_grad).
+  Tensor detach() const;
+
+  TensorImpl* impl() const { return impl_.get(); }
+  bool same(const Tensor& other) const { return impl_ == other.impl_; }
+
+ private:
+  std::shared_ptr<TensorImpl> impl_;
+};
+
+struct TensorImpl {
+  Shape shape;
+  DType dtype = DType::F32;
+  std::shared_ptr<Storage> storage;
+  int64_t offset = 0;  // in elements
+  bool requires_grad = false;
+  Tensor grad;
+  std::shared_ptr<Node> grad_fn;
+};
+
+[[noreturn]] void throw_dtype_access_error(DType have, DType want);
+
+template <class T> T* Tensor::data() const {
+  if (dtype() != dtype_of<T>()) throw_dtype_access_error(dtype(), dtype_of<T>());
+  return static_cast<T*>(raw_data());
+}
+
+}  // namespace moelab
