@@ -40,10 +40,8 @@ Tensor sum(const Tensor& x) {
   dispatch_float("sum", x.dtype(), [&](auto t) {
     using T = decltype(t);
     const T* in = x.data<T>();
-    double total = 0;  // double accumulator: a loss summed over many tokens stays accurate
-#pragma omp parallel for reduction(+ : total) if (x.numel() > cpu::kParallelGrain)
-    for (int64_t i = 0; i < x.numel(); ++i) total += in[i];
-    *out.data<T>() = static_cast<T>(total);
+    // double accumulator: a loss summed over many tokens stays accurate
+    *out.data<T>() = static_cast<T>(cpu::parallel_sum(x.numel(), [in](int64_t i) { return static_cast<double>(in[i]); }));
   });
   return record("sum", out, {x}, [in_shape = x.shape()](const Tensor& g) -> std::vector<Tensor> {
     return {expand(g, in_shape)};

@@ -1,0 +1,38 @@
+#pragma once
+// The router's auxiliary losses (spec README "Loss", edl.md). Each is a scalar per MoE layer; the model loss adds
+//   alpha * mean_layers(L_LB) + z_coef * mean_layers(L_Z) + beta * mean_layers(L_ED).
+#include <string>
+
+#include "engine/ops.h"
+
+namespace moelab::moe {
+
+// L_LB = E * sum_i f_i P_i: f_i = share of the N*k slots routed to expert i (no gradient), P_i = mean_n p_ni.
+// 1 at perfect balance. probs [N, E], expert_ids i32 [N, k].
+Tensor load_balancing_loss(const Tensor& probs, const Tensor& expert_ids);
+
+// L_Z = mean_n logsumexp(z_n)^2 over router logits [N, E] (keeps logits small). Fused:
+// dL/dz_n = 2 lse_n softmax(z_n) / N.
+Tensor z_loss(const Tensor& logits);
+
+// Coefficients and options of the router losses (config section [moe]).
+struct RouterLossConfig {
+  double alpha = 0.01;     // load balancing
+  double z_coef = 0.001;   // router z-loss
+  double beta = 0.0;       // expert divergence (0: the baseline)
+  std::string ed_form = "neglog";  // "neglog" | "neg_jsd"
+  double ed_eps = 1e-6;
+};
+
+// Expert divergence (edl.md): pulls apart the mean routing distributions of the domains in the batch.
+enum class EDForm { NegLog, NegJSD };  // mean_pairs -log(JSD + eps)  |  -mean_pairs JSD
+EDForm parse_ed_form(const std::string& name);  // "neglog" | "neg_jsd"
+const char* ed_form_name(EDForm form);
+
+// probs [N, E] with N = B*T (B sequences of T tokens, in order), domains i32 [B] in [0, num_domains).
+// Sequence means, then domain means Q_j (each sequence counts once), then the pairwise JSD over present domains.
+// Fewer than two domains present -> 0 with no gradient. Forward and backward in double precision.
+Tensor expert_divergence_loss(const Tensor& probs, const Tensor& domains, int64_t num_domains, EDForm form = EDForm::NegLog,
+                              double eps = 1e-6);
+
+}  // namespace moelab::moe

@@ -1,0 +1,55 @@
+#include "moe/routing_stats.h"
+
+#include <algorithm>
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "engine/ops.h"
+#include "moe/divergence.h"
+
+namespace moelab::moe {
+
+// Per-sequence mean routing distributions [B][E] from token probabilities [B*T, E].
+static std::vector<Distribution> sequence_means(const std::vector<float>& p, int64_t batch, int64_t experts) {
+  int64_t seq = static_cast<int64_t>(p.size()) / (batch * experts);
+  std::vector<Distribution> means(batch, Distribution(experts, 0.0));
+  for (int64_t s = 0; s < batch; ++s) {
+    for (int64_t t = 0; t < seq; ++t)
+      for (int64_t e = 0; e < experts; ++e) means[s][e] += p[(s * seq + t) * experts + e];
+    for (double& v : means[s]) v /= static_cast<double>(seq);
+  }
+  return means;
+}
+
+RoutingStats routing_stats(const Tensor& probs, const Tensor& expert_ids, const Tensor& domains, int64_t num_domains) {
+  int64_t experts = probs.size(1);
+  RoutingStats s;
+  std::vector<int32_t> counts = bincount(reshape(expert_ids.detach(), {-1}), experts).to_vector<int32_t>();
+  double total = expert_ids.numel(), mean = total / experts, var = 0, entropy = 0;
+  s.tokens_min = *std::min_element(counts.begin(), counts.end());
+  s.tokens_max = *std::max_element(counts.begin(), counts.end());
+  for (int32_t c : counts) {
+    var += (c - mean) * (c - mean) / experts;
+    if (c > 0) entropy -= (c / total) * std::log(c / total);
+    s.dead_experts += c == 0;
+  }
+  s.tokens_std = std::sqrt(var);
+  s.load_entropy = entropy / std::log(static_cast<double>(experts));
+  if (domains.defined() && domains.numel() > 0) {
+    std::vector<int32_t> dom = domains.to_vector<int32_t>();
+    std::vector<Distribution> means = sequence_means(to_dtype(probs.detach(), DType::F32).to_vector<float>(),
+                                                     static_cast<int64_t>(dom.size()), experts);
+    s.mean_pairwise_jsd = mean_pairwise_jsd(domain_means(means, dom, num_domains));
+    Decomposition d = decompose_divergence(means, dom, std::vector<double>(dom.size(), 1.0 / dom.size()), num_domains);
+    s.d_inter = d.inter, s.d_total = d.total;
+  }
+  return s;
+}
+
+void to_json(nlohmann::json& j, const RoutingStats& s) {
+  j = {{"tokens_min", s.tokens_min},     {"tokens_max", s.tokens_max}, {"tokens_std", s.tokens_std},
+       {"load_entropy", s.load_entropy}, {"dead_experts", s.dead_experts}, {"mean_jsd", s.mean_pairwise_jsd},
+       {"d_inter", s.d_inter},           {"d_total", s.d_total}};
+}
+
+}  // namespace moelab::moe

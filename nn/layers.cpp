@@ -1,0 +1,45 @@
+#include "nn/layers.h"
+
+namespace moelab::nn {
+
+Linear::Linear(int64_t in_features, int64_t out_features, Generator& gen, double std) {
+  weight = add_parameter("weight", randn({out_features, in_features}, gen, 0.0, std));
+}
+
+Embedding::Embedding(int64_t vocab_size, int64_t dim, Generator& gen, double std) {
+  weight = add_parameter("weight", randn({vocab_size, dim}, gen, 0.0, std));
+}
+
+RMSNorm::RMSNorm(int64_t dim, double eps) : eps_(eps) { weight = add_parameter("weight", ones({dim})); }
+
+SwiGLU::SwiGLU(int64_t dim, int64_t hidden, Generator& gen, double std, double down_std) {
+  w_gate = add_parameter("w_gate", randn({hidden, dim}, gen, 0.0, std));
+  w_up = add_parameter("w_up", randn({hidden, dim}, gen, 0.0, std));
+  w_down = add_parameter("w_down", randn({dim, hidden}, gen, 0.0, down_std));
+}
+
+Tensor SwiGLU::forward(const Tensor& x) const {
+  Tensor gate = matmul(x, w_gate, false, true);      // [N, h]
+  Tensor up = matmul(x, w_up, false, true);          // [N, h]
+  return matmul(silu(gate) * up, w_down, false, true);  // [N, d]
+}
+
+CausalSelfAttention::CausalSelfAttention(int64_t dim, int64_t heads, double rope_theta, Generator& gen, double std,
+                                         double out_std)
+    : wqkv(dim, 3 * dim, gen, std), wo(dim, dim, gen, out_std), dim_(dim), heads_(heads), rope_theta_(rope_theta) {
+  add_module("wqkv", wqkv);
+  add_module("wo", wo);
+}
+
+Tensor CausalSelfAttention::forward(const Tensor& x, int64_t batch, int64_t seq) const {
+  Tensor qkv = wqkv.forward(x);                                  // [B*T, 3d]
+  std::vector<Tensor> parts = split(qkv, {dim_, dim_, dim_}, 1);  // q, k, v: [B*T, d] each
+  Shape heads_shape{batch, seq, heads_, dim_ / heads_};
+  Tensor q = rope(reshape(parts[0], heads_shape), rope_theta_);  // [B, T, H, Dh]
+  Tensor k = rope(reshape(parts[1], heads_shape), rope_theta_);
+  Tensor v = reshape(parts[2], heads_shape);
+  Tensor y = causal_attention(q, k, v);                          // [B, T, H, Dh]
+  return wo.forward(reshape(y, {batch * seq, dim_}));            // [B*T, d]
+}
+
+}  // namespace moelab::nn

@@ -1,0 +1,77 @@
+#pragma once
+// The transformer's building blocks. Shapes: N = B*T tokens, d = model width.
+#include <map>
+#include <string>
+#include <vector>
+
+#include "engine/ops.h"
+#include "nn/module.h"
+
+namespace moelab::nn {
+
+// What a forward pass carries besides activations: the batch geometry, the domain label of each sequence (router
+// losses need it), and the auxiliary losses that feed-forward layers report (e.g. "lb", "z", "ed" per MoE layer).
+struct ForwardContext {
+  int64_t batch = 0, seq = 0;
+  Tensor domains;            // i32 [B]; undefined when the data has no domains
+  int64_t num_domains = 0;
+  std::map<std::string, std::vector<Tensor>> aux_losses;  // name -> one scalar per reporting layer
+};
+
+// The position-wise half of a transformer block: a dense SwiGLU or a mixture of experts.
+class FeedForward : public Module {
+ public:
+  virtual Tensor forward(const Tensor& x, ForwardContext& ctx) = 0;  // [N, d] -> [N, d]
+};
+
+// y = x W^T, W [out, in], no bias. Init normal(0, std).
+class Linear : public Module {
+ public:
+  Linear(int64_t in_features, int64_t out_features, Generator& gen, double std);
+  Tensor forward(const Tensor& x) const { return matmul(x, weight, false, true); }  // [N, in] -> [N, out]
+  Tensor weight;  // [out, in]
+};
+
+// Rows of a table: ids [...] -> [..., d].
+class Embedding : public Module {
+ public:
+  Embedding(int64_t vocab_size, int64_t dim, Generator& gen, double std);
+  Tensor forward(const Tensor& ids) const { return embedding(weight, ids); }
+  Tensor weight;  // [V, d]
+};
+
+// y = x / sqrt(mean(x^2) + eps) * weight; weight starts at ones.
+class RMSNorm : public Module {
+ public:
+  RMSNorm(int64_t dim, double eps);
+  Tensor forward(const Tensor& x) const { return rms_norm(x, weight, eps_); }
+  Tensor weight;  // [d]
+
+ private:
+  double eps_;
+};
+
+// y = W_down (silu(W_gate x) * (W_up x)). Checkpoint names w_gate, w_up, w_down (2-D, no ".weight").
+class SwiGLU : public FeedForward {
+ public:
+  SwiGLU(int64_t dim, int64_t hidden, Generator& gen, double std, double down_std);
+  Tensor forward(const Tensor& x) const;  // [N, d] -> [N, d]
+  Tensor forward(const Tensor& x, ForwardContext&) override { return forward(x); }
+  Tensor w_gate, w_up;  // [h, d]
+  Tensor w_down;        // [d, h]
+};
+
+// Causal multi-head self-attention with RoPE: qkv = x W_qkv^T, rotate q and k, softmax(q k^T / sqrt(Dh)) v, W_o.
+class CausalSelfAttention : public Module {
+ public:
+  CausalSelfAttention(int64_t dim, int64_t heads, double rope_theta, Generator& gen, double std, double out_std);
+  Tensor forward(const Tensor& x, int64_t batch, int64_t seq) const;  // [B*T, d] -> [B*T, d]
+  Linear wqkv;  // [3d, d]: rows are q, then k, then v
+  Linear wo;    // [d, d]
+
+ private:
+  int64_t dim_, heads_;
+  double rope_theta_;
+};
+
+}  // namespace moelab::nn

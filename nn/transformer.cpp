@@ -1,0 +1,65 @@
+#include "nn/transformer.h"
+
+#include <cmath>
+
+namespace moelab::nn {
+
+// Residual output projections (W_o, W_down) start smaller so the residual stream's variance does not grow with depth.
+static double residual_std(const ModelConfig& c) { return c.init_std / std::sqrt(2.0 * c.n_layers); }
+
+NamedFeedForward dense_feed_forward(const ModelConfig& c, int64_t, Generator& gen) {
+  return {"mlp", std::make_unique<SwiGLU>(c.d_model, c.dense_ffn_hidden(), gen, c.init_std, residual_std(c))};
+}
+
+Block::Block(const ModelConfig& c, int64_t layer, Generator& gen, const FeedForwardFactory& make_ffn)
+    : attn_norm(c.d_model, c.norm_eps),
+      attn(c.d_model, c.n_heads, c.rope_theta, gen, c.init_std, residual_std(c)),
+      ffn_norm(c.d_model, c.norm_eps) {
+  NamedFeedForward named = make_ffn(c, layer, gen);
+  ffn = std::move(named.ffn);
+  ffn_name = named.name;
+  add_module("attn_norm", attn_norm);
+  add_module("attn", attn);
+  add_module("ffn_norm", ffn_norm);
+  add_module(ffn_name, *ffn);
+}
+
+Tensor Block::forward(const Tensor& x, ForwardContext& ctx) {
+  Tensor h = x + attn.forward(attn_norm.forward(x), ctx.batch, ctx.seq);
+  return h + ffn->forward(ffn_norm.forward(h), ctx);
+}
+
+static const ModelConfig& validated(const ModelConfig& c) {
+  c.validate();
+  return c;
+}
+
+TransformerLM::TransformerLM(const ModelConfig& config, uint64_t seed, const FeedForwardFactory& make_ffn)
+    : config_(validated(config)),
+      init_rng_(seed),
+      tok_emb(config.vocab_size, config.d_model, init_rng_, config.init_std),
+      final_norm(config.d_model, config.norm_eps) {
+  add_module("tok_emb", tok_emb);
+  for (int64_t l = 0; l < config.n_layers; ++l) {
+    layers.push_back(std::make_unique<Block>(config, l, init_rng_, make_ffn));
+    add_module("layers." + std::to_string(l), *layers.back());
+  }
+  add_module("final_norm", final_norm);
+  if (!config.tie_embeddings) {
+    lm_head = std::make_unique<Linear>(config.d_model, config.vocab_size, init_rng_, config.init_std);
+    add_module("lm_head", *lm_head);
+  }
+}
+
+Tensor TransformerLM::forward(const Tensor& ids, ForwardContext& ctx) {
+  if (ids.dim() != 2 || ids.dtype() != DType::I32)
+    throw std::invalid_argument("TransformerLM::forward: ids must be i32 [B, T], got " + ids.str());
+  ctx.batch = ids.size(0);
+  ctx.seq = ids.size(1);
+  Tensor x = tok_emb.forward(reshape(ids, {-1}));  // [B*T, d]
+  for (auto& block : layers) x = block->forward(x, ctx);
+  Tensor h = final_norm.forward(x);
+  return lm_head ? lm_head->forward(h) : matmul(h, tok_emb.weight, false, true);  // [B*T, V]
+}
+
+}  // namespace moelab::nn

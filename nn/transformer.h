@@ -1,0 +1,55 @@
+#pragma once
+// The decoder-only LM of the spec: pre-norm blocks of RoPE attention and a feed-forward (dense or MoE).
+//   x = tok_emb[ids]
+//   per layer: x = x + Attn(RMSNorm_a(x));  x = x + FFN(RMSNorm_f(x))
+//   logits = lm_head(RMSNorm_final(x))
+// The FFN of each layer comes from a factory, so the MoE layer (moe/, a later layer of the build) plugs in here.
+#include <functional>
+#include <memory>
+
+#include "nn/config.h"
+#include "nn/layers.h"
+
+namespace moelab::nn {
+
+// Builds layer `layer`'s feed-forward and names it ("mlp" for dense, "moe" for a mixture) for the checkpoint.
+struct NamedFeedForward {
+  std::string name;
+  std::unique_ptr<FeedForward> ffn;
+};
+using FeedForwardFactory = std::function<NamedFeedForward(const ModelConfig&, int64_t layer, Generator& gen)>;
+
+// Dense SwiGLU of width config.dense_ffn_hidden() for every layer.
+NamedFeedForward dense_feed_forward(const ModelConfig& config, int64_t layer, Generator& gen);
+
+class Block : public Module {
+ public:
+  Block(const ModelConfig& config, int64_t layer, Generator& gen, const FeedForwardFactory& make_ffn);
+  Tensor forward(const Tensor& x, ForwardContext& ctx);  // [B*T, d] -> [B*T, d]
+  RMSNorm attn_norm;
+  CausalSelfAttention attn;
+  RMSNorm ffn_norm;
+  std::unique_ptr<FeedForward> ffn;
+  std::string ffn_name;
+};
+
+class TransformerLM : public Module {
+  // Declared first so that they exist before the layers below are built.
+  ModelConfig config_;  // validated
+  Generator init_rng_;  // the seeded stream every parameter is drawn from, in construction order
+
+ public:
+  // Parameters are drawn from one seeded stream in construction order: the same seed gives the same model on every
+  // backend.
+  TransformerLM(const ModelConfig& config, uint64_t seed, const FeedForwardFactory& make_ffn = dense_feed_forward);
+  // ids: i32 [B, T] -> logits [B*T, V]. ctx.batch/seq are set here; MoE layers add their aux losses to ctx.
+  Tensor forward(const Tensor& ids, ForwardContext& ctx);
+  const ModelConfig& config() const { return config_; }
+
+  Embedding tok_emb;
+  std::vector<std::unique_ptr<Block>> layers;
+  RMSNorm final_norm;
+  std::unique_ptr<Linear> lm_head;  // absent with tie_embeddings (tok_emb.weight is used)
+};
+
+}  // namespace moelab::nn
