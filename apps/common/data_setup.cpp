@@ -46,7 +46,8 @@ TrainingData prepare_data(const TrainConfig& c) {
   options.out_dir = data_dir;
   if (fs::is_directory(corpus)) {
     options.train_jsonl = corpus / "train.jsonl";
-    if (fs::exists(corpus / "validation.jsonl")) options.validation_jsonl = corpus / "validation.jsonl";
+    for (const char* name : {"val.jsonl", "validation.jsonl"})  // the corpus builder writes val.jsonl
+      if (fs::exists(corpus / name)) options.validation_jsonl = corpus / name;
   } else {
     options.train_jsonl = corpus;
   }

@@ -12,20 +12,15 @@ namespace {
 constexpr int kRows = 6;   // MR: 6 rows x 2 vectors = 12 accumulators of the 16 ymm registers
 constexpr int kCols = 16;  // NR: two 8-float vectors per row of C
 
-// Lane j of the result is all-ones when j < valid: the mask for a partial row of `valid` floats.
-__attribute__((target("avx2,fma"))) __m256i first_lanes(int valid) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 __attribute__((target("avx2,fma"))) void sgemm_6x16_avx2(int64_t kc, const float* a_panel, const float* b_panel,
                                                           float* c, int64_t ldc, float alpha, float beta, int rows,
                                                           int cols) {
   __m256 acc[kRows][2];
+#pragma GCC unroll 6
   for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
 
   const float* a = a_panel;
   const float* b = b_panel;
-#pragma GCC unroll 4
   for (int64_t p = 0; p < kc; ++p) {
     __m256 b_lo = _mm256_load_ps(b);
     __m256 b_hi = _mm256_load_ps(b + 8);
@@ -39,8 +34,10 @@ __attribute__((target("avx2,fma"))) void sgemm_6x16_avx2(int64_t kc, const float
     b += kCols;
   }
 
-  const __m256i mask_lo = first_lanes(cols);
-  const __m256i mask_hi = first_lanes(cols - 8);
+  // Lane j of a mask is all-ones when column j is inside the tile (maskload/maskstore touch only those).
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mask_lo = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols), lane);
+  const __m256i mask_hi = _mm256_cmpgt_epi32(_mm256_set1_epi32(cols - 8), lane);
   const __m256 alpha_v = _mm256_set1_ps(alpha);
   const __m256 beta_v = _mm256_set1_ps(beta);
   // Fully unrolled so acc[] is indexed by constants and stays in registers.

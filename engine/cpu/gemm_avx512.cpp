@@ -18,7 +18,8 @@ constexpr int kCols = 32;  // NR: two 16-float vectors per row of C
 __attribute__((target("avx512f,fma"))) void sgemm_12x32_avx512(int64_t kc, const float* a_panel,
                                                                 const float* b_panel, float* c, int64_t ldc,
                                                                 float alpha, float beta, int rows, int cols) {
-  __m512 acc[kRows][2];
+  __m512 acc[kRows][2];  // fully unrolled loops only, so every index is a constant and acc stays in registers
+#pragma GCC unroll 12
   for (int i = 0; i < kRows; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
 
   // Touch the C tile now so its cache lines arrive while the k loop runs.

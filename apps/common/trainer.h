@@ -1,0 +1,62 @@
+#pragma once
+// The training loop of moe-train: data -> model -> loss -> backward -> clip -> AdamW, with validation per domain,
+// a JSONL metrics log, a progress line, and checkpoints that resume bit-exactly.
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <ostream>
+
+#include "apps/common/data_setup.h"
+#include "apps/common/train_config.h"
+#include "moe/model.h"
+#include "optim/adamw.h"
+#include "optim/schedule.h"
+
+namespace moelab::apps {
+
+struct Evaluation {
+  std::vector<double> domain_ce;  // [M] mean token CE per domain on the validation split (NaN: no tokens)
+  double mean_ce = 0;             // over all validation tokens
+};
+
+class Trainer {
+ public:
+  // Builds data, model and optimizer; with config.resume, restores everything from that checkpoint.
+  explicit Trainer(TrainConfig config, std::ostream& out);
+
+  // Trains until step `until` (default: config.steps), evaluating, logging and checkpointing on the way.
+  // Writes the final checkpoint when it reaches config.steps.
+  void run(int64_t until = -1);
+  // One optimizer step on the next training batch; returns its loss terms.
+  moe::LossBreakdown train_step();
+  Evaluation evaluate();
+  std::filesystem::path save_checkpoint(const std::string& name);
+
+  int64_t step() const { return step_; }
+  const TrainConfig& config() const { return config_; }
+  moe::MoEModel& model() { return *model_; }
+  const TrainingData& data() const { return data_; }
+  std::filesystem::path metrics_path() const;
+
+ private:
+  void restore(const std::filesystem::path& checkpoint_dir);
+  void log_step(const moe::LossBreakdown& loss, double tokens_per_s);
+  void log_eval(const Evaluation& eval);
+  void show_progress(const moe::LossBreakdown& loss, double tokens_per_s, double seconds_per_step);
+
+  TrainConfig config_;
+  std::ostream& out_;
+  TrainingData data_;
+  std::unique_ptr<moe::MoEModel> model_;
+  std::unique_ptr<optim::AdamW> optimizer_;
+  optim::LRSchedule schedule_;
+  std::unique_ptr<data::Loader> train_loader_;
+  std::ofstream metrics_;
+  int64_t step_ = 0;
+  int64_t tokens_seen_ = 0;
+  bool on_terminal_ = false;
+  Tensor last_domains_;  // of the last training batch, for routing statistics
+  double last_grad_norm_ = 0, last_lr_ = 0;
+};
+
+}  // namespace moelab::apps

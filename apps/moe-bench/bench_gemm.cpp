@@ -1,0 +1,146 @@
+// `moe-bench gemm`: GFLOP/s of our sgemm against numpy's matmul (OpenBLAS on Debian) on square fp32 matrices,
+// both measured in the same run on the same threads, printed as one table.
+#include <fmt/core.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "apps/moe-bench/benches.h"
+#include "engine/cpu/gemm.h"
+#include "engine/cpu/gemm_kernels.h"
+
+namespace moelab::bench {
+namespace {
+
+struct GemmBenchOptions {
+  std::vector<int64_t> sizes = {256, 512, 1024, 2048};
+  int reps = 20;
+  std::string python = "/usr/bin/python3";  // Debian's python, whose numpy uses the system OpenBLAS
+  std::string numpy_script;
+};
+
+// scripts/bench_numpy_gemm.py of the source tree this file was compiled from (CMake passes absolute paths).
+std::string default_numpy_script() {
+  const std::filesystem::path repo_root = std::filesystem::path(__FILE__).parent_path().parent_path().parent_path();
+  return (repo_root / "scripts" / "bench_numpy_gemm.py").string();
+}
+
+double seconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// C = A @ B on random [n, n] matrices; best GFLOP/s over `reps` timed calls after two warm-up calls.
+double sgemm_gflops(int64_t n, int reps) {
+  std::mt19937 rng{uint32_t(n)};
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  std::vector<float> A(size_t(n * n)), B(size_t(n * n)), C(size_t(n * n));
+  for (float& x : A) x = uniform(rng);
+  for (float& x : B) x = uniform(rng);
+  auto run = [&] { cpu::sgemm(false, false, n, n, n, 1.0f, A.data(), n, B.data(), n, 0.0f, C.data(), n); };
+  run();
+  run();
+  double best_seconds = 1e30;
+  for (int r = 0; r < reps; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    run();
+    best_seconds = std::min(best_seconds, seconds_since(start));
+  }
+  return 2.0 * double(n) * double(n) * double(n) / best_seconds / 1e9;
+}
+
+std::string shell_quote(const std::string& s) {
+  std::string quoted = "'";
+  for (char c : s) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return quoted + "'";
+}
+
+struct NumpyResult {
+  std::string blas;                  // what the script says numpy calls
+  std::map<int64_t, double> gflops;  // by n
+  std::string error;                 // non-empty when the script could not run
+};
+
+// Runs the numpy script in a subprocess with its own environment: OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (this
+// environment may set them, and they slow a current OpenBLAS), and OpenBLAS/OpenMP on the same thread count as ours.
+NumpyResult numpy_gflops(const GemmBenchOptions& opts, int threads) {
+  NumpyResult result;
+  std::string sizes;
+  for (int64_t n : opts.sizes) sizes += (sizes.empty() ? "" : ",") + std::to_string(n);
+  const std::string command =
+      fmt::format("env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OPENBLAS_NUM_THREADS={0} OMP_NUM_THREADS={0} "
+                  "{1} {2} --sizes {3} --reps {4} 2>&1",
+                  threads, shell_quote(opts.python), shell_quote(opts.numpy_script), sizes, opts.reps);
+  FILE* pipe = popen(command.c_str(), "r");
+  if (!pipe) {
+    result.error = "could not start: " + command;
+    return result;
+  }
+  std::string output;
+  char line[4096];
+  while (std::fgets(line, sizeof line, pipe)) {
+    output += line;
+    std::istringstream fields(line);
+    std::string key;
+    fields >> key;
+    if (key == "blas") {
+      std::getline(fields >> std::ws, result.blas);
+    } else if (key == "gflops") {
+      int64_t n = 0;
+      double value = 0.0;
+      if (fields >> n >> value) result.gflops[n] = value;
+    }
+  }
+  const int status = pclose(pipe);
+  if (status != 0 || result.gflops.empty()) result.error = fmt::format("`{}` failed:\n{}", command, output);
+  return result;
+}
+
+void run_gemm_bench(const GemmBenchOptions& opts) {
+  const int threads = omp_get_max_threads();
+  const char* kernel = cpu::gemm_detail::sgemm_kernels_for_this_cpu().front()->name;
+  fmt::print("sgemm C = A @ B, fp32, square n x n, best of {} after 2 warm-ups, {} threads; our kernel: {}\n",
+             opts.reps, threads, kernel);
+
+  std::map<int64_t, double> ours;
+  for (int64_t n : opts.sizes) ours[n] = sgemm_gflops(n, opts.reps);
+  const NumpyResult numpy = numpy_gflops(opts, threads);
+  if (!numpy.error.empty()) fmt::print("numpy baseline unavailable: {}\n", numpy.error);
+  if (!numpy.blas.empty()) fmt::print("numpy BLAS: {}\n", numpy.blas);
+
+  fmt::print("\n{:>6}  {:>15}  {:>14}  {:>12}\n", "n", "moelab GFLOP/s", "numpy GFLOP/s", "moelab/numpy");
+  for (int64_t n : opts.sizes) {
+    const auto it = numpy.gflops.find(n);
+    if (it == numpy.gflops.end()) {
+      fmt::print("{:>6}  {:>15.1f}  {:>14}  {:>12}\n", n, ours[n], "n/a", "n/a");
+    } else {
+      fmt::print("{:>6}  {:>15.1f}  {:>14.1f}  {:>11.2f}x\n", n, ours[n], it->second, ours[n] / it->second);
+    }
+  }
+}
+
+}  // namespace
+
+void add_gemm_command(CLI::App& app) {
+  auto opts = std::make_shared<GemmBenchOptions>();
+  opts->numpy_script = default_numpy_script();
+  CLI::App* cmd = app.add_subcommand("gemm", "sgemm GFLOP/s against numpy (OpenBLAS) on square matrices");
+  cmd->add_option("--sizes", opts->sizes, "square sizes n, comma-separated")->delimiter(',')->capture_default_str();
+  cmd->add_option("--reps", opts->reps, "timed repetitions per size (the best is reported)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--python", opts->python, "python with numpy for the baseline")->capture_default_str();
+  cmd->add_option("--numpy-script", opts->numpy_script, "the baseline script")->capture_default_str();
+  cmd->callback([opts] { run_gemm_bench(*opts); });
+}
+
+}  // namespace moelab::bench

@@ -1,0 +1,10 @@
+#pragma once
+// moe-bench subcommands: each benchmark registers itself on the app (main.cpp calls every add_*_command).
+#include <CLI/CLI.hpp>
+
+namespace moelab::bench {
+
+// `moe-bench gemm`: our sgemm against numpy's BLAS on square matrices (bench_gemm.cpp).
+void add_gemm_command(CLI::App& app);
+
+}  // namespace moelab::bench

@@ -1,0 +1,404 @@
+// Fused neural-net ops: cross-entropy, RMSNorm, RoPE and causal attention. Each forward kernel sits right above its
+// backward kernel. A forward saves only the small per-row statistic its backward needs (logsumexp, 1/rms), never a
+// large intermediate: the backward recomputes the rest.
+//
+// In this file F is the element type (float or double); B, T, H, Dh, V, d are sizes named as in the spec.
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
+
+#include "engine/ops/common.h"
+
+namespace moelab {
+using namespace detail;
+
+// Inner loops over one contiguous row; `omp simd` lets the compiler reorder the sum so it vectorizes.
+template <class F> static F dot(const F* a, const F* b, int64_t n) {
+  F s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <class F> static void axpy(F alpha, const F* x, F* y, int64_t n) {  // y += alpha * x
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// e^x for f32 as plain arithmetic and bit operations, so that a loop over it vectorizes (libm's expf is one call per
+// element and dominated cross-entropy and attention). Cephes' expf: e^x = 2^n e^r with n = round(x / ln 2), r = x - n
+// ln 2 in two parts, e^r by a degree-7 polynomial; relative error under 1e-7 (about 1.3 ulp). x below -87.3 (and -inf)
+// gives 0, NaN gives NaN; x above 88 overflows (callers pass x - max <= 0). Selects are written as bit masks because
+// a float branch would keep the compiler from vectorizing.
+static inline float exp_simd(float x) {
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  // all ones where x < -87.3 or x = -inf (NaN excluded), else zero
+  const uint32_t under = 0u - static_cast<uint32_t>((bits > 0xC2AE999Au) & (bits <= 0xFF800000u));
+  const float xc = std::bit_cast<float>((bits & ~under) | (std::bit_cast<uint32_t>(-87.3f) & under));
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer, held in the low mantissa bits
+  const float t = xc * 1.44269504f + magic;
+  const float n = t - magic;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e_r = p * r * r + r + 1.0f;
+  const float two_n = std::bit_cast<float>((std::bit_cast<uint32_t>(t) - std::bit_cast<uint32_t>(magic) + 127u) << 23);
+  return std::bit_cast<float>(std::bit_cast<uint32_t>(e_r * two_n) & ~under);
+}
+static inline double exp_simd(double x) { return std::exp(x); }  // f64 is the gradient-check path: libm's exact exp
+
+// ---- cross-entropy --------------------------------------------------------------------------------------------------
+// loss = mean over counted rows r of (logsumexp(x_r) - x_r[t_r]); rows whose target is ignore_index do not count.
+// If every row is ignored the loss is defined as 0 with a zero gradient (PyTorch gives NaN; a batch that is all
+// padding should not poison training). The forward saves lse [N] for the backward.
+
+// logsumexp of one row: max subtracted, the sum in double.
+template <class F> static double row_logsumexp(const F* x, int64_t n) {
+  F m = -std::numeric_limits<F>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  double z = 0;
+#pragma omp simd reduction(+ : z)
+  for (int64_t j = 0; j < n; ++j) z += exp_simd(x[j] - m);
+  return static_cast<double>(m) + std::log(z);
+}
+
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index) {
+  const char* op = "cross_entropy";
+  check_float(op, logits);
+  check_index(op, targets);
+  check_cpu(op, logits);
+  check_cpu(op, targets);
+  if (logits.dim() != 2 || targets.dim() != 1 || targets.size(0) != logits.size(0))
+    fail("{}: needs logits [N, V] and targets [N], got {} and {}", op, logits.str(), targets.str());
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const int32_t* tgt = targets.data<int32_t>();
+  int64_t count = 0;  // rows that count toward the mean
+  for (int64_t r = 0; r < N; ++r) {
+    if (tgt[r] == ignore_index) continue;
+    if (tgt[r] < 0 || tgt[r] >= V)
+      fail("{}: target {} of row {} is outside [0, {}) and is not ignore_index ({}); logits {}", op, tgt[r], r, V,
+           ignore_index, logits.str());
+    ++count;
+  }
+
+  Tensor loss = Tensor::empty({}, logits.dtype());
+  Tensor lse = Tensor::empty({N}, logits.dtype());  // [N]
+  dispatch_float(op, logits.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    const F* x = logits.data<F>();
+    F* plse = lse.data<F>();
+    std::vector<double> row_loss(N);  // summed in row order below: the same loss for any thread count
+    cpu::parallel_for(N, V * 4, [&](int64_t r) {
+      const F* xr = x + r * V;  // [V]
+      double l = row_logsumexp(xr, V);
+      plse[r] = static_cast<F>(l);
+      row_loss[r] = tgt[r] == ignore_index ? 0.0 : l - static_cast<double>(xr[tgt[r]]);
+    });
+    double total = 0;
+    for (int64_t r = 0; r < N; ++r) total += row_loss[r];
+    *loss.data<F>() = static_cast<F>(count ? total / static_cast<double>(count) : 0.0);
+  });
+
+  // dlogits[r] = (softmax(x_r) - onehot(t_r)) * g / count; ignored rows get zero.
+  return record(op, loss, {logits, targets},
+                [x = logits.detach(), targets = targets.detach(), lse, count, ignore_index](const Tensor& g)
+                    -> std::vector<Tensor> {
+                  const int64_t N = x.size(0), V = x.size(1);
+                  Tensor dx = Tensor::empty(x.shape(), x.dtype());
+                  dispatch_float("cross_entropy_backward", x.dtype(), [&](auto tag) {
+                    using F = decltype(tag);
+                    const F *px = x.data<F>(), *plse = lse.data<F>();
+                    const int32_t* tgt = targets.data<int32_t>();
+                    F* pd = dx.data<F>();
+                    const F scale = static_cast<F>(count ? g.item() / static_cast<double>(count) : 0.0);
+                    cpu::parallel_for(N, V * 4, [&](int64_t r) {
+                      const F* xr = px + r * V;
+                      F* dr = pd + r * V;
+                      if (tgt[r] == ignore_index) {
+                        std::fill(dr, dr + V, F(0));
+                        return;
+                      }
+                      const F l = plse[r];
+                      for (int64_t j = 0; j < V; ++j) dr[j] = exp_simd(xr[j] - l) * scale;
+                      dr[tgt[r]] -= scale;
+                    });
+                  });
+                  return {dx, Tensor()};
+                });
+}
+
+// ---- RMSNorm --------------------------------------------------------------------------------------------------------
+// y = x * rstd * w per row of the last dim, rstd = 1 / sqrt(mean(x^2) + eps). The forward saves rstd [rows].
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  const char* op = "rms_norm";
+  check_same_dtype_device(op, x, weight);
+  check_float(op, x);
+  check_cpu(op, x);
+  if (x.dim() < 1 || weight.dim() != 1 || x.size(-1) == 0 || weight.size(0) != x.size(-1))
+    fail("{}: needs x [..., d] and weight [d] with d > 0, got {} and {}", op, x.str(), weight.str());
+  if (!(eps >= 0)) fail("{}: eps must be >= 0, got {}", op, eps);
+  const int64_t d = x.size(-1), rows = x.numel() / d;
+
+  Tensor y = Tensor::empty(x.shape(), x.dtype());
+  Tensor rstd = Tensor::empty({rows}, x.dtype());  // [rows]
+  dispatch_float(op, x.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    const F *px = x.data<F>(), *pw = weight.data<F>();
+    F *py = y.data<F>(), *prstd = rstd.data<F>();
+    cpu::parallel_for(rows, d * 2, [&](int64_t r) {
+      const F* xr = px + r * d;  // [d]
+      F* yr = py + r * d;
+      double ss = 0;
+#pragma omp simd reduction(+ : ss)
+      for (int64_t j = 0; j < d; ++j) ss += static_cast<double>(xr[j]) * xr[j];
+      const F s = static_cast<F>(1.0 / std::sqrt(ss / static_cast<double>(d) + eps));
+      prstd[r] = s;
+      for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * s * pw[j];
+    });
+  });
+
+  // With s = rstd and gw = g * w:  dx = s * gw - x * s^3 * mean(gw * x),  dw = sum over rows of g * x * s.
+  // dw is summed per fixed block of rows (blocks depend on `rows` only), then the blocks in order: the result is the
+  // same bits for any thread count.
+  return record(op, y, {x, weight},
+                [x = x.detach(), weight = weight.detach(), rstd, d, rows](const Tensor& g) -> std::vector<Tensor> {
+                  Tensor dx = Tensor::empty(x.shape(), x.dtype());
+                  Tensor dw = Tensor::empty({d}, x.dtype());
+                  dispatch_float("rms_norm_backward", x.dtype(), [&](auto tag) {
+                    using F = decltype(tag);
+                    const F *px = x.data<F>(), *pw = weight.data<F>(), *prstd = rstd.data<F>(), *pg = g.data<F>();
+                    F* pdx = dx.data<F>();
+                    const int64_t block = std::max<int64_t>(32, (rows + 255) / 256);  // at most 256 blocks
+                    const int64_t blocks = (rows + block - 1) / block;
+                    std::vector<double> partial(blocks * d, 0.0);  // [blocks, d]
+                    cpu::parallel_for(blocks, block * d * 4, [&](int64_t bi) {
+                      double* dw_part = partial.data() + bi * d;
+                      for (int64_t r = bi * block; r < std::min(rows, (bi + 1) * block); ++r) {
+                        const F *xr = px + r * d, *gr = pg + r * d;
+                        F* dxr = pdx + r * d;
+                        const F s = prstd[r];
+                        double gwx = 0;  // sum of g * w * x over the row
+#pragma omp simd reduction(+ : gwx)
+                        for (int64_t j = 0; j < d; ++j) gwx += static_cast<double>(gr[j]) * pw[j] * xr[j];
+                        const F c = static_cast<F>(gwx / static_cast<double>(d)) * s * s * s;
+                        for (int64_t j = 0; j < d; ++j) dxr[j] = s * gr[j] * pw[j] - c * xr[j];
+                        for (int64_t j = 0; j < d; ++j) dw_part[j] += static_cast<double>(gr[j] * xr[j] * s);
+                      }
+                    });
+                    std::vector<double> total(d, 0.0);
+                    for (int64_t bi = 0; bi < blocks; ++bi)
+                      for (int64_t j = 0; j < d; ++j) total[j] += partial[bi * d + j];
+                    F* pdw = dw.data<F>();
+                    for (int64_t j = 0; j < d; ++j) pdw[j] = static_cast<F>(total[j]);
+                  });
+                  return {dx, dw};
+                });
+}
+
+// ---- RoPE -----------------------------------------------------------------------------------------------------------
+// Pair (2i, 2i+1) of every head at position t rotates by angle a = (pos_offset + t) * theta^(-2i/Dh):
+//   y0 = x0 cos a - x1 sin a,   y1 = x0 sin a + x1 cos a.
+// The rotation is orthogonal, so the backward is the inverse rotation (angle -a) of g.
+
+// cos/sin table [T, Dh/2, 2] in the element dtype, angles computed in double. Every rope call with the same
+// (T, Dh, theta, pos_offset, dtype) shares it: q and k of every layer, forward and backward, every step.
+static Tensor rope_table(int64_t T, int64_t Dh, double theta, int64_t pos_offset, DType dtype) {
+  using Key = std::tuple<int64_t, int64_t, double, int64_t, DType>;
+  static std::mutex mutex;
+  static std::map<Key, Tensor> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  Key key{T, Dh, theta, pos_offset, dtype};
+  if (auto it = cache.find(key); it != cache.end()) return it->second;
+  if (cache.size() >= 64) cache.clear();  // bounded: decoding with a moving pos_offset would otherwise grow it
+  Tensor table = Tensor::empty({T, Dh / 2, 2}, dtype);
+  dispatch_float("rope", dtype, [&](auto tag) {
+    using F = decltype(tag);
+    F* p = table.data<F>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t i = 0; i < Dh / 2; ++i) {
+        double angle = static_cast<double>(pos_offset + t) * std::pow(theta, -2.0 * static_cast<double>(i) / Dh);
+        p[(t * (Dh / 2) + i) * 2] = static_cast<F>(std::cos(angle));
+        p[(t * (Dh / 2) + i) * 2 + 1] = static_cast<F>(std::sin(angle));
+      }
+  });
+  cache.emplace(key, table);
+  return table;
+}
+
+// out = rotate(in) by +angle (forward) or -angle (backward). in, out [B, T, H, Dh]; table [T, Dh/2, 2].
+template <class F>
+static void rope_kernel(const F* in, F* out, const F* table, int64_t B, int64_t T, int64_t H, int64_t Dh,
+                        bool inverse) {
+  const F sign = inverse ? F(-1) : F(1);
+  cpu::parallel_for(B * T, H * Dh * 2, [&](int64_t bt) {
+    const F* cs = table + (bt % T) * Dh;  // this position's (cos, sin) pairs, [Dh/2, 2]
+    for (int64_t h = 0; h < H; ++h) {
+      const F* x = in + (bt * H + h) * Dh;
+      F* y = out + (bt * H + h) * Dh;
+      for (int64_t i = 0; i < Dh; i += 2) {
+        const F c = cs[i], s = sign * cs[i + 1], x0 = x[i], x1 = x[i + 1];
+        y[i] = x0 * c - x1 * s;
+        y[i + 1] = x0 * s + x1 * c;
+      }
+    }
+  });
+}
+
+Tensor rope(const Tensor& x, double theta, int64_t pos_offset) {
+  const char* op = "rope";
+  check_float(op, x);
+  check_cpu(op, x);
+  if (x.dim() != 4) fail("{}: needs x [B, T, H, Dh], got {}", op, x.str());
+  if (x.size(3) % 2 != 0) fail("{}: head size Dh must be even to form pairs (2i, 2i+1), got x {}", op, x.str());
+  if (!(theta > 0)) fail("{}: theta must be > 0, got {}", op, theta);
+  if (pos_offset < 0) fail("{}: pos_offset must be >= 0, got {}", op, pos_offset);
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), Dh = x.size(3);
+  Tensor table = rope_table(T, Dh, theta, pos_offset, x.dtype());
+  Tensor y = Tensor::empty(x.shape(), x.dtype());
+  dispatch_float(op, x.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    rope_kernel<F>(x.data<F>(), y.data<F>(), table.data<F>(), B, T, H, Dh, /*inverse=*/false);
+  });
+  return record(op, y, {x}, [table, B, T, H, Dh](const Tensor& g) -> std::vector<Tensor> {
+    Tensor dx = Tensor::empty(g.shape(), g.dtype());
+    dispatch_float("rope_backward", g.dtype(), [&](auto tag) {
+      using F = decltype(tag);
+      rope_kernel<F>(g.data<F>(), dx.data<F>(), table.data<F>(), B, T, H, Dh, /*inverse=*/true);
+    });
+    return {dx};
+  });
+}
+
+// ---- causal attention -----------------------------------------------------------------------------------------------
+// For each (b, h) and query row i: s_j = q_i . k_j / sqrt(Dh) for j <= i, p = softmax(s), o_i = sum_j p_j v_j.
+// The forward keeps lse_i = logsumexp_j s_j [B, H, T]; the backward recomputes p_ij = exp(s_ij - lse_i) rather than
+// storing the T x T matrix (as FlashAttention does).
+// Row (b, t, h) of a [B, T, H, Dh] tensor starts at ((b*T + t)*H + h)*Dh: one head's consecutive t are H*Dh apart.
+// Both kernels work on one head (b, h) at a time, on K and V copied transposed to [Dh, T]: then every inner loop runs
+// along the keys j (unit stride, i+1 long, vectorizable) instead of along a short head dim with a sum at the end.
+
+// xt[e, t] = x[b, t, h, e] for the head starting at `head`: [T, Dh] rows H*Dh apart -> [Dh, T].
+template <class F>
+static void head_to_transposed(const F* x, int64_t head, int64_t T, int64_t Dh, int64_t stride, F* xt) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t e = 0; e < Dh; ++e) xt[e * T + t] = x[head + t * stride + e];
+}
+
+// The inverse: x[b, t, h, e] = xt[e, t].
+template <class F>
+static void transposed_to_head(const F* xt, int64_t head, int64_t T, int64_t Dh, int64_t stride, F* x) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t e = 0; e < Dh; ++e) x[head + t * stride + e] = xt[e * T + t];
+}
+
+// s[0, n) = alpha * sum_e a[e] * xt[e, 0..n): one query's scores against the first n keys (xt = K^T,
+// alpha = 1/sqrt(Dh)), or one output-gradient row against the values (xt = V^T).
+template <class F>
+static void row_times_transposed(const F* a, F alpha, const F* xt, int64_t T, int64_t Dh, int64_t n, F* s) {
+  std::fill(s, s + n, F(0));
+  for (int64_t e = 0; e < Dh; ++e) axpy(a[e] * alpha, xt + e * T, s, n);
+}
+
+Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
+  const char* op = "causal_attention";
+  check_same_dtype_device(op, q, k);
+  check_same_dtype_device(op, q, v);
+  check_float(op, q);
+  check_cpu(op, q);
+  if (q.dim() != 4 || k.shape() != q.shape() || v.shape() != q.shape() || q.size(3) == 0)
+    fail("{}: needs q, k, v of one shape [B, T, H, Dh] with Dh > 0, got {}, {}, {}", op, q.str(), k.str(), v.str());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3), stride = H * Dh;
+  const bool parallel = B * H * T * T * Dh > 2 * cpu::kParallelGrain;
+
+  Tensor out = Tensor::empty(q.shape(), q.dtype());  // [B, T, H, Dh]
+  Tensor lse = Tensor::empty({B, H, T}, q.dtype());  // [B, H, T]
+  dispatch_float(op, q.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    const F *pq = q.data<F>(), *pk = k.data<F>(), *pv = v.data<F>();
+    F *po = out.data<F>(), *plse = lse.data<F>();
+    const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));
+#pragma omp parallel if (parallel)
+    {
+      std::vector<F> kt(Dh * T), vt(Dh * T), p(T);  // per thread: K^T, V^T [Dh, T] of one head; p [T] of one row
+#pragma omp for schedule(static)
+      for (int64_t bh = 0; bh < B * H; ++bh) {
+        const int64_t head = ((bh / H) * T * H + bh % H) * Dh;  // row (b, 0, h)
+        head_to_transposed(pk, head, T, Dh, stride, kt.data());
+        head_to_transposed(pv, head, T, Dh, stride, vt.data());
+        for (int64_t i = 0; i < T; ++i) {
+          const int64_t n = i + 1;  // keys 0..i
+          row_times_transposed(pq + head + i * stride, scale, kt.data(), T, Dh, n, p.data());  // p = s_i
+          F m = -std::numeric_limits<F>::infinity();
+          for (int64_t j = 0; j < n; ++j) m = std::max(m, p[j]);
+          F z = 0;
+#pragma omp simd reduction(+ : z)
+          for (int64_t j = 0; j < n; ++j) z += (p[j] = exp_simd(p[j] - m));
+          F* oi = po + head + i * stride;
+          for (int64_t e = 0; e < Dh; ++e) oi[e] = dot(p.data(), vt.data() + e * T, n) / z;
+          plse[bh * T + i] = m + std::log(z);
+        }
+      }
+    }
+  });
+
+  // With p_ij = exp(s_ij - lse_i), g = dL/do and D_i = g_i . o_i (= sum_j p_ij g_i . v_j):
+  //   dv_j += p_ij g_i,   ds_ij = p_ij (g_i . v_j - D_i),
+  //   dq_i = sum_j ds_ij k_j / sqrt(Dh),   dk_j += ds_ij q_i / sqrt(Dh).
+  // Parallel over heads (b, h): a thread owns that head's dk and dv (kept transposed until the head is done), so the
+  // sums over query rows i need no atomics.
+  return record(op, out, {q, k, v},
+                [q = q.detach(), k = k.detach(), v = v.detach(), out = out.detach(), lse, parallel](const Tensor& g)
+                    -> std::vector<Tensor> {
+                  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3), stride = H * Dh;
+                  Tensor dq = Tensor::empty(q.shape(), q.dtype()), dk = Tensor::empty(q.shape(), q.dtype()),
+                         dv = Tensor::empty(q.shape(), q.dtype());
+                  dispatch_float("causal_attention_backward", q.dtype(), [&](auto tag) {
+                    using F = decltype(tag);
+                    const F *pq = q.data<F>(), *pk = k.data<F>(), *pv = v.data<F>(), *po = out.data<F>(),
+                            *plse = lse.data<F>(), *pg = g.data<F>();
+                    F *pdq = dq.data<F>(), *pdk = dk.data<F>(), *pdv = dv.data<F>();
+                    const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));
+#pragma omp parallel if (parallel)
+                    {
+                      // per thread: K^T, V^T, dK^T, dV^T [Dh, T] of one head; p, ds [T] of one query row
+                      std::vector<F> kt(Dh * T), vt(Dh * T), dkt(Dh * T), dvt(Dh * T), p(T), ds(T);
+#pragma omp for schedule(static)
+                      for (int64_t bh = 0; bh < B * H; ++bh) {
+                        const int64_t head = ((bh / H) * T * H + bh % H) * Dh;
+                        head_to_transposed(pk, head, T, Dh, stride, kt.data());
+                        head_to_transposed(pv, head, T, Dh, stride, vt.data());
+                        std::fill(dkt.begin(), dkt.end(), F(0));
+                        std::fill(dvt.begin(), dvt.end(), F(0));
+                        for (int64_t i = 0; i < T; ++i) {
+                          const int64_t n = i + 1;
+                          const F *qi = pq + head + i * stride, *gi = pg + head + i * stride;
+                          const F Di = dot(gi, po + head + i * stride, Dh), l = plse[bh * T + i];
+                          row_times_transposed(qi, scale, kt.data(), T, Dh, n, p.data());
+                          for (int64_t j = 0; j < n; ++j) p[j] = exp_simd(p[j] - l);
+                          row_times_transposed(gi, F(1), vt.data(), T, Dh, n, ds.data());  // g_i . v_j
+                          for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - Di) * scale;
+                          F* dqi = pdq + head + i * stride;
+                          for (int64_t e = 0; e < Dh; ++e) {
+                            dqi[e] = dot(ds.data(), kt.data() + e * T, n);
+                            axpy(gi[e], p.data(), dvt.data() + e * T, n);
+                            axpy(qi[e], ds.data(), dkt.data() + e * T, n);
+                          }
+                        }
+                        transposed_to_head(dkt.data(), head, T, Dh, stride, pdk);
+                        transposed_to_head(dvt.data(), head, T, Dh, stride, pdv);
+                      }
+                    }
+                  });
+                  return {dq, dk, dv};
+                });
+}
+
+}  // namespace moelab

@@ -1,0 +1,47 @@
+#pragma once
+// The MoE language model with its training objective (spec README "Loss"):
+//   L = CE + alpha * mean_layers(L_LB) + z_coef * mean_layers(L_Z) + beta * mean_layers(L_ED)
+// Each MoE layer computes its router losses right after routing (MoELayer::on_routing) and reports them in the
+// forward context; this class averages them over layers and adds them to the cross-entropy.
+#include <memory>
+#include <vector>
+
+#include "moe/losses.h"
+#include "moe/moe_layer.h"
+#include "moe/routing_stats.h"
+#include "nn/transformer.h"
+
+namespace moelab::moe {
+
+struct LossBreakdown {
+  Tensor total;                 // differentiable scalar
+  double ce = 0, lb = 0, z = 0, ed = 0;  // the terms (aux terms: means over MoE layers, before coefficients)
+  std::vector<double> domain_ce_sum;     // [M] summed token CE per domain ...
+  std::vector<int64_t> domain_tokens;    // [M] ... over this many tokens
+};
+
+class MoEModel {
+ public:
+  MoEModel(const nn::ModelConfig& config, const RouterLossConfig& losses, uint64_t seed);
+
+  // inputs i32 [B, T], targets i32 [B*T], domains i32 [B] in [0, num_domains) (may be undefined: no ED, no per-domain CE).
+  LossBreakdown loss(const Tensor& inputs, const Tensor& targets, const Tensor& domains, int64_t num_domains);
+
+  nn::TransformerLM& lm() { return *lm_; }
+  const nn::TransformerLM& lm() const { return *lm_; }
+  std::vector<MoELayer*> moe_layers() const;  // in layer order
+  // Statistics of each MoE layer's routing in the last forward pass.
+  std::vector<RoutingStats> routing_stats(const Tensor& domains, int64_t num_domains) const;
+  const RouterLossConfig& loss_config() const { return losses_; }
+
+ private:
+  RouterLossConfig losses_;
+  EDForm ed_form_;
+  std::unique_ptr<nn::TransformerLM> lm_;
+};
+
+// Per-token cross-entropy of logits [N, V] against targets [N], summed per domain of each sequence (N = B*T).
+void accumulate_domain_ce(const Tensor& logits, const Tensor& targets, const Tensor& domains, int64_t num_domains,
+                          std::vector<double>& ce_sum, std::vector<int64_t>& tokens);
+
+}  // namespace moelab::moe

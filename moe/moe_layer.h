@@ -1,0 +1,60 @@
+#pragma once
+// The mixture-of-experts feed-forward of the spec:
+//   routing = router(h)
+//   y = sum over the k chosen experts of gate * SwiGLU_e(h)   (moe_experts, dispatch.h: dropless)
+//     + shared(h)                                             (when shared_experts > 0)
+// Checkpoint names under the layer ("layers.{l}.moe."): router.weight [E, d], experts.w_gate [E, h, d],
+// experts.w_up [E, h, d], experts.w_down [E, d, h], shared.w_gate|w_up|w_down (2-D).
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "moe/router.h"
+#include "nn/config.h"
+#include "nn/layers.h"
+#include "nn/transformer.h"
+
+namespace moelab::moe {
+
+// The E routed experts' weights, stacked along a leading expert dim so that the dispatch addresses expert e as a
+// slice (no per-expert modules).
+class Experts : public nn::Module {
+ public:
+  // w_gate, w_up ~ normal(0, std); w_down ~ normal(0, down_std), drawn in that order.
+  Experts(int64_t n_experts, int64_t dim, int64_t hidden, Generator& gen, double std, double down_std);
+  Tensor w_gate;  // [E, h, d]
+  Tensor w_up;    // [E, h, d]
+  Tensor w_down;  // [E, d, h]
+};
+
+class MoELayer : public nn::FeedForward {
+ public:
+  // Parameters are drawn from gen in this order: router.weight, experts.w_gate, w_up, w_down, then shared's
+  // w_gate, w_up, w_down (the PyTorch twin must draw in the same order). `layer` only names the layer in errors.
+  MoELayer(const nn::ModelConfig& config, int64_t layer, Generator& gen);
+
+  // h [N, d] -> [N, d]. Calls on_routing (when set) with the differentiable routing, and keeps a detached copy.
+  Tensor forward(const Tensor& h, nn::ForwardContext& ctx) override;
+
+  // The routing of the last forward, detached (probs, expert_ids, ...): for statistics and analysis.
+  const Routing& last_routing() const { return last_routing_; }
+
+  // Hook for the router losses (moe/losses.*): called right after routing with the routing still on the graph, so
+  // a loss added to ctx.aux_losses sends gradients into the router.
+  std::function<void(const Routing&, nn::ForwardContext&)> on_routing;
+
+  Router router;
+  Experts experts;
+  // n shared experts fused into ONE SwiGLU of hidden n * expert_hidden: sum_i W_down,i (silu(W_gate,i h) * W_up,i h)
+  // is exactly that wider SwiGLU with the n experts' rows (w_gate, w_up) and columns (w_down) stacked.
+  std::unique_ptr<nn::SwiGLU> shared;  // null when config.shared_experts == 0
+
+ private:
+  Routing last_routing_;
+};
+
+// The transformer's FeedForwardFactory for MoE models: a MoELayer named "moe" on layers where
+// config.is_moe_layer(layer), otherwise the dense SwiGLU named "mlp" (nn::dense_feed_forward).
+nn::NamedFeedForward moe_feed_forward(const nn::ModelConfig& config, int64_t layer, Generator& gen);
+
+}  // namespace moelab::moe

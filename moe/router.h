@@ -1,0 +1,44 @@
+#pragma once
+// The top-k router of the spec: z = h W_r^T, p = softmax(z), the k most probable experts per token, and their gate
+// weights (the chosen probabilities, renormalized to sum 1 when norm_topk).
+#include <cstdint>
+#include <string>
+
+#include "engine/ops.h"
+#include "nn/module.h"
+
+namespace moelab::moe {
+
+// One routing decision for N tokens over E experts. logits, probs and gates carry gradients back to the router
+// weight and to h; expert_ids do not.
+struct Routing {
+  Tensor logits;      // [N, E]  z = h W_r^T
+  Tensor probs;       // [N, E]  softmax(z), in the input's float type (f32 in the model)
+  Tensor expert_ids;  // i32 [N, k]  the k most probable experts, by descending probability (ties: lower id first)
+  Tensor gates;       // [N, k]  p at expert_ids, divided by their sum when norm_topk
+
+  Routing detach() const;  // the same values cut from the graph (kept for statistics between steps)
+};
+
+class Router : public nn::Module {
+ public:
+  // `where` names the router in errors (e.g. "layers.1.moe.router"). Throws std::invalid_argument unless
+  // 1 <= top_k <= n_experts.
+  Router(int64_t dim, int64_t n_experts, int64_t top_k, bool norm_topk, double init_std, Generator& gen,
+         std::string where = "router");
+  // h [N, d] -> Routing. Throws std::runtime_error naming the router when the logits are not finite.
+  Routing forward(const Tensor& h) const;
+
+  int64_t n_experts() const { return n_experts_; }
+  int64_t top_k() const { return top_k_; }
+  bool norm_topk() const { return norm_topk_; }
+
+  Tensor weight;  // [E, d]
+
+ private:
+  int64_t n_experts_, top_k_;
+  bool norm_topk_;
+  std::string where_;
+};
+
+}  // namespace moelab::moe

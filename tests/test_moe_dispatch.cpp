@@ -1,0 +1,452 @@
+// The MoE dispatch, router and layer against the naive reference (tests/moe_reference.h): forward and every
+// gradient, odd sizes, experts that receive no tokens, f32 and f64; gradient checks of the fused op; determinism
+// across thread counts; the factory and checkpoint names; and the errors of bad input.
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <functional>
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "moe/dispatch.h"
+#include "moe/moe_layer.h"
+#include "moe/router.h"
+#include "tests/moe_reference.h"
+#include "tests/testing.h"
+
+using namespace moelab;
+using testing::as_doubles;
+using testing::gradcheck;
+using testing::random;
+using testing::weighted_sum;
+
+namespace {
+
+// ---- helpers --------------------------------------------------------------------------------------------------------
+
+// max |a - b| / max |b|: relative to the tensor's scale, so entries that happen to be near zero do not dominate.
+double scaled_error(const Tensor& actual, const Tensor& expected) {
+  REQUIRE_MESSAGE(actual.shape() == expected.shape(), actual.str() << " vs " << expected.str());
+  std::vector<double> a = as_doubles(actual), b = as_doubles(expected);
+  double diff = 0, scale = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    double err = std::abs(a[i] - b[i]);
+    if (!(err <= diff)) diff = err;  // NaN-propagating max
+    scale = std::max(scale, std::abs(b[i]));
+  }
+  return scale > 0 ? diff / scale : diff;
+}
+
+void check_matches(const Tensor& actual, const Tensor& expected, double tol, const std::string& what) {
+  REQUIRE_MESSAGE(actual.defined(), what << ": missing");
+  double err = scaled_error(actual, expected);
+  CHECK_MESSAGE(err <= tol, what << ": scaled error " << err << " > " << tol);
+}
+
+void check_bitwise(const Tensor& a, const Tensor& b, const std::string& what) {
+  REQUIRE(a.shape() == b.shape());
+  CHECK_MESSAGE(as_doubles(a) == as_doubles(b), what);
+}
+
+// Asserts that f throws E whose message mentions every one of `parts`.
+template <class E = std::invalid_argument>
+void check_error(const std::function<void()>& f, const std::vector<std::string>& parts) {
+  try {
+    f();
+  } catch (const E& e) {
+    std::string message = e.what();
+    for (const std::string& part : parts)
+      CHECK_MESSAGE(message.find(part) != std::string::npos, "\"" << message << "\" lacks \"" << part << "\"");
+    return;
+  }
+  FAIL_CHECK("expected an exception mentioning " << parts.front());
+}
+
+// A fresh leaf holding t's values in dtype (so f32 and f64 runs see the very same numbers).
+Tensor leaf(const Tensor& t, DType dtype) {
+  Tensor out = clone(to_dtype(t.detach(), dtype)).detach();
+  out.set_requires_grad(true);
+  return out;
+}
+
+// i32 [N, k]: per token k distinct experts drawn from those with e % 3 != 1 (so some experts get no token at all),
+// or from all experts when that leaves fewer than k.
+Tensor forced_ids(int64_t N, int64_t k, int64_t E, uint64_t seed) {
+  std::vector<int32_t> allowed;
+  for (int32_t e = 0; e < E; ++e)
+    if (e % 3 != 1) allowed.push_back(e);
+  if (static_cast<int64_t>(allowed.size()) < k) {
+    allowed.resize(E);
+    for (int32_t e = 0; e < E; ++e) allowed[e] = e;
+  }
+  std::mt19937 gen(static_cast<uint32_t>(seed));
+  std::vector<int32_t> ids;
+  for (int64_t n = 0; n < N; ++n) {
+    std::shuffle(allowed.begin(), allowed.end(), gen);
+    ids.insert(ids.end(), allowed.begin(), allowed.begin() + k);
+  }
+  return from_vector(ids, {N, k});
+}
+
+// The inputs of one moe_experts call, as f64 values (rounded through f32 so both precisions see the same numbers).
+struct Problem {
+  Tensor x, ids, gates, w_gate, w_up, w_down;
+};
+
+Problem make_problem(int64_t N, int64_t d, int64_t h, int64_t E, int64_t k, uint64_t seed) {
+  Problem p;
+  auto values = [](const Shape& s, uint64_t sd, double scale) {
+    return to_dtype(random(s, sd, DType::F32, scale), DType::F64);
+  };
+  p.x = values({N, d}, seed, 1.0);
+  p.ids = forced_ids(N, k, E, seed + 1);
+  p.gates = values({N, k}, seed + 2, 1.0);
+  p.w_gate = values({E, h, d}, seed + 3, 0.4);
+  p.w_up = values({E, h, d}, seed + 4, 0.4);
+  p.w_down = values({E, d, h}, seed + 5, 0.4);
+  return p;
+}
+
+using ExpertsFn = Tensor (*)(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+
+// Output and the gradients of (x, gates, w_gate, w_up, w_down) of weighted_sum(fn(...)) in `dtype`.
+std::vector<Tensor> run(ExpertsFn fn, const Problem& p, DType dtype) {
+  std::vector<Tensor> in = {leaf(p.x, dtype), leaf(p.gates, dtype), leaf(p.w_gate, dtype), leaf(p.w_up, dtype),
+                            leaf(p.w_down, dtype)};
+  Tensor y = fn(in[0], p.ids, in[1], in[2], in[3], in[4]);
+  weighted_sum(y, 77).backward();
+  std::vector<Tensor> out = {y.detach()};
+  for (const Tensor& t : in) out.push_back(t.grad());
+  return out;
+}
+
+const char* kNames[] = {"y", "dx", "dgates", "dw_gate", "dw_up", "dw_down"};
+
+nn::ModelConfig small_moe_config() {
+  nn::ModelConfig c;
+  c.d_model = 10, c.n_experts = 5, c.top_k = 2, c.expert_hidden = 7, c.shared_experts = 2, c.n_layers = 3;
+  return c;
+}
+
+}  // namespace
+
+// ---- steps (a)-(c): the plan ----------------------------------------------------------------------------------------
+
+TEST_CASE("moe: plan_dispatch is a stable counting sort with histogram and offsets (by hand)") {
+  // Slots n*k + j:  s0 -> 2, s1 -> 0, s2 -> 0, s3 -> 1, s4 -> 2, s5 -> 1;  expert 3 gets nothing.
+  moe::DispatchPlan plan = moe::plan_dispatch(from_vector(std::vector<int32_t>{2, 0, 0, 1, 2, 1}, {3, 2}), 4);
+  CHECK(plan.counts == std::vector<int64_t>{2, 2, 2, 0});
+  CHECK(plan.offsets == std::vector<int64_t>{0, 2, 4, 6, 6});
+  CHECK(plan.slot_at_position == std::vector<int32_t>{1, 2, 3, 5, 0, 4});
+  CHECK(plan.position_of_slot == std::vector<int32_t>{4, 0, 1, 2, 5, 3});
+}
+
+// ---- moe_experts against the reference ------------------------------------------------------------------------------
+
+TEST_CASE("moe: moe_experts matches the reference, forward and all gradients (E, k, N sweep; empty experts; f32/f64)") {
+  const int64_t d = 13, h = 11;
+  uint64_t seed = 100;
+  for (int64_t E : {2, 4, 7})
+    for (int64_t k : {1, 2, 3})
+      for (int64_t N : {1, 5, 33}) {
+        if (k > E) continue;
+        CAPTURE(E);
+        CAPTURE(k);
+        CAPTURE(N);
+        Problem p = make_problem(N, d, h, E, k, seed += 10);
+        std::vector<Tensor> expected = run(reference::moe_experts, p, DType::F64);
+        std::vector<Tensor> fast64 = run(moe::moe_experts, p, DType::F64);
+        std::vector<Tensor> fast32 = run(moe::moe_experts, p, DType::F32);
+        for (size_t i = 0; i < expected.size(); ++i) {
+          check_matches(fast64[i], expected[i], 1e-12, std::string(kNames[i]) + " f64");
+          check_matches(fast32[i], expected[i], 1e-5, std::string(kNames[i]) + " f32");
+        }
+        // An expert that received no token has exactly zero weight gradient.
+        moe::DispatchPlan plan = moe::plan_dispatch(p.ids, E);
+        std::vector<double> dw = as_doubles(fast32[3]);
+        for (int64_t e = 0; e < E; ++e)
+          if (plan.counts[e] == 0)
+            CHECK(std::all_of(dw.begin() + e * h * d, dw.begin() + (e + 1) * h * d, [](double v) { return v == 0; }));
+      }
+}
+
+TEST_CASE("moe: moe_experts gradcheck in f64 (empty expert, and a token choosing one expert twice)") {
+  Problem p = make_problem(6, 5, 4, 4, 2, 7);  // experts 1 gets no token
+  std::vector<Tensor> inputs = {leaf(p.x, DType::F64), leaf(p.gates, DType::F64), leaf(p.w_gate, DType::F64),
+                                leaf(p.w_up, DType::F64), leaf(p.w_down, DType::F64)};
+  auto loss = [&](const Tensor& ids) {
+    return [ids](const std::vector<Tensor>& in) {
+      return weighted_sum(moe::moe_experts(in[0], ids, in[1], in[2], in[3], in[4]), 5);
+    };
+  };
+  double worst = gradcheck(loss(p.ids), inputs, 1e-6, 1e-6, "moe_experts");
+  CHECK(worst < 1e-6);
+  // Duplicate choices are two independent slots (top-k never produces them, but the op must stay exact).
+  Tensor dup = from_vector(std::vector<int32_t>{0, 0, 3, 2, 2, 2, 0, 3, 3, 3, 2, 0}, {6, 2});
+  CHECK(gradcheck(loss(dup), inputs, 1e-6, 1e-6, "moe_experts duplicates") < 1e-6);
+}
+
+TEST_CASE("moe: moe_experts with no tokens gives [0, d] and zero weight gradients") {
+  Problem p = make_problem(3, 6, 5, 3, 2, 13);
+  std::vector<Tensor> w = {leaf(p.w_gate, DType::F32), leaf(p.w_up, DType::F32), leaf(p.w_down, DType::F32)};
+  Tensor x = leaf(zeros({0, 6}), DType::F32), g = leaf(zeros({0, 2}), DType::F32);
+  Tensor y = moe::moe_experts(x, from_vector(std::vector<int32_t>{}, {0, 2}), g, w[0], w[1], w[2]);
+  CHECK(y.shape() == Shape{0, 6});
+  sum(y).backward();
+  for (const Tensor& t : w) CHECK(as_doubles(t.grad()) == std::vector<double>(t.numel(), 0.0));
+}
+
+TEST_CASE("moe: moe_experts is bit-identical for 1 and 2 threads (experts side by side and one at a time)") {
+  int saved_threads = omp_get_max_threads();
+  for (int64_t E : {2, 8}) {  // E = 2: one expert at a time, threaded GEMMs; E = 8: experts side by side
+    CAPTURE(E);
+    Problem p = make_problem(300, 48, 40, E, 2, 900 + E);
+    omp_set_num_threads(1);
+    std::vector<Tensor> one = run(moe::moe_experts, p, DType::F32);
+    omp_set_num_threads(2);
+    std::vector<Tensor> two = run(moe::moe_experts, p, DType::F32);
+    for (size_t i = 0; i < one.size(); ++i) check_bitwise(one[i], two[i], kNames[i]);
+  }
+  omp_set_num_threads(saved_threads);
+}
+
+TEST_CASE("moe: moe_experts bad use throws naming the bad value") {
+  Problem p = make_problem(4, 6, 5, 3, 2, 11);
+  Tensor x = to_dtype(p.x, DType::F32), g = to_dtype(p.gates, DType::F32);
+  Tensor wg = to_dtype(p.w_gate, DType::F32), wu = to_dtype(p.w_up, DType::F32), wd = to_dtype(p.w_down, DType::F32);
+  Tensor bad_ids = from_vector(std::vector<int32_t>{0, 1, 2, 0, 1, 3, 0, 2}, {4, 2});
+  check_error([&] { moe::moe_experts(x, bad_ids, g, wg, wu, wd); }, {"expert id 3", "token 2", "choice 1", "[0, 3)"});
+  check_error([&] { moe::moe_experts(x, p.ids, g, wg, wu, wg); }, {"w_down", "[3, 6, 5]"});
+  check_error([&] { moe::moe_experts(x, p.ids, p.gates, wg, wu, wd); }, {"dtype", "f64"});
+  check_error([&] { moe::moe_experts(x, p.ids, slice_rows(g, 0, 3), wg, wu, wd); }, {"gates", "[3, 2]"});
+  check_error([&] { moe::moe_experts(x, to_dtype(p.ids, DType::F32), g, wg, wu, wd); }, {"expert_ids", "i32"});
+}
+
+// ---- router ---------------------------------------------------------------------------------------------------------
+
+TEST_CASE("moe: router picks the top-k of softmax; gates renormalized to 1, or raw") {
+  for (bool norm : {true, false}) {
+    CAPTURE(norm);
+    Generator gen(3);
+    moe::Router router(16, 6, 3, norm, 0.5, gen);
+    CHECK(router.weight.shape() == Shape{6, 16});
+    Tensor h = random({20, 16}, 4, DType::F32);
+    moe::Routing r = router.forward(h);
+    moe::Routing ref = reference::route(h, router.weight, 3, norm);
+    CHECK(r.expert_ids.to_vector<int32_t>() == ref.expert_ids.to_vector<int32_t>());
+    check_matches(r.probs, ref.probs, 1e-6, "probs");
+    check_matches(r.gates, ref.gates, 1e-6, "gates");
+    std::vector<double> p = as_doubles(r.probs), g = as_doubles(r.gates);
+    std::vector<int32_t> ids = r.expert_ids.to_vector<int32_t>();
+    for (int64_t n = 0; n < 20; ++n) {
+      double total = 0;
+      for (int64_t j = 0; j < 3; ++j) {
+        double pj = p[n * 6 + ids[n * 3 + j]];
+        if (j > 0) CHECK(pj <= p[n * 6 + ids[n * 3 + j - 1]]);  // descending
+        total += g[n * 3 + j];
+        if (!norm) CHECK(g[n * 3 + j] == pj);  // raw: the chosen probabilities themselves
+      }
+      // Every expert left out has a probability no larger than the last one chosen.
+      for (int64_t e = 0; e < 6; ++e)
+        if (std::find(ids.begin() + n * 3, ids.begin() + n * 3 + 3, e) == ids.begin() + n * 3 + 3)
+          CHECK(p[n * 6 + e] <= p[n * 6 + ids[n * 3 + 2]]);
+      if (norm) CHECK(total == doctest::Approx(1.0).epsilon(1e-6));
+      else CHECK(total < 1.0);
+    }
+  }
+}
+
+TEST_CASE("moe: router gradients (gradcheck in f64 through softmax, gather and renormalization)") {
+  for (bool norm : {true, false}) {
+    CAPTURE(norm);
+    Generator gen(8);
+    moe::Router router(7, 5, 2, norm, 0.7, gen);
+    router.weight = leaf(router.weight, DType::F64);
+    Tensor h = leaf(random({6, 7}, 9), DType::F64);
+    auto loss = [&](const std::vector<Tensor>& in) {
+      router.weight = in[1];
+      moe::Routing r = router.forward(in[0]);
+      return weighted_sum(r.gates, 1) + weighted_sum(r.probs, 2);
+    };
+    CHECK(gradcheck(loss, {h, router.weight}, 1e-6, 1e-6, "router") < 1e-6);
+  }
+}
+
+TEST_CASE("moe: bad input: k > E and non-finite router logits give clear errors") {
+  Generator gen(1);
+  check_error([&] { moe::Router(8, 4, 5, true, 0.02, gen, "layers.3.moe.router"); },
+              {"layers.3.moe.router", "top_k = 5", "n_experts = 4"});
+  nn::ModelConfig c = small_moe_config();
+  c.top_k = 6;
+  check_error([&] { moe::MoELayer(c, 2, gen); }, {"layers.2.moe.router", "top_k = 6"});
+
+  moe::MoELayer layer(small_moe_config(), 1, gen);
+  nn::ForwardContext ctx;
+  std::vector<float> values(4 * 10, 0.5f);
+  values[13] = NAN;
+  check_error<std::runtime_error>([&] { layer.forward(from_vector(values, {4, 10}), ctx); },
+                                  {"layers.1.moe.router", "NaN"});
+  values[13] = INFINITY;
+  check_error<std::runtime_error>([&] { layer.forward(from_vector(values, {4, 10}), ctx); }, {"layers.1.moe.router"});
+}
+
+// ---- the layer ------------------------------------------------------------------------------------------------------
+
+TEST_CASE("moe: MoELayer with shared experts == reference router + reference experts + shared SwiGLU (values, grads)") {
+  nn::ModelConfig c = small_moe_config();
+  Generator gen(21);
+  moe::MoELayer layer(c, 0, gen);
+  REQUIRE(layer.shared);
+  CHECK(layer.shared->w_gate.shape() == Shape{14, 10});  // 2 shared experts of 7 fused into one SwiGLU
+  // Larger weights than the default init, so every term matters at f32 precision.
+  for (auto& [name, t] : layer.named_parameters()) {
+    NoGradGuard no_grad;
+    Tensor scaled = mul(t, 20.0);
+    copy_(t, scaled);
+  }
+  Tensor h = leaf(random({17, 10}, 22, DType::F32), DType::F32);
+  std::vector<nn::NamedTensor> params = layer.named_parameters();
+
+  int hook_calls = 0;
+  layer.on_routing = [&](const moe::Routing& r, nn::ForwardContext& ctx) {
+    ++hook_calls;
+    CHECK(r.gates.requires_grad());
+    ctx.aux_losses["probe"].push_back(sum(r.probs));
+  };
+  nn::ForwardContext ctx;
+  Tensor y = layer.forward(h, ctx);
+  weighted_sum(y, 23).backward();
+  CHECK(hook_calls == 1);
+  CHECK(ctx.aux_losses["probe"].size() == 1);
+  std::vector<Tensor> fast = {y.detach(), h.grad()};
+  for (auto& p : params) fast.push_back(p.tensor.grad());
+
+  h.zero_grad();
+  for (auto& p : params) p.tensor.zero_grad();
+  moe::Routing r = reference::route(h, layer.router.weight, c.top_k, c.norm_topk);
+  Tensor y_ref = reference::moe_experts(h, r.expert_ids, r.gates, layer.experts.w_gate, layer.experts.w_up,
+                                        layer.experts.w_down) +
+                 layer.shared->forward(h);
+  weighted_sum(y_ref, 23).backward();
+  std::vector<Tensor> expected = {y_ref.detach(), h.grad()};
+  for (auto& p : params) expected.push_back(p.tensor.grad());
+
+  CHECK(layer.last_routing().expert_ids.to_vector<int32_t>() == r.expert_ids.to_vector<int32_t>());
+  CHECK_FALSE(layer.last_routing().gates.requires_grad());
+  check_matches(layer.last_routing().probs, r.probs, 1e-6, "last_routing probs");
+  check_matches(fast[0], expected[0], 1e-5, "y");
+  check_matches(fast[1], expected[1], 1e-5, "dh");
+  for (size_t i = 0; i < params.size(); ++i) check_matches(fast[i + 2], expected[i + 2], 1e-5, params[i].name);
+}
+
+TEST_CASE("moe: moe_feed_forward honours dense_layers and moe_every") {
+  nn::ModelConfig c = small_moe_config();
+  c.n_layers = 6, c.moe_every = 2, c.dense_layers = {3};  // MoE when (l + 1) % 2 == 0 and l != 3: layers 1 and 5
+  Generator gen(5);
+  for (int64_t l = 0; l < 6; ++l) {
+    CAPTURE(l);
+    nn::NamedFeedForward ffn = moe::moe_feed_forward(c, l, gen);
+    bool moe_layer = l == 1 || l == 5;
+    CHECK(ffn.name == (moe_layer ? "moe" : "mlp"));
+    CHECK((dynamic_cast<moe::MoELayer*>(ffn.ffn.get()) != nullptr) == moe_layer);
+    CHECK((dynamic_cast<nn::SwiGLU*>(ffn.ffn.get()) != nullptr) == !moe_layer);
+  }
+  c.n_experts = 0;  // a dense model
+  CHECK(moe::moe_feed_forward(c, 1, gen).name == "mlp");
+}
+
+TEST_CASE("moe: TransformerLM with moe_feed_forward has the spec's checkpoint names and trains end to end") {
+  nn::ModelConfig c = nn::model_preset("tiny");
+  c.expert_hidden = 32, c.shared_experts = 1, c.dense_layers = {0};
+  nn::TransformerLM model(c, 1234, moe::moe_feed_forward);
+  std::vector<nn::NamedTensor> params = model.named_parameters();
+  auto shape_of = [&](const std::string& name) -> Shape {
+    for (auto& p : params)
+      if (p.name == name) return p.tensor.shape();
+    FAIL_CHECK("no parameter " << name);
+    return {};
+  };
+  CHECK(shape_of("layers.0.mlp.w_gate") == Shape{64, 64});  // dense_ffn_hidden = top_k * expert_hidden
+  CHECK(shape_of("layers.0.mlp.w_down") == Shape{64, 64});
+  CHECK(shape_of("layers.1.moe.router.weight") == Shape{4, 64});
+  CHECK(shape_of("layers.1.moe.experts.w_gate") == Shape{4, 32, 64});
+  CHECK(shape_of("layers.1.moe.experts.w_up") == Shape{4, 32, 64});
+  CHECK(shape_of("layers.1.moe.experts.w_down") == Shape{4, 64, 32});
+  CHECK(shape_of("layers.1.moe.shared.w_gate") == Shape{32, 64});
+  CHECK(shape_of("layers.1.moe.shared.w_up") == Shape{32, 64});
+  CHECK(shape_of("layers.1.moe.shared.w_down") == Shape{64, 32});
+  for (auto& p : params) CHECK_MESSAGE(p.name.find("layers.0.moe") == std::string::npos, p.name);
+
+  // W_down starts at init_std / sqrt(2 * layers) = 0.01; the gates and ups at 0.02.
+  auto stddev = [&](const std::string& name) {
+    std::vector<double> v;
+    for (auto& p : params)
+      if (p.name == name) v = as_doubles(p.tensor);
+    double ss = 0;
+    for (double x : v) ss += x * x;
+    return std::sqrt(ss / static_cast<double>(v.size()));
+  };
+  CHECK(stddev("layers.1.moe.experts.w_down") == doctest::Approx(0.01).epsilon(0.05));
+  CHECK(stddev("layers.1.moe.experts.w_gate") == doctest::Approx(0.02).epsilon(0.05));
+  CHECK(stddev("layers.1.moe.router.weight") == doctest::Approx(0.02).epsilon(0.15));
+
+  // One forward/backward: every parameter gets a finite gradient (router included, through the gates).
+  std::vector<int32_t> ids(2 * 16);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 37) % 256);
+  nn::ForwardContext ctx;
+  Tensor logits = model.forward(from_vector(ids, {2, 16}), ctx);
+  std::vector<int32_t> targets(ids.begin() + 1, ids.end());
+  targets.push_back(0);
+  cross_entropy(logits, from_vector(targets, {32})).backward();
+  for (auto& p : params) {
+    CAPTURE(p.name);
+    REQUIRE(p.tensor.grad().defined());
+    std::vector<double> g = as_doubles(p.tensor.grad());
+    CHECK(std::all_of(g.begin(), g.end(), [](double v) { return std::isfinite(v); }));
+    CHECK(std::any_of(g.begin(), g.end(), [](double v) { return v != 0; }));
+  }
+}
+
+// ---- timing (skipped by default; run with --no-skip -tc='moe: bench*') ----------------------------------------------
+
+TEST_CASE("moe: bench moe_experts forward + backward" * doctest::skip()) {
+  struct Size {
+    int64_t N, d, h, E, k;
+  };
+  for (Size s : {Size{512, 64, 64, 4, 2}, Size{4096, 512, 512, 16, 2}}) {
+    Tensor x = leaf(random({s.N, s.d}, 1, DType::F32), DType::F32);
+    Tensor logits = random({s.N, s.E}, 2, DType::F32);
+    Tensor ids = topk(logits, s.k).second;
+    Tensor gates = leaf(softmax(topk(logits, s.k).first), DType::F32);
+    Tensor wg = leaf(random({s.E, s.h, s.d}, 3, DType::F32, 0.05), DType::F32);
+    Tensor wu = leaf(random({s.E, s.h, s.d}, 4, DType::F32, 0.05), DType::F32);
+    Tensor wd = leaf(random({s.E, s.d, s.h}, 5, DType::F32, 0.05), DType::F32);
+    Tensor dy = random({s.N, s.d}, 6, DType::F32);
+    auto seconds = [](auto f) {
+      auto t0 = std::chrono::steady_clock::now();
+      f();
+      return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    };
+    int reps = s.N > 1000 ? 7 : 50;
+    std::vector<double> fwd, bwd;
+    for (int r = 0; r < reps + 1; ++r) {
+      Tensor y;
+      double tf = seconds([&] { y = moe::moe_experts(x, ids, gates, wg, wu, wd); });
+      double tb = seconds([&] { sum(mul(y, dy)).backward(); });
+      if (r > 0) fwd.push_back(tf), bwd.push_back(tb);  // the first run warms caches and allocations
+    }
+    std::sort(fwd.begin(), fwd.end());
+    std::sort(bwd.begin(), bwd.end());
+    double flops = 2.0 * 3 * s.N * s.k * s.d * s.h;  // forward GEMMs; backward does twice that
+    double f = fwd[fwd.size() / 2], b = bwd[bwd.size() / 2];
+    MESSAGE("moe_experts N=" << s.N << " d=" << s.d << " h=" << s.h << " E=" << s.E << " k=" << s.k << " threads="
+                             << omp_get_max_threads() << ": median (min) forward " << f * 1e3 << " (" << fwd[0] * 1e3
+                             << ") ms = " << flops / f * 1e-9 << " GFLOP/s; backward " << b * 1e3 << " ("
+                             << bwd[0] * 1e3 << ") ms = " << 2 * flops / b * 1e-9
+                             << " GFLOP/s (backward includes the probe loss's mul/sum)");
+  }
+}

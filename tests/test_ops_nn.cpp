@@ -1,0 +1,409 @@
+// Fused neural-net ops (engine/ops/nn.cpp): cross-entropy, RMSNorm, RoPE, causal attention.
+// Each forward is checked against a plain-loop reference in double, each backward by central differences (f64) and
+// by agreement of the f32 path with the f64 path, plus small cases worked out by hand and bad use.
+#include <omp.h>
+
+#include <cmath>
+#include <stdexcept>
+
+#include "tests/testing.h"
+
+namespace moelab {
+using testing::as_doubles;
+using testing::check_close;
+using testing::gradcheck;
+using testing::random;
+using testing::weighted_sum;
+
+namespace {
+
+Tensor f64_tensor(const std::vector<double>& values, const Shape& shape) {
+  return from_vector(values, shape, DType::F64);
+}
+
+// Leaf copies of `inputs` in `dtype`, each requiring a gradient.
+std::vector<Tensor> leaves(const std::vector<Tensor>& inputs, DType dtype) {
+  std::vector<Tensor> out;
+  for (const Tensor& x : inputs) {
+    Tensor t = clone(to_dtype(x, dtype)).detach();
+    t.set_requires_grad();
+    out.push_back(t);
+  }
+  return out;
+}
+
+// Runs loss(inputs) in f32 and in f64 from the same values and asserts the gradients agree (the f32 backward kernels
+// are not reached by gradcheck, which needs f64).
+void check_f32_grads_match_f64(const std::function<Tensor(const std::vector<Tensor>&)>& loss,
+                               const std::vector<Tensor>& inputs, double rel, const char* what) {
+  std::vector<Tensor> a = leaves(inputs, DType::F32), b = leaves(inputs, DType::F64);
+  loss(a).backward();
+  loss(b).backward();
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    REQUIRE(a[i].grad().defined());
+    check_close(a[i].grad(), b[i].grad(), rel, 1e-2, fmt::format("{}: f32 vs f64 gradient of input {}", what, i));
+  }
+}
+
+// ---- plain references, in double ------------------------------------------------------------------------------------
+
+double ref_cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index) {
+  std::vector<double> x = as_doubles(logits);
+  std::vector<int32_t> t = targets.to_vector<int32_t>();
+  int64_t N = logits.size(0), V = logits.size(1), count = 0;
+  double total = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    if (t[r] == ignore_index) continue;
+    // log_softmax of the row, then pick the target
+    double m = x[r * V];
+    for (int64_t j = 0; j < V; ++j) m = std::max(m, x[r * V + j]);
+    double z = 0;
+    for (int64_t j = 0; j < V; ++j) z += std::exp(x[r * V + j] - m);
+    double log_p = x[r * V + t[r]] - m - std::log(z);
+    total += -log_p;
+    ++count;
+  }
+  return count ? total / static_cast<double>(count) : 0.0;
+}
+
+Tensor ref_rms_norm(const Tensor& x, const Tensor& w, double eps) {
+  std::vector<double> xs = as_doubles(x), ws = as_doubles(w), y(xs.size());
+  int64_t d = x.size(-1), rows = x.numel() / d;
+  for (int64_t r = 0; r < rows; ++r) {
+    double ms = 0;
+    for (int64_t j = 0; j < d; ++j) ms += xs[r * d + j] * xs[r * d + j] / static_cast<double>(d);
+    for (int64_t j = 0; j < d; ++j) y[r * d + j] = xs[r * d + j] / std::sqrt(ms + eps) * ws[j];
+  }
+  return f64_tensor(y, x.shape());
+}
+
+Tensor ref_rope(const Tensor& x, double theta, int64_t pos_offset) {
+  std::vector<double> xs = as_doubles(x), y(xs.size());
+  int64_t B = x.size(0), T = x.size(1), H = x.size(2), Dh = x.size(3);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < Dh / 2; ++i) {
+          double angle = static_cast<double>(pos_offset + t) * std::pow(theta, -2.0 * i / static_cast<double>(Dh));
+          int64_t at = ((b * T + t) * H + h) * Dh + 2 * i;
+          y[at] = xs[at] * std::cos(angle) - xs[at + 1] * std::sin(angle);
+          y[at + 1] = xs[at] * std::sin(angle) + xs[at + 1] * std::cos(angle);
+        }
+  return f64_tensor(y, x.shape());
+}
+
+// Explicit T x T scores per (b, h), the causal mask as -inf, row softmax, then P @ V.
+Tensor ref_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
+  std::vector<double> qs = as_doubles(q), ks = as_doubles(k), vs = as_doubles(v), out(qs.size());
+  int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
+  auto at = [&](int64_t b, int64_t t, int64_t h) { return ((b * T + t) * H + h) * Dh; };
+  std::vector<double> scores(T * T), probs(T * T);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t j = 0; j < T; ++j) {
+          double s = 0;
+          for (int64_t e = 0; e < Dh; ++e) s += qs[at(b, i, h) + e] * ks[at(b, j, h) + e];
+          scores[i * T + j] = j <= i ? s / std::sqrt(static_cast<double>(Dh)) : -INFINITY;
+        }
+      for (int64_t i = 0; i < T; ++i) {
+        double m = -INFINITY, z = 0;
+        for (int64_t j = 0; j < T; ++j) m = std::max(m, scores[i * T + j]);
+        for (int64_t j = 0; j < T; ++j) z += std::exp(scores[i * T + j] - m);
+        for (int64_t j = 0; j < T; ++j) probs[i * T + j] = std::exp(scores[i * T + j] - m) / z;
+      }
+      for (int64_t i = 0; i < T; ++i)
+        for (int64_t e = 0; e < Dh; ++e) {
+          double acc = 0;
+          for (int64_t j = 0; j < T; ++j) acc += probs[i * T + j] * vs[at(b, j, h) + e];
+          out[at(b, i, h) + e] = acc;
+        }
+    }
+  return f64_tensor(out, q.shape());
+}
+
+// Random targets in [0, V); rows r with r % ignore_every == 1 get ignore_index (none when ignore_every is 0).
+Tensor random_targets(int64_t N, int64_t V, uint64_t seed, int32_t ignore_index, int64_t ignore_every) {
+  Generator gen(seed);
+  std::vector<double> u = uniform({N}, gen, 0.0, 1.0, DType::F64).to_vector<double>();
+  std::vector<int32_t> t(N);
+  for (int64_t r = 0; r < N; ++r)
+    t[r] =
+        ignore_every && r % ignore_every == 1 ? ignore_index : std::min<int32_t>(V - 1, static_cast<int32_t>(u[r] * V));
+  return from_vector(t, {N});
+}
+
+}  // namespace
+
+// ---- cross-entropy --------------------------------------------------------------------------------------------------
+
+TEST_CASE("ops:nn cross_entropy forward matches log_softmax + pick as plain loops") {
+  struct Case {
+    int64_t N, V;
+  };
+  for (Case c : {Case{1, 1}, Case{5, 33}, Case{17, 256}, Case{64, 7}})
+    for (DType dtype : {DType::F32, DType::F64}) {
+      Tensor logits = random({c.N, c.V}, 11 + c.N, dtype, 3.0);
+      Tensor targets = random_targets(c.N, c.V, 7 + c.V, -100, 3);
+      double expected = ref_cross_entropy(logits, targets, -100);
+      double got = cross_entropy(logits, targets).item();
+      CHECK_MESSAGE(std::abs(got - expected) <= (dtype == DType::F32 ? 1e-5 : 1e-12) * (1 + std::abs(expected)),
+                    "N=" << c.N << " V=" << c.V << " " << dtype_name(dtype) << ": " << got << " vs " << expected);
+    }
+}
+
+TEST_CASE("ops:nn cross_entropy hand-computed cases") {
+  // Uniform logits: every class has probability 1/V, so the loss is log V and dlogits = (1/V - onehot) / N.
+  Tensor logits = zeros({3, 7}, DType::F64).set_requires_grad();
+  Tensor loss = cross_entropy(logits, from_vector(std::vector<int32_t>{0, 6, 2}, {3}));
+  CHECK(loss.item() == doctest::Approx(std::log(7.0)).epsilon(1e-14));
+  loss.backward();
+  std::vector<double> g = logits.grad().to_vector<double>();
+  CHECK(g[0] == doctest::Approx((1.0 / 7 - 1) / 3).epsilon(1e-14));
+  CHECK(g[1] == doctest::Approx(1.0 / 21).epsilon(1e-14));
+  CHECK(g[7 + 6] == doctest::Approx((1.0 / 7 - 1) / 3).epsilon(1e-14));
+
+  // Row [1, 2, 3] with target 2: log(e + e^2 + e^3) - 3 = log(1 + e^-1 + e^-2).
+  Tensor one = from_vector(std::vector<double>{1, 2, 3}, {1, 3});
+  CHECK(cross_entropy(one, from_vector(std::vector<int32_t>{2}, {1})).item() ==
+        doctest::Approx(0.40760596444438030).epsilon(1e-14));
+
+  // An ignored row does not count toward the mean: only the first row (loss log 2) is averaged.
+  Tensor two = from_vector(std::vector<double>{0, 0, 5, -5}, {2, 2});
+  CHECK(cross_entropy(two, from_vector(std::vector<int32_t>{0, -100}, {2})).item() ==
+        doctest::Approx(std::log(2.0)).epsilon(1e-14));
+  // A custom ignore_index inside [0, V) ignores rows with that target.
+  CHECK(cross_entropy(two, from_vector(std::vector<int32_t>{0, 1}, {2}), /*ignore_index=*/1).item() ==
+        doctest::Approx(std::log(2.0)).epsilon(1e-14));
+}
+
+TEST_CASE("ops:nn cross_entropy with every row ignored is 0 with a zero gradient") {
+  for (DType dtype : {DType::F32, DType::F64}) {
+    Tensor logits = random({4, 9}, 3, dtype).set_requires_grad();
+    Tensor loss = cross_entropy(logits, from_vector(std::vector<int32_t>(4, -1), {4}), -1);
+    CHECK(loss.item() == 0.0);
+    loss.backward();
+    for (double v : as_doubles(logits.grad())) CHECK(v == 0.0);
+  }
+  Tensor empty_batch = zeros({0, 5}, DType::F32);
+  CHECK(cross_entropy(empty_batch, from_vector(std::vector<int32_t>{}, {0})).item() == 0.0);
+}
+
+TEST_CASE("ops:nn cross_entropy gradients: gradcheck with ignored rows and f32 vs f64") {
+  Tensor targets = random_targets(6, 5, 21, -100, 3);  // rows 1 and 4 ignored
+  Tensor logits = random({6, 5}, 5, DType::F64, 2.0).set_requires_grad();
+  auto loss = [&](const std::vector<Tensor>& in) { return weighted_sum(cross_entropy(in[0], targets)); };
+  double err = gradcheck(loss, {logits}, 1e-6, 1e-6, "cross_entropy");
+  CHECK(err < 1e-6);
+  // The ignored rows get exactly zero.
+  std::vector<double> g = logits.grad().to_vector<double>();
+  for (int64_t j = 0; j < 5; ++j) CHECK(g[1 * 5 + j] == 0.0);
+
+  Tensor big_targets = random_targets(40, 33, 8, -100, 5);
+  check_f32_grads_match_f64(
+      [&](const std::vector<Tensor>& in) { return weighted_sum(cross_entropy(in[0], big_targets)); },
+      {random({40, 33}, 9, DType::F64, 3.0)}, 1e-4, "cross_entropy");
+}
+
+TEST_CASE("ops:nn cross_entropy bad use throws") {
+  Tensor logits = random({3, 4}, 1, DType::F32);
+  auto ids = [](std::vector<int32_t> v) { return from_vector(v, {static_cast<int64_t>(v.size())}); };
+  CHECK_THROWS_WITH_AS(cross_entropy(logits, ids({0, 4, 1})), doctest::Contains("target 4 of row 1"),
+                       std::invalid_argument);
+  CHECK_THROWS_WITH_AS(cross_entropy(logits, ids({0, 1, -1})), doctest::Contains("target -1 of row 2"),
+                       std::invalid_argument);
+  CHECK_THROWS_AS(cross_entropy(logits, ids({0, 1})), std::invalid_argument);                 // N mismatch
+  CHECK_THROWS_AS(cross_entropy(reshape(logits, {12}), ids({0})), std::invalid_argument);     // logits not 2-D
+  CHECK_THROWS_AS(cross_entropy(logits, random({3}, 1, DType::F32)), std::invalid_argument);  // float targets
+  CHECK_THROWS_AS(cross_entropy(ids({1, 2, 3}), ids({0, 1, 2})), std::invalid_argument);      // integer logits
+}
+
+// ---- RMSNorm --------------------------------------------------------------------------------------------------------
+
+TEST_CASE("ops:nn rms_norm forward matches a plain loop") {
+  for (Shape shape : {Shape{1, 1}, Shape{3, 7}, Shape{2, 5, 64}, Shape{33}})
+    for (DType dtype : {DType::F32, DType::F64}) {
+      Tensor x = random(shape, 2, dtype, 2.0), w = random({shape.back()}, 3, dtype);
+      double tol = dtype == DType::F32 ? 1e-5 : 1e-13;
+      check_close(rms_norm(x, w), ref_rms_norm(x, w, 1e-5), tol, 1e-1, "rms_norm " + x.str());
+      check_close(rms_norm(x, w, 0.5), ref_rms_norm(x, w, 0.5), tol, 1e-1, "rms_norm eps 0.5 " + x.str());
+    }
+}
+
+TEST_CASE("ops:nn rms_norm hand-computed case") {
+  // x = [3, 4]: mean(x^2) = 12.5, so with eps 0: y = [3, 4] / sqrt(12.5) * [1, 2].
+  Tensor y = rms_norm(from_vector(std::vector<double>{3, 4}, {1, 2}), from_vector(std::vector<double>{1, 2}, {2}), 0.0);
+  std::vector<double> v = y.to_vector<double>();
+  CHECK(v[0] == doctest::Approx(0.84852813742385702).epsilon(1e-14));
+  CHECK(v[1] == doctest::Approx(2.2627416997969521).epsilon(1e-14));
+}
+
+TEST_CASE("ops:nn rms_norm gradients: gradcheck of x and weight and f32 vs f64") {
+  Tensor x = random({2, 3, 5}, 4, DType::F64).set_requires_grad();
+  Tensor w = random({5}, 5, DType::F64).set_requires_grad();
+  auto loss = [](const std::vector<Tensor>& in) { return weighted_sum(rms_norm(in[0], in[1])); };
+  CHECK(gradcheck(loss, {x, w}, 1e-6, 1e-6, "rms_norm") < 1e-6);
+  check_f32_grads_match_f64(loss, {random({37, 64}, 6, DType::F64), random({64}, 7, DType::F64)}, 1e-4, "rms_norm");
+}
+
+TEST_CASE("ops:nn rms_norm weight gradient is the same for any thread count") {
+  // Enough rows that the backward runs in parallel blocks; the block sums are added in a fixed order.
+  Tensor x = random({4096, 16}, 8, DType::F32), w = random({16}, 9, DType::F32);
+  Tensor g = random({4096, 16}, 10, DType::F32);
+  auto dw_with_threads = [&](int threads) {
+    int saved = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    Tensor wl = clone(w).detach().set_requires_grad();
+    sum(mul(rms_norm(x, wl), g)).backward();
+    omp_set_num_threads(saved);
+    return wl.grad().to_vector<float>();
+  };
+  std::vector<float> one = dw_with_threads(1), two = dw_with_threads(2), three = dw_with_threads(3);
+  CHECK(one == two);
+  CHECK(one == three);
+  // And it is the right sum: dw_j = sum over rows of g * x * rstd.
+  std::vector<double> xs = as_doubles(x), gs = as_doubles(g), expected(16, 0.0);
+  for (int64_t r = 0; r < 4096; ++r) {
+    double ms = 0;
+    for (int64_t j = 0; j < 16; ++j) ms += xs[r * 16 + j] * xs[r * 16 + j] / 16;
+    for (int64_t j = 0; j < 16; ++j) expected[j] += gs[r * 16 + j] * xs[r * 16 + j] / std::sqrt(ms + 1e-5);
+  }
+  check_close(from_vector(one, {16}), f64_tensor(expected, {16}), 1e-4, 1.0, "rms_norm dw");
+}
+
+TEST_CASE("ops:nn rms_norm bad use throws") {
+  Tensor x = random({4, 8}, 1, DType::F32);
+  CHECK_THROWS_AS(rms_norm(x, random({7}, 1, DType::F32)), std::invalid_argument);        // d mismatch
+  CHECK_THROWS_AS(rms_norm(x, random({1, 8}, 1, DType::F32)), std::invalid_argument);     // weight not 1-D
+  CHECK_THROWS_AS(rms_norm(x, random({8}, 1, DType::F64)), std::invalid_argument);        // dtype mismatch
+  CHECK_THROWS_AS(rms_norm(x, random({8}, 1, DType::F32), -1.0), std::invalid_argument);  // negative eps
+  CHECK_THROWS_WITH_AS(rms_norm(x, random({5}, 1, DType::F32)), doctest::Contains("f32[5]"), std::invalid_argument);
+}
+
+// ---- RoPE -----------------------------------------------------------------------------------------------------------
+
+TEST_CASE("ops:nn rope forward matches a plain loop") {
+  struct Case {
+    Shape shape;
+    double theta;
+    int64_t pos_offset;
+  };
+  for (const Case& c : {Case{{1, 1, 1, 2}, 10000.0, 0}, Case{{2, 7, 3, 8}, 10000.0, 0},
+                        Case{{1, 64, 4, 16}, 10000.0, 3}, Case{{3, 5, 1, 6}, 500.0, 1000}})
+    for (DType dtype : {DType::F32, DType::F64}) {
+      Tensor x = random(c.shape, 12, dtype);
+      double tol = dtype == DType::F32 ? 1e-5 : 1e-12;
+      check_close(rope(x, c.theta, c.pos_offset), ref_rope(x, c.theta, c.pos_offset), tol, 1e-1, "rope " + x.str());
+    }
+}
+
+TEST_CASE("ops:nn rope hand-computed cases") {
+  // Position 0 rotates by angle 0: the identity, exactly.
+  Tensor x = random({2, 1, 3, 8}, 13, DType::F32);
+  CHECK(rope(x).to_vector<float>() == x.to_vector<float>());
+
+  // Dh = 2: the single pair turns by t radians. (1, 0) at t = 1 -> (cos 1, sin 1).
+  std::vector<double> y = rope(f64_tensor({1, 0, 1, 0}, {1, 2, 1, 2})).to_vector<double>();
+  CHECK(y[0] == 1.0);
+  CHECK(y[1] == 0.0);
+  CHECK(y[2] == doctest::Approx(std::cos(1.0)).epsilon(1e-15));
+  CHECK(y[3] == doctest::Approx(std::sin(1.0)).epsilon(1e-15));
+
+  // Dh = 4, theta 10000, position 100: pair 0 turns by 100 rad, pair 1 by 100 * 10000^(-1/2) = 1 rad.
+  // (1, 0) -> (cos 100, sin 100) and (0, 1) -> (-sin 1, cos 1).
+  y = rope(f64_tensor({1, 0, 0, 1}, {1, 1, 1, 4}), 10000.0, 100).to_vector<double>();
+  CHECK(y[0] == doctest::Approx(std::cos(100.0)).epsilon(1e-13));
+  CHECK(y[1] == doctest::Approx(std::sin(100.0)).epsilon(1e-13));
+  CHECK(y[2] == doctest::Approx(-std::sin(1.0)).epsilon(1e-13));
+  CHECK(y[3] == doctest::Approx(std::cos(1.0)).epsilon(1e-13));
+
+  // pos_offset shifts positions: rope(x, offset 4)[t] == rope of the same row placed at t + 4.
+  Tensor seq = random({1, 6, 2, 4}, 14, DType::F64);
+  std::vector<double> full_rows = rope(seq).to_vector<double>();
+  std::vector<double> tail =
+      rope(reshape(slice_rows(reshape(seq, {6, 8}), 4, 6), {1, 2, 2, 4}), 10000.0, 4).to_vector<double>();
+  for (size_t i = 0; i < tail.size(); ++i) CHECK(tail[i] == doctest::Approx(full_rows[4 * 8 + i]).epsilon(1e-13));
+}
+
+TEST_CASE("ops:nn rope gradients: gradcheck and f32 vs f64") {
+  Tensor x = random({2, 3, 2, 4}, 15, DType::F64).set_requires_grad();
+  CHECK(gradcheck([](const std::vector<Tensor>& in) { return weighted_sum(rope(in[0], 100.0, 5)); }, {x}, 1e-6, 1e-6,
+                  "rope") < 1e-6);
+  check_f32_grads_match_f64([](const std::vector<Tensor>& in) { return weighted_sum(rope(in[0], 10000.0, 7)); },
+                            {random({2, 9, 3, 8}, 16, DType::F64)}, 1e-4, "rope");
+}
+
+TEST_CASE("ops:nn rope bad use throws") {
+  CHECK_THROWS_WITH_AS(rope(random({1, 2, 1, 5}, 1, DType::F32)), doctest::Contains("even"), std::invalid_argument);
+  CHECK_THROWS_AS(rope(random({2, 1, 4}, 1, DType::F32)), std::invalid_argument);                  // not 4-D
+  CHECK_THROWS_AS(rope(random({1, 2, 1, 4}, 1, DType::F32), 10000.0, -1), std::invalid_argument);  // negative offset
+  CHECK_THROWS_AS(rope(random({1, 2, 1, 4}, 1, DType::F32), 0.0), std::invalid_argument);          // theta 0
+  CHECK_THROWS_AS(rope(zeros({1, 2, 1, 4}, DType::I32)), std::invalid_argument);                   // integer input
+}
+
+// ---- causal attention -----------------------------------------------------------------------------------------------
+
+TEST_CASE("ops:nn causal_attention forward matches explicit masked scores then softmax then P @ V") {
+  for (Shape shape : {Shape{1, 1, 1, 2}, Shape{2, 7, 3, 4}, Shape{1, 16, 2, 5}, Shape{2, 64, 4, 16}})
+    for (DType dtype : {DType::F32, DType::F64}) {
+      Tensor q = random(shape, 20, dtype), k = random(shape, 21, dtype), v = random(shape, 22, dtype);
+      double tol = dtype == DType::F32 ? 2e-5 : 1e-12;
+      check_close(causal_attention(q, k, v), ref_attention(q, k, v), tol, 1e-1, "causal_attention " + q.str());
+    }
+}
+
+TEST_CASE("ops:nn causal_attention hand-computed and extreme cases") {
+  // T = 1: a row attends only to itself, so the output is v.
+  Tensor v1 = random({2, 1, 3, 4}, 23, DType::F32);
+  check_close(causal_attention(random({2, 1, 3, 4}, 24, DType::F32), random({2, 1, 3, 4}, 25, DType::F32), v1), v1,
+              1e-7, 1e-6, "T=1");
+
+  // q = 0: every allowed score is 0, so row i is the mean of v_0..v_i.
+  Tensor v = random({1, 5, 2, 3}, 26, DType::F64);
+  std::vector<double> vs = v.to_vector<double>(),
+                      o = causal_attention(zeros({1, 5, 2, 3}, DType::F64), random({1, 5, 2, 3}, 27, DType::F64), v)
+                              .to_vector<double>();
+  for (int64_t i = 0; i < 5; ++i)
+    for (int64_t he = 0; he < 6; ++he) {  // (h, e) flattened
+      double mean = 0;
+      for (int64_t j = 0; j <= i; ++j) mean += vs[j * 6 + he] / static_cast<double>(i + 1);
+      CHECK(o[i * 6 + he] == doctest::Approx(mean).epsilon(1e-13));
+    }
+
+  // Huge scores (|s| ~ 1e4) stay finite in f32 thanks to the max subtraction, and still match the reference.
+  Tensor q = random({1, 9, 2, 8}, 28, DType::F32, 100.0), k = random({1, 9, 2, 8}, 29, DType::F32, 100.0);
+  Tensor vv = random({1, 9, 2, 8}, 30, DType::F32);
+  Tensor out = causal_attention(q, k, vv);
+  for (double x : as_doubles(out)) CHECK(std::isfinite(x));
+  check_close(out, ref_attention(q, k, vv), 1e-3, 1e-1, "huge scores");
+}
+
+TEST_CASE("ops:nn causal_attention gradients: gradcheck of q k v and f32 vs f64") {
+  Tensor q = random({2, 4, 2, 3}, 31, DType::F64).set_requires_grad();
+  Tensor k = random({2, 4, 2, 3}, 32, DType::F64).set_requires_grad();
+  Tensor v = random({2, 4, 2, 3}, 33, DType::F64).set_requires_grad();
+  auto loss = [](const std::vector<Tensor>& in) { return weighted_sum(causal_attention(in[0], in[1], in[2])); };
+  // 1e-5: some gradients are ~1e-5, where central differences carry ~1e-10 of rounding noise.
+  CHECK(gradcheck(loss, {q, k, v}, 1e-5, 1e-6, "causal_attention") < 1e-5);
+  // T = 1 edge: the gradient flows to v only (p = 1 whatever q and k are).
+  Tensor q1 = random({1, 1, 1, 4}, 34, DType::F64).set_requires_grad();
+  Tensor k1 = random({1, 1, 1, 4}, 35, DType::F64).set_requires_grad();
+  Tensor v1 = random({1, 1, 1, 4}, 36, DType::F64).set_requires_grad();
+  CHECK(gradcheck(loss, {q1, k1, v1}, 1e-6, 1e-6, "causal_attention T=1") < 1e-6);
+  for (double g : q1.grad().to_vector<double>()) CHECK(std::abs(g) < 1e-15);
+
+  Shape s{2, 17, 3, 8};
+  check_f32_grads_match_f64(loss, {random(s, 37, DType::F64), random(s, 38, DType::F64), random(s, 39, DType::F64)},
+                            1e-4, "causal_attention");
+}
+
+TEST_CASE("ops:nn causal_attention bad use throws") {
+  Tensor q = random({1, 4, 2, 8}, 1, DType::F32);
+  CHECK_THROWS_AS(causal_attention(q, random({1, 5, 2, 8}, 1, DType::F32), q), std::invalid_argument);  // T mismatch
+  CHECK_THROWS_AS(causal_attention(q, q, random({1, 4, 2, 4}, 1, DType::F32)), std::invalid_argument);  // Dh mismatch
+  CHECK_THROWS_AS(causal_attention(q, q, random({1, 4, 2, 8}, 1, DType::F64)), std::invalid_argument);  // dtype
+  Tensor q3 = random({4, 2, 8}, 1, DType::F32);
+  CHECK_THROWS_WITH_AS(causal_attention(q3, q3, q3), doctest::Contains("[B, T, H, Dh]"), std::invalid_argument);
+}
+
+}  // namespace moelab
