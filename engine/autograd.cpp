@@ -19,7 +19,7 @@ bool grad_enabled() { return grad_mode; }
 NoGradGuard::NoGradGuard() : previous_(grad_mode) { grad_mode = false; }
 NoGradGuard::~NoGradGuard() { grad_mode = previous_; }
 
-// ---- NaN checks ------------------------------------------------------------------------------------------------------
+// ---- NaN checks (NaN only: -inf is a legitimate value, e.g. an attention mask) ------------------------------------------------------------------------------------------------------
 
 static bool nan_checks_default() {
 #ifdef MOELAB_NAN_CHECKS
@@ -36,7 +36,7 @@ bool nan_checks() { return nan_checks_on; }
 template <class T> static void check_finite_as(const char* op, const Tensor& t) {
   std::vector<T> values = t.to_vector<T>();
   for (size_t i = 0; i < values.size(); ++i)
-    if (!std::isfinite(values[i]))
+    if (std::isnan(values[i]))
       throw std::runtime_error(fmt::format("NaN check: op '{}' produced {} at flat index {} of its output {}", op,
                                            static_cast<double>(values[i]), i, t.str()));
 }

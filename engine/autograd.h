@@ -39,7 +39,7 @@ class NoGradGuard {
 // gradient, attaches a Node so that backward() can reach the inputs. Returns `out`.
 Tensor record(const char* op, Tensor out, std::vector<Tensor> inputs, BackwardFn backward);
 
-// Debug aid: when on, every recorded op checks its output for NaN/Inf and throws naming the op.
+// Debug aid: when on, every recorded op checks its output for NaN and throws naming the op.
 // Default: on when built with MOELAB_NAN_CHECKS or when the environment sets MOELAB_NAN_CHECKS=1.
 void set_nan_checks(bool on);
 bool nan_checks();

@@ -122,6 +122,8 @@ Tensor bincount(const Tensor& ids, int64_t bins);          // no grad, i32 ids i
 // ---- fused neural-net ops (nn.cpp) ---------------------------------------------------------------------------------
 // Mean cross-entropy of logits [N, V] against i32 targets [N]; targets equal to ignore_index are skipped.
 // Softmax and log are fused: dlogits = (softmax - onehot) / count.
+// All rows ignored (or N = 0): loss 0 and zero gradient (PyTorch gives NaN). Targets outside [0, V) other than
+// ignore_index throw.
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index = -100);
 // y = x / sqrt(mean(x^2 over the last dim) + eps) * weight, weight [d].
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps = 1e-5);

@@ -34,6 +34,7 @@ Tensor MoELayer::forward(const Tensor& h, nn::ForwardContext& ctx) {
   Routing routing = router.forward(h);
   if (on_routing) on_routing(routing, ctx);
   last_routing_ = routing.detach();
+  last_input_ = h.detach();
   Tensor y = moe_experts(h, routing.expert_ids, routing.gates, experts.w_gate, experts.w_up, experts.w_down);  // [N, d]
   return shared ? y + shared->forward(h) : y;
 }

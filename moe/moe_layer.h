@@ -38,6 +38,8 @@ class MoELayer : public nn::FeedForward {
 
   // The routing of the last forward, detached (probs, expert_ids, ...): for statistics and analysis.
   const Routing& last_routing() const { return last_routing_; }
+  // The input h [N, d] of the last forward, detached: with last_routing(), what each expert saw (OMoE's projectors).
+  const Tensor& last_input() const { return last_input_; }
 
   // Hook for the router losses (moe/losses.*): called right after routing with the routing still on the graph, so
   // a loss added to ctx.aux_losses sends gradients into the router.
@@ -51,6 +53,7 @@ class MoELayer : public nn::FeedForward {
 
  private:
   Routing last_routing_;
+  Tensor last_input_;
 };
 
 // The transformer's FeedForwardFactory for MoE models: a MoELayer named "moe" on layers where

@@ -46,6 +46,22 @@ RoutingStats routing_stats(const Tensor& probs, const Tensor& expert_ids, const 
   return s;
 }
 
+void accumulate_mean(RoutingStats& mean, const RoutingStats& next, double seen) {
+  if (seen == 0) {
+    mean = next;
+    return;
+  }
+  auto fold = [&](double& m, double x) { m += (x - m) / (seen + 1); };
+  mean.tokens_min = std::min(mean.tokens_min, next.tokens_min);
+  mean.tokens_max = std::max(mean.tokens_max, next.tokens_max);
+  fold(mean.tokens_std, next.tokens_std);
+  fold(mean.load_entropy, next.load_entropy);
+  mean.dead_experts = std::min(mean.dead_experts, next.dead_experts);
+  fold(mean.mean_pairwise_jsd, next.mean_pairwise_jsd);
+  fold(mean.d_inter, next.d_inter);
+  fold(mean.d_total, next.d_total);
+}
+
 void to_json(nlohmann::json& j, const RoutingStats& s) {
   j = {{"tokens_min", s.tokens_min},     {"tokens_max", s.tokens_max}, {"tokens_std", s.tokens_std},
        {"load_entropy", s.load_entropy}, {"dead_experts", s.dead_experts}, {"mean_jsd", s.mean_pairwise_jsd},

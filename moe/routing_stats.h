@@ -21,6 +21,10 @@ struct RoutingStats {
 // probs [N, E] (dense softmax), expert_ids i32 [N, k], domains i32 [B] (N = B*T) or undefined.
 RoutingStats routing_stats(const Tensor& probs, const Tensor& expert_ids, const Tensor& domains, int64_t num_domains);
 
+// Folds `next` into `mean`, the running mean of `seen` earlier statistics (tokens_min/max: the extremes; dead
+// experts: counted only when dead in every batch, i.e. the minimum).
+void accumulate_mean(RoutingStats& mean, const RoutingStats& next, double seen);
+
 void to_json(nlohmann::json& j, const RoutingStats& s);
 
 }  // namespace moelab::moe

@@ -39,6 +39,35 @@ void AdamW::update(size_t index, const Tensor& grad, double lr) {
   });
 }
 
+void AdamW::update_direction(size_t index, const Tensor& grad, double lr,
+                             const std::function<Tensor(const Tensor&)>& transform) {
+  Tensor& p = params_[index].tensor;
+  if (grad.shape() != p.shape()) throw std::invalid_argument("AdamW: gradient shape mismatch for " + params_[index].name);
+  const double b1 = config_.beta1, b2 = config_.beta2;
+  const float inv_bc1 = static_cast<float>(1.0 / (1.0 - std::pow(b1, step_)));
+  const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(b2, step_)));
+  const float fb1 = static_cast<float>(b1), fb2 = static_cast<float>(b2), eps = static_cast<float>(config_.eps);
+  float* m = m_[index].data<float>();
+  float* v = v_[index].data<float>();
+  const float* g = grad.data<float>();
+  Tensor direction = Tensor::empty(p.shape());
+  float* dir = direction.data<float>();
+  cpu::parallel_for(p.numel(), 8, [&](int64_t i) {
+    m[i] = fb1 * m[i] + (1 - fb1) * g[i];
+    v[i] = fb2 * v[i] + (1 - fb2) * g[i] * g[i];
+    dir[i] = m[i] * inv_bc1 / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
+  });
+  Tensor moved = transform(direction);
+  if (moved.shape() != p.shape() || moved.dtype() != DType::F32)
+    throw std::invalid_argument("AdamW::update_direction: transform returned " + moved.str() + " for " +
+                                params_[index].name + " " + p.str());
+  const float decay = decay_[index] ? static_cast<float>(1.0 - lr * config_.weight_decay) : 1.0f;
+  const float flr = static_cast<float>(lr);
+  float* w = p.data<float>();
+  const float* d = moved.data<float>();
+  cpu::parallel_for(p.numel(), 4, [&](int64_t i) { w[i] = w[i] * decay - flr * d[i]; });
+}
+
 void AdamW::step(double lr) {
   begin_step();
   for (size_t i = 0; i < params_.size(); ++i) {

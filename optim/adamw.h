@@ -4,6 +4,7 @@
 //   p <- p * (1 - lr * wd)                               (decay only for matrices: dim >= 2)
 //   m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
 //   p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,10 @@ class AdamW {
   // One parameter's update given its (possibly modified) gradient: used by step() and by OMoE, which projects some
   // gradients first.
   void update(size_t index, const Tensor& grad, double lr);
+  // As update(), but the Adam direction m_hat / (sqrt(v_hat) + eps) passes through `transform` (same shape in and
+  // out) before it is applied: p <- p * (1 - lr * wd) - lr * transform(direction). For OMoE's mode = direction.
+  void update_direction(size_t index, const Tensor& grad, double lr,
+                        const std::function<Tensor(const Tensor&)>& transform);
   // Advances the step counter (bias corrections use it); step() calls it first.
   void begin_step() { ++step_; }
 

@@ -75,7 +75,7 @@ std::shared_ptr<const Shard> synthetic_shard(int docs_per_domain = 6, int seq_le
 
 }  // namespace
 
-TEST_CASE("data: splitmix64 matches the reference sequence; bounded draws are in range and uniform") {
+TEST_CASE("data: splitmix64 matches the reference sequence, bounded draws are in range and uniform") {
   SplitMix64 rng(1234567);  // reference values from the published splitmix64.c
   CHECK(rng.next() == 6457827717110365317ull);
   CHECK(rng.next() == 3203168211198807973ull);
@@ -390,7 +390,7 @@ TEST_CASE("data: loader resumes bit-exactly from a saved state (sequential and b
                  "missing key 'balanced_domains'"));
 }
 
-TEST_CASE("data: balanced sampling draws domains uniformly; sequential follows domain sizes") {
+TEST_CASE("data: balanced sampling draws domains uniformly, sequential follows domain sizes") {
   // csv gets 10x the documents of every other domain.
   auto docs = make_synthetic_corpus(5, 3, 5, 300);
   const auto extra = make_synthetic_corpus(6, 27, 1, 300);

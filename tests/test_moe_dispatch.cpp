@@ -147,7 +147,7 @@ TEST_CASE("moe: plan_dispatch is a stable counting sort with histogram and offse
 
 // ---- moe_experts against the reference ------------------------------------------------------------------------------
 
-TEST_CASE("moe: moe_experts matches the reference, forward and all gradients (E, k, N sweep; empty experts; f32/f64)") {
+TEST_CASE("moe: moe_experts matches the reference, forward and all gradients (E, k, N sweep, empty experts, f32/f64)") {
   const int64_t d = 13, h = 11;
   uint64_t seed = 100;
   for (int64_t E : {2, 4, 7})
@@ -190,7 +190,7 @@ TEST_CASE("moe: moe_experts gradcheck in f64 (empty expert, and a token choosing
   CHECK(gradcheck(loss(dup), inputs, 1e-6, 1e-6, "moe_experts duplicates") < 1e-6);
 }
 
-TEST_CASE("moe: moe_experts with no tokens gives [0, d] and zero weight gradients") {
+TEST_CASE("moe: moe_experts with no tokens gives an empty output and zero weight gradients") {
   Problem p = make_problem(3, 6, 5, 3, 2, 13);
   std::vector<Tensor> w = {leaf(p.w_gate, DType::F32), leaf(p.w_up, DType::F32), leaf(p.w_down, DType::F32)};
   Tensor x = leaf(zeros({0, 6}), DType::F32), g = leaf(zeros({0, 2}), DType::F32);
@@ -228,7 +228,7 @@ TEST_CASE("moe: moe_experts bad use throws naming the bad value") {
 
 // ---- router ---------------------------------------------------------------------------------------------------------
 
-TEST_CASE("moe: router picks the top-k of softmax; gates renormalized to 1, or raw") {
+TEST_CASE("moe: router picks the top-k of softmax, gates renormalized to 1, or raw") {
   for (bool norm : {true, false}) {
     CAPTURE(norm);
     Generator gen(3);

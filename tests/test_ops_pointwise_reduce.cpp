@@ -260,7 +260,7 @@ TEST_CASE("ops: sigmoid, silu and tanh saturate without NaN at extreme inputs") 
 
 // ---- expand and sum_to --------------------------------------------------------------------------------------------------
 
-TEST_CASE("ops: expand copies along broadcast dims; sum_to sums them back") {
+TEST_CASE("ops: expand copies along broadcast dims and sum_to sums them back") {
   for (DType dtype : {DType::F32, DType::F64}) {
     CAPTURE(dtype_name(dtype));
     for (const auto& [from, to] : std::vector<std::pair<Shape, Shape>>{{{3, 1}, {2, 3, 4}},

@@ -433,7 +433,7 @@ TEST_CASE("tensor: randn over 1e5 samples has mean 0 and std 1 (and honours mean
   check_mentions(error_of([&] { randn({2}, gen, 0, 1, DType::I32); }), {"randn", "i32"});
 }
 
-TEST_CASE("tensor: a generator state determines the numbers; each draw advances it") {
+TEST_CASE("tensor: a generator state determines the numbers and each draw advances it") {
   Generator a(99), b(99);
   Tensor xa = randn({4, 5}, a), xb = randn({4, 5}, b);
   CHECK(xa.to_vector<float>() == xb.to_vector<float>());
@@ -466,7 +466,7 @@ TEST_CASE("tensor: a generator state determines the numbers; each draw advances 
   CHECK(u.offset == 10);
 }
 
-TEST_CASE("tensor: uniform stays in [low, high) and covers it") {
+TEST_CASE("tensor: uniform stays within low..high (high excluded) and covers the range") {
   Generator gen(1);
   std::vector<double> v = as_doubles(uniform({50000}, gen, -2.0, 3.0, DType::F64));
   double lo = *std::min_element(v.begin(), v.end()), hi = *std::max_element(v.begin(), v.end());
@@ -489,7 +489,7 @@ TEST_CASE("tensor: uniform stays in [low, high) and covers it") {
 
 // ---- devices -----------------------------------------------------------------------------------------------------------
 
-TEST_CASE("tensor: CUDA tensors without a GPU fail clearly; with one they round-trip") {
+TEST_CASE("tensor: CUDA tensors fail clearly without a GPU and round-trip with one") {
   Tensor host = from_vector(std::vector<float>{1, 2, 3, 4}, {2, 2});
   if (cuda::device_count() == 0) {
     MESSAGE("no GPU (built with CUDA: " << cuda::built_with_cuda() << "): checking the errors only");

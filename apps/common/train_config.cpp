@@ -55,7 +55,7 @@ static std::vector<Option> option_table(TrainConfig& c) {
       {"moe.beta", &c.losses.beta, "expert-divergence loss coefficient (0: baseline)"},
       {"moe.ed_form", &c.losses.ed_form, "expert-divergence form: neglog | neg_jsd"},
       {"moe.ed_eps", &c.losses.ed_eps, "eps inside -log(JSD + eps)"},
-      {"optim.name", &c.optimizer, "optimizer: adamw"},
+      {"optim.name", &c.optimizer, "optimizer: adamw | omoe"},
       {"optim.lr", &c.lr, "peak learning rate"},
       {"optim.min_lr", &c.min_lr, "learning rate at the end of the cosine decay"},
       {"optim.warmup", &c.warmup, "linear warmup steps"},
@@ -64,6 +64,14 @@ static std::vector<Option> option_table(TrainConfig& c) {
       {"optim.eps", &c.adamw.eps, "AdamW eps"},
       {"optim.weight_decay", &c.adamw.weight_decay, "decoupled weight decay (matrices only)"},
       {"optim.grad_clip", &c.grad_clip, "global gradient-norm clip (0: off)"},
+      {"omoe.every", &c.omoe.every, "OMoE: step t is an O step when t % every == 0 ..."},
+      {"omoe.warmup", &c.omoe.warmup, "OMoE: ... and t > warmup"},
+      {"omoe.reset", &c.omoe.reset, "OMoE: reset every projector to I after each O step"},
+      {"omoe.alpha", &c.omoe.alpha, "OMoE: fixed projector alpha (0: alpha_scale * running mean of ||a||^2)"},
+      {"omoe.alpha_scale", &c.omoe.alpha_scale, "OMoE: c in alpha = c * running mean of ||a||^2"},
+      {"omoe.project_down", &c.omoe.project_down, "OMoE: also project W_down (own projectors on expert activations)"},
+      {"omoe.mode", &c.omoe.mode, "OMoE: grad (project the gradient) | direction (project the Adam direction)"},
+      {"omoe.spectrum_every", &c.omoe.spectrum_every, "OMoE: log trace/min eigenvalue of Pbar every n-th O step (0: off)"},
       {"train.steps", &c.steps, "optimizer steps"},
       {"train.batch_size", &c.batch_size, "sequences per step"},
       {"train.seed", &c.seed, "seed of the model init and the data order"},
@@ -97,7 +105,13 @@ void TrainConfig::validate() const {
   require(batch_size > 0, fmt::format("train.batch_size must be > 0, got {}", batch_size));
   require(lr > 0 && min_lr >= 0, fmt::format("optim.lr ({}) must be > 0 and optim.min_lr ({}) >= 0", lr, min_lr));
   require(device == "cpu" || device == "cuda", fmt::format("train.device must be cpu or cuda, got '{}'", device));
-  require(optimizer == "adamw", fmt::format("optim.name must be adamw, got '{}'", optimizer));
+  require(optimizer == "adamw" || optimizer == "omoe",
+          fmt::format("optim.name must be adamw or omoe, got '{}'", optimizer));
+  if (optimizer == "omoe") {
+    omoe.validate();
+    require(model.n_experts >= 2, fmt::format("optim.name = omoe needs at least 2 experts (model.n_experts = {})",
+                                              model.n_experts));
+  }
   moe::parse_ed_form(losses.ed_form);
   require(!(losses.beta > 0 && model.n_experts < 2),
           fmt::format("moe.beta = {} needs at least 2 experts (model.n_experts = {})", losses.beta, model.n_experts));

@@ -11,6 +11,7 @@
 #include "moe/losses.h"
 #include "nn/config.h"
 #include "optim/adamw.h"
+#include "optim/omoe.h"
 
 namespace CLI {
 class App;
@@ -37,7 +38,8 @@ struct TrainConfig {
   DataConfig data;
   moe::RouterLossConfig losses;
   optim::AdamWConfig adamw;
-  std::string optimizer = "adamw";
+  std::string optimizer = "adamw";  // "adamw" | "omoe" (AdamW with orthogonal expert updates, [omoe] options)
+  optim::OMoEConfig omoe;
   int64_t steps = 300;
   int64_t batch_size = 8;
   double lr = 3e-3;

@@ -39,6 +39,8 @@ Trainer::Trainer(TrainConfig config, std::ostream& out) : config_(std::move(conf
   }
   model_ = std::make_unique<moe::MoEModel>(config_.model, config_.losses, config_.seed);
   optimizer_ = std::make_unique<optim::AdamW>(model_->lm().named_parameters(), config_.adamw);
+  if (config_.optimizer == "omoe")
+    omoe_ = std::make_unique<optim::OMoE>(*optimizer_, model_->moe_layers(), config_.omoe);
   schedule_ = {config_.lr, config_.min_lr, config_.warmup, config_.steps};
   data::LoaderOptions loader_options;
   loader_options.batch_size = static_cast<int>(config_.batch_size);
@@ -62,7 +64,12 @@ moe::LossBreakdown Trainer::train_step() {
   loss.total.backward();
   double grad_norm = optim::clip_grad_norm(optimizer_->params(), config_.grad_clip);
   double lr = schedule_.at(step_);
-  optimizer_->step(lr);
+  if (omoe_) {
+    omoe_->observe_last_forward();  // projectors first, from this step's routed inputs; then the (projected) step
+    last_omoe_ = omoe_->step(lr);
+  } else {
+    optimizer_->step(lr);
+  }
   optimizer_->zero_grad();
   tokens_seen_ += int64_t(batch.B) * batch.T;
   last_domains_ = t.domains;
@@ -83,12 +90,15 @@ Evaluation Trainer::evaluate() {
   int64_t domains = data_.domains.size();
   std::vector<double> ce_sum(domains, 0.0);
   std::vector<int64_t> tokens(domains, 0);
+  Evaluation eval;
   for (int64_t i = 0; i < batches; ++i) {
     BatchTensors t = to_tensors(loader.next());
     moe::LossBreakdown loss = model_->loss(t.inputs, t.targets, t.domains, domains);
     for (int64_t d = 0; d < domains; ++d) ce_sum[d] += loss.domain_ce_sum[d], tokens[d] += loss.domain_tokens[d];
+    std::vector<moe::RoutingStats> stats = model_->routing_stats(t.domains, domains);
+    if (eval.routing.empty()) eval.routing.resize(stats.size());
+    for (size_t l = 0; l < stats.size(); ++l) moe::accumulate_mean(eval.routing[l], stats[l], static_cast<double>(i));
   }
-  Evaluation eval;
   double total = 0;
   int64_t count = 0;
   for (int64_t d = 0; d < domains; ++d) {
@@ -118,11 +128,21 @@ void Trainer::log_step(const moe::LossBreakdown& loss, double tokens_per_s) {
                {"tokens", tokens_seen_}, {"ce_domain", domain_values(data_.domains, domain_ce)}};
   std::vector<moe::RoutingStats> stats = model_->routing_stats(last_domains_, data_.domains.size());
   if (!stats.empty()) line["routing"] = stats;
+  if (omoe_ && last_omoe_.o_step) {
+    json omoe = {{"removed", last_omoe_.removed}};  // ||G Pbar - G|| / ||G|| per MoE layer
+    if (!last_omoe_.pbar_trace.empty()) {  // spectrum of Pbar, now and then (omoe.spectrum_every)
+      omoe["pbar_trace"] = last_omoe_.pbar_trace;
+      omoe["pbar_min_eig"] = last_omoe_.pbar_min_eig;
+    }
+    line["omoe"] = omoe;
+  }
   metrics_ << line.dump() << '\n' << std::flush;
 }
 
 void Trainer::log_eval(const Evaluation& eval) {
-  json line = {{"step", step_}, {"eval", {{"ce", eval.mean_ce}, {"ce_domain", domain_values(data_.domains, eval.domain_ce)}}}};
+  json line = {{"step", step_},
+               {"eval", {{"ce", eval.mean_ce}, {"ce_domain", domain_values(data_.domains, eval.domain_ce)}}}};
+  if (!eval.routing.empty()) line["eval"]["routing"] = eval.routing;
   metrics_ << line.dump() << '\n' << std::flush;
   out_ << fmt::format("{}eval @ step {}: mean CE {:.4f} |", on_terminal_ ? "\n" : "", step_, eval.mean_ce);
   for (int d = 0; d < data_.domains.size(); ++d) out_ << fmt::format(" {} {:.3f}", data_.domains.name(d), eval.domain_ce[d]);
@@ -182,7 +202,10 @@ fs::path Trainer::save_checkpoint(const std::string& name) {
                         {"train_config", json(config_).dump()},
                         {"step", std::to_string(step_)},
                         {"format", "moelab-checkpoint-1"}});
-  nn::save_safetensors(dir / kStateFile, optimizer_->state(),
+  std::vector<nn::NamedTensor> state = optimizer_->state();
+  if (omoe_)
+    for (nn::NamedTensor& t : omoe_->state()) state.push_back(std::move(t));
+  nn::save_safetensors(dir / kStateFile, state,
                        {{"step", std::to_string(step_)},
                         {"optimizer_steps", std::to_string(optimizer_->steps_taken())},
                         {"tokens_seen", std::to_string(tokens_seen_)},
@@ -201,6 +224,7 @@ void Trainer::restore(const fs::path& dir) {
     return it->second;
   };
   optimizer_->load_state(state.tensors, std::stoll(meta("optimizer_steps")));
+  if (omoe_) omoe_->load_state(state.tensors);
   step_ = std::stoll(meta("step"));
   tokens_seen_ = std::stoll(meta("tokens_seen"));
   train_loader_->restore(json::parse(meta("loader")).get<data::LoaderState>());

@@ -10,6 +10,7 @@
 #include "apps/common/train_config.h"
 #include "moe/model.h"
 #include "optim/adamw.h"
+#include "optim/omoe.h"
 #include "optim/schedule.h"
 
 namespace moelab::apps {
@@ -17,6 +18,8 @@ namespace moelab::apps {
 struct Evaluation {
   std::vector<double> domain_ce;  // [M] mean token CE per domain on the validation split (NaN: no tokens)
   double mean_ce = 0;             // over all validation tokens
+  // Per MoE layer, the routing statistics averaged over the validation batches (dead experts: over all of them).
+  std::vector<moe::RoutingStats> routing;
 };
 
 class Trainer {
@@ -49,6 +52,8 @@ class Trainer {
   TrainingData data_;
   std::unique_ptr<moe::MoEModel> model_;
   std::unique_ptr<optim::AdamW> optimizer_;
+  std::unique_ptr<optim::OMoE> omoe_;  // with optim.name = omoe: projects expert updates, steps optimizer_
+  optim::OMoEReport last_omoe_;
   optim::LRSchedule schedule_;
   std::unique_ptr<data::Loader> train_loader_;
   std::ofstream metrics_;

@@ -6,5 +6,7 @@ namespace moelab::bench {
 
 // `moe-bench gemm`: our sgemm against numpy's BLAS on square matrices (bench_gemm.cpp).
 void add_gemm_command(CLI::App& app);
+// `moe-bench train-step`: ms per training step of our engine against the PyTorch twin on the CPU (bench_train.cpp).
+void add_train_step_command(CLI::App& app);
 
 }  // namespace moelab::bench

@@ -8,6 +8,7 @@ int main(int argc, char** argv) {
   CLI::App app{"moe-bench: moelab benchmarks"};
   app.require_subcommand(1);
   moelab::bench::add_gemm_command(app);
+  moelab::bench::add_train_step_command(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }

@@ -4,6 +4,13 @@ Written to run on Debian's python3-torch 1.13 (CPU) and on PyTorch 2.x. It reads
 (safetensors, parsed here with json + numpy so no extra package is needed).
 
     python3 twin.py parity DIR     # DIR/model.safetensors, DIR/batch.safetensors, DIR/params.json -> DIR/out.safetensors
+    python3 twin.py parity DIR --f64   # the same in float64 -> DIR/out_f64.safetensors (a reference for both sides)
+
+out.safetensors holds the weights after params["steps"] AdamW steps (same names as the checkpoint) and, for tracing a
+disagreement to its first cause: "losses" [steps] (f64), "grad_norms" [steps] (before clipping, f64), the loss terms
+of the first step "ce", "lb", "z", "ed" (f64 scalars; aux terms are means over MoE layers, before coefficients),
+"logits" [B*T, V] of the first forward, and "grad.<name>" for every parameter's gradient of the first step (before
+clipping).
 """
 import json
 import math
@@ -89,7 +96,7 @@ def swiglu(x, w_gate, w_up, w_down):
 def moe(x, p, prefix, cfg, aux, domains, b, t):
     """Dropless top-k MoE as plainly as possible: a loop over experts."""
     e, k = cfg["n_experts"], cfg["top_k"]
-    logits = x.float() @ p[prefix + "router.weight"].t()  # [N, E]
+    logits = x.to(torch.promote_types(x.dtype, torch.float32)) @ p[prefix + "router.weight"].t()  # [N, E], >= fp32
     probs = logits.softmax(-1)
     top_p, ids = probs.topk(k, dim=-1)
     gates = top_p / top_p.sum(-1, keepdim=True) if cfg["norm_topk"] else top_p
@@ -116,7 +123,10 @@ def kl(p, q):
 
 
 def expert_divergence(probs, domains, b, t, form, eps):
-    seq_mean = probs.reshape(b, t, -1).mean(1)  # [B, E]
+    """edl.md. In float64: at initialization the domains route almost alike, the JSD is ~1e-5 and comes out of the
+    cancellation of terms ~0.3, so float32 would leave it with a relative error ~1e-3 (and -log(JSD) with ~1e-3
+    absolute). moelab computes this loss in double for the same reason; the result is cast back to probs' type."""
+    seq_mean = probs.double().reshape(b, t, -1).mean(1)  # [B, E]
     present = sorted(set(domains.tolist()))
     if len(present) < 2:
         return None
@@ -127,7 +137,7 @@ def expert_divergence(probs, domains, b, t, form, eps):
             m = 0.5 * (q[a] + q[c])
             jsd = 0.5 * kl(q[a], m) + 0.5 * kl(q[c], m)
             terms.append(-torch.log(jsd + eps) if form == "neglog" else -jsd)
-    return torch.stack(terms).mean()
+    return torch.stack(terms).mean().to(probs.dtype)
 
 
 def is_moe_layer(cfg, layer):
@@ -154,47 +164,73 @@ def forward(p, cfg, ids, domains=None, ed_form="neglog", ed_eps=1e-6):
     return x @ head.t(), aux
 
 
-def total_loss(p, cfg, batch, coef):
-    logits, aux = forward(p, cfg, batch["inputs"], batch.get("domains"), coef["ed_form"], coef["ed_eps"])
-    loss = F.cross_entropy(logits, batch["targets"].long())
+def loss_terms(p, cfg, batch, coef):
+    """-> (total loss, {"ce", "lb", "z", "ed": the terms, aux ones averaged over MoE layers}, logits [B*T, V]).
+    A term whose coefficient is 0 is not computed (as in moelab's MoEModel) and reads 0."""
+    domains = batch.get("domains") if coef["beta"] != 0 else None
+    logits, aux = forward(p, cfg, batch["inputs"], domains, coef["ed_form"], coef["ed_eps"])
+    ce = F.cross_entropy(logits, batch["targets"].long())
+    loss, terms = ce, {"ce": ce.detach(), "lb": 0.0, "z": 0.0, "ed": 0.0}
     for name, c in (("lb", coef["alpha"]), ("z", coef["z_coef"]), ("ed", coef["beta"])):
         if aux[name] and c != 0:
-            loss = loss + c * torch.stack(aux[name]).mean()
-    return loss
+            term = torch.stack(aux[name]).mean()
+            terms[name] = term.detach()
+            loss = loss + c * term
+    return loss, terms, logits
+
+
+def total_loss(p, cfg, batch, coef):
+    return loss_terms(p, cfg, batch, coef)[0]
+
+
+def make_adamw(p, run):
+    """torch.optim.AdamW with weight decay on matrices only (dim >= 2), as moelab's optim::AdamW."""
+    decay = [t for t in p.values() if t.dim() >= 2]
+    no_decay = [t for t in p.values() if t.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": run["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=run["lr"], betas=(run["beta1"], run["beta2"]), eps=run["eps"])
 
 
 # ---- parity: loss on a fixed batch, then AdamW steps ------------------------------------------------------------------
 
 
-def parity(folder):
+def parity(folder, dtype=torch.float32):
+    """With dtype float64 the same run in double precision (weights and batch from the same files), written to
+    out_f64.safetensors: a reference closer to the exact result than either f32 side, to tell which one is off."""
     params, meta = load_safetensors(folder + "/model.safetensors")
     cfg = json.loads(meta["config"])
     batch, _ = load_safetensors(folder + "/batch.safetensors")
     with open(folder + "/params.json") as f:
         run = json.load(f)
-    p = {name: t.clone().requires_grad_(True) for name, t in params.items()}
-    decay = [t for t in p.values() if t.dim() >= 2]
-    no_decay = [t for t in p.values() if t.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": run["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=run["lr"], betas=(run["beta1"], run["beta2"]), eps=run["eps"])
-    losses = []
-    for _ in range(run["steps"]):
+    p = {name: t.to(dtype).requires_grad_(True) for name, t in params.items()}
+    opt = make_adamw(p, run)
+    out, losses, grad_norms = {}, [], []
+    for step in range(run["steps"]):
         opt.zero_grad()
-        loss = total_loss(p, cfg, batch, run)
+        loss, terms, logits = loss_terms(p, cfg, batch, run)
         loss.backward()
         losses.append(loss.item())
+        if step == 0:
+            out["logits"] = logits.detach()
+            for name, value in terms.items():
+                out[name] = torch.tensor(float(value), dtype=torch.float64)
+            for name, t in p.items():
+                out["grad." + name] = t.grad.detach().clone() if t.grad is not None else torch.zeros_like(t)
+        norm = torch.norm(torch.stack([t.grad.detach().norm() for t in p.values() if t.grad is not None]))
+        grad_norms.append(norm.item())
         if run["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_(list(p.values()), run["grad_clip"])
         opt.step()
-    out = {name: t.detach() for name, t in p.items()}
+    out.update({name: t.detach() for name, t in p.items()})
     out["losses"] = torch.tensor(losses, dtype=torch.float64)
-    save_safetensors(folder + "/out.safetensors", out)
+    out["grad_norms"] = torch.tensor(grad_norms, dtype=torch.float64)
+    save_safetensors(folder + ("/out.safetensors" if dtype == torch.float32 else "/out_f64.safetensors"), out)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "parity":
+    if len(sys.argv) in (3, 4) and sys.argv[1] == "parity" and sys.argv[3:] in ([], ["--f64"]):
         torch.manual_seed(0)
-        parity(sys.argv[2])
+        parity(sys.argv[2], torch.float64 if sys.argv[3:] == ["--f64"] else torch.float32)
     else:
         sys.exit(__doc__)
