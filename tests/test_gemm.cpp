@@ -67,10 +67,10 @@ std::vector<double> reference_gemm(const GemmCase& g, const std::vector<float>& 
 
   std::vector<double> out(size_t(g.m * g.n), 0.0);
   for (int64_t i = 0; i < g.m; ++i) {
-    double* out_row = &out[size_t(i * g.n)];
+    double* out_row = out.data() + i * g.n;
     for (int64_t p = 0; p < g.k; ++p) {
       const double a = op_a[size_t(i * g.k + p)];
-      const double* b_row = &op_b[size_t(p * g.n)];
+      const double* b_row = op_b.data() + p * g.n;
       for (int64_t j = 0; j < g.n; ++j) out_row[j] += a * b_row[j];
     }
     for (int64_t j = 0; j < g.n; ++j) {
@@ -184,11 +184,20 @@ TEST_CASE("sgemm: padded leading dimensions") {
     check_all_transposes({.m = 29, .n = 53, .k = 41, .alpha = 0.75f, .beta = 0.25f, .pad = pad});
 }
 
-TEST_CASE("sgemm: several cache blocks in every dimension, threaded") {
-  // n > nc (2048), k > kc (512), m > mc for every kernel; large enough to run on all threads.
-  check_all_transposes({.m = 150, .n = 2080, .k = 600, .alpha = 1.0f, .beta = 0.5f, .pad = 5});
-  // m shorter than a register tile: the threads split n instead of m.
-  check_all_transposes({.m = 5, .n = 1000, .k = 500, .alpha = 1.0f, .beta = 0.0f});
+TEST_CASE("sgemm: several cache blocks in every dimension, on one thread and on all") {
+  // m > mc, n > nc (2048), k > kc (512) for every kernel. On one thread every block loop runs more than once; on
+  // all threads each thread's slab still has several blocks in m and k.
+  const int all_threads = omp_get_max_threads();
+  for (int threads : {1, all_threads}) {
+    omp_set_num_threads(threads);
+    check_all_transposes({.m = 100, .n = 2080, .k = 600, .alpha = 1.0f, .beta = 0.5f, .pad = 5});
+  }
+  omp_set_num_threads(all_threads);
+}
+
+TEST_CASE("sgemm: threads split the long side of C") {
+  check_all_transposes({.m = 5, .n = 1000, .k = 500, .alpha = 1.0f, .beta = 0.0f});  // slabs of columns
+  check_all_transposes({.m = 1000, .n = 5, .k = 500, .alpha = 1.0f, .beta = 0.0f});  // slabs of rows
 }
 
 TEST_CASE("sgemm: called from inside a parallel region") {

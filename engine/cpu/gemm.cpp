@@ -140,6 +140,9 @@ void pack_panels_straight(T* panels, const T* src, int64_t src_stride, int64_t c
   const int64_t n_panels = ceil_div(count, width);
   for (int64_t p = 0; p < kc; ++p) {
     const T* row = src + p * src_stride;
+    if (p + 8 < kc) {  // rows are ld apart (often a page): ask for row p+8 now (+6% on transposed A at 1024^3)
+      for (int64_t i = 0; i < count; i += 64 / int64_t(sizeof(T))) __builtin_prefetch(row + 8 * src_stride + i);
+    }
     for (int64_t ip = 0; ip < n_panels; ++ip) {
       T* dst = panels + ip * width * kc + p * width;
       const int valid = int(std::min<int64_t>(width, count - ip * width));

@@ -97,6 +97,8 @@ template <class F> static Tensor map(const char* op, const Tensor& x, const Tens
 
 Tensor sum_to(const Tensor& g, const Shape& shape) {
   if (g.shape() == shape) return g;
+  if (shape.size() > g.shape().size() || broadcast_shape("sum_to", shape, g.shape()) != g.shape())
+    fail("sum_to: gradient {} was not broadcast from {}", g.str(), shape_str(shape));
   Tensor r = g;
   int64_t lead = g.dim() - static_cast<int64_t>(shape.size());
   for (int64_t d = 0; d < lead; ++d) r = sum(r, 0);  // dims that broadcasting added

@@ -88,6 +88,7 @@ Tensor mean(const Tensor& x) {
 
 Tensor mean(const Tensor& x, int64_t dim, bool keepdim) {
   check_float("mean", x);
+  dim = normalize_dim("mean", dim, x.dim());
   int64_t n = x.size(dim);
   if (n == 0) fail("mean: dim {} of {} is empty", dim, x.str());
   return mul(sum(x, dim, keepdim), 1.0 / static_cast<double>(n));

@@ -27,11 +27,16 @@ Tensor reshape(const Tensor& x, Shape shape) {
     if (shape[i] == -1) {
       if (infer_at >= 0) fail("reshape: more than one -1 in {}", shape_str(shape));
       infer_at = static_cast<int64_t>(i);
+    } else if (shape[i] < 0) {
+      fail("reshape: negative size in {}", shape_str(shape));
     } else {
       known *= shape[i];
     }
   }
-  if (infer_at >= 0 && known != 0) shape[infer_at] = x.numel() / known;
+  if (infer_at >= 0) {
+    if (known == 0 || x.numel() % known != 0) fail("reshape: cannot view {} as {}", x.str(), shape_str(shape));
+    shape[infer_at] = x.numel() / known;
+  }
   if (shape_numel(shape) != x.numel()) fail("reshape: cannot view {} as {}", x.str(), shape_str(shape));
   Shape in_shape = x.shape();
   return record("reshape", make_view(x, std::move(shape), x.impl()->offset), {x},
@@ -112,6 +117,7 @@ Tensor transpose(const Tensor& x, int64_t dim0, int64_t dim1) {
 // their gradients are all row-block copies.
 static void copy_columns(const Tensor& src, int64_t src_row, int64_t src_col, const Tensor& dst, int64_t dst_row,
                          int64_t dst_col, int64_t outer, int64_t width) {
+  if (outer == 0 || width == 0) return;  // empty tensors may have no storage at all
   size_t elem = dtype_size(src.dtype());
   const char* s = static_cast<const char*>(src.raw_data());
   char* d = static_cast<char*>(dst.raw_data());
