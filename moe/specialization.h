@@ -58,7 +58,8 @@ MutualInformation domain_expert_mutual_information(const std::vector<std::vector
 std::vector<std::vector<double>> row_shares(const std::vector<std::vector<int64_t>>& counts);
 
 struct LayerSpecialization {
-  std::vector<std::vector<double>> usage;      // [M][E] freq[j][e]
+  std::vector<std::vector<int64_t>> slots;     // [M][E] top-k slots of domain j given to expert e
+  std::vector<std::vector<double>> usage;      // [M][E] freq[j][e] = slots[j][e] / sum_e slots[j][e]
   std::vector<std::vector<double>> mean_prob;  // [M][E] Q_j (all 0 for a domain without sequences)
   std::vector<int64_t> tokens, sequences;      // [M]
   LoadStats load;

@@ -17,7 +17,7 @@ constexpr int64_t kSymmetrizeEvery = 16;
 
 void OMoEConfig::validate() const {
   auto require = [](bool ok, const std::string& what) {
-    if (!ok) throw std::invalid_argument("omoe: " + what);
+    if (!ok) throw std::invalid_argument("OMoEConfig: " + what);
   };
   require(every >= 1, fmt::format("omoe.every must be >= 1, got {}", every));
   require(warmup >= 0, fmt::format("omoe.warmup must be >= 0, got {}", warmup));

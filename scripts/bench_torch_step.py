@@ -13,7 +13,8 @@ Prints one line per fact, for a program to read:
     torch <version>
     threads <torch.get_num_threads()>
     first_loss <the loss of the first step>
-    step_ms <ms> <ms> ...   (each timed step)
+    step_ms <ms> <ms> ...   (each timed step, wall clock)
+    step_cpu_ms <ms> ...    (each timed step, CPU time of the process: all threads)
     median_ms <the median of the timed steps>
 """
 import argparse
@@ -68,15 +69,17 @@ def main():
     first_loss = step()
     for _ in range(args.warmup - 1):
         step()
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
+        cpu_times.append((time.process_time() - cpu_start) * 1e3)
         times.append((time.perf_counter() - start) * 1e3)
     print("torch", torch.__version__)
     print("threads", torch.get_num_threads())
     print("first_loss", repr(first_loss))
     print("step_ms", " ".join("%.3f" % t for t in times))
+    print("step_cpu_ms", " ".join("%.3f" % t for t in cpu_times))
     print("median_ms", "%.4f" % statistics.median(times), flush=True)
 
 

@@ -3,6 +3,7 @@
 // synthetic multi-domain text with the expert diversity metrics of moe/expert_metrics.h. Figures go to MESSAGE.
 #include <doctest/doctest.h>
 #include <fmt/format.h>
+#include <omp.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -114,6 +115,17 @@ void observe_one(optim::OMoE& omoe, int32_t expert, const std::vector<double>& x
   omoe.observe(0, from_vector(std::vector<int32_t>(3, expert), {3, 1}),
                from_vector(rows, {3, static_cast<int64_t>(x.size())}, DType::F32));
 }
+
+// Trainer runs in this file use one OpenMP thread: the tiny model's many small parallel regions cost more in thread
+// wake-ups than they save when the 2-core test machine is shared (measured under load average ~10: 20 steps of the
+// resume test's config 0.26 s on 1 thread, 11.8 s on 2). Results do not depend on the thread count.
+struct OneThread {
+  int saved = omp_get_max_threads();
+  OneThread() { omp_set_num_threads(1); }
+  ~OneThread() { omp_set_num_threads(saved); }
+  OneThread(const OneThread&) = delete;
+  OneThread& operator=(const OneThread&) = delete;
+};
 
 // ---- the OWM recursion -----------------------------------------------------------------------------------------------
 
@@ -420,6 +432,7 @@ apps::TrainConfig small_config(const std::string& out_dir) {
 }
 
 TEST_CASE("omoe: resume with OMoE on is bit-exact (20 steps == 10 + resume + 10)") {
+  OneThread one_thread;
   testing::ScratchDir dir("omoe_resume");
   apps::TrainConfig c = small_config(dir.file("straight"));
   c.steps = 20;
@@ -486,10 +499,11 @@ TEST_CASE("omoe: resume with OMoE on is bit-exact (20 steps == 10 + resume + 10)
 struct Diversity {
   std::vector<double> similarity, nv;  // per MoE layer
   double mean_similarity = 0, mean_nv = 0, eval_ce = 0;
+  double input_cosine = 0;  // mean over layers and expert pairs of cos(a_i, a_j), a_e = mean input routed to e
 };
 
 // Expert output similarity and NV of every MoE layer on one fixed held-out batch (its tokens as they reach each layer).
-Diversity diversity(apps::Trainer& trainer) {
+Diversity diversity(apps::Trainer& trainer, bool with_eval = true) {
   NoGradGuard no_grad;
   data::LoaderOptions options;
   options.batch_size = static_cast<int>(std::min<int64_t>(16, trainer.data().validation->size()));
@@ -504,8 +518,24 @@ Diversity diversity(apps::Trainer& trainer) {
     out.nv.push_back(moe::normalized_parameter_variance(layer->experts).all);
     out.mean_similarity += out.similarity.back() / static_cast<double>(trainer.model().moe_layers().size());
     out.mean_nv += out.nv.back() / static_cast<double>(trainer.model().moe_layers().size());
+    // The experts' mean routed inputs (what OMoE's projectors store) and how aligned they are.
+    Tensor h = layer->last_input();
+    std::vector<int32_t> ids = layer->last_routing().expert_ids.to_vector<int32_t>();
+    const int64_t E = layer->experts.w_gate.size(0), d = h.size(1), k = layer->last_routing().expert_ids.size(1);
+    std::vector<float> hv = h.to_vector<float>();
+    std::vector<std::vector<double>> a(E, std::vector<double>(d, 0.0));
+    for (size_t s = 0; s < ids.size(); ++s)
+      for (int64_t c = 0; c < d; ++c) a[ids[s]][c] += hv[(s / k) * d + c];
+    double cos_sum = 0;
+    for (int64_t i = 0; i < E; ++i)
+      for (int64_t j = i + 1; j < E; ++j) {
+        double dot = 0, ni = 0, nj = 0;
+        for (int64_t c = 0; c < d; ++c) dot += a[i][c] * a[j][c], ni += a[i][c] * a[i][c], nj += a[j][c] * a[j][c];
+        cos_sum += dot / std::sqrt(ni * nj + 1e-30);
+      }
+    out.input_cosine += cos_sum / double(E * (E - 1) / 2) / static_cast<double>(trainer.model().moe_layers().size());
   }
-  out.eval_ce = trainer.evaluate().mean_ce;
+  if (with_eval) out.eval_ce = trainer.evaluate().mean_ce;
   return out;
 }
 
@@ -515,38 +545,62 @@ int64_t env_int(const char* name, int64_t fallback) {
 }
 
 TEST_CASE("omoe: training on synthetic multi-domain text, OMoE vs AdamW at equal steps") {
+  // The tiny preset on 4 synthetic domains, AdamW against OMoE with the spec's defaults (K = 10, reset, alpha = the
+  // running mean of ||a||^2, mode grad), same seed, same batches, same steps; then the expert output similarity on a
+  // fixed held-out batch. Run-to-run differences of the similarity between seeds are about +-0.03, so one pair of
+  // runs says little: the test runs two seeds and reports the means. MOELAB_OMOE_SEEDS / MOELAB_OMOE_STEPS make the
+  // measurement longer (docs/omoe.md has 6 seeds x 300 steps), MOELAB_OMOE_STRONG=1 adds OMoE with K = 1,
+  // alpha_scale = 0.01, project_down, in both modes.
+  OneThread one_thread;
   testing::ScratchDir dir("omoe_train");
-  const int64_t steps = env_int("OMOE_STEPS", 150), seeds = env_int("OMOE_SEEDS", 1);
+  const int64_t steps = env_int("MOELAB_OMOE_STEPS", 120), seeds = env_int("MOELAB_OMOE_SEEDS", 2);
   std::vector<std::string> variants = {"adamw", "omoe"};
-  if (env_int("OMOE_VARIANTS", 0) == 2) variants = {"adamw", "omoe", "omoe_strong", "omoe_strong_grad"};
-  if (env_int("OMOE_VARIANTS", 0) == 1) variants = {"adamw", "omoe", "omoe_k1", "omoe_k2_down", "omoe_dir", "omoe_noreset"};
-  for (int64_t seed = 0; seed < seeds; ++seed)
-  for (const std::string& variant : variants) {
-    apps::TrainConfig c = apps::train_preset("tiny");
-    c.data.synthetic_docs = 60;
-    c.data.synthetic_domains = 4;
-    c.eval_every = 0;
-    c.eval_batches = 2;
-    c.steps = steps;
-    c.warmup = 10;
-    c.seed = 1234 + seed;
-    c.out_dir = dir.file(variant + std::to_string(seed));
-    if (variant != "adamw") c.optimizer = "omoe";
-    if (variant == "omoe_k1") c.omoe.every = 1;
-    if (variant == "omoe_k2_down") c.omoe.every = 2, c.omoe.project_down = true;
-    if (variant == "omoe_dir") c.omoe.mode = "direction";
-    if (variant == "omoe_noreset") c.omoe.reset = false;
-    if (variant.starts_with("omoe_strong")) c.omoe.every = 1, c.omoe.alpha_scale = 0.01, c.omoe.project_down = true;
-    if (variant == "omoe_strong") c.omoe.mode = "direction";
-    std::ostringstream log;
-    apps::Trainer trainer(c, log);
-    Diversity before = diversity(trainer);
-    trainer.run();
-    Diversity after = diversity(trainer);
-    MESSAGE(fmt::format("seed {} {:13} {} steps: similarity {:.4f} -> {:.4f} (layers {:.4f} {:.4f}), NV {:.4f} -> {:.4f}, eval CE {:.4f}",
-                        seed, variant, steps, before.mean_similarity, after.mean_similarity, after.similarity[0], after.similarity[1],
-                        before.mean_nv, after.mean_nv, after.eval_ce));
+  if (env_int("MOELAB_OMOE_STRONG", 0)) variants.insert(variants.end(), {"omoe_strong_grad", "omoe_strong_direction"});
+  std::vector<double> mean_similarity(variants.size(), 0.0), mean_ce(variants.size(), 0.0);
+  for (int64_t seed = 0; seed < seeds; ++seed) {
+    for (size_t v = 0; v < variants.size(); ++v) {
+      const std::string& variant = variants[v];
+      apps::TrainConfig c = apps::train_preset("tiny");
+      c.data.synthetic_docs = 60;
+      c.data.synthetic_domains = 4;
+      c.eval_every = 0;
+      c.eval_batches = 2;
+      c.steps = steps;
+      c.warmup = 10;
+      c.seed = 1234 + seed;
+      c.out_dir = dir.file(fmt::format("{}_{}", variant, seed));
+      if (variant != "adamw") c.optimizer = "omoe";
+      if (variant.starts_with("omoe_strong")) {
+        c.omoe.every = 1;
+        c.omoe.alpha_scale = 0.01;
+        c.omoe.project_down = true;
+        c.omoe.mode = variant.ends_with("direction") ? "direction" : "grad";
+      }
+      std::ostringstream log;
+      apps::Trainer trainer(c, log);
+      Diversity before = diversity(trainer, /*with_eval=*/false);
+      trainer.run();
+      Diversity after = diversity(trainer);
+      MESSAGE(fmt::format("seed {} {:21} {} steps: expert output similarity {:+.4f} -> {:.4f} (per layer {:.4f} {:.4f}), "
+                          "NV {:.4f} -> {:.4f}, held-out CE {:.4f}, cos between experts' mean inputs {:.3f}",
+                          seed, variant, steps, before.mean_similarity, after.mean_similarity, after.similarity[0],
+                          after.similarity[1], before.mean_nv, after.mean_nv, after.eval_ce, after.input_cosine));
+      CHECK(std::abs(before.mean_similarity) < 0.05);  // random experts at init: near-orthogonal outputs
+      CHECK(after.eval_ce < 2.0);                      // it trained (ln 256 = 5.5 at init)
+      CHECK(after.mean_nv > 0.5);
+      mean_similarity[v] += after.mean_similarity / static_cast<double>(seeds);
+      mean_ce[v] += after.eval_ce / static_cast<double>(seeds);
+    }
   }
+  for (size_t v = 0; v < variants.size(); ++v)
+    MESSAGE(fmt::format("mean over {} seeds, {:21}: expert output similarity {:.4f}, held-out CE {:.4f}", seeds,
+                        variants[v], mean_similarity[v], mean_ce[v]));
+  // Under AdamW the experts' outputs grow similar (from ~0 at init): the effect OMoE is meant to counter.
+  CHECK(mean_similarity[0] > 0.1);
+  // The issue's claim, measured and reported but not enforced: at this size it does not hold (docs/omoe.md).
+  WARN_MESSAGE(mean_similarity[1] < mean_similarity[0],
+               fmt::format("OMoE did not lower the mean expert output similarity: {:.4f} (OMoE) vs {:.4f} (AdamW)",
+                           mean_similarity[1], mean_similarity[0]));
 }
 
 // ---- expert metrics --------------------------------------------------------------------------------------------------

@@ -116,7 +116,9 @@ std::vector<LayerDPPL> router_permutation_dppl(moe::MoEModel& model, const EvalS
 struct CheckpointEvaluation {
   std::filesystem::path checkpoint;
   int64_t step = 0;
-  TrainConfig config;  // as resolved by load_checkpoint
+  TrainConfig config;  // as resolved by load_checkpoint; batch_size = the evaluation's
+  nn::ModelConfig model_config;  // as stored
+  std::vector<std::string> ignored_options;
   data::Domains domains;
   std::string tokenizer;  // Tokenizer::name()
   int64_t sequences = 0, batches = 0;

@@ -105,11 +105,26 @@ NumpyResult numpy_gflops(const GemmBenchOptions& opts, int threads) {
   return result;
 }
 
+// The 1-minute load average, or -1 where /proc/loadavg is missing.
+double load_average() {
+  double load = -1.0;
+  if (FILE* f = std::fopen("/proc/loadavg", "r")) {
+    if (std::fscanf(f, "%lf", &load) != 1) load = -1.0;
+    std::fclose(f);
+  }
+  return load;
+}
+
 void run_gemm_bench(const GemmBenchOptions& opts) {
   const int threads = omp_get_max_threads();
   const char* kernel = cpu::gemm_detail::sgemm_kernels_for_this_cpu().front()->name;
   fmt::print("sgemm C = A @ B, fp32, square n x n, best of {} after 2 warm-ups, {} threads; our kernel: {}\n",
              opts.reps, threads, kernel);
+  // Other work on the cores skews both columns, and our OpenMP threads (which spin while waiting) suffer more.
+  const double load = load_average();
+  if (load > 1.0) {
+    fmt::print("warning: load average {:.1f} before the run: not an idle machine, the numbers are skewed\n", load);
+  }
 
   std::map<int64_t, double> ours;
   for (int64_t n : opts.sizes) ours[n] = sgemm_gflops(n, opts.reps);

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -43,6 +44,7 @@ struct TrainBenchOptions {
   double lr = 1e-3, grad_clip = 1.0;
   uint64_t seed = 0;
   bool torch = true;
+  bool verbose = false;  // print every timed step
   std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
   std::string torch_script;
 };
@@ -87,8 +89,17 @@ Batch make_batch(int64_t batch, int64_t seq, int64_t vocab, int64_t domains, uin
 
 struct StepTimes {
   double first_loss = 0;
-  std::vector<double> ms;
+  std::vector<double> ms;      // wall clock per timed step
+  std::vector<double> cpu_ms;  // CPU time of the process (all its threads) per timed step
 };
+
+// CPU time of this process, all threads, in ms. On a loaded machine a single-threaded run's CPU time per step is
+// close to what the wall time would be on an idle one (the time spent waiting for a core is left out).
+double process_cpu_ms() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return static_cast<double>(t.tv_sec) * 1e3 + static_cast<double>(t.tv_nsec) * 1e-6;
+}
 
 // Trainer::train_step on a fixed batch: loss (with the per-domain CE the trainer logs), backward, clip, AdamW, zero.
 StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchOptions& opts) {
@@ -105,8 +116,10 @@ StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchO
   out.first_loss = step();
   for (int i = 1; i < opts.warmup; ++i) step();
   for (int i = 0; i < opts.steps; ++i) {
-    auto start = std::chrono::steady_clock::now();
+    const auto start = std::chrono::steady_clock::now();
+    const double cpu_start = process_cpu_ms();
     step();
+    out.cpu_ms.push_back(process_cpu_ms() - cpu_start);
     out.ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
   }
   return out;
@@ -145,9 +158,11 @@ TorchResult torch_steps(const TrainBenchOptions& opts, const fs::path& folder, i
     if (key == "first_loss") fields >> result.times.first_loss;
     if (key == "step_ms")
       for (double ms; fields >> ms;) result.times.ms.push_back(ms);
+    if (key == "step_cpu_ms")
+      for (double ms; fields >> ms;) result.times.cpu_ms.push_back(ms);
   }
   const int status = pclose(pipe);
-  if (status != 0 || result.times.ms.empty()) result.error = fmt::format("`{}` failed:\n{}", command, output);
+  if (status != 0 || result.times.ms.empty() || result.times.cpu_ms.size() != result.times.ms.size()) result.error = fmt::format("`{}` failed:\n{}", command, output);
   return result;
 }
 
@@ -195,27 +210,38 @@ void run_train_bench(const TrainBenchOptions& opts) {
   }
 
   const double tokens = static_cast<double>(batch * config.seq_len);
-  fmt::print("\n{:<16} {:>10} {:>10} {:>12}  {}\n", "", "ms/step", "min ms", "tokens/s", "first-step loss");
-  fmt::print("{:<16} {:>10.2f} {:>10.2f} {:>12.0f}  {:.7f}\n", "moelab", ours_ms,
-             *std::min_element(ours.ms.begin(), ours.ms.end()), tokens / ours_ms * 1e3, ours.first_loss);
+  fmt::print("\n{:<18} {:>9} {:>8} {:>10} {:>11}  {}\n", "", "ms/step", "min ms", "tokens/s", "CPU ms/step",
+             "first-step loss");
+  auto print_row = [&](const std::string& who, const StepTimes& t) {
+    const double ms = median(t.ms);
+    fmt::print("{:<18} {:>9.2f} {:>8.2f} {:>10.0f} {:>11.2f}  {:.7f}\n", who, ms, *std::min_element(t.ms.begin(), t.ms.end()),
+               tokens / ms * 1e3, median(t.cpu_ms), t.first_loss);
+  };
+  print_row("moelab", ours);
+  auto print_steps = [](const char* who, const std::vector<double>& ms) {
+    std::string all;
+    for (double t : ms) all += fmt::format(" {:.1f}", t);
+    fmt::print("{} step ms:{}\n", who, all);
+  };
+  if (opts.verbose) print_steps("moelab", ours.ms);
   if (!opts.torch) return;
+  if (opts.verbose && !torch.times.ms.empty()) print_steps("pytorch", torch.times.ms);
   if (!torch.error.empty()) {
     fmt::print("PyTorch baseline unavailable: {}\n", torch.error);
     return;
   }
   const double torch_ms = median(torch.times.ms);
-  fmt::print("{:<16} {:>10.2f} {:>10.2f} {:>12.0f}  {:.7f}\n", "pytorch " + torch.version, torch_ms,
-             *std::min_element(torch.times.ms.begin(), torch.times.ms.end()), tokens / torch_ms * 1e3,
-             torch.times.first_loss);
+  print_row("pytorch " + torch.version, torch.times);
   if (torch.threads != threads) fmt::print("note: torch ran on {} threads, moelab on {}\n", torch.threads, threads);
   const double loss_diff = std::abs(ours.first_loss - torch.times.first_loss) / std::abs(torch.times.first_loss);
   if (loss_diff > 1e-4)
     fmt::print("warning: the first-step losses differ by {:.2g} (relative): the two sides are not doing the same "
                "work\n", loss_diff);
-  if (torch_ms >= ours_ms)
-    fmt::print("\nmoelab is {:.2f}x faster than PyTorch\n", torch_ms / ours_ms);
-  else
-    fmt::print("\nmoelab is {:.2f}x slower than PyTorch\n", ours_ms / torch_ms);
+  const double cpu_ratio = median(torch.times.cpu_ms) / median(ours.cpu_ms);
+  fmt::print("\nmoelab is {:.2f}x {} than PyTorch (median wall time; by median CPU time: {:.2f}x)\n",
+             torch_ms >= ours_ms ? torch_ms / ours_ms : ours_ms / torch_ms, torch_ms >= ours_ms ? "faster" : "slower",
+             cpu_ratio);
+  fmt::print("(CPU time counts every thread, spinning included: it estimates idle-machine wall time only for 1 thread)\n");
 }
 
 }  // namespace
@@ -245,6 +271,7 @@ void add_train_step_command(CLI::App& app) {
   cmd->add_option("--grad-clip", opts->grad_clip, "max global gradient norm (0: no clipping)")->capture_default_str();
   cmd->add_option("--seed", opts->seed, "model init and batch seed")->capture_default_str();
   cmd->add_flag("!--no-torch", opts->torch, "time only our engine (e.g. under a profiler)");
+  cmd->add_flag("--verbose", opts->verbose, "print every timed step's ms (to see the noise of a loaded machine)");
   cmd->add_option("--python", opts->python, "python with torch for the baseline")->capture_default_str();
   cmd->add_option("--torch-script", opts->torch_script, "the baseline script")->capture_default_str();
   cmd->callback([opts] { run_train_bench(*opts); });

@@ -9,6 +9,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   moelab::bench::add_gemm_command(app);
   moelab::bench::add_train_step_command(app);
+  moelab::bench::add_optim_command(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }
