@@ -81,46 +81,8 @@ std::vector<double> reference_gemm(const GemmCase& g, const std::vector<float>& 
   return out;
 }
 
-// Runs `gemm` (an sgemm with the public signature) on the case and checks it against the reference.
-template <typename Gemm>
-void check_case(const GemmCase& g, Gemm gemm, const std::string& who) {
-  std::mt19937 rng(uint32_t(g.m * 7919 + g.n * 104729 + g.k * 13 + g.pad));
-  const std::vector<float> A = random_matrix(g.a_rows(), g.a_cols(), g.lda(), kNaN, rng);
-  const std::vector<float> B = random_matrix(g.b_rows(), g.b_cols(), g.ldb(), kNaN, rng);
-  std::vector<float> C = random_matrix(g.m, g.n, g.ldc(), kCSentinel, rng);
-  if (g.nan_c)
-    for (int64_t i = 0; i < g.m; ++i)
-      for (int64_t j = 0; j < g.n; ++j) C[size_t(i * g.ldc() + j)] = kNaN;
-  const std::vector<double> expected = reference_gemm(g, A, B, C);
-
-  gemm(g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, A.data(), g.lda(), B.data(), g.ldb(), g.beta, C.data(),
-       g.ldc());
-
-  double max_ref = 0.0, max_diff = 0.0;
-  bool finite = true, padding_intact = true;
-  for (int64_t i = 0; i < g.m; ++i) {
-    for (int64_t j = 0; j < g.ldc(); ++j) {
-      const float got = C[size_t(i * g.ldc() + j)];
-      if (j >= g.n) {
-        padding_intact &= got == kCSentinel;
-        continue;
-      }
-      const double want = expected[size_t(i * g.n + j)];
-      finite &= std::isfinite(got);
-      max_ref = std::max(max_ref, std::abs(want));
-      max_diff = std::max(max_diff, std::abs(double(got) - want));
-    }
-  }
-  // fp32 rounding grows like sqrt(k) for sums of k products of numbers in [-1, 1]; every kernel stays 10x or more
-  // below this bound here, and a missed or doubled term (size ~0.3) is far above it.
-  const double tolerance = 5e-7 * std::sqrt(double(g.k) + 1.0) * (1.0 + max_ref);
-  INFO(who, ": ", g.describe(), "  max|diff|=", max_diff, " tolerance=", tolerance);
-  CHECK(finite);
-  CHECK(padding_intact);
-  CHECK(max_diff <= tolerance);
-}
-
-// Every kernel this CPU can run (through the shared driver), then the public entry point.
+// Every kernel this CPU can run (through the shared driver), then the public entry point; visit(name, gemm) gets
+// each as a callable with sgemm's signature.
 template <typename Visit>
 void for_each_sgemm(Visit visit) {
   for (const MicroKernel<float>* kernel : moelab::cpu::gemm_detail::sgemm_kernels_for_this_cpu()) {
@@ -132,12 +94,63 @@ void for_each_sgemm(Visit visit) {
   visit("sgemm", moelab::cpu::sgemm);
 }
 
+// Runs the case through every sgemm (for_each_sgemm) and checks each against the double-precision reference.
+void check_case(const GemmCase& g) {
+  std::mt19937 rng(uint32_t(g.m * 7919 + g.n * 104729 + g.k * 13 + g.pad));
+  const std::vector<float> A = random_matrix(g.a_rows(), g.a_cols(), g.lda(), kNaN, rng);
+  const std::vector<float> B = random_matrix(g.b_rows(), g.b_cols(), g.ldb(), kNaN, rng);
+  std::vector<float> C_before = random_matrix(g.m, g.n, g.ldc(), kCSentinel, rng);
+  if (g.nan_c)
+    for (int64_t i = 0; i < g.m; ++i)
+      for (int64_t j = 0; j < g.n; ++j) C_before[size_t(i * g.ldc() + j)] = kNaN;
+  const std::vector<double> expected = reference_gemm(g, A, B, C_before);
+
+  for_each_sgemm([&](const std::string& who, auto gemm) {
+    std::vector<float> C = C_before;
+    gemm(g.trans_a, g.trans_b, g.m, g.n, g.k, g.alpha, A.data(), g.lda(), B.data(), g.ldb(), g.beta, C.data(),
+         g.ldc());
+
+    double max_ref = 0.0, max_diff = 0.0;
+    bool finite = true, padding_intact = true;
+    for (int64_t i = 0; i < g.m; ++i) {
+      for (int64_t j = 0; j < g.ldc(); ++j) {
+        const float got = C[size_t(i * g.ldc() + j)];
+        if (j >= g.n) {
+          padding_intact &= got == kCSentinel;
+          continue;
+        }
+        const double want = expected[size_t(i * g.n + j)];
+        finite &= std::isfinite(got);
+        max_ref = std::max(max_ref, std::abs(want));
+        max_diff = std::max(max_diff, std::abs(double(got) - want));
+      }
+    }
+    // fp32 rounding grows like sqrt(k) for sums of k products of numbers in [-1, 1]; every kernel stays 10x or more
+    // below this bound here, and a missed or doubled term (size ~0.3) is far above it.
+    const double tolerance = 5e-7 * std::sqrt(double(g.k) + 1.0) * (1.0 + max_ref);
+    INFO(who, ": ", g.describe(), " threads=", omp_get_max_threads(), "  max|diff|=", max_diff,
+         " tolerance=", tolerance);
+    CHECK(finite);
+    CHECK(padding_intact);
+    CHECK(max_diff <= tolerance);
+  });
+}
+
 void check_all_transposes(GemmCase g) {
   for (int t = 0; t < 4; ++t) {
     g.trans_a = t & 1;
     g.trans_b = t & 2;
-    for_each_sgemm([&](const std::string& who, auto gemm) { check_case(g, gemm, who); });
+    check_case(g);
   }
+}
+
+// Runs body() with sgemm allowed `threads` OpenMP threads (ctest gives each test one; the parallel paths need more).
+template <typename Body>
+void with_threads(int threads, Body body) {
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(threads);
+  body();
+  omp_set_num_threads(before);
 }
 
 }  // namespace
@@ -184,20 +197,23 @@ TEST_CASE("sgemm: padded leading dimensions") {
     check_all_transposes({.m = 29, .n = 53, .k = 41, .alpha = 0.75f, .beta = 0.25f, .pad = pad});
 }
 
-TEST_CASE("sgemm: several cache blocks in every dimension, on one thread and on all") {
+TEST_CASE("sgemm: several cache blocks in every dimension, on one thread and on two") {
   // m > mc, n > nc (2048), k > kc (512) for every kernel. On one thread every block loop runs more than once; on
-  // all threads each thread's slab still has several blocks in m and k.
-  const int all_threads = omp_get_max_threads();
-  for (int threads : {1, all_threads}) {
-    omp_set_num_threads(threads);
-    check_all_transposes({.m = 100, .n = 2080, .k = 600, .alpha = 1.0f, .beta = 0.5f, .pad = 5});
+  // two, each thread's slab still has several blocks in m and k.
+  for (int threads : {1, 2}) {
+    with_threads(threads, [] {
+      check_all_transposes({.m = 100, .n = 2080, .k = 600, .alpha = 1.0f, .beta = 0.5f, .pad = 5});
+    });
   }
-  omp_set_num_threads(all_threads);
 }
 
-TEST_CASE("sgemm: threads split the long side of C") {
-  check_all_transposes({.m = 5, .n = 1000, .k = 500, .alpha = 1.0f, .beta = 0.0f});  // slabs of columns
-  check_all_transposes({.m = 1000, .n = 5, .k = 500, .alpha = 1.0f, .beta = 0.0f});  // slabs of rows
+TEST_CASE("sgemm: threads cut C into slabs of columns, of rows, or a grid") {
+  with_threads(2, [] {
+    check_all_transposes({.m = 5, .n = 1000, .k = 500, .alpha = 1.0f, .beta = 0.0f});   // 1 x 2 slabs
+    check_all_transposes({.m = 1000, .n = 5, .k = 500, .alpha = 1.0f, .beta = 0.0f});   // 2 x 1 slabs
+  });
+  with_threads(3, [] { check_all_transposes({.m = 40, .n = 333, .k = 100, .beta = 1.0f, .pad = 2}); });  // 1 x 3
+  with_threads(4, [] { check_all_transposes({.m = 150, .n = 170, .k = 90, .beta = 1.0f, .pad = 2}); });  // 2 x 2
 }
 
 TEST_CASE("sgemm: called from inside a parallel region") {
