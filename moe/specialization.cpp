@@ -27,9 +27,10 @@ void DomainRoutingCounts::add(std::span<const float> probs, std::span<const int3
   const int64_t N = static_cast<int64_t>(probs.size()) / E;
   if (B == 0 || static_cast<int64_t>(probs.size()) != N * E || N % B != 0 || N == 0 ||
       expert_ids.size() % static_cast<size_t>(N) != 0)
-    throw std::invalid_argument(fmt::format("DomainRoutingCounts::add: probs ({} values), expert_ids ({}) and domains "
-                                            "({}) do not fit [N, {}], [N, k], [B] with N = B*T",
-                                            probs.size(), expert_ids.size(), B, E));
+    throw std::invalid_argument(
+        fmt::format("DomainRoutingCounts::add: probs ({} values), expert_ids ({}) and domains "
+                    "({}) do not fit [N, {}], [N, k], [B] with N = B*T",
+                    probs.size(), expert_ids.size(), B, E));
   const int64_t T = N / B, k = static_cast<int64_t>(expert_ids.size()) / N;
   for (int64_t s = 0; s < B; ++s) {
     const int32_t d = batch_domains[s];
@@ -53,8 +54,8 @@ void DomainRoutingCounts::add(std::span<const float> probs, std::span<const int3
 
 void DomainRoutingCounts::add(const Routing& routing, const Tensor& batch_domains) {
   if (routing.probs.dim() != 2 || routing.probs.size(1) != experts)
-    throw std::invalid_argument(fmt::format("DomainRoutingCounts::add: probs must be [N, {}], got {}", experts,
-                                            routing.probs.str()));
+    throw std::invalid_argument(
+        fmt::format("DomainRoutingCounts::add: probs must be [N, {}], got {}", experts, routing.probs.str()));
   auto host = [](const Tensor& t) { return to_device(t.detach(), Device::CPU); };
   std::vector<float> p = to_dtype(host(routing.probs), DType::F32).to_vector<float>();
   std::vector<int32_t> ids = host(routing.expert_ids).to_vector<int32_t>();
@@ -145,8 +146,8 @@ LayerSpecialization specialization(const DomainRoutingCounts& counts) {
 }
 
 void to_json(nlohmann::json& j, const LoadStats& s) {
-  j = {{"slots", s.slots},     {"min", s.min},         {"max", s.max},
-       {"std", s.std},         {"entropy", s.entropy}, {"max_violation", s.max_violation},
+  j = {{"slots", s.slots}, {"min", s.min},         {"max", s.max},
+       {"std", s.std},     {"entropy", s.entropy}, {"max_violation", s.max_violation},
        {"dead", s.dead}};
 }
 

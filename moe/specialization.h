@@ -8,10 +8,9 @@
 //   JSD matrix     between the Q_j, and the decomposition D_total = D_inter + D_intra (equal sequence weights)
 // The model-side metrics (expert output similarity, parameter variance) are in moe/expert_metrics.h.
 #include <cstdint>
+#include <nlohmann/json_fwd.hpp>
 #include <span>
 #include <vector>
-
-#include <nlohmann/json_fwd.hpp>
 
 #include "moe/divergence.h"
 #include "moe/router.h"
@@ -39,10 +38,10 @@ struct DomainRoutingCounts {
 struct LoadStats {
   std::vector<int64_t> slots;  // [E] token slots per expert (all domains)
   int64_t min = 0, max = 0;
-  double std = 0;              // population std of slots over experts
-  double entropy = 0;          // entropy of the slot shares / log E: 1 = perfectly even (1 when E = 1)
-  double max_violation = 0;    // max slots / mean slots - 1: 0 = perfectly even
-  int64_t dead = 0;            // experts that got no slot
+  double std = 0;            // population std of slots over experts
+  double entropy = 0;        // entropy of the slot shares / log E: 1 = perfectly even (1 when E = 1)
+  double max_violation = 0;  // max slots / mean slots - 1: 0 = perfectly even
+  int64_t dead = 0;          // experts that got no slot
 };
 LoadStats load_stats(const std::vector<int64_t>& slots_per_expert);
 
@@ -64,9 +63,9 @@ struct LayerSpecialization {
   std::vector<int64_t> tokens, sequences;      // [M]
   LoadStats load;
   MutualInformation mi;
-  std::vector<std::vector<double>> jsd;        // [M][M] symmetric, 0 on the diagonal and for absent domains
-  double mean_jsd = 0;                         // over pairs of present domains (nats, in [0, ln 2])
-  Decomposition divergence;                    // equal sequence weights (nats)
+  std::vector<std::vector<double>> jsd;  // [M][M] symmetric, 0 on the diagonal and for absent domains
+  double mean_jsd = 0;                   // over pairs of present domains (nats, in [0, ln 2])
+  Decomposition divergence;              // equal sequence weights (nats)
   double inter_share() const { return divergence.total > 0 ? divergence.inter / divergence.total : 0.0; }
 };
 LayerSpecialization specialization(const DomainRoutingCounts& counts);

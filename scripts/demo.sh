@@ -10,7 +10,9 @@ cmake --build --preset release -j "$(nproc)"
 
 corpus=${MOELAB_CORPUS:-$HOME/.cache/moelab/corpus-demo}
 runs=${MOELAB_RUNS:-runs/demo}
-steps=${MOELAB_DEMO_STEPS:-400}
+steps=${MOELAB_DEMO_STEPS:-1500}
+# Sleeping (not spinning) OpenMP workers: on a machine shared with other work, spinning threads stall each other.
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-passive}
 bin=build/release/bin
 
 echo "== corpus (8 domains, 0.5 MB each) -> $corpus"

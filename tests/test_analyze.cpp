@@ -65,7 +65,7 @@ struct HandRouting {
 // T tokens that all choose `tok`.
 std::vector<std::vector<int32_t>> same(std::vector<int32_t> tok, int T = 3) { return {static_cast<size_t>(T), tok}; }
 
-// ---- two small runs (beta = 0 and 0.05) trained once per process -----------------------------------------------------
+// ---- two small runs (beta = 0 and 0.05) trained once per process ----------------------------------------------------
 
 struct TrainedRuns {
   fs::path dir = scratch("runs");
@@ -99,7 +99,7 @@ TrainedRuns& trained() {
   return runs;
 }
 
-// ---- reading a screenshot ------------------------------------------------------------------------------------------------
+// ---- reading a screenshot -------------------------------------------------------------------------------------------
 
 struct Image {
   int64_t width = 0, height = 0;
@@ -150,9 +150,12 @@ Image read_png(const fs::path& file, const fs::path& scratch_dir) {
     for (int64_t i = 0; i < stride; ++i) {
       const int a = i >= bpp ? cur[i - bpp] : 0, b = prev[i], c = i >= bpp ? prev[i - bpp] : 0;
       int predictor = 0;
-      if (filter == 1) predictor = a;
-      else if (filter == 2) predictor = b;
-      else if (filter == 3) predictor = (a + b) / 2;
+      if (filter == 1)
+        predictor = a;
+      else if (filter == 2)
+        predictor = b;
+      else if (filter == 3)
+        predictor = (a + b) / 2;
       else if (filter == 4) {
         const int p = a + b - c, pa = std::abs(p - a), pb = std::abs(p - b), pc = std::abs(p - c);
         predictor = pa <= pb && pa <= pc ? a : pb <= pc ? b : c;
@@ -195,7 +198,7 @@ int64_t count(const std::string& text, const std::string& what) {
 
 }  // namespace
 
-// ==== metrics by hand ======================================================================================================
+// ==== metrics by hand ================================================================================================
 
 TEST_CASE("analyze: a router that sends each domain to its own expert gives MI = H(domain)") {
   // Top-1: domain 0 only to expert 0, domain 1 only to expert 1, equal token counts -> MI = H(domain) = 1 bit.
@@ -264,8 +267,10 @@ TEST_CASE("analyze: usage per domain and load by hand") {
   // Sizes that do not fit and ids out of range are errors that say so.
   moe::DomainRoutingCounts counts(4, 2);
   std::vector<float> p(8, 0.25f);
-  CHECK_THROWS_WITH(counts.add(p, std::vector<int32_t>{0, 7}, std::vector<int32_t>{0}), doctest::Contains("expert id 7"));
-  CHECK_THROWS_WITH(counts.add(p, std::vector<int32_t>{0, 1}, std::vector<int32_t>{3}), doctest::Contains("domain id 3"));
+  CHECK_THROWS_WITH(counts.add(p, std::vector<int32_t>{0, 7}, std::vector<int32_t>{0}),
+                    doctest::Contains("expert id 7"));
+  CHECK_THROWS_WITH(counts.add(p, std::vector<int32_t>{0, 1}, std::vector<int32_t>{3}),
+                    doctest::Contains("domain id 3"));
   CHECK_THROWS_WITH(counts.add(std::vector<float>(7, 0.f), std::vector<int32_t>{0}, std::vector<int32_t>{0}),
                     doctest::Contains("do not fit"));
 }
@@ -318,7 +323,7 @@ TEST_CASE("analyze: identical experts give output similarity 1 and parameter var
   CHECK(moe::normalized_parameter_variance(experts).all == doctest::Approx(0.0).epsilon(1e-12));
 }
 
-// ==== a trained run ========================================================================================================
+// ==== a trained run ==================================================================================================
 
 TEST_CASE("analyze: a trained run end to end agrees with the trainer's routing statistics") {
   TrainedRuns& runs = trained();
@@ -332,8 +337,12 @@ TEST_CASE("analyze: a trained run end to end agrees with the trainer's routing s
   CHECK(run.experts == 4);
   CHECK(run.top_k == 2);
   REQUIRE(run.layers.size() == 2);
-  CHECK(run.log.steps.size() == 40);
-  CHECK(run.log.evals.size() == 2);
+  CHECK(run.log.train_lines == 40);
+  CHECK(run.log.eval_lines == 2);
+  CHECK(run.log.train.at("loss").size() == 40);
+  CHECK(run.log.train.at("routing/mean_jsd").size() == 40);  // averaged over the MoE layers
+  CHECK(run.log.train.at("ce_domain/code").size() > 30);     // batches without a domain have no value
+  CHECK(run.log.eval.at("ce").size() == 2);
   CHECK(std::isfinite(run.ce));
 
   // The same batch through the routing statistics the trainer logs (moe/routing_stats.*).
@@ -418,7 +427,7 @@ TEST_CASE("analyze: the report has every section and figure, compares runs and e
   CHECK(html.find("<b>ed</b>") == std::string::npos);
   CHECK(html.find("<script") == std::string::npos);
   CHECK(html.find("&lt;</span>") != std::string::npos);  // the traced "<", one span per byte token
-  CHECK(html.find("http://") == std::string::npos);  // self-contained: nothing to fetch
+  CHECK(html.find("http://") == std::string::npos);      // self-contained: nothing to fetch
   CHECK(html.find("https://") == std::string::npos);
   CHECK(html_escape("a<b & 'c' \"d\"") == "a&lt;b &amp; &#39;c&#39; &quot;d&quot;");
   CHECK(valid_utf8("ok \xD0") == "ok \xEF\xBF\xBD");
@@ -435,8 +444,9 @@ TEST_CASE("analyze: the report has every section and figure, compares runs and e
   std::ofstream(out / "report.html") << html;
   const fs::path png = out / "report.png";
   const std::string cmd = testing::shell_quote(std::string(MOELAB_SOURCE_DIR) + "/scripts/screenshot_report.sh") + " " +
-                          testing::shell_quote((out / "report.html").string()) + " " + testing::shell_quote(png.string()) +
-                          " 1280 2000 > " + testing::shell_quote((out / "chromium.log").string()) + " 2>&1";
+                          testing::shell_quote((out / "report.html").string()) + " " +
+                          testing::shell_quote(png.string()) + " 1280 2000 > " +
+                          testing::shell_quote((out / "chromium.log").string()) + " 2>&1";
   const int status = std::system(cmd.c_str());
   std::ifstream log_in(out / "chromium.log");
   std::string log((std::istreambuf_iterator<char>(log_in)), std::istreambuf_iterator<char>());
@@ -455,7 +465,7 @@ TEST_CASE("analyze: the report has every section and figure, compares runs and e
   CHECK(pixels_near(img, "#e4572e") > 500);    // run 2's
 }
 
-// ==== errors ===============================================================================================================
+// ==== errors =========================================================================================================
 
 TEST_CASE("analyze: missing files, a mismatched checkpoint and a corpus without domains fail clearly") {
   TrainedRuns& runs = trained();

@@ -271,7 +271,7 @@ TEST_CASE("omoe: projected W_up gradient keeps the outputs on the other experts'
 
 // ---- the schedule ----------------------------------------------------------------------------------------------------
 
-TEST_CASE("omoe: O steps at t > warmup and t % K == 0; reset; experts without tokens skip; R steps are AdamW") {
+TEST_CASE("omoe: O steps at t > warmup and t % K == 0, reset, experts without tokens skip, R steps are AdamW") {
   const int64_t d = 12, hidden = 6, E = 4;
   for (bool reset : {true, false}) {
     CAPTURE(reset);

@@ -22,7 +22,7 @@ namespace moelab::apps {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-// ==== text ===============================================================================================================
+// ==== text ===========================================================================================================
 
 // Length of the valid UTF-8 sequence starting at s[i], or 0 when the bytes there are not one.
 static size_t utf8_sequence(std::string_view s, size_t i) {
@@ -32,9 +32,9 @@ static size_t utf8_sequence(std::string_view s, size_t i) {
   if (n == 0 || i + n > s.size()) return 0;
   for (size_t k = 1; k < n; ++k)
     if ((byte(i + k) & 0xC0) != 0x80) return 0;
-  if (n == 2 && c < 0xC2) return 0;                                   // overlong
-  if (n == 3 && c == 0xE0 && byte(i + 1) < 0xA0) return 0;           // overlong
-  if (n == 3 && c == 0xED && byte(i + 1) >= 0xA0) return 0;          // surrogates
+  if (n == 2 && c < 0xC2) return 0;                          // overlong
+  if (n == 3 && c == 0xE0 && byte(i + 1) < 0xA0) return 0;   // overlong
+  if (n == 3 && c == 0xED && byte(i + 1) >= 0xA0) return 0;  // surrogates
   if (n == 4 && (c > 0xF4 || (c == 0xF0 && byte(i + 1) < 0x90) || (c == 0xF4 && byte(i + 1) >= 0x90))) return 0;
   return n;
 }
@@ -67,12 +67,23 @@ std::string html_escape(std::string_view text) {
   std::string out;
   for (char c : valid_utf8(text)) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      case '\'': out += "&#39;"; break;
-      default: out += c;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      case '\'':
+        out += "&#39;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
@@ -103,7 +114,27 @@ static double mean_of(const std::vector<double>& v) {
   return n ? s / static_cast<double>(n) : NAN;
 }
 
-// ==== the metrics log ====================================================================================================
+// ==== the metrics log ================================================================================================
+
+// Every finite number under `j` as path -> value; a list contributes the mean over its entries of each path that
+// every entry has.
+static void flatten(const json& j, const std::string& path, std::map<std::string, double>& out) {
+  if (j.is_number()) {
+    const double v = j.get<double>();
+    if (std::isfinite(v)) out[path] = v;
+  } else if (j.is_object()) {
+    for (auto it = j.begin(); it != j.end(); ++it) flatten(it.value(), path.empty() ? it.key() : path + "/" + it.key(), out);
+  } else if (j.is_array() && !j.empty()) {
+    std::map<std::string, std::pair<double, size_t>> sums;
+    for (const json& entry : j) {
+      std::map<std::string, double> one;
+      flatten(entry, path, one);
+      for (const auto& [key, v] : one) sums[key].first += v, sums[key].second += 1;
+    }
+    for (const auto& [key, sum] : sums)
+      if (sum.second == j.size()) out[key] = sum.first / static_cast<double>(sum.second);
+  }
+}
 
 MetricsLog read_metrics_log(const fs::path& file) {
   std::ifstream in(file);
@@ -116,14 +147,20 @@ MetricsLog read_metrics_log(const fs::path& file) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
     if (j.is_discarded() || !j.is_object() || !j.contains("step"))
-      throw std::runtime_error(fmt::format("{}:{}: not a metrics line (expected a JSON object with \"step\")",
-                                           file.string(), line_no));
-    (j.contains("eval") ? log.evals : log.steps).push_back(std::move(j));
+      throw std::runtime_error(
+          fmt::format("{}:{}: not a metrics line (expected a JSON object with \"step\")", file.string(), line_no));
+    const double step = j["step"].is_number() ? j["step"].get<double>() : NAN;
+    const bool is_eval = j.contains("eval");
+    std::map<std::string, double> values;
+    flatten(is_eval ? j["eval"] : j, "", values);
+    values.erase("step");
+    for (const auto& [key, v] : values) (is_eval ? log.eval : log.train)[key].emplace_back(step, v);
+    ++(is_eval ? log.eval_lines : log.train_lines);
   }
   return log;
 }
 
-// ==== analysing a run ====================================================================================================
+// ==== analysing a run ================================================================================================
 
 static std::vector<std::string> checkpoint_names(const fs::path& run_dir) {
   std::vector<std::string> names;
@@ -208,9 +245,10 @@ RunAnalysis analyze_run(const fs::path& run_dir, const AnalyzeOptions& options) 
   const fs::path checkpoint = run_dir / "checkpoints" / options.checkpoint;
   if (!fs::exists(checkpoint / "model.safetensors")) {
     std::vector<std::string> present = checkpoint_names(run_dir);
-    throw std::runtime_error(fmt::format("{}: no checkpoint '{}' (no {}; checkpoints present: {})", where,
-                                         options.checkpoint, (checkpoint / "model.safetensors").string(),
-                                         present.empty() ? std::string("none") : fmt::format("{}", fmt::join(present, ", "))));
+    throw std::runtime_error(
+        fmt::format("{}: no checkpoint '{}' (no {}; checkpoints present: {})", where, options.checkpoint,
+                    (checkpoint / "model.safetensors").string(),
+                    present.empty() ? std::string("none") : fmt::format("{}", fmt::join(present, ", "))));
   }
   RunAnalysis run;
   run.run_dir = run_dir;
@@ -240,9 +278,10 @@ RunAnalysis analyze_run(const fs::path& run_dir, const AnalyzeOptions& options) 
   moe::MoEModel& model = *loaded.model;
   const int64_t M = data.domains.size();
   if (M < 2)
-    throw std::runtime_error(fmt::format("{}: corpus '{}' has {} domain ({}); the specialization metrics compare "
-                                         "domains and need at least 2",
-                                         where, loaded.config.data.corpus, M, data.domains.joined()));
+    throw std::runtime_error(
+        fmt::format("{}: corpus '{}' has {} domain ({}); the specialization metrics compare "
+                    "domains and need at least 2",
+                    where, loaded.config.data.corpus, M, data.domains.joined()));
   std::vector<moe::MoELayer*> layers = model.moe_layers();
   if (layers.empty())
     throw std::runtime_error(where + ": the model has no MoE layers (model.n_experts = 0): nothing to analyse");
@@ -267,8 +306,8 @@ RunAnalysis analyze_run(const fs::path& run_dir, const AnalyzeOptions& options) 
   const int64_t E = run.experts;
   std::vector<moe::DomainRoutingCounts> counts(layers.size(), moe::DomainRoutingCounts(E, M));
   std::vector<std::vector<float>> sample(layers.size());  // [L][S*d]
-  const int64_t per_batch =
-      (options.similarity_tokens + static_cast<int64_t>(set.batches.size()) - 1) / static_cast<int64_t>(set.batches.size());
+  const int64_t per_batch = (options.similarity_tokens + static_cast<int64_t>(set.batches.size()) - 1) /
+                            static_cast<int64_t>(set.batches.size());
   {
     NoGradGuard no_grad;
     for (const data::Batch& b : set.batches) {
@@ -312,12 +351,13 @@ RunAnalysis analyze_run(const fs::path& run_dir, const AnalyzeOptions& options) 
   return run;
 }
 
-// ==== JSON, CSV, terminal ================================================================================================
+// ==== JSON, CSV, terminal ============================================================================================
 
 static json layer_json(const LayerAnalysis& a) {
   json j = {{"layer", a.layer}, {"routing", a.routing}};
   if (a.similarity.tokens > 0)
-    j["output_similarity"] = {{"mean", a.similarity.mean}, {"pair", a.similarity.pair}, {"tokens", a.similarity.tokens}};
+    j["output_similarity"] = {
+        {"mean", a.similarity.mean}, {"pair", a.similarity.pair}, {"tokens", a.similarity.tokens}};
   j["parameter_variance"] = {
       {"all", a.variance.all}, {"w_gate", a.variance.w_gate}, {"w_up", a.variance.w_up}, {"w_down", a.variance.w_down}};
   j["dppl"] = {{"overall", a.dppl}, {"domains", a.dppl_domain}};
@@ -346,7 +386,10 @@ json analysis_json(const RunAnalysis& run) {
     const RoutingTrace& t = *run.trace;
     std::vector<std::string> pieces;
     for (const std::string& p : t.pieces) pieces.push_back(valid_utf8(p));
-    j["trace"] = {{"text", valid_utf8(t.text)}, {"pieces", pieces}, {"layers", t.layers}, {"experts", t.experts},
+    j["trace"] = {{"text", valid_utf8(t.text)},
+                  {"pieces", pieces},
+                  {"layers", t.layers},
+                  {"experts", t.experts},
                   {"probs", t.probs}};
   }
   return j;
@@ -355,7 +398,8 @@ json analysis_json(const RunAnalysis& run) {
 // A folder name from a run name: anything but [A-Za-z0-9._-] becomes '_'.
 static std::string safe_name(const std::string& name) {
   std::string out;
-  for (char c : name) out += (std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-') ? c : '_';
+  for (char c : name)
+    out += (std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-') ? c : '_';
   if (out.empty() || out == "." || out == "..") out = "run";
   return out;
 }
@@ -382,20 +426,21 @@ std::vector<fs::path> write_analysis_files(const std::vector<RunAnalysis>& runs,
       const moe::LayerSpecialization& r = a.routing;
       for (size_t j = 0; j < run.domains.size(); ++j) {
         for (int64_t e = 0; e < run.experts; ++e) {
-          usage += fmt::format("{},{},{},{},{:.6g},{:.6g}\n", a.layer, csv_field(run.domains[j]), e, r.slots[j][e], r.usage[j][e],
-                               r.mean_prob[j][e]);
+          usage += fmt::format("{},{},{},{},{:.6g},{:.6g}\n", a.layer, csv_field(run.domains[j]), e, r.slots[j][e],
+                               r.usage[j][e], r.mean_prob[j][e]);
         }
         for (size_t k = 0; k < run.domains.size(); ++k)
-          jsd += fmt::format("{},{},{},{:.6g}\n", a.layer, csv_field(run.domains[j]), csv_field(run.domains[k]), r.jsd[j][k]);
+          jsd += fmt::format("{},{},{},{:.6g}\n", a.layer, csv_field(run.domains[j]), csv_field(run.domains[k]),
+                             r.jsd[j][k]);
       }
-      layers += fmt::format("{},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{},{},{:.6g},{:.6g},{:.6g},{},{},{:.6g},{:.6g},"
-                            "{:.6g},{:.6g},{}\n",
-                            a.layer, r.mi.bits, r.mi.domain_entropy_bits, r.mi.normalized, r.mean_jsd, r.divergence.inter,
-                            r.divergence.total, r.inter_share(), r.load.min, r.load.max, r.load.std, r.load.entropy,
-                            r.load.max_violation, r.load.dead,
-                            a.similarity.tokens > 0 ? fmt::format("{:.6g}", a.similarity.mean) : std::string(),
-                            a.variance.all, a.variance.w_gate, a.variance.w_up, a.variance.w_down,
-                            std::isfinite(a.dppl) ? fmt::format("{:.6g}", a.dppl) : std::string());
+      layers += fmt::format(
+          "{},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{},{},{:.6g},{:.6g},{:.6g},{},{},{:.6g},{:.6g},"
+          "{:.6g},{:.6g},{}\n",
+          a.layer, r.mi.bits, r.mi.domain_entropy_bits, r.mi.normalized, r.mean_jsd, r.divergence.inter,
+          r.divergence.total, r.inter_share(), r.load.min, r.load.max, r.load.std, r.load.entropy, r.load.max_violation,
+          r.load.dead, a.similarity.tokens > 0 ? fmt::format("{:.6g}", a.similarity.mean) : std::string(),
+          a.variance.all, a.variance.w_gate, a.variance.w_up, a.variance.w_down,
+          std::isfinite(a.dppl) ? fmt::format("{:.6g}", a.dppl) : std::string());
     }
     for (auto [name, text] : {std::pair{"usage.csv", &usage}, {"jsd.csv", &jsd}, {"layers.csv", &layers}}) {
       write_text(dir / name, *text);
@@ -418,16 +463,16 @@ std::string terminal_summary(const std::vector<RunAnalysis>& runs) {
                        "MI/H", "JSD", "Dint/Dtot", "load H", "max-viol", "dead", "out-sim", "NV", "dPPL");
     for (const LayerAnalysis& a : run.layers) {
       const moe::LayerSpecialization& r = a.routing;
-      out += fmt::format("  {:>5} {:>8} {:>6} {:>7} {:>9} {:>7} {:>8} {:>4} {:>7} {:>6} {:>8}\n", a.layer, num(r.mi.bits),
-                         num(r.mi.normalized), num(r.mean_jsd, 4), num(r.inter_share()), num(r.load.entropy),
-                         num(r.load.max_violation), r.load.dead, a.similarity.tokens ? num(a.similarity.mean) : "–",
-                         num(a.variance.all), num(a.dppl));
+      out += fmt::format("  {:>5} {:>8} {:>6} {:>7} {:>9} {:>7} {:>8} {:>4} {:>7} {:>6} {:>8}\n", a.layer,
+                         num(r.mi.bits), num(r.mi.normalized), num(r.mean_jsd, 4), num(r.inter_share()),
+                         num(r.load.entropy), num(r.load.max_violation), r.load.dead,
+                         a.similarity.tokens ? num(a.similarity.mean) : "–", num(a.variance.all), num(a.dppl));
     }
   }
   return out;
 }
 
-// ==== SVG figures ========================================================================================================
+// ==== SVG figures ====================================================================================================
 
 namespace {
 
@@ -542,16 +587,18 @@ std::string line_chart(const std::string& title, const std::vector<Series>& seri
   std::vector<double> yt = nice_ticks(y0, y1, 4);
   const double ystep = yt.size() > 1 ? yt[1] - yt[0] : 1;
   for (double v : yt)
-    svg += fmt::format("<line x1=\"{0}\" x2=\"{1}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" class=\"grid\"/>"
-                       "<text x=\"{3}\" y=\"{4:.1f}\" class=\"tick\" text-anchor=\"end\">{5}</text>",
-                       L, W - R, py(v), L - 6, py(v) + 3.5, tick_label(v, ystep));
+    svg += fmt::format(
+        "<line x1=\"{0}\" x2=\"{1}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" class=\"grid\"/>"
+        "<text x=\"{3}\" y=\"{4:.1f}\" class=\"tick\" text-anchor=\"end\">{5}</text>",
+        L, W - R, py(v), L - 6, py(v) + 3.5, tick_label(v, ystep));
   std::vector<double> xt = nice_ticks(x0, x1, 5);
   if (integer_x) std::erase_if(xt, [](double v) { return std::abs(v - std::round(v)) > 1e-9; });
   const double xstep = xt.size() > 1 ? xt[1] - xt[0] : 1;
   for (double v : xt)
-    svg += fmt::format("<line x1=\"{0:.1f}\" x2=\"{0:.1f}\" y1=\"{1}\" y2=\"{2}\" class=\"axis\"/>"
-                       "<text x=\"{0:.1f}\" y=\"{3}\" class=\"tick\" text-anchor=\"middle\">{4}</text>",
-                       px(v), H - B, H - B + 4, H - B + 15, tick_label(v, std::max(xstep, integer_x ? 1.0 : 0.0)));
+    svg += fmt::format(
+        "<line x1=\"{0:.1f}\" x2=\"{0:.1f}\" y1=\"{1}\" y2=\"{2}\" class=\"axis\"/>"
+        "<text x=\"{0:.1f}\" y=\"{3}\" class=\"tick\" text-anchor=\"middle\">{4}</text>",
+        px(v), H - B, H - B + 4, H - B + 15, tick_label(v, std::max(xstep, integer_x ? 1.0 : 0.0)));
   svg += fmt::format("<line x1=\"{0}\" x2=\"{1}\" y1=\"{2}\" y2=\"{2}\" class=\"axis\"/>", L, W - R, H - B);
   svg += fmt::format("<text x=\"{}\" y=\"{}\" class=\"tick\" text-anchor=\"middle\">{}</text>", (L + W - R) / 2, H - 4,
                      html_escape(x_label));
@@ -561,14 +608,15 @@ std::string line_chart(const std::string& title, const std::vector<Series>& seri
     for (size_t i = 0; i < s.points.size(); ++i)
       d += fmt::format("{}{:.1f},{:.1f}", i ? " L" : "M", px(s.points[i].first), py(s.points[i].second));
     if (s.points.size() > 1 || !s.markers)
-      svg += fmt::format("<path d=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"{}\"{}{}><title>{}</title></path>", d,
-                         s.color, s.faint ? 1 : 1.8, s.faint ? " stroke-opacity=\"0.25\"" : "",
+      svg += fmt::format("<path d=\"{}\" fill=\"none\" stroke=\"{}\" stroke-width=\"{}\"{}{}><title>{}</title></path>",
+                         d, s.color, s.faint ? 1 : 1.8, s.faint ? " stroke-opacity=\"0.25\"" : "",
                          s.dashed ? " stroke-dasharray=\"5 3\"" : "", html_escape(s.label));
     if (s.markers)
       for (auto [x, y] : s.points)
-        svg += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"2.8\" fill=\"#fff\" stroke=\"{}\" stroke-width=\"1.5\">"
-                           "<title>{}: {} at {}</title></circle>",
-                           px(x), py(y), s.color, html_escape(s.label), num(y, 4), num(x, 0));
+        svg += fmt::format(
+            "<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"2.8\" fill=\"#fff\" stroke=\"{}\" stroke-width=\"1.5\">"
+            "<title>{}: {} at {}</title></circle>",
+            px(x), py(y), s.color, html_escape(s.label), num(y, 4), num(x, 0));
   }
   return svg + "</svg>";
 }
@@ -609,10 +657,11 @@ std::string heatmap_cells(const std::vector<std::vector<double>>& values, const 
       const double v = values[r][c];
       Rgb color = scale_color(*style.palette, style.vmax > 0 ? v / style.vmax : 0);
       const double x = g.label_w + static_cast<double>(c) * g.cell_w;
-      svg += fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"{}\">"
-                         "<title>{} / {}: {} {}</title></rect>",
-                         x, y, g.cell_w - 1, g.cell_h - 1, hex(color), html_escape(rows[r]), html_escape(cols[c]),
-                         style.value_name, num(v, 4));
+      svg += fmt::format(
+          "<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"{}\">"
+          "<title>{} / {}: {} {}</title></rect>",
+          x, y, g.cell_w - 1, g.cell_h - 1, hex(color), html_escape(rows[r]), html_escape(cols[c]), style.value_name,
+          num(v, 4));
       if (g.cell_w >= 30)
         svg += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" class=\"cv\" text-anchor=\"middle\" fill=\"{}\">{}</text>",
                            x + g.cell_w / 2, y + g.cell_h / 2 + 3.5, is_dark(color) ? "#fff" : "#1d2430",
@@ -627,9 +676,9 @@ std::string color_bar(double x, double y, double width, const HeatmapStyle& styl
   std::string svg;
   constexpr int steps = 24;
   for (int i = 0; i < steps; ++i)
-    svg += fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.2f}\" height=\"7\" fill=\"{}\"/>",
-                       x + width * i / steps, y, width / steps + 0.3,
-                       hex(scale_color(*style.palette, (i + 0.5) / steps)));
+    svg +=
+        fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.2f}\" height=\"7\" fill=\"{}\"/>",
+                    x + width * i / steps, y, width / steps + 0.3, hex(scale_color(*style.palette, (i + 0.5) / steps)));
   svg += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" class=\"tick\">0</text>", x, y + 18);
   svg += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" class=\"tick\" text-anchor=\"end\">{}</text>", x + width, y + 18,
                      num(style.vmax, 3));
@@ -645,9 +694,10 @@ std::string usage_figure(const RunAnalysis& run, const LayerAnalysis& a, double 
   const double map_h = g.top + g.cell_h * static_cast<double>(run.domains.size());
   const double bars_top = map_h + 10, bars_h = 42, width = g.label_w + g.cell_w * static_cast<double>(cols.size()) + 8;
   const double height = bars_top + bars_h + 34;
-  std::string svg = fmt::format("<svg class=\"heat\" viewBox=\"0 0 {0:.0f} {1:.0f}\" width=\"{0:.0f}\" height=\"{1:.0f}\" "
-                                "role=\"img\" aria-label=\"expert usage per domain, layer {2}\">",
-                                width, height, a.layer);
+  std::string svg = fmt::format(
+      "<svg class=\"heat\" viewBox=\"0 0 {0:.0f} {1:.0f}\" width=\"{0:.0f}\" height=\"{1:.0f}\" "
+      "role=\"img\" aria-label=\"expert usage per domain, layer {2}\">",
+      width, height, a.layer);
   svg += heatmap_cells(a.routing.usage, run.domains, cols, g, style);
   // Load bars: share of all slots per expert.
   const moe::LoadStats& load = a.routing.load;
@@ -660,16 +710,19 @@ std::string usage_figure(const RunAnalysis& run, const LayerAnalysis& a, double 
   for (size_t e = 0; e < load.slots.size(); ++e) {
     const double share = total > 0 ? static_cast<double>(load.slots[e]) / total : 0, h = bars_h * share / scale;
     const double x = g.label_w + static_cast<double>(e) * g.cell_w;
-    svg += fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"{}\">"
-                       "<title>expert {}: {} slots ({:.1f}%)</title></rect>",
-                       x + 1, bars_top + bars_h - h, std::max(1.0, g.cell_w - 3), h,
-                       load.slots[e] == 0 ? "#d1495b" : "#7b8794", e, load.slots[e], 100 * share);
+    svg += fmt::format(
+        "<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"{}\">"
+        "<title>expert {}: {} slots ({:.1f}%)</title></rect>",
+        x + 1, bars_top + bars_h - h, std::max(1.0, g.cell_w - 3), h, load.slots[e] == 0 ? "#d1495b" : "#7b8794", e,
+        load.slots[e], 100 * share);
   }
   const double even_y = bars_top + bars_h - bars_h * even / scale;
-  svg += fmt::format("<line x1=\"{:.1f}\" x2=\"{:.1f}\" y1=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"#1d2430\" "
-                     "stroke-dasharray=\"3 3\" stroke-width=\"1\"/>",
-                     g.label_w, g.label_w + g.cell_w * static_cast<double>(cols.size()), even_y, even_y);
-  svg += color_bar(g.label_w, bars_top + bars_h + 8, std::min(160.0, g.cell_w * static_cast<double>(cols.size())), style);
+  svg += fmt::format(
+      "<line x1=\"{:.1f}\" x2=\"{:.1f}\" y1=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"#1d2430\" "
+      "stroke-dasharray=\"3 3\" stroke-width=\"1\"/>",
+      g.label_w, g.label_w + g.cell_w * static_cast<double>(cols.size()), even_y, even_y);
+  svg +=
+      color_bar(g.label_w, bars_top + bars_h + 8, std::min(160.0, g.cell_w * static_cast<double>(cols.size())), style);
   return svg + "</svg>";
 }
 
@@ -682,52 +735,26 @@ std::string jsd_figure(const RunAnalysis& run, const LayerAnalysis& a) {
   for (const std::string& d : run.domains) cols.push_back(short_label(d).substr(0, g.cell_w >= 30 ? 5 : 2));
   const double width = g.label_w + g.cell_w * static_cast<double>(cols.size()) + 12;
   const double height = g.top + g.cell_h * static_cast<double>(run.domains.size()) + 30;
-  std::string svg = fmt::format("<svg class=\"heat\" viewBox=\"0 0 {0:.0f} {1:.0f}\" width=\"{0:.0f}\" height=\"{1:.0f}\" "
-                                "role=\"img\" aria-label=\"JSD between domains, layer {2}\">",
-                                width, height, a.layer);
+  std::string svg = fmt::format(
+      "<svg class=\"heat\" viewBox=\"0 0 {0:.0f} {1:.0f}\" width=\"{0:.0f}\" height=\"{1:.0f}\" "
+      "role=\"img\" aria-label=\"JSD between domains, layer {2}\">",
+      width, height, a.layer);
   svg += heatmap_cells(a.routing.jsd, run.domains, cols, g, style);
   svg += color_bar(g.label_w, height - 26, std::min(140.0, g.cell_w * static_cast<double>(cols.size())), style);
   return svg + "</svg>";
 }
 
-// ---- the metrics log as series -------------------------------------------------------------------------------------------
-
-using Extract = std::function<std::optional<double>(const json&)>;
-
-std::optional<double> number_at(const json& j, const std::string& key) {
-  auto it = j.find(key);
-  if (it == j.end() || !it->is_number()) return std::nullopt;
-  double v = it->get<double>();
-  return std::isfinite(v) ? std::optional<double>(v) : std::nullopt;
-}
-
-std::optional<double> mean_routing(const json& j, const std::string& key) {
-  auto it = j.find("routing");
-  if (it == j.end() || !it->is_array() || it->empty()) return std::nullopt;
-  double s = 0;
-  for (const json& layer : *it) {
-    std::optional<double> v = number_at(layer, key);
-    if (!v) return std::nullopt;
-    s += *v;
-  }
-  return s / static_cast<double>(it->size());
-}
-
-std::vector<std::pair<double, double>> collect(const std::vector<json>& lines, const Extract& extract,
-                                               bool inside_eval = false) {
-  std::vector<std::pair<double, double>> pts;
-  for (const json& line : lines) {
-    const json& body = inside_eval ? line.at("eval") : line;
-    if (!line["step"].is_number() || !body.is_object()) continue;
-    if (std::optional<double> v = extract(body)) pts.emplace_back(line["step"].get<double>(), *v);
-  }
-  return pts;
-}
+// ---- the metrics log as series --------------------------------------------------------------------------------------
 
 // Train series (faint raw + smoothed) and, when the log has them, eval points (dashed with markers).
 void add_series(std::vector<Series>& out, const std::string& label, const std::string& color, const MetricsLog& log,
-                const Extract& train, const Extract& eval, bool smoothed) {
-  std::vector<std::pair<double, double>> pts = collect(log.steps, train);
+                const std::string& key, bool with_eval, bool smoothed) {
+  const MetricsLog::Points none;
+  auto find = [&](const std::map<std::string, MetricsLog::Points>& series) -> const MetricsLog::Points& {
+    auto it = series.find(key);
+    return it == series.end() ? none : it->second;
+  };
+  const MetricsLog::Points& pts = find(log.train);
   if (!pts.empty()) {
     if (smoothed && pts.size() > 30) {
       out.push_back({label + " (raw)", color, downsample(pts, 300), false, false, true});
@@ -736,10 +763,7 @@ void add_series(std::vector<Series>& out, const std::string& label, const std::s
       out.push_back({label, color, downsample(pts, 300)});
     }
   }
-  if (eval) {
-    std::vector<std::pair<double, double>> ev = collect(log.evals, eval, true);
-    if (!ev.empty()) out.push_back({label + " (held out)", color, ev, true, true});
-  }
+  if (with_eval && !find(log.eval).empty()) out.push_back({label + " (held out)", color, find(log.eval), true, true});
 }
 
 std::string figure(const std::string& svg, const std::string& caption = "") {
@@ -751,14 +775,15 @@ std::string chip(const std::string& color) { return "<span class=\"chip\" style=
 
 }  // namespace
 
-// ==== the page ===========================================================================================================
+// ==== the page =======================================================================================================
 
 namespace {
 
 const char* kStyle = R"CSS(
 :root{--fg:#1d2430;--muted:#5b6472;--line:#e3e7ee;--bg:#f5f6f8;--card:#fff;--accent:#2f6fdf}
 *{box-sizing:border-box}
-body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;color:var(--fg);background:var(--bg)}
+body{margin:0;font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"Helvetica Neue",Arial,sans-serif;
+  color:var(--fg);background:var(--bg)}
 header{background:#1d2430;color:#fff;padding:18px 32px}
 header h1{margin:0;font-size:21px;font-weight:600}
 header .sub{color:#b8c0cc;margin-top:4px;font-size:13px}
@@ -819,22 +844,31 @@ double layer_mean(const RunAnalysis& run, const std::function<double(const Layer
 std::string summary_section(const std::vector<RunAnalysis>& runs) {
   std::vector<SummaryColumn> cols = {
       {"step", "checkpoint step", 0, [](const RunAnalysis& r) { return static_cast<double>(r.step); }, 0},
-      {"held-out CE", "mean cross-entropy (nats/token) on the held-out split", -1, [](const RunAnalysis& r) { return r.ce; }, 4},
+      {"held-out CE", "mean cross-entropy (nats/token) on the held-out split", -1,
+       [](const RunAnalysis& r) { return r.ce; }, 4},
       {"PPL", "exp(CE)", -1, [](const RunAnalysis& r) { return std::exp(r.ce); }, 3},
       {"MI / H(domain)", "how much the chosen expert tells about the domain (mean over MoE layers)", +1,
-       [](const RunAnalysis& r) { return layer_mean(r, [](const LayerAnalysis& a) { return a.routing.mi.normalized; }); }},
+       [](const RunAnalysis& r) {
+         return layer_mean(r, [](const LayerAnalysis& a) { return a.routing.mi.normalized; });
+       }},
       {"mean JSD", "between the domains' mean routing distributions (nats, max ln 2)", +1,
-       [](const RunAnalysis& r) { return layer_mean(r, [](const LayerAnalysis& a) { return a.routing.mean_jsd; }); }, 4},
+       [](const RunAnalysis& r) { return layer_mean(r, [](const LayerAnalysis& a) { return a.routing.mean_jsd; }); },
+       4},
       {"D_inter / D_total", "share of the routing diversity that lies between domains", +1,
-       [](const RunAnalysis& r) { return layer_mean(r, [](const LayerAnalysis& a) { return a.routing.inter_share(); }); }},
+       [](const RunAnalysis& r) {
+         return layer_mean(r, [](const LayerAnalysis& a) { return a.routing.inter_share(); });
+       }},
       {"load entropy", "entropy of the expert load / log E (1 = even)", +1,
-       [](const RunAnalysis& r) { return layer_mean(r, [](const LayerAnalysis& a) { return a.routing.load.entropy; }); }},
+       [](const RunAnalysis& r) {
+         return layer_mean(r, [](const LayerAnalysis& a) { return a.routing.load.entropy; });
+       }},
       {"dead experts", "experts never chosen, summed over layers", -1,
        [](const RunAnalysis& r) {
          double s = 0;
          for (const LayerAnalysis& a : r.layers) s += static_cast<double>(a.routing.load.dead);
          return s;
-       }, 0},
+       },
+       0},
       {"output similarity", "mean cosine similarity of expert outputs (1 = identical experts)", -1,
        [](const RunAnalysis& r) {
          return layer_mean(r, [](const LayerAnalysis& a) { return a.similarity.tokens ? a.similarity.mean : NAN; });
@@ -844,12 +878,16 @@ std::string summary_section(const std::vector<RunAnalysis>& runs) {
       {"dPPL", "router-permutation dPPL (higher = experts less interchangeable)", +1,
        [](const RunAnalysis& r) { return layer_mean(r, [](const LayerAnalysis& a) { return a.dppl; }); }},
   };
-  std::string html = "<section id=\"summary\"><h2>Summary</h2><p class=\"note\">Held-out numbers at the analysed "
-                     "checkpoint; layer metrics are means over the MoE layers. Arrows say which direction means more "
-                     "specialized (or better); with several runs the best value is <b>bold</b>.</p><div class=\"scroll\"><table><tr><th class=\"l\">run</th>";
+  std::string html =
+      "<section id=\"summary\"><h2>Summary</h2><p class=\"note\">Held-out numbers at the analysed "
+      "checkpoint; layer metrics are means over the MoE layers. Arrows say which direction means more "
+      "specialized (or better); with several runs the best value is <b>bold</b>.</p><div "
+      "class=\"scroll\"><table><tr><th class=\"l\">run</th>";
   for (const SummaryColumn& c : cols)
     html += fmt::format("<th title=\"{}\">{}{}</th>", html_escape(c.tip), html_escape(c.title),
-                        c.better > 0 ? " ↑" : c.better < 0 ? " ↓" : "");
+                        c.better > 0   ? " ↑"
+                        : c.better < 0 ? " ↓"
+                                       : "");
   html += "</tr>";
   std::vector<std::vector<double>> values(cols.size());
   for (size_t c = 0; c < cols.size(); ++c)
@@ -897,7 +935,8 @@ std::string summary_section(const std::vector<RunAnalysis>& runs) {
 
 std::string run_legend(const std::vector<RunAnalysis>& runs, const std::string& note = "") {
   std::string html = "<div class=\"legend\">";
-  for (size_t i = 0; i < runs.size(); ++i) html += "<span>" + chip(color_of(kRunColors, i)) + html_escape(runs[i].name) + "</span>";
+  for (size_t i = 0; i < runs.size(); ++i)
+    html += "<span>" + chip(color_of(kRunColors, i)) + html_escape(runs[i].name) + "</span>";
   if (!note.empty()) html += "<span style=\"color:#5b6472\">" + html_escape(note) + "</span>";
   return html + "</div>";
 }
@@ -907,21 +946,22 @@ std::string curves_section(const std::vector<RunAnalysis>& runs) {
     std::string title, key;
     bool smoothed, has_eval;
   };
-  const std::vector<Curve> curves = {{"total loss", "loss", true, false},      {"cross-entropy (nats/token)", "ce", true, true},
-                                     {"load-balancing loss L_LB", "lb", true, false}, {"router z-loss L_Z", "z", true, false},
-                                     {"expert-divergence loss L_ED", "ed", true, false}, {"mean pairwise JSD (routing)", "jsd", true, true},
-                                     {"learning rate", "lr", false, false},        {"tokens / s", "tokens_per_s", true, false},
-                                     {"gradient norm", "grad_norm", true, false}};
+  std::vector<Curve> curves = {{"total loss", "loss", true, false},
+                               {"cross-entropy (nats/token)", "ce", true, true},
+                               {"load-balancing loss L_LB", "lb", true, false},
+                               {"router z-loss L_Z", "z", true, false},
+                               {"expert-divergence loss L_ED", "ed", true, false},
+                               {"mean pairwise JSD (routing)", "routing/mean_jsd", true, true},
+                               {"learning rate", "lr", false, false},
+                               {"tokens / s", "tokens_per_s", true, false},
+                               {"gradient norm", "grad_norm", true, false}};
+  if (std::any_of(runs.begin(), runs.end(), [](const RunAnalysis& r) { return r.log.train.count("omoe/removed"); }))
+    curves.push_back({"OMoE: share of expert gradient removed", "omoe/removed", false, false});
   std::string charts;
   for (const Curve& c : curves) {
     std::vector<Series> series;
-    for (size_t i = 0; i < runs.size(); ++i) {
-      Extract train = c.key == "jsd" ? Extract([](const json& j) { return mean_routing(j, "mean_jsd"); })
-                                     : Extract([key = c.key](const json& j) { return number_at(j, key); });
-      Extract eval;
-      if (c.has_eval) eval = train;
-      add_series(series, runs[i].name, color_of(kRunColors, i), runs[i].log, train, eval, c.smoothed);
-    }
+    for (size_t i = 0; i < runs.size(); ++i)
+      add_series(series, runs[i].name, color_of(kRunColors, i), runs[i].log, c.key, c.has_eval, c.smoothed);
     charts += figure(line_chart(c.title, series, "step"));
   }
   // CE per domain: one chart with a line per domain for one run; one chart per domain with a line per run otherwise.
@@ -929,27 +969,21 @@ std::string curves_section(const std::vector<RunAnalysis>& runs) {
   for (const RunAnalysis& r : runs)
     for (const std::string& d : r.domains)
       if (std::find(domains.begin(), domains.end(), d) == domains.end()) domains.push_back(d);
-  auto domain_extract = [](const std::string& d) {
-    return Extract([d](const json& j) -> std::optional<double> {
-      auto it = j.find("ce_domain");
-      return it == j.end() || !it->is_object() ? std::nullopt : number_at(*it, d);
-    });
-  };
   std::string domain_charts;
   if (runs.size() == 1) {
     std::vector<Series> series;
     std::string caption;
     for (size_t k = 0; k < domains.size(); ++k) {
-      add_series(series, domains[k], color_of(kRunColors, k + 1), runs[0].log, domain_extract(domains[k]),
-                 domain_extract(domains[k]), true);
-      caption += "<span style=\"margin-right:12px\">" + chip(color_of(kRunColors, k + 1)) + html_escape(domains[k]) + "</span>";
+      add_series(series, domains[k], color_of(kRunColors, k + 1), runs[0].log, "ce_domain/" + domains[k], true, true);
+      caption += "<span style=\"margin-right:12px\">" + chip(color_of(kRunColors, k + 1)) + html_escape(domains[k]) +
+                 "</span>";
     }
     domain_charts += figure(line_chart("cross-entropy per domain", series, "step"), caption);
   } else {
     for (const std::string& d : domains) {
       std::vector<Series> series;
       for (size_t i = 0; i < runs.size(); ++i)
-        add_series(series, runs[i].name, color_of(kRunColors, i), runs[i].log, domain_extract(d), domain_extract(d), true);
+        add_series(series, runs[i].name, color_of(kRunColors, i), runs[i].log, "ce_domain/" + d, true, true);
       domain_charts += figure(line_chart("cross-entropy: " + d, series, "step"));
     }
   }
@@ -969,7 +1003,8 @@ std::string by_layer_section(const std::vector<RunAnalysis>& runs) {
       {"mean JSD between domains", [](const LayerAnalysis& a) { return a.routing.mean_jsd; }},
       {"D_inter / D_total", [](const LayerAnalysis& a) { return a.routing.inter_share(); }},
       {"load entropy / log E", [](const LayerAnalysis& a) { return a.routing.load.entropy; }},
-      {"expert output similarity", [](const LayerAnalysis& a) { return a.similarity.tokens ? a.similarity.mean : NAN; }},
+      {"expert output similarity",
+       [](const LayerAnalysis& a) { return a.similarity.tokens ? a.similarity.mean : NAN; }},
       {"normalized parameter variance", [](const LayerAnalysis& a) { return a.variance.all; }},
       {"router-permutation dPPL", [](const LayerAnalysis& a) { return a.dppl; }}};
   std::string charts;
@@ -985,16 +1020,17 @@ std::string by_layer_section(const std::vector<RunAnalysis>& runs) {
   }
   return "<section id=\"by-layer\"><h2>Specialization by layer</h2><p class=\"note\">Each MoE layer of each run on "
          "held-out data.</p>" +
-         run_legend(runs) + "<div class=\"charts\">" + charts +
-         "</div></section>";
+         run_legend(runs) + "<div class=\"charts\">" + charts + "</div></section>";
 }
 
 std::string layers_section(const std::vector<RunAnalysis>& runs) {
   std::string html =
       "<section id=\"layers\"><h2>Per-layer metrics</h2><p class=\"note\">MI in bits over token slots; JSD and D in "
       "nats; load over top-k slots (max-viol = max load / mean load - 1); output similarity = mean cosine over expert "
-      "pairs; NV = normalized parameter variance; dPPL = PPL with a permuted router - PPL.</p><div class=\"scroll\"><table><tr>"
-      "<th class=\"l\">layer</th><th class=\"l\">run</th><th>MI bits</th><th>H(domain)</th><th>MI/H</th><th>mean JSD</th>"
+      "pairs; NV = normalized parameter variance; dPPL = PPL with a permuted router - PPL.</p><div "
+      "class=\"scroll\"><table><tr>"
+      "<th class=\"l\">layer</th><th class=\"l\">run</th><th>MI bits</th><th>H(domain)</th><th>MI/H</th><th>mean "
+      "JSD</th>"
       "<th>D_inter</th><th>D_total</th><th>D_inter/D_total</th><th>load min…max</th><th>load std</th><th>load H</th>"
       "<th>max-viol</th><th>dead</th><th>out-sim</th><th>NV</th><th>dPPL</th></tr>";
   std::set<int64_t> layer_ids;
@@ -1012,8 +1048,8 @@ std::string layers_section(const std::vector<RunAnalysis>& runs) {
             "<td>{}</td><td>{}</td></tr>",
             first ? " class=\"group\"" : "", first ? std::to_string(layer) : "", chip(color_of(kRunColors, i)),
             html_escape(runs[i].name), num(r.mi.bits), num(r.mi.domain_entropy_bits), num(r.mi.normalized),
-            num(r.mean_jsd, 4), num(r.divergence.inter, 4), num(r.divergence.total, 4), num(r.inter_share()), r.load.min,
-            r.load.max, num(r.load.std, 1), num(r.load.entropy), num(r.load.max_violation), r.load.dead,
+            num(r.mean_jsd, 4), num(r.divergence.inter, 4), num(r.divergence.total, 4), num(r.inter_share()),
+            r.load.min, r.load.max, num(r.load.std, 1), num(r.load.entropy), num(r.load.max_violation), r.load.dead,
             a.similarity.tokens ? num(a.similarity.mean) : "–", num(a.variance.all), num(a.dppl));
         first = false;
       }
@@ -1021,13 +1057,16 @@ std::string layers_section(const std::vector<RunAnalysis>& runs) {
   return html + "</table></div></section>";
 }
 
-std::string columns_style(size_t n) { return fmt::format(" style=\"grid-template-columns:repeat({},minmax(0,max-content))\"", n); }
+std::string columns_style(size_t n) {
+  return fmt::format(" style=\"grid-template-columns:repeat({},minmax(0,max-content))\"", n);
+}
 
 std::string heatmaps_section(const std::vector<RunAnalysis>& runs) {
-  std::string html = "<section id=\"heatmaps\"><h2>Expert usage per domain</h2><p class=\"note\">Blue: share of each "
-                     "domain's top-k slots that go to each expert (rows sum to 1; a common color scale per layer). Bars: "
-                     "the experts' overall load (dashed: even load; red: dead expert). Orange: JSD between the domains' "
-                     "mean routing distributions (scale 0 … ln 2).</p>";
+  std::string html =
+      "<section id=\"heatmaps\"><h2>Expert usage per domain</h2><p class=\"note\">Blue: share of each "
+      "domain's top-k slots that go to each expert (rows sum to 1; a common color scale per layer). Bars: "
+      "the experts' overall load (dashed: even load; red: dead expert). Orange: JSD between the domains' "
+      "mean routing distributions (scale 0 … ln 2).</p>";
   std::set<int64_t> layer_ids;
   for (const RunAnalysis& r : runs)
     for (const LayerAnalysis& a : r.layers) layer_ids.insert(a.layer);
@@ -1038,7 +1077,8 @@ std::string heatmaps_section(const std::vector<RunAnalysis>& runs) {
         if (a.layer == layer)
           for (const auto& row : a.routing.usage)
             for (double v : row) vmax = std::max(vmax, v);
-    html += fmt::format("<div class=\"layerrow\"><h3>Layer {}</h3><div class=\"cols\"{}>", layer, columns_style(runs.size()));
+    html += fmt::format("<div class=\"layerrow\"><h3>Layer {}</h3><div class=\"cols\"{}>", layer,
+                        columns_style(runs.size()));
     for (size_t i = 0; i < runs.size(); ++i) {
       html += "<div><div class=\"runname\">" + chip(color_of(kRunColors, i)) + html_escape(runs[i].name) + "</div>";
       for (const LayerAnalysis& a : runs[i].layers)
@@ -1057,10 +1097,14 @@ std::string heatmaps_section(const std::vector<RunAnalysis>& runs) {
 std::string visible_piece(const std::string& s) {
   std::string out;
   for (char c : valid_utf8(s)) {
-    if (c == '\n') out += "\\n";
-    else if (c == '\t') out += "\\t";
-    else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) out += fmt::format("\\x{:02x}", static_cast<unsigned char>(c));
-    else out += c;
+    if (c == '\n')
+      out += "\\n";
+    else if (c == '\t')
+      out += "\\t";
+    else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
+      out += fmt::format("\\x{:02x}", static_cast<unsigned char>(c));
+    else
+      out += c;
   }
   return out;
 }
@@ -1069,10 +1113,14 @@ std::string visible_piece(const std::string& s) {
 std::string visible_text(const std::string& s) {
   std::string out;
   for (char c : s) {
-    if (c == '\n') out += "↵\n";
-    else if (c == '\t') out += "⇥";
-    else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f) out += "·";
-    else out += c;
+    if (c == '\n')
+      out += "↵\n";
+    else if (c == '\t')
+      out += "⇥";
+    else if (static_cast<unsigned char>(c) < 0x20 || c == 0x7f)
+      out += "·";
+    else
+      out += c;
   }
   return html_escape(out);
 }
@@ -1099,7 +1147,8 @@ std::string trace_block(const RunAnalysis& run, size_t l) {
     if (colors.size() > 1) {
       background = "linear-gradient(90deg";
       for (size_t c = 0; c < colors.size(); ++c)
-        background += fmt::format(",{} {:.0f}% {:.0f}%", colors[c], 100.0 * c / colors.size(), 100.0 * (c + 1) / colors.size());
+        background +=
+            fmt::format(",{} {:.0f}% {:.0f}%", colors[c], 100.0 * c / colors.size(), 100.0 * (c + 1) / colors.size());
       background += ")";
     }
     html += fmt::format("<span style=\"background:{}\" title=\"{}\">{}</span>", background, html_escape(tip),
@@ -1114,15 +1163,18 @@ std::string trace_section(const std::vector<RunAnalysis>& runs) {
   int64_t experts = 0;
   size_t max_layers = 0;
   for (const RunAnalysis& r : runs)
-    if (r.trace) any = true, experts = std::max(experts, r.experts), max_layers = std::max(max_layers, r.trace->layers.size());
+    if (r.trace)
+      any = true, experts = std::max(experts, r.experts), max_layers = std::max(max_layers, r.trace->layers.size());
   if (!any) return "";
   std::string legend = "<div class=\"legend\">";
   for (int64_t e = 0; e < experts; ++e)
     legend += "<span>" + chip(expert_color(e, experts)) + fmt::format("expert {}", e) + "</span>";
   legend += "</div>";
-  std::string html = "<section id=\"trace\"><h2>Routing trace</h2><p class=\"note\">Each token colored by the expert "
-                     "the router ranked first (its top-1), per MoE layer; hover a token for its top-k experts and their "
-                     "probabilities. Characters split over several byte tokens show one stripe per token.</p>" + legend;
+  std::string html =
+      "<section id=\"trace\"><h2>Routing trace</h2><p class=\"note\">Each token colored by the expert "
+      "the router ranked first (its top-1), per MoE layer; hover a token for its top-k experts and their "
+      "probabilities. Characters split over several byte tokens show one stripe per token.</p>" +
+      legend;
   for (size_t l = 0; l < max_layers; ++l) {
     html += fmt::format("<div class=\"layerrow\"><div class=\"cols\"{}>",
                         fmt::format(" style=\"grid-template-columns:repeat({},minmax(0,1fr))\"", runs.size()));
@@ -1144,9 +1196,9 @@ std::string config_section(const std::vector<RunAnalysis>& runs) {
   std::set<std::string> keys;
   for (const RunAnalysis& r : runs)
     for (auto it = r.config.begin(); it != r.config.end(); ++it) keys.insert(it.key());
-  const std::vector<std::string> headline = {"preset",        "model.d_model", "model.n_layers", "model.n_experts",
-                                             "model.top_k",   "moe.alpha",     "moe.beta",       "optim.name",
-                                             "train.steps",   "train.batch_size", "data.corpus"};
+  const std::vector<std::string> headline = {"preset",      "model.d_model",    "model.n_layers", "model.n_experts",
+                                             "model.top_k", "moe.alpha",        "moe.beta",       "optim.name",
+                                             "train.steps", "train.batch_size", "data.corpus"};
   auto row = [&](const std::string& key, bool mark) {
     std::set<std::string> distinct;
     std::string cells;
@@ -1175,20 +1227,21 @@ std::string config_section(const std::vector<RunAnalysis>& runs) {
     if (differs || std::find(headline.begin(), headline.end(), k) != headline.end()) main_rows += html;
     all_rows += html;
   }
-  std::string files = "<table><tr><th class=\"l\">run</th><th class=\"l\">folder</th><th class=\"l\">checkpoint</th>"
-                      "<th class=\"l\">held-out data</th><th class=\"l\">tokenizer</th></tr>";
+  std::string files =
+      "<table><tr><th class=\"l\">run</th><th class=\"l\">folder</th><th class=\"l\">checkpoint</th>"
+      "<th class=\"l\">held-out data</th><th class=\"l\">tokenizer</th></tr>";
   for (size_t i = 0; i < runs.size(); ++i)
-    files += "<tr><td class=\"l\">" + chip(color_of(kRunColors, i)) + html_escape(runs[i].name) + "</td><td class=\"l\">" +
-             html_escape(runs[i].run_dir.string()) + "</td><td class=\"l\">" + html_escape(runs[i].checkpoint.string()) +
-             fmt::format(" (step {})", runs[i].step) + "</td><td class=\"l\">" +
-             html_escape(fmt::format("{} · {} tokens", runs[i].selection, runs[i].tokens)) + "</td><td class=\"l\">" +
-             html_escape(runs[i].tokenizer) + "</td></tr>";
+    files += "<tr><td class=\"l\">" + chip(color_of(kRunColors, i)) + html_escape(runs[i].name) +
+             "</td><td class=\"l\">" + html_escape(runs[i].run_dir.string()) + "</td><td class=\"l\">" +
+             html_escape(runs[i].checkpoint.string()) + fmt::format(" (step {})", runs[i].step) +
+             "</td><td class=\"l\">" + html_escape(fmt::format("{} · {} tokens", runs[i].selection, runs[i].tokens)) +
+             "</td><td class=\"l\">" + html_escape(runs[i].tokenizer) + "</td></tr>";
   files += "</table>";
   return "<section id=\"config\"><h2>Runs and configuration</h2><p class=\"note\">Headline options" +
          std::string(runs.size() > 1 ? "; options that differ between the runs are highlighted" : "") +
-         ".</p><div class=\"scroll\">" + files + "</div><h3>Options</h3><div class=\"scroll\"><table>" + head + main_rows +
-         "</table></div><details><summary>every option</summary><div class=\"scroll\"><table>" + head + all_rows +
-         "</table></div></details></section>";
+         ".</p><div class=\"scroll\">" + files + "</div><h3>Options</h3><div class=\"scroll\"><table>" + head +
+         main_rows + "</table></div><details><summary>every option</summary><div class=\"scroll\"><table>" + head +
+         all_rows + "</table></div></details></section>";
 }
 
 const char* kGlossary = R"HTML(<section id="glossary"><h2>What the numbers mean</h2><dl>
@@ -1215,16 +1268,19 @@ std::string render_report(const std::vector<RunAnalysis>& runs, const ReportOpti
                  fmt::format(" · step {} · {} MoE layers × {} experts (top-{}) · {} domains</span>", runs[i].step,
                              runs[i].layers.size(), runs[i].experts, runs[i].top_k, runs[i].domains.size());
   bool traced = std::any_of(runs.begin(), runs.end(), [](const RunAnalysis& r) { return r.trace.has_value(); });
-  std::string html = "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" "
-                     "content=\"width=device-width,initial-scale=1\"><title>" +
-                     html_escape(options.title) + "</title><style>" + kStyle + "</style></head><body>";
+  std::string html =
+      "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" "
+      "content=\"width=device-width,initial-scale=1\"><title>" +
+      html_escape(options.title) + "</title><style>" + kStyle + "</style></head><body>";
   html += "<header><h1>" + html_escape(options.title) + "</h1><div class=\"sub\">" +
-          html_escape(fmt::format("{} run{} · generated {} by moe-analyze", runs.size(), runs.size() > 1 ? "s" : "", stamp)) +
+          html_escape(
+              fmt::format("{} run{} · generated {} by moe-analyze", runs.size(), runs.size() > 1 ? "s" : "", stamp)) +
           "</div><div class=\"runs\">" + runs_line + "</div></header>";
-  html += "<nav><a href=\"#summary\">Summary</a><a href=\"#curves\">Training curves</a><a href=\"#by-layer\">By layer</a>"
-          "<a href=\"#layers\">Per-layer table</a><a href=\"#heatmaps\">Heatmaps</a>" +
-          std::string(traced ? "<a href=\"#trace\">Routing trace</a>" : "") +
-          "<a href=\"#config\">Config</a><a href=\"#glossary\">Glossary</a></nav><main>";
+  html +=
+      "<nav><a href=\"#summary\">Summary</a><a href=\"#curves\">Training curves</a><a href=\"#by-layer\">By layer</a>"
+      "<a href=\"#layers\">Per-layer table</a><a href=\"#heatmaps\">Heatmaps</a>" +
+      std::string(traced ? "<a href=\"#trace\">Routing trace</a>" : "") +
+      "<a href=\"#config\">Config</a><a href=\"#glossary\">Glossary</a></nav><main>";
   html += summary_section(runs) + curves_section(runs) + by_layer_section(runs) + heatmaps_section(runs) +
           layers_section(runs) + trace_section(runs) + config_section(runs) + kGlossary;
   return html + "</main></body></html>\n";

@@ -7,62 +7,66 @@
 //   render_report(runs)            -> report.html text
 #include <cstdint>
 #include <filesystem>
+#include <map>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "moe/expert_metrics.h"
 #include "moe/specialization.h"
 
 namespace moelab::apps {
 
-// ---- the data -----------------------------------------------------------------------------------------------------------
+// ---- the data -------------------------------------------------------------------------------------------------------
 
-// The metrics log of moe-train (metrics.jsonl): one JSON object per line, split into training steps and evaluations.
+// The metrics log of moe-train (metrics.jsonl) as series of (step, value). Every number of a line becomes a series
+// named by its path: "loss", "ce", "lb", "lr", "tokens_per_s", "ce_domain/<domain>", ...; a list (one entry per MoE
+// layer) is averaged over its entries: "routing/mean_jsd", "omoe/removed". Evaluation lines {step, eval: {...}} fill
+// `eval` the same way ("ce", "ce_domain/<domain>", "routing/mean_jsd").
 struct MetricsLog {
-  std::vector<nlohmann::json> steps;  // {step, loss, ce, lb, z, ed, lr, grad_norm, tokens_per_s, ce_domain, routing}
-  std::vector<nlohmann::json> evals;  // {step, eval: {ce, ce_domain, routing}}
+  using Points = std::vector<std::pair<double, double>>;
+  std::map<std::string, Points> train, eval;
+  int64_t train_lines = 0, eval_lines = 0;
 };
 // Throws naming the file (missing) or file:line (not a JSON object, no "step").
 MetricsLog read_metrics_log(const std::filesystem::path& file);
 
 struct LayerAnalysis {
-  int64_t layer = 0;                        // transformer block index
-  moe::LayerSpecialization routing;         // usage, load, MI, JSD matrix, D_inter / D_total
-  moe::OutputSimilarity similarity;         // on a sample of held-out tokens (tokens = 0: not computed)
-  moe::ParameterVariance variance;          // normalized parameter variance of the expert matrices
-  std::vector<double> dppl_domain;          // [M] router-permutation dPPL (NaN: not computed / no tokens)
-  double dppl = NAN;                        // over all tokens
+  int64_t layer = 0;                 // transformer block index
+  moe::LayerSpecialization routing;  // usage, load, MI, JSD matrix, D_inter / D_total
+  moe::OutputSimilarity similarity;  // on a sample of held-out tokens (tokens = 0: not computed)
+  moe::ParameterVariance variance;   // normalized parameter variance of the expert matrices
+  std::vector<double> dppl_domain;   // [M] router-permutation dPPL (NaN: not computed / no tokens)
+  double dppl = NAN;                 // over all tokens
 };
 
 // What each layer's router did with each token of a given text: for teaching.
 struct RoutingTrace {
   std::string text;
-  std::vector<std::string> pieces;                 // [n] each token's text (tokenizer.decode of the one id)
-  std::vector<int64_t> layers;                     // [L] block index of each MoE layer
+  std::vector<std::string> pieces;                         // [n] each token's text (tokenizer.decode of the one id)
+  std::vector<int64_t> layers;                             // [L] block index of each MoE layer
   std::vector<std::vector<std::vector<int32_t>>> experts;  // [L][n][k] chosen experts, most probable first
   std::vector<std::vector<std::vector<float>>> probs;      // [L][n][k] their router probabilities
 };
 
 struct RunAnalysis {
-  std::string name;                     // shown in the report: the run folder's name (unique among the runs)
+  std::string name;  // shown in the report: the run folder's name (unique among the runs)
   std::filesystem::path run_dir, checkpoint;
-  int64_t step = 0;                     // of the checkpoint
-  nlohmann::json config;                // the run's options, flat (key -> value, as in the checkpoint)
-  std::vector<std::string> domains;     // [M]
+  int64_t step = 0;                  // of the checkpoint
+  nlohmann::json config;             // the run's options, flat (key -> value, as in the checkpoint)
+  std::vector<std::string> domains;  // [M]
   int64_t experts = 0, top_k = 0;
-  std::string tokenizer, selection;     // Tokenizer::name(); which held-out sequences were analysed
+  std::string tokenizer, selection;  // Tokenizer::name(); which held-out sequences were analysed
   int64_t sequences = 0, tokens = 0;
-  std::vector<double> ce_domain;        // [M] held-out mean CE (nats/token; NaN: no tokens)
+  std::vector<double> ce_domain;  // [M] held-out mean CE (nats/token; NaN: no tokens)
   double ce = NAN;
-  std::vector<LayerAnalysis> layers;    // MoE layers in order
+  std::vector<LayerAnalysis> layers;  // MoE layers in order
   MetricsLog log;
   std::optional<RoutingTrace> trace;
 };
 
-// ---- analysing a run ----------------------------------------------------------------------------------------------------
+// ---- analysing a run ------------------------------------------------------------------------------------------------
 
 struct AnalyzeOptions {
   std::string checkpoint = "final";  // <run>/checkpoints/<checkpoint>
@@ -79,7 +83,7 @@ struct AnalyzeOptions {
 // present), a checkpoint that does not fit its config, a corpus without domain labels or with fewer than 2 domains.
 RunAnalysis analyze_run(const std::filesystem::path& run_dir, const AnalyzeOptions& options = {});
 
-// ---- writing it down ----------------------------------------------------------------------------------------------------
+// ---- writing it down ------------------------------------------------------------------------------------------------
 
 nlohmann::json analysis_json(const RunAnalysis& run);  // every metric (not the metrics log); NaN -> null
 // <out>/analysis.json {"runs": [...]}, and per run <out>/<name>/usage.csv, jsd.csv, layers.csv. Returns the files.
@@ -95,7 +99,7 @@ struct ReportOptions {
 // JSD matrix, expert load), routing traces. Several runs are compared side by side. All text is escaped.
 std::string render_report(const std::vector<RunAnalysis>& runs, const ReportOptions& options = {});
 
-// ---- building blocks (exposed for tests) --------------------------------------------------------------------------------
+// ---- building blocks (exposed for tests) ----------------------------------------------------------------------------
 
 std::string html_escape(std::string_view text);  // & < > " ' -> entities; invalid UTF-8 -> U+FFFD
 std::string valid_utf8(std::string_view text);   // invalid bytes -> U+FFFD

@@ -30,12 +30,14 @@ static std::string unescape(const std::string& s) {
 
 int main(int argc, char** argv) {
   using namespace moelab::apps;
-  CLI::App app{"moe-analyze: expert specialization of trained MoE runs on held-out data -> analysis.json, CSV files "
-               "and report.html"};
+  CLI::App app{
+      "moe-analyze: expert specialization of trained MoE runs on held-out data -> analysis.json, CSV files "
+      "and report.html"};
   std::vector<std::string> run_dirs;
   AnalyzeOptions options;
   std::string out_dir, trace, title, data_dir;
-  app.add_option("runs", run_dirs, "run folders (train.out_dir of moe-train: metrics.jsonl + checkpoints/)")->required();
+  app.add_option("runs", run_dirs, "run folders (train.out_dir of moe-train: metrics.jsonl + checkpoints/)")
+      ->required();
   app.add_option("--checkpoint", options.checkpoint, "checkpoint to analyse in each run: checkpoints/<NAME>")
       ->default_val("final");
   app.add_option("--corpus", options.corpus, "corpus folder, .jsonl file or 'synthetic' (default: each run's own)");
