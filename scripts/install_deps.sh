@@ -6,6 +6,7 @@ packages=(
   libfmt-dev doctest-dev nlohmann-json3-dev libtomlplusplus-dev libcli11-dev
   libsentencepiece-dev sentencepiece
   python3 python3-numpy python3-torch libopenblas0-pthread
+  chromium fonts-liberation
 )
 command -v npm >/dev/null || packages+=(npm)  # the corpus builder fetches npm packages (npm pack)
 missing=()
