@@ -15,8 +15,6 @@ using testing::random;
 
 namespace {
 
-Tensor probs_from_logits(const Tensor& logits) { return softmax(logits); }
-
 // A plain-loop L_ED on probabilities [B*T, E] (independent of moe/divergence.cpp).
 double reference_ed(const std::vector<double>& p, const std::vector<int32_t>& dom, int64_t T, int64_t E, int64_t M,
                     bool neglog, double eps) {
