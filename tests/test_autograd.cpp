@@ -9,26 +9,13 @@
 #include "tests/testing.h"
 
 using namespace moelab;
+using moelab::testing::check_mentions;
+using moelab::testing::error_of;
 using moelab::testing::gradcheck;
 using moelab::testing::random;
 using moelab::testing::weighted_sum;
 
 namespace {
-
-template <class F> std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no exception>";
-}
-
-void check_mentions(const std::string& message, const std::vector<std::string>& parts) {
-  for (const std::string& part : parts)
-    CHECK_MESSAGE(message.find(part) != std::string::npos, "'" << message << "' does not mention '" << part << "'");
-}
-
 Tensor leaf(const std::vector<double>& values, const Shape& shape) {
   return from_vector(values, shape).set_requires_grad();
 }

@@ -11,6 +11,8 @@
 #include "tests/testing.h"
 
 using namespace moelab;
+using moelab::testing::check_mentions;
+using moelab::testing::error_of;
 using moelab::testing::as_doubles;
 using moelab::testing::check_close;
 using moelab::testing::gradcheck;
@@ -18,21 +20,6 @@ using moelab::testing::random;
 using moelab::testing::weighted_sum;
 
 namespace {
-
-template <class F> std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no exception>";
-}
-
-void check_mentions(const std::string& message, const std::vector<std::string>& parts) {
-  for (const std::string& part : parts)
-    CHECK_MESSAGE(message.find(part) != std::string::npos, "'" << message << "' does not mention '" << part << "'");
-}
-
 std::vector<int64_t> unravel(int64_t i, const Shape& shape) {
   std::vector<int64_t> idx(shape.size());
   for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) idx[d] = i % shape[d], i /= shape[d];

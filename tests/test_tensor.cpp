@@ -10,26 +10,11 @@
 #include "tests/testing.h"
 
 using namespace moelab;
+using moelab::testing::check_mentions;
+using moelab::testing::error_of;
 using moelab::testing::as_doubles;
 
 namespace {
-
-// The message of the exception f throws, or "<no exception>".
-template <class F> std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "<no exception>";
-}
-
-// Asserts `message` contains every one of `parts`.
-void check_mentions(const std::string& message, const std::vector<std::string>& parts) {
-  for (const std::string& part : parts)
-    CHECK_MESSAGE(message.find(part) != std::string::npos, "'" << message << "' does not mention '" << part << "'");
-}
-
 // Row-major strides of a shape.
 std::vector<int64_t> strides_of(const Shape& shape) {
   std::vector<int64_t> strides(shape.size(), 1);

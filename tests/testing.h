@@ -28,6 +28,22 @@ inline std::vector<double> as_doubles(const Tensor& t) {
   return {v.begin(), v.end()};
 }
 
+// The message of the exception f throws, or "<no exception>".
+template <class F> std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "<no exception>";
+}
+
+// Asserts `message` contains every one of `parts`.
+inline void check_mentions(const std::string& message, const std::vector<std::string>& parts) {
+  for (const std::string& part : parts)
+    CHECK_MESSAGE(message.find(part) != std::string::npos, "'" << message << "' does not mention '" << part << "'");
+}
+
 // max |a - b| / (atol + |b|) over elements; shapes must match.
 inline double max_relative_error(const Tensor& actual, const Tensor& expected, double atol = 1e-6) {
   REQUIRE_MESSAGE(actual.shape() == expected.shape(), actual.str() << " vs " << expected.str());
