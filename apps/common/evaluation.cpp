@@ -16,7 +16,7 @@ namespace moelab::apps {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-// ---- the checkpoint -------------------------------------------------------------------------------------------------------
+// ---- the checkpoint -------------------------------------------------------------------------------------------------
 
 // The checkpoint folder itself, or a run folder's checkpoints/final.
 static fs::path checkpoint_folder(const fs::path& dir) {
@@ -32,7 +32,9 @@ static fs::path checkpoint_folder(const fs::path& dir) {
 
 // The run folder a checkpoint was written into (<out_dir>/checkpoints/<name>), or empty.
 static fs::path run_folder(const fs::path& checkpoint_dir) {
-  fs::path parent = fs::absolute(checkpoint_dir).lexically_normal().parent_path();
+  fs::path dir = fs::absolute(checkpoint_dir).lexically_normal();
+  if (!dir.has_filename()) dir = dir.parent_path();  // "…/final/"
+  fs::path parent = dir.parent_path();
   if (parent.filename() == "checkpoints") return parent.parent_path();
   return {};
 }
@@ -53,7 +55,8 @@ static std::string toml_literal(const json& v) {
 }
 
 TrainConfig train_config_from_json(const json& flat, std::vector<std::string>* ignored) {
-  if (!flat.is_object()) throw std::invalid_argument("train_config: expected a JSON object, got " + std::string(flat.type_name()));
+  if (!flat.is_object())
+    throw std::invalid_argument("train_config: expected a JSON object, got " + std::string(flat.type_name()));
   json preset = flat.value("preset", json("tiny"));
   if (!preset.is_string()) throw std::invalid_argument("train_config: 'preset' must be a string");
   TrainConfig c = train_preset(preset.get<std::string>());
@@ -79,7 +82,8 @@ TrainConfig train_config_from_json(const json& flat, std::vector<std::string>* i
 }
 
 // "byte" or an absolute .model path for the evaluation; never trains a tokenizer (a new one would not be the model's).
-static std::string resolve_tokenizer(const TrainConfig& c, const fs::path& checkpoint_dir, const std::string& override_) {
+static std::string resolve_tokenizer(const TrainConfig& c, const fs::path& checkpoint_dir,
+                                     const std::string& override_) {
   std::string spec = override_.empty() ? c.data.tokenizer : override_;
   if (spec == "byte") return spec;
   if (spec == "bpe") {
@@ -177,7 +181,7 @@ LoadedCheckpoint load_checkpoint(const fs::path& dir_arg, const EvalOptions& opt
   return out;
 }
 
-// ---- the data -------------------------------------------------------------------------------------------------------------
+// ---- the data -------------------------------------------------------------------------------------------------------
 
 static uint64_t fnv1a(const std::string& s) {
   uint64_t h = 0xcbf29ce484222325ull;
@@ -263,7 +267,7 @@ EvalSet make_eval_set(const std::shared_ptr<const data::Shard>& validation, cons
   return set;
 }
 
-// ---- scores ---------------------------------------------------------------------------------------------------------------
+// ---- scores ---------------------------------------------------------------------------------------------------------
 
 double DomainScore::ce() const { return tokens ? ce_sum / static_cast<double>(tokens) : NAN; }
 double DomainScore::ppl() const { return std::exp(ce()); }
@@ -293,7 +297,7 @@ Scores score(moe::MoEModel& model, const EvalSet& set, int64_t num_domains, cons
   return s;
 }
 
-// ---- router-permutation dPPL -----------------------------------------------------------------------------------------------
+// ---- router-permutation dPPL ----------------------------------------------------------------------------------------
 
 std::vector<int64_t> random_derangement(int64_t n, uint64_t seed) {
   if (n < 2) throw std::invalid_argument(fmt::format("random_derangement: needs n >= 2, got {}", n));
@@ -368,9 +372,11 @@ std::vector<LayerDPPL> router_permutation_dppl(moe::MoEModel& model, const EvalS
   return out;
 }
 
-// ---- one checkpoint ---------------------------------------------------------------------------------------------------------
+// ---- one checkpoint -------------------------------------------------------------------------------------------------
 
 CheckpointEvaluation evaluate_checkpoint(const fs::path& dir, const EvalOptions& options) {
+  if (options.permutations < 0)
+    throw std::invalid_argument(fmt::format("--permutations must be >= 0, got {}", options.permutations));
   LoadedCheckpoint ck = load_checkpoint(dir, options);
   TrainingData data = prepare_eval_data(ck, options);
   const int64_t batch_size = options.batch_size > 0 ? options.batch_size : ck.config.batch_size;
@@ -396,7 +402,7 @@ CheckpointEvaluation evaluate_checkpoint(const fs::path& dir, const EvalOptions&
   return e;
 }
 
-// ---- output ---------------------------------------------------------------------------------------------------------------
+// ---- output ---------------------------------------------------------------------------------------------------------
 
 static std::string number(double v, const char* spec) {
   return std::isnan(v) ? "-" : fmt::format(fmt::runtime(spec), v);

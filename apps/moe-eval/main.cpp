@@ -23,8 +23,8 @@ int main(int argc, char** argv) {
   app.add_option("--corpus", o.data.corpus, "corpus folder, .jsonl file or 'synthetic' (default: the run's)");
   app.add_option("--tokenizer", o.data.tokenizer, "'byte' or a SentencePiece .model file (default: the run's)");
   app.add_option("--text-key", o.data.text_key, "JSONL key of the text (default: the run's)");
-  app.add_option("--domain-key", o.data.domain_key, "JSONL key of the domain, dotted path allowed (default: the run's)");
-  app.add_option("--seq-len", o.data.seq_len, "tokens per evaluated sequence, at most the model's (default: the model's)");
+  app.add_option("--domain-key", o.data.domain_key, "JSONL key of the domain, dotted path ok (default: the run's)");
+  app.add_option("--seq-len", o.data.seq_len, "tokens per sequence, at most the model's (default: the model's)");
   app.add_option("--max-batches", o.max_batches,
                  "evaluate the trainer's sample of N shuffled validation batches (0: every validation sequence)")
       ->default_val(0);
