@@ -27,11 +27,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("moelab_test_analyze_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  return dir;
-}
+fs::path scratch(const std::string& name) { return testing::fresh_temp_dir("analyze_" + name); }
 
 // Routing of B sequences of T tokens: each token's top-k choices, and dense probabilities that put `p_top` on its
 // first choice and spread the rest evenly.

@@ -18,11 +18,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("moelab_test_eval_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  return dir;
-}
+fs::path scratch(const std::string& name) { return testing::fresh_temp_dir("eval_" + name); }
 
 // One small MoE (2 MoE layers, 4 experts, top-2) trained briefly on the synthetic corpus, shared by the cases of a
 // process and removed at exit.

@@ -16,11 +16,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-fs::path scratch(const std::string& name) {
-  fs::path dir = fs::temp_directory_path() / ("moelab_test_trainer_" + name + "_" + std::to_string(::getpid()));
-  fs::remove_all(dir);
-  return dir;
-}
+fs::path scratch(const std::string& name) { return testing::fresh_temp_dir("trainer_" + name); }
 
 // A small MoE on the synthetic corpus: fast enough for many steps on 2 cores.
 TrainConfig small_config(const fs::path& out, int64_t steps) {

@@ -3,7 +3,10 @@
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
+#include <unistd.h>
+
 #include <cmath>
+#include <filesystem>
 #include <functional>
 #include <string>
 #include <vector>
@@ -26,6 +29,14 @@ inline std::vector<double> as_doubles(const Tensor& t) {
   }
   std::vector<int32_t> v = t.to_vector<int32_t>();
   return {v.begin(), v.end()};
+}
+
+// An empty folder under the system's temp folder, unique to this process (removed first if it exists).
+inline std::filesystem::path fresh_temp_dir(const std::string& name) {
+  std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("moelab_test_" + name + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  return dir;
 }
 
 // The message of the exception f throws, or "<no exception>".
