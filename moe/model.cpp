@@ -7,10 +7,12 @@
 
 namespace moelab::moe {
 
+constexpr int32_t kIgnoreTarget = -100;  // cross_entropy's default ignore_index
+
 MoEModel::MoEModel(const nn::ModelConfig& config, const RouterLossConfig& losses, uint64_t seed)
     : losses_(losses), ed_form_(parse_ed_form(losses.ed_form)) {
-  if (losses.beta > 0 && config.n_experts < 2)
-    throw std::invalid_argument("expert divergence (beta > 0) needs at least 2 experts, got " +
+  if (losses.beta != 0 && config.n_experts < 2)
+    throw std::invalid_argument("expert divergence (beta != 0) needs at least 2 experts, got " +
                                 std::to_string(config.n_experts));
   lm_ = std::make_unique<nn::TransformerLM>(config, seed, moe_feed_forward);
   // Router losses are computed where the routing is: each layer reports them into the forward context.
@@ -82,7 +84,12 @@ void accumulate_domain_ce(const Tensor& logits, const Tensor& targets, const Ten
   int64_t n = host_logits.size(0), v = host_logits.size(1), seq = n / static_cast<int64_t>(dom.size());
   const float* z = host_logits.data<float>();
   std::vector<double> token_ce(n);
+  for (int64_t i = 0; i < n; ++i)
+    if (tgt[i] != kIgnoreTarget && (tgt[i] < 0 || tgt[i] >= v))
+      throw std::invalid_argument("accumulate_domain_ce: target " + std::to_string(tgt[i]) + " of token " +
+                                  std::to_string(i) + " outside [0, " + std::to_string(v) + ")");
   cpu::parallel_for(n, v * 4, [&](int64_t i) {
+    if (tgt[i] == kIgnoreTarget) return;
     const float* row = z + i * v;
     double m = row[0];
     for (int64_t j = 1; j < v; ++j) m = std::max(m, static_cast<double>(row[j]));
@@ -91,6 +98,7 @@ void accumulate_domain_ce(const Tensor& logits, const Tensor& targets, const Ten
     token_ce[i] = m + std::log(s) - row[tgt[i]];
   });
   for (int64_t i = 0; i < n; ++i) {
+    if (tgt[i] == kIgnoreTarget) continue;
     int32_t d = dom[i / seq];
     if (d < 0 || d >= num_domains)
       throw std::invalid_argument("domain id " + std::to_string(d) + " out of range [0, " + std::to_string(num_domains) + ")");

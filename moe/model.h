@@ -23,6 +23,9 @@ struct LossBreakdown {
 class MoEModel {
  public:
   MoEModel(const nn::ModelConfig& config, const RouterLossConfig& losses, uint64_t seed);
+  // The layers' on_routing hooks point at this object: it never moves.
+  MoEModel(MoEModel&&) = delete;
+  MoEModel& operator=(MoEModel&&) = delete;
 
   // inputs i32 [B, T], targets i32 [B*T], domains i32 [B] in [0, num_domains) (may be undefined: no ED, no per-domain CE).
   LossBreakdown loss(const Tensor& inputs, const Tensor& targets, const Tensor& domains, int64_t num_domains);

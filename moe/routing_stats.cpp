@@ -34,7 +34,7 @@ RoutingStats routing_stats(const Tensor& probs, const Tensor& expert_ids, const 
     s.dead_experts += c == 0;
   }
   s.tokens_std = std::sqrt(var);
-  s.load_entropy = entropy / std::log(static_cast<double>(experts));
+  s.load_entropy = experts > 1 ? entropy / std::log(static_cast<double>(experts)) : 0.0;
   if (domains.defined() && domains.numel() > 0) {
     std::vector<int32_t> dom = domains.to_vector<int32_t>();
     std::vector<Distribution> means = sequence_means(to_dtype(probs.detach(), DType::F32).to_vector<float>(),

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstring>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
@@ -34,6 +35,7 @@ void save_safetensors(const std::filesystem::path& path, const std::vector<Named
   json header = json::object();
   uint64_t offset = 0;
   for (const NamedTensor& t : tensors) {
+    if (header.contains(t.name)) throw std::invalid_argument(fmt::format("{}: tensor name '{}' given twice", path.string(), t.name));
     uint64_t bytes = t.tensor.numel() * dtype_size(t.tensor.dtype());
     header[t.name] = {{"dtype", safetensors_dtype(t.tensor.dtype())},
                       {"shape", t.tensor.shape()},
@@ -81,6 +83,7 @@ SafeTensors load_safetensors(const std::filesystem::path& path) {
   uint64_t data_size = bytes.size() - 8 - length;
   SafeTensors file;
   uint64_t covered = 0;
+  std::vector<std::pair<uint64_t, uint64_t>> spans;  // [begin, end) of each tensor
   for (const auto& [name, entry] : header.items()) {
     if (name == "__metadata__") {
       for (const auto& [key, value] : entry.items()) file.metadata[key] = value.get<std::string>();
@@ -89,6 +92,8 @@ SafeTensors load_safetensors(const std::filesystem::path& path) {
     std::string at = fmt::format("{}: tensor '{}'", where, name);
     DType dtype = parse_dtype(entry.at("dtype").get<std::string>(), at);
     Shape shape = entry.at("shape").get<Shape>();
+    for (int64_t s : shape)
+      if (s < 0) throw std::runtime_error(fmt::format("{}: negative size in shape {}", at, shape_str(shape)));
     auto offsets = entry.at("data_offsets").get<std::vector<uint64_t>>();
     uint64_t expected = shape_numel(shape) * dtype_size(dtype);
     if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] > data_size || offsets[1] - offsets[0] != expected)
@@ -98,7 +103,13 @@ SafeTensors load_safetensors(const std::filesystem::path& path) {
     if (expected) std::memcpy(t.raw_data(), data + offsets[0], expected);
     covered += expected;
     file.tensors.push_back({name, t});
+    spans.emplace_back(offsets[0], offsets[1]);
   }
+  // The tensors must tile the data exactly: sorted by offset, each starts where the previous ended.
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 0; i < spans.size(); ++i)
+    if (spans[i].first != (i ? spans[i - 1].second : 0))
+      throw std::runtime_error(fmt::format("{}: tensor data overlaps or leaves a gap at byte {}", where, spans[i].first));
   if (covered != data_size)
     throw std::runtime_error(fmt::format("{}: tensors cover {} of {} data bytes (truncated or corrupt)", where, covered,
                                          data_size));

@@ -113,7 +113,7 @@ void TrainConfig::validate() const {
                                               model.n_experts));
   }
   moe::parse_ed_form(losses.ed_form);
-  require(!(losses.beta > 0 && model.n_experts < 2),
+  require(!(losses.beta != 0 && model.n_experts < 2),
           fmt::format("moe.beta = {} needs at least 2 experts (model.n_experts = {})", losses.beta, model.n_experts));
   require(data.tokenizer != "byte" || model.vocab_size == 256,
           fmt::format("the byte tokenizer needs model.vocab_size = 256, got {}", model.vocab_size));
