@@ -1022,6 +1022,14 @@ std::string by_layer_section(const std::vector<RunAnalysis>& runs) {
          run_legend(runs) + "<div class=\"charts\">" + charts + "</div></section>";
 }
 
+// The MoE layers analysed in any of the runs, ascending.
+std::set<int64_t> analysed_layers(const std::vector<RunAnalysis>& runs) {
+  std::set<int64_t> layers;
+  for (const RunAnalysis& r : runs)
+    for (const LayerAnalysis& a : r.layers) layers.insert(a.layer);
+  return layers;
+}
+
 std::string layers_section(const std::vector<RunAnalysis>& runs) {
   std::string html =
       "<section id=\"layers\"><h2>Per-layer metrics</h2><p class=\"note\">MI in bits over token slots; JSD and D in "
@@ -1032,9 +1040,7 @@ std::string layers_section(const std::vector<RunAnalysis>& runs) {
       "JSD</th>"
       "<th>D_inter</th><th>D_total</th><th>D_inter/D_total</th><th>load min…max</th><th>load std</th><th>load H</th>"
       "<th>max-viol</th><th>dead</th><th>out-sim</th><th>NV</th><th>dPPL</th></tr>";
-  std::set<int64_t> layer_ids;
-  for (const RunAnalysis& r : runs)
-    for (const LayerAnalysis& a : r.layers) layer_ids.insert(a.layer);
+  std::set<int64_t> layer_ids = analysed_layers(runs);
   for (int64_t layer : layer_ids) {
     bool first = true;
     for (size_t i = 0; i < runs.size(); ++i)
@@ -1066,9 +1072,7 @@ std::string heatmaps_section(const std::vector<RunAnalysis>& runs) {
       "domain's top-k slots that go to each expert (rows sum to 1; a common color scale per layer). Bars: "
       "the experts' overall load (dashed: even load; red: dead expert). Orange: JSD between the domains' "
       "mean routing distributions (scale 0 … ln 2).</p>";
-  std::set<int64_t> layer_ids;
-  for (const RunAnalysis& r : runs)
-    for (const LayerAnalysis& a : r.layers) layer_ids.insert(a.layer);
+  std::set<int64_t> layer_ids = analysed_layers(runs);
   for (int64_t layer : layer_ids) {
     double vmax = 0;
     for (const RunAnalysis& r : runs)
