@@ -40,11 +40,11 @@ static void binary_kernel(const Tensor& a, const Tensor& b, const Tensor& out, F
   const T* pb = b.data<T>();
   T* po = out.data<T>();
   int64_t n = out.numel();
-  if (a.shape() == b.shape()) {  // the common case: one flat loop
+  if (a.shape() == out.shape() && b.shape() == out.shape()) {  // the common case: one flat loop
     cpu::parallel_for(n, 1, [&](int64_t i) { po[i] = f(pa[i], pb[i]); });
     return;
   }
-  if (b.numel() == 1) {
+  if (a.shape() == out.shape() && b.numel() == 1) {
     T s = pb[0];
     cpu::parallel_for(n, 1, [&](int64_t i) { po[i] = f(pa[i], s); });
     return;
@@ -112,8 +112,8 @@ Tensor expand(const Tensor& x, const Shape& shape) {
   if (broadcast_shape("expand", x.shape(), shape) != shape) fail("expand: cannot broadcast {} to {}", x.str(), shape_str(shape));
   if (x.shape() == shape) return x;
   Tensor out = Tensor::empty(shape, x.dtype(), x.device());
-  // out = x broadcast against a zero-strided operand: reuse the binary kernel with "take the left value".
-  dispatch_float("expand", x.dtype(), [&](auto t) { binary_kernel<decltype(t)>(out, x, out, [](auto, auto v) { return v; }); });
+  // The binary kernel's broadcasting with x on both sides, keeping one of them.
+  dispatch_float("expand", x.dtype(), [&](auto t) { binary_kernel<decltype(t)>(x, x, out, [](auto v, auto) { return v; }); });
   return record("expand", out, {x}, [in_shape = x.shape()](const Tensor& g) -> std::vector<Tensor> { return {sum_to(g, in_shape)}; });
 }
 
