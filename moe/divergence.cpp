@@ -35,20 +35,43 @@ static void check_domain(int32_t d, int64_t num_domains) {
                                 ")");
 }
 
-DomainMeans domain_means(const std::vector<Distribution>& sequence_means, const std::vector<int32_t>& domains,
-                         int64_t num_domains) {
+DomainSums domain_sums(const std::vector<Distribution>& sequence_means, const std::vector<int32_t>& domains,
+                       int64_t num_domains) {
   size_t experts = sequence_means.empty() ? 0 : sequence_means[0].size();
-  DomainMeans out{std::vector<Distribution>(num_domains, Distribution(experts, 0.0)),
-                  std::vector<int64_t>(num_domains, 0)};
+  DomainSums out{std::vector<Distribution>(num_domains, Distribution(experts, 0.0)),
+                 std::vector<int64_t>(num_domains, 0)};
   for (size_t s = 0; s < sequence_means.size(); ++s) {
     check_domain(domains[s], num_domains);
-    for (size_t e = 0; e < experts; ++e) out.mean[domains[s]][e] += sequence_means[s][e];
+    for (size_t e = 0; e < experts; ++e) out.sum[domains[s]][e] += sequence_means[s][e];
     out.count[domains[s]]++;
   }
-  for (int64_t j = 0; j < num_domains; ++j)
+  return out;
+}
+
+void DomainSums::add(const DomainSums& other) {
+  if (sum.empty()) {
+    *this = other;
+    return;
+  }
+  if (other.sum.size() != sum.size() || (!sum.empty() && other.sum[0].size() != sum[0].size()))
+    throw std::invalid_argument("DomainSums::add: the sums differ in domains or experts");
+  for (size_t j = 0; j < sum.size(); ++j) {
+    for (size_t e = 0; e < sum[j].size(); ++e) sum[j][e] += other.sum[j][e];
+    count[j] += other.count[j];
+  }
+}
+
+DomainMeans domain_means(const DomainSums& sums) {
+  DomainMeans out{sums.sum, sums.count};
+  for (size_t j = 0; j < out.count.size(); ++j)
     if (out.count[j] > 0)
       for (double& v : out.mean[j]) v /= static_cast<double>(out.count[j]);
   return out;
+}
+
+DomainMeans domain_means(const std::vector<Distribution>& sequence_means, const std::vector<int32_t>& domains,
+                         int64_t num_domains) {
+  return domain_means(domain_sums(sequence_means, domains, num_domains));
 }
 
 std::vector<std::vector<double>> pairwise_jsd(const DomainMeans& means) {

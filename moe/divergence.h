@@ -24,6 +24,17 @@ struct DomainMeans {
 DomainMeans domain_means(const std::vector<Distribution>& sequence_means, const std::vector<int32_t>& domains,
                          int64_t num_domains);
 
+// The same before the division: per domain the sum of its sequence means and their count. Sums of several
+// micro-batches add up to the sums of their union (the expert divergence over a whole optimizer step).
+struct DomainSums {
+  std::vector<Distribution> sum;  // [M][E]
+  std::vector<int64_t> count;     // [M]
+  void add(const DomainSums& other);  // this += other (an empty this takes other's shape)
+};
+DomainSums domain_sums(const std::vector<Distribution>& sequence_means, const std::vector<int32_t>& domains,
+                       int64_t num_domains);
+DomainMeans domain_means(const DomainSums& sums);
+
 // JSD between every pair of present domains: [M][M] (0 on the diagonal and for absent domains).
 std::vector<std::vector<double>> pairwise_jsd(const DomainMeans& means);
 // Mean of JSD over unordered pairs of present domains (0 when fewer than two are present).

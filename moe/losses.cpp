@@ -71,30 +71,50 @@ EDForm parse_ed_form(const std::string& name) {
 
 const char* ed_form_name(EDForm form) { return form == EDForm::NegLog ? "neglog" : "neg_jsd"; }
 
-Tensor expert_divergence_loss(const Tensor& probs, const Tensor& domains, int64_t num_domains, EDForm form, double eps) {
-  if (probs.dim() != 2 || domains.dim() != 1 || domains.dtype() != DType::I32)
-    throw std::invalid_argument(fmt::format("expert_divergence_loss: probs {} must be [N, E] and domains {} i32 [B]",
-                                            probs.str(), domains.str()));
-  int64_t n = probs.size(0), experts = probs.size(1), batch = domains.numel();
-  if (batch == 0 || n % batch != 0)
-    throw std::invalid_argument(fmt::format("expert_divergence_loss: {} tokens do not split into {} sequences", n, batch));
-  if (experts < 2) throw std::invalid_argument("expert_divergence_loss: needs at least 2 experts, got " + probs.str());
-  int64_t seq = n / batch;
-  std::vector<int32_t> dom = domains.to_vector<int32_t>();
-
-  // 1. sequence means pbar_s  2. domain means Q_j (double precision)
-  std::vector<Distribution> seq_means(batch, Distribution(experts, 0.0));
+// Mean routing distribution of each of the B sequences of probs [B*T, E] (double precision).
+static std::vector<Distribution> sequence_means(const Tensor& probs, int64_t batch) {
+  const int64_t experts = probs.size(1), seq = probs.size(0) / batch;
+  std::vector<Distribution> means(batch, Distribution(experts, 0.0));
   auto accumulate = [&](auto t) {
     using T = decltype(t);
     const T* p = probs.data<T>();
     cpu::parallel_for(batch, seq * experts, [&](int64_t s) {
       for (int64_t t = 0; t < seq; ++t)
-        for (int64_t e = 0; e < experts; ++e) seq_means[s][e] += p[(s * seq + t) * experts + e];
-      for (double& v : seq_means[s]) v /= static_cast<double>(seq);
+        for (int64_t e = 0; e < experts; ++e) means[s][e] += p[(s * seq + t) * experts + e];
+      for (double& v : means[s]) v /= static_cast<double>(seq);
     });
   };
   probs.dtype() == DType::F64 ? accumulate(double{}) : accumulate(float{});
-  DomainMeans q = domain_means(seq_means, dom, num_domains);
+  return means;
+}
+
+static void check_ed_inputs(const char* what, const Tensor& probs, const Tensor& domains) {
+  if (probs.dim() != 2 || domains.dim() != 1 || domains.dtype() != DType::I32)
+    throw std::invalid_argument(fmt::format("{}: probs {} must be [N, E] and domains {} i32 [B]", what, probs.str(),
+                                            domains.str()));
+  if (domains.numel() == 0 || probs.size(0) % domains.numel() != 0)
+    throw std::invalid_argument(fmt::format("{}: {} tokens do not split into {} sequences", what, probs.size(0),
+                                            domains.numel()));
+}
+
+DomainSums routing_domain_sums(const Tensor& probs, const Tensor& domains, int64_t num_domains) {
+  check_ed_inputs("routing_domain_sums", probs, domains);
+  Tensor p = to_device(probs.detach(), Device::CPU);
+  return domain_sums(sequence_means(p, domains.numel()), domains.to_vector<int32_t>(), num_domains);
+}
+
+Tensor expert_divergence_loss(const Tensor& probs, const Tensor& domains, int64_t num_domains, EDForm form, double eps,
+                              const DomainSums* rest) {
+  check_ed_inputs("expert_divergence_loss", probs, domains);
+  int64_t experts = probs.size(1), batch = domains.numel();
+  if (experts < 2) throw std::invalid_argument("expert_divergence_loss: needs at least 2 experts, got " + probs.str());
+  int64_t seq = probs.size(0) / batch;
+  std::vector<int32_t> dom = domains.to_vector<int32_t>();
+
+  // 1. sequence means pbar_s  2. domain means Q_j (double precision), pooled with the step's other micro-batches
+  DomainSums sums = domain_sums(sequence_means(probs, batch), dom, num_domains);
+  if (rest) sums.add(*rest);
+  DomainMeans q = domain_means(sums);
   std::vector<int64_t> present = q.present();
   if (present.size() < 2) return zeros({}, probs.dtype());  // L_ED = 0, no gradient
 

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "engine/ops.h"
+#include "moe/divergence.h"
 
 namespace moelab::moe {
 
@@ -22,6 +23,9 @@ struct RouterLossConfig {
   double beta = 0.0;       // expert divergence (0: the baseline)
   std::string ed_form = "neglog";  // "neglog" | "neg_jsd"
   double ed_eps = 1e-6;
+  // With gradient accumulation (the trainer's grad_accum > 1): "micro_batch" computes ED on each micro-batch alone,
+  // "step" over the whole optimizer step's batch (one extra forward without gradient per micro-batch; edl.md).
+  std::string ed_scope = "micro_batch";
 };
 
 // Expert divergence (edl.md): pulls apart the mean routing distributions of the domains in the batch.
@@ -32,7 +36,13 @@ const char* ed_form_name(EDForm form);
 // probs [N, E] with N = B*T (B sequences of T tokens, in order), domains i32 [B] in [0, num_domains).
 // Sequence means, then domain means Q_j (each sequence counts once), then the pairwise JSD over present domains.
 // Fewer than two domains present -> 0 with no gradient. Forward and backward in double precision.
+// `rest`: the domain sums of the optimizer step's other micro-batches (constants). Q_j then pools them with this
+// batch's sequences, so the value is the loss of the whole step's batch and the gradient its exact derivative with
+// respect to this micro-batch's probs (edl.md, batch scope "step").
 Tensor expert_divergence_loss(const Tensor& probs, const Tensor& domains, int64_t num_domains, EDForm form = EDForm::NegLog,
-                              double eps = 1e-6);
+                              double eps = 1e-6, const DomainSums* rest = nullptr);
+
+// Per-domain sums of the sequence means of probs [N, E] (what expert_divergence_loss pools): no gradient.
+DomainSums routing_domain_sums(const Tensor& probs, const Tensor& domains, int64_t num_domains);
 
 }  // namespace moelab::moe

@@ -1,5 +1,7 @@
 #include "moe/model.h"
 
+#include <fmt/format.h>
+
 #include <cmath>
 #include <stdexcept>
 
@@ -16,13 +18,14 @@ MoEModel::MoEModel(const nn::ModelConfig& config, const RouterLossConfig& losses
                                 std::to_string(config.n_experts));
   lm_ = std::make_unique<nn::TransformerLM>(config, seed, moe_feed_forward);
   // Router losses are computed where the routing is: each layer reports them into the forward context.
-  for (MoELayer* layer : moe_layers()) {
-    layer->on_routing = [this](const Routing& r, nn::ForwardContext& ctx) {
+  std::vector<MoELayer*> layers = moe_layers();
+  for (size_t l = 0; l < layers.size(); ++l) {
+    layers[l]->on_routing = [this, l](const Routing& r, nn::ForwardContext& ctx) {
       if (losses_.alpha != 0) ctx.aux_losses["lb"].push_back(load_balancing_loss(r.probs, r.expert_ids));
       if (losses_.z_coef != 0) ctx.aux_losses["z"].push_back(z_loss(r.logits));
       if (losses_.beta != 0 && ctx.domains.defined())
-        ctx.aux_losses["ed"].push_back(
-            expert_divergence_loss(r.probs, ctx.domains, ctx.num_domains, ed_form_, losses_.ed_eps));
+        ctx.aux_losses["ed"].push_back(expert_divergence_loss(r.probs, ctx.domains, ctx.num_domains, ed_form_,
+                                                              losses_.ed_eps, ed_scope_ ? &ed_scope_->rest.at(l) : nullptr));
     };
   }
 }
@@ -42,10 +45,19 @@ static Tensor layer_mean(const std::vector<Tensor>& per_layer) {
   return mul(total, 1.0 / static_cast<double>(per_layer.size()));
 }
 
-LossBreakdown MoEModel::loss(const Tensor& inputs, const Tensor& targets, const Tensor& domains, int64_t num_domains) {
+LossBreakdown MoEModel::loss(const Tensor& inputs, const Tensor& targets, const Tensor& domains, int64_t num_domains,
+                             const EDStepScope* ed_scope) {
+  if (ed_scope && ed_scope->rest.size() != moe_layers().size())
+    throw std::invalid_argument(fmt::format("MoEModel::loss: the ED step scope has {} layers, the model {} MoE layers",
+                                            ed_scope->rest.size(), moe_layers().size()));
   nn::ForwardContext ctx;
   ctx.domains = domains;
   ctx.num_domains = num_domains;
+  struct ClearOnExit {
+    const EDStepScope*& scope;
+    ~ClearOnExit() { scope = nullptr; }
+  } clear{ed_scope_};
+  ed_scope_ = ed_scope;  // read by the layers' hooks during this forward
   Tensor logits = lm_->forward(inputs, ctx);  // [B*T, V]
   LossBreakdown out;
   Tensor ce = cross_entropy(logits, targets);
@@ -59,12 +71,21 @@ LossBreakdown MoEModel::loss(const Tensor& inputs, const Tensor& targets, const 
   };
   add_term("lb", losses_.alpha, out.lb);
   add_term("z", losses_.z_coef, out.z);
-  add_term("ed", losses_.beta, out.ed);
+  add_term("ed", losses_.beta * (ed_scope ? static_cast<double>(ed_scope->micro_batches) : 1.0), out.ed);
   if (domains.defined()) {
     out.domain_ce_sum.assign(num_domains, 0.0);
     out.domain_tokens.assign(num_domains, 0);
     accumulate_domain_ce(logits, targets, domains, num_domains, out.domain_ce_sum, out.domain_tokens);
   }
+  return out;
+}
+
+std::vector<DomainSums> MoEModel::routing_domain_sums(const Tensor& inputs, const Tensor& domains, int64_t num_domains) {
+  NoGradGuard no_grad;
+  nn::ForwardContext ctx;  // no domains: the hooks compute no ED
+  lm_->forward(inputs, ctx);
+  std::vector<DomainSums> out;
+  for (const MoELayer* layer : moe_layers()) out.push_back(moe::routing_domain_sums(layer->last_routing().probs, domains, num_domains));
   return out;
 }
 

@@ -20,6 +20,15 @@ struct LossBreakdown {
   std::vector<int64_t> domain_tokens;    // [M] ... over this many tokens
 };
 
+// The expert divergence over a whole optimizer step made of several micro-batches (edl.md, batch scope "step"): per
+// MoE layer the domain sums of the step's other micro-batches. With it, a micro-batch's ED term is the whole step's ED
+// (its gradient: the exact derivative with respect to this micro-batch), weighted micro_batches times so that the
+// trainer's average of the micro-batch losses counts it once.
+struct EDStepScope {
+  std::vector<DomainSums> rest;  // [MoE layers]
+  int64_t micro_batches = 1;
+};
+
 class MoEModel {
  public:
   MoEModel(const nn::ModelConfig& config, const RouterLossConfig& losses, uint64_t seed);
@@ -28,7 +37,11 @@ class MoEModel {
   MoEModel& operator=(MoEModel&&) = delete;
 
   // inputs i32 [B, T], targets i32 [B*T], domains i32 [B] in [0, num_domains) (may be undefined: no ED, no per-domain CE).
-  LossBreakdown loss(const Tensor& inputs, const Tensor& targets, const Tensor& domains, int64_t num_domains);
+  // ed_scope: see EDStepScope (null: the ED of this batch alone).
+  LossBreakdown loss(const Tensor& inputs, const Tensor& targets, const Tensor& domains, int64_t num_domains,
+                     const EDStepScope* ed_scope = nullptr);
+  // Per MoE layer, the domain sums of the routing probabilities of a forward pass without gradient (EDStepScope::rest).
+  std::vector<DomainSums> routing_domain_sums(const Tensor& inputs, const Tensor& domains, int64_t num_domains);
 
   nn::TransformerLM& lm() { return *lm_; }
   const nn::TransformerLM& lm() const { return *lm_; }
@@ -40,6 +53,7 @@ class MoEModel {
  private:
   RouterLossConfig losses_;
   EDForm ed_form_;
+  const EDStepScope* ed_scope_ = nullptr;  // set during loss()
   std::unique_ptr<nn::TransformerLM> lm_;
 };
 

@@ -136,6 +136,45 @@ TEST_CASE("losses: expert divergence matches a plain loop and finite differences
   }
 }
 
+TEST_CASE("losses: expert divergence over a step of micro-batches equals the whole batch's, value and gradient") {
+  // 7 sequences split into micro-batches of 3 and 4: domain 3 is only in the second, domain 1 only in the first.
+  int64_t T = 4, E = 5, M = 4;
+  std::vector<int32_t> dom{0, 1, 2, 0, 3, 2, 3};
+  Tensor logits = random({7 * T, E}, 21, DType::F64, 1.5);
+  for (EDForm form : {EDForm::NegLog, EDForm::NegJSD}) {
+    CAPTURE(ed_form_name(form));
+    Tensor whole_logits = logits.detach().set_requires_grad();
+    Tensor whole = expert_divergence_loss(softmax(whole_logits), from_vector(dom, {7}), M, form);
+    whole.backward();
+
+    std::vector<double> pooled_grad;
+    const std::vector<std::pair<int64_t, int64_t>> parts{{0, 3}, {3, 7}};  // sequence ranges
+    std::vector<DomainSums> sums;
+    for (auto [begin, end] : parts)
+      sums.push_back(routing_domain_sums(softmax(slice_rows(logits, begin * T, end * T)),
+                                         from_vector(std::vector<int32_t>(dom.begin() + begin, dom.begin() + end),
+                                                     {end - begin}),
+                                         M));
+    for (size_t m = 0; m < parts.size(); ++m) {
+      auto [begin, end] = parts[m];
+      Tensor part = slice_rows(logits, begin * T, end * T).detach().set_requires_grad();
+      Tensor part_domains = from_vector(std::vector<int32_t>(dom.begin() + begin, dom.begin() + end), {end - begin});
+      const DomainSums& rest = sums[1 - m];
+      Tensor loss = expert_divergence_loss(softmax(part), part_domains, M, form, 1e-6, &rest);
+      CHECK(loss.item() == doctest::Approx(whole.item()).epsilon(1e-12));
+      // Alone, each micro-batch's ED differs from the step's.
+      CHECK(std::abs(expert_divergence_loss(softmax(part), part_domains, M, form).item() - whole.item()) > 1e-3);
+      loss.backward();
+      for (double g : part.grad().to_vector<double>()) pooled_grad.push_back(g);
+      // The rest is a constant: finite differences through this micro-batch alone agree too.
+      gradcheck([&](const std::vector<Tensor>& in) {
+        return expert_divergence_loss(softmax(in[0]), part_domains, M, form, 1e-6, &rest);
+      }, {part}, 1e-5, 1e-6, "ed step scope");
+    }
+    testing::check_close(from_vector(pooled_grad, {7 * T, E}), whole_logits.grad(), 1e-10, 1e-12, "pooled gradient");
+  }
+}
+
 TEST_CASE("losses: divergence decomposition D_total = D_inter + D_intra on random inputs") {
   for (uint64_t seed = 10; seed < 15; ++seed) {
     int64_t B = 9, E = 6, M = 3;

@@ -38,22 +38,77 @@ std::vector<std::vector<float>> parameters_of(Trainer& t) {
 
 TEST_CASE("train: resume is bit-exact (20 steps == 10, stop, resume, 10)") {
   fs::path dir = scratch("resume");
-  std::ostringstream quiet;
-  Trainer straight(small_config(dir / "straight", 20), quiet);
-  straight.run();
+  // Plain, and with 2 micro-batches per step, ED over the step and OMoE (whose projectors are training state too).
+  for (bool accumulate : {false, true}) {
+    CAPTURE(accumulate);
+    auto config = [&](const fs::path& out) {
+      TrainConfig c = small_config(out, 20);
+      if (accumulate) {
+        c.batch_size = 4, c.grad_accum = 2, c.losses.beta = 0.05, c.losses.ed_scope = "step";
+        c.optimizer = "omoe", c.omoe.every = 3, c.omoe.reset = false;
+      }
+      return c;
+    };
+    std::ostringstream quiet;
+    Trainer straight(config(dir / "straight"), quiet);
+    straight.run();
 
-  Trainer first(small_config(dir / "split", 20), quiet);
-  first.run(10);
-  fs::path checkpoint = first.save_checkpoint("step_10");
-  TrainConfig resumed_config = small_config(dir / "split", 20);
-  resumed_config.resume = checkpoint.string();
-  Trainer resumed(resumed_config, quiet);
-  CHECK(resumed.step() == 10);
-  resumed.run();
-  CHECK(resumed.step() == 20);
-  auto a = parameters_of(straight), b = parameters_of(resumed);
-  REQUIRE(a.size() == b.size());
-  for (size_t i = 0; i < a.size(); ++i) CHECK_MESSAGE(a[i] == b[i], "parameter " << i << " differs after resume");
+    Trainer first(config(dir / "split"), quiet);
+    first.run(10);
+    fs::path checkpoint = first.save_checkpoint("step_10");
+    TrainConfig resumed_config = config(dir / "split");
+    resumed_config.resume = checkpoint.string();
+    Trainer resumed(resumed_config, quiet);
+    CHECK(resumed.step() == 10);
+    resumed.run();
+    CHECK(resumed.step() == 20);
+    auto a = parameters_of(straight), b = parameters_of(resumed);
+    REQUIRE(a.size() == b.size());
+    for (size_t i = 0; i < a.size(); ++i) CHECK_MESSAGE(a[i] == b[i], "parameter " << i << " differs after resume");
+    fs::remove_all(dir);
+  }
+}
+
+// The first step's line of a run's metrics log.
+nlohmann::json first_step_metrics(const Trainer& trainer) {
+  std::ifstream in(trainer.metrics_path());
+  for (std::string line; std::getline(in, line);) {
+    nlohmann::json j = nlohmann::json::parse(line);
+    if (j.contains("loss") && j["step"] == 1) return j;
+  }
+  FAIL("no metrics line for step 1 in " << trainer.metrics_path());
+  return {};
+}
+
+TEST_CASE("train: gradient accumulation, 2 micro-batches of 4 sequences equal one batch of 8") {
+  // Without load balancing (its f_i P_i product is not linear in the batch) the step's loss and gradient are the
+  // mean over micro-batches; ED with scope "step" is the whole batch's ED, with scope "micro_batch" it is not. OMoE
+  // updates its projectors once per step from the mean input over all micro-batches.
+  fs::path dir = scratch("accumulation");
+  std::ostringstream quiet;
+  auto config = [&](const std::string& name, int64_t batch, int64_t accumulate, const std::string& scope) {
+    TrainConfig c = small_config(dir / name, 3);
+    c.batch_size = batch, c.grad_accum = accumulate;
+    c.losses.alpha = 0, c.losses.beta = 0.05, c.losses.ed_scope = scope;
+    c.optimizer = "omoe", c.omoe.every = 1, c.omoe.reset = false;
+    return c;
+  };
+  Trainer whole(config("whole", 8, 1, "micro_batch"), quiet), step(config("step", 4, 2, "step"), quiet),
+      micro(config("micro", 4, 2, "micro_batch"), quiet);
+  for (Trainer* t : {&whole, &step, &micro}) t->run(1);
+  nlohmann::json w = first_step_metrics(whole), s = first_step_metrics(step), m = first_step_metrics(micro);
+  MESSAGE("step 1, batch 8 / 2 x 4 (ED per step) / 2 x 4 (ED per micro-batch): ed " << w["ed"] << " / " << s["ed"]
+          << " / " << m["ed"] << ", grad_norm " << w["grad_norm"] << " / " << s["grad_norm"] << " / " << m["grad_norm"]);
+  for (const char* key : {"loss", "ce", "z", "ed", "grad_norm"}) {
+    CAPTURE(key);
+    CHECK(s[key].get<double>() == doctest::Approx(w[key].get<double>()).epsilon(1e-5));
+  }
+  CHECK(s["tokens"] == w["tokens"]);
+  CHECK(m["ce"].get<double>() == doctest::Approx(w["ce"].get<double>()).epsilon(1e-5));
+  CHECK(std::abs(m["ed"].get<double>() - w["ed"].get<double>()) > 1e-3);  // two half-batches' EDs, averaged
+  CHECK(std::abs(m["grad_norm"].get<double>() - w["grad_norm"].get<double>()) > 1e-4 * w["grad_norm"].get<double>());
+  for (size_t l = 0; l < whole.omoe()->layer_count(); ++l)
+    testing::check_close(step.omoe()->projectors(l), whole.omoe()->projectors(l), 1e-4, 1e-6, "OMoE projectors");
   fs::remove_all(dir);
 }
 

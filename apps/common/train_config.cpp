@@ -55,6 +55,7 @@ static std::vector<Option> option_table(TrainConfig& c) {
       {"moe.beta", &c.losses.beta, "expert-divergence loss coefficient (0: baseline)"},
       {"moe.ed_form", &c.losses.ed_form, "expert-divergence form: neglog | neg_jsd"},
       {"moe.ed_eps", &c.losses.ed_eps, "eps inside -log(JSD + eps)"},
+      {"moe.ed_scope", &c.losses.ed_scope, "with train.grad_accum > 1, ED per micro_batch or over the whole step"},
       {"optim.name", &c.optimizer, "optimizer: adamw | omoe"},
       {"optim.lr", &c.lr, "peak learning rate"},
       {"optim.min_lr", &c.min_lr, "learning rate at the end of the cosine decay"},
@@ -73,7 +74,8 @@ static std::vector<Option> option_table(TrainConfig& c) {
       {"omoe.mode", &c.omoe.mode, "OMoE: grad (project the gradient) | direction (project the Adam direction)"},
       {"omoe.spectrum_every", &c.omoe.spectrum_every, "OMoE: log trace/min eigenvalue of Pbar every n-th O step (0: off)"},
       {"train.steps", &c.steps, "optimizer steps"},
-      {"train.batch_size", &c.batch_size, "sequences per step"},
+      {"train.batch_size", &c.batch_size, "sequences per micro-batch (train.grad_accum of them make a step)"},
+      {"train.grad_accum", &c.grad_accum, "micro-batches per optimizer step, gradients averaged"},
       {"train.seed", &c.seed, "seed of the model init and the data order"},
       {"train.device", &c.device, "cpu | cuda"},
       {"train.eval_every", &c.eval_every, "steps between validation passes (0: only at the end)"},
@@ -103,6 +105,9 @@ void TrainConfig::validate() const {
   };
   require(steps > 0, fmt::format("train.steps must be > 0, got {}", steps));
   require(batch_size > 0, fmt::format("train.batch_size must be > 0, got {}", batch_size));
+  require(grad_accum > 0, fmt::format("train.grad_accum must be > 0, got {}", grad_accum));
+  require(losses.ed_scope == "micro_batch" || losses.ed_scope == "step",
+          fmt::format("moe.ed_scope must be micro_batch or step, got '{}'", losses.ed_scope));
   require(lr > 0 && min_lr >= 0, fmt::format("optim.lr ({}) must be > 0 and optim.min_lr ({}) >= 0", lr, min_lr));
   require(device == "cpu" || device == "cuda", fmt::format("train.device must be cpu or cuda, got '{}'", device));
   require(optimizer == "adamw" || optimizer == "omoe",

@@ -41,7 +41,8 @@ struct TrainConfig {
   std::string optimizer = "adamw";  // "adamw" | "omoe" (AdamW with orthogonal expert updates, [omoe] options)
   optim::OMoEConfig omoe;
   int64_t steps = 300;
-  int64_t batch_size = 8;
+  int64_t batch_size = 8;        // sequences per micro-batch
+  int64_t grad_accum = 1;        // micro-batches per optimizer step (their gradients are averaged)
   double lr = 3e-3;
   double min_lr = 3e-4;
   int64_t warmup = 30;

@@ -56,27 +56,71 @@ Trainer::Trainer(TrainConfig config, std::ostream& out) : config_(std::move(conf
 
 fs::path Trainer::metrics_path() const { return fs::path(config_.out_dir) / "metrics.jsonl"; }
 
+// The step's ED scope: per MoE layer, the sum of every other micro-batch's domain sums.
+static moe::EDStepScope others_of(const std::vector<std::vector<moe::DomainSums>>& sums, size_t micro) {
+  moe::EDStepScope scope;
+  scope.micro_batches = static_cast<int64_t>(sums.size());
+  scope.rest.resize(sums[micro].size());
+  for (size_t m = 0; m < sums.size(); ++m)
+    if (m != micro)
+      for (size_t l = 0; l < sums[m].size(); ++l) scope.rest[l].add(sums[m][l]);
+  return scope;
+}
+
 moe::LossBreakdown Trainer::train_step() {
-  data::Batch batch = train_loader_->next();
-  BatchTensors t = to_tensors(batch);
   ++step_;
-  moe::LossBreakdown loss = model_->loss(t.inputs, t.targets, t.domains, data_.domains.size());
-  loss.total.backward();
+  const int64_t micro_batches = config_.grad_accum;
+  std::vector<BatchTensors> micro;
+  for (int64_t m = 0; m < micro_batches; ++m) micro.push_back(to_tensors(train_loader_->next()));
+  const int64_t domains = data_.domains.size();
+  // ED over the whole step: every micro-batch's routing, per domain, before any gradient (edl.md, batch scope).
+  const bool step_scope = micro_batches > 1 && config_.losses.ed_scope == "step" && config_.losses.beta != 0;
+  std::vector<std::vector<moe::DomainSums>> sums;
+  if (step_scope)
+    for (const BatchTensors& t : micro) sums.push_back(model_->routing_domain_sums(t.inputs, t.domains, domains));
+
+  std::vector<moe::MoELayer*> layers = model_->moe_layers();
+  std::vector<std::vector<Tensor>> routed_ids(layers.size()), routed_inputs(layers.size());  // for OMoE
+  moe::LossBreakdown step_loss;  // the micro-batches' mean
+  step_loss.domain_ce_sum.assign(domains, 0.0);
+  step_loss.domain_tokens.assign(domains, 0);
+  double total = 0;
+  for (int64_t m = 0; m < micro_batches; ++m) {
+    const BatchTensors& t = micro[m];
+    moe::EDStepScope scope = step_scope ? others_of(sums, m) : moe::EDStepScope{};
+    moe::LossBreakdown loss = model_->loss(t.inputs, t.targets, t.domains, domains, step_scope ? &scope : nullptr);
+    // The step's gradient is the mean of the micro-batches' (each has batch_size sequences).
+    (micro_batches == 1 ? loss.total : mul(loss.total, 1.0 / static_cast<double>(micro_batches))).backward();
+    const double share = 1.0 / static_cast<double>(micro_batches);
+    step_loss.ce += share * loss.ce, step_loss.lb += share * loss.lb, step_loss.z += share * loss.z;
+    step_loss.ed += share * loss.ed;  // with step scope every micro-batch reports the step's ED
+    for (int64_t d = 0; d < domains; ++d)
+      step_loss.domain_ce_sum[d] += loss.domain_ce_sum[d], step_loss.domain_tokens[d] += loss.domain_tokens[d];
+    const moe::RouterLossConfig& c = config_.losses;
+    total += share * (micro_batches == 1 ? loss.total.item() : loss.ce + c.alpha * loss.lb + c.z_coef * loss.z + c.beta * loss.ed);
+    for (size_t l = 0; omoe_ && l < layers.size(); ++l) {
+      routed_ids[l].push_back(layers[l]->last_routing().expert_ids);
+      routed_inputs[l].push_back(layers[l]->last_input().detach());
+    }
+    last_domains_ = t.domains;
+  }
+  step_loss.total = full({}, total);
   double grad_norm = optim::clip_grad_norm(optimizer_->params(), config_.grad_clip);
   double lr = schedule_.at(step_);
   if (omoe_) {
-    omoe_->observe_last_forward();  // projectors first, from this step's routed inputs; then the (projected) step
+    // Projectors first, from the mean routed inputs of the whole step; then the (projected) step.
+    for (size_t l = 0; l < layers.size(); ++l)
+      omoe_->observe(l, micro_batches == 1 ? routed_ids[l][0] : concat(routed_ids[l], 0),
+                     micro_batches == 1 ? routed_inputs[l][0] : concat(routed_inputs[l], 0));
     last_omoe_ = omoe_->step(lr);
   } else {
     optimizer_->step(lr);
   }
   optimizer_->zero_grad();
-  tokens_seen_ += int64_t(batch.B) * batch.T;
-  last_domains_ = t.domains;
-  loss.total = loss.total.detach();
+  tokens_seen_ += micro_batches * config_.batch_size * config_.model.seq_len;
   last_grad_norm_ = grad_norm;
   last_lr_ = lr;
-  return loss;
+  return step_loss;
 }
 
 Evaluation Trainer::evaluate() {
@@ -181,7 +225,7 @@ void Trainer::run(int64_t until) {
     moe::LossBreakdown loss = train_step();
     double seconds = std::chrono::duration<double>(clock_type::now() - start).count();
     smoothed_step_s = smoothed_step_s == 0 ? seconds : 0.9 * smoothed_step_s + 0.1 * seconds;
-    double tokens_per_s = static_cast<double>(config_.batch_size * config_.model.seq_len) / seconds;
+    double tokens_per_s = static_cast<double>(config_.grad_accum * config_.batch_size * config_.model.seq_len) / seconds;
     log_step(loss, tokens_per_s);
     show_progress(loss, tokens_per_s, smoothed_step_s);
     bool last = step_ == config_.steps;

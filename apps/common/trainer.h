@@ -39,6 +39,7 @@ class Trainer {
   const TrainConfig& config() const { return config_; }
   moe::MoEModel& model() { return *model_; }
   const TrainingData& data() const { return data_; }
+  const optim::OMoE* omoe() const { return omoe_.get(); }  // null unless optim.name = omoe
   std::filesystem::path metrics_path() const;
 
  private:
