@@ -5,7 +5,6 @@
 #include <cmath>
 #include <stdexcept>
 
-#include "engine/cpu/parallel.h"
 
 namespace moelab::moe {
 
@@ -60,7 +59,8 @@ LossBreakdown MoEModel::loss(const Tensor& inputs, const Tensor& targets, const 
   ed_scope_ = ed_scope;  // read by the layers' hooks during this forward
   Tensor logits = lm_->forward(inputs, ctx);  // [B*T, V]
   LossBreakdown out;
-  Tensor ce = cross_entropy(logits, targets);
+  std::vector<double> token_ce;  // per token, for the per-domain sums
+  Tensor ce = cross_entropy(logits, targets, kIgnoreTarget, domains.defined() ? &token_ce : nullptr);
   out.total = ce;
   out.ce = ce.item();
   auto add_term = [&](const char* name, double coef, double& value) {
@@ -75,7 +75,7 @@ LossBreakdown MoEModel::loss(const Tensor& inputs, const Tensor& targets, const 
   if (domains.defined()) {
     out.domain_ce_sum.assign(num_domains, 0.0);
     out.domain_tokens.assign(num_domains, 0);
-    accumulate_domain_ce(logits, targets, domains, num_domains, out.domain_ce_sum, out.domain_tokens);
+    accumulate_domain_ce(token_ce, targets, domains, num_domains, out.domain_ce_sum, out.domain_tokens);
   }
   return out;
 }
@@ -98,26 +98,14 @@ std::vector<RoutingStats> MoEModel::routing_stats(const Tensor& domains, int64_t
   return out;
 }
 
-void accumulate_domain_ce(const Tensor& logits, const Tensor& targets, const Tensor& domains, int64_t num_domains,
-                          std::vector<double>& ce_sum, std::vector<int64_t>& tokens) {
-  Tensor host_logits = to_device(logits.detach(), Device::CPU);
+void accumulate_domain_ce(const std::vector<double>& token_ce, const Tensor& targets, const Tensor& domains,
+                          int64_t num_domains, std::vector<double>& ce_sum, std::vector<int64_t>& tokens) {
   std::vector<int32_t> tgt = targets.to_vector<int32_t>(), dom = domains.to_vector<int32_t>();
-  int64_t n = host_logits.size(0), v = host_logits.size(1), seq = n / static_cast<int64_t>(dom.size());
-  const float* z = host_logits.data<float>();
-  std::vector<double> token_ce(n);
-  for (int64_t i = 0; i < n; ++i)
-    if (tgt[i] != kIgnoreTarget && (tgt[i] < 0 || tgt[i] >= v))
-      throw std::invalid_argument("accumulate_domain_ce: target " + std::to_string(tgt[i]) + " of token " +
-                                  std::to_string(i) + " outside [0, " + std::to_string(v) + ")");
-  cpu::parallel_for(n, v * 4, [&](int64_t i) {
-    if (tgt[i] == kIgnoreTarget) return;
-    const float* row = z + i * v;
-    double m = row[0];
-    for (int64_t j = 1; j < v; ++j) m = std::max(m, static_cast<double>(row[j]));
-    double s = 0;
-    for (int64_t j = 0; j < v; ++j) s += std::exp(row[j] - m);
-    token_ce[i] = m + std::log(s) - row[tgt[i]];
-  });
+  const int64_t n = static_cast<int64_t>(tgt.size());
+  if (static_cast<int64_t>(token_ce.size()) != n || dom.empty() || n % static_cast<int64_t>(dom.size()) != 0)
+    throw std::invalid_argument(fmt::format("accumulate_domain_ce: {} token losses, {} targets, {} sequences",
+                                            token_ce.size(), n, dom.size()));
+  const int64_t seq = n / static_cast<int64_t>(dom.size());
   for (int64_t i = 0; i < n; ++i) {
     if (tgt[i] == kIgnoreTarget) continue;
     int32_t d = dom[i / seq];

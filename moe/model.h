@@ -57,8 +57,9 @@ class MoEModel {
   std::unique_ptr<nn::TransformerLM> lm_;
 };
 
-// Per-token cross-entropy of logits [N, V] against targets [N], summed per domain of each sequence (N = B*T).
-void accumulate_domain_ce(const Tensor& logits, const Tensor& targets, const Tensor& domains, int64_t num_domains,
-                          std::vector<double>& ce_sum, std::vector<int64_t>& tokens);
+// Sums the per-token cross-entropy token_ce [N] (cross_entropy's row_losses) per domain of each sequence
+// (N = B*T, domains i32 [B]); tokens whose target is the ignore index (-100) do not count.
+void accumulate_domain_ce(const std::vector<double>& token_ce, const Tensor& targets, const Tensor& domains,
+                          int64_t num_domains, std::vector<double>& ce_sum, std::vector<int64_t>& tokens);
 
 }  // namespace moelab::moe

@@ -284,7 +284,10 @@ Scores score(moe::MoEModel& model, const EvalSet& set, int64_t num_domains, cons
     Tensor domains = from_vector(b.domains, {b.B});                         // i32 [B], read on the host
     nn::ForwardContext ctx;
     Tensor logits = model.lm().forward(inputs, ctx);                        // [B*T, V]
-    moe::accumulate_domain_ce(logits, targets, domains, num_domains, ce_sum, tokens);
+    std::vector<double> token_ce;
+    Tensor host_targets = to_device(targets, Device::CPU);
+    cross_entropy(to_device(logits, Device::CPU), host_targets, -100, &token_ce);
+    moe::accumulate_domain_ce(token_ce, host_targets, domains, num_domains, ce_sum, tokens);
   }
   Scores s;
   s.domains.resize(num_domains);

@@ -25,7 +25,8 @@ template <class F> static F dot(const F* a, const F* b, int64_t n) {
   return s;
 }
 
-template <class F> static void axpy(F alpha, const F* x, F* y, int64_t n) {  // y += alpha * x
+template <class F> static void axpy(F alpha, const F* x, F* y, int64_t n) {  // y += alpha * x (x and y apart)
+#pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
@@ -70,7 +71,7 @@ template <class F> static double row_logsumexp(const F* x, int64_t n) {
   return static_cast<double>(m) + std::log(z);
 }
 
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index) {
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index, std::vector<double>* row_losses) {
   const char* op = "cross_entropy";
   check_float(op, logits);
   check_index(op, targets);
@@ -105,6 +106,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
     double total = 0;
     for (int64_t r = 0; r < N; ++r) total += row_loss[r];
     *loss.data<F>() = static_cast<F>(count ? total / static_cast<double>(count) : 0.0);
+    if (row_losses) *row_losses = std::move(row_loss);
   });
 
   // dlogits[r] = (softmax(x_r) - onehot(t_r)) * g / count; ignored rows get zero.
@@ -282,21 +284,15 @@ Tensor rope(const Tensor& x, double theta, int64_t pos_offset) {
 // The forward keeps lse_i = logsumexp_j s_j [B, H, T]; the backward recomputes p_ij = exp(s_ij - lse_i) rather than
 // storing the T x T matrix (as FlashAttention does).
 // Row (b, t, h) of a [B, T, H, Dh] tensor starts at ((b*T + t)*H + h)*Dh: one head's consecutive t are H*Dh apart.
-// Both kernels work on one head (b, h) at a time, on K and V copied transposed to [Dh, T]: then every inner loop runs
-// along the keys j (unit stride, i+1 long, vectorizable) instead of along a short head dim with a sum at the end.
+// Both kernels work on one head (b, h) at a time. Scores and g_i . v_j run along the keys j, on K and V copied
+// transposed to [Dh, T] (unit stride, i+1 long, vectorizable, no sum at the end); the sums of rows (o_i, dq_i, dk_j,
+// dv_j) run along the head dim, adding whole Dh-long rows.
 
 // xt[e, t] = x[b, t, h, e] for the head starting at `head`: [T, Dh] rows H*Dh apart -> [Dh, T].
 template <class F>
 static void head_to_transposed(const F* x, int64_t head, int64_t T, int64_t Dh, int64_t stride, F* xt) {
   for (int64_t t = 0; t < T; ++t)
     for (int64_t e = 0; e < Dh; ++e) xt[e * T + t] = x[head + t * stride + e];
-}
-
-// The inverse: x[b, t, h, e] = xt[e, t].
-template <class F>
-static void transposed_to_head(const F* xt, int64_t head, int64_t T, int64_t Dh, int64_t stride, F* x) {
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t e = 0; e < Dh; ++e) x[head + t * stride + e] = xt[e * T + t];
 }
 
 // s[0, n) = alpha * sum_e a[e] * xt[e, 0..n): one query's scores against the first n keys (xt = K^T,
@@ -327,12 +323,11 @@ Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
     const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));
 #pragma omp parallel if (parallel)
     {
-      std::vector<F> kt(Dh * T), vt(Dh * T), p(T);  // per thread: K^T, V^T [Dh, T] of one head; p [T] of one row
+      std::vector<F> kt(Dh * T), p(T);  // per thread: K^T [Dh, T] of one head; p [T] of one row
 #pragma omp for schedule(static)
       for (int64_t bh = 0; bh < B * H; ++bh) {
         const int64_t head = ((bh / H) * T * H + bh % H) * Dh;  // row (b, 0, h)
         head_to_transposed(pk, head, T, Dh, stride, kt.data());
-        head_to_transposed(pv, head, T, Dh, stride, vt.data());
         for (int64_t i = 0; i < T; ++i) {
           const int64_t n = i + 1;  // keys 0..i
           row_times_transposed(pq + head + i * stride, scale, kt.data(), T, Dh, n, p.data());  // p = s_i
@@ -342,7 +337,8 @@ Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
 #pragma omp simd reduction(+ : z)
           for (int64_t j = 0; j < n; ++j) z += (p[j] = exp_simd(p[j] - m));
           F* oi = po + head + i * stride;
-          for (int64_t e = 0; e < Dh; ++e) oi[e] = dot(p.data(), vt.data() + e * T, n) / z;
+          std::fill(oi, oi + Dh, F(0));
+          for (int64_t j = 0; j < n; ++j) axpy(p[j] / z, pv + head + j * stride, oi, Dh);  // o_i = sum_j p_j v_j
           plse[bh * T + i] = m + std::log(z);
         }
       }
@@ -352,8 +348,8 @@ Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   // With p_ij = exp(s_ij - lse_i), g = dL/do and D_i = g_i . o_i (= sum_j p_ij g_i . v_j):
   //   dv_j += p_ij g_i,   ds_ij = p_ij (g_i . v_j - D_i),
   //   dq_i = sum_j ds_ij k_j / sqrt(Dh),   dk_j += ds_ij q_i / sqrt(Dh).
-  // Parallel over heads (b, h): a thread owns that head's dk and dv (kept transposed until the head is done), so the
-  // sums over query rows i need no atomics.
+  // Parallel over heads (b, h): a thread owns that head's rows of dk and dv, so the sums over query rows i need no
+  // atomics.
   return record(op, out, {q, k, v},
                 [q = q.detach(), k = k.detach(), v = v.detach(), out = out.detach(), lse, parallel](const Tensor& g)
                     -> std::vector<Tensor> {
@@ -368,15 +364,17 @@ Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
                     const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));
 #pragma omp parallel if (parallel)
                     {
-                      // per thread: K^T, V^T, dK^T, dV^T [Dh, T] of one head; p, ds [T] of one query row
-                      std::vector<F> kt(Dh * T), vt(Dh * T), dkt(Dh * T), dvt(Dh * T), p(T), ds(T);
+                      // per thread: K^T, V^T [Dh, T] of one head; p, ds [T] of one query row
+                      std::vector<F> kt(Dh * T), vt(Dh * T), p(T), ds(T);
 #pragma omp for schedule(static)
                       for (int64_t bh = 0; bh < B * H; ++bh) {
                         const int64_t head = ((bh / H) * T * H + bh % H) * Dh;
                         head_to_transposed(pk, head, T, Dh, stride, kt.data());
                         head_to_transposed(pv, head, T, Dh, stride, vt.data());
-                        std::fill(dkt.begin(), dkt.end(), F(0));
-                        std::fill(dvt.begin(), dvt.end(), F(0));
+                        for (int64_t t = 0; t < T; ++t) {
+                          std::fill_n(pdk + head + t * stride, Dh, F(0));
+                          std::fill_n(pdv + head + t * stride, Dh, F(0));
+                        }
                         for (int64_t i = 0; i < T; ++i) {
                           const int64_t n = i + 1;
                           const F *qi = pq + head + i * stride, *gi = pg + head + i * stride;
@@ -386,14 +384,14 @@ Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
                           row_times_transposed(gi, F(1), vt.data(), T, Dh, n, ds.data());  // g_i . v_j
                           for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - Di) * scale;
                           F* dqi = pdq + head + i * stride;
-                          for (int64_t e = 0; e < Dh; ++e) {
-                            dqi[e] = dot(ds.data(), kt.data() + e * T, n);
-                            axpy(gi[e], p.data(), dvt.data() + e * T, n);
-                            axpy(qi[e], ds.data(), dkt.data() + e * T, n);
+                          std::fill_n(dqi, Dh, F(0));
+                          for (int64_t j = 0; j < n; ++j) {
+                            const int64_t row = head + j * stride;
+                            axpy(ds[j], pk + row, dqi, Dh);  // dq_i += ds_ij k_j
+                            axpy(ds[j], qi, pdk + row, Dh);  // dk_j += ds_ij q_i
+                            axpy(p[j], gi, pdv + row, Dh);   // dv_j += p_ij g_i
                           }
                         }
-                        transposed_to_head(dkt.data(), head, T, Dh, stride, pdk);
-                        transposed_to_head(dvt.data(), head, T, Dh, stride, pdv);
                       }
                     }
                   });
