@@ -71,8 +71,7 @@ EDForm parse_ed_form(const std::string& name) {
 
 const char* ed_form_name(EDForm form) { return form == EDForm::NegLog ? "neglog" : "neg_jsd"; }
 
-// Mean routing distribution of each of the B sequences of probs [B*T, E] (double precision).
-static std::vector<Distribution> sequence_means(const Tensor& probs, int64_t batch) {
+std::vector<Distribution> sequence_means(const Tensor& probs, int64_t batch) {
   const int64_t experts = probs.size(1), seq = probs.size(0) / batch;
   std::vector<Distribution> means(batch, Distribution(experts, 0.0));
   auto accumulate = [&](auto t) {

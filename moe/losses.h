@@ -42,6 +42,9 @@ const char* ed_form_name(EDForm form);
 Tensor expert_divergence_loss(const Tensor& probs, const Tensor& domains, int64_t num_domains, EDForm form = EDForm::NegLog,
                               double eps = 1e-6, const DomainSums* rest = nullptr);
 
+// The mean routing distribution of each of the B sequences of probs [B*T, E] (f32 or f64, on the CPU), in double.
+std::vector<Distribution> sequence_means(const Tensor& probs, int64_t batch);
+
 // Per-domain sums of the sequence means of probs [N, E] (what expert_divergence_loss pools): no gradient.
 DomainSums routing_domain_sums(const Tensor& probs, const Tensor& domains, int64_t num_domains);
 

@@ -6,20 +6,9 @@
 
 #include "engine/ops.h"
 #include "moe/divergence.h"
+#include "moe/losses.h"
 
 namespace moelab::moe {
-
-// Per-sequence mean routing distributions [B][E] from token probabilities [B*T, E].
-static std::vector<Distribution> sequence_means(const std::vector<float>& p, int64_t batch, int64_t experts) {
-  int64_t seq = static_cast<int64_t>(p.size()) / (batch * experts);
-  std::vector<Distribution> means(batch, Distribution(experts, 0.0));
-  for (int64_t s = 0; s < batch; ++s) {
-    for (int64_t t = 0; t < seq; ++t)
-      for (int64_t e = 0; e < experts; ++e) means[s][e] += p[(s * seq + t) * experts + e];
-    for (double& v : means[s]) v /= static_cast<double>(seq);
-  }
-  return means;
-}
 
 RoutingStats routing_stats(const Tensor& probs, const Tensor& expert_ids, const Tensor& domains, int64_t num_domains) {
   int64_t experts = probs.size(1);
@@ -37,8 +26,8 @@ RoutingStats routing_stats(const Tensor& probs, const Tensor& expert_ids, const 
   s.load_entropy = experts > 1 ? entropy / std::log(static_cast<double>(experts)) : 0.0;
   if (domains.defined() && domains.numel() > 0) {
     std::vector<int32_t> dom = domains.to_vector<int32_t>();
-    std::vector<Distribution> means = sequence_means(to_dtype(probs.detach(), DType::F32).to_vector<float>(),
-                                                     static_cast<int64_t>(dom.size()), experts);
+    std::vector<Distribution> means = sequence_means(to_device(probs.detach(), Device::CPU),
+                                                     static_cast<int64_t>(dom.size()));
     s.mean_pairwise_jsd = mean_pairwise_jsd(domain_means(means, dom, num_domains));
     Decomposition d = decompose_divergence(means, dom, std::vector<double>(dom.size(), 1.0 / dom.size()), num_domains);
     s.d_inter = d.inter, s.d_total = d.total;
