@@ -620,7 +620,8 @@ TEST_CASE("omoe: training on synthetic multi-domain text, OMoE vs AdamW at equal
                           seed, variants[v].name, steps, before.mean_similarity, after.mean_similarity,
                           after.similarity[0], after.similarity[1], before.mean_nv, after.mean_nv, after.eval_ce,
                           after.input_cosine));
-      CHECK(std::abs(before.mean_similarity) < 0.05);  // random experts at init: near-orthogonal outputs
+      if (!std::getenv("MOELAB_OMOE_SPREAD"))
+        CHECK(std::abs(before.mean_similarity) < 0.05);  // random experts at init: near-orthogonal outputs
       CHECK(after.eval_ce < 2.0);                      // it trained (ln 256 = 5.5 at init)
       similarity[v].push_back(after.mean_similarity);
       mean_similarity[v] += after.mean_similarity / static_cast<double>(seeds);

@@ -170,8 +170,17 @@ TEST_CASE("ops:nn cross_entropy hand-computed cases") {
 
   // An ignored row does not count toward the mean: only the first row (loss log 2) is averaged.
   Tensor two = from_vector(std::vector<double>{0, 0, 5, -5}, {2, 2});
-  CHECK(cross_entropy(two, from_vector(std::vector<int32_t>{0, -100}, {2})).item() ==
+  std::vector<double> rows;
+  CHECK(cross_entropy(two, from_vector(std::vector<int32_t>{0, -100}, {2}), -100, &rows).item() ==
         doctest::Approx(std::log(2.0)).epsilon(1e-14));
+  // row_losses: each row's own loss, 0 for the ignored one.
+  REQUIRE(rows.size() == 2);
+  CHECK(rows[0] == doctest::Approx(std::log(2.0)).epsilon(1e-14));
+  CHECK(rows[1] == 0.0);
+  double mean = cross_entropy(two, from_vector(std::vector<int32_t>{1, 0}, {2}), -100, &rows).item();
+  CHECK(rows[0] == doctest::Approx(std::log(2.0)).epsilon(1e-14));
+  CHECK(rows[1] == doctest::Approx(std::log1p(std::exp(-10.0))).epsilon(1e-14));  // log(e^5 + e^-5) - 5
+  CHECK(mean == doctest::Approx((rows[0] + rows[1]) / 2).epsilon(1e-14));
   // A custom ignore_index inside [0, V) ignores rows with that target.
   CHECK(cross_entropy(two, from_vector(std::vector<int32_t>{0, 1}, {2}), /*ignore_index=*/1).item() ==
         doctest::Approx(std::log(2.0)).epsilon(1e-14));
@@ -392,9 +401,17 @@ TEST_CASE("ops:nn causal_attention gradients: gradcheck of q k v and f32 vs f64"
   CHECK(gradcheck(loss, {q1, k1, v1}, 1e-6, 1e-6, "causal_attention T=1") < 1e-6);
   for (double g : q1.grad().to_vector<double>()) CHECK(std::abs(g) < 1e-15);
 
-  Shape s{2, 17, 3, 8};
-  check_f32_grads_match_f64(loss, {random(s, 37, DType::F64), random(s, 38, DType::F64), random(s, 39, DType::F64)},
-                            1e-4, "causal_attention");
+  // Head size 20 and 33 keys: one full 16-wide block plus a remainder, in both the keys and the head dim.
+  Shape wide{1, 33, 2, 20};
+  Tensor qw = random(wide, 40, DType::F64).set_requires_grad(), kw = random(wide, 41, DType::F64).set_requires_grad();
+  Tensor vw = random(wide, 42, DType::F64).set_requires_grad();
+  // Step 1e-5: the loss sums 1320 outputs, so a 1e-6 step leaves ~1e-8 of rounding noise in the differences.
+  CHECK(gradcheck(loss, {qw, kw, vw}, 1e-5, 1e-5, "causal_attention Dh=20 T=33") < 1e-5);
+
+  // f32 (the AVX-512 copy on CPUs that have it) against f64 (always the baseline code).
+  for (Shape s : {Shape{2, 17, 3, 8}, Shape{1, 33, 2, 20}, Shape{1, 64, 1, 16}})
+    check_f32_grads_match_f64(loss, {random(s, 37, DType::F64), random(s, 38, DType::F64), random(s, 39, DType::F64)},
+                              1e-4, "causal_attention");
 }
 
 TEST_CASE("ops:nn causal_attention bad use throws") {

@@ -405,17 +405,17 @@ template <class F>
 // time for AVX-512 (16 floats, FMA) and picked at run time when the CPU has it: the same code, which makes a tiny
 // training step 9-10% faster here (docs/benchmarks.md).
 #if defined(__x86_64__)
-[[gnu::target("avx512f,avx512vl,avx512dq,avx512bw,fma")]] static void attention_head_forward_avx512(
+[[gnu::target("avx512f,fma")]] static void attention_head_forward_avx512(
     const float* pq, const float* pk, const float* pv, float* po, float* plse, int64_t bh, HeadLayout L, float* kt,
     float* p) {
   attention_head_forward(pq, pk, pv, po, plse, bh, L, kt, p);
 }
-[[gnu::target("avx512f,avx512vl,avx512dq,avx512bw,fma")]] static void attention_head_backward_avx512(
+[[gnu::target("avx512f,fma")]] static void attention_head_backward_avx512(
     const float* pq, const float* pk, const float* pv, const float* po, const float* plse, const float* pg, float* pdq,
     float* pdk, float* pdv, int64_t bh, HeadLayout L, float* kt, float* vt, float* p, float* ds) {
   attention_head_backward(pq, pk, pv, po, plse, pg, pdq, pdk, pdv, bh, L, kt, vt, p, ds);
 }
-static const bool kAttentionAvx512 = __builtin_cpu_supports("avx512f");
+static const bool kAttentionAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
 #else
 static const bool kAttentionAvx512 = false;
 #endif
