@@ -172,7 +172,7 @@ TEST_CASE("train: options from preset, TOML file and flags, with clear errors") 
   CHECK_THROWS_WITH(train_preset("XL"), doctest::Contains("unknown model config 'XL'"));
 }
 
-TEST_CASE("train: resuming with a mismatched config or a missing checkpoint fails clearly") {
+TEST_CASE("train: resuming with a mismatched config or a missing checkpoint fails clearly, another batch per step resumes with a note") {
   fs::path dir = scratch("mismatch");
   std::ostringstream quiet;
   Trainer t(small_config(dir, 2), quiet);
@@ -183,6 +183,14 @@ TEST_CASE("train: resuming with a mismatched config or a missing checkpoint fail
   CHECK_THROWS_WITH(Trainer(other, quiet), doctest::Contains("does not match"));
   other.resume = (dir / "nowhere").string();
   CHECK_THROWS_WITH(Trainer(other, quiet), doctest::Contains("missing model.safetensors"));
+  // A different batch per step resumes, with a note.
+  TrainConfig more_accumulation = small_config(dir / "more", 4);
+  more_accumulation.grad_accum = 2;
+  more_accumulation.resume = (dir / "checkpoints" / "final").string();
+  std::ostringstream out;
+  Trainer resumed(more_accumulation, out);
+  CHECK(resumed.step() == 2);
+  testing::check_mentions(out.str(), {"resume: train.grad_accum is 2", "trained with 1"});
   fs::remove_all(dir);
 }
 

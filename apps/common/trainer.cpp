@@ -258,7 +258,17 @@ fs::path Trainer::save_checkpoint(const std::string& name) {
 }
 
 void Trainer::restore(const fs::path& dir) {
-  nn::load_parameters(model_->lm(), nn::load_safetensors(dir / kModelFile), (dir / kModelFile).string());
+  nn::SafeTensors model_file = nn::load_safetensors(dir / kModelFile);
+  nn::load_parameters(model_->lm(), model_file, (dir / kModelFile).string());
+  // A different batch per step is allowed (e.g. more accumulation late in a run): the step count, the schedule and
+  // the data order go on from the checkpoint, but the run is no longer the one that was saved, so say so.
+  if (auto it = model_file.metadata.find("train_config"); it != model_file.metadata.end()) {
+    json saved = json::parse(it->second), now = config_;
+    for (const char* key : {"train.batch_size", "train.grad_accum"})
+      if (saved.contains(key) && saved[key] != now[key])
+        out_ << fmt::format("resume: {} is {} (the checkpoint was trained with {})\n", key, now[key].dump(),
+                            saved[key].dump());
+  }
   fs::path state_file = dir / kStateFile;
   if (!fs::exists(state_file)) throw std::runtime_error("resume: missing " + state_file.string());
   nn::SafeTensors state = nn::load_safetensors(state_file);
