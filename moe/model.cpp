@@ -72,6 +72,8 @@ LossBreakdown MoEModel::loss(const Tensor& inputs, const Tensor& targets, const 
   add_term("lb", losses_.alpha, out.lb);
   add_term("z", losses_.z_coef, out.z);
   add_term("ed", losses_.beta * (ed_scope ? static_cast<double>(ed_scope->micro_batches) : 1.0), out.ed);
+  out.objective = ed_scope ? out.ce + losses_.alpha * out.lb + losses_.z_coef * out.z + losses_.beta * out.ed
+                           : out.total.item();
   if (domains.defined()) {
     out.domain_ce_sum.assign(num_domains, 0.0);
     out.domain_tokens.assign(num_domains, 0);

@@ -15,6 +15,7 @@ namespace moelab::moe {
 
 struct LossBreakdown {
   Tensor total;                 // differentiable scalar
+  double objective = 0;         // the value of L, ED counted once (an EDStepScope weights it micro_batches times in total)
   double ce = 0, lb = 0, z = 0, ed = 0;  // the terms (aux terms: means over MoE layers, before coefficients)
   std::vector<double> domain_ce_sum;     // [M] summed token CE per domain ...
   std::vector<int64_t> domain_tokens;    // [M] ... over this many tokens

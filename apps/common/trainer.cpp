@@ -84,34 +84,33 @@ moe::LossBreakdown Trainer::train_step() {
   moe::LossBreakdown step_loss;  // the micro-batches' mean
   step_loss.domain_ce_sum.assign(domains, 0.0);
   step_loss.domain_tokens.assign(domains, 0);
-  double total = 0;
+  double objective = 0;
   for (int64_t m = 0; m < micro_batches; ++m) {
     const BatchTensors& t = micro[m];
     moe::EDStepScope scope = step_scope ? others_of(sums, m) : moe::EDStepScope{};
     moe::LossBreakdown loss = model_->loss(t.inputs, t.targets, t.domains, domains, step_scope ? &scope : nullptr);
     // The step's gradient is the mean of the micro-batches' (each has batch_size sequences).
-    (micro_batches == 1 ? loss.total : mul(loss.total, 1.0 / static_cast<double>(micro_batches))).backward();
     const double share = 1.0 / static_cast<double>(micro_batches);
+    mul(loss.total, share).backward();
     step_loss.ce += share * loss.ce, step_loss.lb += share * loss.lb, step_loss.z += share * loss.z;
     step_loss.ed += share * loss.ed;  // with step scope every micro-batch reports the step's ED
     for (int64_t d = 0; d < domains; ++d)
       step_loss.domain_ce_sum[d] += loss.domain_ce_sum[d], step_loss.domain_tokens[d] += loss.domain_tokens[d];
-    const moe::RouterLossConfig& c = config_.losses;
-    total += share * (micro_batches == 1 ? loss.total.item() : loss.ce + c.alpha * loss.lb + c.z_coef * loss.z + c.beta * loss.ed);
+    objective += share * loss.objective;
     for (size_t l = 0; omoe_ && l < layers.size(); ++l) {
       routed_ids[l].push_back(layers[l]->last_routing().expert_ids);
       routed_inputs[l].push_back(layers[l]->last_input().detach());
     }
     last_domains_ = t.domains;
   }
-  step_loss.total = full({}, total);
+  step_loss.total = full({}, objective);
+  step_loss.objective = objective;
   double grad_norm = optim::clip_grad_norm(optimizer_->params(), config_.grad_clip);
   double lr = schedule_.at(step_);
   if (omoe_) {
     // Projectors first, from the mean routed inputs of the whole step; then the (projected) step.
     for (size_t l = 0; l < layers.size(); ++l)
-      omoe_->observe(l, micro_batches == 1 ? routed_ids[l][0] : concat(routed_ids[l], 0),
-                     micro_batches == 1 ? routed_inputs[l][0] : concat(routed_inputs[l], 0));
+      omoe_->observe(l, concat(routed_ids[l], 0), concat(routed_inputs[l], 0));
     last_omoe_ = omoe_->step(lr);
   } else {
     optimizer_->step(lr);
