@@ -4,12 +4,15 @@
 #include <cstdint>
 #include <string>
 
+#include "engine/enum_names.h"
+
 namespace moelab {
 
 // f32: everything the model computes. f64: CPU only, for gradient checks. i32: token ids, expert ids, indices.
 enum class DType : uint8_t { F32, F64, I32 };
 
 enum class Device : uint8_t { CPU, CUDA };
+constexpr EnumNames<Device, 2> enum_names(Device) { return {{{Device::CPU, "cpu"}, {Device::CUDA, "cuda"}}}; }
 
 inline size_t dtype_size(DType t) { return t == DType::F64 ? 8 : 4; }
 
@@ -21,8 +24,6 @@ inline const char* dtype_name(DType t) {
   }
   return "?";
 }
-
-inline const char* device_name(Device d) { return d == Device::CPU ? "cpu" : "cuda"; }
 
 // Maps a C++ element type to its DType (for typed data access and templated kernels).
 template <class T> constexpr DType dtype_of();

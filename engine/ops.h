@@ -120,12 +120,14 @@ Tensor argsort(const Tensor& x, bool descending = false);  // no grad, stable, o
 Tensor bincount(const Tensor& ids, int64_t bins);          // no grad, i32 ids in [0, bins) -> i32 counts [bins]
 
 // ---- fused neural-net ops (nn.cpp) ---------------------------------------------------------------------------------
+// The target that marks a token as not counted (padding), as in PyTorch.
+constexpr int32_t kIgnoreIndex = -100;
 // Mean cross-entropy of logits [N, V] against i32 targets [N]; targets equal to ignore_index are skipped.
 // Softmax and log are fused: dlogits = (softmax - onehot) / count.
 // All rows ignored (or N = 0): loss 0 and zero gradient (PyTorch gives NaN). Targets outside [0, V) other than
 // ignore_index throw. row_losses, when given, receives every row's loss logsumexp(x_r) - x_r[t_r] (0 for ignored
 // rows) in double precision, as summed for the mean (e.g. for per-domain sums; no gradient).
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index = -100,
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index = kIgnoreIndex,
                      std::vector<double>* row_losses = nullptr);
 // y = x / sqrt(mean(x^2 over the last dim) + eps) * weight, weight [d].
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps = 1e-5);

@@ -29,10 +29,10 @@ std::vector<int64_t> DomainMeans::present() const {
   return out;
 }
 
-static void check_domain(int32_t d, int64_t num_domains) {
-  if (d < 0 || d >= num_domains)
-    throw std::invalid_argument("domain id " + std::to_string(d) + " out of range [0, " + std::to_string(num_domains) +
-                                ")");
+void check_domain_id(int64_t domain, int64_t num_domains) {
+  if (domain < 0 || domain >= num_domains)
+    throw std::invalid_argument("domain id " + std::to_string(domain) + " out of range [0, " +
+                                std::to_string(num_domains) + ")");
 }
 
 DomainSums domain_sums(const std::vector<Distribution>& sequence_means, const std::vector<int32_t>& domains,
@@ -41,7 +41,7 @@ DomainSums domain_sums(const std::vector<Distribution>& sequence_means, const st
   DomainSums out{std::vector<Distribution>(num_domains, Distribution(experts, 0.0)),
                  std::vector<int64_t>(num_domains, 0)};
   for (size_t s = 0; s < sequence_means.size(); ++s) {
-    check_domain(domains[s], num_domains);
+    check_domain_id(domains[s], num_domains);
     for (size_t e = 0; e < experts; ++e) out.sum[domains[s]][e] += sequence_means[s][e];
     out.count[domains[s]]++;
   }
@@ -104,7 +104,7 @@ Decomposition decompose_divergence(const std::vector<Distribution>& sequence_mea
   std::vector<Distribution> q(num_domains, Distribution(experts, 0.0));
   std::vector<double> domain_weight(num_domains, 0.0);
   for (size_t s = 0; s < sequence_means.size(); ++s) {
-    check_domain(domains[s], num_domains);
+    check_domain_id(domains[s], num_domains);
     double w = sequence_weights[s];
     domain_weight[domains[s]] += w;
     for (size_t e = 0; e < experts; ++e) {

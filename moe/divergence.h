@@ -11,6 +11,9 @@ constexpr double kProbFloor = 1e-12;
 
 using Distribution = std::vector<double>;  // over E experts, sums to 1
 
+// Throws std::invalid_argument unless 0 <= domain < num_domains.
+void check_domain_id(int64_t domain, int64_t num_domains);
+
 double kl_divergence(const Distribution& p, const Distribution& q);  // KL(p || q)
 double js_divergence(const Distribution& p, const Distribution& q);  // in [0, ln 2]
 

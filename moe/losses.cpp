@@ -63,14 +63,6 @@ Tensor z_loss(const Tensor& logits) {
 }
 
 // ---- expert divergence ------------------------------------------------------------------------------------------------
-EDForm parse_ed_form(const std::string& name) {
-  if (name == "neglog") return EDForm::NegLog;
-  if (name == "neg_jsd") return EDForm::NegJSD;
-  throw std::invalid_argument("ed_form must be 'neglog' or 'neg_jsd', got '" + name + "'");
-}
-
-const char* ed_form_name(EDForm form) { return form == EDForm::NegLog ? "neglog" : "neg_jsd"; }
-
 std::vector<Distribution> sequence_means(const Tensor& probs, int64_t batch) {
   const int64_t experts = probs.size(1), seq = probs.size(0) / batch;
   std::vector<Distribution> means(batch, Distribution(experts, 0.0));

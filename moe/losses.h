@@ -1,8 +1,7 @@
 #pragma once
 // The router's auxiliary losses (spec README "Loss", edl.md). Each is a scalar per MoE layer; the model loss adds
 //   alpha * mean_layers(L_LB) + z_coef * mean_layers(L_Z) + beta * mean_layers(L_ED).
-#include <string>
-
+#include "engine/enum_names.h"
 #include "engine/ops.h"
 #include "moe/divergence.h"
 
@@ -16,22 +15,26 @@ Tensor load_balancing_loss(const Tensor& probs, const Tensor& expert_ids);
 // dL/dz_n = 2 lse_n softmax(z_n) / N.
 Tensor z_loss(const Tensor& logits);
 
+// Expert divergence (edl.md): pulls apart the mean routing distributions of the domains in the batch.
+enum class EDForm { NegLog, NegJSD };  // mean_pairs -log(JSD + eps)  |  -mean_pairs JSD
+constexpr EnumNames<EDForm, 2> enum_names(EDForm) { return {{{EDForm::NegLog, "neglog"}, {EDForm::NegJSD, "neg_jsd"}}}; }
+
+// With gradient accumulation (the trainer's grad_accum > 1): ED on each micro-batch alone, or over the whole
+// optimizer step's batch (one extra forward without gradient per micro-batch; edl.md).
+enum class EDScope { MicroBatch, Step };
+constexpr EnumNames<EDScope, 2> enum_names(EDScope) {
+  return {{{EDScope::MicroBatch, "micro_batch"}, {EDScope::Step, "step"}}};
+}
+
 // Coefficients and options of the router losses (config section [moe]).
 struct RouterLossConfig {
   double alpha = 0.01;     // load balancing
   double z_coef = 0.001;   // router z-loss
   double beta = 0.0;       // expert divergence (0: the baseline)
-  std::string ed_form = "neglog";  // "neglog" | "neg_jsd"
+  EDForm ed_form = EDForm::NegLog;
   double ed_eps = 1e-6;
-  // With gradient accumulation (the trainer's grad_accum > 1): "micro_batch" computes ED on each micro-batch alone,
-  // "step" over the whole optimizer step's batch (one extra forward without gradient per micro-batch; edl.md).
-  std::string ed_scope = "micro_batch";
+  EDScope ed_scope = EDScope::MicroBatch;
 };
-
-// Expert divergence (edl.md): pulls apart the mean routing distributions of the domains in the batch.
-enum class EDForm { NegLog, NegJSD };  // mean_pairs -log(JSD + eps)  |  -mean_pairs JSD
-EDForm parse_ed_form(const std::string& name);  // "neglog" | "neg_jsd"
-const char* ed_form_name(EDForm form);
 
 // probs [N, E] with N = B*T (B sequences of T tokens, in order), domains i32 [B] in [0, num_domains).
 // Sequence means, then domain means Q_j (each sequence counts once), then the pairwise JSD over present domains.

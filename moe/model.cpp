@@ -5,28 +5,13 @@
 #include <cmath>
 #include <stdexcept>
 
-
 namespace moelab::moe {
 
-constexpr int32_t kIgnoreTarget = -100;  // cross_entropy's default ignore_index
-
-MoEModel::MoEModel(const nn::ModelConfig& config, const RouterLossConfig& losses, uint64_t seed)
-    : losses_(losses), ed_form_(parse_ed_form(losses.ed_form)) {
+MoEModel::MoEModel(const nn::ModelConfig& config, const RouterLossConfig& losses, uint64_t seed) : losses_(losses) {
   if (losses.beta != 0 && config.n_experts < 2)
     throw std::invalid_argument("expert divergence (beta != 0) needs at least 2 experts, got " +
                                 std::to_string(config.n_experts));
   lm_ = std::make_unique<nn::TransformerLM>(config, seed, moe_feed_forward);
-  // Router losses are computed where the routing is: each layer reports them into the forward context.
-  std::vector<MoELayer*> layers = moe_layers();
-  for (size_t l = 0; l < layers.size(); ++l) {
-    layers[l]->on_routing = [this, l](const Routing& r, nn::ForwardContext& ctx) {
-      if (losses_.alpha != 0) ctx.aux_losses["lb"].push_back(load_balancing_loss(r.probs, r.expert_ids));
-      if (losses_.z_coef != 0) ctx.aux_losses["z"].push_back(z_loss(r.logits));
-      if (losses_.beta != 0 && ctx.domains.defined())
-        ctx.aux_losses["ed"].push_back(expert_divergence_loss(r.probs, ctx.domains, ctx.num_domains, ed_form_,
-                                                              losses_.ed_eps, ed_scope_ ? &ed_scope_->rest.at(l) : nullptr));
-    };
-  }
 }
 
 std::vector<MoELayer*> MoEModel::moe_layers() const {
@@ -36,67 +21,59 @@ std::vector<MoELayer*> MoEModel::moe_layers() const {
   return out;
 }
 
-// Mean of one aux loss over the layers that reported it (undefined when none did).
-static Tensor layer_mean(const std::vector<Tensor>& per_layer) {
-  if (per_layer.empty()) return {};
+// The mean of one router loss over the MoE layers; a zero scalar like `like` when it was not computed (its
+// coefficient is 0, or ED without domains), which adds nothing to L.
+static Tensor layer_mean(const std::vector<Tensor>& per_layer, const Tensor& like) {
+  if (per_layer.empty()) return zeros({}, like.dtype(), like.device());
   Tensor total = per_layer[0];
   for (size_t i = 1; i < per_layer.size(); ++i) total = add(total, per_layer[i]);
   return mul(total, 1.0 / static_cast<double>(per_layer.size()));
 }
 
-LossBreakdown MoEModel::loss(const Tensor& inputs, const Tensor& targets, const Tensor& domains, int64_t num_domains,
-                             const EDStepScope* ed_scope) {
-  if (ed_scope && ed_scope->rest.size() != moe_layers().size())
+Loss MoEModel::loss(const Tensor& inputs, const Tensor& targets, const Tensor& domains, int64_t num_domains,
+                    const EDStepScope* ed_scope) {
+  const std::vector<MoELayer*> layers = moe_layers();
+  if (ed_scope && ed_scope->rest.size() != layers.size())
     throw std::invalid_argument(fmt::format("MoEModel::loss: the ED step scope has {} layers, the model {} MoE layers",
-                                            ed_scope->rest.size(), moe_layers().size()));
-  nn::ForwardContext ctx;
-  ctx.domains = domains;
-  ctx.num_domains = num_domains;
-  struct ClearOnExit {
-    const EDStepScope*& scope;
-    ~ClearOnExit() { scope = nullptr; }
-  } clear{ed_scope_};
-  ed_scope_ = ed_scope;  // read by the layers' hooks during this forward
-  Tensor logits = lm_->forward(inputs, ctx);  // [B*T, V]
-  LossBreakdown out;
-  std::vector<double> token_ce;  // per token, for the per-domain sums
-  Tensor ce = cross_entropy(logits, targets, kIgnoreTarget, domains.defined() ? &token_ce : nullptr);
-  out.total = ce;
-  out.ce = ce.item();
-  auto add_term = [&](const char* name, double coef, double& value) {
-    Tensor term = layer_mean(ctx.aux_losses[name]);
-    if (!term.defined()) return;
-    value = term.item();
-    out.total = add(out.total, mul(term, coef));
-  };
-  add_term("lb", losses_.alpha, out.lb);
-  add_term("z", losses_.z_coef, out.z);
-  add_term("ed", losses_.beta * (ed_scope ? static_cast<double>(ed_scope->micro_batches) : 1.0), out.ed);
-  out.objective = ed_scope ? out.ce + losses_.alpha * out.lb + losses_.z_coef * out.z + losses_.beta * out.ed
-                           : out.total.item();
+                                            ed_scope->rest.size(), layers.size()));
+  const RouterLossConfig& c = losses_;
+  Tensor logits = lm_->forward(inputs);  // [B*T, V]; every MoE layer keeps its routing
+  std::vector<double> token_ce;          // per token, for the per-domain sums
+  Tensor ce = cross_entropy(logits, targets, kIgnoreIndex, domains.defined() ? &token_ce : nullptr);
+
+  // The router losses of each MoE layer, from the routing its forward kept (still on the graph).
+  std::vector<Tensor> lb, z, ed;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const Routing& r = layers[l]->last_routing();
+    if (c.alpha != 0) lb.push_back(load_balancing_loss(r.probs, r.expert_ids));
+    if (c.z_coef != 0) z.push_back(z_loss(r.logits));
+    if (c.beta != 0 && domains.defined())
+      ed.push_back(expert_divergence_loss(r.probs, domains, num_domains, c.ed_form, c.ed_eps,
+                                          ed_scope ? &ed_scope->rest[l] : nullptr));
+  }
+  const Tensor L_lb = layer_mean(lb, ce), L_z = layer_mean(z, ce), L_ed = layer_mean(ed, ce);
+  // With the step scope, ED enters the value micro_batches times (see EDStepScope).
+  const double ed_weight = ed_scope ? static_cast<double>(ed_scope->micro_batches) : 1.0;
+
+  Loss out;
+  out.value = ce + c.alpha * L_lb + c.z_coef * L_z + c.beta * ed_weight * L_ed;
+  LossTerms& t = out.terms;
+  t.ce = ce.item(), t.lb = L_lb.item(), t.z = L_z.item(), t.ed = L_ed.item();
+  t.objective = out.value.item() - (ed_weight - 1) * c.beta * t.ed;  // ED counted once
   if (domains.defined()) {
-    out.domain_ce_sum.assign(num_domains, 0.0);
-    out.domain_tokens.assign(num_domains, 0);
-    accumulate_domain_ce(token_ce, targets, domains, num_domains, out.domain_ce_sum, out.domain_tokens);
+    t.domain_ce_sum.assign(num_domains, 0.0);
+    t.domain_tokens.assign(num_domains, 0);
+    accumulate_domain_ce(token_ce, targets, domains, num_domains, t.domain_ce_sum, t.domain_tokens);
   }
   return out;
 }
 
 std::vector<DomainSums> MoEModel::routing_domain_sums(const Tensor& inputs, const Tensor& domains, int64_t num_domains) {
   NoGradGuard no_grad;
-  nn::ForwardContext ctx;  // no domains: the hooks compute no ED
-  lm_->forward(inputs, ctx);
+  lm_->forward(inputs);
   std::vector<DomainSums> out;
-  for (const MoELayer* layer : moe_layers()) out.push_back(moe::routing_domain_sums(layer->last_routing().probs, domains, num_domains));
-  return out;
-}
-
-std::vector<RoutingStats> MoEModel::routing_stats(const Tensor& domains, int64_t num_domains) const {
-  std::vector<RoutingStats> out;
-  for (const MoELayer* layer : moe_layers()) {
-    const Routing& r = layer->last_routing();
-    out.push_back(moe::routing_stats(r.probs, r.expert_ids, domains, num_domains));
-  }
+  for (const MoELayer* layer : moe_layers())
+    out.push_back(moe::routing_domain_sums(layer->last_routing().probs, domains, num_domains));
   return out;
 }
 
@@ -109,10 +86,9 @@ void accumulate_domain_ce(const std::vector<double>& token_ce, const Tensor& tar
                                             token_ce.size(), n, dom.size()));
   const int64_t seq = n / static_cast<int64_t>(dom.size());
   for (int64_t i = 0; i < n; ++i) {
-    if (tgt[i] == kIgnoreTarget) continue;
+    if (tgt[i] == kIgnoreIndex) continue;
     int32_t d = dom[i / seq];
-    if (d < 0 || d >= num_domains)
-      throw std::invalid_argument("domain id " + std::to_string(d) + " out of range [0, " + std::to_string(num_domains) + ")");
+    check_domain_id(d, num_domains);
     ce_sum[d] += token_ce[i];
     tokens[d] += 1;
   }

@@ -5,7 +5,6 @@
 //     + shared(h)                                             (when shared_experts > 0)
 // Checkpoint names under the layer ("layers.{l}.moe."): router.weight [E, d], experts.w_gate [E, h, d],
 // experts.w_up [E, h, d], experts.w_down [E, d, h], shared.w_gate|w_up|w_down (2-D).
-#include <functional>
 #include <memory>
 #include <string>
 
@@ -33,17 +32,15 @@ class MoELayer : public nn::FeedForward {
   // w_gate, w_up, w_down (the PyTorch twin must draw in the same order). `layer` only names the layer in errors.
   MoELayer(const nn::ModelConfig& config, int64_t layer, Generator& gen);
 
-  // h [N, d] -> [N, d]. Calls on_routing (when set) with the differentiable routing, and keeps a detached copy.
-  Tensor forward(const Tensor& h, nn::ForwardContext& ctx) override;
+  // h [N, d] -> [N, d]. Keeps this forward's routing and input for what comes after the forward pass: the router
+  // losses (MoEModel::loss), routing statistics and OMoE's projectors.
+  Tensor forward(const Tensor& h) override;
 
-  // The routing of the last forward, detached (probs, expert_ids, ...): for statistics and analysis.
+  // The routing of the last forward (probs, expert_ids, ...), as computed: while that forward's graph lives (until
+  // backward), a loss on it sends gradients into the router.
   const Routing& last_routing() const { return last_routing_; }
   // The input h [N, d] of the last forward, detached: with last_routing(), what each expert saw (OMoE's projectors).
   const Tensor& last_input() const { return last_input_; }
-
-  // Hook for the router losses (moe/losses.*): called right after routing with the routing still on the graph, so
-  // a loss added to ctx.aux_losses sends gradients into the router.
-  std::function<void(const Routing&, nn::ForwardContext&)> on_routing;
 
   Router router;
   Experts experts;

@@ -4,10 +4,13 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <cmath>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 
 namespace moelab::nn {
+
+double ModelConfig::residual_init_std() const { return init_std / std::sqrt(2.0 * static_cast<double>(n_layers)); }
 
 bool ModelConfig::is_moe_layer(int64_t layer) const {
   if (n_experts == 0) return false;

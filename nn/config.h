@@ -30,6 +30,9 @@ struct ModelConfig {
   double init_std = 0.02;
 
   int64_t head_dim() const { return d_model / n_heads; }
+  // Init std of the residual output projections (W_o, W_down of dense layers and experts): smaller than init_std so
+  // that the residual stream's variance does not grow with depth.
+  double residual_init_std() const;
   bool is_moe_layer(int64_t layer) const;
   int64_t dense_ffn_hidden() const { return dense_hidden > 0 ? dense_hidden : top_k * expert_hidden; }
   // Throws std::invalid_argument naming the bad field and value.

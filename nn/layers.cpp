@@ -18,7 +18,7 @@ SwiGLU::SwiGLU(int64_t dim, int64_t hidden, Generator& gen, double std, double d
   w_down = add_parameter("w_down", randn({dim, hidden}, gen, 0.0, down_std));
 }
 
-Tensor SwiGLU::forward(const Tensor& x) const {
+Tensor SwiGLU::forward(const Tensor& x) {
   Tensor gate = matmul(x, w_gate, false, true);      // [N, h]
   Tensor up = matmul(x, w_up, false, true);          // [N, h]
   return matmul(silu(gate) * up, w_down, false, true);  // [N, d]

@@ -1,6 +1,5 @@
 #pragma once
 // The transformer's building blocks. Shapes: N = B*T tokens, d = model width.
-#include <map>
 #include <string>
 #include <vector>
 
@@ -9,19 +8,10 @@
 
 namespace moelab::nn {
 
-// What a forward pass carries besides activations: the batch geometry, the domain label of each sequence (router
-// losses need it), and the auxiliary losses that feed-forward layers report (e.g. "lb", "z", "ed" per MoE layer).
-struct ForwardContext {
-  int64_t batch = 0, seq = 0;
-  Tensor domains;            // i32 [B]; undefined when the data has no domains
-  int64_t num_domains = 0;
-  std::map<std::string, std::vector<Tensor>> aux_losses;  // name -> one scalar per reporting layer
-};
-
 // The position-wise half of a transformer block: a dense SwiGLU or a mixture of experts.
 class FeedForward : public Module {
  public:
-  virtual Tensor forward(const Tensor& x, ForwardContext& ctx) = 0;  // [N, d] -> [N, d]
+  virtual Tensor forward(const Tensor& x) = 0;  // [N, d] -> [N, d]
 };
 
 // y = x W^T, W [out, in], no bias. Init normal(0, std).
@@ -55,8 +45,7 @@ class RMSNorm : public Module {
 class SwiGLU : public FeedForward {
  public:
   SwiGLU(int64_t dim, int64_t hidden, Generator& gen, double std, double down_std);
-  Tensor forward(const Tensor& x) const;  // [N, d] -> [N, d]
-  Tensor forward(const Tensor& x, ForwardContext&) override { return forward(x); }
+  Tensor forward(const Tensor& x) override;  // [N, d] -> [N, d]
   Tensor w_gate, w_up;  // [h, d]
   Tensor w_down;        // [d, h]
 };

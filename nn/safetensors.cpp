@@ -8,7 +8,7 @@
 #include <stdexcept>
 
 #include "engine/ops.h"
-#include "nn/data/file_io.h"
+#include "data/file_io.h"
 
 namespace moelab::nn {
 

@@ -1,19 +1,14 @@
 #include "nn/transformer.h"
 
-#include <cmath>
-
 namespace moelab::nn {
 
-// Residual output projections (W_o, W_down) start smaller so the residual stream's variance does not grow with depth.
-static double residual_std(const ModelConfig& c) { return c.init_std / std::sqrt(2.0 * c.n_layers); }
-
 NamedFeedForward dense_feed_forward(const ModelConfig& c, int64_t, Generator& gen) {
-  return {"mlp", std::make_unique<SwiGLU>(c.d_model, c.dense_ffn_hidden(), gen, c.init_std, residual_std(c))};
+  return {"mlp", std::make_unique<SwiGLU>(c.d_model, c.dense_ffn_hidden(), gen, c.init_std, c.residual_init_std())};
 }
 
 Block::Block(const ModelConfig& c, int64_t layer, Generator& gen, const FeedForwardFactory& make_ffn)
     : attn_norm(c.d_model, c.norm_eps),
-      attn(c.d_model, c.n_heads, c.rope_theta, gen, c.init_std, residual_std(c)),
+      attn(c.d_model, c.n_heads, c.rope_theta, gen, c.init_std, c.residual_init_std()),
       ffn_norm(c.d_model, c.norm_eps) {
   NamedFeedForward named = make_ffn(c, layer, gen);
   ffn = std::move(named.ffn);
@@ -24,9 +19,9 @@ Block::Block(const ModelConfig& c, int64_t layer, Generator& gen, const FeedForw
   add_module(ffn_name, *ffn);
 }
 
-Tensor Block::forward(const Tensor& x, ForwardContext& ctx) {
-  Tensor h = x + attn.forward(attn_norm.forward(x), ctx.batch, ctx.seq);
-  return h + ffn->forward(ffn_norm.forward(h), ctx);
+Tensor Block::forward(const Tensor& x, int64_t batch, int64_t seq) {
+  Tensor h = x + attn.forward(attn_norm.forward(x), batch, seq);
+  return h + ffn->forward(ffn_norm.forward(h));
 }
 
 static const ModelConfig& validated(const ModelConfig& c) {
@@ -51,13 +46,11 @@ TransformerLM::TransformerLM(const ModelConfig& config, uint64_t seed, const Fee
   }
 }
 
-Tensor TransformerLM::forward(const Tensor& ids, ForwardContext& ctx) {
+Tensor TransformerLM::forward(const Tensor& ids) {
   if (ids.dim() != 2 || ids.dtype() != DType::I32)
     throw std::invalid_argument("TransformerLM::forward: ids must be i32 [B, T], got " + ids.str());
-  ctx.batch = ids.size(0);
-  ctx.seq = ids.size(1);
   Tensor x = tok_emb.forward(reshape(ids, {-1}));  // [B*T, d]
-  for (auto& block : layers) x = block->forward(x, ctx);
+  for (auto& block : layers) x = block->forward(x, ids.size(0), ids.size(1));
   Tensor h = final_norm.forward(x);
   return lm_head ? lm_head->forward(h) : matmul(h, tok_emb.weight, false, true);  // [B*T, V]
 }

@@ -25,7 +25,7 @@ NamedFeedForward dense_feed_forward(const ModelConfig& config, int64_t layer, Ge
 class Block : public Module {
  public:
   Block(const ModelConfig& config, int64_t layer, Generator& gen, const FeedForwardFactory& make_ffn);
-  Tensor forward(const Tensor& x, ForwardContext& ctx);  // [B*T, d] -> [B*T, d]
+  Tensor forward(const Tensor& x, int64_t batch, int64_t seq);  // [B*T, d] -> [B*T, d]
   RMSNorm attn_norm;
   CausalSelfAttention attn;
   RMSNorm ffn_norm;
@@ -42,8 +42,8 @@ class TransformerLM : public Module {
   // Parameters are drawn from one seeded stream in construction order: the same seed gives the same model on every
   // backend.
   TransformerLM(const ModelConfig& config, uint64_t seed, const FeedForwardFactory& make_ffn = dense_feed_forward);
-  // ids: i32 [B, T] -> logits [B*T, V]. ctx.batch/seq are set here; MoE layers add their aux losses to ctx.
-  Tensor forward(const Tensor& ids, ForwardContext& ctx);
+  // ids: i32 [B, T] -> logits [B*T, V].
+  Tensor forward(const Tensor& ids);
   const ModelConfig& config() const { return config_; }
 
   Embedding tok_emb;

@@ -23,7 +23,6 @@ void OMoEConfig::validate() const {
   require(warmup >= 0, fmt::format("omoe.warmup must be >= 0, got {}", warmup));
   require(alpha >= 0, fmt::format("omoe.alpha must be >= 0 (0: scaled by the running mean of ||a||^2), got {}", alpha));
   require(alpha > 0 || alpha_scale > 0, fmt::format("omoe.alpha_scale must be > 0 when omoe.alpha = 0, got {}", alpha_scale));
-  require(mode == "grad" || mode == "direction", fmt::format("omoe.mode must be grad or direction, got '{}'", mode));
   require(spectrum_every >= 0, fmt::format("omoe.spectrum_every must be >= 0, got {}", spectrum_every));
 }
 
@@ -301,7 +300,7 @@ OMoEReport OMoE::step(double lr) {
       total2[layer_of[i]] += sum(square(G)).item();
       return moved;
     };
-    if (config_.mode == "grad") adamw_.update(i, projected(g), lr);
+    if (config_.mode == OMoEMode::Grad) adamw_.update(i, projected(g), lr);
     else adamw_.update_direction(i, g, lr, projected);
   }
   if (report.o_step) {

@@ -15,10 +15,17 @@
 #include <string>
 #include <vector>
 
+#include "engine/enum_names.h"
 #include "moe/moe_layer.h"
 #include "optim/adamw.h"
 
 namespace moelab::optim {
+
+// What an O step projects: the gradient before AdamW, or the Adam direction m_hat / (sqrt(v_hat) + eps).
+enum class OMoEMode { Grad, Direction };
+constexpr EnumNames<OMoEMode, 2> enum_names(OMoEMode) {
+  return {{{OMoEMode::Grad, "grad"}, {OMoEMode::Direction, "direction"}}};
+}
 
 struct OMoEConfig {
   int64_t every = 10;         // K: O steps at t % K == 0 ...
@@ -27,7 +34,7 @@ struct OMoEConfig {
   double alpha = 0;           // > 0: this fixed alpha; 0: alpha = alpha_scale * running mean of ||a||^2
   double alpha_scale = 1.0;   // c (1: one update halves P along a)
   bool project_down = false;  // also project W_down's gradients (separate [h, h] projectors)
-  std::string mode = "grad";  // "grad": project the gradient before AdamW; "direction": project the Adam direction
+  OMoEMode mode = OMoEMode::Grad;
   int64_t spectrum_every = 10;  // trace and smallest eigenvalue of Pbar on every this-many-th O step (0: never)
 
   // Throws std::invalid_argument naming the bad option and value.

@@ -11,12 +11,12 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "apps/common/evaluation.h"
-#include "apps/common/report.h"
-#include "apps/common/trainer.h"
-#include "moe/expert_metrics.h"
-#include "moe/routing_stats.h"
-#include "moe/specialization.h"
+#include "apps/analysis/evaluation.h"
+#include "apps/report/report.h"
+#include "apps/train/trainer.h"
+#include "moe/analysis/expert_metrics.h"
+#include "moe/analysis/routing_stats.h"
+#include "moe/analysis/specialization.h"
 #include "nn/safetensors.h"
 #include "tests/python_runner.h"
 #include "tests/testing.h"
@@ -341,7 +341,7 @@ TEST_CASE("analyze: a trained run end to end agrees with the trainer's routing s
   CHECK(run.log.eval.at("ce").size() == 2);
   CHECK(std::isfinite(run.ce));
 
-  // The same batch through the routing statistics the trainer logs (moe/routing_stats.*).
+  // The same batch through the routing statistics the trainer logs (moe/analysis/routing_stats.*).
   LoadedCheckpoint loaded = load_checkpoint(runs.ed / "checkpoints" / "final");
   EvalOptions eval_options;
   eval_options.data_dir = options.data_dir;
@@ -354,7 +354,7 @@ TEST_CASE("analyze: a trained run end to end agrees with the trainer's routing s
     NoGradGuard no_grad;
     loaded.model->loss(from_vector(b.inputs, {b.B, b.T}), from_vector(b.targets, {int64_t(b.B) * b.T}), domains, 4);
   }
-  std::vector<moe::RoutingStats> expected = loaded.model->routing_stats(domains, 4);
+  std::vector<moe::RoutingStats> expected = moe::routing_stats(loaded.model->moe_layers(), domains, 4);
   for (size_t l = 0; l < 2; ++l) {
     const LayerAnalysis& a = run.layers[l];
     const moe::LayerSpecialization& r = a.routing;

@@ -14,9 +14,9 @@
 #include <nlohmann/json.hpp>
 #include <unistd.h>
 
-#include "nn/data/data.h"
-#include "nn/data/file_io.h"
-#include "nn/data/rng.h"
+#include "data/data.h"
+#include "data/file_io.h"
+#include "data/rng.h"
 
 namespace fs = std::filesystem;
 using namespace moelab::data;

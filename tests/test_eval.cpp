@@ -7,9 +7,9 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "apps/common/checkpoint.h"
-#include "apps/common/evaluation.h"
-#include "apps/common/trainer.h"
+#include "apps/train/checkpoint.h"
+#include "apps/analysis/evaluation.h"
+#include "apps/train/trainer.h"
 #include "tests/testing.h"
 
 using namespace moelab;
@@ -79,9 +79,9 @@ fs::path checkpoint_with_config(const fs::path& from, const fs::path& to,
 
 }  // namespace
 
-TEST_CASE("eval: per-domain CE equals the trainer's evaluate(), bits per byte = CE / ln 2 for bytes") {
+TEST_CASE("eval: per-domain CE equals the trainer's validate(), bits per byte = CE / ln 2 for bytes") {
   TrainedRun& run = trained();
-  Evaluation expected = run.trainer->evaluate();  // train.eval_batches = 4 shuffled batches
+  Validation expected = run.trainer->validate();  // train.eval_batches = 4 shuffled batches
 
   CheckpointEvaluation e = evaluate_checkpoint(run.checkpoint, run.options(4, 0));
   REQUIRE(e.domains == run.trainer->data().domains);

@@ -1,6 +1,6 @@
 // OMoE (optim/omoe.h, spec shared/spec/omoe.md): the OWM recursion against its closed form, the projection property,
 // the O/R schedule, AdamW against torch.optim.AdamW, bit-exact resume through the Trainer, and OMoE against AdamW on
-// synthetic multi-domain text with the expert diversity metrics of moe/expert_metrics.h. Figures go to MESSAGE.
+// synthetic multi-domain text with the expert diversity metrics of moe/analysis/expert_metrics.h. Figures go to MESSAGE.
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 #include <omp.h>
@@ -15,10 +15,10 @@
 #include <string>
 #include <vector>
 
-#include "apps/common/train_config.h"
-#include "apps/common/trainer.h"
+#include "apps/train/train_config.h"
+#include "apps/train/trainer.h"
 #include "engine/ops.h"
-#include "moe/expert_metrics.h"
+#include "moe/analysis/expert_metrics.h"
 #include "optim/omoe.h"
 #include "tests/python_runner.h"
 #include "tests/testing.h"
@@ -339,7 +339,7 @@ TEST_CASE("omoe: mode = direction with an identity Pbar equals AdamW") {
   optim::AdamW plain(la.named_parameters(), {}), wrapped(lb.named_parameters(), {});
   optim::OMoEConfig config;
   config.every = 1;
-  config.mode = "direction";
+  config.mode = optim::OMoEMode::Direction;
   config.project_down = true;
   optim::OMoE omoe(wrapped, {&lb}, config);
   for (int64_t t = 1; t <= 5; ++t) {
@@ -439,7 +439,7 @@ TEST_CASE("omoe: resume with OMoE on is bit-exact (20 steps == 10 + resume + 10)
   apps::TrainConfig c = small_config(dir.file("straight"));
   c.steps = 20;
   c.checkpoint_every = 10;
-  c.optimizer = "omoe";
+  c.optimizer = apps::OptimizerKind::OMoE;
   c.omoe.every = 3;  // O steps 3, 6, 9 | 12, 15, 18: the checkpoint at 10 holds P one step after a reset
   c.omoe.warmup = 2;
   c.omoe.project_down = true;
@@ -537,7 +537,7 @@ Diversity diversity(apps::Trainer& trainer, bool with_eval = true) {
       }
     out.input_cosine += cos_sum / double(E * (E - 1) / 2) / static_cast<double>(trainer.model().moe_layers().size());
   }
-  if (with_eval) out.eval_ce = trainer.evaluate().mean_ce;
+  if (with_eval) out.eval_ce = trainer.validate().mean_ce;
   return out;
 }
 

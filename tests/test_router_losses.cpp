@@ -127,7 +127,7 @@ TEST_CASE("losses: expert divergence matches a plain loop and finite differences
   Tensor logits = random({B * T, E}, 5, DType::F64, 1.5).set_requires_grad();
   std::vector<double> p = softmax(logits).to_vector<double>();
   for (EDForm form : {EDForm::NegLog, EDForm::NegJSD}) {
-    CAPTURE(ed_form_name(form));
+    CAPTURE(enum_name(form));
     double expected = reference_ed(p, dom, T, E, M, form == EDForm::NegLog, 1e-6);
     CHECK(expert_divergence_loss(softmax(logits), domains, M, form).item() == doctest::Approx(expected).epsilon(1e-10));
     // through the softmax to the router logits, as in the model
@@ -142,7 +142,7 @@ TEST_CASE("losses: expert divergence over a step of micro-batches equals the who
   std::vector<int32_t> dom{0, 1, 2, 0, 3, 2, 3};
   Tensor logits = random({7 * T, E}, 21, DType::F64, 1.5);
   for (EDForm form : {EDForm::NegLog, EDForm::NegJSD}) {
-    CAPTURE(ed_form_name(form));
+    CAPTURE(enum_name(form));
     Tensor whole_logits = logits.detach().set_requires_grad();
     Tensor whole = expert_divergence_loss(softmax(whole_logits), from_vector(dom, {7}), M, form);
     whole.backward();
@@ -215,5 +215,5 @@ TEST_CASE("losses: bad input gives clear errors") {
   nn::ModelConfig too_many = nn::model_preset("tiny");
   too_many.top_k = 5;  // > n_experts = 4
   CHECK_THROWS_WITH_AS(MoEModel(too_many, {}, 1), doctest::Contains("top_k"), std::invalid_argument);
-  CHECK_THROWS_WITH_AS(parse_ed_form("log"), doctest::Contains("neglog"), std::invalid_argument);
+  CHECK_THROWS_WITH_AS(parse_enum<EDForm>("log", "moe.ed_form"), doctest::Contains("neglog | neg_jsd"), std::invalid_argument);
 }

@@ -6,8 +6,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "apps/common/checkpoint.h"
-#include "apps/common/trainer.h"
+#include "apps/train/checkpoint.h"
+#include "apps/train/trainer.h"
 #include "tests/testing.h"
 
 using namespace moelab;
@@ -44,8 +44,8 @@ TEST_CASE("train: resume is bit-exact (20 steps == 10, stop, resume, 10)") {
     auto config = [&](const fs::path& out) {
       TrainConfig c = small_config(out, 20);
       if (accumulate) {
-        c.batch_size = 4, c.grad_accum = 2, c.losses.beta = 0.05, c.losses.ed_scope = "step";
-        c.optimizer = "omoe", c.omoe.every = 3, c.omoe.reset = false;
+        c.batch_size = 4, c.grad_accum = 2, c.losses.beta = 0.05, c.losses.ed_scope = moe::EDScope::Step;
+        c.optimizer = OptimizerKind::OMoE, c.omoe.every = 3, c.omoe.reset = false;
       }
       return c;
     };
@@ -86,15 +86,15 @@ TEST_CASE("train: gradient accumulation, 2 micro-batches of 4 sequences equal on
   // updates its projectors once per step from the mean input over all micro-batches.
   fs::path dir = scratch("accumulation");
   std::ostringstream quiet;
-  auto config = [&](const std::string& name, int64_t batch, int64_t accumulate, const std::string& scope) {
+  auto config = [&](const std::string& name, int64_t batch, int64_t accumulate, moe::EDScope scope) {
     TrainConfig c = small_config(dir / name, 3);
     c.batch_size = batch, c.grad_accum = accumulate;
     c.losses.alpha = 0, c.losses.beta = 0.05, c.losses.ed_scope = scope;
-    c.optimizer = "omoe", c.omoe.every = 1, c.omoe.reset = false;
+    c.optimizer = OptimizerKind::OMoE, c.omoe.every = 1, c.omoe.reset = false;
     return c;
   };
-  Trainer whole(config("whole", 8, 1, "micro_batch"), quiet), step(config("step", 4, 2, "step"), quiet),
-      micro(config("micro", 4, 2, "micro_batch"), quiet);
+  Trainer whole(config("whole", 8, 1, moe::EDScope::MicroBatch), quiet),
+      step(config("step", 4, 2, moe::EDScope::Step), quiet), micro(config("micro", 4, 2, moe::EDScope::MicroBatch), quiet);
   for (Trainer* t : {&whole, &step, &micro}) t->run(1);
   nlohmann::json w = first_step_metrics(whole), s = first_step_metrics(step), m = first_step_metrics(micro);
   MESSAGE("step 1, batch 8 / 2 x 4 (ED per step) / 2 x 4 (ED per micro-batch): ed " << w["ed"] << " / " << s["ed"]
@@ -163,7 +163,7 @@ TEST_CASE("train: options from preset, TOML file and flags, with clear errors") 
   app.parse(9, const_cast<char**>(argv));
   TrainConfig parsed = options.resolve();
   CHECK(parsed.steps == 11);
-  CHECK(parsed.losses.ed_form == "neg_jsd");
+  CHECK(parsed.losses.ed_form == moe::EDForm::NegJSD);
   CHECK(parsed.data.balanced);
 
   TrainConfig bad = train_preset("tiny");
@@ -204,11 +204,11 @@ TEST_CASE("train: expert divergence separates the domains' routing and keeps loa
     c.losses.beta = beta;
     Trainer t(c, quiet);
     t.run();
-    Evaluation eval = t.evaluate();
+    Validation eval = t.validate();
     fs::remove_all(dir);
     return eval;
   };
-  Evaluation base = run(0.0), ed = run(0.05);
+  Validation base = run(0.0), ed = run(0.05);
   double jsd_base = 0, jsd_ed = 0;
   for (size_t l = 0; l < base.routing.size(); ++l) {
     jsd_base += base.routing[l].mean_pairwise_jsd / base.routing.size();

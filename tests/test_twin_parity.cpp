@@ -130,7 +130,7 @@ void run_parity(const ParityCase& c) {
   nn::save_safetensors(dir.path() / "batch.safetensors",
                        {{"inputs", batch.inputs}, {"targets", batch.targets}, {"domains", batch.domains}});
   json run = {{"alpha", c.losses.alpha},   {"z_coef", c.losses.z_coef}, {"beta", c.losses.beta},
-              {"ed_form", c.losses.ed_form}, {"ed_eps", c.losses.ed_eps}, {"lr", tp.lr},
+              {"ed_form", enum_name(c.losses.ed_form)}, {"ed_eps", c.losses.ed_eps}, {"lr", tp.lr},
               {"beta1", tp.beta1},         {"beta2", tp.beta2},         {"eps", tp.eps},
               {"weight_decay", tp.weight_decay}, {"grad_clip", tp.grad_clip}, {"steps", tp.steps}};
   std::ofstream(dir.path() / "params.json") << run.dump(2);
@@ -145,22 +145,21 @@ void run_parity(const ParityCase& c) {
   Tensor logits;
   {
     NoGradGuard no_grad;
-    nn::ForwardContext ctx;
-    logits = model.lm().forward(batch.inputs, ctx);  // [B*T, V]
+    logits = model.lm().forward(batch.inputs);  // [B*T, V]
   }
   optim::AdamWConfig adamw_config;
   adamw_config.beta1 = tp.beta1, adamw_config.beta2 = tp.beta2, adamw_config.eps = tp.eps;
   adamw_config.weight_decay = tp.weight_decay;
   optim::AdamW optimizer(params, adamw_config);
   std::vector<double> losses, grad_norms;
-  moe::LossBreakdown first;
+  moe::LossTerms first;
   std::vector<Tensor> first_grads;
   for (int step = 0; step < tp.steps; ++step) {
-    moe::LossBreakdown loss = model.loss(batch.inputs, batch.targets, batch.domains, batch.num_domains);
-    loss.total.backward();
-    losses.push_back(loss.total.item());
+    moe::Loss loss = model.loss(batch.inputs, batch.targets, batch.domains, batch.num_domains);
+    loss.value.backward();
+    losses.push_back(loss.value.item());
     if (step == 0) {
-      first = loss;
+      first = loss.terms;
       for (const nn::NamedTensor& p : params)
         first_grads.push_back(p.tensor.grad().defined() ? clone(p.tensor.grad()) : zeros_like(p.tensor));
     }
@@ -276,7 +275,7 @@ TEST_CASE("twin: MoE with LB + Z + ED (neglog), norm_topk, matches PyTorch: loss
   ParityCase c{"moe_lb_z_ed", nn::model_preset("tiny"), strong_router_losses(), {}};
   c.config.norm_topk = true;
   c.losses.beta = 0.1;
-  c.losses.ed_form = "neglog";
+  c.losses.ed_form = moe::EDForm::NegLog;
   run_parity(c);
 }
 
@@ -286,7 +285,7 @@ TEST_CASE("twin: MoE with a shared expert, dense layer 0, raw top-k gates (ED ne
   c.config.dense_layers = {0};
   c.config.norm_topk = false;
   c.losses.beta = 0.5;
-  c.losses.ed_form = "neg_jsd";
+  c.losses.ed_form = moe::EDForm::NegJSD;
   run_parity(c);
 }
 

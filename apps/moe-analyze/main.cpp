@@ -10,7 +10,7 @@
 #include <iostream>
 #include <map>
 
-#include "apps/common/report.h"
+#include "apps/report/report.h"
 
 namespace fs = std::filesystem;
 

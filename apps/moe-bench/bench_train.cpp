@@ -105,12 +105,12 @@ double process_cpu_ms() {
 StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchOptions& opts) {
   optim::AdamW optimizer(model.lm().named_parameters(), optim::AdamWConfig{});
   auto step = [&] {
-    moe::LossBreakdown loss = model.loss(b.inputs, b.targets, b.domains, opts.domains);
-    loss.total.backward();
+    moe::Loss loss = model.loss(b.inputs, b.targets, b.domains, opts.domains);
+    loss.value.backward();
     optim::clip_grad_norm(optimizer.params(), opts.grad_clip);
     optimizer.step(opts.lr);
     optimizer.zero_grad();
-    return loss.total.item();
+    return loss.terms.objective;
   };
   StepTimes out;
   out.first_loss = step();
@@ -193,7 +193,7 @@ void run_train_bench(const TrainBenchOptions& opts) {
     nn::save_safetensors(folder / "batch.safetensors",
                          {{"inputs", b.inputs}, {"targets", b.targets}, {"domains", b.domains}});
     optim::AdamWConfig adamw;
-    json run = {{"alpha", opts.alpha}, {"z_coef", opts.z_coef}, {"beta", opts.beta}, {"ed_form", losses.ed_form},
+    json run = {{"alpha", opts.alpha}, {"z_coef", opts.z_coef}, {"beta", opts.beta}, {"ed_form", enum_name(losses.ed_form)},
                 {"ed_eps", losses.ed_eps}, {"lr", opts.lr}, {"beta1", adamw.beta1}, {"beta2", adamw.beta2},
                 {"eps", adamw.eps}, {"weight_decay", adamw.weight_decay}, {"grad_clip", opts.grad_clip},
                 {"num_domains", opts.domains}};

@@ -9,7 +9,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 
-#include "apps/common/evaluation.h"
+#include "apps/analysis/evaluation.h"
 
 int main(int argc, char** argv) {
   using namespace moelab::apps;
@@ -35,13 +35,15 @@ int main(int argc, char** argv) {
   app.add_option("--seed", o.seed, "seed of the router permutations")->default_val(0);
   app.add_flag("--no-dppl", no_dppl, "skip the router-permutation dPPL");
   app.add_option("--json", json_out, "write the results as JSON to this file");
-  app.add_option("--device", o.device, "cpu | cuda")->default_val("cpu");
+  std::string device = "cpu";
+  app.add_option("--device", device, "cpu | cuda")->capture_default_str();
   app.add_option("--data-dir", data_dir, "cache folder for shards built from a JSONL corpus (default: under the "
                                          "system's temp folder)");
   CLI11_PARSE(app, argc, argv);
   if (no_dppl) o.permutations = 0;
   o.data_dir = data_dir;
   try {
+    o.device = moelab::parse_enum<moelab::Device>(device, "--device");
     nlohmann::json out = {{"format", "moelab-eval-1"}, {"checkpoints", nlohmann::json::array()}};
     std::vector<CheckpointEvaluation> evals;
     for (const std::string& dir : checkpoints) {

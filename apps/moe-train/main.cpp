@@ -5,7 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <iostream>
 
-#include "apps/common/trainer.h"
+#include "apps/train/trainer.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"moe-train: pre-train a Mixture-of-Experts language model (options: preset -> --config file -> flags)"};

@@ -1,0 +1,92 @@
+#pragma once
+// moe-train's configuration: a named preset (tiny/S/M), then a TOML file, then command-line overrides.
+// Every option is one row of a table (train_config.cpp) that gives its TOML key ("train.steps"), its command-line
+// flag (--train.steps) and its help text, so the file format, --help and the checkpoint metadata cannot drift apart.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json_fwd.hpp>
+
+#include "engine/dtype.h"
+#include "engine/enum_names.h"
+#include "moe/losses.h"
+#include "nn/config.h"
+#include "optim/adamw.h"
+#include "optim/omoe.h"
+
+namespace CLI {
+class App;
+}
+
+namespace moelab::apps {
+
+struct DataConfig {
+  // A folder with train.jsonl (+ validation.jsonl), a .jsonl file (validation: every 20th sequence held out), or
+  // "synthetic" (the built-in generator of the tests).
+  std::string corpus = "synthetic";
+  std::string text_key = "text";
+  std::string domain_key = "domain";  // dotted paths allowed, e.g. meta.pile_set_name
+  std::string tokenizer = "byte";     // "byte" | "bpe" (trained on the corpus into out_dir) | a .model file
+  int64_t bpe_vocab = 8192;
+  bool balanced = false;              // domain-balanced sampling
+  int64_t synthetic_docs = 120;       // per domain, for corpus = "synthetic"
+  int64_t synthetic_domains = 4;
+};
+
+enum class OptimizerKind { AdamW, OMoE };  // OMoE: AdamW with orthogonal expert updates ([omoe] options)
+constexpr EnumNames<OptimizerKind, 2> enum_names(OptimizerKind) {
+  return {{{OptimizerKind::AdamW, "adamw"}, {OptimizerKind::OMoE, "omoe"}}};
+}
+
+struct TrainConfig {
+  std::string preset = "tiny";
+  nn::ModelConfig model;
+  DataConfig data;
+  moe::RouterLossConfig losses;
+  optim::AdamWConfig adamw;
+  OptimizerKind optimizer = OptimizerKind::AdamW;
+  optim::OMoEConfig omoe;
+  int64_t steps = 300;
+  int64_t batch_size = 8;        // sequences per micro-batch
+  int64_t grad_accum = 1;        // micro-batches per optimizer step (their gradients are averaged)
+  double lr = 3e-3;
+  double min_lr = 3e-4;
+  int64_t warmup = 30;
+  double grad_clip = 1.0;
+  uint64_t seed = 1234;
+  Device device = Device::CPU;
+  int64_t eval_every = 100;      // steps between validation passes (0: only at the end)
+  int64_t eval_batches = 8;
+  int64_t checkpoint_every = 0;  // steps between checkpoints (0: only the final one)
+  int64_t log_every = 10;        // steps between progress lines when not on a terminal
+  std::string out_dir = "runs/latest";
+  std::string resume;            // a checkpoint folder to continue from
+
+  void validate() const;
+};
+
+// The preset's model and batch: the spec's table (tiny, S, M).
+TrainConfig train_preset(const std::string& name);
+
+// Applies a TOML document (errors name the file, key and expected type; unknown keys are errors).
+void apply_toml(TrainConfig& config, const std::string& toml_text, const std::string& source_name);
+
+// Declares every option on `app` (with help and defaults) plus --config and --preset. After app.parse(...), call
+// resolve() to get preset -> file -> flags applied in that order.
+class TrainOptions {
+ public:
+  explicit TrainOptions(CLI::App& app);
+  TrainConfig resolve() const;
+
+ private:
+  std::string config_file_;
+  std::string preset_;
+  std::vector<std::pair<std::string, std::string>> overrides_;  // key, value as typed, in table order
+  std::vector<std::string> values_;                             // storage CLI11 writes into, one per option
+  CLI::App* app_;
+};
+
+void to_json(nlohmann::json& j, const TrainConfig& c);  // every option, for checkpoints and logs
+
+}  // namespace moelab::apps

@@ -1,0 +1,286 @@
+#include "apps/train/trainer.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <stdexcept>
+
+#include "apps/train/checkpoint.h"
+
+namespace moelab::apps {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+struct BatchTensors {
+  Tensor inputs, targets, domains;  // i32 [B, T], [B*T], [B]
+};
+
+static BatchTensors to_tensors(const data::Batch& b) {
+  return {from_vector(b.inputs, {b.B, b.T}), from_vector(b.targets, {int64_t(b.B) * b.T}),
+          from_vector(b.domains, {b.B})};
+}
+
+Trainer::Trainer(TrainConfig config, std::ostream& out) : config_(std::move(config)), out_(out) {
+  config_.validate();
+  if (config_.device != Device::CPU)
+    throw std::invalid_argument(fmt::format("train.device = '{}': this build trains on the CPU only",
+                                            enum_name(config_.device)));
+  data_ = prepare_data(config_);
+  check_vocab(config_, *data_.tokenizer);
+  if (!config_.resume.empty()) {
+    nn::ModelConfig saved = checkpoint_model_config(config_.resume);
+    if (json(saved) != json(config_.model))
+      throw std::invalid_argument(fmt::format("resume: the checkpoint's model config {} does not match this run's {}",
+                                              json(saved).dump(), json(config_.model).dump()));
+  }
+  model_ = std::make_unique<moe::MoEModel>(config_.model, config_.losses, config_.seed);
+  optimizer_ = std::make_unique<optim::AdamW>(model_->lm().named_parameters(), config_.adamw);
+  if (config_.optimizer == OptimizerKind::OMoE)
+    omoe_ = std::make_unique<optim::OMoE>(*optimizer_, model_->moe_layers(), config_.omoe);
+  schedule_ = {config_.lr, config_.min_lr, config_.warmup, config_.steps};
+  data::LoaderOptions loader_options;
+  loader_options.batch_size = static_cast<int>(config_.batch_size);
+  loader_options.seed = config_.seed;
+  loader_options.balanced_domains = config_.data.balanced;
+  train_loader_ = std::make_unique<data::Loader>(data_.train, loader_options);
+  fs::create_directories(config_.out_dir);
+  if (!config_.resume.empty()) restore(config_.resume);
+  metrics_.open(metrics_path(), config_.resume.empty() ? std::ios::trunc : std::ios::app);
+  if (!metrics_) throw std::runtime_error("cannot write the metrics log " + metrics_path().string());
+  on_terminal_ = &out_ == &std::cout && isatty(STDOUT_FILENO);
+}
+
+fs::path Trainer::metrics_path() const { return fs::path(config_.out_dir) / "metrics.jsonl"; }
+
+// The step's ED scope: per MoE layer, the sum of every other micro-batch's domain sums.
+static moe::EDStepScope others_of(const std::vector<std::vector<moe::DomainSums>>& sums, size_t micro) {
+  moe::EDStepScope scope;
+  scope.micro_batches = static_cast<int64_t>(sums.size());
+  scope.rest.resize(sums[micro].size());
+  for (size_t m = 0; m < sums.size(); ++m)
+    if (m != micro)
+      for (size_t l = 0; l < sums[m].size(); ++l) scope.rest[l].add(sums[m][l]);
+  return scope;
+}
+
+moe::LossTerms Trainer::train_step() {
+  ++step_;
+  const int64_t micro_batches = config_.grad_accum;
+  std::vector<BatchTensors> micro;
+  for (int64_t m = 0; m < micro_batches; ++m) micro.push_back(to_tensors(train_loader_->next()));
+  const int64_t domains = data_.domains.size();
+  // ED over the whole step: every micro-batch's routing, per domain, before any gradient (edl.md, batch scope).
+  const bool step_scope =
+      micro_batches > 1 && config_.losses.ed_scope == moe::EDScope::Step && config_.losses.beta != 0;
+  std::vector<std::vector<moe::DomainSums>> sums;
+  if (step_scope)
+    for (const BatchTensors& t : micro) sums.push_back(model_->routing_domain_sums(t.inputs, t.domains, domains));
+
+  std::vector<moe::MoELayer*> layers = model_->moe_layers();
+  std::vector<std::vector<Tensor>> routed_ids(layers.size()), routed_inputs(layers.size());  // for OMoE
+  moe::LossTerms step_loss;  // the micro-batches' mean
+  step_loss.domain_ce_sum.assign(domains, 0.0);
+  step_loss.domain_tokens.assign(domains, 0);
+  for (int64_t m = 0; m < micro_batches; ++m) {
+    const BatchTensors& t = micro[m];
+    moe::EDStepScope scope = step_scope ? others_of(sums, m) : moe::EDStepScope{};
+    moe::Loss loss = model_->loss(t.inputs, t.targets, t.domains, domains, step_scope ? &scope : nullptr);
+    // The step's gradient is the mean of the micro-batches' (each has batch_size sequences).
+    const double share = 1.0 / static_cast<double>(micro_batches);
+    mul(loss.value, share).backward();
+    const moe::LossTerms& terms = loss.terms;
+    step_loss.objective += share * terms.objective;
+    step_loss.ce += share * terms.ce, step_loss.lb += share * terms.lb, step_loss.z += share * terms.z;
+    step_loss.ed += share * terms.ed;  // with step scope every micro-batch reports the step's ED
+    for (int64_t d = 0; d < domains; ++d)
+      step_loss.domain_ce_sum[d] += terms.domain_ce_sum[d], step_loss.domain_tokens[d] += terms.domain_tokens[d];
+    for (size_t l = 0; omoe_ && l < layers.size(); ++l) {
+      routed_ids[l].push_back(layers[l]->last_routing().expert_ids);
+      routed_inputs[l].push_back(layers[l]->last_input().detach());
+    }
+    last_domains_ = t.domains;
+  }
+  double grad_norm = optim::clip_grad_norm(optimizer_->params(), config_.grad_clip);
+  double lr = schedule_.at(step_);
+  if (omoe_) {
+    // Projectors first, from the mean routed inputs of the whole step; then the (projected) step.
+    for (size_t l = 0; l < layers.size(); ++l)
+      omoe_->observe(l, concat(routed_ids[l], 0), concat(routed_inputs[l], 0));
+    last_omoe_ = omoe_->step(lr);
+  } else {
+    optimizer_->step(lr);
+  }
+  optimizer_->zero_grad();
+  tokens_seen_ += micro_batches * config_.batch_size * config_.model.seq_len;
+  last_grad_norm_ = grad_norm;
+  last_lr_ = lr;
+  return step_loss;
+}
+
+Validation Trainer::validate() {
+  NoGradGuard no_grad;
+  data::LoaderOptions options;
+  options.batch_size = static_cast<int>(std::min<int64_t>(config_.batch_size, data_.validation->size()));
+  options.seed = 0;  // a fixed, shuffled sample: every domain is represented, and every evaluation sees the same one
+  if (options.batch_size == 0) throw std::runtime_error("the validation split has no sequences");
+  data::Loader loader(data_.validation, options);
+  int64_t batches = std::min<int64_t>(config_.eval_batches, std::max<int64_t>(1, loader.batches_per_epoch()));
+  int64_t domains = data_.domains.size();
+  std::vector<double> ce_sum(domains, 0.0);
+  std::vector<int64_t> tokens(domains, 0);
+  Validation eval;
+  for (int64_t i = 0; i < batches; ++i) {
+    BatchTensors t = to_tensors(loader.next());
+    moe::LossTerms loss = model_->loss(t.inputs, t.targets, t.domains, domains).terms;
+    for (int64_t d = 0; d < domains; ++d) ce_sum[d] += loss.domain_ce_sum[d], tokens[d] += loss.domain_tokens[d];
+    std::vector<moe::RoutingStats> stats = moe::routing_stats(model_->moe_layers(), t.domains, domains);
+    if (eval.routing.empty()) eval.routing.resize(stats.size());
+    for (size_t l = 0; l < stats.size(); ++l) moe::accumulate_mean(eval.routing[l], stats[l], static_cast<double>(i));
+  }
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t d = 0; d < domains; ++d) {
+    eval.domain_ce.push_back(tokens[d] ? ce_sum[d] / tokens[d] : NAN);
+    total += ce_sum[d], count += tokens[d];
+  }
+  eval.mean_ce = count ? total / count : NAN;
+  return eval;
+}
+
+// ---- logging -------------------------------------------------------------------------------------------------------------
+
+static json domain_values(const data::Domains& domains, const std::vector<double>& values) {
+  json j = json::object();
+  for (int d = 0; d < domains.size(); ++d)
+    if (!std::isnan(values[d])) j[domains.name(d)] = values[d];
+  return j;
+}
+
+void Trainer::log_step(const moe::LossTerms& loss, double tokens_per_s) {
+  std::vector<double> domain_ce(loss.domain_ce_sum.size(), NAN);
+  for (size_t d = 0; d < domain_ce.size(); ++d)
+    if (loss.domain_tokens[d]) domain_ce[d] = loss.domain_ce_sum[d] / loss.domain_tokens[d];
+  json line = {{"step", step_},        {"loss", loss.objective}, {"ce", loss.ce},
+               {"lb", loss.lb},        {"z", loss.z},               {"ed", loss.ed},
+               {"lr", last_lr_},       {"grad_norm", last_grad_norm_}, {"tokens_per_s", tokens_per_s},
+               {"tokens", tokens_seen_}, {"ce_domain", domain_values(data_.domains, domain_ce)}};
+  std::vector<moe::RoutingStats> stats = moe::routing_stats(model_->moe_layers(), last_domains_, data_.domains.size());
+  if (!stats.empty()) line["routing"] = stats;
+  if (omoe_ && last_omoe_.o_step) {
+    json omoe = {{"removed", last_omoe_.removed}};  // ||G Pbar - G|| / ||G|| per MoE layer
+    if (!last_omoe_.pbar_trace.empty()) {  // spectrum of Pbar, now and then (omoe.spectrum_every)
+      omoe["pbar_trace"] = last_omoe_.pbar_trace;
+      omoe["pbar_min_eig"] = last_omoe_.pbar_min_eig;
+    }
+    line["omoe"] = omoe;
+  }
+  metrics_ << line.dump() << '\n' << std::flush;
+}
+
+void Trainer::log_validation(const Validation& eval) {
+  json line = {{"step", step_},
+               {"eval", {{"ce", eval.mean_ce}, {"ce_domain", domain_values(data_.domains, eval.domain_ce)}}}};
+  if (!eval.routing.empty()) line["eval"]["routing"] = eval.routing;
+  metrics_ << line.dump() << '\n' << std::flush;
+  out_ << fmt::format("{}eval @ step {}: mean CE {:.4f} |", on_terminal_ ? "\n" : "", step_, eval.mean_ce);
+  for (int d = 0; d < data_.domains.size(); ++d) out_ << fmt::format(" {} {:.3f}", data_.domains.name(d), eval.domain_ce[d]);
+  out_ << std::endl;
+}
+
+static std::string clock(double seconds) {
+  int64_t s = static_cast<int64_t>(seconds + 0.5);
+  return s >= 3600 ? fmt::format("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60) : fmt::format("{}:{:02}", s / 60, s % 60);
+}
+
+void Trainer::show_progress(const moe::LossTerms& loss, double tokens_per_s, double seconds_per_step) {
+  double eta = seconds_per_step * static_cast<double>(config_.steps - step_);
+  std::string terms = fmt::format("loss {:.4f} ce {:.4f} lb {:.3f} z {:.3f} ed {:.3f}", loss.objective, loss.ce,
+                                  loss.lb, loss.z, loss.ed);
+  if (on_terminal_) {
+    constexpr int kWidth = 24;
+    int filled = static_cast<int>(kWidth * step_ / config_.steps);
+    out_ << fmt::format("\r[{}{}] {}/{} {} | {:.0f} tok/s | ETA {}  ", std::string(filled, '#'),
+                        std::string(kWidth - filled, '.'), step_, config_.steps, terms, tokens_per_s, clock(eta))
+         << std::flush;
+  } else if (step_ % std::max<int64_t>(1, config_.log_every) == 0 || step_ == config_.steps) {
+    out_ << fmt::format("step {}/{} {} | {:.0f} tok/s | ETA {}", step_, config_.steps, terms, tokens_per_s, clock(eta))
+         << std::endl;
+  }
+}
+
+// ---- the loop ------------------------------------------------------------------------------------------------------------
+
+void Trainer::run(int64_t until) {
+  if (until < 0 || until > config_.steps) until = config_.steps;
+  using clock_type = std::chrono::steady_clock;
+  double smoothed_step_s = 0;
+  while (step_ < until) {
+    auto start = clock_type::now();
+    moe::LossTerms loss = train_step();
+    double seconds = std::chrono::duration<double>(clock_type::now() - start).count();
+    smoothed_step_s = smoothed_step_s == 0 ? seconds : 0.9 * smoothed_step_s + 0.1 * seconds;
+    double tokens_per_s = static_cast<double>(config_.grad_accum * config_.batch_size * config_.model.seq_len) / seconds;
+    log_step(loss, tokens_per_s);
+    show_progress(loss, tokens_per_s, smoothed_step_s);
+    bool last = step_ == config_.steps;
+    if (last || (config_.eval_every > 0 && step_ % config_.eval_every == 0)) log_validation(validate());
+    if (config_.checkpoint_every > 0 && step_ % config_.checkpoint_every == 0 && !last)
+      save_checkpoint(fmt::format("step_{:06}", step_));
+    if (last) out_ << "final checkpoint: " << save_checkpoint("final").string() << std::endl;
+  }
+}
+
+// ---- checkpoints ---------------------------------------------------------------------------------------------------------
+
+fs::path Trainer::save_checkpoint(const std::string& name) {
+  fs::path dir = fs::path(config_.out_dir) / "checkpoints" / name;
+  fs::create_directories(dir);
+  nn::save_safetensors(dir / kModelFile, model_->lm().named_parameters(),
+                       {{"config", json(config_.model).dump()},
+                        {"train_config", json(config_).dump()},
+                        {"step", std::to_string(step_)},
+                        {"format", "moelab-checkpoint-1"}});
+  std::vector<nn::NamedTensor> state = optimizer_->state();
+  if (omoe_)
+    for (nn::NamedTensor& t : omoe_->state()) state.push_back(std::move(t));
+  nn::save_safetensors(dir / kStateFile, state,
+                       {{"step", std::to_string(step_)},
+                        {"optimizer_steps", std::to_string(optimizer_->steps_taken())},
+                        {"tokens_seen", std::to_string(tokens_seen_)},
+                        {"loader", json(train_loader_->state()).dump()}});
+  return dir;
+}
+
+void Trainer::restore(const fs::path& dir) {
+  nn::SafeTensors model_file = nn::load_safetensors(dir / kModelFile);
+  nn::load_parameters(model_->lm(), model_file, (dir / kModelFile).string());
+  // A different batch per step is allowed (e.g. more accumulation late in a run): the step count, the schedule and
+  // the data order go on from the checkpoint, but the run is no longer the one that was saved, so say so.
+  if (auto it = model_file.metadata.find("train_config"); it != model_file.metadata.end()) {
+    json saved = json::parse(it->second), now = config_;
+    for (const char* key : {"train.batch_size", "train.grad_accum"})
+      if (saved.contains(key) && saved[key] != now[key])
+        out_ << fmt::format("resume: {} is {} (the checkpoint was trained with {})\n", key, now[key].dump(),
+                            saved[key].dump());
+  }
+  fs::path state_file = dir / kStateFile;
+  if (!fs::exists(state_file)) throw std::runtime_error("resume: missing " + state_file.string());
+  nn::SafeTensors state = nn::load_safetensors(state_file);
+  auto meta = [&](const char* key) {
+    auto it = state.metadata.find(key);
+    if (it == state.metadata.end()) throw std::runtime_error(fmt::format("{}: no '{}' in __metadata__", state_file.string(), key));
+    return it->second;
+  };
+  optimizer_->load_state(state.tensors, std::stoll(meta("optimizer_steps")));
+  if (omoe_) omoe_->load_state(state.tensors);
+  step_ = std::stoll(meta("step"));
+  tokens_seen_ = std::stoll(meta("tokens_seen"));
+  train_loader_->restore(json::parse(meta("loader")).get<data::LoaderState>());
+}
+
+}  // namespace moelab::apps
