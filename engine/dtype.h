@@ -5,6 +5,7 @@
 #include <string>
 
 #include "engine/enum_names.h"
+#include "engine/error.h"
 
 namespace moelab {
 
@@ -30,5 +31,23 @@ template <class T> constexpr DType dtype_of();
 template <> constexpr DType dtype_of<float>() { return DType::F32; }
 template <> constexpr DType dtype_of<double>() { return DType::F64; }
 template <> constexpr DType dtype_of<int32_t>() { return DType::I32; }
+
+// Calls f(T{}) with T = float or double according to a floating dtype.
+template <class F> decltype(auto) dispatch_float(const char* op, DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32: return f(float{});
+    case DType::F64: return f(double{});
+    default: fail("{}: needs f32 or f64, got {}", op, dtype_name(dtype));
+  }
+}
+
+// Calls f(T{}) with T = float, double or int32_t.
+template <class F> decltype(auto) dispatch_all(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::F32: return f(float{});
+    case DType::F64: return f(double{});
+    default: return f(int32_t{});
+  }
+}
 
 }  // namespace moelab

@@ -20,6 +20,7 @@
 #include <stdexcept>
 
 #include "engine/cpu/gemm.h"
+#include "engine/cpu/math.h"
 #include "engine/cpu/parallel.h"
 #include "engine/ops.h"
 
@@ -27,21 +28,7 @@ namespace moelab::moe {
 
 namespace {
 
-template <class... Args> [[noreturn]] void fail(fmt::format_string<Args...> f, Args&&... args) {
-  throw std::invalid_argument(fmt::format(f, std::forward<Args>(args)...));
-}
-
-// C[m,n] = op(A) op(B) + beta C on row-major storage with explicit leading dims, per dtype.
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* B, int64_t ldb,
-          float beta, float* C, int64_t ldc) {
-  cpu::sgemm(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc);
-}
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* A, int64_t lda, const double* B,
-          int64_t ldb, double beta, double* C, int64_t ldc) {
-  cpu::dgemm(ta, tb, m, n, k, 1.0, A, lda, B, ldb, beta, C, ldc);
-}
-
-template <class T> T sigmoid(T v) { return 1 / (1 + std::exp(-v)); }
+using cpu::gemm;
 
 // Runs expert_fn(e) for every expert that received tokens. Experts run side by side (one thread each; sgemm stays
 // single-threaded inside a parallel region) when there are enough of them to keep every thread busy; otherwise one
@@ -164,7 +151,7 @@ void grouped_swiglu_forward(const DispatchPlan& plan, int64_t d, int64_t h, cons
     T* a = act + begin * h;              // [c, h]
     gemm(false, true, c, h, d, xs, d, w_gate + e * h * d, d, T(0), gp, h);
     gemm(false, true, c, h, d, xs, d, w_up + e * h * d, d, T(0), up, h);
-    for (int64_t i = 0; i < c * h; ++i) a[i] = gp[i] * sigmoid(gp[i]) * up[i];
+    for (int64_t i = 0; i < c * h; ++i) a[i] = gp[i] * cpu::sigmoid(gp[i]) * up[i];
     gemm(false, true, c, d, h, a, h, w_down + e * d * h, h, T(0), out_sorted + begin * d, d);
   });
 }
@@ -191,7 +178,7 @@ void grouped_swiglu_backward(const DispatchPlan& plan, int64_t d, int64_t h, con
     gemm(false, false, c, h, d, dout, d, w_down + e * d * h, h, T(0), d_gate, h);
     gemm(true, false, d, h, c, dout, d, act + begin * h, h, T(0), dw_down + e * d * h, h);
     for (int64_t i = 0; i < c * h; ++i) {
-      T s = sigmoid(gp[i]), d_act = d_gate[i];
+      T s = cpu::sigmoid(gp[i]), d_act = d_gate[i];
       d_up[i] = d_act * gp[i] * s;
       d_gate[i] = d_act * up[i] * s * (1 + gp[i] * (1 - s));  // silu'(z) = s (1 + z (1 - s))
     }
@@ -322,15 +309,15 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
                            saved.out_sorted.data<T>());  // (e)
     weighted_unpermute(plan, saved.out_sorted.data<T>(), gates.data<T>(), d, y.data<T>());  // (f)
   };
-  if (dtype == DType::F32) forward(float{});
-  else forward(double{});
+  dispatch_float("moe_experts", dtype, forward);
 
   saved.x = x.detach(), saved.gates = gates.detach();
   saved.w_gate = w_gate.detach(), saved.w_up = w_up.detach(), saved.w_down = w_down.detach();
   return record("moe_experts", y, {x, expert_ids, gates, w_gate, w_up, w_down},
                 [saved = std::move(saved), dims](const Tensor& dy) -> std::vector<Tensor> {
-                  if (saved.x.dtype() == DType::F32) return moe_experts_backward<float>(saved, dy, dims);
-                  return moe_experts_backward<double>(saved, dy, dims);
+                  return dispatch_float("moe_experts_backward", saved.x.dtype(), [&](auto t) {
+                    return moe_experts_backward<decltype(t)>(saved, dy, dims);
+                  });
                 });
 }
 

@@ -43,7 +43,7 @@ std::vector<std::vector<double>> pairwise_jsd(const DomainMeans& means);
 // Mean of JSD over unordered pairs of present domains (0 when fewer than two are present).
 double mean_pairwise_jsd(const DomainMeans& means);
 
-// The divergence decomposition of edl.md for sequence weights w_s (summing to 1): with the global mean
+// The divergence decomposition of docs/expert_divergence.md for sequence weights w_s (summing to 1): with the global mean
 // pbar = sum_s w_s pbar_s and domain means Q_j weighted by w_s,
 //   total = sum_s w_s KL(pbar_s || pbar) = inter + intra,
 //   inter = sum_j w_j KL(Q_j || pbar),   intra = sum_j sum_{s in j} w_s KL(pbar_s || Q_j).

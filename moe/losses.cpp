@@ -44,7 +44,7 @@ Tensor z_loss(const Tensor& logits) {
     for (int64_t i = 0; i < n; ++i) lse[i] = logsumexp_row(z + i * e, e), total += lse[i] * lse[i];
     *out.data<T>() = static_cast<T>(total / n);
   };
-  logits.dtype() == DType::F64 ? run(double{}) : run(float{});
+  dispatch_float("z_loss", logits.dtype(), run);
   return record("z_loss", out, {logits}, [z = logits.detach(), lse, n, e](const Tensor& g) -> std::vector<Tensor> {
     Tensor dz = Tensor::empty(z.shape(), z.dtype());
     auto run = [&](auto t) {
@@ -57,7 +57,7 @@ Tensor z_loss(const Tensor& logits) {
           pd[i * e + j] = static_cast<T>(scale * lse[i] * std::exp(static_cast<double>(pz[i * e + j]) - lse[i]));
       });
     };
-    z.dtype() == DType::F64 ? run(double{}) : run(float{});
+    dispatch_float("z_loss_backward", z.dtype(), run);
     return {dz};
   });
 }
@@ -75,7 +75,7 @@ std::vector<Distribution> sequence_means(const Tensor& probs, int64_t batch) {
       for (double& v : means[s]) v /= static_cast<double>(seq);
     });
   };
-  probs.dtype() == DType::F64 ? accumulate(double{}) : accumulate(float{});
+  dispatch_float("sequence_means", probs.dtype(), accumulate);
   return means;
 }
 
@@ -148,7 +148,7 @@ Tensor expert_divergence_loss(const Tensor& probs, const Tensor& domains, int64_
                           pd[(s * seq + t) * experts + e] = static_cast<T>(w * grad_q[dom[s]][e]);
                     });
                   };
-                  dtype == DType::F64 ? fill(double{}) : fill(float{});
+                  dispatch_float("expert_divergence_loss_backward", dtype, fill);
                   return {dp};
                 });
 }

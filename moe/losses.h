@@ -1,5 +1,5 @@
 #pragma once
-// The router's auxiliary losses (spec README "Loss", edl.md). Each is a scalar per MoE layer; the model loss adds
+// The router's auxiliary losses (docs/objective.md). Each is a scalar per MoE layer; the model loss adds
 //   alpha * mean_layers(L_LB) + z_coef * mean_layers(L_Z) + beta * mean_layers(L_ED).
 #include "engine/enum_names.h"
 #include "engine/ops.h"
@@ -15,12 +15,12 @@ Tensor load_balancing_loss(const Tensor& probs, const Tensor& expert_ids);
 // dL/dz_n = 2 lse_n softmax(z_n) / N.
 Tensor z_loss(const Tensor& logits);
 
-// Expert divergence (edl.md): pulls apart the mean routing distributions of the domains in the batch.
+// Expert divergence (docs/objective.md, docs/expert_divergence.md): pulls apart the mean routing distributions of the domains in the batch.
 enum class EDForm { NegLog, NegJSD };  // mean_pairs -log(JSD + eps)  |  -mean_pairs JSD
 constexpr EnumNames<EDForm, 2> enum_names(EDForm) { return {{{EDForm::NegLog, "neglog"}, {EDForm::NegJSD, "neg_jsd"}}}; }
 
 // With gradient accumulation (the trainer's grad_accum > 1): ED on each micro-batch alone, or over the whole
-// optimizer step's batch (one extra forward without gradient per micro-batch; edl.md).
+// optimizer step's batch (one extra forward without gradient per micro-batch; docs/objective.md, "Batch scope").
 enum class EDScope { MicroBatch, Step };
 constexpr EnumNames<EDScope, 2> enum_names(EDScope) {
   return {{{EDScope::MicroBatch, "micro_batch"}, {EDScope::Step, "step"}}};

@@ -25,7 +25,7 @@ struct Loss {
   LossTerms terms;  // what it is made of
 };
 
-// The expert divergence over a whole optimizer step made of several micro-batches (edl.md, batch scope "step"): per
+// The expert divergence over a whole optimizer step made of several micro-batches (docs/objective.md, "Batch scope"): per
 // MoE layer the domain sums of the step's other micro-batches. With it, a micro-batch's ED term is the whole step's ED
 // (its gradient: the exact derivative with respect to this micro-batch), weighted micro_batches times in Loss::value
 // so that the trainer's average of the micro-batch gradients counts it once.

@@ -1,5 +1,5 @@
 #pragma once
-// The mixture-of-experts feed-forward of the spec:
+// The mixture-of-experts feed-forward (docs/model.md):
 //   routing = router(h)
 //   y = sum over the k chosen experts of gate * SwiGLU_e(h)   (moe_experts, dispatch.h: dropless)
 //     + shared(h)                                             (when shared_experts > 0)

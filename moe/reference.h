@@ -41,7 +41,7 @@ inline Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tenso
   return concat(rows, 0);  // [N, d]
 }
 
-// The router of the spec: p = softmax(h W^T); each token's k most probable experts (a plain stable sort, so ties go
+// The router of docs/model.md: p = softmax(h W^T); each token's k most probable experts (a plain stable sort, so ties go
 // to the lower id); gates = the chosen p, divided by their sum when norm_topk.
 inline moe::Routing route(const Tensor& h, const Tensor& weight, int64_t k, bool norm_topk) {
   moe::Routing r;

@@ -33,7 +33,7 @@ Routing Router::forward(const Tensor& h) const {
     throw std::invalid_argument(fmt::format("{}: input must be [N, d = {}], got {}", where_, weight.size(1), h.str()));
   Routing r;
   r.logits = matmul(h, weight, false, true);  // [N, E]
-  bool finite = r.logits.dtype() == DType::F64 ? all_finite<double>(r.logits) : all_finite<float>(r.logits);
+  bool finite = dispatch_float("router", r.logits.dtype(), [&](auto t) { return all_finite<decltype(t)>(r.logits); });
   if (!finite)
     throw std::runtime_error(fmt::format("{}: router logits {} contain NaN or Inf (the layer's input or the router "
                                          "weight has diverged)",

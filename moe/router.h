@@ -1,5 +1,5 @@
 #pragma once
-// The top-k router of the spec: z = h W_r^T, p = softmax(z), the k most probable experts per token, and their gate
+// The top-k router (docs/model.md): z = h W_r^T, p = softmax(z), the k most probable experts per token, and their gate
 // weights (the chosen probabilities, renormalized to sum 1 when norm_topk).
 #include <cstdint>
 #include <string>

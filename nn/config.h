@@ -39,7 +39,7 @@ struct ModelConfig {
   void validate() const;
 };
 
-// The spec's named configs: "tiny" (CPU tests), "S" and "M" (one GPU).
+// The named configs of docs/model.md: "tiny" (CPU tests), "S" and "M" (one GPU).
 ModelConfig model_preset(const std::string& name);
 
 void to_json(nlohmann::json& j, const ModelConfig& c);

@@ -1,6 +1,6 @@
 #pragma once
 // Module: a named tree of parameters. Checkpoint names are the paths through the tree
-// ("layers.0.attn.wqkv.weight"), so a module's registration names are the spec's checkpoint names.
+// ("layers.0.attn.wqkv.weight"), so a module's registration names are the checkpoint names of docs/model.md.
 #include <string>
 #include <utility>
 #include <vector>

@@ -1,5 +1,5 @@
 #pragma once
-// The decoder-only LM of the spec: pre-norm blocks of RoPE attention and a feed-forward (dense or MoE).
+// The decoder-only LM of docs/model.md: pre-norm blocks of RoPE attention and a feed-forward (dense or MoE).
 //   x = tok_emb[ids]
 //   per layer: x = x + Attn(RMSNorm_a(x));  x = x + FFN(RMSNorm_f(x))
 //   logits = lm_head(RMSNorm_final(x))

@@ -1,5 +1,5 @@
 #pragma once
-// OMoE: orthogonal expert updates on top of AdamW (spec: shared/spec/omoe.md; notes and measurements: docs/omoe.md).
+// OMoE: orthogonal expert updates on top of AdamW (the method and measurements: docs/omoe.md).
 //
 // Per MoE layer l and expert i an OWM projector P_{l,i} [d, d] (fp32, starts at I) for the inputs of W_gate,i and
 // W_up,i. Every step, with a = the mean of the inputs routed to expert i in that step (skipped when it got none):
@@ -70,7 +70,7 @@ class OMoE {
   OMoE(AdamW& adamw, std::vector<moe::MoELayer*> layers, const OMoEConfig& config);
 
   // Updates layer `layer`'s projectors from this step's routing: expert_ids i32 [N, k], h [N, d] the layer's input.
-  // Call once per layer and step, after the forward pass and before step() (the spec's order: update P, then project).
+  // Call once per layer and step, after the forward pass and before step() (docs/omoe.md's order: update P, then project).
   void observe(size_t layer, const Tensor& expert_ids, const Tensor& h);
   // observe() for every layer from its last forward (MoELayer::last_routing, last_input).
   void observe_last_forward();

@@ -351,7 +351,7 @@ TEST_CASE("moe: moe_feed_forward honours dense_layers and moe_every") {
   CHECK(moe::moe_feed_forward(c, 1, gen).name == "mlp");
 }
 
-TEST_CASE("moe: TransformerLM with moe_feed_forward has the spec's checkpoint names and trains end to end") {
+TEST_CASE("moe: TransformerLM with moe_feed_forward has the checkpoint names of docs/model.md and trains end to end") {
   nn::ModelConfig c = nn::model_preset("tiny");
   c.expert_hidden = 32, c.shared_experts = 1, c.dense_layers = {0};
   nn::TransformerLM model(c, 1234, moe::moe_feed_forward);

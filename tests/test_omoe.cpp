@@ -1,4 +1,4 @@
-// OMoE (optim/omoe.h, spec shared/spec/omoe.md): the OWM recursion against its closed form, the projection property,
+// OMoE (optim/omoe.h, docs/omoe.md): the OWM recursion against its closed form, the projection property,
 // the O/R schedule, AdamW against torch.optim.AdamW, bit-exact resume through the Trainer, and OMoE against AdamW on
 // synthetic multi-domain text with the expert diversity metrics of moe/analysis/expert_metrics.h. Figures go to MESSAGE.
 #include <doctest/doctest.h>
@@ -178,7 +178,7 @@ TEST_CASE("omoe: recursive projector update equals the closed form alpha (alpha 
   Tensor after = optim::owm_update(P, from_vector(std::vector<double>{1, 2, 3, 4}, {2, 2}), {1.0, 1.0}, {true, false});
   CHECK(bitwise_equal(block(after, 1), block(P, 1)));
   CHECK_FALSE(bitwise_equal(block(after, 0), block(P, 0)));
-  // One update along u with energy s = alpha: u^T P u = alpha / (alpha + s) = 1/2 (the spec's "halves P along a").
+  // One update along u with energy s = alpha: u^T P u = alpha / (alpha + s) = 1/2 (docs/omoe.md: "halves P along a").
   Tensor half = optim::owm_update(from_vector(std::vector<double>{1, 0, 0, 1}, {1, 2, 2}),
                                   from_vector(std::vector<double>{0.6 * 2, 0.8 * 2}, {1, 2}), {4.0}, {true});
   std::vector<double> h = half.to_vector<double>();
@@ -212,7 +212,7 @@ TEST_CASE("omoe: projected W_up gradient keeps the outputs on the other experts'
   //   - expert i's own inputs (stored by nobody else): Pbar_i x = x, so 1: not constrained;
   //   - an input stored by ONE other expert j: only P_j removes it, so Pbar_i keeps (E - 2) / (E - 1) of it.
   //     With E = 2 that is 0 (Pbar_i = P_j exactly: the property holds for every input the other expert stored);
-  //     with E = 4 the update still moves those outputs by 2/3 of the unprojected update (the spec's average).
+  //     with E = 4 the update still moves those outputs by 2/3 of the unprojected update (docs/omoe.md's average).
   const int64_t d = 16, hidden = 8;
   const double scale = 3.0, alpha = 1e-4;
   for (int64_t E : {2, 4}) {
@@ -582,7 +582,7 @@ void pull_experts_together(moe::MoEModel& model, float spread) {
 }
 
 TEST_CASE("omoe: training on synthetic multi-domain text, OMoE vs AdamW at equal steps") {
-  // The tiny preset on 4 synthetic domains, AdamW against OMoE with the spec's defaults (K = 10, reset, alpha = the
+  // The tiny preset on 4 synthetic domains, AdamW against OMoE with its defaults (K = 10, reset, alpha = the
   // running mean of ||a||^2, mode grad), same seed, same batches, same steps; then the expert output similarity on a
   // fixed held-out batch. Run-to-run differences of the similarity between seeds are about +-0.03, so one pair of
   // runs says little: the test runs two seeds and reports the means. MOELAB_OMOE_SEEDS / MOELAB_OMOE_STEPS make the
@@ -643,7 +643,7 @@ TEST_CASE("omoe: training on synthetic multi-domain text, OMoE vs AdamW at equal
   if (std::getenv("MOELAB_OMOE_VARIANTS")) return;
   // Under AdamW the experts' outputs grow similar (from ~0 at init): the effect OMoE is meant to counter.
   CHECK(mean_similarity[0] > 0.1);
-  // The issue's claim, measured and reported but not enforced: at this size it does not hold (docs/omoe.md).
+  // The paper's claim (OMoE makes experts more diverse), measured and reported but not enforced: at this size it does not hold (docs/omoe.md).
   WARN_MESSAGE(mean_similarity[1] < mean_similarity[0],
                fmt::format("OMoE did not lower the mean expert output similarity: {:.4f} (OMoE) vs {:.4f} (AdamW)",
                            mean_similarity[1], mean_similarity[0]));

@@ -30,7 +30,7 @@ using namespace moelab;
 using json = nlohmann::json;
 
 // ---- tolerances ---------------------------------------------------------------------------------------------------
-// The loss and its terms: the bound, relative error in f32.
+// The loss and its terms: relative error in f32, a few ulp accumulated over the forward's reductions.
 constexpr double kLossRel = 1e-5;
 // Logits: relative 1e-5 with a floor of 1e-1 * max|logit| (the op oracle's floor for reductions, see
 // test_torch_oracle.cpp: a logit near 0 is a 64-term dot product whose rounding is set by its larger terms).
@@ -253,7 +253,7 @@ void run_parity(const ParityCase& c) {
                         w.weight_abs_over_lr, w.weight_where));
 }
 
-// The tiny config of the spec with the router losses of the baseline turned up, so that their gradients weigh in the
+// The tiny config of docs/model.md with the router losses of the baseline turned up, so that their gradients weigh in the
 // comparison (at alpha = 0.01 and z = 0.001 a mistake in them would hide under the CE gradient's tolerance).
 moe::RouterLossConfig strong_router_losses() {
   moe::RouterLossConfig l;

@@ -3,7 +3,7 @@
 //   checkpoint folder -> MoEModel (architecture from the "config" metadata) + the data config of its run
 //   ("train_config" metadata, with command-line overrides) -> the validation split of the corpus -> per domain:
 //   mean CE (nats/token), perplexity, bits per byte; and the router-permutation dPPL per MoE layer and domain
-//   (spec analysis.md). docs/evaluation.md explains every number and the JSON layout.
+//   (docs/analysis.md). docs/evaluation.md explains every number and the JSON layout.
 #include <cstdint>
 #include <filesystem>
 #include <memory>

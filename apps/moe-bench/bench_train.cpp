@@ -36,7 +36,7 @@ using nlohmann::json;
 
 struct TrainBenchOptions {
   std::string preset = "tiny";
-  int64_t batch = 0;  // 0: the preset's batch (spec README, "Configs")
+  int64_t batch = 0;  // 0: the preset's batch (docs/model.md, "Named configs")
   int steps = 20;
   int warmup = 3;
   double alpha = 0.01, z_coef = 0.001, beta = 0.0;

@@ -1,5 +1,5 @@
 #pragma once
-// moe-analyze's library: analyse a trained run on its held-out split (every metric of shared/spec/analysis.md, per MoE
+// moe-analyze's library: analyse a trained run on its held-out split (every metric of docs/analysis.md, per MoE
 // layer and per domain), write the numbers as JSON/CSV, and render one self-contained HTML report (inline SVG, no
 // scripts, no network) of one run or several side by side. docs/analysis.md explains every number.
 //   analyze_run(run folder)        -> RunAnalysis   (checkpoint + metrics.jsonl + the run's corpus)

@@ -1,6 +1,6 @@
 #pragma once
 // A checkpoint is a folder:
-//   model.safetensors  the parameters under the spec's names; __metadata__: "config" (model JSON), "train_config",
+//   model.safetensors  the parameters under the names of docs/model.md; __metadata__: "config" (model JSON), "train_config",
 //                      "step" — loadable on its own by PyTorch / the twin
 //   state.safetensors  the training state: AdamW moments ("m.<param>", "v.<param>"); __metadata__: "step",
 //                      "optimizer_steps", "loader" (data position), "tokens_seen"

@@ -66,7 +66,7 @@ struct TrainConfig {
   void validate() const;
 };
 
-// The preset's model and batch: the spec's table (tiny, S, M).
+// The preset's model and batch: the named configs of docs/model.md (tiny, S, M).
 TrainConfig train_preset(const std::string& name);
 
 // Applies a TOML document (errors name the file, key and expected type; unknown keys are errors).

@@ -74,7 +74,7 @@ moe::LossTerms Trainer::train_step() {
   std::vector<BatchTensors> micro;
   for (int64_t m = 0; m < micro_batches; ++m) micro.push_back(to_tensors(train_loader_->next()));
   const int64_t domains = data_.domains.size();
-  // ED over the whole step: every micro-batch's routing, per domain, before any gradient (edl.md, batch scope).
+  // ED over the whole step: every micro-batch's routing, per domain, before any gradient (docs/objective.md, "Batch scope").
   const bool step_scope =
       micro_batches > 1 && config_.losses.ed_scope == moe::EDScope::Step && config_.losses.beta != 0;
   std::vector<std::vector<moe::DomainSums>> sums;

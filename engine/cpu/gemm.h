@@ -15,4 +15,14 @@ void sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float al
 void dgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* A, int64_t lda,
            const double* B, int64_t ldb, double beta, double* C, int64_t ldc);
 
+// sgemm or dgemm with alpha = 1, by element type: the call templated kernels make.
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* A, int64_t lda,
+                 const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  sgemm(trans_a, trans_b, m, n, k, 1.0f, A, lda, B, ldb, beta, C, ldc);
+}
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const double* A, int64_t lda,
+                 const double* B, int64_t ldb, double beta, double* C, int64_t ldc) {
+  dgemm(trans_a, trans_b, m, n, k, 1.0, A, lda, B, ldb, beta, C, ldc);
+}
+
 }  // namespace moelab::cpu

@@ -1,17 +1,10 @@
 #pragma once
-// Shared checks and dtype dispatch for the op implementations (internal to engine/ops).
-#include <fmt/format.h>
-
-#include <stdexcept>
-
+// Shared checks for the op implementations (internal to engine/ops).
 #include "engine/cpu/parallel.h"
+#include "engine/error.h"
 #include "engine/ops.h"
 
 namespace moelab::detail {
-
-template <class... Args> [[noreturn]] void fail(fmt::format_string<Args...> f, Args&&... args) {
-  throw std::invalid_argument(fmt::format(f, std::forward<Args>(args)...));
-}
 
 inline void check_defined(const char* op, const Tensor& x) {
   if (!x.defined()) fail("{}: undefined input tensor", op);
@@ -42,24 +35,6 @@ inline void check_cpu(const char* op, const Tensor& x) {
 inline int64_t normalize_dim(const char* op, int64_t dim, int64_t ndim) {
   if (dim < -ndim || dim >= ndim) fail("{}: dim {} out of range for a {}-d tensor", op, dim, ndim);
   return dim < 0 ? dim + ndim : dim;
-}
-
-// Calls f(T{}) with T = float or double according to a floating dtype.
-template <class F> decltype(auto) dispatch_float(const char* op, DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::F32: return f(float{});
-    case DType::F64: return f(double{});
-    default: fail("{}: needs f32 or f64, got {}", op, dtype_name(dtype));
-  }
-}
-
-// Calls f(T{}) with T = float, double or int32_t.
-template <class F> decltype(auto) dispatch_all(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::F32: return f(float{});
-    case DType::F64: return f(double{});
-    default: return f(int32_t{});
-  }
 }
 
 }  // namespace moelab::detail

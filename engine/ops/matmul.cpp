@@ -8,14 +8,10 @@
 namespace moelab {
 using namespace detail;
 
-// One GEMM call per dtype: C = op(A) @ op(B) + beta * C on row-major [rows, cols] storage.
-static void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* A, const float* B, float beta,
-                 float* C) {
-  cpu::sgemm(ta, tb, m, n, k, 1.0f, A, ta ? m : k, B, tb ? k : n, beta, C, n);
-}
-static void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* A, const double* B, double beta,
-                 double* C) {
-  cpu::dgemm(ta, tb, m, n, k, 1.0, A, ta ? m : k, B, tb ? k : n, beta, C, n);
+// C = op(A) @ op(B) + beta * C on dense row-major [rows, cols] storage.
+template <class T> static void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, const T* B, T beta,
+                                    T* C) {
+  cpu::gemm(ta, tb, m, n, k, A, ta ? m : k, B, tb ? k : n, beta, C, n);
 }
 
 // A product below this many flops runs single-threaded inside sgemm (forking costs more than it saves there), so a

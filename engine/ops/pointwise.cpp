@@ -1,6 +1,7 @@
 // Elementwise ops: broadcasting arithmetic, scalar forms and unary math. Each op's backward sits right under it.
 #include <cmath>
 
+#include "engine/cpu/math.h"
 #include "engine/ops/common.h"
 
 namespace moelab {
@@ -227,21 +228,19 @@ Tensor tanh(const Tensor& x) {
   });
 }
 
-template <class T> static T sigmoid_of(T v) { return 1 / (1 + std::exp(-v)); }
-
 Tensor sigmoid(const Tensor& x) {
-  Tensor y = map("sigmoid", x, [](auto v) { return sigmoid_of(v); });
+  Tensor y = map("sigmoid", x, [](auto v) { return cpu::sigmoid(v); });
   return record("sigmoid", y, {x}, [y = y.detach()](const Tensor& g) -> std::vector<Tensor> {
     return {map("sigmoid_backward", g, y, [](auto gi, auto yi) { return gi * yi * (1 - yi); })};  // y (1 - y)
   });
 }
 
 Tensor silu(const Tensor& x) {
-  Tensor y = map("silu", x, [](auto v) { return v * sigmoid_of(v); });
+  Tensor y = map("silu", x, [](auto v) { return v * cpu::sigmoid(v); });
   return record("silu", y, {x}, [x = x.detach()](const Tensor& g) -> std::vector<Tensor> {
     // d(x s)/dx = s + x s (1 - s) = s (1 + x (1 - s)),  s = sigmoid(x)
     return {map("silu_backward", g, x, [](auto gi, auto xi) {
-      auto s = sigmoid_of(xi);
+      auto s = cpu::sigmoid(xi);
       return gi * s * (1 + xi * (1 - s));
     })};
   });

@@ -1,5 +1,5 @@
 #pragma once
-// Expert diversity metrics of shared/spec/analysis.md, on one MoE layer (used by OMoE's tests and moe-analyze):
+// Expert diversity metrics of docs/analysis.md, on one MoE layer (used by OMoE's tests and moe-analyze):
 //   expert output similarity     every sampled token through every expert; cosine similarity of the outputs,
 //                                averaged over expert pairs i < j and tokens (1 = identical experts)
 //   normalized parameter variance NV = mean_c Var_i(W_i[c]) / mean_{i,c} W_i[c]^2 over each expert's flattened

@@ -1,5 +1,5 @@
 #pragma once
-// Routing statistics of one MoE layer on one batch, logged during training (analysis.md "Load", edl.md diagnostics).
+// Routing statistics of one MoE layer on one batch, logged during training (docs/analysis.md "Load", docs/expert_divergence.md "What gets logged").
 #include <cstdint>
 #include <vector>
 

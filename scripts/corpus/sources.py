@@ -216,7 +216,7 @@ DOMAINS = {
         Source("set.mm", (apt("metamath-databases"),), load_setmm),
     ],
     "dictionary": [_dict(n) for n in ("gcide", "wn", "foldoc", "jargon", "devil", "vera")],
-    # Optional domains of data.md that are cheap to build (not in the default set).
+    # Optional domains of docs/data.md that are cheap to build (not in the default set).
     "quotes": [
         _fortunes("fortunes", "fortunes"),
         _fortunes("fortunes-min", "fortunes-min"),

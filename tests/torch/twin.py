@@ -1,4 +1,4 @@
-"""The PyTorch twin of moelab's reference model (shared/spec README), for parity tests and speed comparisons.
+"""The PyTorch twin of moelab's reference model (docs/model.md), for parity tests and speed comparisons.
 
 Written to run on Debian's python3-torch 1.13 (CPU) and on PyTorch 2.x. It reads and writes moelab checkpoints
 (safetensors, parsed here with json + numpy so no extra package is needed).
@@ -123,7 +123,7 @@ def kl(p, q):
 
 
 def expert_divergence(probs, domains, b, t, form, eps):
-    """edl.md. In float64: at initialization the domains route almost alike, the JSD is ~1e-5 and comes out of the
+    """docs/objective.md. In float64: at initialization the domains route almost alike, the JSD is ~1e-5 and comes out of the
     cancellation of terms ~0.3, so float32 would leave it with a relative error ~1e-3 (and -log(JSD) with ~1e-3
     absolute). moelab computes this loss in double for the same reason; the result is cast back to probs' type."""
     seq_mean = probs.double().reshape(b, t, -1).mean(1)  # [B, E]
