@@ -5,6 +5,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "engine/cpu/math.h"
 #include "engine/cpu/parallel.h"
 #include "moe/divergence.h"
 
@@ -23,13 +24,6 @@ Tensor load_balancing_loss(const Tensor& probs, const Tensor& expert_ids) {
 }
 
 // ---- z-loss: fused logsumexp^2 ---------------------------------------------------------------------------------------
-template <class T> static double logsumexp_row(const T* z, int64_t n) {
-  double m = -INFINITY;
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, static_cast<double>(z[j]));
-  double s = 0;
-  for (int64_t j = 0; j < n; ++j) s += std::exp(static_cast<double>(z[j]) - m);
-  return m + std::log(s);
-}
 
 Tensor z_loss(const Tensor& logits) {
   if (logits.dim() != 2 || logits.size(0) == 0)
@@ -41,7 +35,7 @@ Tensor z_loss(const Tensor& logits) {
     using T = decltype(t);
     const T* z = logits.data<T>();
     double total = 0;
-    for (int64_t i = 0; i < n; ++i) lse[i] = logsumexp_row(z + i * e, e), total += lse[i] * lse[i];
+    for (int64_t i = 0; i < n; ++i) lse[i] = cpu::row_logsumexp(z + i * e, e), total += lse[i] * lse[i];
     *out.data<T>() = static_cast<T>(total / n);
   };
   dispatch_float("z_loss", logits.dtype(), run);
