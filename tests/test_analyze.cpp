@@ -12,6 +12,10 @@
 #include <sstream>
 
 #include "apps/analysis/evaluation.h"
+#include "apps/analysis/export.h"
+#include "apps/analysis/run_analysis.h"
+#include "apps/analysis/text.h"
+#include "apps/report/html.h"
 #include "apps/report/report.h"
 #include "apps/train/trainer.h"
 #include "moe/analysis/expert_metrics.h"

@@ -1,4 +1,4 @@
-// moe-analyze: expert specialization of trained runs on held-out data (every metric of shared/spec/analysis.md per
+// moe-analyze: expert specialization of trained runs on held-out data (every metric of docs/analysis.md per
 // MoE layer and per domain), written as JSON/CSV, plus one self-contained HTML report comparing the runs
 // (docs/analysis.md).
 //   moe-analyze runs/base runs/ed --out analysis --trace "def main():\n    return 0"
@@ -10,6 +10,8 @@
 #include <iostream>
 #include <map>
 
+#include "apps/analysis/export.h"
+#include "apps/analysis/run_analysis.h"
 #include "apps/report/report.h"
 
 namespace fs = std::filesystem;
@@ -30,9 +32,8 @@ static std::string unescape(const std::string& s) {
 
 int main(int argc, char** argv) {
   using namespace moelab::apps;
-  CLI::App app{
-      "moe-analyze: expert specialization of trained MoE runs on held-out data -> analysis.json, CSV files "
-      "and report.html"};
+  CLI::App app{"moe-analyze: expert specialization of trained MoE runs on held-out data -> analysis.json, CSV files "
+               "and report.html"};
   std::vector<std::string> run_dirs;
   AnalyzeOptions options;
   std::string out_dir, trace, title, data_dir;
