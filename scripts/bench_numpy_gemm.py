@@ -1,10 +1,13 @@
 #!/usr/bin/python3
 """numpy's float32 matmul GFLOP/s on square matrices: the baseline `moe-bench gemm` compares our sgemm against.
 
-Run with Debian's /usr/bin/python3 (numpy on libopenblas0-pthread). `moe-bench gemm` runs it with OPENBLAS_CORETYPE
-and OPENBLAS_L2_SIZE unset and the thread counts pinned; run by hand, do the same:
-    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 \\
+Run with Debian's /usr/bin/python3 (numpy on libopenblas0-pthread). `moe-bench gemm` runs it with OPENBLAS_L2_SIZE
+unset, the thread counts pinned and OPENBLAS_CORETYPE set to the fastest kernels the CPU supports (yours when you set
+it; else from /proc/cpuinfo: COOPERLAKE for AVX-512 F/BW/VL/DQ + BF16, SKYLAKEX without BF16, HASWELL for AVX2 + FMA),
+because Debian's OpenBLAS 0.3.21 falls back to its slow Prescott kernels on CPUs it does not know; by hand, e.g.:
+    env -u OPENBLAS_L2_SIZE OPENBLAS_CORETYPE=SKYLAKEX OPENBLAS_NUM_THREADS=2 OMP_NUM_THREADS=2 \\
         /usr/bin/python3 scripts/bench_numpy_gemm.py --sizes 256,512,1024,2048 --reps 20
+The "blas" line below names the kernels OpenBLAS actually runs (e.g. "SkylakeX", or "Prescott" for the fallback).
 
 Prints one line per fact, for a program to read:
     blas <which BLAS library numpy called, as the library itself reports it>

@@ -2,8 +2,8 @@
 # Installs every dependency moelab needs from Debian's archive (idempotent: only what is missing).
 set -euo pipefail
 packages=(
-  build-essential cmake ninja-build pkg-config git
-  libfmt-dev doctest-dev nlohmann-json3-dev libtomlplusplus-dev libcli11-dev
+  build-essential cmake ninja-build pkg-config git clang-format
+  libfmt-dev doctest-dev nlohmann-json3-dev libtomlplusplus-dev libcli11-dev libboost-context-dev
   libsentencepiece-dev sentencepiece
   python3 python3-numpy python3-torch libopenblas0-pthread
   chromium fonts-liberation

@@ -1,5 +1,7 @@
 // `moe-bench gemm`: GFLOP/s of our sgemm against numpy's matmul (OpenBLAS on Debian) on square fp32 matrices,
-// both measured in the same run on the same threads, printed as one table.
+// both measured in the same run on the same threads, printed as one table. OpenBLAS runs the fastest kernels this CPU
+// supports (OPENBLAS_CORETYPE, chosen from /proc/cpuinfo unless set by the user): Debian's OpenBLAS 0.3.21 does not
+// recognise recent AVX-512 CPUs and would fall back to its Prescott (SSE3) kernels, under a quarter of its speed.
 #include <fmt/core.h>
 #include <omp.h>
 
@@ -7,10 +9,13 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
 #include <random>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -64,22 +69,64 @@ std::string shell_quote(const std::string& s) {
   return quoted + "'";
 }
 
+// The CPU's feature flags (the first "flags" line of /proc/cpuinfo, x86 Linux); empty where there is none.
+std::set<std::string> cpu_flags() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.rfind("flags", 0) != 0) continue;
+    const size_t colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    std::istringstream words(line.substr(colon + 1));
+    std::set<std::string> flags;
+    for (std::string flag; words >> flag;) flags.insert(flag);
+    return flags;
+  }
+  return {};
+}
+
+struct OpenBlasCoreType {
+  std::string name;  // the OPENBLAS_CORETYPE the baseline runs with; empty: unset (OpenBLAS detects the CPU itself)
+  std::string why;   // for the printout
+};
+
+// OPENBLAS_CORETYPE for numpy's OpenBLAS: the user's when set, else the fastest kernel set this CPU supports.
+// OpenBLAS's own detection (0.3.21, Debian bookworm) misses CPUs newer than it, e.g. an AVX-512 Xeon or EPYC VM,
+// and then falls back to Prescott: about 66 GFLOP/s instead of 300 on 2 cores here.
+OpenBlasCoreType openblas_coretype() {
+  if (const char* user = std::getenv("OPENBLAS_CORETYPE"); user && *user) return {user, "from your environment"};
+  const std::set<std::string> flags = cpu_flags();
+  auto has_all = [&](std::initializer_list<const char*> names) {
+    return std::all_of(names.begin(), names.end(), [&](const char* f) { return flags.count(f) > 0; });
+  };
+  if (has_all({"avx512f", "avx512bw", "avx512vl", "avx512dq"})) {
+    if (has_all({"avx512_bf16"})) {
+      return {"COOPERLAKE", "chosen automatically: the CPU has avx512f, avx512bw, avx512vl, avx512dq and avx512_bf16"};
+    }
+    return {"SKYLAKEX", "chosen automatically: the CPU has avx512f, avx512bw, avx512vl and avx512dq"};
+  }
+  if (has_all({"avx2", "fma"})) return {"HASWELL", "chosen automatically: the CPU has avx2 and fma"};
+  return {"", "unset: no AVX2+FMA or AVX-512 in /proc/cpuinfo, OpenBLAS picks its kernels itself"};
+}
+
 struct NumpyResult {
   std::string blas;                  // what the script says numpy calls
   std::map<int64_t, double> gflops;  // by n
   std::string error;                 // non-empty when the script could not run
 };
 
-// Runs the numpy script in a subprocess with its own environment: OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset (this
-// environment may set them, and they slow a current OpenBLAS), and OpenBLAS/OpenMP on the same thread count as ours.
-NumpyResult numpy_gflops(const GemmBenchOptions& opts, int threads) {
+// Runs the numpy script in a subprocess with its own environment: OPENBLAS_CORETYPE = `coretype` (unset when empty),
+// OPENBLAS_L2_SIZE unset (this environment may set it, and it slows a current OpenBLAS), and OpenBLAS/OpenMP on the
+// same thread count as ours.
+NumpyResult numpy_gflops(const GemmBenchOptions& opts, int threads, const std::string& coretype) {
   NumpyResult result;
   std::string sizes;
   for (int64_t n : opts.sizes) sizes += (sizes.empty() ? "" : ",") + std::to_string(n);
-  const std::string command =
-      fmt::format("env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE OPENBLAS_NUM_THREADS={0} OMP_NUM_THREADS={0} "
-                  "{1} {2} --sizes {3} --reps {4} 2>&1",
-                  threads, shell_quote(opts.python), shell_quote(opts.numpy_script), sizes, opts.reps);
+  const std::string coretype_setting = coretype.empty() ? "" : "OPENBLAS_CORETYPE=" + shell_quote(coretype) + " ";
+  const std::string command = fmt::format(
+      "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE {0}OPENBLAS_NUM_THREADS={1} OMP_NUM_THREADS={1} "
+      "{2} {3} --sizes {4} --reps {5} 2>&1",
+      coretype_setting, threads, shell_quote(opts.python), shell_quote(opts.numpy_script), sizes, opts.reps);
   FILE* pipe = popen(command.c_str(), "r");
   if (!pipe) {
     result.error = "could not start: " + command;
@@ -128,8 +175,11 @@ void run_gemm_bench(const GemmBenchOptions& opts) {
 
   std::map<int64_t, double> ours;
   for (int64_t n : opts.sizes) ours[n] = sgemm_gflops(n, opts.reps);
-  const NumpyResult numpy = numpy_gflops(opts, threads);
+  const OpenBlasCoreType coretype = openblas_coretype();
+  const NumpyResult numpy = numpy_gflops(opts, threads, coretype.name);
   if (!numpy.error.empty()) fmt::print("numpy baseline unavailable: {}\n", numpy.error);
+  fmt::print("numpy OpenBLAS core type: OPENBLAS_CORETYPE={} ({})\n", coretype.name.empty() ? "(unset)" : coretype.name,
+             coretype.why);
   if (!numpy.blas.empty()) fmt::print("numpy BLAS: {}\n", numpy.blas);
 
   fmt::print("\n{:>6}  {:>15}  {:>14}  {:>12}\n", "n", "moelab GFLOP/s", "numpy GFLOP/s", "moelab/numpy");
