@@ -5,7 +5,6 @@
 #include "data/loader.h"                   // Batch, Loader, LoaderOptions, LoaderState, split_every_kth
 #include "data/pipeline.h"                 // build_shards
 #include "data/readers.h"                  // read_jsonl, read_text_folder
-#include "data/sentencepiece_tokenizer.h"  // SentencePieceTokenizer
 #include "data/shard.h"                    // Shard, pack_documents, read_shard, write_shard
 #include "data/synthetic.h"                // make_synthetic_corpus
 #include "data/tokenizer.h"                // Tokenizer, ByteTokenizer, load_tokenizer

@@ -154,4 +154,16 @@ std::string SentencePieceTokenizer::decode(std::span<const int32_t> ids) const {
 int SentencePieceTokenizer::vocab_size() const { return sp_->GetPieceSize(); }
 int32_t SentencePieceTokenizer::eos_id() const { return sp_->eos_id(); }
 
+bool sentencepiece_available() { return true; }
+
+std::unique_ptr<Tokenizer> load_sentencepiece(const std::filesystem::path& model_file) {
+  return std::make_unique<SentencePieceTokenizer>(SentencePieceTokenizer::load(model_file));
+}
+
+std::unique_ptr<Tokenizer> train_sentencepiece(const std::vector<Document>& docs,
+                                               const std::filesystem::path& model_file,
+                                               const SentencePieceOptions& options) {
+  return std::make_unique<SentencePieceTokenizer>(SentencePieceTokenizer::train(docs, model_file, options));
+}
+
 }  // namespace moelab::data

@@ -18,18 +18,6 @@ class SentencePieceProcessor;
 
 namespace moelab::data {
 
-struct SentencePieceOptions {
-  int vocab_size = 8192;                        // includes 3 special ids (unk 0, bos 1, eos 2) and 256 byte pieces
-  std::string model_type = "bpe";               // or "unigram"
-  int64_t sample_bytes_per_domain = 4 << 20;    // training sample: up to this many bytes of every domain, so large
-                                                // domains do not own the vocabulary
-  double character_coverage = 0.9995;           // rarer characters fall back to bytes
-  int max_sentence_bytes = 4192;                // training lines longer than this are cut (SentencePiece drops them)
-  uint32_t seed = 1234;
-  int num_threads = 1;                          // 1: identical models on any machine
-  bool quiet = true;                            // silence SentencePiece's training log on stderr
-};
-
 class SentencePieceTokenizer final : public Tokenizer {
  public:
   // Trains on a domain-balanced sample of `docs` and writes `model_file` atomically (a standard SentencePiece .model,

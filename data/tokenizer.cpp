@@ -4,8 +4,6 @@
 
 #include <fmt/format.h>
 
-#include "data/sentencepiece_tokenizer.h"
-
 namespace moelab::data {
 
 std::vector<int32_t> ByteTokenizer::encode(std::string_view text) const {
@@ -27,7 +25,7 @@ std::string ByteTokenizer::decode(std::span<const int32_t> ids) const {
 
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& spec) {
   if (spec == "byte") return std::make_unique<ByteTokenizer>();
-  return std::make_unique<SentencePieceTokenizer>(SentencePieceTokenizer::load(spec));
+  return load_sentencepiece(spec);
 }
 
 }  // namespace moelab::data

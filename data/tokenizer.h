@@ -3,11 +3,14 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "data/document.h"
 
 namespace moelab::data {
 
@@ -37,5 +40,25 @@ class ByteTokenizer final : public Tokenizer {
 
 // "byte" -> ByteTokenizer; anything else is a SentencePiece .model file to load.
 std::unique_ptr<Tokenizer> load_tokenizer(const std::string& spec);
+
+// BPE (or unigram) tokenizers come from SentencePiece (data/sentencepiece_tokenizer.h), an optional dependency:
+// a build without it has only the byte tokenizer, and these throw saying so.
+bool sentencepiece_available();
+struct SentencePieceOptions {
+  int vocab_size = 8192;                      // includes 3 special ids (unk 0, bos 1, eos 2) and 256 byte pieces
+  std::string model_type = "bpe";             // or "unigram"
+  int64_t sample_bytes_per_domain = 4 << 20;  // training sample: up to this many bytes of every domain, so large
+                                              // domains do not own the vocabulary
+  double character_coverage = 0.9995;         // rarer characters fall back to bytes
+  int max_sentence_bytes = 4192;              // training lines longer than this are cut (SentencePiece drops them)
+  uint32_t seed = 1234;
+  int num_threads = 1;  // 1: identical models on any machine
+  bool quiet = true;    // silence SentencePiece's training log on stderr
+};
+std::unique_ptr<Tokenizer> load_sentencepiece(const std::filesystem::path& model_file);
+// Trains on a domain-balanced sample of `docs` and writes `model_file` (see SentencePieceTokenizer::train).
+std::unique_ptr<Tokenizer> train_sentencepiece(const std::vector<Document>& docs,
+                                               const std::filesystem::path& model_file,
+                                               const SentencePieceOptions& options = {});
 
 }  // namespace moelab::data
