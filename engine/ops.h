@@ -5,7 +5,7 @@
 //   engine/ops/shape.cpp       reshape, slices, transpose/permute, concat/split, device copies
 //   engine/ops/pointwise.cpp   broadcasting arithmetic and elementwise math
 //   engine/ops/reduce.cpp      sum/mean/max, softmax, log_softmax, cumsum
-//   engine/ops/matmul.cpp      matrix products (CPU: engine/cpu/gemm.h)
+//   engine/ops/matmul.cpp      matrix products (CPU: engine/cpu/gemm.h; CUDA: cuBLAS)
 //   engine/ops/index.cpp       index_select, gather, scatter_add, index_add, embedding, where, topk, argsort, bincount
 //   engine/ops/nn.cpp          fused cross-entropy, RMSNorm, RoPE, causal attention
 // Bad use throws std::invalid_argument naming the op and the offending shapes/dtypes.
@@ -100,6 +100,10 @@ Tensor cumsum(const Tensor& x);       // no grad; over the last dim; f32/f64/i32
 // ---- matrix products (matmul.cpp) ----------------------------------------------------------------------------------
 // op(a) @ op(b) with op(x) = x or x^T (the last two dims). 2-D: [m,k] @ [k,n] -> [m,n].
 // Batched: a [..., m, k] and b [..., k, n] with the same leading dims, or b 2-D (shared by every batch).
+// f32 and f64 give their own type. Mixed precision: two bf16 operands give an f32 product (f32 accumulation; the CPU
+// widens the operands to f32 and runs its f32 GEMM, the GPU's reference). Their gradients come back in bf16, as under
+// PyTorch's autocast: g is rounded to bf16, each gradient is a bf16 product accumulated in f32, rounded to bf16.
+// Under Precision::BF16 (engine/precision.h) two f32 operands are multiplied as bf16 copies, gradients left in f32.
 Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
 
 // ---- indexing (index.cpp) ------------------------------------------------------------------------------------------

@@ -92,6 +92,7 @@ template <class T> std::vector<T> Tensor::to_vector() const {
 template std::vector<float> Tensor::to_vector<float>() const;
 template std::vector<double> Tensor::to_vector<double>() const;
 template std::vector<int32_t> Tensor::to_vector<int32_t>() const;
+template std::vector<bf16> Tensor::to_vector<bf16>() const;
 
 double Tensor::item() const {
   if (numel() != 1) throw std::invalid_argument("item() of a tensor with shape " + shape_str(shape()));
@@ -99,6 +100,7 @@ double Tensor::item() const {
     case DType::F32: return to_vector<float>()[0];
     case DType::F64: return to_vector<double>()[0];
     case DType::I32: return to_vector<int32_t>()[0];
+    case DType::BF16: return to_float(to_vector<bf16>()[0]);
   }
   return 0;
 }
@@ -117,6 +119,20 @@ Tensor Tensor::grad() const { return checked(impl_).grad; }
 void Tensor::set_grad(const Tensor& g) const { checked(impl_).grad = g; }
 void Tensor::zero_grad() const { checked(impl_).grad = Tensor(); }
 const std::shared_ptr<Node>& Tensor::grad_fn() const { return checked(impl_).grad_fn; }
+
+void Tensor::move_to(Device device) {
+  TensorImpl& t = checked(impl_);
+  if (device == this->device()) return;
+  auto moved = std::make_shared<Storage>(numel() * dtype_size(t.dtype), device);
+  const size_t bytes = numel() * dtype_size(t.dtype);
+  if (device == Device::CUDA)
+    cuda::copy_to_device(moved->data(), raw_data(), bytes);
+  else
+    cuda::copy_to_host(moved->data(), raw_data(), bytes);
+  t.storage = std::move(moved);
+  t.offset = 0;
+  if (t.grad.defined()) t.grad.move_to(device);
+}
 
 Tensor Tensor::detach() const {
   const TensorImpl& t = checked(impl_);

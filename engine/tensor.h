@@ -75,6 +75,9 @@ class Tensor {
   void backward() const;
   // Same storage, cut from the graph (no grad_fn, no requires_grad).
   Tensor detach() const;
+  // Moves this tensor's data (and its gradient) to `device` in place: every handle to this tensor sees the move.
+  // For leaves such as a model's parameters; a view of its old storage keeps the old data.
+  void move_to(Device device);
 
   TensorImpl* impl() const { return impl_.get(); }
   bool same(const Tensor& other) const { return impl_ == other.impl_; }

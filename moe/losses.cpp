@@ -2,14 +2,16 @@
 
 #include <fmt/format.h>
 
-#include <cmath>
+#include <algorithm>
 #include <stdexcept>
+#include <vector>
 
-#include "engine/cpu/math.h"
-#include "engine/cpu/parallel.h"
+#include "engine/kernels/router_losses.h"
 #include "moe/divergence.h"
 
 namespace moelab::moe {
+
+static_assert(kRouterProbFloor == kProbFloor, "the ED kernels clamp probabilities as moe/divergence.cpp does");
 
 // ---- load balancing: composite of differentiable ops, f carries no gradient ---------------------------------------------
 Tensor load_balancing_loss(const Tensor& probs, const Tensor& expert_ids) {
@@ -17,133 +19,120 @@ Tensor load_balancing_loss(const Tensor& probs, const Tensor& expert_ids) {
     throw std::invalid_argument(fmt::format("load_balancing_loss: probs {} and expert_ids {} must be [N, E] and [N, k]",
                                             probs.str(), expert_ids.str()));
   int64_t experts = probs.size(1), slots = expert_ids.numel();
-  Tensor counts = bincount(reshape(expert_ids, {-1}), experts);                  // i32 [E]
+  Tensor counts = bincount(reshape(expert_ids, {-1}), experts);                       // i32 [E]
   Tensor f = mul(to_dtype(counts, probs.dtype()), 1.0 / static_cast<double>(slots));  // [E], share of slots
-  Tensor p_mean = mean(probs, 0);                                              // [E]
+  Tensor p_mean = mean(probs, 0);                                                     // [E]
   return mul(sum(mul(f, p_mean)), static_cast<double>(experts));
 }
 
 // ---- z-loss: fused logsumexp^2 ---------------------------------------------------------------------------------------
+// The forward keeps each row's logsumexp (f64 [N]) for the backward.
+
+static Tensor z_loss_backward(const Tensor& logits, const Tensor& lse, const Tensor& g) {
+  Tensor dlogits = Tensor::empty(logits.shape(), logits.dtype(), logits.device());
+  KERNEL(z_loss_backward, logits.device())(logits, lse, g, dlogits);
+  return dlogits;
+}
 
 Tensor z_loss(const Tensor& logits) {
   if (logits.dim() != 2 || logits.size(0) == 0)
     throw std::invalid_argument("z_loss: logits must be a non-empty [N, E], got " + logits.str());
-  int64_t n = logits.size(0), e = logits.size(1);
-  std::vector<double> lse(n);
-  Tensor out = Tensor::empty({}, logits.dtype());
-  auto run = [&](auto t) {
-    using T = decltype(t);
-    const T* z = logits.data<T>();
-    double total = 0;
-    for (int64_t i = 0; i < n; ++i) lse[i] = cpu::row_logsumexp(z + i * e, e), total += lse[i] * lse[i];
-    *out.data<T>() = static_cast<T>(total / n);
-  };
-  dispatch_float("z_loss", logits.dtype(), run);
-  return record("z_loss", out, {logits}, [z = logits.detach(), lse, n, e](const Tensor& g) -> std::vector<Tensor> {
-    Tensor dz = Tensor::empty(z.shape(), z.dtype());
-    auto run = [&](auto t) {
-      using T = decltype(t);
-      const T* pz = z.data<T>();
-      T* pd = dz.data<T>();
-      double scale = g.item() * 2.0 / static_cast<double>(n);
-      cpu::parallel_for(n, e * 8, [&](int64_t i) {
-        for (int64_t j = 0; j < e; ++j)  // 2 lse softmax(z) / N
-          pd[i * e + j] = static_cast<T>(scale * lse[i] * std::exp(static_cast<double>(pz[i * e + j]) - lse[i]));
-      });
-    };
-    dispatch_float("z_loss_backward", z.dtype(), run);
-    return {dz};
+  Tensor out = Tensor::empty({}, logits.dtype(), logits.device());
+  Tensor lse = Tensor::empty({logits.size(0)}, DType::F64, logits.device());  // [N]
+  KERNEL(z_loss_forward, logits.device())(logits, out, lse);
+  return record("z_loss", out, {logits}, [z = logits.detach(), lse](const Tensor& g) -> std::vector<Tensor> {
+    return {z_loss_backward(z, lse, g)};
   });
 }
 
 // ---- expert divergence ------------------------------------------------------------------------------------------------
+// The numbers come from the kernels of engine/kernels/router_losses.h, on the device where probs live; the host reads
+// only the domain ids (to check them and to count each domain's sequences, which decides the present domains).
+
+// pbar [B, E] f64 on probs' device.
+static Tensor sequence_mean_tensor(const Tensor& probs, int64_t batch) {
+  Tensor means = Tensor::empty({batch, probs.size(1)}, DType::F64, probs.device());
+  KERNEL(sequence_means, probs.device())(probs, means);
+  return means;
+}
+
 std::vector<Distribution> sequence_means(const Tensor& probs, int64_t batch) {
-  const int64_t experts = probs.size(1), seq = probs.size(0) / batch;
-  std::vector<Distribution> means(batch, Distribution(experts, 0.0));
-  auto accumulate = [&](auto t) {
-    using T = decltype(t);
-    const T* p = probs.data<T>();
-    cpu::parallel_for(batch, seq * experts, [&](int64_t s) {
-      for (int64_t t = 0; t < seq; ++t)
-        for (int64_t e = 0; e < experts; ++e) means[s][e] += p[(s * seq + t) * experts + e];
-      for (double& v : means[s]) v /= static_cast<double>(seq);
-    });
-  };
-  dispatch_float("sequence_means", probs.dtype(), accumulate);
+  const int64_t experts = probs.size(1);
+  const std::vector<double> flat = sequence_mean_tensor(probs, batch).to_vector<double>();
+  std::vector<Distribution> means(batch);
+  for (int64_t s = 0; s < batch; ++s) means[s].assign(flat.begin() + s * experts, flat.begin() + (s + 1) * experts);
   return means;
 }
 
 static void check_ed_inputs(const char* what, const Tensor& probs, const Tensor& domains) {
   if (probs.dim() != 2 || domains.dim() != 1 || domains.dtype() != DType::I32)
-    throw std::invalid_argument(fmt::format("{}: probs {} must be [N, E] and domains {} i32 [B]", what, probs.str(),
-                                            domains.str()));
+    throw std::invalid_argument(
+        fmt::format("{}: probs {} must be [N, E] and domains {} i32 [B]", what, probs.str(), domains.str()));
   if (domains.numel() == 0 || probs.size(0) % domains.numel() != 0)
-    throw std::invalid_argument(fmt::format("{}: {} tokens do not split into {} sequences", what, probs.size(0),
-                                            domains.numel()));
+    throw std::invalid_argument(
+        fmt::format("{}: {} tokens do not split into {} sequences", what, probs.size(0), domains.numel()));
 }
 
 DomainSums routing_domain_sums(const Tensor& probs, const Tensor& domains, int64_t num_domains) {
   check_ed_inputs("routing_domain_sums", probs, domains);
-  Tensor p = to_device(probs.detach(), Device::CPU);
-  return domain_sums(sequence_means(p, domains.numel()), domains.to_vector<int32_t>(), num_domains);
+  return domain_sums(sequence_means(probs, domains.numel()), domains.to_vector<int32_t>(), num_domains);
+}
+
+static Tensor expert_divergence_backward(const Tensor& g, const Tensor& grad_q, const Tensor& domains,
+                                         const Tensor& counts, const Shape& shape) {
+  Tensor dprobs = Tensor::empty(shape, g.dtype(), g.device());
+  KERNEL(expert_divergence_backward, g.device())(g, grad_q, domains, counts, dprobs);
+  return dprobs;
 }
 
 Tensor expert_divergence_loss(const Tensor& probs, const Tensor& domains, int64_t num_domains, EDForm form, double eps,
                               const DomainSums* rest) {
   check_ed_inputs("expert_divergence_loss", probs, domains);
-  int64_t experts = probs.size(1), batch = domains.numel();
+  const int64_t experts = probs.size(1), batch = domains.numel();
   if (experts < 2) throw std::invalid_argument("expert_divergence_loss: needs at least 2 experts, got " + probs.str());
-  int64_t seq = probs.size(0) / batch;
-  std::vector<int32_t> dom = domains.to_vector<int32_t>();
+  const Device device = probs.device();
 
-  // 1. sequence means pbar_s  2. domain means Q_j (double precision), pooled with the step's other micro-batches
-  DomainSums sums = domain_sums(sequence_means(probs, batch), dom, num_domains);
-  if (rest) sums.add(*rest);
-  DomainMeans q = domain_means(sums);
-  std::vector<int64_t> present = q.present();
-  if (present.size() < 2) return zeros({}, probs.dtype());  // L_ED = 0, no gradient
-
-  // 3-4. pairwise JSD; the loss; and G_j = sum over pairs with j of dL/dJSD * 0.5 (log Q_j - log m)
-  int64_t pairs = static_cast<int64_t>(present.size() * (present.size() - 1) / 2);
-  double loss = 0;
-  std::vector<Distribution> grad_q(num_domains, Distribution(experts, 0.0));
-  for (size_t a = 0; a < present.size(); ++a)
-    for (size_t b = a + 1; b < present.size(); ++b) {
-      const Distribution &qa = q.mean[present[a]], &qb = q.mean[present[b]];
-      double jsd = js_divergence(qa, qb);
-      double dloss_djsd;
-      if (form == EDForm::NegLog) {
-        loss += -std::log(jsd + eps) / pairs;
-        dloss_djsd = -1.0 / ((jsd + eps) * pairs);
-      } else {
-        loss += -jsd / pairs;
-        dloss_djsd = -1.0 / pairs;
-      }
-      for (int64_t e = 0; e < experts; ++e) {
-        double log_m = std::log(std::max(0.5 * (qa[e] + qb[e]), kProbFloor));
-        grad_q[present[a]][e] += dloss_djsd * 0.5 * (std::log(std::max(qa[e], kProbFloor)) - log_m);
-        grad_q[present[b]][e] += dloss_djsd * 0.5 * (std::log(std::max(qb[e], kProbFloor)) - log_m);
-      }
+  // n_j: the sequences of each domain, pooled with the step's other micro-batches; fewer than two domains present:
+  // L_ED = 0, no gradient.
+  std::vector<double> count(num_domains, 0.0);
+  for (int32_t d : domains.to_vector<int32_t>()) {
+    check_domain_id(d, num_domains);
+    count[d] += 1;
+  }
+  if (rest) {
+    if (static_cast<int64_t>(rest->sum.size()) != num_domains ||
+        static_cast<int64_t>(rest->count.size()) != num_domains)
+      throw std::invalid_argument(fmt::format("expert_divergence_loss: the step's other sums have {} domains, not {}",
+                                              rest->sum.size(), num_domains));
+    for (int64_t j = 0; j < num_domains; ++j) {
+      if (static_cast<int64_t>(rest->sum[j].size()) != experts)
+        throw std::invalid_argument(fmt::format("expert_divergence_loss: the step's other sums have {} experts, not {}",
+                                                rest->sum[j].size(), experts));
+      count[j] += static_cast<double>(rest->count[j]);
     }
-  Tensor out = full({}, loss, probs.dtype());
-  // token t of sequence s: dL/dp_t = w_t G_{d(s)}, w_t = 1 / (T * n_{d(s)})
+  }
+  if (std::count_if(count.begin(), count.end(), [](double n) { return n > 0; }) < 2)
+    return zeros({}, probs.dtype(), device);
+
+  // 1. sequence means pbar_s  2. domain means Q_j, pooled with rest  3-4. pairwise JSD, the loss and G_j = dL/dQ_j
+  // (double precision)
+  Tensor rest_sums;  // [M, E] f64, undefined without a step scope
+  if (rest) {
+    std::vector<double> flat;
+    for (const Distribution& sum : rest->sum) flat.insert(flat.end(), sum.begin(), sum.end());
+    rest_sums = from_vector(flat, {num_domains, experts}, DType::F64, device);
+  }
+  const Tensor means = sequence_mean_tensor(probs, batch);
+  const Tensor counts = from_vector(count, {num_domains}, DType::F64, device);
+  const Tensor domains_here = to_device(domains.detach(), device);
+  const bool neg_log = form == EDForm::NegLog;
+  Tensor out = Tensor::empty({}, probs.dtype(), device);
+  Tensor grad_q = Tensor::empty({num_domains, experts}, DType::F64, device);  // [M, E]
+  KERNEL(expert_divergence_forward, device)(means, domains_here, rest_sums, counts, neg_log, eps, out, grad_q);
+  // token t of sequence s: dL/dp_t = G_{d(s)} / (T n_{d(s)})
   return record("expert_divergence", out, {probs},
-                [grad_q, count = q.count, dom, seq, experts, shape = probs.shape(), dtype = probs.dtype()](
-                    const Tensor& g) -> std::vector<Tensor> {
-                  Tensor dp = Tensor::empty(shape, dtype);
-                  double upstream = g.item();
-                  auto fill = [&](auto t) {
-                    using T = decltype(t);
-                    T* pd = dp.data<T>();
-                    cpu::parallel_for(static_cast<int64_t>(dom.size()), seq * experts, [&](int64_t s) {
-                      double w = upstream / (static_cast<double>(seq) * count[dom[s]]);
-                      for (int64_t t = 0; t < seq; ++t)
-                        for (int64_t e = 0; e < experts; ++e)
-                          pd[(s * seq + t) * experts + e] = static_cast<T>(w * grad_q[dom[s]][e]);
-                    });
-                  };
-                  dispatch_float("expert_divergence_loss_backward", dtype, fill);
-                  return {dp};
+                [grad_q, domains_here, counts, shape = probs.shape()](const Tensor& g) -> std::vector<Tensor> {
+                  return {expert_divergence_backward(g, grad_q, domains_here, counts, shape)};
                 });
 }
 

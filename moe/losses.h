@@ -17,7 +17,9 @@ Tensor z_loss(const Tensor& logits);
 
 // Expert divergence (docs/objective.md, docs/expert_divergence.md): pulls apart the mean routing distributions of the domains in the batch.
 enum class EDForm { NegLog, NegJSD };  // mean_pairs -log(JSD + eps)  |  -mean_pairs JSD
-constexpr EnumNames<EDForm, 2> enum_names(EDForm) { return {{{EDForm::NegLog, "neglog"}, {EDForm::NegJSD, "neg_jsd"}}}; }
+constexpr EnumNames<EDForm, 2> enum_names(EDForm) {
+  return {{{EDForm::NegLog, "neglog"}, {EDForm::NegJSD, "neg_jsd"}}};
+}
 
 // With gradient accumulation (the trainer's grad_accum > 1): ED on each micro-batch alone, or over the whole
 // optimizer step's batch (one extra forward without gradient per micro-batch; docs/objective.md, "Batch scope").
@@ -28,9 +30,9 @@ constexpr EnumNames<EDScope, 2> enum_names(EDScope) {
 
 // Coefficients and options of the router losses (config section [moe]).
 struct RouterLossConfig {
-  double alpha = 0.01;     // load balancing
-  double z_coef = 0.001;   // router z-loss
-  double beta = 0.0;       // expert divergence (0: the baseline)
+  double alpha = 0.01;    // load balancing
+  double z_coef = 0.001;  // router z-loss
+  double beta = 0.0;      // expert divergence (0: the baseline)
   EDForm ed_form = EDForm::NegLog;
   double ed_eps = 1e-6;
   EDScope ed_scope = EDScope::MicroBatch;
@@ -42,10 +44,11 @@ struct RouterLossConfig {
 // `rest`: the domain sums of the optimizer step's other micro-batches (constants). Q_j then pools them with this
 // batch's sequences, so the value is the loss of the whole step's batch and the gradient its exact derivative with
 // respect to this micro-batch's probs (edl.md, batch scope "step").
-Tensor expert_divergence_loss(const Tensor& probs, const Tensor& domains, int64_t num_domains, EDForm form = EDForm::NegLog,
-                              double eps = 1e-6, const DomainSums* rest = nullptr);
+Tensor expert_divergence_loss(const Tensor& probs, const Tensor& domains, int64_t num_domains,
+                              EDForm form = EDForm::NegLog, double eps = 1e-6, const DomainSums* rest = nullptr);
 
-// The mean routing distribution of each of the B sequences of probs [B*T, E] (f32 or f64, on the CPU), in double.
+// The mean routing distribution of each of the B sequences of probs [B*T, E] (f32 or f64), in double: computed where
+// probs live, then copied to the host.
 std::vector<Distribution> sequence_means(const Tensor& probs, int64_t batch);
 
 // Per-domain sums of the sequence means of probs [N, E] (what expert_divergence_loss pools): no gradient.

@@ -20,6 +20,16 @@ struct Routing {
   Routing detach() const;  // the same values cut from the graph (kept for statistics between steps)
 };
 
+// The routing step after softmax, as one op: per token the k most probable experts (descending p, ties -> lower id)
+// and their gates (the chosen p, divided by their sum when norm_topk). probs [N, E] -> {expert_ids i32 [N, k],
+// gates [N, k]}; the gradient of gates flows back to probs. The same numbers, to the bit on the CPU, as topk, gather,
+// sum(-1, keepdim) and div composed (docs/moe.md), in one kernel per direction on either device.
+struct RouteGates {
+  Tensor expert_ids;  // i32 [N, k], no gradient
+  Tensor gates;       // [N, k]
+};
+RouteGates route_gates(const Tensor& probs, int64_t k, bool norm_topk);
+
 class Router : public nn::Module {
  public:
   // `where` names the router in errors (e.g. "layers.1.moe.router"). Throws std::invalid_argument unless

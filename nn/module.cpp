@@ -21,6 +21,10 @@ std::vector<NamedTensor> Module::named_parameters() const {
   return out;
 }
 
+void Module::to(Device device) {
+  for (NamedTensor& p : named_parameters()) p.tensor.move_to(device);
+}
+
 int64_t Module::parameter_count() const {
   int64_t n = 0;
   for (const auto& p : named_parameters()) n += p.tensor.numel();

@@ -25,6 +25,8 @@ class Module {
   // Every parameter below this module in registration order, named by its path.
   std::vector<NamedTensor> named_parameters() const;
   int64_t parameter_count() const;
+  // Moves every parameter to `device` in place (the module's own handles see it: Tensor::move_to).
+  void to(Device device);
 
  protected:
   // Registers a trainable tensor (marks it requires_grad) and returns the handle the module keeps.

@@ -19,6 +19,7 @@ static const char* safetensors_dtype(DType t) {
     case DType::F32: return "F32";
     case DType::F64: return "F64";
     case DType::I32: return "I32";
+    case DType::BF16: return "BF16";
   }
   return "?";
 }
@@ -27,7 +28,8 @@ static DType parse_dtype(const std::string& s, const std::string& where) {
   if (s == "F32") return DType::F32;
   if (s == "F64") return DType::F64;
   if (s == "I32") return DType::I32;
-  throw std::runtime_error(fmt::format("{}: unsupported dtype '{}' (moelab reads F32, F64, I32)", where, s));
+  if (s == "BF16") return DType::BF16;
+  throw std::runtime_error(fmt::format("{}: unsupported dtype '{}' (moelab reads F32, F64, I32, BF16)", where, s));
 }
 
 void save_safetensors(const std::filesystem::path& path, const std::vector<NamedTensor>& tensors,

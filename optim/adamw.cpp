@@ -5,7 +5,7 @@
 #include <cmath>
 #include <stdexcept>
 
-#include "engine/cpu/parallel.h"
+#include "engine/kernels/optim.h"
 #include "engine/ops.h"
 
 namespace moelab::optim {
@@ -20,60 +20,59 @@ AdamW::AdamW(std::vector<nn::NamedTensor> params, const AdamWConfig& config)
   }
 }
 
-void AdamW::update(size_t index, const Tensor& grad, double lr) {
-  Tensor& p = params_[index].tensor;
-  if (grad.shape() != p.shape()) throw std::invalid_argument("AdamW: gradient shape mismatch for " + params_[index].name);
-  const double b1 = config_.beta1, b2 = config_.beta2;
-  const float step_size = static_cast<float>(lr / (1.0 - std::pow(b1, step_)));
-  const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(b2, step_)));
+// The step's moment scalars, computed in double and rounded to float once (the kernels' float math starts there).
+static AdamWScalars moment_scalars(const AdamWConfig& c, int64_t step) {
+  return {static_cast<float>(c.beta1), static_cast<float>(c.beta2), static_cast<float>(c.eps),
+          static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(c.beta2, step)))};
+}
+
+AdamWTensors AdamW::tensors_of(size_t index, const Tensor& grad, double lr) const {
+  const Tensor& p = params_[index].tensor;
+  if (grad.shape() != p.shape())
+    throw std::invalid_argument("AdamW: gradient shape mismatch for " + params_[index].name);
+  if (grad.dtype() != DType::F32 || grad.device() != p.device())
+    throw std::invalid_argument(fmt::format("AdamW: the gradient {} of {} {} must be f32 on its device", grad.str(),
+                                            params_[index].name, p.str()));
   const float decay = decay_[index] ? static_cast<float>(1.0 - lr * config_.weight_decay) : 1.0f;
-  const float fb1 = static_cast<float>(b1), fb2 = static_cast<float>(b2), eps = static_cast<float>(config_.eps);
-  float* w = p.data<float>();
-  float* m = m_[index].data<float>();
-  float* v = v_[index].data<float>();
-  const float* g = grad.data<float>();
-  cpu::parallel_for(p.numel(), 8, [&](int64_t i) {
-    m[i] = fb1 * m[i] + (1 - fb1) * g[i];
-    v[i] = fb2 * v[i] + (1 - fb2) * g[i] * g[i];
-    w[i] = w[i] * decay - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
-  });
+  return {p, grad, m_[index], v_[index], decay};
+}
+
+void AdamW::update(const std::vector<std::pair<size_t, Tensor>>& grads, double lr) {
+  if (grads.empty()) return;
+  const Device device = params_[grads[0].first].tensor.device();
+  std::vector<AdamWTensors> tensors;
+  for (const auto& [index, grad] : grads) {
+    if (params_[index].tensor.device() != device)
+      throw std::invalid_argument(fmt::format("AdamW: one update over parameters on two devices ({} and {})",
+                                              params_[grads[0].first].name, params_[index].name));
+    tensors.push_back(tensors_of(index, grad, lr));
+  }
+  const float step_size = static_cast<float>(lr / (1.0 - std::pow(config_.beta1, step_)));
+  KERNEL(adamw_update, device)(tensors, moment_scalars(config_, step_), step_size);
 }
 
 void AdamW::update_direction(size_t index, const Tensor& grad, double lr,
                              const std::function<Tensor(const Tensor&)>& transform) {
-  Tensor& p = params_[index].tensor;
-  if (grad.shape() != p.shape()) throw std::invalid_argument("AdamW: gradient shape mismatch for " + params_[index].name);
-  const double b1 = config_.beta1, b2 = config_.beta2;
-  const float inv_bc1 = static_cast<float>(1.0 / (1.0 - std::pow(b1, step_)));
-  const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(b2, step_)));
-  const float fb1 = static_cast<float>(b1), fb2 = static_cast<float>(b2), eps = static_cast<float>(config_.eps);
-  float* m = m_[index].data<float>();
-  float* v = v_[index].data<float>();
-  const float* g = grad.data<float>();
-  Tensor direction = Tensor::empty(p.shape());
-  float* dir = direction.data<float>();
-  cpu::parallel_for(p.numel(), 8, [&](int64_t i) {
-    m[i] = fb1 * m[i] + (1 - fb1) * g[i];
-    v[i] = fb2 * v[i] + (1 - fb2) * g[i] * g[i];
-    dir[i] = m[i] * inv_bc1 / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
-  });
+  const AdamWTensors tensors = tensors_of(index, grad, lr);
+  const Tensor& p = tensors.param;
+  const float inv_bc1 = static_cast<float>(1.0 / (1.0 - std::pow(config_.beta1, step_)));
+  Tensor direction = Tensor::empty(p.shape(), DType::F32, p.device());
+  KERNEL(adamw_direction, p.device())(tensors, moment_scalars(config_, step_), inv_bc1, direction);
   Tensor moved = transform(direction);
-  if (moved.shape() != p.shape() || moved.dtype() != DType::F32)
+  if (moved.shape() != p.shape() || moved.dtype() != DType::F32 || moved.device() != p.device())
     throw std::invalid_argument("AdamW::update_direction: transform returned " + moved.str() + " for " +
                                 params_[index].name + " " + p.str());
-  const float decay = decay_[index] ? static_cast<float>(1.0 - lr * config_.weight_decay) : 1.0f;
-  const float flr = static_cast<float>(lr);
-  float* w = p.data<float>();
-  const float* d = moved.data<float>();
-  cpu::parallel_for(p.numel(), 4, [&](int64_t i) { w[i] = w[i] * decay - flr * d[i]; });
+  KERNEL(adamw_apply_direction, p.device())(p, moved, tensors.decay, static_cast<float>(lr));
 }
 
 void AdamW::step(double lr) {
   begin_step();
+  std::vector<std::pair<size_t, Tensor>> grads;
   for (size_t i = 0; i < params_.size(); ++i) {
     Tensor g = params_[i].tensor.grad();
-    if (g.defined()) update(i, g, lr);
+    if (g.defined()) grads.emplace_back(i, g);
   }
+  update(grads, lr);
 }
 
 void AdamW::zero_grad() {
@@ -105,22 +104,24 @@ void AdamW::load_state(const std::vector<nn::NamedTensor>& state, int64_t steps_
 }
 
 double clip_grad_norm(const std::vector<nn::NamedTensor>& params, double max_norm) {
-  double total = 0;
+  std::vector<Tensor> grads;
   for (const nn::NamedTensor& p : params) {
     Tensor g = p.tensor.grad();
     if (!g.defined()) continue;
-    const float* d = g.data<float>();
-    total += cpu::parallel_sum(g.numel(), [d](int64_t i) { return static_cast<double>(d[i]) * d[i]; });
+    if (g.dtype() != DType::F32 || (!grads.empty() && g.device() != grads[0].device()))
+      throw std::invalid_argument(fmt::format("clip_grad_norm: the gradient {} of {} is not f32 on the first "
+                                              "gradient's device",
+                                              g.str(), p.name));
+    grads.push_back(g);
   }
-  double norm = std::sqrt(total);
+  if (grads.empty()) return 0.0;
+  const Device device = grads[0].device();
+  Tensor total = Tensor::empty({}, DType::F64, device);  // the sum of squares
+  KERNEL(sum_of_squares, device)(grads, total);
+  double norm = std::sqrt(total.item());
   if (max_norm > 0 && norm > max_norm) {
     float scale = static_cast<float>(max_norm / (norm + 1e-6));  // torch's clip_grad_norm_ coefficient
-    for (const nn::NamedTensor& p : params) {
-      Tensor g = p.tensor.grad();
-      if (!g.defined()) continue;
-      float* d = g.data<float>();
-      cpu::parallel_for(g.numel(), 1, [&](int64_t i) { d[i] *= scale; });
-    }
+    KERNEL(scale_in_place, device)(grads, scale);
   }
   return norm;
 }

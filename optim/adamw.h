@@ -6,9 +6,14 @@
 //   p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "nn/module.h"
+
+namespace moelab {
+struct AdamWTensors;  // engine/kernels/optim.h
+}
 
 namespace moelab::optim {
 
@@ -34,9 +39,11 @@ class AdamW {
   std::vector<nn::NamedTensor> state() const;
   void load_state(const std::vector<nn::NamedTensor>& state, int64_t steps_taken);
 
-  // One parameter's update given its (possibly modified) gradient: used by step() and by OMoE, which projects some
-  // gradients first.
-  void update(size_t index, const Tensor& grad, double lr);
+  // The updates of several parameters given their (possibly modified) gradients, as (parameter index, gradient)
+  // pairs: used by step() and by OMoE, which projects some gradients first. One kernel launch on the GPU for all of
+  // them (the parameters must share a device).
+  void update(const std::vector<std::pair<size_t, Tensor>>& grads, double lr);
+  void update(size_t index, const Tensor& grad, double lr) { update({{index, grad}}, lr); }
   // As update(), but the Adam direction m_hat / (sqrt(v_hat) + eps) passes through `transform` (same shape in and
   // out) before it is applied: p <- p * (1 - lr * wd) - lr * transform(direction). For OMoE's mode = direction.
   void update_direction(size_t index, const Tensor& grad, double lr,
@@ -45,6 +52,9 @@ class AdamW {
   void begin_step() { ++step_; }
 
  private:
+  // Parameter `index` with its moments, gradient and decay, checked (the kernels' view of one parameter).
+  AdamWTensors tensors_of(size_t index, const Tensor& grad, double lr) const;
+
   std::vector<nn::NamedTensor> params_;
   std::vector<Tensor> m_, v_;
   std::vector<bool> decay_;
@@ -52,7 +62,8 @@ class AdamW {
   int64_t step_ = 0;
 };
 
-// Scales all gradients so their global L2 norm is at most max_norm (when max_norm > 0); returns the norm before.
+// Scales all gradients so their global L2 norm is at most max_norm (when max_norm > 0); returns the norm before. The
+// sum of squares is computed where the gradients live (one device for all); only the one number reaches the host.
 double clip_grad_norm(const std::vector<nn::NamedTensor>& params, double max_norm);
 
 }  // namespace moelab::optim

@@ -7,6 +7,8 @@
 #include <limits>
 #include <stdexcept>
 
+#include "engine/kernels/moe.h"
+#include "engine/kernels/optim.h"
 #include "engine/ops.h"
 #include "moe/dispatch.h"
 
@@ -22,7 +24,8 @@ void OMoEConfig::validate() const {
   require(every >= 1, fmt::format("omoe.every must be >= 1, got {}", every));
   require(warmup >= 0, fmt::format("omoe.warmup must be >= 0, got {}", warmup));
   require(alpha >= 0, fmt::format("omoe.alpha must be >= 0 (0: scaled by the running mean of ||a||^2), got {}", alpha));
-  require(alpha > 0 || alpha_scale > 0, fmt::format("omoe.alpha_scale must be > 0 when omoe.alpha = 0, got {}", alpha_scale));
+  require(alpha > 0 || alpha_scale > 0,
+          fmt::format("omoe.alpha_scale must be > 0 when omoe.alpha = 0, got {}", alpha_scale));
   require(spectrum_every >= 0, fmt::format("omoe.spectrum_every must be >= 0, got {}", spectrum_every));
 }
 
@@ -33,14 +36,16 @@ bool is_o_step(int64_t t, int64_t every, int64_t warmup) { return t > warmup && 
 Tensor owm_update(const Tensor& P, const Tensor& a, const std::vector<double>& alpha, const std::vector<bool>& active) {
   NoGradGuard no_grad;
   if (P.dim() != 3 || P.size(1) != P.size(2) || a.dim() != 2 || a.size(0) != P.size(0) || a.size(1) != P.size(1))
-    throw std::invalid_argument(fmt::format("owm_update: needs P [B, n, n] and a [B, n], got P {} and a {}", P.str(), a.str()));
+    throw std::invalid_argument(
+        fmt::format("owm_update: needs P [B, n, n] and a [B, n], got P {} and a {}", P.str(), a.str()));
   const int64_t B = P.size(0), n = P.size(1);
   if (static_cast<int64_t>(alpha.size()) != B || static_cast<int64_t>(active.size()) != B)
-    throw std::invalid_argument(fmt::format("owm_update: {} alphas and {} flags for a batch of {}", alpha.size(),
-                                            active.size(), B));
+    throw std::invalid_argument(
+        fmt::format("owm_update: {} alphas and {} flags for a batch of {}", alpha.size(), active.size(), B));
   std::vector<double> mask(B), alpha_or_one(B);
   for (int64_t b = 0; b < B; ++b) {
-    if (active[b] && !(alpha[b] > 0)) throw std::invalid_argument(fmt::format("owm_update: alpha[{}] = {} must be > 0", b, alpha[b]));
+    if (active[b] && !(alpha[b] > 0))
+      throw std::invalid_argument(fmt::format("owm_update: alpha[{}] = {} must be > 0", b, alpha[b]));
     mask[b] = active[b] ? 1.0 : 0.0;
     alpha_or_one[b] = active[b] ? alpha[b] : 1.0;  // inactive: coefficient 0 / (1 + a^T P a), no division by zero
   }
@@ -52,11 +57,11 @@ Tensor owm_update(const Tensor& P, const Tensor& a, const std::vector<double>& a
   return sub(P, matmul(mul(k, coef), k, false, true));  // P - k k^T / (alpha + a^T k)
 }
 
+// batch f32 identities [batch, n, n], made on `device`.
 static Tensor identity_batch(int64_t batch, int64_t n, Device device) {
-  std::vector<float> eye(static_cast<size_t>(batch * n * n), 0.0f);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t i = 0; i < n; ++i) eye[static_cast<size_t>((b * n + i) * n + i)] = 1.0f;
-  return from_vector(eye, {batch, n, n}, DType::F32, device);
+  Tensor eye = Tensor::empty({batch, n, n}, DType::F32, device);
+  KERNEL(fill_identity, device)(eye);
+  return eye;
 }
 
 static Tensor symmetrized(const Tensor& P) { return mul(add(P, transpose(P, 1, 2)), 0.5); }
@@ -120,8 +125,10 @@ double smallest_eigenvalue(std::vector<double> A, int64_t n) {
   }
   for (int iter = 0; iter < 200 && hi - lo > 1e-15 * std::max(1.0, std::abs(lo) + std::abs(hi)); ++iter) {
     double mid = 0.5 * (lo + hi);
-    if (count_below(mid) >= 1) hi = mid;
-    else lo = mid;
+    if (count_below(mid) >= 1)
+      hi = mid;
+    else
+      lo = mid;
   }
   return 0.5 * (lo + hi);
 }
@@ -153,8 +160,8 @@ OMoE::OMoE(AdamW& adamw, std::vector<moe::MoELayer*> layers, const OMoEConfig& c
                      ? gate_name.substr(0, gate_name.size() - suffix.size())
                      : fmt::format("moe{}", l);
     if (E < 2)
-      throw std::invalid_argument(fmt::format("OMoE: {} has {} expert(s); the other experts' projector needs >= 2",
-                                              layer.name, E));
+      throw std::invalid_argument(
+          fmt::format("OMoE: {} has {} expert(s); the other experts' projector needs >= 2", layer.name, E));
     layer.P_in = identity_batch(E, d, ex.w_gate.device());
     if (config_.project_down) layer.P_down = identity_batch(E, hidden, ex.w_gate.device());
     layers_.push_back(std::move(layer));
@@ -163,7 +170,8 @@ OMoE::OMoE(AdamW& adamw, std::vector<moe::MoELayer*> layers, const OMoEConfig& c
 
 const Tensor& OMoE::projectors(size_t layer, bool down) const {
   const Layer& L = layers_.at(layer);
-  if (down && !config_.project_down) throw std::invalid_argument("OMoE: no W_down projectors (omoe.project_down = false)");
+  if (down && !config_.project_down)
+    throw std::invalid_argument("OMoE: no W_down projectors (omoe.project_down = false)");
   return down ? L.P_down : L.P_in;
 }
 
@@ -189,23 +197,24 @@ void OMoE::observe(size_t index, const Tensor& expert_ids, const Tensor& h) {
   NoGradGuard no_grad;
   Layer& L = layers_.at(index);
   const int64_t E = L.P_in.size(0), d = L.P_in.size(1);
-  if (h.dim() != 2 || h.size(1) != d || expert_ids.dim() != 2 || expert_ids.size(0) != h.size(0))
-    throw std::invalid_argument(fmt::format("OMoE::observe({}): needs h [N, {}] and expert_ids [N, k], got {} and {}",
+  if (h.dim() != 2 || h.size(1) != d || expert_ids.dim() != 2 || expert_ids.size(0) != h.size(0) ||
+      h.device() != L.P_in.device() || expert_ids.device() != L.P_in.device())
+    throw std::invalid_argument(fmt::format("OMoE::observe({}): needs h [N, {}] and expert_ids [N, k] on the "
+                                            "projectors' device, got {} and {}",
                                             L.name, d, h.str(), expert_ids.str()));
-  // The routed tokens in expert order (the dispatch's counting sort): expert e's rows are [offsets[e], offsets[e+1]).
+  // The routed tokens in expert order (the dispatch's counting sort and permutation, on the tensors' device): expert
+  // e's rows are [offsets[e], offsets[e+1]). Only the E counts and offsets come to the host, to cut the rows.
   moe::DispatchPlan plan = moe::plan_dispatch(expert_ids, E);
-  std::vector<int32_t> token_at_position(plan.slot_at_position.size());
-  for (size_t p = 0; p < token_at_position.size(); ++p)
-    token_at_position[p] = static_cast<int32_t>(plan.slot_at_position[p] / plan.top_k);
+  const std::vector<int32_t> counts = plan.counts.to_vector<int32_t>(), offsets = plan.offsets.to_vector<int32_t>();
   Tensor x = to_dtype(h.detach(), DType::F32);
-  Tensor x_sorted = index_select(x, 0, from_vector(token_at_position, {static_cast<int64_t>(token_at_position.size())},
-                                                   x.device()));  // [N*k, d]
+  Tensor x_sorted = Tensor::empty({plan.tokens * plan.top_k, d}, DType::F32, x.device());  // [N*k, d]
+  KERNEL(moe_permute_rows, x.device())(x, plan.slot_at_position, plan.top_k, x_sorted);
   std::vector<bool> routed(E);
   std::vector<Tensor> rows(E);  // each expert's slice of x_sorted (undefined: no tokens)
   std::vector<Tensor> means(E);
   for (int64_t e = 0; e < E; ++e) {
-    routed[e] = plan.counts[e] > 0;
-    if (routed[e]) rows[e] = slice_rows(x_sorted, plan.offsets[e], plan.offsets[e + 1]);  // [c_e, d]
+    routed[e] = counts[e] > 0;
+    if (routed[e]) rows[e] = slice_rows(x_sorted, offsets[e], offsets[e + 1]);  // [c_e, d]
     means[e] = routed[e] ? mean(rows[e], 0, true) : zeros({1, d}, DType::F32, x.device());
   }
   update_projectors(L.P_in, concat(means, 0), routed, L.in_norm);  // a: [E, d]
@@ -287,11 +296,12 @@ OMoEReport OMoE::step(double lr) {
       }
     }
   }
+  std::vector<std::pair<size_t, Tensor>> plain;  // the parameters AdamW updates as they are: one update at the end
   for (size_t i = 0; i < params.size(); ++i) {
     Tensor g = params[i].tensor.grad();
     if (!g.defined()) continue;
     if (!pbar_of[i]) {
-      adamw_.update(i, g, lr);
+      plain.emplace_back(i, g);
       continue;
     }
     auto projected = [&](const Tensor& G) {  // G [E, out, n] -> G Pbar, and the removed share's parts
@@ -300,9 +310,12 @@ OMoEReport OMoE::step(double lr) {
       total2[layer_of[i]] += sum(square(G)).item();
       return moved;
     };
-    if (config_.mode == OMoEMode::Grad) adamw_.update(i, projected(g), lr);
-    else adamw_.update_direction(i, g, lr, projected);
+    if (config_.mode == OMoEMode::Grad)
+      adamw_.update(i, projected(g), lr);
+    else
+      adamw_.update_direction(i, g, lr, projected);
   }
+  adamw_.update(plain, lr);
   if (report.o_step) {
     for (size_t l = 0; l < layers_.size(); ++l)
       report.removed.push_back(total2[l] > 0 ? std::sqrt(removed2[l] / total2[l]) : 0.0);
@@ -310,12 +323,11 @@ OMoEReport OMoE::step(double lr) {
     int64_t o_index = step_ / config_.every - config_.warmup / config_.every;  // 1-based index of this O step
     if (config_.spectrum_every > 0 && (o_index - 1) % config_.spectrum_every == 0) {
       for (size_t l = 0; l < layers_.size(); ++l) {
-        Tensor pbar = to_dtype(to_device(pbar_in[l], Device::CPU), DType::F64);
-        const int64_t E = pbar.size(0), n = pbar.size(1);
-        const double* values = pbar.data<double>();
+        const int64_t E = pbar_in[l].size(0), n = pbar_in[l].size(1);
+        const std::vector<double> values = to_dtype(pbar_in[l], DType::F64).to_vector<double>();  // to the host
         double trace = 0, min_eig = std::numeric_limits<double>::infinity();
         for (int64_t e = 0; e < E; ++e) {
-          std::vector<double> m(values + e * n * n, values + (e + 1) * n * n);
+          std::vector<double> m(values.begin() + e * n * n, values.begin() + (e + 1) * n * n);
           for (int64_t j = 0; j < n; ++j) trace += m[static_cast<size_t>(j * n + j)];
           min_eig = std::min(min_eig, smallest_eigenvalue(std::move(m), n));
         }
@@ -336,9 +348,9 @@ std::vector<nn::NamedTensor> OMoE::state() const {
   for (const Layer& L : layers_) {
     out.push_back({"omoe." + L.name + ".P_in", L.P_in});
     if (L.P_down.defined()) out.push_back({"omoe." + L.name + ".P_down", L.P_down});
-    out.push_back({"omoe." + L.name + ".norm_sums",
-                   from_vector(std::vector<double>{L.in_norm.sum, L.in_norm.count, L.down_norm.sum, L.down_norm.count},
-                               {4})});
+    out.push_back(
+        {"omoe." + L.name + ".norm_sums",
+         from_vector(std::vector<double>{L.in_norm.sum, L.in_norm.count, L.down_norm.sum, L.down_norm.count}, {4})});
   }
   return out;
 }
@@ -358,8 +370,8 @@ void OMoE::load_state(const std::vector<nn::NamedTensor>& state) {
   for (Layer& L : layers_) {
     L.P_in = clone(to_dtype(to_device(find("omoe." + L.name + ".P_in", L.P_in.shape()), L.P_in.device()), DType::F32));
     if (L.P_down.defined())
-      L.P_down = clone(to_dtype(to_device(find("omoe." + L.name + ".P_down", L.P_down.shape()), L.P_down.device()),
-                                DType::F32));
+      L.P_down = clone(
+          to_dtype(to_device(find("omoe." + L.name + ".P_down", L.P_down.shape()), L.P_down.device()), DType::F32));
     std::vector<double> sums = to_dtype(find("omoe." + L.name + ".norm_sums", {4}), DType::F64).to_vector<double>();
     L.in_norm = {sums[0], sums[1]};
     L.down_norm = {sums[2], sums[3]};

@@ -1,18 +1,19 @@
 #pragma once
 // Runs Debian's python3 from tests: the PyTorch oracle of the ops (tests/torch/op_oracle.py) and the PyTorch twins
-// of the model use it. Header-only; POSIX (popen).
+// of the model use it. Header-only; POSIX (popen). Their scratch folders: ScratchDir in tests/testing.h.
 //
 // The interpreter is /usr/bin/python3, where Debian's python3-torch installs, NOT the `python3` on PATH (here a
 // pyenv build without torch). MOELAB_PYTHON overrides it, e.g. to try a virtualenv with another PyTorch.
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
+
+#include "tests/testing.h"
 
 namespace moelab::testing {
 
@@ -87,32 +88,6 @@ inline const TorchStatus& torch_status() {
   }();
   return status;
 }
-
-// A fresh folder under the system temp dir for a test's files, removed at scope end unless keep() was called (a
-// failing test keeps its inputs and outputs so the run can be repeated by hand).
-class ScratchDir {
- public:
-  explicit ScratchDir(const std::string& prefix) {
-    static std::atomic<int> counter{0};
-    path_ = std::filesystem::temp_directory_path() /
-            (prefix + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    std::filesystem::remove_all(path_);
-    std::filesystem::create_directories(path_);
-  }
-  ~ScratchDir() {
-    std::error_code ignored;
-    if (!keep_) std::filesystem::remove_all(path_, ignored);
-  }
-  ScratchDir(const ScratchDir&) = delete;
-  ScratchDir& operator=(const ScratchDir&) = delete;
-  const std::filesystem::path& path() const { return path_; }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-  void keep() { keep_ = true; }
-
- private:
-  std::filesystem::path path_;
-  bool keep_ = false;
-};
 
 #ifdef MOELAB_SOURCE_DIR
 // A file of the source tree by its path from the repository root, e.g. "tests/torch/op_oracle.py".

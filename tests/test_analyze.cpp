@@ -7,7 +7,6 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <functional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -28,6 +27,7 @@
 using namespace moelab;
 using namespace moelab::apps;
 namespace fs = std::filesystem;
+using testing::error_of;
 
 namespace {
 
@@ -178,16 +178,6 @@ int64_t pixels_near(const Image& img, const std::string& hex, int tolerance = 12
     n += std::abs(img.rgb[i] - r) <= tolerance && std::abs(img.rgb[i + 1] - g) <= tolerance &&
          std::abs(img.rgb[i + 2] - b) <= tolerance;
   return n;
-}
-
-// The message of what fn throws ("" when it does not throw).
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
 }
 
 int64_t count(const std::string& text, const std::string& what) {

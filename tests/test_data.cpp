@@ -2,7 +2,6 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
-#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -12,45 +11,30 @@
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
-#include <unistd.h>
 
 #include "data/data.h"
 #include "data/file_io.h"
 #include "data/rng.h"
+#if MOELAB_HAVE_SENTENCEPIECE
+#include "data/sentencepiece_tokenizer.h"
+#endif
+#include "tests/testing.h"
 
 namespace fs = std::filesystem;
 using namespace moelab::data;
+using moelab::testing::error_of;
 using namespace std::string_literals;
 
 namespace {
 
 // A fresh folder under the system temp dir, removed with everything in it at scope end.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() / fmt::format("moelab_test_data_{}_{}", ::getpid(), counter++);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  fs::path operator/(const std::string& name) const { return path / name; }
+struct TempDir : moelab::testing::ScratchDir {
+  TempDir() : ScratchDir("moelab_test_data") {}
 };
 
 void write_text(const fs::path& file, const std::string& text) {
   fs::create_directories(file.parent_path());
   std::ofstream(file, std::ios::binary) << text;
-}
-
-// The message of the exception `f` throws ("" when it does not throw).
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
 }
 
 bool contains(const std::string& haystack, const std::string& needle) {
@@ -251,7 +235,7 @@ TEST_CASE("data: shard write/read round trip, exact size, atomic write") {
   const int64_t header_bytes = (40 + 4 + names_bytes + 7) / 8 * 8;
   CHECK(int64_t(fs::file_size(file)) == header_bytes + shard->size() * 18 * 4);
   int files = 0;
-  for (const auto& entry : fs::directory_iterator(dir.path)) files += entry.is_regular_file();
+  for (const auto& entry : fs::directory_iterator(dir.path())) files += entry.is_regular_file();
   CHECK(files == 1);  // no temporary file left behind
 
   const Shard back = read_shard(file);
@@ -456,6 +440,7 @@ TEST_CASE("data: synthetic corpus is seeded and its domains differ") {
   CHECK(first_line(4) == "время окно дорога река снег окно книга река.");
 }
 
+#if MOELAB_HAVE_SENTENCEPIECE
 TEST_CASE("data: SentencePiece BPE trains deterministically and round-trips text") {
   TempDir dir;
   const auto docs = make_synthetic_corpus(21, 30, 5, 400);
@@ -494,6 +479,13 @@ TEST_CASE("data: SentencePiece BPE trains deterministically and round-trips text
   CHECK(load_tokenizer("byte")->name() == "byte");
   CHECK(contains(error_of([&] { SentencePieceTokenizer::load(dir / "spm.bin"); }), "is not a SentencePiece model"));
 }
+#else
+TEST_CASE("data: without SentencePiece, BPE tokenizers say what is missing") {
+  CHECK_FALSE(sentencepiece_available());
+  CHECK(contains(error_of([] { load_tokenizer("bpe-512.model"); }), "no SentencePiece"));
+  CHECK(load_tokenizer("byte")->name() == "byte");
+}
+#endif
 
 TEST_CASE("data: build_shards turns corpus JSONL into train and validation shards") {
   TempDir dir;

@@ -6,8 +6,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <functional>
-#include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -20,7 +18,11 @@
 
 using namespace moelab;
 using testing::as_doubles;
+using testing::check_equal;
+using testing::check_error;
+using testing::forced_ids;
 using testing::gradcheck;
+using testing::leaf;
 using testing::random;
 using testing::weighted_sum;
 
@@ -45,51 +47,6 @@ void check_matches(const Tensor& actual, const Tensor& expected, double tol, con
   REQUIRE_MESSAGE(actual.defined(), what << ": missing");
   double err = scaled_error(actual, expected);
   CHECK_MESSAGE(err <= tol, what << ": scaled error " << err << " > " << tol);
-}
-
-void check_bitwise(const Tensor& a, const Tensor& b, const std::string& what) {
-  REQUIRE(a.shape() == b.shape());
-  CHECK_MESSAGE(as_doubles(a) == as_doubles(b), what);
-}
-
-// Asserts that f throws E whose message mentions every one of `parts`.
-template <class E = std::invalid_argument>
-void check_error(const std::function<void()>& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-  } catch (const E& e) {
-    std::string message = e.what();
-    for (const std::string& part : parts)
-      CHECK_MESSAGE(message.find(part) != std::string::npos, "\"" << message << "\" lacks \"" << part << "\"");
-    return;
-  }
-  FAIL_CHECK("expected an exception mentioning " << parts.front());
-}
-
-// A fresh leaf holding t's values in dtype (so f32 and f64 runs see the very same numbers).
-Tensor leaf(const Tensor& t, DType dtype) {
-  Tensor out = clone(to_dtype(t.detach(), dtype)).detach();
-  out.set_requires_grad(true);
-  return out;
-}
-
-// i32 [N, k]: per token k distinct experts drawn from those with e % 3 != 1 (so some experts get no token at all),
-// or from all experts when that leaves fewer than k.
-Tensor forced_ids(int64_t N, int64_t k, int64_t E, uint64_t seed) {
-  std::vector<int32_t> allowed;
-  for (int32_t e = 0; e < E; ++e)
-    if (e % 3 != 1) allowed.push_back(e);
-  if (static_cast<int64_t>(allowed.size()) < k) {
-    allowed.resize(E);
-    for (int32_t e = 0; e < E; ++e) allowed[e] = e;
-  }
-  std::mt19937 gen(static_cast<uint32_t>(seed));
-  std::vector<int32_t> ids;
-  for (int64_t n = 0; n < N; ++n) {
-    std::shuffle(allowed.begin(), allowed.end(), gen);
-    ids.insert(ids.end(), allowed.begin(), allowed.begin() + k);
-  }
-  return from_vector(ids, {N, k});
 }
 
 // The inputs of one moe_experts call, as f64 values (rounded through f32 so both precisions see the same numbers).
@@ -139,10 +96,10 @@ nn::ModelConfig small_moe_config() {
 TEST_CASE("moe: plan_dispatch is a stable counting sort with histogram and offsets (by hand)") {
   // Slots n*k + j:  s0 -> 2, s1 -> 0, s2 -> 0, s3 -> 1, s4 -> 2, s5 -> 1;  expert 3 gets nothing.
   moe::DispatchPlan plan = moe::plan_dispatch(from_vector(std::vector<int32_t>{2, 0, 0, 1, 2, 1}, {3, 2}), 4);
-  CHECK(plan.counts == std::vector<int64_t>{2, 2, 2, 0});
-  CHECK(plan.offsets == std::vector<int64_t>{0, 2, 4, 6, 6});
-  CHECK(plan.slot_at_position == std::vector<int32_t>{1, 2, 3, 5, 0, 4});
-  CHECK(plan.position_of_slot == std::vector<int32_t>{4, 0, 1, 2, 5, 3});
+  CHECK(plan.counts.to_vector<int32_t>() == std::vector<int32_t>{2, 2, 2, 0});
+  CHECK(plan.offsets.to_vector<int32_t>() == std::vector<int32_t>{0, 2, 4, 6, 6});
+  CHECK(plan.slot_at_position.to_vector<int32_t>() == std::vector<int32_t>{1, 2, 3, 5, 0, 4});
+  CHECK(plan.position_of_slot.to_vector<int32_t>() == std::vector<int32_t>{4, 0, 1, 2, 5, 3});
 }
 
 // ---- moe_experts against the reference ------------------------------------------------------------------------------
@@ -166,10 +123,10 @@ TEST_CASE("moe: moe_experts matches the reference, forward and all gradients (E,
           check_matches(fast32[i], expected[i], 1e-5, std::string(kNames[i]) + " f32");
         }
         // An expert that received no token has exactly zero weight gradient.
-        moe::DispatchPlan plan = moe::plan_dispatch(p.ids, E);
+        std::vector<int32_t> counts = moe::plan_dispatch(p.ids, E).counts.to_vector<int32_t>();
         std::vector<double> dw = as_doubles(fast32[3]);
         for (int64_t e = 0; e < E; ++e)
-          if (plan.counts[e] == 0)
+          if (counts[e] == 0)
             CHECK(std::all_of(dw.begin() + e * h * d, dw.begin() + (e + 1) * h * d, [](double v) { return v == 0; }));
       }
 }
@@ -209,7 +166,7 @@ TEST_CASE("moe: moe_experts is bit-identical for 1 and 2 threads (experts side b
     std::vector<Tensor> one = run(moe::moe_experts, p, DType::F32);
     omp_set_num_threads(2);
     std::vector<Tensor> two = run(moe::moe_experts, p, DType::F32);
-    for (size_t i = 0; i < one.size(); ++i) check_bitwise(one[i], two[i], kNames[i]);
+    for (size_t i = 0; i < one.size(); ++i) check_equal(one[i], two[i], kNames[i]);
   }
   omp_set_num_threads(saved_threads);
 }

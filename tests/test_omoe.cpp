@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -26,6 +25,7 @@
 namespace {
 using namespace moelab;
 using json = nlohmann::json;
+using testing::bitwise_equal;
 
 // ---- helpers -------------------------------------------------------------------------------------------------------
 
@@ -78,11 +78,6 @@ nn::ModelConfig layer_config(int64_t d, int64_t experts, int64_t hidden, int64_t
   c.expert_hidden = hidden;
   c.top_k = top_k;
   return c;
-}
-
-bool bitwise_equal(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && a.dtype() == b.dtype() &&
-         std::memcmp(a.raw_data(), b.raw_data(), static_cast<size_t>(a.numel()) * dtype_size(a.dtype())) == 0;
 }
 
 bool is_identity(const Tensor& P) {  // P [B, n, n] exactly the identity in every batch entry

@@ -1,11 +1,9 @@
 // matmul and the indexing ops: forward against naive loops on odd shapes, gradients by central differences, exact
 // orderings and counts for the no-grad ops, and the errors of bad use.
 #include <algorithm>
-#include <functional>
 #include <cmath>
 #include <limits>
 #include <random>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -14,32 +12,17 @@
 using namespace moelab;
 using testing::as_doubles;
 using testing::check_close;
+using testing::check_equal;
+using testing::check_error;
 using testing::gradcheck;
 using testing::random;
+using testing::ravel;
+using testing::unravel;
 using testing::weighted_sum;
 
 namespace {
 
 // ---- helpers --------------------------------------------------------------------------------------------------------
-
-// Asserts that f throws std::invalid_argument whose message mentions every one of `parts`.
-void check_error(const std::function<void()>& f, const std::vector<std::string>& parts) {
-  try {
-    f();
-  } catch (const std::invalid_argument& e) {
-    std::string message = e.what();
-    for (const std::string& part : parts)
-      CHECK_MESSAGE(message.find(part) != std::string::npos, "\"" << message << "\" lacks \"" << part << "\"");
-    return;
-  }
-  FAIL_CHECK("expected std::invalid_argument mentioning " << parts.front());
-}
-
-// Exact equality (selections copy values; nothing is rounded).
-void check_equal(const Tensor& actual, const Tensor& expected, const std::string& what) {
-  REQUIRE_MESSAGE(actual.shape() == expected.shape(), what << ": " << actual.str() << " vs " << expected.str());
-  CHECK_MESSAGE(as_doubles(actual) == as_doubles(expected), what);
-}
 
 Tensor random_ids(const Shape& shape, int32_t bound, uint64_t seed) {
   std::mt19937 gen(static_cast<uint32_t>(seed));
@@ -55,18 +38,6 @@ Tensor tensor_of(const std::vector<double>& values, const Shape& shape, DType dt
 
 // Sums of a few f32 terms against a double reference: relative to max(1, |value|) (atol 1 in check_close).
 double sum_tolerance(DType dtype) { return dtype == DType::F32 ? 1e-5 : 1e-12; }
-
-// Row-major coordinates of a flat position and back.
-std::vector<int64_t> unravel(int64_t flat, const Shape& shape) {
-  std::vector<int64_t> c(shape.size());
-  for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) c[d] = flat % shape[d], flat /= shape[d];
-  return c;
-}
-int64_t ravel(const std::vector<int64_t>& c, const Shape& shape) {
-  int64_t flat = 0;
-  for (size_t d = 0; d < shape.size(); ++d) flat = flat * shape[d] + c[d];
-  return flat;
-}
 
 // ---- naive references -----------------------------------------------------------------------------------------------
 

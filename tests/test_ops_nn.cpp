@@ -24,11 +24,7 @@ Tensor f64_tensor(const std::vector<double>& values, const Shape& shape) {
 // Leaf copies of `inputs` in `dtype`, each requiring a gradient.
 std::vector<Tensor> leaves(const std::vector<Tensor>& inputs, DType dtype) {
   std::vector<Tensor> out;
-  for (const Tensor& x : inputs) {
-    Tensor t = clone(to_dtype(x, dtype)).detach();
-    t.set_requires_grad();
-    out.push_back(t);
-  }
+  for (const Tensor& x : inputs) out.push_back(testing::leaf(x, dtype));
   return out;
 }
 

@@ -11,27 +11,17 @@
 #include "tests/testing.h"
 
 using namespace moelab;
-using moelab::testing::check_mentions;
-using moelab::testing::error_of;
 using moelab::testing::as_doubles;
 using moelab::testing::check_close;
+using moelab::testing::check_mentions;
+using moelab::testing::error_of;
 using moelab::testing::gradcheck;
 using moelab::testing::random;
+using moelab::testing::ravel;
+using moelab::testing::unravel;
 using moelab::testing::weighted_sum;
 
 namespace {
-std::vector<int64_t> unravel(int64_t i, const Shape& shape) {
-  std::vector<int64_t> idx(shape.size());
-  for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) idx[d] = i % shape[d], i /= shape[d];
-  return idx;
-}
-
-int64_t ravel(const std::vector<int64_t>& idx, const Shape& shape) {
-  int64_t flat = 0;
-  for (size_t d = 0; d < shape.size(); ++d) flat = flat * shape[d] + idx[d];
-  return flat;
-}
-
 // NumPy broadcasting written out: the output shape, and for an output index, the flat index into an operand.
 Shape naive_broadcast_shape(const Shape& a, const Shape& b) {
   size_t n = std::max(a.size(), b.size());

@@ -10,9 +10,10 @@
 #include "tests/testing.h"
 
 using namespace moelab;
+using moelab::testing::as_doubles;
 using moelab::testing::check_mentions;
 using moelab::testing::error_of;
-using moelab::testing::as_doubles;
+using moelab::testing::unravel;
 
 namespace {
 // Row-major strides of a shape.
@@ -20,13 +21,6 @@ std::vector<int64_t> strides_of(const Shape& shape) {
   std::vector<int64_t> strides(shape.size(), 1);
   for (int64_t d = static_cast<int64_t>(shape.size()) - 2; d >= 0; --d) strides[d] = strides[d + 1] * shape[d + 1];
   return strides;
-}
-
-// Multi-index of flat index i in `shape`.
-std::vector<int64_t> unravel(int64_t i, const Shape& shape) {
-  std::vector<int64_t> idx(shape.size());
-  for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) idx[d] = i % shape[d], i /= shape[d];
-  return idx;
 }
 
 // out[i_0..i_n] = in[j] where j has j[dims[d]] = i_d: the permutation by index loops.

@@ -1,14 +1,21 @@
 #pragma once
-// Test helpers: random inputs, closeness checks, and gradient checks by central differences (in f64).
+// Test helpers: random inputs, leaves, temp folders, error and equality checks, closeness checks, and gradient checks
+// by central differences (in f64).
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstring>
 #include <filesystem>
 #include <functional>
+#include <random>
+#include <stdexcept>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "engine/ops.h"
@@ -19,6 +26,44 @@ namespace moelab::testing {
 inline Tensor random(const Shape& shape, uint64_t seed, DType dtype = DType::F64, double scale = 1.0) {
   Generator gen(seed);
   return randn(shape, gen, 0.0, scale, dtype);
+}
+
+// A fresh leaf holding t's values in dtype (so f32 and f64 runs see the very same numbers).
+inline Tensor leaf(const Tensor& t, DType dtype) {
+  Tensor out = clone(to_dtype(t.detach(), dtype)).detach();
+  out.set_requires_grad(true);
+  return out;
+}
+
+// i32 [N, k]: per token k distinct experts drawn from those with e % 3 != 1 (so some experts get no token at all),
+// or from all experts when that leaves fewer than k.
+inline Tensor forced_ids(int64_t N, int64_t k, int64_t E, uint64_t seed) {
+  std::vector<int32_t> allowed;
+  for (int32_t e = 0; e < E; ++e)
+    if (e % 3 != 1) allowed.push_back(e);
+  if (static_cast<int64_t>(allowed.size()) < k) {
+    allowed.resize(E);
+    for (int32_t e = 0; e < E; ++e) allowed[e] = e;
+  }
+  std::mt19937 gen(static_cast<uint32_t>(seed));
+  std::vector<int32_t> ids;
+  for (int64_t n = 0; n < N; ++n) {
+    std::shuffle(allowed.begin(), allowed.end(), gen);
+    ids.insert(ids.end(), allowed.begin(), allowed.begin() + k);
+  }
+  return from_vector(ids, {N, k});
+}
+
+// Row-major coordinates of a flat position in `shape`, and back.
+inline std::vector<int64_t> unravel(int64_t flat, const Shape& shape) {
+  std::vector<int64_t> c(shape.size());
+  for (int64_t d = static_cast<int64_t>(shape.size()) - 1; d >= 0; --d) c[d] = flat % shape[d], flat /= shape[d];
+  return c;
+}
+inline int64_t ravel(const std::vector<int64_t>& c, const Shape& shape) {
+  int64_t flat = 0;
+  for (size_t d = 0; d < shape.size(); ++d) flat = flat * shape[d] + c[d];
+  return flat;
 }
 
 inline std::vector<double> as_doubles(const Tensor& t) {
@@ -39,6 +84,33 @@ inline std::filesystem::path fresh_temp_dir(const std::string& name) {
   return dir;
 }
 
+// A fresh folder under the system temp dir for a test's files, removed at scope end unless keep() was called (a
+// failing test keeps its inputs and outputs so the run can be repeated by hand).
+class ScratchDir {
+ public:
+  explicit ScratchDir(const std::string& prefix) {
+    static std::atomic<int> counter{0};
+    path_ = std::filesystem::temp_directory_path() /
+            (prefix + "_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  ~ScratchDir() {
+    std::error_code ignored;
+    if (!keep_) std::filesystem::remove_all(path_, ignored);
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  const std::filesystem::path& path() const { return path_; }
+  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+  void keep() { keep_ = true; }
+
+ private:
+  std::filesystem::path path_;
+  bool keep_ = false;
+};
+
 // The message of the exception f throws, or "<no exception>".
 template <class F> std::string error_of(F&& f) {
   try {
@@ -53,6 +125,32 @@ template <class F> std::string error_of(F&& f) {
 inline void check_mentions(const std::string& message, const std::vector<std::string>& parts) {
   for (const std::string& part : parts)
     CHECK_MESSAGE(message.find(part) != std::string::npos, "'" << message << "' does not mention '" << part << "'");
+}
+
+// Asserts that f throws E whose message mentions every one of `parts`.
+template <class E = std::invalid_argument>
+void check_error(const std::function<void()>& f, const std::vector<std::string>& parts) {
+  try {
+    f();
+  } catch (const E& e) {
+    check_mentions(e.what(), parts);
+    return;
+  }
+  FAIL_CHECK("expected an exception mentioning " << parts.front());
+}
+
+// Asserts the same shape and exactly the same values (compared as doubles: for results that copy values, or that must
+// not depend on the thread count).
+inline void check_equal(const Tensor& actual, const Tensor& expected, const std::string& what) {
+  REQUIRE_MESSAGE(actual.shape() == expected.shape(), what << ": " << actual.str() << " vs " << expected.str());
+  CHECK_MESSAGE(as_doubles(actual) == as_doubles(expected), what);
+}
+
+// The same shape, dtype and bytes (NaN equals NaN of the same bits; -0 differs from +0). CPU tensors.
+inline bool bitwise_equal(const Tensor& a, const Tensor& b) {
+  if (a.shape() != b.shape() || a.dtype() != b.dtype()) return false;
+  const size_t bytes = static_cast<size_t>(a.numel()) * dtype_size(a.dtype());
+  return bytes == 0 || std::memcmp(a.raw_data(), b.raw_data(), bytes) == 0;
 }
 
 // max |a - b| / (atol + |b|) over elements; shapes must match.

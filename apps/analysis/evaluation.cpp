@@ -1,5 +1,7 @@
 #include "apps/analysis/evaluation.h"
 
+#include "engine/cuda/runtime.h"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -107,9 +109,9 @@ static std::string resolve_tokenizer(const TrainConfig& c, const fs::path& check
 }
 
 LoadedCheckpoint load_checkpoint(const fs::path& dir_arg, const EvalOptions& options) {
-  if (options.device != Device::CPU)
-    throw std::invalid_argument(fmt::format("device '{}': models are evaluated on the CPU only in this build",
-                                            enum_name(options.device)));
+  if (options.device == Device::CUDA && cuda::device_count() == 0)
+    throw std::invalid_argument(cuda::built_with_cuda() ? "device cuda: no CUDA device is visible"
+                                                        : "device cuda: this build has no CUDA backend");
   LoadedCheckpoint out;
   out.dir = checkpoint_folder(dir_arg);
   const fs::path file = out.dir / kModelFile;
@@ -172,6 +174,7 @@ LoadedCheckpoint load_checkpoint(const fs::path& dir_arg, const EvalOptions& opt
     throw std::runtime_error(fmt::format("{}: its parameters do not match its model config {}: {}", where,
                                          json(out.model_config).dump(), e.what()));
   }
+  out.model->lm().to(options.device);
   return out;
 }
 
@@ -267,8 +270,9 @@ double DomainScore::ce() const { return tokens ? ce_sum / static_cast<double>(to
 double DomainScore::ppl() const { return std::exp(ce()); }
 double DomainScore::bpb() const { return bytes ? ce_sum / std::log(2.0) / static_cast<double>(bytes) : NAN; }
 
-Scores score(moe::MoEModel& model, const EvalSet& set, int64_t num_domains, Device dev) {
+Scores score(moe::MoEModel& model, const EvalSet& set, int64_t num_domains) {
   NoGradGuard no_grad;
+  const Device dev = model.lm().tok_emb.weight.device();
   std::vector<double> ce_sum(num_domains, 0.0);
   std::vector<int64_t> tokens(num_domains, 0);
   for (const data::Batch& b : set.batches) {
@@ -276,10 +280,9 @@ Scores score(moe::MoEModel& model, const EvalSet& set, int64_t num_domains, Devi
     Tensor targets = from_vector(b.targets, {int64_t(b.B) * b.T}, dev);     // i32 [B*T]
     Tensor domains = from_vector(b.domains, {b.B});                         // i32 [B], read on the host
     Tensor logits = model.lm().forward(inputs);                             // [B*T, V]
-    std::vector<double> token_ce;
-    Tensor host_targets = to_device(targets, Device::CPU);
-    cross_entropy(to_device(logits, Device::CPU), host_targets, kIgnoreIndex, &token_ce);
-    moe::accumulate_domain_ce(token_ce, host_targets, domains, num_domains, ce_sum, tokens);
+    std::vector<double> token_ce;                                           // [B*T], copied to the host
+    cross_entropy(logits, targets, kIgnoreIndex, &token_ce);
+    moe::accumulate_domain_ce(token_ce, targets, domains, num_domains, ce_sum, tokens);
   }
   Scores s;
   s.domains.resize(num_domains);
@@ -320,8 +323,7 @@ struct RestoreWeight {
 }  // namespace
 
 std::vector<LayerDPPL> router_permutation_dppl(moe::MoEModel& model, const EvalSet& set, const Scores& base,
-                                               int64_t num_domains, int64_t permutations, uint64_t seed,
-                                               Device device) {
+                                               int64_t num_domains, int64_t permutations, uint64_t seed) {
   if (permutations < 1) throw std::invalid_argument(fmt::format("--permutations must be >= 1, got {}", permutations));
   std::vector<LayerDPPL> out;
   const auto& blocks = model.lm().layers;
@@ -352,7 +354,7 @@ std::vector<LayerDPPL> router_permutation_dppl(moe::MoEModel& model, const EvalS
           Tensor index = from_vector(std::vector<int32_t>(pi.begin(), pi.end()), {E}, weight.device());
           copy_(weight, index_select(restore.saved, 0, index));  // row e <- trained row pi[e]
         }
-        Scores s = score(model, set, num_domains, device);
+        Scores s = score(model, set, num_domains);
         for (int64_t d = 0; d < num_domains; ++d) ppl_sum[d] += s.domains[d].ppl();
         overall_sum += s.overall.ppl();
         r.permutations.push_back(std::move(pi));
@@ -389,11 +391,11 @@ CheckpointEvaluation evaluate_checkpoint(const fs::path& dir, const EvalOptions&
   e.batches = static_cast<int64_t>(set.batches.size());
   e.selection = set.selection;
   const int64_t M = data.domains.size();
-  e.scores = score(*ck.model, set, M, options.device);
+  e.scores = score(*ck.model, set, M);
   e.permutations = options.permutations;
   e.seed = options.seed;
   if (options.permutations > 0)
-    e.dppl = router_permutation_dppl(*ck.model, set, e.scores, M, options.permutations, options.seed, options.device);
+    e.dppl = router_permutation_dppl(*ck.model, set, e.scores, M, options.permutations, options.seed);
   return e;
 }
 

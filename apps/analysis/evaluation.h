@@ -91,8 +91,8 @@ struct Scores {
   DomainScore overall;               // all domains together
 };
 
-// One pass of the model over the set (no gradients).
-Scores score(moe::MoEModel& model, const EvalSet& set, int64_t num_domains, Device device = Device::CPU);
+// One pass of the model over the set (no gradients), on the model's device.
+Scores score(moe::MoEModel& model, const EvalSet& set, int64_t num_domains);
 
 // Router-permutation dPPL of one MoE layer.
 struct LayerDPPL {
@@ -109,8 +109,7 @@ std::vector<int64_t> random_derangement(int64_t n, uint64_t seed);
 // For every MoE layer l: replace its router weight W [E, d] by W[pi] for `permutations` seeded derangements pi
 // (seed derived from (seed, l, p)), evaluate, restore W exactly. `base` is score(model, set) of the intact model.
 std::vector<LayerDPPL> router_permutation_dppl(moe::MoEModel& model, const EvalSet& set, const Scores& base,
-                                               int64_t num_domains, int64_t permutations, uint64_t seed,
-                                               Device device = Device::CPU);
+                                               int64_t num_domains, int64_t permutations, uint64_t seed);
 
 // Everything moe-eval reports about one checkpoint.
 struct CheckpointEvaluation {

@@ -70,7 +70,8 @@ static RoutingTrace trace_text(moe::MoEModel& model, const data::Tokenizer& toke
     size_t end = std::min(ids.size(), start + static_cast<size_t>(seq_len));
     std::vector<int32_t> window(ids.begin() + static_cast<std::ptrdiff_t>(start),
                                 ids.begin() + static_cast<std::ptrdiff_t>(end));
-    model.lm().forward(from_vector(window, {1, static_cast<int64_t>(window.size())}));
+    model.lm().forward(
+        from_vector(window, {1, static_cast<int64_t>(window.size())}, model.lm().tok_emb.weight.device()));
     for (size_t l = 0; l < layers.size(); ++l) {
       const moe::Routing& r = layers[l]->last_routing();
       std::vector<int32_t> chosen = to_device(r.expert_ids, Device::CPU).to_vector<int32_t>();
@@ -114,6 +115,7 @@ RunAnalysis analyze_run(const fs::path& run_dir, const AnalyzeOptions& options) 
   eval_options.max_batches = options.max_batches;
   eval_options.permutations = options.permutations;
   eval_options.data_dir = options.data_dir;
+  eval_options.device = options.device;
   LoadedCheckpoint loaded = [&] {
     try {
       return load_checkpoint(checkpoint, eval_options);
@@ -163,7 +165,7 @@ RunAnalysis analyze_run(const fs::path& run_dir, const AnalyzeOptions& options) 
   {
     NoGradGuard no_grad;
     for (const data::Batch& b : set.batches) {
-      Tensor inputs = from_vector(b.inputs, {b.B, b.T}), domains = from_vector(b.domains, {b.B});
+      Tensor inputs = from_vector(b.inputs, {b.B, b.T}, options.device), domains = from_vector(b.domains, {b.B});
       model.lm().forward(inputs);
       run.tokens += int64_t(b.B) * b.T;
       for (size_t l = 0; l < layers.size(); ++l) {

@@ -63,6 +63,7 @@ struct AnalyzeOptions {
   int64_t similarity_tokens = 256;   // held-out tokens run through every expert per layer
   std::string trace_text;            // non-empty: also trace this text
   std::filesystem::path data_dir;    // shard cache for JSONL corpora (empty: evaluation's default)
+  Device device = Device::CPU;       // where the model runs (the metrics are computed on the host)
 };
 
 // Loads <run_dir>/metrics.jsonl and the checkpoint, rebuilds the run's held-out split and computes every metric.

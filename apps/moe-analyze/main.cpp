@@ -54,11 +54,14 @@ int main(int argc, char** argv) {
   app.add_option("--trace", trace, "also show how each layer routes the tokens of this text (\\n: newline)");
   app.add_option("--title", title, "title of the report");
   app.add_option("--data-dir", data_dir, "cache folder for shards built from a JSONL corpus (default: system temp)");
+  std::string device = "cpu";
+  app.add_option("--device", device, "where the models run: cpu | cuda")->capture_default_str();
   CLI11_PARSE(app, argc, argv);
   options.trace_text = unescape(trace);
   options.data_dir = data_dir;
   if (out_dir.empty()) out_dir = run_dirs.size() == 1 ? (fs::path(run_dirs[0]) / "analysis").string() : "moe-analysis";
   try {
+    options.device = moelab::parse_enum<moelab::Device>(device, "--device");
     std::vector<RunAnalysis> runs;
     std::map<std::string, int> names;
     for (const std::string& dir : run_dirs) {

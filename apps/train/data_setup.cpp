@@ -15,9 +15,8 @@ static std::unique_ptr<data::Tokenizer> make_tokenizer(const TrainConfig& c, con
     data::SentencePieceOptions options;
     options.vocab_size = static_cast<int>(c.data.bpe_vocab);
     fs::path model_file = fs::path(c.out_dir) / "data" / fmt::format("bpe-{}.model", c.data.bpe_vocab);
-    if (fs::exists(model_file))
-      return std::make_unique<data::SentencePieceTokenizer>(data::SentencePieceTokenizer::load(model_file));
-    return std::make_unique<data::SentencePieceTokenizer>(data::SentencePieceTokenizer::train(docs, model_file, options));
+    return fs::exists(model_file) ? data::load_sentencepiece(model_file)
+                                  : data::train_sentencepiece(docs, model_file, options);
   }
   return data::load_tokenizer(c.data.tokenizer);
 }

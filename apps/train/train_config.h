@@ -10,6 +10,7 @@
 
 #include "engine/dtype.h"
 #include "engine/enum_names.h"
+#include "engine/precision.h"
 #include "moe/losses.h"
 #include "nn/config.h"
 #include "optim/adamw.h"
@@ -56,6 +57,7 @@ struct TrainConfig {
   double grad_clip = 1.0;
   uint64_t seed = 1234;
   Device device = Device::CPU;
+  Precision precision = Precision::FP32;  // of the matrix products (engine/precision.h); weights stay f32
   int64_t eval_every = 100;      // steps between validation passes (0: only at the end)
   int64_t eval_batches = 8;
   int64_t checkpoint_every = 0;  // steps between checkpoints (0: only the final one)

@@ -10,6 +10,7 @@
 #include <stdexcept>
 
 #include "apps/train/checkpoint.h"
+#include "engine/cuda/runtime.h"
 
 namespace moelab::apps {
 
@@ -17,19 +18,21 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 struct BatchTensors {
-  Tensor inputs, targets, domains;  // i32 [B, T], [B*T], [B]
+  Tensor inputs, targets;  // i32 [B, T], [B*T] on the model's device
+  Tensor domains;          // i32 [B] on the host: the losses and statistics read them there
 };
 
-static BatchTensors to_tensors(const data::Batch& b) {
-  return {from_vector(b.inputs, {b.B, b.T}), from_vector(b.targets, {int64_t(b.B) * b.T}),
+static BatchTensors to_tensors(const data::Batch& b, Device device) {
+  return {from_vector(b.inputs, {b.B, b.T}, device), from_vector(b.targets, {int64_t(b.B) * b.T}, device),
           from_vector(b.domains, {b.B})};
 }
 
 Trainer::Trainer(TrainConfig config, std::ostream& out) : config_(std::move(config)), out_(out) {
   config_.validate();
-  if (config_.device != Device::CPU)
-    throw std::invalid_argument(fmt::format("train.device = '{}': this build trains on the CPU only",
-                                            enum_name(config_.device)));
+  if (config_.device == Device::CUDA && cuda::device_count() == 0)
+    throw std::invalid_argument(cuda::built_with_cuda()
+                                    ? "train.device = cuda: no CUDA device is visible"
+                                    : "train.device = cuda: this build has no CUDA backend (MOELAB_CUDA=ON or SIM)");
   data_ = prepare_data(config_);
   check_vocab(config_, *data_.tokenizer);
   if (!config_.resume.empty()) {
@@ -38,7 +41,9 @@ Trainer::Trainer(TrainConfig config, std::ostream& out) : config_(std::move(conf
       throw std::invalid_argument(fmt::format("resume: the checkpoint's model config {} does not match this run's {}",
                                               json(saved).dump(), json(config_.model).dump()));
   }
+  // Built on the CPU from the seed, then moved: the same seed gives the same model on every device.
   model_ = std::make_unique<moe::MoEModel>(config_.model, config_.losses, config_.seed);
+  model_->lm().to(config_.device);
   optimizer_ = std::make_unique<optim::AdamW>(model_->lm().named_parameters(), config_.adamw);
   if (config_.optimizer == OptimizerKind::OMoE)
     omoe_ = std::make_unique<optim::OMoE>(*optimizer_, model_->moe_layers(), config_.omoe);
@@ -70,9 +75,10 @@ static moe::EDStepScope others_of(const std::vector<std::vector<moe::DomainSums>
 
 moe::LossTerms Trainer::train_step() {
   ++step_;
+  PrecisionGuard precision(config_.precision);  // the products of this step's forwards and backwards
   const int64_t micro_batches = config_.grad_accum;
   std::vector<BatchTensors> micro;
-  for (int64_t m = 0; m < micro_batches; ++m) micro.push_back(to_tensors(train_loader_->next()));
+  for (int64_t m = 0; m < micro_batches; ++m) micro.push_back(to_tensors(train_loader_->next(), config_.device));
   const int64_t domains = data_.domains.size();
   // ED over the whole step: every micro-batch's routing, per domain, before any gradient (docs/objective.md, "Batch scope").
   const bool step_scope =
@@ -124,6 +130,7 @@ moe::LossTerms Trainer::train_step() {
 
 Validation Trainer::validate() {
   NoGradGuard no_grad;
+  PrecisionGuard precision(config_.precision);
   data::LoaderOptions options;
   options.batch_size = static_cast<int>(std::min<int64_t>(config_.batch_size, data_.validation->size()));
   options.seed = 0;  // a fixed, shuffled sample: every domain is represented, and every evaluation sees the same one
@@ -135,7 +142,7 @@ Validation Trainer::validate() {
   std::vector<int64_t> tokens(domains, 0);
   Validation eval;
   for (int64_t i = 0; i < batches; ++i) {
-    BatchTensors t = to_tensors(loader.next());
+    BatchTensors t = to_tensors(loader.next(), config_.device);
     moe::LossTerms loss = model_->loss(t.inputs, t.targets, t.domains, domains).terms;
     for (int64_t d = 0; d < domains; ++d) ce_sum[d] += loss.domain_ce_sum[d], tokens[d] += loss.domain_tokens[d];
     std::vector<moe::RoutingStats> stats = moe::routing_stats(model_->moe_layers(), t.domains, domains);

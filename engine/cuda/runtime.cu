@@ -1,28 +1,49 @@
-// CUDA runtime slot: one compute stream, memory from the stream-ordered allocator, checked calls.
-#include <cuda_runtime.h>
-
+// The CUDA backend's host side: one compute stream, memory from the stream-ordered pool, checked calls and copies.
+// The same file serves the real backend and the emulator (MOELAB_CUDA=SIM), whose cuda* functions run on the host.
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
-#include "engine/cuda/runtime.h"
+#include "engine/cuda/device.cuh"
 
 namespace moelab::cuda {
 
-static void check(cudaError_t status, const char* what) {
+void check(cudaError_t status, const char* what) {
   if (status != cudaSuccess) throw std::runtime_error(std::string("CUDA ") + what + ": " + cudaGetErrorString(status));
 }
 
-// The one stream all moelab GPU work runs on (created on first use).
-static cudaStream_t compute_stream() {
-  static cudaStream_t stream = [] {
-    cudaStream_t s;
-    check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
-    return s;
+static bool debug_sync_flag = [] {
+  const char* env = std::getenv("MOELAB_CUDA_DEBUG");
+  return env && std::strcmp(env, "1") == 0;
+}();
+
+void set_debug_sync(bool on) { debug_sync_flag = on; }
+bool debug_sync() { return debug_sync_flag; }
+
+void after_launch(const char* kernel) {
+  check(cudaGetLastError(), kernel);
+  if (debug_sync_flag) check(cudaStreamSynchronize(stream()), kernel);
+}
+
+// Created on first use, with the device pool told to keep its memory: by default it hands freed memory back to the
+// driver at every synchronization, and the next step would allocate it again.
+cudaStream_t stream() {
+  static cudaStream_t s = [] {
+    cudaStream_t created;
+    check(cudaStreamCreateWithFlags(&created, cudaStreamNonBlocking), "cudaStreamCreate");
+    cudaMemPool_t pool;
+    check(cudaDeviceGetDefaultMemPool(&pool, 0), "cudaDeviceGetDefaultMemPool");
+    uint64_t keep_all = UINT64_MAX;
+    check(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep_all), "cudaMemPoolSetAttribute");
+    return created;
   }();
-  return stream;
+  return s;
 }
 
 bool built_with_cuda() { return true; }
+
+bool is_simulator() { return MOELAB_CUDA_SIM; }
 
 int device_count() {
   int count = 0;
@@ -33,31 +54,50 @@ int device_count() {
   return count;
 }
 
+std::string device_name() {
+  cudaDeviceProp props;
+  if (device_count() == 0 || cudaGetDeviceProperties(&props, 0) != cudaSuccess) return "none";
+  return props.name;
+}
+
 void* allocate(size_t bytes) {
   void* ptr = nullptr;
   if (bytes == 0) return nullptr;
-  check(cudaMallocAsync(&ptr, bytes, compute_stream()), "cudaMallocAsync");
+  check(cudaMallocAsync(&ptr, bytes, stream()), "cudaMallocAsync");
   return ptr;
 }
 
+// Called from Storage's destructor, also for tensors that outlive the CUDA runtime (static caches, destroyed at exit):
+// then there is nothing left to free, and throwing from a destructor would abort.
 void release(void* ptr) {
-  if (ptr) check(cudaFreeAsync(ptr, compute_stream()), "cudaFreeAsync");
+  if (!ptr) return;
+  const cudaError_t status = cudaFreeAsync(ptr, stream());
+  if (status == cudaErrorCudartUnloading || status == cudaErrorContextIsDestroyed) return;
+  check(status, "cudaFreeAsync");
 }
 
 void copy_to_device(void* dst, const void* src, size_t bytes) {
-  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, compute_stream()), "copy host->device");
-  check(cudaStreamSynchronize(compute_stream()), "copy host->device");
+  if (bytes == 0) return;
+  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream()), "copy host->device");
+  check(cudaStreamSynchronize(stream()), "copy host->device");
 }
 
 void copy_to_host(void* dst, const void* src, size_t bytes) {
-  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, compute_stream()), "copy device->host");
-  check(cudaStreamSynchronize(compute_stream()), "copy device->host");
+  if (bytes == 0) return;
+  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream()), "copy device->host");
+  check(cudaStreamSynchronize(stream()), "copy device->host");
 }
 
 void copy_on_device(void* dst, const void* src, size_t bytes) {
-  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, compute_stream()), "copy device->device");
+  if (bytes == 0) return;
+  check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, stream()), "copy device->device");
 }
 
-void synchronize() { check(cudaStreamSynchronize(compute_stream()), "cudaStreamSynchronize"); }
+void set_zero(void* ptr, size_t bytes) {
+  if (bytes == 0) return;
+  check(cudaMemsetAsync(ptr, 0, bytes, stream()), "cudaMemsetAsync");
+}
+
+void synchronize() { check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize"); }
 
 }  // namespace moelab::cuda

@@ -1,5 +1,4 @@
 // Built instead of runtime.cu when moelab has no CUDA backend: every entry point says so.
-#ifndef MOELAB_HAVE_CUDA
 #include <stdexcept>
 
 #include "engine/cuda/runtime.h"
@@ -7,17 +6,22 @@
 namespace moelab::cuda {
 
 [[noreturn]] static void not_built() {
-  throw std::runtime_error("this moelab build has no CUDA backend (configure with -DMOELAB_CUDA=ON and nvcc)");
+  throw std::runtime_error(
+      "this moelab build has no CUDA backend (configure with -DMOELAB_CUDA=ON and nvcc, or -DMOELAB_CUDA=SIM)");
 }
 
 bool built_with_cuda() { return false; }
+bool is_simulator() { return false; }
 int device_count() { return 0; }
+std::string device_name() { return "none"; }
 void* allocate(size_t) { not_built(); }
 void release(void*) { not_built(); }
 void copy_to_device(void*, const void*, size_t) { not_built(); }
 void copy_to_host(void*, const void*, size_t) { not_built(); }
 void copy_on_device(void*, const void*, size_t) { not_built(); }
+void set_zero(void*, size_t) { not_built(); }
 void synchronize() { not_built(); }
+void set_debug_sync(bool) {}
+bool debug_sync() { return false; }
 
 }  // namespace moelab::cuda
-#endif

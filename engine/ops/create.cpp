@@ -1,27 +1,18 @@
-// Creation ops and seeded random tensors.
-#include <algorithm>
+// Creation ops and seeded random tensors. Each allocates its tensor on the requested device and fills it there
+// (engine/kernels/create.h); from_vector copies the host values over, then converts on the device.
+#include <cstring>
 
-#include "engine/cuda/runtime.h"
+#include "engine/kernels/create.h"
+#include "engine/kernels/shape.h"
 #include "engine/ops/common.h"
 
 namespace moelab {
 using namespace detail;
 
-// Fills a host buffer, then moves it to the device when needed (creation is rare and never on a hot path).
-template <class T, class Gen> static Tensor make_filled(const Shape& shape, DType dtype, Device device, Gen value_at) {
-  Tensor host = Tensor::empty(shape, dtype, Device::CPU);
-  T* out = host.data<T>();
-  int64_t n = host.numel();
-  cpu::parallel_for(n, 4, [&](int64_t i) { out[i] = static_cast<T>(value_at(i)); });
-  return device == Device::CPU ? host : to_device(host, device);
-}
-
-template <class Gen> static Tensor make_any(const Shape& shape, DType dtype, Device device, Gen value_at) {
-  return dispatch_all(dtype, [&](auto t) { return make_filled<decltype(t)>(shape, dtype, device, value_at); });
-}
-
 Tensor full(const Shape& shape, double value, DType dtype, Device device) {
-  return make_any(shape, dtype, device, [value](int64_t) { return value; });
+  Tensor out = Tensor::empty(shape, dtype, device);
+  KERNEL(fill_value, device)(out, value);
+  return out;
 }
 Tensor zeros(const Shape& shape, DType dtype, Device device) { return full(shape, 0.0, dtype, device); }
 Tensor ones(const Shape& shape, DType dtype, Device device) { return full(shape, 1.0, dtype, device); }
@@ -29,14 +20,23 @@ Tensor zeros_like(const Tensor& x) { return zeros(x.shape(), x.dtype(), x.device
 Tensor ones_like(const Tensor& x) { return ones(x.shape(), x.dtype(), x.device()); }
 
 Tensor arange(int64_t n, DType dtype, Device device) {
-  return make_any({n}, dtype, device, [](int64_t i) { return static_cast<double>(i); });
+  Tensor out = Tensor::empty({n}, dtype, device);
+  KERNEL(fill_arange, device)(out);
+  return out;
 }
 
-template <class V> static Tensor from_values(const std::vector<V>& values, const Shape& shape, DType dtype,
-                                             Device device) {
+// The values as a tensor of their own type on `device` (one copy), then converted to dtype there.
+template <class V>
+static Tensor from_values(const std::vector<V>& values, const Shape& shape, DType dtype, Device device) {
   if (static_cast<int64_t>(values.size()) != shape_numel(shape))
     fail("from_vector: {} values do not fill shape {}", values.size(), shape_str(shape));
-  return make_any(shape, dtype, device, [&](int64_t i) { return static_cast<double>(values[i]); });
+  Tensor host = Tensor::empty(shape, dtype_of<V>());
+  if (!values.empty()) std::memcpy(host.raw_data(), values.data(), values.size() * sizeof(V));
+  Tensor source = to_device(host, device);
+  if (source.dtype() == dtype) return source;
+  Tensor out = Tensor::empty(shape, dtype, device);
+  KERNEL(convert_dtype, device)(source, out);
+  return out;
 }
 
 Tensor from_vector(const std::vector<float>& values, const Shape& shape, DType dtype, Device device) {
@@ -51,19 +51,16 @@ Tensor from_vector(const std::vector<int32_t>& values, const Shape& shape, Devic
 
 Tensor randn(const Shape& shape, Generator& gen, double mean, double stddev, DType dtype, Device device) {
   check_float("randn", Tensor::empty({0}, dtype));
-  uint64_t first = gen.advance(shape_numel(shape));
-  uint64_t seed = gen.seed;
-  return make_any(shape, dtype, device,
-                  [=](int64_t i) { return mean + stddev * philox_normal(seed, first + static_cast<uint64_t>(i)); });
+  Tensor out = Tensor::empty(shape, dtype, device);
+  KERNEL(fill_normal, device)(out, gen.seed, gen.advance(shape_numel(shape)), mean, stddev);
+  return out;
 }
 
 Tensor uniform(const Shape& shape, Generator& gen, double low, double high, DType dtype, Device device) {
   check_float("uniform", Tensor::empty({0}, dtype));
-  uint64_t first = gen.advance(shape_numel(shape));
-  uint64_t seed = gen.seed;
-  return make_any(shape, dtype, device, [=](int64_t i) {
-    return low + (high - low) * philox_uniform(seed, first + static_cast<uint64_t>(i));
-  });
+  Tensor out = Tensor::empty(shape, dtype, device);
+  KERNEL(fill_uniform, device)(out, gen.seed, gen.advance(shape_numel(shape)), low, high);
+  return out;
 }
 
 }  // namespace moelab

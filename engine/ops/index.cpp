@@ -1,21 +1,15 @@
 // Indexing: selecting and adding slices by i32 indices (index_select, index_add, embedding, gather, scatter_add),
-// where / masked_fill, and the no-grad sorts and counts (topk, argsort, bincount).
+// where / masked_fill, and the no-grad sorts and counts (topk, argsort, bincount). The numbers come from the kernels
+// of engine/kernels/index.h; the ops check shapes and every index first.
 //
 // An op along `dim` views x as [outer, n, inner] (outer: the dims before dim, inner: the dims after), so one slice
 // along dim is `inner` contiguous elements and selecting or adding slices is copying or adding rows.
-// Adding never races: slices of different `outer`, or different columns of `inner`, never overlap, so the work is
-// split over those, and each task walks the index in order (repeated indices add up in the same order every run).
-#include <omp.h>
-
 #include <algorithm>
-#include <cmath>
-#include <cstring>
 #include <limits>
-#include <numeric>
 #include <string>
-#include <type_traits>
 #include <vector>
 
+#include "engine/kernels/index.h"
 #include "engine/ops/common.h"
 
 namespace moelab {
@@ -35,70 +29,64 @@ static DimView view_along(const Shape& shape, int64_t dim) {
   return v;
 }
 
+// The indices, readable on the host: CPU tensors in place; a GPU tensor's are copied over (a synchronizing copy:
+// every index check of a GPU op waits for the GPU's queued work).
+class HostIndices {
+ public:
+  explicit HostIndices(const Tensor& index) {
+    if (index.is_cuda()) {
+      copy_ = index.to_vector<int32_t>();
+      data_ = copy_.data();
+    } else {
+      data_ = index.data<int32_t>();
+    }
+  }
+  const int32_t* data() const { return data_; }
+
+ private:
+  std::vector<int32_t> copy_;
+  const int32_t* data_;
+};
+
 // Throws unless every index lies in [0, bound), naming the op, the first bad index and what it indexes.
 static void check_indices(const char* op, const Tensor& index, int64_t bound, int64_t dim, const Tensor& x) {
-  const int32_t* idx = index.data<int32_t>();
+  HostIndices host(index);
+  const int32_t* idx = host.data();
   for (int64_t i = 0; i < index.numel(); ++i)
     if (idx[i] < 0 || idx[i] >= bound)
       fail("{}: index {} (at position {} of {}) out of range [0, {}) for dim {} of {}", op, idx[i], i, index.str(),
            bound, dim, x.str());
 }
 
-// Splits `inner` columns into blocks so that there are at least as many (outer, column block) tasks as threads when
-// outer alone is too short; blocks are multiples of 16 elements (a 64-byte line of floats) to limit false sharing.
-static int64_t column_block(int64_t outer, int64_t inner) {
-  int64_t threads = omp_get_max_threads();
-  if (outer >= threads || inner <= 16) return std::max<int64_t>(inner, 1);
-  int64_t per_thread = (inner + threads - 1) / threads;
-  return (per_thread + 15) / 16 * 16;
+static void check_same_device(const char* op, const Tensor& x, const Tensor& index) {
+  if (x.device() != index.device()) fail("{}: {} and index {} are on different devices", op, x.str(), index.str());
 }
 
-// In place: dst [outer, N, inner] += src [outer, n, inner] at rows index[0..n) along dim:
-// dst[o, index[j], :] += src[o, j, :]. The index is already checked; dst is a tensor the caller just made.
-static void index_add_into(const Tensor& dst, int64_t dim, const Tensor& index, const Tensor& src) {
+// dst (a tensor the caller just made, [outer, N, inner] along dim) += src's slices at rows `index` along dim.
+static void add_slices_into(const Tensor& dst, int64_t dim, const Tensor& index, const Tensor& src) {
   DimView v = view_along(dst.shape(), dim);
-  int64_t n = index.numel();
-  int64_t width = column_block(v.outer, v.inner), blocks = (v.inner + width - 1) / width;
-  dispatch_all(dst.dtype(), [&](auto t) {
-    using T = decltype(t);
-    T* pd = dst.data<T>();
-    const T* ps = src.data<T>();
-    const int32_t* idx = index.data<int32_t>();
-    cpu::parallel_for(v.outer * blocks, n * width, [&](int64_t task) {
-      int64_t o = task / blocks, c0 = (task % blocks) * width, c1 = std::min(v.inner, c0 + width);
-      for (int64_t j = 0; j < n; ++j) {  // in index order: deterministic sums for repeated indices
-        T* d = pd + (o * v.n + idx[j]) * v.inner;
-        const T* s = ps + (o * n + j) * v.inner;
-        for (int64_t c = c0; c < c1; ++c) d[c] += s[c];
-      }
-    });
-  });
-}
-
-// dst [outer, n, inner] = src [outer, src_n, inner] at rows idx[0..n): dst[o, j, :] = src[o, idx[j], :].
-static void select_slices(const Tensor& dst, const Tensor& src, int64_t src_n, const int32_t* idx, int64_t outer,
-                          int64_t n, int64_t inner) {
-  size_t row_bytes = inner * dtype_size(src.dtype());
-  const char* s = static_cast<const char*>(src.raw_data());
-  char* d = static_cast<char*>(dst.raw_data());
-  cpu::parallel_for(outer * n, inner, [&](int64_t r) {
-    int64_t o = r / n, j = r % n;
-    std::memcpy(d + r * row_bytes, s + (o * src_n + idx[j]) * row_bytes, row_bytes);
-  });
+  KERNEL(add_slices, dst.device())(dst, v.outer, v.n, v.inner, index, src);
 }
 
 static Tensor copy_of(const Tensor& x) {
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  std::memcpy(out.raw_data(), x.raw_data(), x.numel() * dtype_size(x.dtype()));
+  copy_(out, x);
   return out;
 }
 
 // ---- index_select / index_add: whole slices along dim, picked by a 1-D index ----------------------------------------
 
+// dx: each selected slice's gradient added back where it came from (repeated indices accumulate).
+static Tensor index_select_backward(const Tensor& g, const Shape& in_shape, int64_t dim, const Tensor& index) {
+  Tensor dx = zeros(in_shape, g.dtype(), g.device());
+  add_slices_into(dx, dim, index, g);
+  return dx;
+}
+
 Tensor index_select(const Tensor& x, int64_t dim, const Tensor& index) {
   check_defined("index_select", x);
   check_index("index_select", index);
-  check_cpu("index_select", x);
+  check_same_device("index_select", x, index);
   if (index.dim() != 1) fail("index_select: index must be 1-D, got {} (x {})", index.str(), x.str());
   dim = normalize_dim("index_select", dim, x.dim());
   check_indices("index_select", index, x.size(dim), dim, x);
@@ -106,19 +94,16 @@ Tensor index_select(const Tensor& x, int64_t dim, const Tensor& index) {
   Shape out_shape = x.shape();
   out_shape[dim] = index.numel();
   Tensor out = Tensor::empty(out_shape, x.dtype(), x.device());  // [outer, index.numel(), inner]
-  select_slices(out, x, v.n, index.data<int32_t>(), v.outer, index.numel(), v.inner);
-  // dx: each selected slice's gradient added back where it came from (repeated indices accumulate).
+  KERNEL(select_slices, x.device())(x, v.outer, v.n, v.inner, index, out);
   return record("index_select", out, {x}, [in_shape = x.shape(), dim, index](const Tensor& g) -> std::vector<Tensor> {
-    Tensor dx = zeros(in_shape, g.dtype(), g.device());
-    index_add_into(dx, dim, index, g);
-    return {dx};
+    return {index_select_backward(g, in_shape, dim, index)};
   });
 }
 
 Tensor index_add(const Tensor& x, int64_t dim, const Tensor& index, const Tensor& src) {
   check_same_dtype_device("index_add", x, src);
   check_index("index_add", index);
-  check_cpu("index_add", x);
+  check_same_device("index_add", x, index);
   if (index.dim() != 1) fail("index_add: index must be 1-D, got {} (x {})", index.str(), x.str());
   dim = normalize_dim("index_add", dim, x.dim());
   Shape src_shape = x.shape();
@@ -128,7 +113,7 @@ Tensor index_add(const Tensor& x, int64_t dim, const Tensor& index, const Tensor
          index.numel());
   check_indices("index_add", index, x.size(dim), dim, x);
   Tensor out = copy_of(x);
-  index_add_into(out, dim, index, src);
+  add_slices_into(out, dim, index, src);
   // dx = g; dsrc = the slices of g that src was added to.
   return record("index_add", out, {x, src}, [dim, index](const Tensor& g) -> std::vector<Tensor> {
     return {g, index_select(g, dim, index)};
@@ -137,123 +122,70 @@ Tensor index_add(const Tensor& x, int64_t dim, const Tensor& index, const Tensor
 
 // ---- embedding: rows of a [V, d] table ------------------------------------------------------------------------------
 
+// dweight: the rows of g ([..., d], in memory [ids.numel(), d]) added into a zero table at their ids.
+static Tensor embedding_backward(const Tensor& g, int64_t vocab, int64_t d, const Tensor& ids) {
+  Tensor dweight = zeros({vocab, d}, g.dtype(), g.device());
+  KERNEL(add_slices, g.device())(dweight, 1, vocab, d, ids, g);
+  return dweight;
+}
+
 Tensor embedding(const Tensor& weight, const Tensor& ids) {
   check_defined("embedding", weight);
   check_index("embedding", ids);
-  check_cpu("embedding", weight);
+  check_same_device("embedding", weight, ids);
   if (weight.dim() != 2) fail("embedding: weight must be [V, d], got {} (ids {})", weight.str(), ids.str());
   int64_t vocab = weight.size(0), d = weight.size(1);
   check_indices("embedding", ids, vocab, 0, weight);
   Shape out_shape = ids.shape();
   out_shape.push_back(d);
   Tensor out = Tensor::empty(out_shape, weight.dtype(), weight.device());  // [..., d]
-  select_slices(out, weight, vocab, ids.data<int32_t>(), 1, ids.numel(), d);
-  // dweight: the rows of g ([..., d], in memory [ids.numel(), d]) added into a zero table at their ids. The work is
-  // split over the d columns, so a token repeated in the batch never races with itself.
+  KERNEL(select_slices, weight.device())(weight, 1, vocab, d, ids, out);
   return record("embedding", out, {weight}, [vocab, d, ids](const Tensor& g) -> std::vector<Tensor> {
-    Tensor dweight = zeros({vocab, d}, g.dtype(), g.device());
-    index_add_into(dweight, 0, ids, g);
-    return {dweight};
+    return {embedding_backward(g, vocab, d, ids)};
   });
 }
 
 // ---- gather / scatter_add: one element per index position (torch semantics) -----------------------------------------
 // index has x's rank and is no larger than x off `dim`; position (o, j, i) of index (viewed [outer, n, inner])
-// addresses x at the same coordinates except dim, where it takes the index value. IndexMap precomputes x's offset of
-// each outer and inner coordinate, since index may be smaller than x in those dims.
+// addresses x at the same coordinates except dim, where it takes the index value.
 
-struct IndexMap {
-  int64_t outer, n, inner;
-  int64_t stride;                      // x's element stride along dim
-  std::vector<int64_t> outer_offsets;  // [outer]: x offset of index's coordinates before dim
-  std::vector<int64_t> inner_offsets;  // [inner]: x offset of index's coordinates after dim
-};
-
-// Row-major offsets of every coordinate over dims [begin, end) of `sizes`, with `strides` per dim.
-static std::vector<int64_t> coordinate_offsets(const Shape& sizes, const std::vector<int64_t>& strides, int64_t begin,
-                                               int64_t end) {
-  std::vector<int64_t> offsets{0};
-  for (int64_t d = begin; d < end; ++d) {
-    std::vector<int64_t> next;
-    next.reserve(offsets.size() * sizes[d]);
-    for (int64_t base : offsets)
-      for (int64_t c = 0; c < sizes[d]; ++c) next.push_back(base + c * strides[d]);
-    offsets = std::move(next);
-  }
-  return offsets;
-}
-
-static IndexMap index_map(const char* op, const Tensor& x, int64_t dim, const Tensor& index) {
+static void check_index_map(const char* op, const Tensor& x, int64_t dim, const Tensor& index) {
+  check_same_device(op, x, index);
   if (index.dim() != x.dim()) fail("{}: index {} must have the rank of x {}", op, index.str(), x.str());
   for (int64_t d = 0; d < x.dim(); ++d)
     if (d != dim && index.size(d) > x.size(d))
       fail("{}: index {} larger than x {} in dim {} (only dim {} may differ freely)", op, index.str(), x.str(), d, dim);
   check_indices(op, index, x.size(dim), dim, x);
-  int64_t ndim = x.dim();
-  std::vector<int64_t> strides(ndim, 1);
-  for (int64_t d = ndim - 2; d >= 0; --d) strides[d] = strides[d + 1] * x.size(d + 1);
-  DimView v = view_along(index.shape(), dim);
-  return {v.outer, v.n, v.inner, strides[dim], coordinate_offsets(index.shape(), strides, 0, dim),
-          coordinate_offsets(index.shape(), strides, dim + 1, ndim)};
 }
 
-// In place: dst[map(o, j, i)] += src[o, j, i] for every position of index (dst: a tensor the caller just made).
-// Two positions hit one element only with the same (o, i): tasks own (o, a block of i) and walk j in order.
-static void scatter_add_into(const Tensor& dst, const IndexMap& map, const Tensor& index, const Tensor& src) {
-  int64_t width = column_block(map.outer, map.inner), blocks = (map.inner + width - 1) / width;
-  dispatch_all(dst.dtype(), [&](auto t) {
-    using T = decltype(t);
-    T* pd = dst.data<T>();
-    const T* ps = src.data<T>();
-    const int32_t* idx = index.data<int32_t>();
-    cpu::parallel_for(map.outer * blocks, map.n * width, [&](int64_t task) {
-      int64_t o = task / blocks, i0 = (task % blocks) * width, i1 = std::min(map.inner, i0 + width);
-      for (int64_t j = 0; j < map.n; ++j)
-        for (int64_t i = i0; i < i1; ++i) {
-          int64_t p = (o * map.n + j) * map.inner + i;
-          pd[map.outer_offsets[o] + idx[p] * map.stride + map.inner_offsets[i]] += ps[p];
-        }
-    });
-  });
+// dx: each gathered element's gradient added back at its source (repeats accumulate).
+static Tensor gather_backward(const Tensor& g, const Shape& in_shape, int64_t dim, const Tensor& index) {
+  Tensor dx = zeros(in_shape, g.dtype(), g.device());
+  KERNEL(scatter_add_elements, g.device())(dx, dim, index, g);
+  return dx;
 }
 
 Tensor gather(const Tensor& x, int64_t dim, const Tensor& index) {
   check_defined("gather", x);
   check_index("gather", index);
-  check_cpu("gather", x);
   dim = normalize_dim("gather", dim, x.dim());
-  IndexMap map = index_map("gather", x, dim, index);
+  check_index_map("gather", x, dim, index);
   Tensor out = Tensor::empty(index.shape(), x.dtype(), x.device());
-  dispatch_all(x.dtype(), [&](auto t) {
-    using T = decltype(t);
-    const T* px = x.data<T>();
-    const int32_t* idx = index.data<int32_t>();
-    T* po = out.data<T>();
-    cpu::parallel_for(map.outer * map.n, map.inner, [&](int64_t r) {  // r = (o, j), a row of inner positions
-      const int64_t base = map.outer_offsets[r / map.n];
-      for (int64_t i = 0; i < map.inner; ++i) {
-        int64_t p = r * map.inner + i;
-        po[p] = px[base + idx[p] * map.stride + map.inner_offsets[i]];
-      }
-    });
-  });
-  // dx: each gathered element's gradient added back at its source (repeats accumulate).
-  return record("gather", out, {x}, [in_shape = x.shape(), map = std::move(map), index](const Tensor& g) {
-    Tensor dx = zeros(in_shape, g.dtype(), g.device());
-    scatter_add_into(dx, map, index, g);
-    return std::vector<Tensor>{dx};
+  KERNEL(gather_elements, x.device())(x, dim, index, out);
+  return record("gather", out, {x}, [in_shape = x.shape(), dim, index](const Tensor& g) -> std::vector<Tensor> {
+    return {gather_backward(g, in_shape, dim, index)};
   });
 }
 
 Tensor scatter_add(const Tensor& x, int64_t dim, const Tensor& index, const Tensor& src) {
   check_same_dtype_device("scatter_add", x, src);
   check_index("scatter_add", index);
-  check_cpu("scatter_add", x);
   dim = normalize_dim("scatter_add", dim, x.dim());
   if (src.shape() != index.shape())
     fail("scatter_add: src {} and index {} must have one shape", src.str(), index.str());
+  check_index_map("scatter_add", x, dim, index);
   Tensor out = copy_of(x);
-  scatter_add_into(out, index_map("scatter_add", x, dim, index), index, src);
+  KERNEL(scatter_add_elements, x.device())(out, dim, index, src);
   // dx = g; dsrc = g at the positions src was added to.
   return record("scatter_add", out, {x, src}, [dim, index](const Tensor& g) -> std::vector<Tensor> {
     return {g, gather(g, dim, index)};
@@ -281,140 +213,74 @@ static Shape broadcast_all(const char* op, const std::vector<Tensor>& xs) {
   return out;
 }
 
-// Element strides of `in` over the dims of `out` (0 where `in` is broadcast).
-static std::vector<int64_t> broadcast_strides(const Shape& in, const Shape& out) {
-  std::vector<int64_t> strides(out.size(), 0);
-  int64_t stride = 1;
-  for (int64_t i = static_cast<int64_t>(in.size()) - 1; i >= 0; --i) {
-    strides[i + out.size() - in.size()] = in[i] == 1 ? 0 : stride;
-    stride *= in[i];
-  }
-  return strides;
-}
-
-// out = cond ? a : b, all three broadcast to one shape. No recording: the kernel of where, masked_fill and their
+// out = cond ? a : b, all three broadcast to one shape. No recording: the forward of where, masked_fill and their
 // backward passes.
 static Tensor select_where(const char* op, const Tensor& cond, const Tensor& a, const Tensor& b) {
-  Shape shape = broadcast_all(op, {cond, a, b});
-  Tensor out = Tensor::empty(shape, a.dtype(), a.device());
-  int64_t ndim = static_cast<int64_t>(shape.size());
-  std::vector<int64_t> sc = broadcast_strides(cond.shape(), shape), sa = broadcast_strides(a.shape(), shape),
-                       sb = broadcast_strides(b.shape(), shape);
-  // Rows of the last dim; a 0-d output is one row of one element.
-  int64_t inner = ndim ? shape[ndim - 1] : 1, rows = inner ? shape_numel(shape) / inner : 0;
-  int64_t ic = ndim ? sc[ndim - 1] : 0, ia = ndim ? sa[ndim - 1] : 0, ib = ndim ? sb[ndim - 1] : 0;
-  dispatch_all(a.dtype(), [&](auto t) {
-    using T = decltype(t);
-    const int32_t* pc = cond.data<int32_t>();
-    const T *pa = a.data<T>(), *pb = b.data<T>();
-    T* po = out.data<T>();
-    cpu::parallel_for(rows, inner, [&](int64_t r) {
-      int64_t rem = r, oc = 0, oa = 0, ob = 0;
-      for (int64_t d = ndim - 2; d >= 0; --d) {
-        int64_t c = rem % shape[d];
-        rem /= shape[d];
-        oc += c * sc[d], oa += c * sa[d], ob += c * sb[d];
-      }
-      T* o = po + r * inner;
-      for (int64_t i = 0; i < inner; ++i) o[i] = pc[oc + i * ic] ? pa[oa + i * ia] : pb[ob + i * ib];
-    });
-  });
+  if (cond.device() != a.device()) fail("{}: condition {} and {} are on different devices", op, cond.str(), a.str());
+  Tensor out = Tensor::empty(broadcast_all(op, {cond, a, b}), a.dtype(), a.device());
+  KERNEL(select_where, a.device())(cond, a, b, out);
   return out;
+}
+
+// The gradient goes to whichever operand was chosen, then is summed back over its broadcast dims.
+static std::vector<Tensor> where_backward(const Tensor& g, const Tensor& cond, const Shape& a_shape,
+                                          const Shape& b_shape) {
+  Tensor zero = zeros({}, g.dtype(), g.device());
+  return {sum_to(select_where("where_backward", cond, g, zero), a_shape),
+          sum_to(select_where("where_backward", cond, zero, g), b_shape)};
 }
 
 Tensor where(const Tensor& cond, const Tensor& a, const Tensor& b) {
   check_same_dtype_device("where", a, b);
   check_defined("where", cond);
   if (cond.dtype() != DType::I32) fail("where: cond must be i32, got {} (a {}, b {})", cond.str(), a.str(), b.str());
-  check_cpu("where", a);
   Tensor out = select_where("where", cond, a, b);
-  // The gradient goes to whichever operand was chosen, then is summed back over its broadcast dims.
-  return record("where", out, {a, b}, [cond, sa = a.shape(), sb = b.shape()](const Tensor& g) -> std::vector<Tensor> {
-    Tensor zero = zeros({}, g.dtype(), g.device());
-    return {sum_to(select_where("where_backward", cond, g, zero), sa),
-            sum_to(select_where("where_backward", cond, zero, g), sb)};
+  return record("where", out, {a, b}, [cond, a_shape = a.shape(), b_shape = b.shape()](const Tensor& g) {
+    return where_backward(g, cond, a_shape, b_shape);
   });
+}
+
+// Filled positions are constants: no gradient flows there.
+static Tensor masked_fill_backward(const Tensor& g, const Tensor& mask) {
+  return select_where("masked_fill_backward", mask, zeros({}, g.dtype(), g.device()), g);
 }
 
 Tensor masked_fill(const Tensor& x, const Tensor& mask, double value) {
   check_defined("masked_fill", x);
   check_defined("masked_fill", mask);
   if (mask.dtype() != DType::I32) fail("masked_fill: mask must be i32, got {} (x {})", mask.str(), x.str());
-  check_cpu("masked_fill", x);
   if (broadcast_all("masked_fill", {mask, x}) != x.shape())
     fail("masked_fill: mask {} must broadcast to x {}", mask.str(), x.str());
   Tensor out = select_where("masked_fill", mask, full({}, value, x.dtype(), x.device()), x);
-  // Filled positions are constants: no gradient flows there.
-  return record("masked_fill", out, {x}, [mask](const Tensor& g) -> std::vector<Tensor> {
-    return {select_where("masked_fill_backward", mask, zeros({}, g.dtype(), g.device()), g)};
-  });
+  return record("masked_fill", out, {x},
+                [mask](const Tensor& g) -> std::vector<Tensor> { return {masked_fill_backward(g, mask)}; });
 }
 
 // ---- topk / argsort (no grad): index orderings over the last dim ----------------------------------------------------
 
-// Descending order with NaN above everything (as torch ranks it); NaNs tie among themselves.
-template <class T> static bool ranks_above(T u, T v) {
-  if constexpr (std::is_floating_point_v<T>) {
-    if (std::isnan(u)) return !std::isnan(v);
-    if (std::isnan(v)) return false;
-  }
-  return u > v;
-}
-
-// Rows of the last dim, checked to fit i32 indices.
-static std::pair<int64_t, int64_t> last_dim_rows(const char* op, const Tensor& x) {
+// Checks a tensor whose last dim is ordered: at least one dim, short enough for i32 indices.
+static void check_last_dim(const char* op, const Tensor& x) {
   check_defined(op, x);
-  check_cpu(op, x);
   if (x.dim() == 0) fail("{}: needs at least one dim, got {}", op, x.str());
-  int64_t n = x.size(-1);
-  if (n > std::numeric_limits<int32_t>::max()) fail("{}: last dim of {} too long for i32 indices", op, x.str());
-  return {n ? x.numel() / n : 0, n};
+  if (x.size(-1) > std::numeric_limits<int32_t>::max())
+    fail("{}: last dim of {} too long for i32 indices", op, x.str());
 }
 
 std::pair<Tensor, Tensor> topk(const Tensor& x, int64_t k) {
-  auto [rows, n] = last_dim_rows("topk", x);
-  if (k < 0 || k > n) fail("topk: k = {} out of range [0, {}] for {}", k, n, x.str());
+  check_last_dim("topk", x);
+  if (k < 0 || k > x.size(-1)) fail("topk: k = {} out of range [0, {}] for {}", k, x.size(-1), x.str());
   Shape out_shape = x.shape();
   out_shape.back() = k;
   Tensor values = Tensor::empty(out_shape, x.dtype(), x.device());  // [..., k]
   Tensor indices = Tensor::empty(out_shape, DType::I32, x.device());
-  dispatch_all(x.dtype(), [&](auto t) {
-    using T = decltype(t);
-    const T* px = x.data<T>();
-    T* pv = values.data<T>();
-    int32_t* pi = indices.data<int32_t>();
-    cpu::parallel_for(rows, n * 4, [&](int64_t r) {
-      const T* row = px + r * n;
-      thread_local std::vector<int32_t> order;  // reused: router rows are short and many
-      order.resize(n);
-      std::iota(order.begin(), order.end(), 0);
-      // Larger first; equal values keep the lower index first (a total order, so partial_sort is exact).
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int32_t i, int32_t j) {
-        return ranks_above(row[i], row[j]) || (!ranks_above(row[j], row[i]) && i < j);
-      });
-      for (int64_t j = 0; j < k; ++j) pv[r * k + j] = row[order[j]], pi[r * k + j] = order[j];
-    });
-  });
+  KERNEL(topk_rows, x.device())(x, k, values, indices);
   return {values, indices};
 }
 
 Tensor argsort(const Tensor& x, bool descending) {
-  auto [rows, n] = last_dim_rows("argsort", x);
+  check_last_dim("argsort", x);
   Tensor out = Tensor::empty(x.shape(), DType::I32, x.device());
-  dispatch_all(x.dtype(), [&](auto t) {
-    using T = decltype(t);
-    const T* px = x.data<T>();
-    int32_t* po = out.data<int32_t>();
-    cpu::parallel_for(rows, n * 8, [&](int64_t r) {
-      const T* row = px + r * n;
-      int32_t* order = po + r * n;
-      std::iota(order, order + n, 0);
-      // Stable: equal values keep their original (index) order in both directions.
-      std::stable_sort(order, order + n, [&](int32_t i, int32_t j) {
-        return descending ? ranks_above(row[i], row[j]) : ranks_above(row[j], row[i]);
-      });
-    });
-  });
+  KERNEL(argsort_rows, x.device())(x, descending, out);
   return out;
 }
 
@@ -422,17 +288,13 @@ Tensor argsort(const Tensor& x, bool descending) {
 
 Tensor bincount(const Tensor& ids, int64_t bins) {
   check_index("bincount", ids);
-  check_cpu("bincount", ids);
   if (bins < 0 || bins > std::numeric_limits<int32_t>::max()) fail("bincount: bins = {} out of range", bins);
+  HostIndices host(ids);
+  for (int64_t i = 0; i < ids.numel(); ++i)
+    if (host.data()[i] < 0 || host.data()[i] >= bins)
+      fail("bincount: id {} (at position {} of {}) out of range [0, {})", host.data()[i], i, ids.str(), bins);
   Tensor counts = zeros({bins}, DType::I32, ids.device());  // [bins]
-  const int32_t* id = ids.data<int32_t>();
-  int32_t* c = counts.data<int32_t>();
-  // One pass on one thread: it is memory-bound and small next to the work it routes (ids are tokens * top-k).
-  for (int64_t i = 0; i < ids.numel(); ++i) {
-    if (id[i] < 0 || id[i] >= bins)
-      fail("bincount: id {} (at position {} of {}) out of range [0, {})", id[i], i, ids.str(), bins);
-    ++c[id[i]];
-  }
+  KERNEL(count_ids, ids.device())(ids, counts);
   return counts;
 }
 

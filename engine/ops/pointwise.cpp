@@ -1,7 +1,7 @@
-// Elementwise ops: broadcasting arithmetic, scalar forms and unary math. Each op's backward sits right under it.
-#include <cmath>
-
-#include "engine/cpu/math.h"
+// Elementwise ops: broadcasting arithmetic, scalar forms and unary math. Each op checks its inputs, allocates its
+// output, runs its kernel (engine/kernels/pointwise.h: engine/cpu/pointwise.cpp, engine/cuda/pointwise.cu) and records
+// a named backward, which sits right above it.
+#include "engine/kernels/pointwise.h"
 #include "engine/ops/common.h"
 
 namespace moelab {
@@ -23,77 +23,22 @@ static Shape broadcast_shape(const char* op, const Shape& a, const Shape& b) {
   return out;
 }
 
-// Element strides of `in` indexed by the dims of `out` (0 where `in` is broadcast).
-static std::vector<int64_t> broadcast_strides(const Shape& in, const Shape& out) {
-  std::vector<int64_t> strides(out.size(), 0);
-  int64_t stride = 1;
-  for (int64_t i = static_cast<int64_t>(in.size()) - 1; i >= 0; --i) {
-    size_t o = i + (out.size() - in.size());
-    strides[o] = in[i] == 1 ? 0 : stride;
-    stride *= in[i];
-  }
-  return strides;
-}
-
-template <class T, class F>
-static void binary_kernel(const Tensor& a, const Tensor& b, const Tensor& out, F f) {
-  const T* pa = a.data<T>();
-  const T* pb = b.data<T>();
-  T* po = out.data<T>();
-  int64_t n = out.numel();
-  if (a.shape() == out.shape() && b.shape() == out.shape()) {  // the common case: one flat loop
-    cpu::parallel_for(n, 1, [&](int64_t i) { po[i] = f(pa[i], pb[i]); });
-    return;
-  }
-  if (a.shape() == out.shape() && b.numel() == 1) {
-    T s = pb[0];
-    cpu::parallel_for(n, 1, [&](int64_t i) { po[i] = f(pa[i], s); });
-    return;
-  }
-  const Shape& shape = out.shape();
-  int64_t ndim = static_cast<int64_t>(shape.size());
-  std::vector<int64_t> sa = broadcast_strides(a.shape(), shape), sb = broadcast_strides(b.shape(), shape);
-  int64_t inner = shape[ndim - 1], rows = inner ? n / inner : 0;
-  int64_t ia = sa[ndim - 1], ib = sb[ndim - 1];
-  cpu::parallel_for(rows, inner, [&](int64_t r) {
-    int64_t rem = r, oa = 0, ob = 0;
-    for (int64_t d = ndim - 2; d >= 0; --d) {
-      int64_t idx = rem % shape[d];
-      rem /= shape[d];
-      oa += idx * sa[d], ob += idx * sb[d];
-    }
-    T* o = po + r * inner;
-    for (int64_t i = 0; i < inner; ++i) o[i] = f(pa[oa + i * ia], pb[ob + i * ib]);
-  });
-}
-
-template <class F> static Tensor binary(const char* op, const Tensor& a, const Tensor& b, F f) {
-  check_same_dtype_device(op, a, b);
-  check_float(op, a);
-  check_cpu(op, a);
-  Tensor out = Tensor::empty(broadcast_shape(op, a.shape(), b.shape()), a.dtype(), a.device());
-  dispatch_float(op, a.dtype(), [&](auto t) { binary_kernel<decltype(t)>(a, b, out, f); });
+// out = a op b, broadcast; not recorded (the callers record their own backward).
+static Tensor binary(BinaryOp op, const Tensor& a, const Tensor& b) {
+  const char* name = enum_name(op);
+  check_same_dtype_device(name, a, b);
+  check_float(name, a);
+  Tensor out = Tensor::empty(broadcast_shape(name, a.shape(), b.shape()), a.dtype(), a.device());
+  KERNEL(binary_forward, a.device())(op, a, b, out);
   return out;
 }
 
-// out[i] = f(x[i]) (or f(x[i], y[i]) for two same-shape tensors), no recording: the building block of unary ops and
-// of fused backward formulas.
-template <class F> static Tensor map(const char* op, const Tensor& x, F f) {
-  check_float(op, x);
-  check_cpu(op, x);
+// out = x op s or s op x; not recorded.
+static Tensor scalar(const char* name, BinaryOp op, const Tensor& x, double s, ScalarSide side) {
+  check_float(name, x);
   Tensor out = Tensor::empty(x.shape(), x.dtype(), x.device());
-  dispatch_float(op, x.dtype(), [&](auto t) {
-    using T = decltype(t);
-    const T* in = x.data<T>();
-    T* o = out.data<T>();
-    cpu::parallel_for(x.numel(), 4, [&](int64_t i) { o[i] = f(in[i]); });
-  });
+  KERNEL(scalar_forward, x.device())(op, x, s, side, out);
   return out;
-}
-
-template <class F> static Tensor map(const char* op, const Tensor& x, const Tensor& y, F f) {
-  if (x.shape() != y.shape()) fail("{}: shapes {} and {} differ", op, x.str(), y.str());
-  return binary(op, x, y, f);
 }
 
 Tensor sum_to(const Tensor& g, const Shape& shape) {
@@ -110,140 +55,121 @@ Tensor sum_to(const Tensor& g, const Shape& shape) {
 
 Tensor expand(const Tensor& x, const Shape& shape) {
   check_float("expand", x);
-  if (broadcast_shape("expand", x.shape(), shape) != shape) fail("expand: cannot broadcast {} to {}", x.str(), shape_str(shape));
+  if (broadcast_shape("expand", x.shape(), shape) != shape)
+    fail("expand: cannot broadcast {} to {}", x.str(), shape_str(shape));
   if (x.shape() == shape) return x;
   Tensor out = Tensor::empty(shape, x.dtype(), x.device());
-  // The binary kernel's broadcasting with x on both sides, keeping one of them.
-  dispatch_float("expand", x.dtype(), [&](auto t) { binary_kernel<decltype(t)>(x, x, out, [](auto v, auto) { return v; }); });
-  return record("expand", out, {x}, [in_shape = x.shape()](const Tensor& g) -> std::vector<Tensor> { return {sum_to(g, in_shape)}; });
+  KERNEL(expand_forward, x.device())(x, out);
+  return record("expand", out, {x},
+                [in_shape = x.shape()](const Tensor& g) -> std::vector<Tensor> { return {sum_to(g, in_shape)}; });
 }
 
 // ---- binary arithmetic -------------------------------------------------------------------------------------------------
+// Each backward sums the gradient back to its operand's shape (sum_to undoes the broadcasting).
+
+static std::vector<Tensor> add_backward(const Tensor& g, const Shape& a_shape, const Shape& b_shape) {
+  return {sum_to(g, a_shape), sum_to(g, b_shape)};
+}
 
 Tensor add(const Tensor& a, const Tensor& b) {
-  Tensor out = binary("add", a, b, [](auto x, auto y) { return x + y; });
-  return record("add", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) -> std::vector<Tensor> {
-    return {sum_to(g, sa), sum_to(g, sb)};
-  });
+  Tensor out = binary(BinaryOp::add, a, b);
+  return record("add", out, {a, b},
+                [sa = a.shape(), sb = b.shape()](const Tensor& g) { return add_backward(g, sa, sb); });
+}
+
+static std::vector<Tensor> sub_backward(const Tensor& g, const Shape& a_shape, const Shape& b_shape) {
+  return {sum_to(g, a_shape), sum_to(neg(g), b_shape)};
 }
 
 Tensor sub(const Tensor& a, const Tensor& b) {
-  Tensor out = binary("sub", a, b, [](auto x, auto y) { return x - y; });
-  return record("sub", out, {a, b}, [sa = a.shape(), sb = b.shape()](const Tensor& g) -> std::vector<Tensor> {
-    return {sum_to(g, sa), sum_to(neg(g), sb)};
-  });
+  Tensor out = binary(BinaryOp::sub, a, b);
+  return record("sub", out, {a, b},
+                [sa = a.shape(), sb = b.shape()](const Tensor& g) { return sub_backward(g, sa, sb); });
+}
+
+static std::vector<Tensor> mul_backward(const Tensor& g, const Tensor& a, const Tensor& b) {
+  return {sum_to(mul(g, b), a.shape()), sum_to(mul(g, a), b.shape())};
 }
 
 Tensor mul(const Tensor& a, const Tensor& b) {
-  Tensor out = binary("mul", a, b, [](auto x, auto y) { return x * y; });
-  return record("mul", out, {a, b}, [a = a.detach(), b = b.detach()](const Tensor& g) -> std::vector<Tensor> {
-    return {sum_to(mul(g, b), a.shape()), sum_to(mul(g, a), b.shape())};
-  });
+  Tensor out = binary(BinaryOp::mul, a, b);
+  return record("mul", out, {a, b},
+                [a = a.detach(), b = b.detach()](const Tensor& g) { return mul_backward(g, a, b); });
+}
+
+// d(a/b)/da = 1/b;  d(a/b)/db = -a/b^2 = -y/b
+static std::vector<Tensor> div_backward(const Tensor& g, const Tensor& a, const Tensor& b, const Tensor& y) {
+  Tensor gb = div(g, b);
+  return {sum_to(gb, a.shape()), sum_to(neg(mul(gb, y)), b.shape())};
 }
 
 Tensor div(const Tensor& a, const Tensor& b) {
-  Tensor out = binary("div", a, b, [](auto x, auto y) { return x / y; });
-  return record("div", out, {a, b},
-                [a = a.detach(), b = b.detach(), y = out.detach()](const Tensor& g) -> std::vector<Tensor> {
-                  // d(a/b)/da = 1/b;  d(a/b)/db = -a/b^2 = -y/b
-                  Tensor gb = div(g, b);
-                  return {sum_to(gb, a.shape()), sum_to(neg(mul(gb, y)), b.shape())};
-                });
+  Tensor out = binary(BinaryOp::div, a, b);
+  return record("div", out, {a, b}, [a = a.detach(), b = b.detach(), y = out.detach()](const Tensor& g) {
+    return div_backward(g, a, b, y);
+  });
 }
 
 // ---- scalar forms ------------------------------------------------------------------------------------------------------
 
 Tensor add(const Tensor& a, double s) {
-  Tensor out = map("add", a, [s](auto x) { return x + static_cast<decltype(x)>(s); });
+  Tensor out = scalar("add", BinaryOp::add, a, s, ScalarSide::right);
   return record("add_scalar", out, {a}, [](const Tensor& g) -> std::vector<Tensor> { return {g}; });
 }
 
 Tensor mul(const Tensor& a, double s) {
-  Tensor out = map("mul", a, [s](auto x) { return x * static_cast<decltype(x)>(s); });
+  Tensor out = scalar("mul", BinaryOp::mul, a, s, ScalarSide::right);
   return record("mul_scalar", out, {a}, [s](const Tensor& g) -> std::vector<Tensor> { return {mul(g, s)}; });
 }
 
 Tensor sub(double s, const Tensor& a) {
-  Tensor out = map("rsub", a, [s](auto x) { return static_cast<decltype(x)>(s) - x; });
+  Tensor out = scalar("rsub", BinaryOp::sub, a, s, ScalarSide::left);
   return record("rsub_scalar", out, {a}, [](const Tensor& g) -> std::vector<Tensor> { return {neg(g)}; });
 }
 
+// d(s/a)/da = -s/a^2 = -y/a. (-y)/a is exactly -(y/a): IEEE rounding is symmetric.
+static Tensor rdiv_backward(const Tensor& g, const Tensor& a, const Tensor& y) {
+  return binary(BinaryOp::mul, g, binary(BinaryOp::div, neg(y), a));
+}
+
 Tensor div(double s, const Tensor& a) {
-  Tensor out = map("rdiv", a, [s](auto x) { return static_cast<decltype(x)>(s) / x; });
-  // d(s/a)/da = -s/a^2 = -y/a
+  Tensor out = scalar("rdiv", BinaryOp::div, a, s, ScalarSide::left);
   return record("rdiv_scalar", out, {a}, [a = a.detach(), y = out.detach()](const Tensor& g) -> std::vector<Tensor> {
-    return {map("rdiv_backward", g, map("rdiv_backward", y, a, [](auto yi, auto ai) { return -yi / ai; }),
-                [](auto gi, auto di) { return gi * di; })};
+    return {rdiv_backward(g, a, y)};
   });
 }
 
 // ---- unary math --------------------------------------------------------------------------------------------------------
-// Each backward is one fused elementwise pass over (x or y, g).
+// One forward pass, and a backward that is one fused elementwise pass over (g, x or y): the math of each is in
+// engine/kernels/pointwise_math.h.
 
-Tensor neg(const Tensor& x) {
-  Tensor out = map("neg", x, [](auto v) { return -v; });
-  return record("neg", out, {x}, [](const Tensor& g) -> std::vector<Tensor> { return {neg(g)}; });
+static Tensor unary_backward(UnaryOp op, const Tensor& g, const Tensor& saved) {
+  Tensor dx = Tensor::empty(g.shape(), g.dtype(), g.device());
+  KERNEL(unary_backward, g.device())(op, g, saved, dx);
+  return dx;
 }
 
-Tensor exp(const Tensor& x) {
-  Tensor y = map("exp", x, [](auto v) { return std::exp(v); });
-  return record("exp", y, {x}, [y = y.detach()](const Tensor& g) -> std::vector<Tensor> {
-    return {map("exp_backward", g, y, [](auto gi, auto yi) { return gi * yi; })};  // dy/dx = y
+static Tensor unary(UnaryOp op, const Tensor& x) {
+  const char* name = enum_name(op);
+  check_float(name, x);
+  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  KERNEL(unary_forward, x.device())(op, x, y);
+  const BackwardReads reads = backward_reads(op);
+  // Kept for the backward: x or y, or nothing at all.
+  Tensor saved = reads == BackwardReads::input ? x.detach() : reads == BackwardReads::output ? y.detach() : Tensor();
+  return record(name, y, {x}, [op, saved](const Tensor& g) -> std::vector<Tensor> {
+    return {unary_backward(op, g, saved.defined() ? saved : g)};
   });
 }
 
-Tensor log(const Tensor& x) {
-  Tensor y = map("log", x, [](auto v) { return std::log(v); });
-  return record("log", y, {x}, [x = x.detach()](const Tensor& g) -> std::vector<Tensor> {
-    return {map("log_backward", g, x, [](auto gi, auto xi) { return gi / xi; })};  // 1/x
-  });
-}
-
-Tensor sqrt(const Tensor& x) {
-  Tensor y = map("sqrt", x, [](auto v) { return std::sqrt(v); });
-  return record("sqrt", y, {x}, [y = y.detach()](const Tensor& g) -> std::vector<Tensor> {
-    return {map("sqrt_backward", g, y, [](auto gi, auto yi) { return gi / (2 * yi); })};  // 1/(2 sqrt x)
-  });
-}
-
-Tensor rsqrt(const Tensor& x) {
-  Tensor y = map("rsqrt", x, [](auto v) { return 1 / std::sqrt(v); });
-  return record("rsqrt", y, {x}, [y = y.detach()](const Tensor& g) -> std::vector<Tensor> {
-    // d(x^-1/2)/dx = -x^-3/2 / 2 = -y^3 / 2
-    return {map("rsqrt_backward", g, y, [](auto gi, auto yi) { return gi * yi * yi * yi * static_cast<decltype(yi)>(-0.5); })};
-  });
-}
-
-Tensor square(const Tensor& x) {
-  Tensor y = map("square", x, [](auto v) { return v * v; });
-  return record("square", y, {x}, [x = x.detach()](const Tensor& g) -> std::vector<Tensor> {
-    return {map("square_backward", g, x, [](auto gi, auto xi) { return 2 * gi * xi; })};
-  });
-}
-
-Tensor tanh(const Tensor& x) {
-  Tensor y = map("tanh", x, [](auto v) { return std::tanh(v); });
-  return record("tanh", y, {x}, [y = y.detach()](const Tensor& g) -> std::vector<Tensor> {
-    return {map("tanh_backward", g, y, [](auto gi, auto yi) { return gi * (1 - yi * yi); })};  // 1 - y^2
-  });
-}
-
-Tensor sigmoid(const Tensor& x) {
-  Tensor y = map("sigmoid", x, [](auto v) { return cpu::sigmoid(v); });
-  return record("sigmoid", y, {x}, [y = y.detach()](const Tensor& g) -> std::vector<Tensor> {
-    return {map("sigmoid_backward", g, y, [](auto gi, auto yi) { return gi * yi * (1 - yi); })};  // y (1 - y)
-  });
-}
-
-Tensor silu(const Tensor& x) {
-  Tensor y = map("silu", x, [](auto v) { return v * cpu::sigmoid(v); });
-  return record("silu", y, {x}, [x = x.detach()](const Tensor& g) -> std::vector<Tensor> {
-    // d(x s)/dx = s + x s (1 - s) = s (1 + x (1 - s)),  s = sigmoid(x)
-    return {map("silu_backward", g, x, [](auto gi, auto xi) {
-      auto s = cpu::sigmoid(xi);
-      return gi * s * (1 + xi * (1 - s));
-    })};
-  });
-}
+Tensor neg(const Tensor& x) { return unary(UnaryOp::neg, x); }
+Tensor exp(const Tensor& x) { return unary(UnaryOp::exp, x); }
+Tensor log(const Tensor& x) { return unary(UnaryOp::log, x); }
+Tensor sqrt(const Tensor& x) { return unary(UnaryOp::sqrt, x); }
+Tensor rsqrt(const Tensor& x) { return unary(UnaryOp::rsqrt, x); }
+Tensor square(const Tensor& x) { return unary(UnaryOp::square, x); }
+Tensor tanh(const Tensor& x) { return unary(UnaryOp::tanh, x); }
+Tensor sigmoid(const Tensor& x) { return unary(UnaryOp::sigmoid, x); }
+Tensor silu(const Tensor& x) { return unary(UnaryOp::silu, x); }
 
 }  // namespace moelab

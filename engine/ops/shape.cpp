@@ -1,9 +1,11 @@
 // Shape and memory ops: views (reshape, slice_rows), copies (transpose/permute, concat/split, clone), and copies
-// between devices and dtypes.
+// between devices and dtypes. Copies that move elements and dtype conversions run in the kernels of
+// engine/kernels/shape.h; whole-tensor copies are memory copies (memcpy, or engine/cuda/runtime.h).
 #include <cstring>
 #include <numeric>
 
 #include "engine/cuda/runtime.h"
+#include "engine/kernels/shape.h"
 #include "engine/ops/common.h"
 
 namespace moelab {
@@ -44,6 +46,13 @@ Tensor reshape(const Tensor& x, Shape shape) {
 }
 
 // ---- slice_rows: a view of x[start:end]; the gradient lands in those rows of a zero tensor ---------------------------
+static Tensor slice_rows_backward(const Tensor& g, const Shape& in_shape, int64_t start, int64_t end) {
+  Tensor dx = zeros(in_shape, g.dtype(), g.device());
+  Tensor rows = slice_rows(dx, start, end);
+  copy_(rows, g);
+  return dx;
+}
+
 Tensor slice_rows(const Tensor& x, int64_t start, int64_t end) {
   check_defined("slice_rows", x);
   if (x.dim() == 0 || start < 0 || end < start || end > x.size(0))
@@ -51,38 +60,15 @@ Tensor slice_rows(const Tensor& x, int64_t start, int64_t end) {
   Shape shape = x.shape();
   shape[0] = end - start;
   int64_t row = x.size(0) ? x.numel() / x.size(0) : 0;
-  Shape in_shape = x.shape();
   return record("slice_rows", make_view(x, shape, x.impl()->offset + start * row), {x},
-                [in_shape, start, end](const Tensor& g) -> std::vector<Tensor> {
-                  Tensor dx = zeros(in_shape, g.dtype(), g.device());
-                  Tensor rows = slice_rows(dx, start, end);
-                  copy_(rows, g);
-                  return {dx};
+                [in_shape = x.shape(), start, end](const Tensor& g) -> std::vector<Tensor> {
+                  return {slice_rows_backward(g, in_shape, start, end)};
                 });
 }
 
 // ---- permute / transpose: copies into the new dim order; the gradient is permuted back -------------------------------
-template <class T> static void permute_kernel(const T* in, T* out, const Shape& in_shape, const std::vector<int64_t>& dims) {
-  int64_t ndim = static_cast<int64_t>(in_shape.size());
-  std::vector<int64_t> in_strides(ndim, 1);
-  for (int64_t d = ndim - 2; d >= 0; --d) in_strides[d] = in_strides[d + 1] * in_shape[d + 1];
-  Shape out_shape(ndim);
-  std::vector<int64_t> stride_of_out(ndim);  // input stride of each output dim
-  for (int64_t d = 0; d < ndim; ++d) out_shape[d] = in_shape[dims[d]], stride_of_out[d] = in_strides[dims[d]];
-  int64_t inner = ndim ? out_shape[ndim - 1] : 1, inner_stride = ndim ? stride_of_out[ndim - 1] : 1;
-  int64_t rows = inner ? shape_numel(out_shape) / inner : 0;
-  cpu::parallel_for(rows, inner, [&](int64_t r) {
-    // Input offset of output row r: decompose r over the outer output dims.
-    int64_t rem = r, src = 0;
-    for (int64_t d = ndim - 2; d >= 0; --d) src += (rem % out_shape[d]) * stride_of_out[d], rem /= out_shape[d];
-    T* dst = out + r * inner;
-    for (int64_t i = 0; i < inner; ++i) dst[i] = in[src + i * inner_stride];
-  });
-}
-
 Tensor permute(const Tensor& x, const std::vector<int64_t>& dims) {
   check_defined("permute", x);
-  check_cpu("permute", x);
   int64_t ndim = x.dim();
   std::vector<int64_t> order(ndim);
   std::vector<bool> seen(ndim, false);
@@ -95,13 +81,11 @@ Tensor permute(const Tensor& x, const std::vector<int64_t>& dims) {
   Shape out_shape(ndim);
   for (int64_t d = 0; d < ndim; ++d) out_shape[d] = x.size(order[d]);
   Tensor out = Tensor::empty(out_shape, x.dtype(), x.device());
-  dispatch_all(x.dtype(), [&](auto t) {
-    using T = decltype(t);
-    permute_kernel<T>(x.data<T>(), out.data<T>(), x.shape(), order);
-  });
+  KERNEL(permute_copy, x.device())(x, order, out);
   std::vector<int64_t> inverse(ndim);
   for (int64_t d = 0; d < ndim; ++d) inverse[order[d]] = d;
-  return record("permute", out, {x}, [inverse](const Tensor& g) -> std::vector<Tensor> { return {permute(g, inverse)}; });
+  return record("permute", out, {x},
+                [inverse](const Tensor& g) -> std::vector<Tensor> { return {permute(g, inverse)}; });
 }
 
 Tensor transpose(const Tensor& x, int64_t dim0, int64_t dim1) {
@@ -114,16 +98,11 @@ Tensor transpose(const Tensor& x, int64_t dim0, int64_t dim1) {
 
 // ---- narrow (internal): x[..., start:start+length, ...] along dim, a copy --------------------------------------------
 // Viewing x as [outer, size(dim) * inner], a slice along dim is a block of columns in every row, so concat, split and
-// their gradients are all row-block copies.
+// their gradients are all row-block copies: [src_col, + width) of each of src's `outer` rows (src_row long) into
+// [dst_col, + width) of dst's rows (dst_row long).
 static void copy_columns(const Tensor& src, int64_t src_row, int64_t src_col, const Tensor& dst, int64_t dst_row,
                          int64_t dst_col, int64_t outer, int64_t width) {
-  if (outer == 0 || width == 0) return;  // empty tensors may have no storage at all
-  size_t elem = dtype_size(src.dtype());
-  const char* s = static_cast<const char*>(src.raw_data());
-  char* d = static_cast<char*>(dst.raw_data());
-  cpu::parallel_for(outer, width, [&](int64_t r) {
-    std::memcpy(d + (r * dst_row + dst_col) * elem, s + (r * src_row + src_col) * elem, width * elem);
-  });
+  KERNEL(copy_columns, src.device())(src, src_row, src_col, dst, dst_row, dst_col, outer, width);
 }
 
 static int64_t outer_size(const Shape& shape, int64_t dim) {
@@ -145,7 +124,6 @@ static Tensor narrow_backward(const Tensor& g, const Shape& in_shape, int64_t di
 }
 
 static Tensor narrow(const Tensor& x, int64_t dim, int64_t start, int64_t length) {
-  check_cpu("split", x);
   Shape shape = x.shape();
   shape[dim] = length;
   Tensor out = Tensor::empty(shape, x.dtype(), x.device());
@@ -176,7 +154,6 @@ std::vector<Tensor> split(const Tensor& x, const std::vector<int64_t>& sizes, in
 Tensor concat(const std::vector<Tensor>& xs, int64_t dim) {
   if (xs.empty()) fail("concat: no tensors");
   const Tensor& first = xs[0];
-  check_cpu("concat", first);
   dim = normalize_dim("concat", dim, first.dim());
   Shape shape = first.shape();
   shape[dim] = 0;
@@ -240,17 +217,8 @@ Tensor to_device(const Tensor& x, Device device) {
 Tensor to_dtype(const Tensor& x, DType dtype) {
   check_defined("to_dtype", x);
   if (x.dtype() == dtype) return x;
-  check_cpu("to_dtype", x);
   Tensor out = Tensor::empty(x.shape(), dtype, x.device());
-  dispatch_all(x.dtype(), [&](auto from) {
-    dispatch_all(dtype, [&](auto to) {
-      using From = decltype(from);
-      using To = decltype(to);
-      const From* in = x.data<From>();
-      To* o = out.data<To>();
-      cpu::parallel_for(x.numel(), 1, [&](int64_t i) { o[i] = static_cast<To>(in[i]); });
-    });
-  });
+  KERNEL(convert_dtype, x.device())(x, out);
   DType from = x.dtype();
   return record("to_dtype", out, {x}, [from](const Tensor& g) -> std::vector<Tensor> { return {to_dtype(g, from)}; });
 }

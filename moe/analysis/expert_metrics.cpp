@@ -14,7 +14,7 @@ OutputSimilarity expert_output_similarity(const Experts& experts, const Tensor& 
   const int64_t E = experts.w_gate.size(0), d = experts.w_gate.size(2);
   if (x.dim() != 2 || x.size(1) != d)
     throw std::invalid_argument(fmt::format("expert_output_similarity: x must be [N, {}], got {}", d, x.str()));
-  Tensor xs = to_dtype(x.detach(), experts.w_gate.dtype());
+  Tensor xs = to_device(to_dtype(x.detach(), experts.w_gate.dtype()), experts.w_gate.device());
   // All experts on all tokens at once: [E, h, d] @ [N, d]^T -> [E, h, N], then [E, d, h] @ [E, h, N] -> [E, d, N].
   Tensor act = mul(silu(matmul(experts.w_gate.detach(), xs, false, true)), matmul(experts.w_up.detach(), xs, false, true));
   Tensor out = to_device(to_dtype(matmul(experts.w_down.detach(), act), DType::F64), Device::CPU);  // [E, d, N]

@@ -1,0 +1,80 @@
+// CPU kernels of engine/kernels/optim.h: AdamW's update, gradient clipping, OMoE's projector reset. f32 tensors, one
+// parameter after another, each loop parallel over its elements.
+#include "engine/kernels/optim.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "engine/cpu/parallel.h"
+
+namespace moelab::cpu {
+
+// ---- AdamW ------------------------------------------------------------------------------------------------------------
+
+void adamw_update(const std::vector<AdamWTensors>& params, const AdamWScalars& scalars, float step_size) {
+  const float fb1 = scalars.beta1, fb2 = scalars.beta2, eps = scalars.eps, inv_sqrt_bc2 = scalars.inv_sqrt_bc2;
+  for (const AdamWTensors& p : params) {
+    float* w = p.param.data<float>();
+    float* m = p.m.data<float>();
+    float* v = p.v.data<float>();
+    const float* g = p.grad.data<float>();
+    const float decay = p.decay;
+    parallel_for(p.param.numel(), 8, [&](int64_t i) {
+      m[i] = fb1 * m[i] + (1 - fb1) * g[i];
+      v[i] = fb2 * v[i] + (1 - fb2) * g[i] * g[i];
+      w[i] = w[i] * decay - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
+    });
+  }
+}
+
+void adamw_direction(const AdamWTensors& tensors, const AdamWScalars& scalars, float inv_bc1, const Tensor& direction) {
+  const float fb1 = scalars.beta1, fb2 = scalars.beta2, eps = scalars.eps, inv_sqrt_bc2 = scalars.inv_sqrt_bc2;
+  float* m = tensors.m.data<float>();
+  float* v = tensors.v.data<float>();
+  const float* g = tensors.grad.data<float>();
+  float* dir = direction.data<float>();
+  parallel_for(direction.numel(), 8, [&](int64_t i) {
+    m[i] = fb1 * m[i] + (1 - fb1) * g[i];
+    v[i] = fb2 * v[i] + (1 - fb2) * g[i] * g[i];
+    dir[i] = m[i] * inv_bc1 / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
+  });
+}
+
+void adamw_apply_direction(const Tensor& param, const Tensor& direction, float decay, float lr) {
+  float* w = param.data<float>();
+  const float* d = direction.data<float>();
+  parallel_for(param.numel(), 4, [&](int64_t i) { w[i] = w[i] * decay - lr * d[i]; });
+}
+
+// ---- gradient clipping ------------------------------------------------------------------------------------------------
+
+void sum_of_squares(const std::vector<Tensor>& tensors, const Tensor& total) {
+  double sum = 0;
+  for (const Tensor& t : tensors) {
+    const float* d = t.data<float>();
+    sum += parallel_sum(t.numel(), [d](int64_t i) { return static_cast<double>(d[i]) * d[i]; });
+  }
+  *total.data<double>() = sum;
+}
+
+void scale_in_place(const std::vector<Tensor>& tensors, float scale) {
+  for (const Tensor& t : tensors) {
+    float* d = t.data<float>();
+    parallel_for(t.numel(), 1, [&](int64_t i) { d[i] *= scale; });
+  }
+}
+
+// ---- OMoE -------------------------------------------------------------------------------------------------------------
+
+void fill_identity(const Tensor& P) {
+  const int64_t batch = P.size(0), n = P.size(1);
+  dispatch_float("fill_identity", P.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    F* p = P.data<F>();
+    std::fill(p, p + P.numel(), F(0));
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t i = 0; i < n; ++i) p[(b * n + i) * n + i] = F(1);
+  });
+}
+
+}  // namespace moelab::cpu

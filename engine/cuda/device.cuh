@@ -1,0 +1,51 @@
+#pragma once
+// Included by every engine/cuda/*.cu file: the CUDA language (nvcc's, or the emulator's in the MOELAB_CUDA=SIM build,
+// engine/cuda/sim/), launch(), and the two macros that let one kernel source serve both (shared memory).
+#if MOELAB_CUDA_SIM
+#include "engine/cuda/sim/device.h"
+#else
+#include <cuda_runtime.h>
+#endif
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "engine/cuda/runtime.h"
+#include "engine/tensor.h"
+
+namespace moelab::cuda {
+
+cudaStream_t stream();                             // the one stream all moelab GPU work runs on
+void check(cudaError_t status, const char* what);  // throws std::runtime_error naming `what`
+void after_launch(const char* kernel);             // the launch's error, and in debug mode the kernel's
+
+// kernel<<<grid, block, shared_bytes, stream()>>>(args...) (on the emulator: the same kernel, run on the CPU).
+// An empty grid launches nothing.
+template <class... Params, class... Args>
+void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, Args&&... args) {
+  if (static_cast<uint64_t>(grid.x) * grid.y * grid.z == 0) return;
+#if MOELAB_CUDA_SIM
+  sim::launch(name, kernel, grid, block, shared_bytes, static_cast<Params>(args)...);
+#else
+  kernel<<<grid, block, shared_bytes, stream()>>>(static_cast<Params>(args)...);
+#endif
+  after_launch(name);
+}
+
+// Blocks of `threads` that cover n items (one item per thread).
+inline unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+}  // namespace moelab::cuda
+
+// Block shared memory. SHARED_ARRAY(float, partial, 32) declares `partial`: 32 floats that every thread of the block
+// sees (the emulator gives each block its own, filled with NaN, as uninitialized shared memory may hold anything).
+// DYNAMIC_SHARED(float, buffer) is the launch's shared_bytes, 16-byte aligned.
+#if MOELAB_CUDA_SIM
+#define SHARED_ARRAY(type, name, count) type* name = ::moelab::sim::shared_array<type>(count)
+#define DYNAMIC_SHARED(type, name) type* name = ::moelab::sim::dynamic_shared<type>()
+#else
+#define SHARED_ARRAY(type, name, count) __shared__ type name[count]
+#define DYNAMIC_SHARED(type, name)                                       \
+  extern __shared__ __align__(16) unsigned char moelab_dynamic_shared[]; \
+  type* name = reinterpret_cast<type*>(moelab_dynamic_shared)
+#endif

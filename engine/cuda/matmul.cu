@@ -1,0 +1,48 @@
+// CUDA kernels of engine/kernels/matmul.h: batched products as cuBLAS calls (blas.cuh), and the f32 -> bf16
+// rounding of a bf16 product's backward. The CPU kernels (engine/cpu/matmul.cpp) are their reference in the tests.
+#include "engine/kernels/matmul.h"
+
+#include <algorithm>
+
+#include "engine/cuda/blas.cuh"
+#include "engine/cuda/device.cuh"
+
+namespace moelab::cuda {
+
+void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches, const Tensor& out) {
+  const MatmulShape s = matmul_shape(a, b, trans_a, trans_b);
+  const DType ab = a.dtype(), c = out.dtype();
+  const int64_t lda = trans_a ? s.m : s.k, ldb = trans_b ? s.k : s.n, element = dtype_size(ab);
+  const char *pa = static_cast<const char*>(a.raw_data()), *pb = static_cast<const char*>(b.raw_data());
+  if (!sum_batches) {
+    gemm_strided_batched(trans_a, trans_b, s.m, s.n, s.k, 1.0f, pa, lda, s.a_stride, pb, ldb, s.b_stride, 0.0f,
+                         out.raw_data(), s.n, s.m * s.n, s.batch, ab, c);
+    return;
+  }
+  if (trans_a && !trans_b && s.a_stride && s.b_stride) {
+    // sum_i A_i^T B_i with A_i [k, m], B_i [k, n] stacked along k: one product with k' = batch * k.
+    gemm(true, false, s.m, s.n, s.batch * s.k, 1.0f, pa, s.m, pb, s.n, 0.0f, out.raw_data(), s.n, ab, c);
+    return;
+  }
+  // Otherwise one product per batch, each added to the sum (beta = 1) in batch order: stream-ordered, so no two
+  // products write C at once.
+  set_zero(out.raw_data(), out.numel() * dtype_size(c));
+  for (int64_t i = 0; i < s.batch; ++i)
+    gemm(trans_a, trans_b, s.m, s.n, s.k, 1.0f, pa + i * s.a_stride * element, lda, pb + i * s.b_stride * element, ldb,
+         1.0f, out.raw_data(), s.n, ab, c);
+}
+
+// One thread per element (grid-stride).
+static __global__ void round_to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = __float2bfloat16_rn(x[i]);
+}
+
+void round_to_bf16(const Tensor& x, const Tensor& out) {
+  const int64_t n = x.numel();
+  launch("round_to_bf16", round_to_bf16_kernel, dim3(std::min<unsigned>(blocks_for(n, 256), 4096)), dim3(256), 0,
+         x.data<float>(), n, reinterpret_cast<__nv_bfloat16*>(out.data<bf16>()));
+}
+
+}  // namespace moelab::cuda

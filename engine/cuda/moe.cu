@@ -1,0 +1,453 @@
+// CUDA kernels of engine/kernels/moe.h: the dispatch plan, the row permutations, the SwiGLU activation, the grouped
+// SwiGLU (cuBLAS grouped GEMMs through blas.cuh, the activation kernels between them, f32 or bf16 operands) and the
+// fused routing top-k + gates. The CPU kernels (engine/cpu/moe.cpp) are their reference in the tests. F is the
+// element type (float or double).
+// Determinism: no floating-point atomics. The plan is built without any atomics: each expert's block walks the slots
+// in order, so the sort gives exactly the CPU's positions; every output row has one writer, and sums over a token's
+// k slots run in j order inside one thread.
+#include "engine/kernels/moe.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "engine/cuda/blas.cuh"
+#include "engine/cuda/device.cuh"
+#include "engine/cuda/reduce.cuh"
+#include "engine/kernels/matmul.h"
+
+namespace moelab::cuda {
+
+constexpr int kRowThreads = 128;   // one row per block (multiple of 32: block_sum)
+constexpr int kScanThreads = 256;  // one expert per block, walking the slots in chunks of this size
+constexpr int kFlatThreads = 256;  // elementwise kernels
+
+// Kernels and helpers have internal linkage: another kernel file may use the same names.
+namespace {
+
+// Blocks of kFlatThreads for an elementwise grid-stride loop over n items (capped: each thread loops).
+inline unsigned flat_blocks(int64_t n) {
+  return static_cast<unsigned>(std::min<int64_t>(blocks_for(n, kFlatThreads), 1 << 16));
+}
+
+// ---- the dispatch plan ----------------------------------------------------------------------------------------------
+
+// (a) One block per expert e: counts[e] = the slots whose id is e, counted chunk by chunk (integer, so exact in any
+// order). Ids outside [0, E) match no block.
+__global__ void count_experts_kernel(const int32_t* ids, int64_t slots, int32_t* counts) {
+  const int32_t e = static_cast<int32_t>(blockIdx.x);
+  int32_t count = 0;
+  for (int64_t start = 0; start < slots; start += blockDim.x) {
+    const int64_t s = start + threadIdx.x;
+    count += __syncthreads_count(s < slots && ids[s] == e);
+  }
+  if (threadIdx.x == 0) counts[e] = count;
+}
+
+// Inclusive prefix sum of v over the lanes of a warp.
+__device__ __forceinline__ int32_t warp_inclusive_sum(int32_t v) {
+  const int lane = threadIdx.x % 32;
+  for (int delta = 1; delta < 32; delta *= 2) {
+    const int32_t below = __shfl_up_sync(kFullMask, v, delta);
+    if (lane >= delta) v += below;
+  }
+  return v;
+}
+
+// (b) One block: offsets[e+1] = offsets[e] + counts[e], over chunks of blockDim.x experts (one chunk when E <= 1024).
+// Within a chunk: a scan in each warp, then each thread adds the totals of the warps before its own.
+__global__ void expert_offsets_kernel(const int32_t* counts, int64_t n_experts, int32_t* offsets) {
+  SHARED_ARRAY(int32_t, warp_totals, 32);
+  const int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (threadIdx.x == 0) offsets[0] = 0;
+  int32_t carry = 0;  // the experts of earlier chunks (every thread holds the same value)
+  for (int64_t start = 0; start < n_experts; start += blockDim.x) {
+    const int64_t e = start + threadIdx.x;
+    const int32_t inclusive = warp_inclusive_sum(e < n_experts ? counts[e] : 0);
+    if (threadIdx.x % 32 == 31) warp_totals[warp] = inclusive;
+    __syncthreads();
+    int32_t before = 0, total = 0;
+    for (int w = 0; w < warps; ++w) {
+      if (w < warp) before += warp_totals[w];
+      total += warp_totals[w];
+    }
+    if (e < n_experts) offsets[e + 1] = carry + before + inclusive;
+    carry += total;
+    __syncthreads();  // warp_totals is rewritten by the next chunk
+  }
+}
+
+// (c) One block per expert e, walking the slots in order, chunk by chunk: a slot of e goes to offsets[e] + the number
+// of e's slots before it (a ballot per warp, then the counts of the warps before). Exactly the CPU's stable order.
+__global__ void sort_slots_kernel(const int32_t* ids, int64_t slots, const int32_t* offsets, int32_t* slot_at_position,
+                                  int32_t* position_of_slot) {
+  SHARED_ARRAY(int32_t, warp_counts, 32);
+  const int32_t e = static_cast<int32_t>(blockIdx.x);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  int32_t next = offsets[e];  // the segment's next free position (every thread holds the same value)
+  for (int64_t start = 0; start < slots; start += blockDim.x) {
+    const int64_t s = start + threadIdx.x;
+    const bool mine = s < slots && ids[s] == e;
+    const unsigned ballot = __ballot_sync(kFullMask, mine);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int32_t before = 0, total = 0;
+    for (int w = 0; w < warps; ++w) {
+      if (w < warp) before += warp_counts[w];
+      total += warp_counts[w];
+    }
+    if (mine) {
+      const int32_t pos = next + before + __popc(ballot & ((1u << lane) - 1u));
+      slot_at_position[pos] = static_cast<int32_t>(s);
+      position_of_slot[s] = pos;
+    }
+    next += total;
+    __syncthreads();  // warp_counts is rewritten by the next chunk
+  }
+}
+
+}  // namespace
+
+void moe_count_experts(const Tensor& expert_ids, const Tensor& counts) {
+  launch("moe_count_experts", count_experts_kernel, dim3(counts.numel()), dim3(kScanThreads), 0,
+         expert_ids.data<int32_t>(), expert_ids.numel(), counts.data<int32_t>());
+}
+
+void moe_expert_offsets(const Tensor& counts, const Tensor& offsets) {
+  const int64_t n_experts = counts.numel();
+  const int threads = static_cast<int>(std::clamp<int64_t>((n_experts + 31) / 32 * 32, 32, 1024));
+  launch("moe_expert_offsets", expert_offsets_kernel, dim3(1), dim3(threads), 0, counts.data<int32_t>(), n_experts,
+         offsets.data<int32_t>());
+}
+
+void moe_sort_slots(const Tensor& expert_ids, const Tensor& offsets, const Tensor& slot_at_position,
+                    const Tensor& position_of_slot) {
+  launch("moe_sort_slots", sort_slots_kernel, dim3(offsets.numel() - 1), dim3(kScanThreads), 0,
+         expert_ids.data<int32_t>(), expert_ids.numel(), offsets.data<int32_t>(), slot_at_position.data<int32_t>(),
+         position_of_slot.data<int32_t>());
+}
+
+// ---- (d) permute and its backward -----------------------------------------------------------------------------------
+
+namespace {
+
+// One block per position: x_sorted[pos] = x[slot_at_position[pos] / top_k].
+template <class F>
+__global__ void permute_rows_kernel(const F* x, const int32_t* slot_at_position, int64_t top_k, int64_t d,
+                                    F* x_sorted) {
+  const int64_t pos = blockIdx.x;
+  const F* src = x + (slot_at_position[pos] / top_k) * d;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) x_sorted[pos * d + i] = src[i];
+}
+
+// One block per token n: dx[n] = sum_j dx_sorted[position_of_slot[n, j]], j in order.
+template <class F>
+__global__ void unpermute_sum_rows_kernel(const F* dx_sorted, const int32_t* position_of_slot, int64_t k, int64_t d,
+                                          F* dx) {
+  const int64_t n = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    F total = 0;
+    for (int64_t j = 0; j < k; ++j) total += dx_sorted[position_of_slot[n * k + j] * d + i];
+    dx[n * d + i] = total;
+  }
+}
+
+}  // namespace
+
+void moe_permute_rows(const Tensor& x, const Tensor& slot_at_position, int64_t top_k, const Tensor& x_sorted) {
+  dispatch_float("moe_permute_rows", x.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    launch("moe_permute_rows", permute_rows_kernel<F>, dim3(x_sorted.size(0)), dim3(kRowThreads), 0, x.data<F>(),
+           slot_at_position.data<int32_t>(), top_k, x_sorted.size(1), x_sorted.data<F>());
+  });
+}
+
+void moe_unpermute_sum_rows(const Tensor& dx_sorted, const Tensor& position_of_slot, const Tensor& dx) {
+  dispatch_float("moe_unpermute_sum_rows", dx.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    launch("moe_unpermute_sum_rows", unpermute_sum_rows_kernel<F>, dim3(dx.size(0)), dim3(kRowThreads), 0,
+           dx_sorted.data<F>(), position_of_slot.data<int32_t>(), position_of_slot.size(1), dx.size(1), dx.data<F>());
+  });
+}
+
+// ---- (e) the SwiGLU activation --------------------------------------------------------------------------------------
+
+namespace {
+
+template <class F> __device__ F sigmoid(F z) { return F(1) / (F(1) + exp(-z)); }
+
+// act = silu(gate_pre) * up_pre, elementwise.
+template <class F> __global__ void swiglu_forward_kernel(const F* gate_pre, const F* up_pre, int64_t n, F* act) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    act[i] = gate_pre[i] * sigmoid(gate_pre[i]) * up_pre[i];
+}
+
+// d_up = d_act * silu(z), d_gate = d_act * up * s (1 + z (1 - s)) with z = gate_pre, s = sigmoid(z). d_act may be
+// d_gate: each thread reads its element before writing it.
+template <class F>
+__global__ void swiglu_backward_kernel(const F* gate_pre, const F* up_pre, const F* d_act, int64_t n, F* d_gate_pre,
+                                       F* d_up_pre) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const F z = gate_pre[i], s = sigmoid(z), da = d_act[i];
+    d_up_pre[i] = da * z * s;
+    d_gate_pre[i] = da * up_pre[i] * s * (1 + z * (1 - s));
+  }
+}
+
+}  // namespace
+
+void moe_swiglu_forward(const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act) {
+  dispatch_float("moe_swiglu_forward", act.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    launch("moe_swiglu_forward", swiglu_forward_kernel<F>, dim3(flat_blocks(act.numel())), dim3(kFlatThreads), 0,
+           gate_pre.data<F>(), up_pre.data<F>(), act.numel(), act.data<F>());
+  });
+}
+
+void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Tensor& d_act, const Tensor& d_gate_pre,
+                         const Tensor& d_up_pre) {
+  dispatch_float("moe_swiglu_backward", d_up_pre.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    launch("moe_swiglu_backward", swiglu_backward_kernel<F>, dim3(flat_blocks(d_up_pre.numel())), dim3(kFlatThreads), 0,
+           gate_pre.data<F>(), up_pre.data<F>(), d_act.data<F>(), d_up_pre.numel(), d_gate_pre.data<F>(),
+           d_up_pre.data<F>());
+  });
+}
+
+// ---- (e) grouped SwiGLU: one grouped GEMM per product, one problem per expert ---------------------------------------
+// Expert e's problem has m or k = c_e, its number of rows; gemm_grouped skips the empty ones, and zeroes C where only
+// k = 0, which gives an expert with no tokens its zero weight gradient. The offsets come to the host once per call.
+// Under Precision::BF16 the products read bf16 copies of their operands (act's, d_gate_pre's and d_up_pre's made by
+// one launch each, once every expert's rows are computed) and write f32: bf16 x bf16 -> f32 with f32 accumulation.
+// cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), so gemm_grouped runs those as one cublasGemmEx per
+// expert; a bf16 output widened afterwards would round every product to bf16 on top of the f32 sums the CPU keeps.
+
+namespace {
+
+// Row `row` of t seen as a row-major matrix of `cols` columns (any dtype).
+inline char* row_of(const Tensor& t, int64_t row, int64_t cols) {
+  return static_cast<char*>(t.raw_data()) + row * cols * static_cast<int64_t>(dtype_size(t.dtype()));
+}
+
+// A GEMM operand: t itself, or with `round` a bf16 copy of t (f32).
+inline Tensor operand(const Tensor& t, bool round) {
+  if (!round) return t;
+  Tensor out = Tensor::empty(t.shape(), DType::BF16, Device::CUDA);
+  round_to_bf16(t, out);
+  return out;
+}
+
+// Where the rounded copy of t will be written once t is computed: a bf16 buffer, or t itself (no rounding).
+inline Tensor operand_buffer(const Tensor& t, bool round) {
+  return round ? Tensor::empty(t.shape(), DType::BF16, Device::CUDA) : t;
+}
+
+}  // namespace
+
+void moe_grouped_swiglu_forward(const Tensor& x_sorted, const Tensor& offsets, const Tensor& w_gate, const Tensor& w_up,
+                                const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
+                                const Tensor& out_sorted, Precision precision) {
+  const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
+  const std::vector<int32_t> o = offsets.to_vector<int32_t>();  // the grouped GEMM's sizes: one copy to the host
+  const bool bf16 = precision == Precision::BF16;
+  const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
+               wd = operand(w_down, bf16), act_op = operand_buffer(act, bf16);
+  const DType ab = x.dtype(), c_type = x_sorted.dtype();
+  std::vector<GemmProblem> gate_and_up, down;
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t begin = o[e], c = o[e + 1] - o[e];
+    const char* xs = row_of(x, begin, d);  // [c, d]
+    // gate_pre = x W_gate^T, up_pre = x W_up^T: [c, d] x [h, d]^T -> [c, h]
+    gate_and_up.push_back({c, h, d, xs, d, row_of(wg, e * h, d), d, row_of(gate_pre, begin, h), h});
+    gate_and_up.push_back({c, h, d, xs, d, row_of(wu, e * h, d), d, row_of(up_pre, begin, h), h});
+    // out = act W_down^T: [c, h] x [d, h]^T -> [c, d]
+    down.push_back({c, d, h, row_of(act_op, begin, h), h, row_of(wd, e * d, h), h, row_of(out_sorted, begin, d), d});
+  }
+  gemm_grouped(false, true, gate_and_up, 1.0f, 0.0f, ab, c_type);
+  moe_swiglu_forward(gate_pre, up_pre, act);  // every expert's rows in one launch
+  if (bf16) round_to_bf16(act, act_op);
+  gemm_grouped(false, true, down, 1.0f, 0.0f, ab, c_type);
+}
+
+void moe_grouped_swiglu_backward(const Tensor& x_sorted, const Tensor& offsets, const Tensor& w_gate,
+                                 const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
+                                 const Tensor& act, const Tensor& d_out_sorted, const Tensor& d_gate_pre,
+                                 const Tensor& d_up_pre, const Tensor& d_x_sorted, const Tensor& dw_gate,
+                                 const Tensor& dw_up, const Tensor& dw_down, Precision precision) {
+  const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
+  const std::vector<int32_t> o = offsets.to_vector<int32_t>();  // the grouped GEMM's sizes: one copy to the host
+  const bool bf16 = precision == Precision::BF16;
+  const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
+               wd = operand(w_down, bf16), act_op = operand(act, bf16), d_out_op = operand(d_out_sorted, bf16);
+  const Tensor d_gate_op = operand_buffer(d_gate_pre, bf16), d_up_op = operand_buffer(d_up_pre, bf16);
+  const DType ab = x.dtype(), c_type = x_sorted.dtype();
+  std::vector<GemmProblem> d_act, dw_down_products, dw_gate_and_up, dx_from_gate, dx_from_up;
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t begin = o[e], c = o[e + 1] - o[e];
+    const char* xs = row_of(x, begin, d);              // [c, d]
+    const char* d_out = row_of(d_out_op, begin, d);    // [c, d]
+    char* d_act_out = row_of(d_gate_pre, begin, h);    // [c, h]: d_gate_pre holds d_act first
+    const char* d_gate = row_of(d_gate_op, begin, h);  // [c, h]
+    const char* d_up = row_of(d_up_op, begin, h);      // [c, h]
+    char* dxs = row_of(d_x_sorted, begin, d);          // [c, d]
+    // d_act = d_out W_down: [c, d] x [d, h] -> [c, h]
+    d_act.push_back({c, h, d, d_out, d, row_of(wd, e * d, h), h, d_act_out, h});
+    // dW_down = d_out^T act: [c, d]^T x [c, h] -> [d, h]
+    dw_down_products.push_back({d, h, c, d_out, d, row_of(act_op, begin, h), h, row_of(dw_down, e * d, h), h});
+    // dW_gate = d_gate^T x, dW_up = d_up^T x: [c, h]^T x [c, d] -> [h, d]
+    dw_gate_and_up.push_back({h, d, c, d_gate, h, xs, d, row_of(dw_gate, e * h, d), d});
+    dw_gate_and_up.push_back({h, d, c, d_up, h, xs, d, row_of(dw_up, e * h, d), d});
+    // d_x = d_gate W_gate + d_up W_up: [c, h] x [h, d] -> [c, d], the second added onto the first
+    dx_from_gate.push_back({c, d, h, d_gate, h, row_of(wg, e * h, d), d, dxs, d});
+    dx_from_up.push_back({c, d, h, d_up, h, row_of(wu, e * h, d), d, dxs, d});
+  }
+  gemm_grouped(false, false, d_act, 1.0f, 0.0f, ab, c_type);
+  gemm_grouped(true, false, dw_down_products, 1.0f, 0.0f, ab, c_type);
+  moe_swiglu_backward(gate_pre, up_pre, d_gate_pre, d_gate_pre, d_up_pre);  // d_act, in place -> d_gate_pre
+  if (bf16) {
+    round_to_bf16(d_gate_pre, d_gate_op);
+    round_to_bf16(d_up_pre, d_up_op);
+  }
+  gemm_grouped(true, false, dw_gate_and_up, 1.0f, 0.0f, ab, c_type);
+  gemm_grouped(false, false, dx_from_gate, 1.0f, 0.0f, ab, c_type);
+  gemm_grouped(false, false, dx_from_up, 1.0f, 1.0f, ab, c_type);
+}
+
+// ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------
+
+namespace {
+
+// One block per token n: y[n] = sum_j gates[n, j] * out_sorted[position_of_slot[n, j]], j in order.
+template <class F>
+__global__ void weighted_unpermute_kernel(const F* out_sorted, const F* gates, const int32_t* position_of_slot,
+                                          int64_t k, int64_t d, F* y) {
+  const int64_t n = blockIdx.x;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    F total = 0;
+    for (int64_t j = 0; j < k; ++j) total += gates[n * k + j] * out_sorted[position_of_slot[n * k + j] * d + i];
+    y[n * d + i] = total;
+  }
+}
+
+// One block per position pos, of slot s and token n = s / k: d_out_sorted[pos] = gates[s] * dy[n], and
+// d_gates[s] = <dy[n], out_sorted[pos]> as a block reduction (fixed order: the same bits on every run).
+template <class F>
+__global__ void weighted_unpermute_backward_kernel(const F* dy, const F* out_sorted, const F* gates,
+                                                   const int32_t* slot_at_position, int64_t k, int64_t d, F* d_gates,
+                                                   F* d_out_sorted) {
+  const int64_t pos = blockIdx.x, s = slot_at_position[pos];
+  const F* dy_row = dy + (s / k) * d;
+  const F g = gates[s];
+  F dot = 0;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    d_out_sorted[pos * d + i] = g * dy_row[i];
+    dot += dy_row[i] * out_sorted[pos * d + i];
+  }
+  dot = block_sum(dot);
+  if (threadIdx.x == 0) d_gates[s] = dot;
+}
+
+}  // namespace
+
+void moe_weighted_unpermute(const Tensor& out_sorted, const Tensor& gates, const Tensor& position_of_slot,
+                            const Tensor& y) {
+  dispatch_float("moe_weighted_unpermute", y.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    launch("moe_weighted_unpermute", weighted_unpermute_kernel<F>, dim3(y.size(0)), dim3(kRowThreads), 0,
+           out_sorted.data<F>(), gates.data<F>(), position_of_slot.data<int32_t>(), gates.size(1), y.size(1),
+           y.data<F>());
+  });
+}
+
+void moe_weighted_unpermute_backward(const Tensor& dy, const Tensor& out_sorted, const Tensor& gates,
+                                     const Tensor& slot_at_position, const Tensor& d_gates,
+                                     const Tensor& d_out_sorted) {
+  dispatch_float("moe_weighted_unpermute_backward", dy.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    launch("moe_weighted_unpermute_backward", weighted_unpermute_backward_kernel<F>, dim3(d_out_sorted.size(0)),
+           dim3(kRowThreads), 0, dy.data<F>(), out_sorted.data<F>(), gates.data<F>(), slot_at_position.data<int32_t>(),
+           gates.size(1), d_out_sorted.size(1), d_gates.data<F>(), d_out_sorted.data<F>());
+  });
+}
+
+// ---- routing: top-k + gates -----------------------------------------------------------------------------------------
+
+namespace {
+
+// topk's total order: larger p first, NaN above everything, ties -> lower id.
+template <class F> __device__ bool ranks_before(F pa, int32_t a, F pb, int32_t b) {
+  if (isnan(pa) != isnan(pb)) return isnan(pa);
+  if (pa != pb && !isnan(pa)) return pa > pb;
+  return a < b;
+}
+
+// One thread per token: pick j is the best expert ranked after pick j - 1 (k passes over the row); then the chosen
+// probabilities' sum in double, j order, and the gates, with the float operations of gather, sum and div.
+template <class F>
+__global__ void route_gates_forward_kernel(const F* probs, int64_t tokens, int64_t n_experts, int64_t k, bool norm_topk,
+                                           int32_t* expert_ids, F* gates, F* chosen_sum) {
+  const int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= tokens) return;
+  const F* p = probs + n * n_experts;
+  int32_t* ids = expert_ids + n * k;
+  for (int64_t j = 0; j < k; ++j) {
+    int32_t best = -1;
+    for (int32_t e = 0; e < n_experts; ++e) {
+      if (j > 0 && !ranks_before(p[ids[j - 1]], ids[j - 1], p[e], e)) continue;
+      if (best < 0 || ranks_before(p[e], e, p[best], best)) best = e;
+    }
+    ids[j] = best;
+  }
+  double acc = 0;
+  for (int64_t j = 0; j < k; ++j) acc += p[ids[j]];
+  const F total = static_cast<F>(acc);
+  chosen_sum[n] = total;
+  for (int64_t j = 0; j < k; ++j) gates[n * k + j] = norm_topk ? p[ids[j]] / total : p[ids[j]];
+}
+
+// One thread per token: the row of dprobs is zero but at the chosen experts, which get div's and sum's backward.
+template <class F>
+__global__ void route_gates_backward_kernel(const F* g, const int32_t* expert_ids, const F* gates, const F* chosen_sum,
+                                            int64_t tokens, int64_t n_experts, int64_t k, bool norm_topk, F* dprobs) {
+  const int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= tokens) return;
+  const F *gn = g + n * k, *yn = gates + n * k;
+  const int32_t* ids = expert_ids + n * k;
+  F* dp = dprobs + n * n_experts;
+  for (int64_t e = 0; e < n_experts; ++e) dp[e] = 0;
+  if (!norm_topk) {
+    for (int64_t j = 0; j < k; ++j) dp[ids[j]] += gn[j];
+    return;
+  }
+  const F total = chosen_sum[n];
+  double acc = 0;
+  for (int64_t j = 0; j < k; ++j) acc += -((gn[j] / total) * yn[j]);
+  const F d_total = static_cast<F>(acc);
+  for (int64_t j = 0; j < k; ++j) dp[ids[j]] += gn[j] / total + d_total;
+}
+
+}  // namespace
+
+void route_gates_forward(const Tensor& probs, bool norm_topk, const Tensor& expert_ids, const Tensor& gates,
+                         const Tensor& chosen_sum) {
+  const int64_t tokens = probs.size(0);
+  dispatch_float("route_gates", probs.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    launch("route_gates_forward", route_gates_forward_kernel<F>, dim3(blocks_for(tokens, kRowThreads)),
+           dim3(kRowThreads), 0, probs.data<F>(), tokens, probs.size(1), expert_ids.size(1), norm_topk,
+           expert_ids.data<int32_t>(), gates.data<F>(), chosen_sum.data<F>());
+  });
+}
+
+void route_gates_backward(const Tensor& g, const Tensor& expert_ids, const Tensor& gates, const Tensor& chosen_sum,
+                          bool norm_topk, const Tensor& dprobs) {
+  const int64_t tokens = dprobs.size(0);
+  dispatch_float("route_gates_backward", g.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    launch("route_gates_backward", route_gates_backward_kernel<F>, dim3(blocks_for(tokens, kRowThreads)),
+           dim3(kRowThreads), 0, g.data<F>(), expert_ids.data<int32_t>(), gates.data<F>(), chosen_sum.data<F>(), tokens,
+           dprobs.size(1), expert_ids.size(1), norm_topk, dprobs.data<F>());
+  });
+}
+
+}  // namespace moelab::cuda

@@ -1,0 +1,29 @@
+#pragma once
+// The seam between ops and kernels. An op (engine/ops/X.cpp) checks its inputs, allocates its outputs and records
+// its backward; the numbers come from kernels that have one name and one signature on both devices:
+//   cpu::rms_norm_forward    engine/cpu/nn.cpp    loops, OpenMP
+//   cuda::rms_norm_forward   engine/cuda/nn.cu    a CUDA kernel and its launch
+// Each pair is declared once, in engine/kernels/X.h:
+//   DECLARE_KERNEL(rms_norm_forward, (const Tensor& x, const Tensor& weight, double eps, const Tensor& y, ...));
+// and an op calls the one for its tensors' device:
+//   KERNEL(rms_norm_forward, x.device())(x, weight, eps, y, rstd);
+// Both must have the same type, so a signature that drifts between the backends does not compile (the kernel files
+// are also built with -Werror=missing-declarations: a definition that matches no declaration is an error).
+// Conventions: kernels trust their arguments (the op checked them); outputs are passed as tensors the op allocated
+// (a Tensor is a handle: the kernel writes through it); sizes come from the tensors' shapes.
+#include "engine/tensor.h"
+
+#define DECLARE_KERNEL(name, params) \
+  namespace cpu {                    \
+  void name params;                  \
+  }                                  \
+  namespace cuda {                   \
+  void name params;                  \
+  }
+
+#if MOELAB_HAVE_CUDA
+#define KERNEL(name, device) ((device) == ::moelab::Device::CUDA ? &::moelab::cuda::name : &::moelab::cpu::name)
+#else
+// Without a CUDA backend no tensor lives on a GPU (allocating one throws), so there is only the CPU's kernel.
+#define KERNEL(name, device) (::moelab::cpu::name)
+#endif

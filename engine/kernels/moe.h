@@ -1,0 +1,94 @@
+#pragma once
+// The kernels behind the MoE ops (moe/dispatch.cpp: moe_experts and plan_dispatch; moe/router.cpp: route_gates).
+// CPU: engine/cpu/moe.cpp; CUDA: engine/cuda/moe.cu. The steps (a)-(f) and their names are those of docs/moe.md.
+// Sizes: N tokens, k choices per token, S = N*k slots (slot s = n*k + j), E experts, d model width, h expert hidden
+// size. Index tensors are i32; float tensors are F (f32 or f64) and share one dtype.
+#include "engine/kernels.h"
+#include "engine/precision.h"
+
+namespace moelab {
+
+// ---- the dispatch plan: (a) histogram, (b) prefix sum, (c) stable counting sort -------------------------------------
+// (a) counts [E]: the slots of expert_ids [N, k] routed to each expert. Ids outside [0, E) are not counted: the op
+// compares the total with S to find them (one host read of E integers), so the kernel needs no error channel.
+DECLARE_KERNEL(moe_count_experts, (const Tensor& expert_ids, const Tensor& counts))
+// (b) offsets [E+1]: offsets[0] = 0, offsets[e+1] = offsets[e] + counts[e]; expert e owns positions
+// [offsets[e], offsets[e+1]).
+DECLARE_KERNEL(moe_expert_offsets, (const Tensor& counts, const Tensor& offsets))
+// (c) Each slot goes to the next free position of its expert's segment, slots visited in order (stable: within an
+// expert, slots keep their token-major order). slot_at_position [S] is the sorted order, position_of_slot [N, k] its
+// inverse. Needs every id in [0, E).
+DECLARE_KERNEL(moe_sort_slots, (const Tensor& expert_ids, const Tensor& offsets, const Tensor& slot_at_position,
+                                const Tensor& position_of_slot))
+
+// ---- (d) permute and its backward -----------------------------------------------------------------------------------
+// x_sorted [S, d]: x_sorted[pos] = x[slot_at_position[pos] / top_k], the rows of x [N, d] in expert order.
+DECLARE_KERNEL(moe_permute_rows,
+               (const Tensor& x, const Tensor& slot_at_position, int64_t top_k, const Tensor& x_sorted))
+// dx [N, d]: dx[n] = sum_j dx_sorted[position_of_slot[n, j]], j in order (each token gathers its own k rows: one
+// writer per row, no atomics).
+DECLARE_KERNEL(moe_unpermute_sum_rows, (const Tensor& dx_sorted, const Tensor& position_of_slot, const Tensor& dx))
+
+// ---- (e) the SwiGLU activation, elementwise on [S, h] ---------------------------------------------------------------
+// act = silu(gate_pre) * up_pre, silu(z) = z sigmoid(z).
+DECLARE_KERNEL(moe_swiglu_forward, (const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act))
+// With s = sigmoid(gate_pre): d_up_pre = d_act * silu(gate_pre), d_gate_pre = d_act * up_pre * silu'(gate_pre),
+// silu'(z) = s (1 + z (1 - s)). d_act may be d_gate_pre itself (in place: each element is read before it is written).
+DECLARE_KERNEL(moe_swiglu_backward, (const Tensor& gate_pre, const Tensor& up_pre, const Tensor& d_act,
+                                     const Tensor& d_gate_pre, const Tensor& d_up_pre))
+
+// ---- (e) grouped SwiGLU: per expert e, on its rows [offsets[e], offsets[e+1]) of the sorted tensors -----------------
+// w_gate, w_up [E, h, d], w_down [E, d, h]:
+//   gate_pre = x_seg W_gate,e^T,  up_pre = x_seg W_up,e^T,  act = silu(gate_pre) * up_pre  [c_e, h]
+//   out_sorted = act W_down,e^T                                                            [c_e, d]
+// Experts with no rows cost nothing. The CUDA kernel reads the E+1 offsets on the host (the grouped GEMM's sizes): the
+// one device-to-host copy of the forward.
+// precision BF16 (f32 tensors only): every GEMM operand (x_sorted, the weights, act) is rounded to bf16 and the
+// products accumulate in f32 into the f32 outputs; act itself stays f32. The GPU multiplies bf16 copies; the CPU, its
+// reference, multiplies f32 copies holding the bf16 values with its f32 GEMM (bf16 x bf16 products are exact in f32).
+DECLARE_KERNEL(moe_grouped_swiglu_forward,
+               (const Tensor& x_sorted, const Tensor& offsets, const Tensor& w_gate, const Tensor& w_up,
+                const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
+                const Tensor& out_sorted, Precision precision))
+// Backward of one segment, given d_out_sorted:
+//   d_act = d_out W_down,e                          dW_down,e = d_out^T act
+//   d_gate_pre, d_up_pre from d_act (moe_swiglu_backward)
+//   dW_gate,e = d_gate_pre^T x_seg                  dW_up,e = d_up_pre^T x_seg
+//   d_x_sorted = d_gate_pre W_gate,e + d_up_pre W_up,e
+// Every element of dw_gate, dw_up, dw_down is written: an expert with no rows gets zero. The CUDA kernel reads the
+// offsets on the host, as the forward does.
+// precision BF16, as the forward: the operands (x_sorted, the weights, act, d_out_sorted, and d_gate_pre, d_up_pre
+// once computed) rounded to bf16, f32 accumulation; d_act, d_gate_pre, d_up_pre and every gradient stay f32.
+DECLARE_KERNEL(moe_grouped_swiglu_backward,
+               (const Tensor& x_sorted, const Tensor& offsets, const Tensor& w_gate, const Tensor& w_up,
+                const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
+                const Tensor& d_out_sorted, const Tensor& d_gate_pre, const Tensor& d_up_pre, const Tensor& d_x_sorted,
+                const Tensor& dw_gate, const Tensor& dw_up, const Tensor& dw_down, Precision precision))
+
+// ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------
+// y [N, d]: y[n] = sum_j gates[n, j] * out_sorted[position_of_slot[n, j]], j in order.
+DECLARE_KERNEL(moe_weighted_unpermute,
+               (const Tensor& out_sorted, const Tensor& gates, const Tensor& position_of_slot, const Tensor& y))
+// Per position pos, owned by slot s = slot_at_position[pos] of token n = s / k (k = gates.size(1)):
+//   d_out_sorted[pos] = gates[s] * dy[n]   (a gather)     d_gates[s] = <dy[n], out_sorted[pos]>
+// Each output element has one writer: no atomics, the same bits on every run.
+DECLARE_KERNEL(moe_weighted_unpermute_backward,
+               (const Tensor& dy, const Tensor& out_sorted, const Tensor& gates, const Tensor& slot_at_position,
+                const Tensor& d_gates, const Tensor& d_out_sorted))
+
+// ---- routing: top-k + gates -----------------------------------------------------------------------------------------
+// probs [N, E] (finite: the router checked the logits). Per token n:
+//   expert_ids[n] = the k most probable experts, descending, ties -> lower id first (topk's order: NaN first)
+//   chosen_sum[n] = (F) sum_j probs[n, expert_ids[n, j]], accumulated in double in j order (the `sum` op's way)
+//   gates[n, j]   = probs[n, expert_ids[n, j]] / chosen_sum[n]  when norm_topk, else probs[n, expert_ids[n, j]]
+// The float operations are those of gather, sum(-1, keepdim) and div, in their order (bit-identical on the CPU).
+DECLARE_KERNEL(route_gates_forward, (const Tensor& probs, bool norm_topk, const Tensor& expert_ids, const Tensor& gates,
+                                     const Tensor& chosen_sum))
+// dprobs [N, E] from g = dL/dgates [N, k]: zero except at the chosen experts, where (norm_topk, with S = chosen_sum[n]
+// and y = gates)
+//   gb_j = g_j / S,   db = (F) sum_j -(gb_j * y_j) (in double, j order),   dprobs[n, expert_ids[n, j]] = gb_j + db
+// i.e. div's backward, sum's backward and gather's scatter, composed; without norm_topk dprobs[n, ids[n, j]] = g_j.
+DECLARE_KERNEL(route_gates_backward, (const Tensor& g, const Tensor& expert_ids, const Tensor& gates,
+                                      const Tensor& chosen_sum, bool norm_topk, const Tensor& dprobs))
+
+}  // namespace moelab

@@ -1,0 +1,46 @@
+#pragma once
+// The kernels behind engine/ops/nn.cpp: cross-entropy, RMSNorm, RoPE and causal attention. CPU: engine/cpu/nn.cpp;
+// CUDA: engine/cuda/nn.cu and engine/cuda/attention.cu. Shapes are named as in docs/model.md; F is the float type.
+#include "engine/kernels.h"
+
+namespace moelab {
+
+// ---- cross-entropy ----------------------------------------------------------------------------------------------------
+// logits [N, V], targets i32 [N]; `count` rows have a target other than ignore_index. Per row r:
+//   lse[r] = logsumexp(x_r)   row_loss[r] = lse[r] - x_r[t_r] (0 for an ignored row; f64)
+// and loss [] = sum_r row_loss[r] / count (0 when count = 0), summed in row order.
+DECLARE_KERNEL(cross_entropy_forward, (const Tensor& logits, const Tensor& targets, int32_t ignore_index, int64_t count,
+                                       const Tensor& loss, const Tensor& lse, const Tensor& row_loss))
+// dlogits[r] = (softmax(x_r) - onehot(t_r)) * g / count; ignored rows get zero. g is the scalar upstream gradient [].
+DECLARE_KERNEL(cross_entropy_backward, (const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& g,
+                                        int32_t ignore_index, int64_t count, const Tensor& dlogits))
+
+// ---- RMSNorm ----------------------------------------------------------------------------------------------------------
+// x [rows, d], weight [d]: y = x * rstd * weight with rstd[r] = 1 / sqrt(mean(x_r^2) + eps).
+DECLARE_KERNEL(rms_norm_forward,
+               (const Tensor& x, const Tensor& weight, double eps, const Tensor& y, const Tensor& rstd))
+// With s = rstd and gw = g * w: dx = s * gw - x * s^3 * mean(gw * x); dweight = sum over rows of g * x * s, summed in
+// a fixed order (the same bits for any thread count or launch).
+DECLARE_KERNEL(rms_norm_backward, (const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& g,
+                                   const Tensor& dx, const Tensor& dweight))
+
+// ---- RoPE -------------------------------------------------------------------------------------------------------------
+// x [B, T, H, Dh] and the (cos, sin) table [T, Dh/2, 2]: pair (2i, 2i+1) of each head rotates by the table's angle:
+//   y0 = x0 cos - x1 sin,  y1 = x0 sin + x1 cos.
+DECLARE_KERNEL(rope_forward, (const Tensor& x, const Tensor& table, const Tensor& y))
+// The rotation is orthogonal: the backward rotates g by the opposite angle.
+DECLARE_KERNEL(rope_backward, (const Tensor& g, const Tensor& table, const Tensor& dx))
+
+// ---- causal attention -------------------------------------------------------------------------------------------------
+// q, k, v, out [B, T, H, Dh], lse [B, H, T]. For each head (b, h) and query row i:
+//   s_j = q_i . k_j / sqrt(Dh) for j <= i,  p = softmax(s),  out_i = sum_j p_j v_j,  lse_i = logsumexp_j s_j.
+DECLARE_KERNEL(attention_forward,
+               (const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse))
+// With p_ij = exp(s_ij - lse_i), g = dL/dout and D_i = g_i . out_i:
+//   dv_j = sum_i p_ij g_i,  ds_ij = p_ij (g_i . v_j - D_i),  dq_i = sum_j ds_ij k_j / sqrt(Dh),
+//   dk_j = sum_i ds_ij q_i / sqrt(Dh).
+DECLARE_KERNEL(attention_backward,
+               (const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                const Tensor& g, const Tensor& dq, const Tensor& dk, const Tensor& dv))
+
+}  // namespace moelab
