@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Checks that the C/C++/CUDA files changed since BASE are formatted as .clang-format says (clang-format 14).
+# Checks that the lines of C/C++/CUDA changed since BASE are formatted as .clang-format says (clang-format 14).
 #   bash scripts/check_format.sh [BASE]
-# Checked: the files changed between BASE (default HEAD~1; with no HEAD~1, nothing is checked) and HEAD, plus the
-# uncommitted changes (staged, unstaged and untracked files); deleted files and third_party/ are skipped. A branch as
-# BASE (e.g. origin/main) is compared from its merge base with HEAD. Prints each badly formatted file with the diff
-# that would fix it (`clang-format -i FILE` applies it) and exits 1 if there is any; exits 2 on a usage error.
-# CLANG_FORMAT=/path/to/clang-format picks the binary.
+# Checked: the lines changed between BASE (default HEAD~1; with no HEAD~1, nothing is checked) and the work tree, in
+# tracked files (`git add -N FILE` brings in a new one); third_party/ is skipped. Only changed lines: older code keeps
+# its layout until someone edits it. A branch as BASE (e.g. origin/main) is compared from its merge base with HEAD.
+# Prints the diff that would fix them (`git clang-format BASE` applies it) and exits 1 if there is any; exits 2 on a
+# usage error. CLANG_FORMAT=/path/to/clang-format picks the binary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,32 +33,14 @@ else
 fi
 from=$(git merge-base "$base" HEAD 2>/dev/null || git rev-parse "$base")
 
-# Changed since `from`, committed or not (git diff against the work tree), and untracked files; NUL-separated.
-files=()
-while IFS= read -r -d '' f; do
-  case "$f" in
-    third_party/*) continue ;;
-    *.c | *.cc | *.cpp | *.cxx | *.h | *.hh | *.hpp | *.hxx | *.cu | *.cuh) ;;
-    *) continue ;;
-  esac
-  if [ -f "$f" ]; then files+=("$f"); fi  # --diff-filter=d leaves out deleted files; this also skips unstaged deletions
-done < <({
-  git diff -z --name-only --diff-filter=d "$from" --
-  git ls-files -z --others --exclude-standard
-} | sort -zu)
-
-echo "check_format: $("$clang_format" --version | head -n1); ${#files[@]} C/C++/CUDA file(s) changed since" \
-  "$(git rev-parse --short "$from") ($base)"
-bad=0
-for f in "${files[@]}"; do
-  if ! out=$("$clang_format" --style=file "$f" | diff -u --label "$f" --label "$f (clang-format)" "$f" -); then
-    echo "--- $f is not formatted (fix: clang-format -i $(printf %q "$f")):"
+echo "check_format: $("$clang_format" --version | head -n1); lines changed since $(git rev-parse --short "$from") ($base)"
+out=$(git clang-format --binary "$(command -v "$clang_format")" --style file --diff \
+  --extensions c,cc,cpp,cxx,h,hh,hpp,hxx,cu,cuh "$from" -- . ':(exclude)third_party')
+case "$out" in
+  "" | "no modified files to format" | "clang-format did not modify any files")
+    echo "check_format: all changed lines formatted" ;;
+  *)
     echo "$out"
-    bad=$((bad + 1))
-  fi
-done
-if ((bad)); then
-  echo "check_format: $bad of ${#files[@]} file(s) not formatted; run clang-format -i on them"
-  exit 1
-fi
-echo "check_format: all ${#files[@]} formatted"
+    echo "check_format: the lines above are not formatted; run: git clang-format $base"
+    exit 1 ;;
+esac
