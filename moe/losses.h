@@ -43,7 +43,7 @@ struct RouterLossConfig {
 // Fewer than two domains present -> 0 with no gradient. Forward and backward in double precision.
 // `rest`: the domain sums of the optimizer step's other micro-batches (constants). Q_j then pools them with this
 // batch's sequences, so the value is the loss of the whole step's batch and the gradient its exact derivative with
-// respect to this micro-batch's probs (edl.md, batch scope "step").
+// respect to this micro-batch's probs (docs/objective.md, "Batch scope").
 Tensor expert_divergence_loss(const Tensor& probs, const Tensor& domains, int64_t num_domains,
                               EDForm form = EDForm::NegLog, double eps = 1e-6, const DomainSums* rest = nullptr);
 

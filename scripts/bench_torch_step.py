@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """ms per training step of the PyTorch twin (tests/torch/twin.py) on the CPU: the baseline of `moe-bench train-step`.
 
-The step is the one of apps/common/trainer.cpp: forward, loss CE + alpha LB + z Z (+ beta ED), backward, gradient
+The step is the one of apps/train/trainer.cpp: forward, loss CE + alpha LB + z Z (+ beta ED), backward, gradient
 clipping, AdamW step, plus what the trainer's loss reports besides the total (each term as a number, the summed
 token CE per domain). The model, the batch and the loss options come from a folder laid out as for `twin.py parity`
 (`moe-bench train-step` writes it, then runs this script with Debian's /usr/bin/python3):

@@ -364,16 +364,6 @@ TEST_CASE("cuda: optim: fill_identity kernel matches the CPU" * cuda_only()) {
 
 namespace {
 
-nn::ModelConfig layer_config(int64_t d, int64_t experts, int64_t hidden, int64_t top_k) {
-  nn::ModelConfig c;
-  c.d_model = d;
-  c.n_heads = 2;
-  c.n_experts = experts;
-  c.expert_hidden = hidden;
-  c.top_k = top_k;
-  return c;
-}
-
 // A MoE layer's router and expert weights as AdamW parameters, moved to `device` (the layer's own handles are
 // replaced by the moved ones: OMoE finds the expert matrices among the optimizer's parameters by handle).
 std::vector<nn::NamedTensor> layer_params_on(moe::MoELayer& layer, Device device) {
@@ -396,8 +386,8 @@ TEST_CASE("cuda: optim: OMoE observe and step on the GPU match the CPU" * cuda_o
   for (optim::OMoEMode mode : {optim::OMoEMode::Grad, optim::OMoEMode::Direction}) {
     CAPTURE(enum_name(mode));
     Generator gen_cpu(3), gen_gpu(3);
-    moe::MoELayer cpu_layer(layer_config(d, E, hidden, 2), 0, gen_cpu),
-        gpu_layer(layer_config(d, E, hidden, 2), 0, gen_gpu);
+    moe::MoELayer cpu_layer(testing::moe_layer_config(d, E, hidden, 2), 0, gen_cpu),
+        gpu_layer(testing::moe_layer_config(d, E, hidden, 2), 0, gen_gpu);
     const std::vector<nn::NamedTensor> cpu_params = layer_params_on(cpu_layer, Device::CPU);
     const std::vector<nn::NamedTensor> gpu_params = layer_params_on(gpu_layer, Device::CUDA);
     optim::AdamW cpu_adamw(cpu_params, {}), gpu_adamw(gpu_params, {});

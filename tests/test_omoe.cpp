@@ -69,17 +69,6 @@ std::vector<std::vector<double>> orthonormal(int64_t m, int64_t n, uint64_t seed
   return q;
 }
 
-// A small MoE layer config: width d, E experts of hidden h, top-k.
-nn::ModelConfig layer_config(int64_t d, int64_t experts, int64_t hidden, int64_t top_k) {
-  nn::ModelConfig c;
-  c.d_model = d;
-  c.n_heads = 2;
-  c.n_experts = experts;
-  c.expert_hidden = hidden;
-  c.top_k = top_k;
-  return c;
-}
-
 bool is_identity(const Tensor& P) {  // P [B, n, n] exactly the identity in every batch entry
   std::vector<float> v = P.to_vector<float>();
   int64_t B = P.size(0), n = P.size(1);
@@ -212,7 +201,7 @@ TEST_CASE("omoe: projected W_up gradient keeps the outputs on the other experts'
   const double scale = 3.0, alpha = 1e-4;
   for (int64_t E : {2, 4}) {
     Generator gen(5);
-    moe::MoELayer layer(layer_config(d, E, hidden, 1), 0, gen);
+    moe::MoELayer layer(testing::moe_layer_config(d, E, hidden, 1), 0, gen);
     optim::AdamW adamw(layer.named_parameters(), {});
     optim::OMoEConfig config;
     config.alpha = alpha;
@@ -273,7 +262,8 @@ TEST_CASE("omoe: O steps at t > warmup and t % K == 0, reset, experts without to
   for (bool reset : {true, false}) {
     CAPTURE(reset);
     Generator gen_a(3), gen_b(3);
-    moe::MoELayer plain_layer(layer_config(d, E, hidden, 2), 0, gen_a), omoe_layer(layer_config(d, E, hidden, 2), 0, gen_b);
+    moe::MoELayer plain_layer(testing::moe_layer_config(d, E, hidden, 2), 0, gen_a),
+        omoe_layer(testing::moe_layer_config(d, E, hidden, 2), 0, gen_b);
     optim::AdamWConfig adam_config;
     optim::AdamW plain(plain_layer.named_parameters(), adam_config), wrapped(omoe_layer.named_parameters(), adam_config);
     optim::OMoEConfig config;
@@ -330,7 +320,8 @@ TEST_CASE("omoe: mode = direction with an identity Pbar equals AdamW") {
   // of AdamW computes the same update in another order (lr * (m / bc1) / ... instead of (lr / bc1) * m / ...).
   const int64_t d = 12, hidden = 6, E = 3;
   Generator gen_a(9), gen_b(9);
-  moe::MoELayer la(layer_config(d, E, hidden, 1), 0, gen_a), lb(layer_config(d, E, hidden, 1), 0, gen_b);
+  moe::MoELayer la(testing::moe_layer_config(d, E, hidden, 1), 0, gen_a),
+      lb(testing::moe_layer_config(d, E, hidden, 1), 0, gen_b);
   optim::AdamW plain(la.named_parameters(), {}), wrapped(lb.named_parameters(), {});
   optim::OMoEConfig config;
   config.every = 1;
@@ -648,7 +639,7 @@ TEST_CASE("omoe: training on synthetic multi-domain text, OMoE vs AdamW at equal
 
 TEST_CASE("omoe: expert metrics on known experts") {
   Generator gen(21);
-  moe::MoELayer layer(layer_config(16, 4, 8, 2), 0, gen);
+  moe::MoELayer layer(testing::moe_layer_config(16, 4, 8, 2), 0, gen);
   Tensor x = testing::random({64, 16}, 4, DType::F32);
   // Independent random experts: near-orthogonal outputs, NV about (E - 1) / E.
   moe::OutputSimilarity random_sim = moe::expert_output_similarity(layer.experts, x);

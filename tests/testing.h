@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <functional>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "engine/ops.h"
+#include "nn/config.h"
 
 namespace moelab::testing {
 
@@ -26,6 +28,17 @@ namespace moelab::testing {
 inline Tensor random(const Shape& shape, uint64_t seed, DType dtype = DType::F64, double scale = 1.0) {
   Generator gen(seed);
   return randn(shape, gen, 0.0, scale, dtype);
+}
+
+// A small MoE layer config: width d, E experts of hidden h, top-k, 2 heads.
+inline nn::ModelConfig moe_layer_config(int64_t d, int64_t experts, int64_t hidden, int64_t top_k) {
+  nn::ModelConfig c;
+  c.d_model = d;
+  c.n_heads = 2;
+  c.n_experts = experts;
+  c.expert_hidden = hidden;
+  c.top_k = top_k;
+  return c;
 }
 
 // A fresh leaf holding t's values in dtype (so f32 and f64 runs see the very same numbers).
@@ -110,6 +123,18 @@ class ScratchDir {
   std::filesystem::path path_;
   bool keep_ = false;
 };
+
+// The repository's root: MOELAB_SOURCE_DIR from the environment (a build prepared on one machine and run on another,
+// scripts/gpu_check.sh), else the source folder CMake compiled in, else the current folder.
+inline std::filesystem::path source_dir() {
+  const char* env = std::getenv("MOELAB_SOURCE_DIR");
+  if (env && *env) return env;
+#ifdef MOELAB_SOURCE_DIR
+  return MOELAB_SOURCE_DIR;
+#else
+  return ".";
+#endif
+}
 
 // The message of the exception f throws, or "<no exception>".
 template <class F> std::string error_of(F&& f) {

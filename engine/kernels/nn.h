@@ -1,6 +1,6 @@
 #pragma once
 // The kernels behind engine/ops/nn.cpp: cross-entropy, RMSNorm, RoPE and causal attention. CPU: engine/cpu/nn.cpp;
-// CUDA: engine/cuda/nn.cu and engine/cuda/attention.cu. Shapes are named as in docs/model.md; F is the float type.
+// CUDA: engine/cuda/nn.cu. Shapes are named as in docs/model.md; F is the float type.
 #include "engine/kernels.h"
 
 namespace moelab {

@@ -27,11 +27,6 @@ inline void check_index(const char* op, const Tensor& index) {
   if (index.dtype() != DType::I32) fail("{}: indices must be i32, got {}", op, index.str());
 }
 
-// The CUDA backend adds its kernels op by op; until an op has one, using it on the GPU says so.
-inline void check_cpu(const char* op, const Tensor& x) {
-  if (x.is_cuda()) fail("{}: no CUDA kernel in this build for input {}", op, x.str());
-}
-
 inline int64_t normalize_dim(const char* op, int64_t dim, int64_t ndim) {
   if (dim < -ndim || dim >= ndim) fail("{}: dim {} out of range for a {}-d tensor", op, dim, ndim);
   return dim < 0 ? dim + ndim : dim;

@@ -1,8 +1,9 @@
 #pragma once
-// Expert specialization from routing data (shared/spec/analysis.md), per MoE layer and per domain: pure functions of
+// Expert specialization from routing data (docs/analysis.md), per MoE layer and per domain: pure functions of
 // the top-k choices and the dense router probabilities of held-out tokens, in plain double math.
 //   usage          freq[j][e] = share of domain j's token slots (top-k choices) that go to expert e
-//   mean prob      Q_j = the domain's mean dense router distribution (each sequence counts once, as in edl.md)
+//   mean prob      Q_j = the domain's mean dense router distribution (each sequence counts once, as in
+//                  docs/expert_divergence.md)
 //   load           token slots per expert: min, max, std, entropy / log E, max-violation, dead experts
 //   mutual info    I(domain; expert) over token slots, in bits, and divided by H(domain)
 //   JSD matrix     between the Q_j, and the decomposition D_total = D_inter + D_intra (equal sequence weights)
