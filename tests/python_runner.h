@@ -89,9 +89,7 @@ inline const TorchStatus& torch_status() {
   return status;
 }
 
-#ifdef MOELAB_SOURCE_DIR
 // A file of the source tree by its path from the repository root, e.g. "tests/torch/op_oracle.py".
-inline std::string source_file(const std::string& relative) { return std::string(MOELAB_SOURCE_DIR) + "/" + relative; }
-#endif
+inline std::string source_file(const std::string& relative) { return (source_dir() / relative).string(); }
 
 }  // namespace moelab::testing

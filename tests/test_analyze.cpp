@@ -433,8 +433,8 @@ TEST_CASE("analyze: the report has every section and figure, compares runs and e
   fs::create_directories(out);
   std::ofstream(out / "report.html") << html;
   const fs::path png = out / "report.png";
-  const std::string cmd = testing::shell_quote(std::string(MOELAB_SOURCE_DIR) + "/scripts/screenshot_report.sh") + " " +
-                          testing::shell_quote((out / "report.html").string()) + " " +
+  const std::string cmd = testing::shell_quote((testing::source_dir() / "scripts/screenshot_report.sh").string()) +
+                          " " + testing::shell_quote((out / "report.html").string()) + " " +
                           testing::shell_quote(png.string()) + " 1280 2000 > " +
                           testing::shell_quote((out / "chromium.log").string()) + " 2>&1";
   const int status = std::system(cmd.c_str());

@@ -534,11 +534,7 @@ TEST_CASE("data: build_shards turns corpus JSONL into train and validation shard
 }
 
 TEST_CASE("data: the committed small corpus (scripts/build_corpus.py format) reads and packs") {
-#ifdef MOELAB_SOURCE_DIR
-  const fs::path corpus = fs::path(MOELAB_SOURCE_DIR) / "tests/data/corpus_small";
-#else
-  const fs::path corpus = "tests/data/corpus_small";  // direct builds run from the repository root
-#endif
+  const fs::path corpus = moelab::testing::source_dir() / "tests/data/corpus_small";
   if (!fs::exists(corpus / "train.jsonl")) {
     MESSAGE("skipped: no fixture at ", corpus.string());
     return;

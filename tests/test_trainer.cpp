@@ -165,6 +165,16 @@ TEST_CASE("train: options from preset, TOML file and flags, with clear errors") 
   CHECK(parsed.steps == 11);
   CHECK(parsed.losses.ed_form == moe::EDForm::NegJSD);
   CHECK(parsed.data.balanced);
+  CHECK(parsed.precision == Precision::FP32);
+
+  CLI::App short_app;  // --device and --precision: short names of train.device and train.precision
+  TrainOptions short_options(short_app);
+  const char* short_argv[] = {"moe-train", "--device", "cpu", "--precision", "bf16"};
+  short_app.parse(5, const_cast<char**>(short_argv));
+  TrainConfig short_parsed = short_options.resolve();
+  CHECK(short_parsed.device == Device::CPU);
+  CHECK(short_parsed.precision == Precision::BF16);
+  CHECK_THROWS_WITH(apply_toml(c, "[train]\nprecision = \"fp16\"\n", "p.toml"), doctest::Contains("fp32 | bf16"));
 
   TrainConfig bad = train_preset("tiny");
   bad.losses.beta = 0.1, bad.model.n_experts = 1, bad.model.top_k = 1;

@@ -5,6 +5,7 @@
 #include <CLI/CLI.hpp>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -221,8 +222,13 @@ TrainOptions::TrainOptions(CLI::App& app) : app_(&app) {
   TrainConfig defaults;
   std::vector<Option> options = option_table(defaults);
   values_.resize(options.size());
+  // Short names for the flags every tool shares (moe-eval and moe-analyze take --device too).
+  const std::map<std::string, std::string> short_names = {{"train.device", "--device"},
+                                                          {"train.precision", "--precision"}};
   for (size_t i = 0; i < options.size(); ++i)
-    app.add_option(std::string("--") + options[i].key, values_[i], options[i].help)
+    app.add_option(std::string("--") + options[i].key +
+                       (short_names.count(options[i].key) ? "," + short_names.at(options[i].key) : ""),
+                   values_[i], options[i].help)
         ->default_str(current_value(options[i].field))
         ->group(std::string(options[i].key).substr(0, std::string(options[i].key).find('.')));
 }

@@ -84,8 +84,7 @@ class TrainOptions {
  private:
   std::string config_file_;
   std::string preset_;
-  std::vector<std::pair<std::string, std::string>> overrides_;  // key, value as typed, in table order
-  std::vector<std::string> values_;                             // storage CLI11 writes into, one per option
+  std::vector<std::string> values_;  // storage CLI11 writes into, one per option
   CLI::App* app_;
 };
 
