@@ -1,20 +1,23 @@
 #include "data/document.h"
 
 #include <algorithm>
+#include <map>
 #include <stdexcept>
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "data/excerpt.h"
+
 namespace moelab::data {
 
 Domains::Domains(std::vector<std::string> names) : names_(std::move(names)) {
+  std::map<std::string_view, size_t> ids;  // a map, not a pairwise loop: names may come from a corrupt file
   for (size_t i = 0; i < names_.size(); i++) {
     if (names_[i].empty()) throw std::invalid_argument(fmt::format("Domains: domain name {} is empty", i));
-    for (size_t j = 0; j < i; j++)
-      if (names_[j] == names_[i])
-        throw std::invalid_argument(
-            fmt::format("Domains: domain '{}' is listed twice (ids {} and {})", names_[i], j, i));
+    if (auto [it, added] = ids.emplace(names_[i], i); !added)
+      throw std::invalid_argument(
+          fmt::format("Domains: domain '{}' is listed twice (ids {} and {})", excerpt(names_[i]), it->second, i));
   }
 }
 

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "data/readers.h"
+#include "data/shard.h"
 #include "data/tokenizer.h"
 
 namespace moelab::data {
@@ -28,12 +29,25 @@ struct ShardBuildResult {
   Domains domains{};
   std::vector<int64_t> train_sequences_per_domain{}, validation_sequences_per_domain{};  // [D]
   bool up_to_date = false;  // true: the shards were already built from the same inputs
+  // Why shards cached from the same inputs were not reused (a corrupt or stale file), as one line; "" otherwise.
+  std::string cache_problem{};
 };
 
 // Writes <out_dir>/<train_name>, <out_dir>/<validation_name> and <out_dir>/<train_name>.manifest.json (inputs: file
-// paths, sizes and modification times, tokenizer name, seq_len, keys, domains; outputs: sequences per domain).
-// Throws on any reader error, on a validation domain missing from the train domains (file:line), and when the train
-// shard would be empty (documents shorter than seq_len + 1 tokens in every domain).
+// paths, sizes and modification times, tokenizer name, seq_len, keys, domains; outputs: domains and sequences per
+// domain). Shards of the same inputs are reused only when their headers (checksums included) agree with the manifest
+// and with the run: tokenizer name, vocabulary size, seq_len, domains and sequence counts; otherwise they are rebuilt
+// and cache_problem says why. Throws on any reader error, on a validation domain missing from the train domains
+// (file:line), and when the train shard would be empty (documents shorter than seq_len + 1 tokens in every domain).
 ShardBuildResult build_shards(const ShardBuildOptions& options, const Tokenizer& tokenizer);
+
+struct BuiltShards {
+  ShardBuildResult build{};
+  Shard train{}, validation{};
+};
+
+// build_shards, then read_shard of both. Cached shards that fail a check of the whole file (a token id, the body's
+// checksum) are rebuilt once, with build.cache_problem saying why; a failed rebuild throws, naming both problems.
+BuiltShards build_and_read_shards(const ShardBuildOptions& options, const Tokenizer& tokenizer);
 
 }  // namespace moelab::data

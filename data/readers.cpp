@@ -8,6 +8,7 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
+#include "data/excerpt.h"
 #include "data/file_io.h"
 
 namespace moelab::data {
@@ -56,8 +57,8 @@ std::vector<Document> read_jsonl(const std::filesystem::path& file, const JsonlO
     json object;
     try {
       object = json::parse(line);
-    } catch (const json::parse_error& e) {
-      throw std::runtime_error(fmt::format("{}: invalid JSON: {}", where, e.what()));
+    } catch (const json::exception& e) {
+      throw std::runtime_error(fmt::format("{}: {}", where, json_error(e, line)));
     }
     if (!object.is_object())
       throw std::runtime_error(fmt::format("{}: expected a JSON object per line, got {}", where, object.type_name()));
@@ -68,8 +69,8 @@ std::vector<Document> read_jsonl(const std::filesystem::path& file, const JsonlO
         skipped++;
         continue;
       }
-      throw std::runtime_error(fmt::format("{}: unknown domain '{}' (expected one of: {})", where, doc.domain,
-                                           fmt::join(options.domains, ", ")));
+      throw std::runtime_error(fmt::format("{}: unknown domain '{}' (expected one of: {})", where, excerpt(doc.domain),
+                                           excerpt(fmt::format("{}", fmt::join(options.domains, ", ")), 160)));
     }
     docs.push_back(std::move(doc));
   }

@@ -16,7 +16,25 @@ static_assert(std::endian::native == std::endian::little, "shards are little-end
 
 namespace {
 
-constexpr int64_t kFixedHeaderBytes = 40;  // magic .. tokenizer name length, see docs/data_formats.md
+constexpr int64_t kFixedHeaderBytes = 56;  // magic .. tokenizer name length, see docs/data_formats.md
+constexpr size_t kHeaderChecksumAt = 16;   // then the body checksum at 24
+
+// FNV-1a, 64-bit: catches the flipped bits of a corrupt file (not an adversary).
+uint64_t fnv1a64(const char* bytes, size_t n) {
+  uint64_t h = 0xcbf29ce484222325ull;
+  for (size_t i = 0; i < n; i++) h = (h ^ static_cast<unsigned char>(bytes[i])) * 0x100000001b3ull;
+  return h;
+}
+
+// The header's checksum covers all its bytes, with the checksum field itself read as zero.
+uint64_t header_checksum(std::string header) {
+  std::memset(header.data() + kHeaderChecksumAt, 0, 8);
+  return fnv1a64(header.data(), header.size());
+}
+
+uint64_t body_checksum(const std::vector<int32_t>& rows) {
+  return fnv1a64(reinterpret_cast<const char*>(rows.data()), rows.size() * 4);
+}
 
 template <typename T>
 void put(std::string& out, T value) {
@@ -28,10 +46,12 @@ void put_string(std::string& out, const std::string& s) {
   out += s;
 }
 
-std::string encode_header(const ShardHeader& h) {
+std::string encode_header(const ShardHeader& h, uint64_t body_sum) {
   std::string out(kShardMagic, sizeof(kShardMagic));
   put<uint32_t>(out, kShardVersion);
   put<uint32_t>(out, 0);  // header_bytes, patched below
+  put<uint64_t>(out, 0);  // header checksum, patched below
+  put<uint64_t>(out, body_sum);
   put<int32_t>(out, h.vocab_size);
   put<int32_t>(out, h.seq_len);
   put<int64_t>(out, h.num_sequences);
@@ -41,6 +61,8 @@ std::string encode_header(const ShardHeader& h) {
   out.resize((out.size() + 7) / 8 * 8, '\0');  // the body starts 8-byte aligned (mmap-friendly)
   const uint32_t header_bytes = static_cast<uint32_t>(out.size());
   std::memcpy(out.data() + 12, &header_bytes, 4);
+  const uint64_t header_sum = header_checksum(out);
+  std::memcpy(out.data() + kHeaderChecksumAt, &header_sum, 8);
   return out;
 }
 
@@ -66,14 +88,21 @@ struct HeaderReader {
     return s;
   }
   void need(size_t n, const char* field) const {
-    if (pos + n > bytes.size())
+    if (n > bytes.size() - pos)
       throw std::runtime_error(fmt::format("shard '{}': corrupt header: {} ends at byte {}, past the header's {} bytes",
                                            file, field, pos + n, bytes.size()));
   }
 };
 
-// Reads and checks the header; leaves `in` at the start of the body and returns the header size in bytes.
-int64_t read_header(std::ifstream& in, const std::string& file, ShardHeader& h) {
+// What read_header finds besides the ShardHeader.
+struct HeaderLayout {
+  int64_t header_bytes = 0;    // the body starts here
+  uint64_t body_checksum = 0;  // FNV-1a of the body, as written
+};
+
+// Reads and checks the header, its checksum included; leaves `in` at the start of the body.
+HeaderLayout read_header(std::ifstream& in, const std::filesystem::path& path, ShardHeader& h) {
+  const std::string file = path.string();
   std::string fixed(kFixedHeaderBytes, '\0');
   in.read(fixed.data(), kFixedHeaderBytes);
   if (in.gcount() != kFixedHeaderBytes)
@@ -87,16 +116,20 @@ int64_t read_header(std::ifstream& in, const std::string& file, ShardHeader& h) 
     throw std::runtime_error(
         fmt::format("shard '{}': format version {} is not supported (expected {})", file, version, kShardVersion));
   const uint32_t header_bytes = r.get<uint32_t>("header_bytes");
-  if (header_bytes < kFixedHeaderBytes || header_bytes % 8 != 0)
+  const uint64_t stored_header_checksum = r.get<uint64_t>("header_checksum");
+  HeaderLayout layout{header_bytes, r.get<uint64_t>("body_checksum")};
+  const uintmax_t file_bytes = std::filesystem::file_size(path);
+  if (header_bytes < kFixedHeaderBytes || header_bytes % 8 != 0 || header_bytes > file_bytes)
     throw std::runtime_error(fmt::format("shard '{}': corrupt header: header_bytes {} (expected a multiple of 8, "
-                                         ">= {})", file, header_bytes, kFixedHeaderBytes));
+                                         ">= {}, within the file's {} bytes)",
+                                         file, header_bytes, kFixedHeaderBytes, file_bytes));
   std::string bytes = fixed;
   bytes.resize(header_bytes);
   in.read(bytes.data() + kFixedHeaderBytes, header_bytes - kFixedHeaderBytes);
   if (in.gcount() != header_bytes - kFixedHeaderBytes)
     throw std::runtime_error(fmt::format("shard '{}': truncated: expected at least the {}-byte header, got {} bytes",
                                          file, header_bytes, kFixedHeaderBytes + in.gcount()));
-  HeaderReader hr{bytes, file, 16};
+  HeaderReader hr{bytes, file, 32};
   h.vocab_size = hr.get<int32_t>("vocab_size");
   h.seq_len = hr.get<int32_t>("seq_len");
   h.num_sequences = hr.get<int64_t>("num_sequences");
@@ -108,8 +141,16 @@ int64_t read_header(std::ifstream& in, const std::string& file, ShardHeader& h) 
                                          file, h.vocab_size, h.seq_len, h.num_sequences, num_domains));
   std::vector<std::string> names;
   for (int32_t d = 0; d < num_domains; d++) names.push_back(hr.get_string("domain name"));
-  h.domains = Domains(std::move(names));
-  return header_bytes;
+  try {
+    h.domains = Domains(std::move(names));
+  } catch (const std::invalid_argument& e) {  // an empty or a repeated name
+    throw std::runtime_error(fmt::format("shard '{}': corrupt header: {}", file, e.what()));
+  }
+  if (const uint64_t actual = header_checksum(bytes); actual != stored_header_checksum)
+    throw std::runtime_error(fmt::format("shard '{}': corrupt header: its bytes give checksum {:016x}, the header "
+                                         "says {:016x}",
+                                         file, actual, stored_header_checksum));
+  return layout;
 }
 
 void check_size(const std::filesystem::path& file, const ShardHeader& h, int64_t header_bytes) {
@@ -181,7 +222,7 @@ void write_shard(const std::filesystem::path& file, const Shard& shard) {
     throw std::invalid_argument(fmt::format("write_shard '{}': {} ints of rows, expected {} ({} sequences x {})",
                                             file.string(), shard.rows.size(), expected, shard.size(),
                                             shard.row_ints()));
-  const std::string header = encode_header(shard.header);
+  const std::string header = encode_header(shard.header, body_checksum(shard.rows));
   write_file_atomic(file, [&](std::ostream& out) {
     out.write(header.data(), std::ssize(header));
     out.write(reinterpret_cast<const char*>(shard.rows.data()), std::streamsize(shard.rows.size() * 4));
@@ -192,7 +233,7 @@ ShardHeader read_shard_header(const std::filesystem::path& file) {
   std::ifstream in(file, std::ios::binary);
   if (!in) throw std::runtime_error(fmt::format("cannot open shard '{}'", file.string()));
   ShardHeader h;
-  check_size(file, h, read_header(in, file.string(), h));
+  check_size(file, h, read_header(in, file, h).header_bytes);
   return h;
 }
 
@@ -200,7 +241,8 @@ Shard read_shard(const std::filesystem::path& file) {
   std::ifstream in(file, std::ios::binary);
   if (!in) throw std::runtime_error(fmt::format("cannot open shard '{}'", file.string()));
   Shard shard;
-  const int64_t header_bytes = read_header(in, file.string(), shard.header);
+  const HeaderLayout layout = read_header(in, file, shard.header);
+  const int64_t header_bytes = layout.header_bytes;
   check_size(file, shard.header, header_bytes);
   shard.rows.resize(size_t(shard.size() * shard.row_ints()));
   in.read(reinterpret_cast<char*>(shard.rows.data()), std::streamsize(shard.rows.size() * 4));
@@ -222,6 +264,10 @@ Shard read_shard(const std::filesystem::path& file) {
                                              "range (expected 0..{} for vocab size {})", file.string(), i, t - 1,
                                              row_offset + t * 4, row[t], vocab - 1, vocab));
   }
+  if (const uint64_t actual = body_checksum(shard.rows); actual != layout.body_checksum)
+    throw std::runtime_error(fmt::format("shard '{}': corrupt body: its {} bytes give checksum {:016x}, the header "
+                                         "says {:016x}",
+                                         file.string(), shard.rows.size() * 4, actual, layout.body_checksum));
   return shard;
 }
 

@@ -14,7 +14,7 @@
 namespace moelab::data {
 
 inline constexpr char kShardMagic[8] = {'M', 'O', 'E', 'L', 'A', 'B', 'S', 'H'};
-inline constexpr uint32_t kShardVersion = 1;
+inline constexpr uint32_t kShardVersion = 2;  // 2: checksums of the header and the body
 
 struct ShardHeader {
   int32_t vocab_size = 0;
@@ -51,9 +51,9 @@ Shard select_sequences(const Shard& shard, std::span<const int64_t> ids);
 // Atomic (temporary file + rename). Throws when rows.size() does not match the header.
 void write_shard(const std::filesystem::path& file, const Shard& shard);
 
-// Validates magic, version, exact file size, domain ids and token ids (< vocab_size); errors name the file and,
-// for a bad id, the sequence and byte offset.
+// Validates magic, version, the header's fields and checksum, exact file size, domain ids and token ids
+// (< vocab_size), then the body's checksum; errors name the file and, for a bad id, the sequence and byte offset.
 Shard read_shard(const std::filesystem::path& file);
-ShardHeader read_shard_header(const std::filesystem::path& file);  // header only (cheap)
+ShardHeader read_shard_header(const std::filesystem::path& file);  // header only (cheap): all but the body's checks
 
 }  // namespace moelab::data

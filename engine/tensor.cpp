@@ -8,6 +8,7 @@
 
 #include "engine/autograd.h"
 #include "engine/cuda/runtime.h"
+#include "engine/error.h"
 
 namespace moelab {
 
@@ -15,8 +16,22 @@ std::string shape_str(const Shape& shape) { return fmt::format("[{}]", fmt::join
 
 int64_t shape_numel(const Shape& shape) {
   int64_t n = 1;
-  for (int64_t s : shape) n *= s;
+  bool overflow = false, has_zero = false;  // a size 0 anywhere makes the count 0, even after an overflow
+  for (int64_t s : shape) {
+    if (s < 0) fail("shape {} has a negative size", shape_str(shape));
+    overflow = __builtin_mul_overflow(n, s, &n) || overflow;
+    has_zero = has_zero || s == 0;
+  }
+  if (has_zero) return 0;
+  if (overflow) fail("shape {} has more than 2^63 - 1 elements", shape_str(shape));
   return n;
+}
+
+int64_t shape_bytes(const Shape& shape, DType dtype) {
+  int64_t bytes = 0;
+  if (__builtin_mul_overflow(shape_numel(shape), static_cast<int64_t>(dtype_size(dtype)), &bytes))
+    fail("shape {} of {} has more than 2^63 - 1 bytes", shape_str(shape), dtype_name(dtype));
+  return bytes;
 }
 
 // ---- Storage ---------------------------------------------------------------------------------------------------------
@@ -46,7 +61,7 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Device device) {
   auto impl = std::make_shared<TensorImpl>();
   impl->shape = shape;
   impl->dtype = dtype;
-  impl->storage = std::make_shared<Storage>(shape_numel(shape) * dtype_size(dtype), device);
+  impl->storage = std::make_shared<Storage>(static_cast<size_t>(shape_bytes(shape, dtype)), device);
   return Tensor(std::move(impl));
 }
 

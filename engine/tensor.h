@@ -16,7 +16,11 @@ namespace moelab {
 
 using Shape = std::vector<int64_t>;
 std::string shape_str(const Shape& shape);  // "[2, 3]"
+// Elements of a shape. Throws std::invalid_argument on a negative size or a count above 2^63 - 1 (shapes come from
+// files too: a corrupt one must fail, not wrap around).
 int64_t shape_numel(const Shape& shape);
+// Bytes of a dense tensor of `shape` and `dtype`; throws like shape_numel, also when the bytes pass 2^63 - 1.
+int64_t shape_bytes(const Shape& shape, DType dtype);
 
 // One allocation on one device. Tensors that are views of each other share it.
 class Storage {

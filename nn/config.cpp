@@ -4,9 +4,14 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
+#include <utility>
+
+#include "data/excerpt.h"
+#include "engine/error.h"
 
 namespace moelab::nn {
 
@@ -22,6 +27,21 @@ void ModelConfig::validate() const {
   auto require = [](bool ok, const std::string& what) {
     if (!ok) throw std::invalid_argument("model config: " + what);
   };
+  // Sizes become tensor dimensions and int32 token ids: at most 2^31 - 1 keeps every product of two in 63 bits
+  // (checked first: the checks below multiply them).
+  const std::pair<const char*, int64_t> sizes[] = {{"vocab_size", vocab_size},
+                                                   {"d_model", d_model},
+                                                   {"n_layers", n_layers},
+                                                   {"n_heads", n_heads},
+                                                   {"seq_len", seq_len},
+                                                   {"n_experts", n_experts},
+                                                   {"top_k", top_k},
+                                                   {"expert_hidden", expert_hidden},
+                                                   {"shared_experts", shared_experts},
+                                                   {"moe_every", moe_every},
+                                                   {"dense_hidden", dense_hidden}};
+  for (const auto& [name, value] : sizes)
+    require(value <= INT32_MAX, fmt::format("{} must be <= 2^31 - 1, got {}", name, value));
   require(vocab_size > 0, fmt::format("vocab_size must be > 0, got {}", vocab_size));
   require(d_model > 0 && n_heads > 0 && d_model % n_heads == 0,
           fmt::format("d_model ({}) must be a positive multiple of n_heads ({})", d_model, n_heads));
@@ -35,9 +55,13 @@ void ModelConfig::validate() const {
     require(expert_hidden > 0, fmt::format("expert_hidden must be > 0, got {}", expert_hidden));
   }
   require(shared_experts >= 0, fmt::format("shared_experts must be >= 0, got {}", shared_experts));
+  require(dense_hidden >= 0, fmt::format("dense_hidden must be >= 0, got {}", dense_hidden));
   for (int64_t l : dense_layers)
     require(l >= 0 && l < n_layers, fmt::format("dense_layers entry {} is not a layer of [0, {})", l, n_layers));
   require(dense_ffn_hidden() > 0, "dense layers need dense_hidden > 0 (or top_k * expert_hidden > 0)");
+  require(std::isfinite(rope_theta) && rope_theta > 0, fmt::format("rope_theta must be > 0, got {}", rope_theta));
+  require(std::isfinite(norm_eps) && norm_eps > 0, fmt::format("norm_eps must be > 0, got {}", norm_eps));
+  require(std::isfinite(init_std) && init_std >= 0, fmt::format("init_std must be >= 0, got {}", init_std));
 }
 
 ModelConfig model_preset(const std::string& name) {
@@ -68,32 +92,67 @@ void to_json(nlohmann::json& j, const ModelConfig& c) {
                      {"init_std", c.init_std}};
 }
 
-void from_json(const nlohmann::json& j, ModelConfig& c) {
-  ModelConfig d;  // missing keys keep their defaults; unknown keys are an error (a typo must not pass silently)
+namespace {
+
+using nlohmann::json;
+
+// The JSON types each field accepts, and their names for errors.
+bool has_type(const json& v, const int64_t&) {
+  return v.is_number_integer() && !(v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX));
+}
+bool has_type(const json& v, const double&) { return v.is_number(); }
+bool has_type(const json& v, const bool&) { return v.is_boolean(); }
+bool has_type(const json& v, const std::vector<int64_t>& list) {
+  return v.is_array() && std::all_of(v.begin(), v.end(), [&](const json& x) { return has_type(x, int64_t{}); });
+}
+const char* type_name(const int64_t&) { return "an integer"; }
+const char* type_name(const double&) { return "a number"; }
+const char* type_name(const bool&) { return "true or false"; }
+const char* type_name(const std::vector<int64_t>&) { return "an array of integers"; }
+
+// j[key] into `out`, its JSON type checked. A missing key is an error when `required`, else `out` keeps its default.
+template <class T> void read_key(const json& j, const char* key, T& out, bool required) {
+  auto it = j.find(key);
+  if (it == j.end()) {
+    if (required) fail("model config: missing key '{}'", key);
+    return;
+  }
+  if (!has_type(*it, out))
+    fail("model config: key '{}' must be {}, got {} {}", key, type_name(out), it->type_name(),
+         data::excerpt(it->dump()));
+  out = it->template get<T>();
+}
+
+}  // namespace
+
+void from_json(const json& j, ModelConfig& c) {
+  if (!j.is_object()) fail("model config: expected a JSON object, got {}", j.type_name());
   static const char* known[] = {"vocab_size", "d_model",      "n_layers",     "n_heads",        "seq_len",
                                 "n_experts",  "top_k",        "expert_hidden", "norm_topk",     "shared_experts",
                                 "moe_every",  "dense_layers", "dense_hidden", "tie_embeddings", "rope_theta",
                                 "norm_eps",   "init_std"};
-  for (const auto& [key, value] : j.items())
+  for (const auto& [key, value] : j.items())  // a typo must not pass silently
     if (std::find_if(std::begin(known), std::end(known), [&](const char* k) { return key == k; }) == std::end(known))
-      throw std::invalid_argument("model config: unknown key '" + key + "'");
-  c.vocab_size = j.value("vocab_size", d.vocab_size);
-  c.d_model = j.value("d_model", d.d_model);
-  c.n_layers = j.value("n_layers", d.n_layers);
-  c.n_heads = j.value("n_heads", d.n_heads);
-  c.seq_len = j.value("seq_len", d.seq_len);
-  c.n_experts = j.value("n_experts", d.n_experts);
-  c.top_k = j.value("top_k", d.top_k);
-  c.expert_hidden = j.value("expert_hidden", d.expert_hidden);
-  c.norm_topk = j.value("norm_topk", d.norm_topk);
-  c.shared_experts = j.value("shared_experts", d.shared_experts);
-  c.moe_every = j.value("moe_every", d.moe_every);
-  c.dense_layers = j.value("dense_layers", d.dense_layers);
-  c.dense_hidden = j.value("dense_hidden", d.dense_hidden);
-  c.tie_embeddings = j.value("tie_embeddings", d.tie_embeddings);
-  c.rope_theta = j.value("rope_theta", d.rope_theta);
-  c.norm_eps = j.value("norm_eps", d.norm_eps);
-  c.init_std = j.value("init_std", d.init_std);
+      fail("model config: unknown key '{}'", data::excerpt(key));
+  c = ModelConfig{};
+  // The sizes are required; the later options keep their defaults when absent (checkpoints written before them).
+  read_key(j, "vocab_size", c.vocab_size, true);
+  read_key(j, "d_model", c.d_model, true);
+  read_key(j, "n_layers", c.n_layers, true);
+  read_key(j, "n_heads", c.n_heads, true);
+  read_key(j, "seq_len", c.seq_len, true);
+  read_key(j, "n_experts", c.n_experts, true);
+  read_key(j, "top_k", c.top_k, true);
+  read_key(j, "expert_hidden", c.expert_hidden, true);
+  read_key(j, "norm_topk", c.norm_topk, false);
+  read_key(j, "shared_experts", c.shared_experts, false);
+  read_key(j, "moe_every", c.moe_every, false);
+  read_key(j, "dense_layers", c.dense_layers, false);
+  read_key(j, "dense_hidden", c.dense_hidden, false);
+  read_key(j, "tie_embeddings", c.tie_embeddings, false);
+  read_key(j, "rope_theta", c.rope_theta, false);
+  read_key(j, "norm_eps", c.norm_eps, false);
+  read_key(j, "init_std", c.init_std, false);
 }
 
 }  // namespace moelab::nn

@@ -12,6 +12,7 @@
 
 #include "apps/analysis/evaluation.h"
 #include "apps/analysis/export.h"
+#include "apps/analysis/metrics_log.h"
 #include "apps/analysis/run_analysis.h"
 #include "apps/analysis/text.h"
 #include "apps/report/html.h"
@@ -499,4 +500,60 @@ TEST_CASE("analyze: missing files, a mismatched checkpoint and a corpus without 
   CHECK_THROWS_WITH(analyze_run(runs.base, options), doctest::Contains("missing key 'domain'"));
   options.corpus = one_domain.string();
   CHECK_THROWS_WITH(analyze_run(runs.base, options), doctest::Contains("need at least 2"));
+}
+
+TEST_CASE("analyze: negative counts, a path as checkpoint name and a --data-dir that is a file are refused") {
+  AnalyzeOptions options;
+  options.similarity_tokens = -1;
+  testing::check_mentions(error_of([&] { validate(options); }), {"--similarity-tokens must be >= 0", "got -1"});
+  // analyze_run checks them before it reads anything.
+  testing::check_mentions(error_of([&] { analyze_run("/nowhere", options); }), {"--similarity-tokens"});
+  options = {};
+  options.max_batches = -3;
+  testing::check_mentions(error_of([&] { validate(options); }), {"--max-batches must be >= 0", "got -3"});
+  options = {};
+  options.checkpoint = "../elsewhere";
+  testing::check_mentions(error_of([&] { validate(options); }), {"--checkpoint", "got '../elsewhere'"});
+  testing::ScratchDir dir("analyze_flags");
+  std::ofstream(dir / "file") << "x";
+  options = {};
+  options.data_dir = dir / "file";
+  testing::check_mentions(error_of([&] { validate(options); }), {"--data-dir", "is not a folder"});
+}
+
+TEST_CASE("analyze: a non-finite metric is reported by name; NaN for a domain without tokens is not") {
+  RunAnalysis run;
+  run.run_dir = "runs/x";
+  run.domains = {"a", "b"};
+  run.experts = 4;
+  run.permutations = 1;
+  run.ce_domain = {2.0, NAN};  // domain b has no held-out tokens
+  run.ce = 2.0;
+  LayerAnalysis layer;
+  layer.layer = 1;
+  layer.routing.tokens = {10, 0};
+  layer.dppl_domain = {0.5, NAN};
+  layer.dppl = 0.5;
+  run.layers.push_back(layer);
+  CHECK_NOTHROW(check_finite_results(run));
+
+  run.layers[0].routing.mi.bits = NAN;
+  run.layers[0].dppl = INFINITY;
+  testing::check_mentions(
+      error_of([&] { check_finite_results(run); }),
+      {"run 'runs/x'", "2 non-finite results", "mutual information of layer 1 = nan", "dPPL of layer 1 = inf"});
+  run.ce_domain[0] = NAN;
+  testing::check_mentions(error_of([&] { check_finite_results(run); }), {"CE of 'a' = nan"});
+}
+
+TEST_CASE("analyze: a torn last line of the metrics log is left out, a bad line before it is an error") {
+  testing::ScratchDir dir("moelab_metrics_log");
+  const fs::path log = dir / "metrics.jsonl";
+  std::ofstream(log) << "{\"step\": 1, \"loss\": 2.5}\n{\"step\": 2, \"loss\": 2.0}\n{\"step\": 3, \"lo";
+  const apps::MetricsLog read = apps::read_metrics_log(log);
+  CHECK(read.train_lines == 2);
+  CHECK(read.train.at("loss") == apps::MetricsLog::Points{{1, 2.5}, {2, 2.0}});
+  std::ofstream(log) << "{\"step\": 1, \"loss\": 2.5}\n{\"step\": 3, \"lo\n{\"step\": 2, \"loss\": 2.0}\n";
+  testing::check_mentions(testing::error_of([&] { apps::read_metrics_log(log); }),
+                          {"metrics.jsonl:2", "not a metrics line"});
 }

@@ -13,6 +13,7 @@
 #include <nlohmann/json.hpp>
 
 #include "data/data.h"
+#include "data/excerpt.h"
 #include "data/file_io.h"
 #include "data/rng.h"
 #if MOELAB_HAVE_SENTENCEPIECE
@@ -230,9 +231,9 @@ TEST_CASE("data: shard write/read round trip, exact size, atomic write") {
   const auto shard = synthetic_shard(4, 16);
   const fs::path file = dir / "train.bin";
   write_shard(file, *shard);
-  // Header: 40 fixed bytes + "byte" (4) + 5 names with 4-byte lengths, padded to 8; then N rows of (16 + 2) int32.
+  // Header: 56 fixed bytes + "byte" (4) + 5 names with 4-byte lengths, padded to 8; then N rows of (16 + 2) int32.
   const int64_t names_bytes = 4 + 3 + 4 + 4 + 4 + 5 + 4 + 5 + 4 + 8;  // code csv cyrillic shout words
-  const int64_t header_bytes = (40 + 4 + names_bytes + 7) / 8 * 8;
+  const int64_t header_bytes = (56 + 4 + names_bytes + 7) / 8 * 8;
   CHECK(int64_t(fs::file_size(file)) == header_bytes + shard->size() * 18 * 4);
   int files = 0;
   for (const auto& entry : fs::directory_iterator(dir.path())) files += entry.is_regular_file();
@@ -272,7 +273,7 @@ TEST_CASE("data: corrupt shards: truncated, trailing bytes, bad magic, bad versi
   CHECK(contains(error_of([&] { read_shard_header(file); }), "truncated"));
 
   fs::resize_file(file, 20);
-  CHECK(contains(error_of([&] { read_shard(file); }), "shorter than the 40-byte fixed header"));
+  CHECK(contains(error_of([&] { read_shard(file); }), "shorter than the 56-byte fixed header"));
 
   write_shard(file, *shard);
   fs::resize_file(file, size + 4);
@@ -290,7 +291,7 @@ TEST_CASE("data: corrupt shards: truncated, trailing bytes, bad magic, bad versi
   write_shard(file, *shard);
   const uint32_t version = 99;
   patch(8, &version, 4);
-  CHECK(contains(error_of([&] { read_shard(file); }), "format version 99 is not supported (expected 1)"));
+  CHECK(contains(error_of([&] { read_shard(file); }), "format version 99 is not supported (expected 2)"));
 
   write_shard(file, *shard);
   const int32_t bad_token = 300;
@@ -560,4 +561,163 @@ TEST_CASE("data: the committed small corpus (scripts/build_corpus.py format) rea
   const Batch batch = loader.next();
   CHECK(batch.inputs.size() == 8 * 64);
   CHECK(ByteTokenizer().decode(shard->tokens(0)).size() == 65);
+}
+
+// ==== values read from disk: corrupt input gives one short line naming the file ====================================
+
+TEST_CASE("data: a long JSONL line with one bad byte gives a short error with the line and its length") {
+  TempDir dir;
+  const fs::path file = dir / "long.jsonl";
+  const std::string good = "{\"text\": \"ok\", \"domain\": \"d\"}\n";
+  std::string line = "{\"text\": \"" + std::string(4 << 20, 'a') + "\xff" + "\", \"domain\": \"d\"}";
+  write_text(file, good + line + "\n");
+  const std::string message = error_of([&] { read_jsonl(file); });
+  CHECK(message.size() < 300);
+  CHECK(contains(message, file.string() + ":2"));
+  CHECK(contains(message, fmt::format("of {}", line.size())));  // the line's byte length
+  CHECK(contains(message, "ill-formed UTF-8"));
+  CHECK(contains(message, "aaa\\xff'"));  // the bad byte, quoted as \xff, at the end of a short excerpt
+
+  // A 1 MB domain name is quoted cut short, with its length.
+  write_text(file, "{\"text\": \"x\", \"domain\": \"" + std::string(1 << 20, 'z') + "\"}\n");
+  const std::string unknown = error_of([&] { read_jsonl(file, {.domains = {"d"}}); });
+  CHECK(unknown.size() < 300);
+  CHECK(contains(unknown, fmt::format("zzz... ({} bytes)", 1 << 20)));
+}
+
+TEST_CASE("data: excerpts of bytes from files are short, printable and say the whole length") {
+  CHECK(excerpt("plain") == "plain");
+  CHECK(excerpt("tab\there\n") == "tab\\x09here\\x0a");
+  CHECK(excerpt("\xc3\xa9t\xc3\xa9") == "\xc3\xa9t\xc3\xa9");  // UTF-8 stays
+  CHECK(excerpt("a\xff\xc3") == "a\\xff\\xc3");                // bytes that are no character do not
+  CHECK(excerpt(std::string(1000, 'x'), 10) == "xxxxxxxxxx... (1000 bytes)");
+  CHECK(excerpt("ab\xc3\xa9", 3) == "ab... (4 bytes)");  // a character is never cut in two
+  const auto error_parsing = [](const std::string& input) {
+    try {
+      (void)nlohmann::json::parse(input);
+    } catch (const nlohmann::json::exception& e) {
+      return json_error(e, input);
+    }
+    return std::string("<no exception>");
+  };
+  const std::string message = error_parsing(std::string(1000, ' ') + "{oops}");
+  CHECK(message.size() < 200);
+  CHECK(contains(message, "invalid JSON at byte 100"));
+  CHECK(contains(message, "of 1006: syntax error while parsing object key"));
+  CHECK(contains(message, "; expected string literal"));
+  CHECK(contains(message, "; near '..." + std::string(22, ' ') + "{o'"));  // the 24 bytes up to the error
+  // A number too large for a double: not a parse error, and its 10000 digits are cut short too.
+  const std::string overflow = error_parsing("[" + std::string(10000, '9') + "]");
+  CHECK(overflow.size() < 200);
+  CHECK(contains(overflow, "invalid JSON: number overflow parsing '999"));
+}
+
+TEST_CASE("data: a shard header with a flipped bit fails its checksum, naming the file") {
+  TempDir dir;
+  const auto shard = synthetic_shard(2, 8);
+  const fs::path file = dir / "train.bin";
+  write_shard(file, *shard);
+  const std::string header = read_file(file).substr(0, 200);
+  const size_t at = header.find("cyrillic");
+  REQUIRE(at != std::string::npos);
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(std::streamoff(at));
+  f.put('C');  // the domain "cyrillic" would silently become "Cyrillic"
+  f.close();
+  for (const std::string& message : {error_of([&] { read_shard(file); }), error_of([&] { read_shard_header(file); })}) {
+    CHECK(contains(message, file.string()));
+    CHECK(contains(message, "corrupt header: its bytes give checksum"));
+  }
+}
+
+namespace {
+
+// A corpus folder and the shard options of a small build from it.
+struct CachedCorpus {
+  TempDir dir;
+  ShardBuildOptions options;
+  CachedCorpus() {
+    std::string text;
+    for (const Document& d : make_synthetic_corpus(1, 6, 3, 300))
+      text += nlohmann::json{{"text", d.text}, {"domain", d.domain}}.dump() + "\n";
+    write_text(dir / "corpus/train.jsonl", text);
+    options = {.train_jsonl = dir / "corpus/train.jsonl", .holdout_every = 5, .seq_len = 32, .out_dir = dir / "shards"};
+  }
+  void patch(const fs::path& file, int64_t offset, const std::string& bytes) const {
+    std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(offset);
+    f.write(bytes.data(), std::streamsize(bytes.size()));
+  }
+};
+
+}  // namespace
+
+TEST_CASE("data: cached shards with a corrupt header, body or manifest are rebuilt, saying why") {
+  CachedCorpus corpus;
+  const BuiltShards first = build_and_read_shards(corpus.options, ByteTokenizer());
+  CHECK(!first.build.up_to_date);
+  CHECK(first.build.cache_problem.empty());
+  const BuiltShards again = build_and_read_shards(corpus.options, ByteTokenizer());
+  CHECK(again.build.up_to_date);
+  CHECK(again.build.cache_problem.empty());
+
+  // A flipped bit in a domain name of the header: caught by the header's checksum.
+  const fs::path train = first.build.train_shard;
+  const size_t at = read_file(train).find("words");
+  REQUIRE(at != std::string::npos);
+  corpus.patch(train, int64_t(at), "Words");
+  BuiltShards rebuilt = build_and_read_shards(corpus.options, ByteTokenizer());
+  CHECK(!rebuilt.build.up_to_date);
+  CHECK(contains(rebuilt.build.cache_problem, train.string()));
+  CHECK(contains(rebuilt.build.cache_problem, "corrupt header"));
+  CHECK(rebuilt.train.header.domains == first.train.header.domains);
+  CHECK(rebuilt.train.rows == first.train.rows);
+
+  // A token changed to another valid id: only the body's checksum sees it.
+  const int64_t header_bytes = int64_t(fs::file_size(train)) - first.train.size() * first.train.row_ints() * 4;
+  corpus.patch(train, header_bytes + 8, std::string("\x41\x00\x00\x00", 4));
+  rebuilt = build_and_read_shards(corpus.options, ByteTokenizer());
+  CHECK(contains(rebuilt.build.cache_problem, "corrupt body"));
+  CHECK(rebuilt.train.rows == first.train.rows);
+
+  // The manifest's domains no longer match the shards' headers.
+  nlohmann::json manifest = nlohmann::json::parse(read_file(first.build.manifest));
+  manifest["domains"][0] = "renamed";
+  write_text(first.build.manifest, manifest.dump());
+  rebuilt = build_and_read_shards(corpus.options, ByteTokenizer());
+  CHECK(contains(rebuilt.build.cache_problem, "differ from the manifest's"));
+  CHECK(rebuilt.build.domains == first.build.domains);
+
+  // A manifest that is not JSON, or whose counts have the wrong type.
+  write_text(first.build.manifest, "{\"inputs\": ");
+  CHECK(contains(build_shards(corpus.options, ByteTokenizer()).cache_problem, "not valid JSON"));
+  manifest = nlohmann::json::parse(read_file(first.build.manifest));
+  manifest["train_sequences_per_domain"] = "many";
+  write_text(first.build.manifest, manifest.dump());
+  CHECK(contains(build_shards(corpus.options, ByteTokenizer()).cache_problem,
+                 "'train_sequences_per_domain' is not a list of 3 counts"));
+  CHECK(build_shards(corpus.options, ByteTokenizer()).up_to_date);  // rebuilt: fine again
+}
+
+TEST_CASE("data: cached shards of another seq_len or vocabulary than the run asks for are rebuilt") {
+  CachedCorpus corpus;
+  const BuiltShards wanted = build_and_read_shards(corpus.options, ByteTokenizer());
+  // Shards of seq_len 16 put in place of the cache of seq_len 32 (the manifest still says 32).
+  ShardBuildOptions shorter = corpus.options;
+  shorter.seq_len = 16;
+  shorter.out_dir = corpus.dir / "shorter";
+  const BuiltShards other = build_and_read_shards(shorter, ByteTokenizer());
+  fs::copy_file(other.build.train_shard, wanted.build.train_shard, fs::copy_options::overwrite_existing);
+  BuiltShards rebuilt = build_and_read_shards(corpus.options, ByteTokenizer());
+  CHECK(contains(rebuilt.build.cache_problem, "has seq_len 16, but the run needs 32"));
+  CHECK(rebuilt.train.seq_len() == 32);
+
+  // A shard written for a vocabulary of 512 under the byte tokenizer's name.
+  Shard wide = wanted.validation;
+  wide.header.vocab_size = 512;
+  write_shard(wanted.build.validation_shard, wide);
+  rebuilt = build_and_read_shards(corpus.options, ByteTokenizer());
+  CHECK(contains(rebuilt.build.cache_problem, wanted.build.validation_shard.string()));
+  CHECK(contains(rebuilt.build.cache_problem, "has vocab_size 512, but the run needs 256"));
+  CHECK(rebuilt.validation.header.vocab_size == 256);
 }

@@ -173,6 +173,12 @@ TEST_CASE("eval: missing checkpoint, mismatched config and a corpus without doma
   CHECK_THROWS_WITH(load_checkpoint(run.checkpoint, longer), doctest::Contains("trained at model.seq_len = 32"));
   fs::path vocab =
       checkpoint_with_config(run.checkpoint, bad / "vocab", [](nlohmann::json& c) { c["vocab_size"] = 300; });
+  {  // parameters that fit the config: 300 rows of embeddings and logits
+    nn::SafeTensors st = nn::load_safetensors(vocab / kModelFile);
+    for (nn::NamedTensor& t : st.tensors)
+      if (t.name == "tok_emb.weight" || t.name == "lm_head.weight") t.tensor = zeros({300, t.tensor.size(1)});
+    nn::save_safetensors(vocab / kModelFile, st.tensors, st.metadata);
+  }
   EvalOptions byte = o;
   byte.data.tokenizer = "byte";
   CHECK_THROWS_WITH(load_checkpoint(vocab, byte),
@@ -231,4 +237,91 @@ TEST_CASE("eval: the table, the JSON and the run's options read back from a chec
   CHECK(ignored == std::vector<std::string>{"future.option"});
   flat["train.steps"] = "many";
   CHECK_THROWS_WITH(train_config_from_json(flat), doctest::Contains("must be an integer"));
+}
+
+TEST_CASE("eval: a checkpoint whose config claims 100000 layers fails before the model is built") {
+  TrainedRun& run = trained();
+  const fs::path huge = checkpoint_with_config(run.checkpoint, run.dir / "bad" / "huge",
+                                               [](nlohmann::json& c) { c["n_layers"] = 100000; });
+  // Building it would allocate 100000 layers; the check against the file's tensors stops at the first missing one.
+  testing::check_mentions(
+      testing::error_of([&] { load_checkpoint(huge, run.options(1, 0)); }),
+      {(huge / kModelFile).string(), "do not match its model config", "needs tensor 'layers.2.attn_norm.weight' [32]"});
+}
+
+TEST_CASE("eval: checkpoint metadata of the wrong type names the file and the key") {
+  TrainedRun& run = trained();
+  const EvalOptions o = run.options(1, 0);
+  const fs::path bad = run.dir / "bad";
+  const fs::path typed =
+      checkpoint_with_config(run.checkpoint, bad / "typed", [](nlohmann::json& c) { c["n_layers"] = "two"; });
+  testing::check_mentions(
+      testing::error_of([&] { load_checkpoint(typed, o); }),
+      {(typed / kModelFile).string(), "__metadata__ 'config'", "key 'n_layers' must be an integer"});
+  const fs::path missing =
+      checkpoint_with_config(run.checkpoint, bad / "missing", [](nlohmann::json& c) { c.erase("d_model"); });
+  testing::check_mentions(testing::error_of([&] { load_checkpoint(missing, o); }),
+                          {(missing / kModelFile).string(), "missing key 'd_model'"});
+
+  nn::SafeTensors st = nn::load_safetensors(run.checkpoint / kModelFile);
+  fs::create_directories(bad / "step");
+  st.metadata["step"] = "sixty";
+  nn::save_safetensors(bad / "step" / kModelFile, st.tensors, st.metadata);
+  testing::check_mentions(testing::error_of([&] { load_checkpoint(bad / "step", o); }),
+                          {"step/model.safetensors", "__metadata__ 'step' must be an integer >= 0, got 'sixty'"});
+  st.metadata["step"] = "60";
+  st.metadata["config"] = "{\"vocab_size\": " + std::string(10000, '9');
+  fs::create_directories(bad / "json");
+  nn::save_safetensors(bad / "json" / kModelFile, st.tensors, st.metadata);
+  const std::string message = testing::error_of([&] { load_checkpoint(bad / "json", o); });
+  CHECK(message.size() < 300);
+  testing::check_mentions(message, {"json/model.safetensors", "__metadata__ 'config': invalid JSON: number overflow"});
+}
+
+TEST_CASE("eval: a non-finite parameter is refused by name, a non-finite result is reported") {
+  TrainedRun& run = trained();
+  const EvalOptions o = run.options(1, 0);
+  nn::SafeTensors st = nn::load_safetensors(run.checkpoint / kModelFile);
+  nn::SafeTensors broken = st;
+  for (nn::NamedTensor& t : broken.tensors)
+    if (t.name == "final_norm.weight") t.tensor = full({32}, INFINITY);
+  const fs::path inf_dir = run.dir / "bad" / "inf";
+  fs::create_directories(inf_dir);
+  nn::save_safetensors(inf_dir / kModelFile, broken.tensors, broken.metadata);
+  testing::check_mentions(testing::error_of([&] { load_checkpoint(inf_dir, o); }),
+                          {"inf/model.safetensors", "parameter 'final_norm.weight' holds a non-finite value (inf)"});
+
+  // Finite but huge weights: the logits overflow and the CE is not a number.
+  for (nn::NamedTensor& t : st.tensors)
+    if (t.name == "lm_head.weight") t.tensor = full(t.tensor.shape(), 3e38);
+  const fs::path huge_dir = run.dir / "bad" / "huge_weights";
+  fs::create_directories(huge_dir);
+  nn::save_safetensors(huge_dir / kModelFile, st.tensors, st.metadata);
+  const CheckpointEvaluation e = evaluate_checkpoint(huge_dir, run.options(1, 1));
+  testing::check_mentions(testing::error_of([&] { check_finite_results(e); }),
+                          {"huge_weights", "non-finite results", "CE of 'code' = nan"});
+
+  CheckpointEvaluation fine = evaluate_checkpoint(run.checkpoint, run.options(1, 1));
+  CHECK_NOTHROW(check_finite_results(fine));
+  fine.dppl[1].domains[3] = INFINITY;
+  testing::check_mentions(testing::error_of([&] { check_finite_results(fine); }),
+                          {"1 non-finite results", "dPPL of layer 1 on 'words' = inf"});
+}
+
+TEST_CASE("eval: negative counts and a --data-dir that is a file are refused, naming the flag") {
+  TrainedRun& run = trained();
+  EvalOptions o = run.options(1, 0);
+  o.batch_size = -1;
+  testing::check_mentions(testing::error_of([&] { evaluate_checkpoint(run.checkpoint, o); }),
+                          {"--batch-size must be >= 0", "got -1"});
+  o = run.options(-2, 0);
+  testing::check_mentions(testing::error_of([&] { validate(o); }), {"--max-batches must be >= 0", "got -2"});
+  o = run.options(1, -1);
+  testing::check_mentions(testing::error_of([&] { validate(o); }), {"--permutations must be >= 0"});
+  o = run.options(1, 0);
+  o.data.seq_len = -5;
+  testing::check_mentions(testing::error_of([&] { validate(o); }), {"--seq-len must be >= 0", "got -5"});
+  o = run.options(1, 0);
+  o.data_dir = run.checkpoint / kModelFile;
+  testing::check_mentions(testing::error_of([&] { validate(o); }), {"--data-dir", "is not a folder"});
 }

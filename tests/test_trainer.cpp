@@ -9,24 +9,16 @@
 #include "apps/train/checkpoint.h"
 #include "apps/train/trainer.h"
 #include "tests/testing.h"
+#include "tests/train_testing.h"
 
 using namespace moelab;
 using namespace moelab::apps;
+using moelab::testing::small_train_config;
 namespace fs = std::filesystem;
 
 namespace {
 
 fs::path scratch(const std::string& name) { return testing::fresh_temp_dir("trainer_" + name); }
-
-// A small MoE on the synthetic corpus: fast enough for many steps on 2 cores.
-TrainConfig small_config(const fs::path& out, int64_t steps) {
-  TrainConfig c = train_preset("tiny");
-  c.model.d_model = 32, c.model.n_heads = 2, c.model.seq_len = 32, c.model.expert_hidden = 32;
-  c.data.synthetic_docs = 40;
-  c.steps = steps, c.warmup = 5, c.eval_every = 0, c.eval_batches = 4, c.log_every = 1000;
-  c.out_dir = out.string();
-  return c;
-}
 
 std::vector<std::vector<float>> parameters_of(Trainer& t) {
   std::vector<std::vector<float>> out;
@@ -42,7 +34,7 @@ TEST_CASE("train: resume is bit-exact (20 steps == 10, stop, resume, 10)") {
   for (bool accumulate : {false, true}) {
     CAPTURE(accumulate);
     auto config = [&](const fs::path& out) {
-      TrainConfig c = small_config(out, 20);
+      TrainConfig c = small_train_config(out, 20);
       if (accumulate) {
         c.batch_size = 4, c.grad_accum = 2, c.losses.beta = 0.05, c.losses.ed_scope = moe::EDScope::Step;
         c.optimizer = OptimizerKind::OMoE, c.omoe.every = 3, c.omoe.reset = false;
@@ -87,7 +79,7 @@ TEST_CASE("train: gradient accumulation, 2 micro-batches of 4 sequences equal on
   fs::path dir = scratch("accumulation");
   std::ostringstream quiet;
   auto config = [&](const std::string& name, int64_t batch, int64_t accumulate, moe::EDScope scope) {
-    TrainConfig c = small_config(dir / name, 3);
+    TrainConfig c = small_train_config(dir / name, 3);
     c.batch_size = batch, c.grad_accum = accumulate;
     c.losses.alpha = 0, c.losses.beta = 0.05, c.losses.ed_scope = scope;
     c.optimizer = OptimizerKind::OMoE, c.omoe.every = 1, c.omoe.reset = false;
@@ -115,7 +107,7 @@ TEST_CASE("train: gradient accumulation, 2 micro-batches of 4 sequences equal on
 TEST_CASE("train: metrics log, evaluation per domain and checkpoint files") {
   fs::path dir = scratch("log");
   std::ostringstream out;
-  TrainConfig c = small_config(dir, 6);
+  TrainConfig c = small_train_config(dir, 6);
   c.eval_every = 3;
   Trainer t(c, out);
   t.run();
@@ -141,7 +133,9 @@ TEST_CASE("train: metrics log, evaluation per domain and checkpoint files") {
   CHECK(fs::exists(final_dir / kModelFile));
   CHECK(fs::exists(final_dir / kStateFile));
   CHECK(nlohmann::json(checkpoint_model_config(final_dir)) == nlohmann::json(c.model));
+  // The final checkpoint is written before the final evaluation, which a failure could otherwise cost the weights.
   CHECK(out.str().find("final checkpoint") != std::string::npos);
+  CHECK(out.str().find("final checkpoint") < out.str().find("eval @ step 6"));
   fs::remove_all(dir);
 }
 
@@ -185,16 +179,16 @@ TEST_CASE("train: options from preset, TOML file and flags, with clear errors") 
 TEST_CASE("train: resuming with a mismatched config or a missing checkpoint fails clearly, another batch per step resumes with a note") {
   fs::path dir = scratch("mismatch");
   std::ostringstream quiet;
-  Trainer t(small_config(dir, 2), quiet);
+  Trainer t(small_train_config(dir, 2), quiet);
   t.run();
-  TrainConfig other = small_config(dir / "other", 2);
+  TrainConfig other = small_train_config(dir / "other", 2);
   other.model.d_model = 64;
   other.resume = (dir / "checkpoints" / "final").string();
   CHECK_THROWS_WITH(Trainer(other, quiet), doctest::Contains("does not match"));
   other.resume = (dir / "nowhere").string();
   CHECK_THROWS_WITH(Trainer(other, quiet), doctest::Contains("missing model.safetensors"));
   // A different batch per step resumes, with a note.
-  TrainConfig more_accumulation = small_config(dir / "more", 4);
+  TrainConfig more_accumulation = small_train_config(dir / "more", 4);
   more_accumulation.grad_accum = 2;
   more_accumulation.resume = (dir / "checkpoints" / "final").string();
   std::ostringstream out;
@@ -210,7 +204,7 @@ TEST_CASE("train: expert divergence separates the domains' routing and keeps loa
   auto run = [](double beta) {
     fs::path dir = scratch("ed" + std::to_string(beta));
     std::ostringstream quiet;
-    TrainConfig c = small_config(dir, 120);
+    TrainConfig c = small_train_config(dir, 120);
     c.losses.beta = beta;
     Trainer t(c, quiet);
     t.run();

@@ -5,13 +5,16 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <nlohmann/json.hpp>
 #include <numeric>
 #include <stdexcept>
 
 #include "apps/train/checkpoint.h"
+#include "data/excerpt.h"
 #include "data/rng.h"
+#include "engine/error.h"
 
 namespace moelab::apps {
 
@@ -108,7 +111,28 @@ static std::string resolve_tokenizer(const TrainConfig& c, const fs::path& check
   return fs::absolute(spec).lexically_normal().string();
 }
 
+void validate(const EvalOptions& o) {
+  const std::pair<const char*, int64_t> counts[] = {{"--max-batches", o.max_batches},
+                                                    {"--batch-size", o.batch_size},
+                                                    {"--permutations", o.permutations},
+                                                    {"--seq-len", o.data.seq_len}};
+  for (const auto& [flag, value] : counts)
+    if (value < 0) fail("{} must be >= 0 (0: the default), got {}", flag, value);
+  if (fs::exists(o.data_dir) && !fs::is_directory(o.data_dir))
+    fail("--data-dir '{}' is not a folder", o.data_dir.string());
+}
+
+// A JSON value stored as a __metadata__ string; parse errors name the file and the key and quote little.
+static json metadata_json(const std::string& text, const fs::path& file, const char* key) {
+  try {
+    return json::parse(text);
+  } catch (const json::exception& e) {
+    throw std::runtime_error(fmt::format("{}: __metadata__ '{}': {}", file.string(), key, data::json_error(e, text)));
+  }
+}
+
 LoadedCheckpoint load_checkpoint(const fs::path& dir_arg, const EvalOptions& options) {
+  validate(options);
   if (options.device == Device::CUDA && cuda::device_count() == 0)
     throw std::invalid_argument(cuda::built_with_cuda() ? "device cuda: no CUDA device is visible"
                                                         : "device cuda: this build has no CUDA backend");
@@ -125,25 +149,39 @@ LoadedCheckpoint load_checkpoint(const fs::path& dir_arg, const EvalOptions& opt
   const std::string* model_json = meta("config");
   if (!model_json) throw std::runtime_error(fmt::format("{}: {} has no model config (\"config\") in __metadata__",
                                                         where, kModelFile));
+  const json model_config = metadata_json(*model_json, file, "config");
   try {
-    out.model_config = json::parse(*model_json).get<nn::ModelConfig>();
+    out.model_config = model_config.get<nn::ModelConfig>();
     out.model_config.validate();
   } catch (const std::exception& e) {
-    throw std::runtime_error(fmt::format("{}: invalid model config in {}: {}", where, kModelFile, e.what()));
+    throw std::runtime_error(fmt::format("{}: __metadata__ 'config': {}", file.string(), e.what()));
+  }
+  // Before anything is built: a config that claims more than the file holds fails here, not in an allocation.
+  try {
+    nn::check_parameters_match(out.model_config, st, file.string());
+  } catch (const std::exception& e) {
+    throw std::runtime_error(fmt::format("{}: its parameters do not match its model config: {}", where, e.what()));
   }
 
   const EvalDataOverrides& o = options.data;
   if (const std::string* train_json = meta("train_config")) {
+    const json train_config = metadata_json(*train_json, file, "train_config");
     try {
-      out.config = train_config_from_json(json::parse(*train_json), &out.ignored_options);
+      out.config = train_config_from_json(train_config, &out.ignored_options);
     } catch (const std::exception& e) {
-      throw std::runtime_error(fmt::format("{}: invalid train_config in {}: {}", where, kModelFile, e.what()));
+      throw std::runtime_error(fmt::format("{}: __metadata__ 'train_config': {}", file.string(), e.what()));
     }
   } else if (o.corpus.empty() || o.tokenizer.empty()) {
     throw std::runtime_error(fmt::format("{}: {} has no \"train_config\" in __metadata__, so the corpus and tokenizer "
                                          "are unknown: pass --corpus and --tokenizer", where, kModelFile));
   }
-  if (const std::string* step = meta("step")) out.step = std::stoll(*step);
+  if (const std::string* step = meta("step")) {
+    const char* end = step->data() + step->size();
+    auto [stop, error] = std::from_chars(step->data(), end, out.step);
+    if (error != std::errc() || stop != end || out.step < 0)
+      throw std::runtime_error(fmt::format("{}: __metadata__ 'step' must be an integer >= 0, got '{}'", file.string(),
+                                           data::excerpt(*step)));
+  }
 
   // The data config for evaluation: the run's, with the overrides; it must fit the stored model.
   TrainConfig& c = out.config;
@@ -151,7 +189,6 @@ LoadedCheckpoint load_checkpoint(const fs::path& dir_arg, const EvalOptions& opt
   if (!o.corpus.empty()) c.data.corpus = o.corpus;
   if (!o.text_key.empty()) c.data.text_key = o.text_key;
   if (!o.domain_key.empty()) c.data.domain_key = o.domain_key;
-  if (o.seq_len < 0) throw std::invalid_argument(fmt::format("--seq-len must be > 0, got {}", o.seq_len));
   if (o.seq_len > out.model_config.seq_len)
     throw std::invalid_argument(fmt::format("{}: --seq-len {} does not match the model, which was trained at "
                                             "model.seq_len = {} (evaluate at most that)",
@@ -171,8 +208,7 @@ LoadedCheckpoint load_checkpoint(const fs::path& dir_arg, const EvalOptions& opt
   try {
     nn::load_parameters(out.model->lm(), st, file.string());
   } catch (const std::exception& e) {
-    throw std::runtime_error(fmt::format("{}: its parameters do not match its model config {}: {}", where,
-                                         json(out.model_config).dump(), e.what()));
+    throw std::runtime_error(fmt::format("{}: cannot load its parameters: {}", where, e.what()));
   }
   out.model->lm().to(options.device);
   return out;
@@ -372,8 +408,6 @@ std::vector<LayerDPPL> router_permutation_dppl(moe::MoEModel& model, const EvalS
 // ---- one checkpoint -------------------------------------------------------------------------------------------------
 
 CheckpointEvaluation evaluate_checkpoint(const fs::path& dir, const EvalOptions& options) {
-  if (options.permutations < 0)
-    throw std::invalid_argument(fmt::format("--permutations must be >= 0, got {}", options.permutations));
   LoadedCheckpoint ck = load_checkpoint(dir, options);
   TrainingData data = prepare_eval_data(ck, options);
   const int64_t batch_size = options.batch_size > 0 ? options.batch_size : ck.config.batch_size;
@@ -397,6 +431,30 @@ CheckpointEvaluation evaluate_checkpoint(const fs::path& dir, const EvalOptions&
   if (options.permutations > 0)
     e.dppl = router_permutation_dppl(*ck.model, set, e.scores, M, options.permutations, options.seed);
   return e;
+}
+
+void check_finite_results(const CheckpointEvaluation& e) {
+  std::vector<std::string> bad;
+  auto require = [&](double value, const std::string& what) {
+    if (!std::isfinite(value))
+      bad.push_back(fmt::format("{} = {}", what, std::isnan(value) ? "nan" : fmt::format("{}", value)));
+  };
+  for (int d = 0; d < e.domains.size(); ++d)
+    if (e.scores.domains[d].tokens > 0) require(e.scores.domains[d].ce(), fmt::format("CE of '{}'", e.domains.name(d)));
+  require(e.scores.overall.ce(), "CE of all domains");
+  for (const LayerDPPL& l : e.dppl) {
+    if (l.permutations.empty()) continue;  // one expert: nothing was permuted
+    for (int d = 0; d < e.domains.size(); ++d)
+      if (e.scores.domains[d].tokens > 0)
+        require(l.domains[d], fmt::format("dPPL of layer {} on '{}'", l.layer, e.domains.name(d)));
+    require(l.overall, fmt::format("dPPL of layer {}", l.layer));
+  }
+  if (bad.empty()) return;
+  const size_t shown = std::min<size_t>(bad.size(), 4);
+  throw std::runtime_error(fmt::format("checkpoint '{}': {} non-finite results (a diverged or corrupt model): {}{}",
+                                       e.checkpoint.string(), bad.size(),
+                                       fmt::join(bad.begin(), bad.begin() + static_cast<std::ptrdiff_t>(shown), ", "),
+                                       bad.size() > shown ? ", ..." : ""));
 }
 
 // ---- output ---------------------------------------------------------------------------------------------------------

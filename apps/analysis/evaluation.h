@@ -38,6 +38,10 @@ struct EvalOptions {
   std::filesystem::path data_dir;
 };
 
+// Checks the options a user gives on the command line: counts >= 0, a --data-dir that is a folder if it exists.
+// Throws std::invalid_argument naming the flag and the value.
+void validate(const EvalOptions& options);
+
 // A checkpoint loaded for evaluation.
 struct LoadedCheckpoint {
   std::filesystem::path dir;
@@ -50,9 +54,10 @@ struct LoadedCheckpoint {
   std::unique_ptr<moe::MoEModel> model;       // on the CPU, no router losses
 };
 
-// Reads <dir>/model.safetensors. Errors name the folder and what is missing or inconsistent: no such folder, no
-// model file, no "config" metadata, parameters that do not fit the config, overrides that do not fit the model.
-// `dir` may also be a run folder (out_dir): its checkpoints/final is used.
+// Reads <dir>/model.safetensors. Errors name the folder or file and what is missing or inconsistent: no such folder, no
+// model file, no "config" metadata or a bad key in it, parameters that do not fit the config (checked before the model
+// is built) or are not finite, overrides that do not fit the model. `dir` may also be a run folder (out_dir): its
+// checkpoints/final is used.
 LoadedCheckpoint load_checkpoint(const std::filesystem::path& dir, const EvalOptions& options = {});
 
 // The run's options from a checkpoint's "train_config" metadata (flat JSON, key -> value, as written by to_json).
@@ -129,6 +134,11 @@ struct CheckpointEvaluation {
 };
 
 CheckpointEvaluation evaluate_checkpoint(const std::filesystem::path& dir, const EvalOptions& options = {});
+
+// Throws when a result that should be a number is not finite (a diverged or corrupt model), naming each one: the CE of
+// every domain with tokens and of all domains, and every dPPL that was computed. NaN for a domain without tokens is
+// no error.
+void check_finite_results(const CheckpointEvaluation& eval);
 
 // The terminal table: one row per domain (CE, PPL, bpb, tokens, dPPL per MoE layer) and a row for all domains.
 std::string format_table(const CheckpointEvaluation& eval);

@@ -43,6 +43,7 @@ MetricsLog read_metrics_log(const fs::path& file) {
     ++line_no;
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() && in.eof()) break;  // the torn last line (getline hit the end before a newline)
     if (j.is_discarded() || !j.is_object() || !j.contains("step"))
       throw std::runtime_error(
           fmt::format("{}:{}: not a metrics line (expected a JSON object with \"step\")", file.string(), line_no));

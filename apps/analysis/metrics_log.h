@@ -18,7 +18,8 @@ struct MetricsLog {
   std::map<std::string, Points> train, eval;
   int64_t train_lines = 0, eval_lines = 0;
 };
-// Throws naming the file (missing) or file:line (not a JSON object, no "step").
+// Throws naming the file (missing) or file:line (not a JSON object, no "step"). A last line without its newline that
+// does not parse is a write cut short (a killed run, a full disk): it is left out, not an error.
 MetricsLog read_metrics_log(const std::filesystem::path& file);
 
 }  // namespace moelab::apps

@@ -9,6 +9,7 @@
 #include <stdexcept>
 
 #include "apps/analysis/evaluation.h"
+#include "engine/error.h"
 #include "engine/ops.h"
 
 namespace moelab::apps {
@@ -90,7 +91,60 @@ static RoutingTrace trace_text(moe::MoEModel& model, const data::Tokenizer& toke
   return trace;
 }
 
+void validate(const AnalyzeOptions& o) {
+  const std::pair<const char*, int64_t> counts[] = {{"--max-batches", o.max_batches},
+                                                    {"--permutations", o.permutations},
+                                                    {"--similarity-tokens", o.similarity_tokens}};
+  for (const auto& [flag, value] : counts)
+    if (value < 0) fail("{} must be >= 0, got {}", flag, value);
+  if (o.checkpoint.empty() || o.checkpoint.find('/') != std::string::npos)
+    fail("--checkpoint must be the name of a folder in <run>/checkpoints (e.g. final), got '{}'", o.checkpoint);
+  if (fs::exists(o.data_dir) && !fs::is_directory(o.data_dir))
+    fail("--data-dir '{}' is not a folder", o.data_dir.string());
+}
+
+void check_finite_results(const RunAnalysis& run) {
+  std::vector<std::string> bad;
+  auto require = [&](double value, const std::string& what) {
+    if (!std::isfinite(value))
+      bad.push_back(fmt::format("{} = {}", what, std::isnan(value) ? "nan" : fmt::format("{}", value)));
+  };
+  // Every MoE layer routes every held-out token, so the first layer's counts are the domains' tokens.
+  const std::vector<int64_t> no_tokens(run.domains.size(), 0);
+  const std::vector<int64_t>& tokens = run.layers.empty() ? no_tokens : run.layers.front().routing.tokens;
+  for (size_t d = 0; d < run.domains.size(); ++d)
+    if (tokens[d] > 0) require(run.ce_domain[d], fmt::format("CE of '{}'", run.domains[d]));
+  require(run.ce, "CE of all domains");
+  for (const LayerAnalysis& a : run.layers) {
+    const std::string layer = fmt::format("layer {}", a.layer);
+    const moe::LayerSpecialization& r = a.routing;
+    for (const auto& [value, name] : {std::pair{r.mi.bits, "mutual information"},
+                                      {r.mi.normalized, "normalized MI"},
+                                      {r.mean_jsd, "mean JSD"},
+                                      {r.divergence.total, "D_total"},
+                                      {r.divergence.inter, "D_inter"},
+                                      {r.divergence.intra, "D_intra"},
+                                      {r.load.entropy, "load entropy"},
+                                      {r.load.std, "load std"},
+                                      {a.variance.all, "parameter variance"}})
+      require(value, fmt::format("{} of {}", name, layer));
+    if (a.similarity.tokens > 0) require(a.similarity.mean, "output similarity of " + layer);
+    if (run.permutations > 0 && run.experts >= 2) {
+      for (size_t d = 0; d < run.domains.size(); ++d)
+        if (tokens[d] > 0) require(a.dppl_domain[d], fmt::format("dPPL of {} on '{}'", layer, run.domains[d]));
+      require(a.dppl, "dPPL of " + layer);
+    }
+  }
+  if (bad.empty()) return;
+  const size_t shown = std::min<size_t>(bad.size(), 4);
+  throw std::runtime_error(fmt::format("run '{}': {} non-finite results (a diverged or corrupt model): {}{}",
+                                       run.run_dir.string(), bad.size(),
+                                       fmt::join(bad.begin(), bad.begin() + static_cast<std::ptrdiff_t>(shown), ", "),
+                                       bad.size() > shown ? ", ..." : ""));
+}
+
 RunAnalysis analyze_run(const fs::path& run_dir, const AnalyzeOptions& options) {
+  validate(options);
   const std::string where = "run folder " + run_dir.string();
   if (!fs::is_directory(run_dir)) throw std::runtime_error(where + ": no such folder");
   const fs::path log_file = run_dir / "metrics.jsonl";
@@ -181,6 +235,7 @@ RunAnalysis analyze_run(const fs::path& run_dir, const AnalyzeOptions& options) 
     }
   }
   std::vector<LayerDPPL> dppl;
+  run.permutations = options.permutations;
   if (options.permutations > 0)
     dppl = router_permutation_dppl(model, set, scores, M, options.permutations, eval_options.seed);
   for (size_t l = 0; l < layers.size(); ++l) {

@@ -49,6 +49,7 @@ struct RunAnalysis {
   std::vector<double> ce_domain;  // [M] held-out mean CE (nats/token; NaN: no tokens)
   double ce = NAN;
   std::vector<LayerAnalysis> layers;  // MoE layers in order
+  int64_t permutations = 0;           // router permutations per layer of the dPPL (0: not computed)
   MetricsLog log;
   std::optional<RoutingTrace> trace;
 };
@@ -70,5 +71,14 @@ struct AnalyzeOptions {
 // Errors name the run folder and what is wrong: no folder, no metrics.jsonl, no such checkpoint (listing those
 // present), a checkpoint that does not fit its config, a corpus without domain labels or with fewer than 2 domains.
 RunAnalysis analyze_run(const std::filesystem::path& run_dir, const AnalyzeOptions& options = {});
+
+// Checks the options a user gives on the command line: counts >= 0, a checkpoint name, a --data-dir that is a folder
+// if it exists. Throws std::invalid_argument naming the flag and the value.
+void validate(const AnalyzeOptions& options);
+
+// Throws when a metric that should be a number is not finite (a diverged or corrupt model), naming each one: the CE of
+// every domain with tokens and of all domains, and per layer the routing metrics, the output similarity and parameter
+// variance, and the dPPL when it was computed.
+void check_finite_results(const RunAnalysis& run);
 
 }  // namespace moelab::apps

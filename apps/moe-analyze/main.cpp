@@ -62,11 +62,17 @@ int main(int argc, char** argv) {
   if (out_dir.empty()) out_dir = run_dirs.size() == 1 ? (fs::path(run_dirs[0]) / "analysis").string() : "moe-analysis";
   try {
     options.device = moelab::parse_enum<moelab::Device>(device, "--device");
+    validate(options);
+    for (const std::string& dir : run_dirs)  // all of them before the first, which may take minutes
+      if (!fs::is_directory(dir)) throw std::invalid_argument(fmt::format("run folder '{}' does not exist", dir));
+    if (fs::exists(out_dir) && !fs::is_directory(out_dir))
+      throw std::invalid_argument(fmt::format("--out '{}' is not a folder", out_dir));
     std::vector<RunAnalysis> runs;
     std::map<std::string, int> names;
     for (const std::string& dir : run_dirs) {
       fmt::print(stderr, "moe-analyze: analysing {} ...\n", dir);
       RunAnalysis run = analyze_run(dir, options);
+      check_finite_results(run);
       if (int seen = names[run.name]++; seen > 0) run.name += fmt::format("-{}", seen + 1);  // two runs named alike
       if (!runs.empty() && run.domains != runs.front().domains)
         fmt::print(stderr, "moe-analyze: note: {} has other domains than {} ({} vs {})\n", run.name, runs.front().name,

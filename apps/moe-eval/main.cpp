@@ -44,6 +44,10 @@ int main(int argc, char** argv) {
   o.data_dir = data_dir;
   try {
     o.device = moelab::parse_enum<moelab::Device>(device, "--device");
+    validate(o);
+    for (const std::string& dir : checkpoints)  // all of them before the first, which may take minutes
+      if (!std::filesystem::exists(dir))
+        throw std::invalid_argument(fmt::format("checkpoint '{}' does not exist", dir));
     nlohmann::json out = {{"format", "moelab-eval-1"}, {"checkpoints", nlohmann::json::array()}};
     std::vector<CheckpointEvaluation> evals;
     for (const std::string& dir : checkpoints) {
@@ -53,6 +57,7 @@ int main(int argc, char** argv) {
         fmt::print(stderr, "moe-eval: note: {} options of this build unknown in the checkpoint's train_config "
                            "were ignored: {}\n", e.ignored_options.size(), fmt::join(e.ignored_options, ", "));
       fmt::print("{}\n", format_table(e));
+      check_finite_results(e);
       out["checkpoints"].push_back(evaluation_json(e));
       evals.push_back(std::move(e));
     }

@@ -15,8 +15,19 @@ static std::unique_ptr<data::Tokenizer> make_tokenizer(const TrainConfig& c, con
     data::SentencePieceOptions options;
     options.vocab_size = static_cast<int>(c.data.bpe_vocab);
     fs::path model_file = fs::path(c.out_dir) / "data" / fmt::format("bpe-{}.model", c.data.bpe_vocab);
-    return fs::exists(model_file) ? data::load_sentencepiece(model_file)
-                                  : data::train_sentencepiece(docs, model_file, options);
+    if (!fs::exists(model_file)) return data::train_sentencepiece(docs, model_file, options);
+    // A cached tokenizer must load and have the asked vocabulary; training is deterministic, so a new one is the same.
+    std::string problem;
+    try {
+      std::unique_ptr<data::Tokenizer> cached = data::load_sentencepiece(model_file);
+      if (cached->vocab_size() == options.vocab_size) return cached;
+      problem =
+          fmt::format("its vocabulary has {} tokens, data.bpe_vocab is {}", cached->vocab_size(), options.vocab_size);
+    } catch (const std::exception& e) {
+      problem = e.what();
+    }
+    fmt::print(stderr, "note: retraining the cached tokenizer {}: {}\n", model_file.string(), problem);
+    return data::train_sentencepiece(docs, model_file, options);
   }
   return data::load_tokenizer(c.data.tokenizer);
 }
@@ -56,10 +67,12 @@ TrainingData prepare_data(const TrainConfig& c) {
   std::vector<data::Document> docs;
   if (c.data.tokenizer == "bpe") docs = data::read_jsonl(options.train_jsonl, options.jsonl);
   out.tokenizer = make_tokenizer(c, docs);
-  data::ShardBuildResult built = data::build_shards(options, *out.tokenizer);
-  out.domains = built.domains;
-  out.train = std::make_shared<data::Shard>(data::read_shard(built.train_shard));
-  out.validation = std::make_shared<data::Shard>(data::read_shard(built.validation_shard));
+  data::BuiltShards built = data::build_and_read_shards(options, *out.tokenizer);
+  if (!built.build.cache_problem.empty())
+    fmt::print(stderr, "note: rebuilt the cached shards in {}: {}\n", data_dir.string(), built.build.cache_problem);
+  out.domains = built.build.domains;
+  out.train = std::make_shared<data::Shard>(std::move(built.train));
+  out.validation = std::make_shared<data::Shard>(std::move(built.validation));
   return out;
 }
 

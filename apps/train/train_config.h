@@ -1,7 +1,8 @@
 #pragma once
 // moe-train's configuration: a named preset (tiny/S/M), then a TOML file, then command-line overrides.
 // Every option is one row of a table (train_config.cpp) that gives its TOML key ("train.steps"), its command-line
-// flag (--train.steps) and its help text, so the file format, --help and the checkpoint metadata cannot drift apart.
+// flag (--train.steps), its allowed values and its help text, so the file format, --help, the range checks and the
+// checkpoint metadata cannot drift apart.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -65,17 +66,21 @@ struct TrainConfig {
   std::string out_dir = "runs/latest";
   std::string resume;            // a checkpoint folder to continue from
 
-  void validate() const;
+  // Throws std::invalid_argument naming the option as the user writes it, after `source` (where the values came from:
+  // "config", a file name): every option's range first ("config: optim.beta1 must be in [0, 1), got 1.5"), then the
+  // checks across options (optim.min_lr <= optim.lr, model.top_k <= model.n_experts, ...).
+  void validate(const std::string& source = "config") const;
 };
 
 // The preset's model and batch: the named configs of docs/model.md (tiny, S, M).
 TrainConfig train_preset(const std::string& name);
 
-// Applies a TOML document (errors name the file, key and expected type; unknown keys are errors).
+// Applies a TOML document (errors name the file, the key and the expected type or range; unknown keys are errors).
 void apply_toml(TrainConfig& config, const std::string& toml_text, const std::string& source_name);
 
 // Declares every option on `app` (with help and defaults) plus --config and --preset. After app.parse(...), call
-// resolve() to get preset -> file -> flags applied in that order.
+// resolve() to get preset -> file -> flags applied in that order, then validated. A flag's text is parsed as that one
+// option's value (never as TOML source), with the type and range checks of the TOML path; errors name the flag.
 class TrainOptions {
  public:
   explicit TrainOptions(CLI::App& app);

@@ -3,14 +3,20 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <stdexcept>
+#include <system_error>
 
 #include "apps/train/checkpoint.h"
+#include "data/file_io.h"
 #include "engine/cuda/runtime.h"
+#include "engine/error.h"
 
 namespace moelab::apps {
 
@@ -27,16 +33,57 @@ static BatchTensors to_tensors(const data::Batch& b, Device device) {
           from_vector(b.domains, {b.B})};
 }
 
+// After a resume from `step`, the log keeps its lines up to that step: the lines of later steps (written after the
+// checkpoint, before the run died) and a torn last line go, so the steps never go back in time. Returns the size kept.
+static uint64_t truncate_metrics_log(const fs::path& path, int64_t step, std::ostream& out) {
+  if (!fs::exists(path)) return 0;
+  std::istringstream in(data::read_file(path));
+  std::string kept;
+  int64_t dropped = 0;
+  for (std::string line; std::getline(in, line);) {
+    const bool complete = !in.eof();  // the last line has no '\n' only when its write was cut short
+    json j = json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (complete && j.is_object() && j.contains("step") && j["step"].is_number_integer() &&
+        j["step"].get<int64_t>() <= step)
+      kept += line + '\n';
+    else
+      ++dropped;
+  }
+  if (dropped > 0) {
+    data::write_file_atomic(path, [&](std::ostream& file) { file << kept; });
+    out << fmt::format("resume: {}: dropped {} lines after step {} (logged after the checkpoint, or torn)\n",
+                       path.string(), dropped, step);
+  }
+  return kept.size();
+}
+
 Trainer::Trainer(TrainConfig config, std::ostream& out) : config_(std::move(config)), out_(out) {
   config_.validate();
   if (config_.device == Device::CUDA && cuda::device_count() == 0)
     throw std::invalid_argument(cuda::built_with_cuda()
                                     ? "train.device = cuda: no CUDA device is visible"
                                     : "train.device = cuda: this build has no CUDA backend (MOELAB_CUDA=ON or SIM)");
-  data_ = prepare_data(config_);
-  check_vocab(config_, *data_.tokenizer);
+  std::vector<fs::path> stale = remove_stale_temporaries(config_.out_dir);
+  if (!stale.empty()) {
+    std::string names;
+    for (const fs::path& path : stale) names += (names.empty() ? "" : ", ") + path.string();
+    out_ << fmt::format("cleanup: removed {} temporaries of an interrupted run: {}\n", stale.size(), names);
+  }
+  ResumePoint resume;
   if (!config_.resume.empty()) {
-    nn::ModelConfig saved = checkpoint_model_config(config_.resume);
+    resume = find_checkpoint(config_.resume);
+    if (!resume.choice.empty()) out_ << resume.choice << '\n';
+  }
+  data_ = prepare_data(config_);
+  // Before the first step: a split without one whole sequence would otherwise fail only after training.
+  for (const auto& [split, shard] : {std::pair{"training", data_.train}, std::pair{"validation", data_.validation}})
+    if (shard->size() == 0)
+      fail("data.corpus = {}: the {} split has no sequence of model.seq_len = {} tokens (too few or too short "
+           "documents)",
+           config_.data.corpus, split, config_.model.seq_len);
+  check_vocab(config_, *data_.tokenizer);
+  if (!resume.dir.empty()) {
+    nn::ModelConfig saved = checkpoint_model_config(resume.dir);
     if (json(saved) != json(config_.model))
       throw std::invalid_argument(fmt::format("resume: the checkpoint's model config {} does not match this run's {}",
                                               json(saved).dump(), json(config_.model).dump()));
@@ -54,8 +101,11 @@ Trainer::Trainer(TrainConfig config, std::ostream& out) : config_(std::move(conf
   loader_options.balanced_domains = config_.data.balanced;
   train_loader_ = std::make_unique<data::Loader>(data_.train, loader_options);
   fs::create_directories(config_.out_dir);
-  if (!config_.resume.empty()) restore(config_.resume);
-  metrics_.open(metrics_path(), config_.resume.empty() ? std::ios::trunc : std::ios::app);
+  if (!resume.dir.empty()) {
+    restore(resume.dir);
+    metrics_bytes_ = truncate_metrics_log(metrics_path(), step_, out_);
+  }
+  metrics_.open(metrics_path(), resume.dir.empty() ? std::ios::trunc : std::ios::app);
   if (!metrics_) throw std::runtime_error("cannot write the metrics log " + metrics_path().string());
   on_terminal_ = &out_ == &std::cout && isatty(STDOUT_FILENO);
 }
@@ -112,6 +162,7 @@ moe::LossTerms Trainer::train_step() {
     last_domains_ = t.domains;
   }
   double grad_norm = optim::clip_grad_norm(optimizer_->params(), config_.grad_clip);
+  check_finite_step(step_loss, grad_norm);
   double lr = schedule_.at(step_);
   if (omoe_) {
     // Projectors first, from the mean routed inputs of the whole step; then the (projected) step.
@@ -134,7 +185,6 @@ Validation Trainer::validate() {
   data::LoaderOptions options;
   options.batch_size = static_cast<int>(std::min<int64_t>(config_.batch_size, data_.validation->size()));
   options.seed = 0;  // a fixed, shuffled sample: every domain is represented, and every evaluation sees the same one
-  if (options.batch_size == 0) throw std::runtime_error("the validation split has no sequences");
   data::Loader loader(data_.validation, options);
   int64_t batches = std::min<int64_t>(config_.eval_batches, std::max<int64_t>(1, loader.batches_per_epoch()));
   int64_t domains = data_.domains.size();
@@ -157,6 +207,18 @@ Validation Trainer::validate() {
   }
   eval.mean_ce = count ? total / count : NAN;
   return eval;
+}
+
+// The loss terms and the gradient norm are one host number each (no pass over the weights): a NaN or Inf in one stops
+// the run before the update, so the weights stay those of the last good step and no checkpoint of this step is made.
+void Trainer::check_finite_step(const moe::LossTerms& loss, double grad_norm) const {
+  const std::pair<const char*, double> terms[] = {
+      {"CE loss", loss.ce}, {"LB loss", loss.lb}, {"Z loss", loss.z}, {"ED loss", loss.ed}, {"grad norm", grad_norm}};
+  for (const auto& [term, value] : terms)
+    if (!std::isfinite(value))
+      throw std::runtime_error(fmt::format("step {}: the {} is {}; training stopped before the update, no checkpoint "
+                                           "of this step (lower optim.lr, or resume from an earlier checkpoint)",
+                                           step_, term, value));
 }
 
 // ---- logging -------------------------------------------------------------------------------------------------------------
@@ -186,14 +248,30 @@ void Trainer::log_step(const moe::LossTerms& loss, double tokens_per_s) {
     }
     line["omoe"] = omoe;
   }
-  metrics_ << line.dump() << '\n' << std::flush;
+  append_metrics(line);
+}
+
+void Trainer::append_metrics(const json& line) {
+  const std::string text = line.dump() + '\n';
+  metrics_ << text << std::flush;
+  if (!metrics_) {
+    const int error = errno;
+    // Cut the torn line off (a regular file only), so readers of the log still parse every line.
+    std::error_code ignored;
+    metrics_.close();
+    fs::resize_file(metrics_path(), metrics_bytes_, ignored);
+    throw std::runtime_error(fmt::format("{}: writing the line of step {} failed ({}); training stopped (resume from "
+                                         "the newest checkpoint)",
+                                         metrics_path().string(), step_, std::strerror(error)));
+  }
+  metrics_bytes_ += text.size();
 }
 
 void Trainer::log_validation(const Validation& eval) {
   json line = {{"step", step_},
                {"eval", {{"ce", eval.mean_ce}, {"ce_domain", domain_values(data_.domains, eval.domain_ce)}}}};
   if (!eval.routing.empty()) line["eval"]["routing"] = eval.routing;
-  metrics_ << line.dump() << '\n' << std::flush;
+  append_metrics(line);
   out_ << fmt::format("{}eval @ step {}: mean CE {:.4f} |", on_terminal_ ? "\n" : "", step_, eval.mean_ce);
   for (int d = 0; d < data_.domains.size(); ++d) out_ << fmt::format(" {} {:.3f}", data_.domains.name(d), eval.domain_ce[d]);
   out_ << std::endl;
@@ -214,7 +292,7 @@ void Trainer::show_progress(const moe::LossTerms& loss, double tokens_per_s, dou
     out_ << fmt::format("\r[{}{}] {}/{} {} | {:.0f} tok/s | ETA {}  ", std::string(filled, '#'),
                         std::string(kWidth - filled, '.'), step_, config_.steps, terms, tokens_per_s, clock(eta))
          << std::flush;
-  } else if (step_ % std::max<int64_t>(1, config_.log_every) == 0 || step_ == config_.steps) {
+  } else if (step_ % config_.log_every == 0 || step_ == config_.steps) {
     out_ << fmt::format("step {}/{} {} | {:.0f} tok/s | ETA {}", step_, config_.steps, terms, tokens_per_s, clock(eta))
          << std::endl;
   }
@@ -226,68 +304,115 @@ void Trainer::run(int64_t until) {
   if (until < 0 || until > config_.steps) until = config_.steps;
   using clock_type = std::chrono::steady_clock;
   double smoothed_step_s = 0;
-  while (step_ < until) {
-    auto start = clock_type::now();
-    moe::LossTerms loss = train_step();
-    double seconds = std::chrono::duration<double>(clock_type::now() - start).count();
-    smoothed_step_s = smoothed_step_s == 0 ? seconds : 0.9 * smoothed_step_s + 0.1 * seconds;
-    double tokens_per_s = static_cast<double>(config_.grad_accum * config_.batch_size * config_.model.seq_len) / seconds;
-    log_step(loss, tokens_per_s);
-    show_progress(loss, tokens_per_s, smoothed_step_s);
-    bool last = step_ == config_.steps;
-    if (last || (config_.eval_every > 0 && step_ % config_.eval_every == 0)) log_validation(validate());
-    if (config_.checkpoint_every > 0 && step_ % config_.checkpoint_every == 0 && !last)
-      save_checkpoint(fmt::format("step_{:06}", step_));
-    if (last) out_ << "final checkpoint: " << save_checkpoint("final").string() << std::endl;
+  try {
+    while (step_ < until) {
+      auto start = clock_type::now();
+      moe::LossTerms loss = train_step();
+      double seconds = std::chrono::duration<double>(clock_type::now() - start).count();
+      smoothed_step_s = smoothed_step_s == 0 ? seconds : 0.9 * smoothed_step_s + 0.1 * seconds;
+      double tokens_per_s =
+          static_cast<double>(config_.grad_accum * config_.batch_size * config_.model.seq_len) / seconds;
+      log_step(loss, tokens_per_s);
+      show_progress(loss, tokens_per_s, smoothed_step_s);
+      if (step_ == config_.steps) {
+        // The weights first: a failing final evaluation cannot cost the run its final checkpoint.
+        out_ << "final checkpoint: " << save_checkpoint("final").string() << std::endl;
+        log_validation(validate());
+      } else {
+        if (config_.eval_every > 0 && step_ % config_.eval_every == 0) log_validation(validate());
+        if (config_.checkpoint_every > 0 && step_ % config_.checkpoint_every == 0)
+          save_checkpoint(fmt::format("step_{:06}", step_));
+      }
+    }
+  } catch (...) {
+    if (on_terminal_) out_ << std::endl;  // end the progress bar's line before the error is printed
+    throw;
   }
 }
 
 // ---- checkpoints ---------------------------------------------------------------------------------------------------------
 
+static std::vector<nn::NamedTensor> host_copies(std::vector<nn::NamedTensor> tensors) {
+  for (nn::NamedTensor& t : tensors) t.tensor = to_device(t.tensor.detach(), Device::CPU);
+  return tensors;
+}
+
 fs::path Trainer::save_checkpoint(const std::string& name) {
-  fs::path dir = fs::path(config_.out_dir) / "checkpoints" / name;
-  fs::create_directories(dir);
-  nn::save_safetensors(dir / kModelFile, model_->lm().named_parameters(),
-                       {{"config", json(config_.model).dump()},
-                        {"train_config", json(config_).dump()},
-                        {"step", std::to_string(step_)},
-                        {"format", "moelab-checkpoint-1"}});
+  const fs::path dir = fs::path(config_.out_dir) / kCheckpointsFolder / name, tmp = data::temporary_folder(dir);
+  std::vector<nn::NamedTensor> params = host_copies(model_->lm().named_parameters());
   std::vector<nn::NamedTensor> state = optimizer_->state();
   if (omoe_)
     for (nn::NamedTensor& t : omoe_->state()) state.push_back(std::move(t));
-  nn::save_safetensors(dir / kStateFile, state,
-                       {{"step", std::to_string(step_)},
-                        {"optimizer_steps", std::to_string(optimizer_->steps_taken())},
-                        {"tokens_seen", std::to_string(tokens_seen_)},
-                        {"loader", json(train_loader_->state()).dump()}});
+  state = host_copies(std::move(state));
+  // A weight can turn Inf in the update after the last checked step: such a checkpoint is never written.
+  check_finite(params, fmt::format("checkpoint {} not written", name));
+  check_finite(state, fmt::format("checkpoint {} not written", name));
+  fs::remove_all(tmp);
+  try {
+    fs::create_directories(tmp);
+    nn::save_safetensors(tmp / kModelFile, params,
+                         {{"config", json(config_.model).dump()},
+                          {"train_config", json(config_).dump()},
+                          {"step", std::to_string(step_)},
+                          {"format", "moelab-checkpoint-1"}});
+    nn::save_safetensors(tmp / kStateFile, state,
+                         {{"step", std::to_string(step_)},
+                          {"optimizer_steps", std::to_string(optimizer_->steps_taken())},
+                          {"tokens_seen", std::to_string(tokens_seen_)},
+                          {"loader", json(train_loader_->state()).dump()}});
+    data::replace_folder(tmp, dir);
+  } catch (...) {
+    std::error_code ignored;
+    fs::remove_all(tmp, ignored);
+    throw;
+  }
   return dir;
 }
 
 void Trainer::restore(const fs::path& dir) {
-  nn::SafeTensors model_file = nn::load_safetensors(dir / kModelFile);
-  nn::load_parameters(model_->lm(), model_file, (dir / kModelFile).string());
+  const fs::path model_path = dir / kModelFile, state_path = dir / kStateFile;
+  nn::SafeTensors model_file = nn::load_safetensors(model_path);
+  nn::check_parameters_match(config_.model, model_file, model_path.string());  // names and shapes, before any copy
+  nn::load_parameters(model_->lm(), model_file, model_path.string());
   // A different batch per step is allowed (e.g. more accumulation late in a run): the step count, the schedule and
   // the data order go on from the checkpoint, but the run is no longer the one that was saved, so say so.
   if (auto it = model_file.metadata.find("train_config"); it != model_file.metadata.end()) {
-    json saved = json::parse(it->second), now = config_;
+    json saved = json::parse(it->second, nullptr, /*allow_exceptions=*/false), now = config_;
+    if (!saved.is_object()) fail("{}: metadata 'train_config' is not a JSON object", model_path.string());
     for (const char* key : {"train.batch_size", "train.grad_accum"})
       if (saved.contains(key) && saved[key] != now[key])
         out_ << fmt::format("resume: {} is {} (the checkpoint was trained with {})\n", key, now[key].dump(),
                             saved[key].dump());
   }
-  fs::path state_file = dir / kStateFile;
-  if (!fs::exists(state_file)) throw std::runtime_error("resume: missing " + state_file.string());
-  nn::SafeTensors state = nn::load_safetensors(state_file);
-  auto meta = [&](const char* key) {
-    auto it = state.metadata.find(key);
-    if (it == state.metadata.end()) throw std::runtime_error(fmt::format("{}: no '{}' in __metadata__", state_file.string(), key));
-    return it->second;
-  };
-  optimizer_->load_state(state.tensors, std::stoll(meta("optimizer_steps")));
+  if (!fs::exists(state_path)) fail("resume: missing {}", state_path.string());
+  nn::SafeTensors state = nn::load_safetensors(state_path);
+  check_finite(state.tensors, state_path.string());
+
+  // Every field strictly, before any of it is used: the schedule, Adam's bias correction and the loader trust them.
+  const int64_t step = metadata_int(state.metadata, state_path, "step", 0);
+  if (step >= config_.steps)
+    fail("{}: metadata 'step' = {} is not below train.steps = {}: nothing left to train (raise train.steps to "
+         "continue)",
+         state_path.string(), step, config_.steps);
+  if (model_file.metadata.contains("step") && metadata_int(model_file.metadata, model_path, "step", 0) != step)
+    fail("{}: metadata 'step' = {} differs from the step {} of {}: the files come from different saves",
+         model_path.string(), model_file.metadata.at("step"), step, state_path.string());
+  const int64_t optimizer_steps = metadata_int(state.metadata, state_path, "optimizer_steps", 0, step);
+  const int64_t tokens_seen = metadata_int(state.metadata, state_path, "tokens_seen", 0);
+  auto loader = state.metadata.find("loader");
+  if (loader == state.metadata.end()) fail("{}: no 'loader' in __metadata__", state_path.string());
+  json loader_state = json::parse(loader->second, nullptr, /*allow_exceptions=*/false);
+  if (loader_state.is_discarded()) fail("{}: metadata 'loader' is not valid JSON", state_path.string());
+  try {
+    train_loader_->restore(loader_state.get<data::LoaderState>());
+  } catch (const std::exception& e) {
+    fail("{}: metadata 'loader': {}", state_path.string(), e.what());
+  }
+
+  optimizer_->load_state(state.tensors, optimizer_steps);
   if (omoe_) omoe_->load_state(state.tensors);
-  step_ = std::stoll(meta("step"));
-  tokens_seen_ = std::stoll(meta("tokens_seen"));
-  train_loader_->restore(json::parse(meta("loader")).get<data::LoaderState>());
+  step_ = step;
+  tokens_seen_ = tokens_seen;
 }
 
 }  // namespace moelab::apps

@@ -1,9 +1,11 @@
 #pragma once
 // The training loop of moe-train: data -> model -> loss -> backward -> clip -> AdamW, with validation per domain,
-// a JSONL metrics log, a progress line, and checkpoints that resume bit-exactly.
+// a JSONL metrics log, a progress line, and checkpoints that resume bit-exactly. A NaN or Inf in a loss term or the
+// gradient norm stops the run before the update; a failed write of the log stops it too.
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <nlohmann/json_fwd.hpp>
 #include <ostream>
 
 #include "apps/train/data_setup.h"
@@ -27,15 +29,19 @@ struct Validation {
 
 class Trainer {
  public:
-  // Builds data, model and optimizer; with config.resume, restores everything from that checkpoint.
+  // Removes the temporaries of a killed run from out_dir, builds data (both splits must hold a sequence), model and
+  // optimizer; with config.resume (a checkpoint, or a run's out_dir or checkpoints/ folder: its newest complete
+  // checkpoint), restores everything from that checkpoint and cuts the metrics log back to its step.
   explicit Trainer(TrainConfig config, std::ostream& out);
 
   // Trains until step `until` (default: config.steps), evaluating, logging and checkpointing on the way.
-  // Writes the final checkpoint when it reaches config.steps.
+  // Writes the final checkpoint when it reaches config.steps, then runs the final evaluation.
   void run(int64_t until = -1);
-  // One optimizer step on the next training batch; returns its loss terms (the micro-batches' mean).
+  // One optimizer step on the next training batch; returns its loss terms (the micro-batches' mean). Throws, naming
+  // the step and the term, when a loss term or the gradient norm is NaN or Inf; the weights are then left unchanged.
   moe::LossTerms train_step();
   Validation validate();
+  // Writes checkpoints/<name> as one unit (a temporary folder, then one rename); refuses non-finite weights or state.
   std::filesystem::path save_checkpoint(const std::string& name);
 
   int64_t step() const { return step_; }
@@ -47,6 +53,8 @@ class Trainer {
 
  private:
   void restore(const std::filesystem::path& checkpoint_dir);
+  void check_finite_step(const moe::LossTerms& loss, double grad_norm) const;
+  void append_metrics(const nlohmann::json& line);  // throws naming the file when the write fails
   void log_step(const moe::LossTerms& loss, double tokens_per_s);
   void log_validation(const Validation& validation);
   void show_progress(const moe::LossTerms& loss, double tokens_per_s, double seconds_per_step);
@@ -61,6 +69,7 @@ class Trainer {
   optim::LRSchedule schedule_;
   std::unique_ptr<data::Loader> train_loader_;
   std::ofstream metrics_;
+  uint64_t metrics_bytes_ = 0;  // the log's size after its last complete line: a failed write is cut back to it
   int64_t step_ = 0;
   int64_t tokens_seen_ = 0;
   bool on_terminal_ = false;

@@ -31,8 +31,8 @@ Tensor reshape(const Tensor& x, Shape shape) {
       infer_at = static_cast<int64_t>(i);
     } else if (shape[i] < 0) {
       fail("reshape: negative size in {}", shape_str(shape));
-    } else {
-      known *= shape[i];
+    } else if (__builtin_mul_overflow(known, shape[i], &known)) {
+      fail("reshape: cannot view {} as {}: more than 2^63 - 1 elements", x.str(), shape_str(shape));
     }
   }
   if (infer_at >= 0) {
