@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs one libFuzzer target for a while, from the seed corpus (docs/reliability.md).
-#   bash scripts/fuzz.sh TARGET [SECONDS]     TARGET: safetensors | jsonl | shard | toml | flags; SECONDS default 60
+#   bash scripts/fuzz.sh TARGET [SECONDS]     TARGET: safetensors | checkpoint | jsonl | shard | toml | flags; SECONDS default 60
 # Builds the fuzz preset (clang, ASan + UBSan; Debian: clang libclang-rt-14-dev libomp-dev). The corpus grows in
 # build/fuzz/corpus/TARGET (seeded from tests/data/fuzz/TARGET); a finding is written as build/fuzz/crash-* etc.
 # Replay one: build/fuzz/tests/fuzz_TARGET FILE. Add a fixed finding to tests/data/fuzz/TARGET/ only if it is valid.

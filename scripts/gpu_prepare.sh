@@ -13,6 +13,7 @@ cd "$(dirname "$0")/.."
 preset=${MOELAB_GPU_CHECK_PRESET:-gpu}
 build=build/gpu-prepared
 prepared=gpu-prepared
+sources=$(bash scripts/source_hash.sh)  # before the build: a file edited during it makes the stamp stale, not wrong
 
 # The header-only packages and pkg-config (SentencePiece) are not looked for: third_party/ serves the headers.
 no_system=()
@@ -28,7 +29,7 @@ rm -rf "$prepared"
 mkdir -p "$prepared/bin"
 cp "$build"/tests/moelab_tests "$build"/bin/* "$prepared/bin/"
 {
-  echo "sources $(bash scripts/source_hash.sh)"
+  echo "sources $sources"
   echo "preset $preset"
   echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet HEAD 2>/dev/null || echo ' (with uncommitted changes)')"
   echo "built $(date -u '+%Y-%m-%d %H:%M UTC') on $(uname -n) with $(

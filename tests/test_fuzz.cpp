@@ -12,6 +12,9 @@
 #include <random>
 #include <sstream>
 
+#include <nlohmann/json.hpp>
+
+#include "data/loader.h"
 #include "data/shard.h"
 #include "nn/safetensors.h"
 #include "tests/fuzz/fuzz_targets.h"
@@ -48,6 +51,13 @@ void write_binary_seeds(const fs::path& root) {
   Tensor h = to_dtype(testing::random({3}, 3, DType::F32), DType::BF16);
   nn::save_safetensors(root / "safetensors" / "model.safetensors", {{"a", a}, {"b", b}, {"c.ids", c}, {"h", h}},
                        {{"config", "{\"d_model\": 8}"}, {"step", "12"}});
+  fs::create_directories(root / "checkpoint");
+  data::LoaderState loader;
+  loader.seed = 1234, loader.num_sequences = 10, loader.batches = 7, loader.cursor = 7;
+  Tensor m = testing::random({2, 3}, 4, DType::F32), v = square(testing::random({2, 3}, 5, DType::F32));
+  nn::save_safetensors(
+      root / "checkpoint" / "state.safetensors", {{"m.w", m}, {"v.w", v}},
+      {{"step", "7"}, {"optimizer_steps", "7"}, {"tokens_seen", "1792"}, {"loader", nlohmann::json(loader).dump()}});
   fs::create_directories(root / "shard");
   const std::vector<data::Document> docs = {{"def f(x): return x * 2\n", "code"},
                                             {"the quick brown fox jumps over the lazy dog", "words"},
@@ -188,6 +198,9 @@ TEST_CASE("fuzz: the judgement wants one line, of bounded length, that names the
 }
 
 TEST_CASE("fuzz: safetensors: mutated files load cleanly or fail with one clear line") { fuzz_target("safetensors"); }
+TEST_CASE("fuzz: checkpoint: mutated training states load cleanly or fail with one clear line") {
+  fuzz_target("checkpoint");
+}
 TEST_CASE("fuzz: jsonl: mutated corpus files load cleanly or fail with one clear line") { fuzz_target("jsonl"); }
 TEST_CASE("fuzz: shard: mutated token shards load cleanly or fail with one clear line") { fuzz_target("shard"); }
 TEST_CASE("fuzz: toml: mutated config files load cleanly or fail with one clear line") { fuzz_target("toml"); }

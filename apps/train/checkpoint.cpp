@@ -48,6 +48,23 @@ int64_t metadata_int(const nn::Metadata& metadata, const fs::path& file, const s
   return value;
 }
 
+TrainingState read_training_state(const nn::Metadata& metadata, const fs::path& file) {
+  TrainingState state;
+  state.step = metadata_int(metadata, file, "step", 0);
+  state.optimizer_steps = metadata_int(metadata, file, "optimizer_steps", 0, state.step);
+  state.tokens_seen = metadata_int(metadata, file, "tokens_seen", 0);
+  auto loader = metadata.find("loader");
+  if (loader == metadata.end()) fail("{}: no 'loader' in __metadata__", file.string());
+  json loader_json = json::parse(loader->second, nullptr, /*allow_exceptions=*/false);
+  if (loader_json.is_discarded()) fail("{}: metadata 'loader' is not valid JSON", file.string());
+  try {
+    state.loader = loader_json.get<data::LoaderState>();
+  } catch (const std::exception& e) {
+    fail("{}: metadata 'loader': {}", file.string(), e.what());
+  }
+  return state;
+}
+
 void check_finite(const std::vector<nn::NamedTensor>& tensors, const std::string& where) {
   for (const nn::NamedTensor& t : tensors)
     if (auto bad = nn::first_non_finite(t.tensor))

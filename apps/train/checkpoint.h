@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "data/loader.h"
 #include "nn/config.h"
 #include "nn/safetensors.h"
 
@@ -29,6 +30,15 @@ nn::ModelConfig checkpoint_model_config(const std::filesystem::path& checkpoint_
 // the value ("abc", "12abc", out of range).
 int64_t metadata_int(const nn::Metadata& metadata, const std::filesystem::path& file, const std::string& field,
                      int64_t min, int64_t max = std::numeric_limits<int64_t>::max());
+
+// The numbers of a state.safetensors' __metadata__, each parsed strictly before any is used (the schedule, Adam's bias
+// correction and the loader trust them): step >= 0, optimizer_steps in [0, step], tokens_seen >= 0, the loader's
+// position as JSON. Errors name the file, the field and the value.
+struct TrainingState {
+  int64_t step = 0, optimizer_steps = 0, tokens_seen = 0;
+  data::LoaderState loader;
+};
+TrainingState read_training_state(const nn::Metadata& metadata, const std::filesystem::path& file);
 
 // Throws naming `where` and the tensor when a (host) tensor holds a NaN or an Inf.
 void check_finite(const std::vector<nn::NamedTensor>& tensors, const std::string& where);

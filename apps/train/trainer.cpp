@@ -389,7 +389,8 @@ void Trainer::restore(const fs::path& dir) {
   check_finite(state.tensors, state_path.string());
 
   // Every field strictly, before any of it is used: the schedule, Adam's bias correction and the loader trust them.
-  const int64_t step = metadata_int(state.metadata, state_path, "step", 0);
+  const TrainingState saved = read_training_state(state.metadata, state_path);
+  const int64_t step = saved.step;
   if (step >= config_.steps)
     fail("{}: metadata 'step' = {} is not below train.steps = {}: nothing left to train (raise train.steps to "
          "continue)",
@@ -397,22 +398,16 @@ void Trainer::restore(const fs::path& dir) {
   if (model_file.metadata.contains("step") && metadata_int(model_file.metadata, model_path, "step", 0) != step)
     fail("{}: metadata 'step' = {} differs from the step {} of {}: the files come from different saves",
          model_path.string(), model_file.metadata.at("step"), step, state_path.string());
-  const int64_t optimizer_steps = metadata_int(state.metadata, state_path, "optimizer_steps", 0, step);
-  const int64_t tokens_seen = metadata_int(state.metadata, state_path, "tokens_seen", 0);
-  auto loader = state.metadata.find("loader");
-  if (loader == state.metadata.end()) fail("{}: no 'loader' in __metadata__", state_path.string());
-  json loader_state = json::parse(loader->second, nullptr, /*allow_exceptions=*/false);
-  if (loader_state.is_discarded()) fail("{}: metadata 'loader' is not valid JSON", state_path.string());
   try {
-    train_loader_->restore(loader_state.get<data::LoaderState>());
+    train_loader_->restore(saved.loader);
   } catch (const std::exception& e) {
     fail("{}: metadata 'loader': {}", state_path.string(), e.what());
   }
 
-  optimizer_->load_state(state.tensors, optimizer_steps);
+  optimizer_->load_state(state.tensors, saved.optimizer_steps);
   if (omoe_) omoe_->load_state(state.tensors);
   step_ = step;
-  tokens_seen_ = tokens_seen;
+  tokens_seen_ = saved.tokens_seen;
 }
 
 }  // namespace moelab::apps

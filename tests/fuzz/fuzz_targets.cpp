@@ -7,6 +7,7 @@
 #include <fstream>
 #include <stdexcept>
 
+#include "apps/train/checkpoint.h"
 #include "apps/train/train_config.h"
 #include "data/readers.h"
 #include "data/shard.h"
@@ -27,6 +28,15 @@ void write_file(const fs::path& file, std::string_view bytes) {
 void load_safetensors(std::string_view bytes, const std::string& source) {
   write_file(source, bytes);
   nn::load_safetensors(source);
+}
+
+// A checkpoint's state.safetensors as resuming reads it before touching the optimizer: the file, its tensors' values,
+// and every number of its metadata.
+void read_training_state(std::string_view bytes, const std::string& source) {
+  write_file(source, bytes);
+  const nn::SafeTensors state = nn::load_safetensors(source);
+  apps::check_finite(state.tensors, source);
+  apps::read_training_state(state.metadata, source);
 }
 
 void read_jsonl(std::string_view bytes, const std::string& source) {
@@ -67,6 +77,7 @@ void parse_flags(std::string_view bytes, const std::string& /*source: the flags 
 const std::vector<Target>& targets() {
   static const std::vector<Target> all = {
       {"safetensors", load_safetensors, true},
+      {"checkpoint", read_training_state, true},
       {"jsonl", read_jsonl, true},
       {"shard", read_shard, true},
       {"toml", apply_toml, true},

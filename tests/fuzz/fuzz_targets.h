@@ -23,8 +23,8 @@ struct Target {
   bool names_source;  // its errors must name the file (flags have none: their errors name the flag)
 };
 
-// safetensors (a model file), jsonl (a corpus file), shard (a token shard), toml (a train config file), flags
-// (moe-train's command line, one argument per line).
+// safetensors (a model file), checkpoint (a checkpoint's state.safetensors), jsonl (a corpus file), shard (a token
+// shard), toml (a train config file), flags (moe-train's command line, one argument per line).
 const std::vector<Target>& targets();
 const Target& target(std::string_view name);  // throws std::invalid_argument for an unknown name
 
