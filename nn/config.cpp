@@ -131,9 +131,11 @@ void from_json(const json& j, ModelConfig& c) {
                                 "n_experts",  "top_k",        "expert_hidden", "norm_topk",     "shared_experts",
                                 "moe_every",  "dense_layers", "dense_hidden", "tie_embeddings", "rope_theta",
                                 "norm_eps",   "init_std"};
-  for (const auto& [key, value] : j.items())  // a typo must not pass silently
+  for (const auto& item : j.items()) {  // a typo must not pass silently
+    const std::string& key = item.key();
     if (std::find_if(std::begin(known), std::end(known), [&](const char* k) { return key == k; }) == std::end(known))
       fail("model config: unknown key '{}'", data::excerpt(key));
+  }
   c = ModelConfig{};
   // The sizes are required; the later options keep their defaults when absent (checkpoints written before them).
   read_key(j, "vocab_size", c.vocab_size, true);

@@ -12,10 +12,11 @@ namespace moelab::cpu {
 
 namespace {
 
-// (rows, n) of the last dim.
-std::pair<int64_t, int64_t> last_dim_rows(const Tensor& x) {
-  int64_t n = x.size(-1);
-  return {n ? x.numel() / n : 0, n};
+// The number of rows of the last dim (x.size(-1) values each). Callers keep rows and n as plain variables, not a
+// structured binding: clang 14 cannot capture those in the kernels' lambdas (the fuzz preset builds with it).
+int64_t last_dim_rows(const Tensor& x) {
+  const int64_t n = x.size(-1);
+  return n ? x.numel() / n : 0;
 }
 
 // y = softmax (or log_softmax) of each row of n, with the max subtracted and the normalizer summed in double.
@@ -115,7 +116,7 @@ void max_backward(const Tensor& g, const Tensor& where, int64_t dim, const Tenso
 // ---- softmax / log_softmax over the last dim ----------------------------------------------------------------------------
 
 void softmax_forward(const Tensor& x, const Tensor& y) {
-  auto [rows, n] = last_dim_rows(x);
+  const int64_t rows = last_dim_rows(x), n = x.size(-1);
   dispatch_float("softmax", x.dtype(), [&](auto t) {
     using T = decltype(t);
     softmax_rows<T>(x.data<T>(), y.data<T>(), rows, n, false);
@@ -123,7 +124,7 @@ void softmax_forward(const Tensor& x, const Tensor& y) {
 }
 
 void log_softmax_forward(const Tensor& x, const Tensor& y) {
-  auto [rows, n] = last_dim_rows(x);
+  const int64_t rows = last_dim_rows(x), n = x.size(-1);
   dispatch_float("log_softmax", x.dtype(), [&](auto t) {
     using T = decltype(t);
     softmax_rows<T>(x.data<T>(), y.data<T>(), rows, n, true);
@@ -131,7 +132,7 @@ void log_softmax_forward(const Tensor& x, const Tensor& y) {
 }
 
 void softmax_backward(const Tensor& y, const Tensor& g, const Tensor& dx) {
-  auto [rows, n] = last_dim_rows(y);
+  const int64_t rows = last_dim_rows(y), n = y.size(-1);
   dispatch_float("softmax_backward", g.dtype(), [&](auto t) {
     using T = decltype(t);
     const T *py = y.data<T>(), *pg = g.data<T>();
@@ -146,7 +147,7 @@ void softmax_backward(const Tensor& y, const Tensor& g, const Tensor& dx) {
 }
 
 void log_softmax_backward(const Tensor& y, const Tensor& g, const Tensor& dx) {
-  auto [rows, n] = last_dim_rows(y);
+  const int64_t rows = last_dim_rows(y), n = y.size(-1);
   dispatch_float("log_softmax_backward", g.dtype(), [&](auto t) {
     using T = decltype(t);
     const T *py = y.data<T>(), *pg = g.data<T>();
@@ -163,7 +164,7 @@ void log_softmax_backward(const Tensor& y, const Tensor& g, const Tensor& dx) {
 // ---- cumsum ------------------------------------------------------------------------------------------------------------
 
 void cumsum(const Tensor& x, const Tensor& out) {
-  auto [rows, n] = last_dim_rows(x);
+  const int64_t rows = last_dim_rows(x), n = x.size(-1);
   dispatch_all("cumsum", x.dtype(), [&](auto t) {
     using T = decltype(t);
     const T* in = x.data<T>();
