@@ -13,7 +13,7 @@ fi
 target=$1
 seconds=${2:-60}
 cmake --preset fuzz >/dev/null
-cmake --build --preset fuzz --target "fuzz_$target"
+cmake --build build/fuzz --target "fuzz_$target"
 corpus=build/fuzz/corpus/$target
 mkdir -p "$corpus"
 cp -n tests/data/fuzz/"$target"/* "$corpus"/

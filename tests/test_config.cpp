@@ -116,8 +116,9 @@ TEST_CASE("config: an integer beyond 64 bits is out of range, from a flag and fr
 TEST_CASE("config: nan and inf are rejected for every real option") {
   const nlohmann::json options = train_preset("tiny");
   int reals = 0;
-  for (const auto& [key, value] : options.items()) {
-    if (!value.is_number_float()) continue;
+  for (const auto& item : options.items()) {
+    const std::string& key = item.key();  // a plain reference: doctest's CAPTURE is a lambda
+    if (!item.value().is_number_float()) continue;
     ++reals;
     for (const char* text : {"nan", "inf", "-inf"}) {
       CAPTURE(key);
