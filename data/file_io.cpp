@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -47,6 +48,12 @@ void write_file_atomic(const std::filesystem::path& file, const std::function<vo
     }
   }
   std::filesystem::rename(tmp, file);
+}
+
+std::filesystem::path expand_home(const std::string& path) {
+  const char* home = std::getenv("HOME");
+  if (path.starts_with("~/") && home && *home) return std::filesystem::path(home) / path.substr(2);
+  return path;
 }
 
 std::filesystem::path temporary_folder(const std::filesystem::path& folder) {

@@ -8,6 +8,10 @@
 
 namespace moelab::data {
 
+// `path` with a leading "~/" replaced by $HOME (as a shell would): config files name corpora under the home folder
+// (the demo's ~/.cache/moelab/corpus-demo). Anything else, or no $HOME, is returned as is.
+std::filesystem::path expand_home(const std::string& path);
+
 // The whole file as bytes; throws naming the file when it cannot be read.
 std::string read_file(const std::filesystem::path& file);
 

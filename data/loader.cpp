@@ -169,6 +169,26 @@ void from_json(const nlohmann::json& j, LoaderState& s) {
   get("domain_cursor", s.domain_cursor);
 }
 
+void relabel_domains(Shard& shard, DomainLabels labels, uint64_t seed) {
+  if (labels == DomainLabels::True || shard.size() == 0) return;
+  const int64_t row_ints = shard.row_ints();
+  std::vector<int32_t> domain(size_t(shard.size()));
+  for (int64_t i = 0; i < shard.size(); i++) domain[size_t(i)] = shard.domain(i);
+  if (labels == DomainLabels::Permuted) {
+    std::vector<int64_t> order(domain.size());
+    std::iota(order.begin(), order.end(), int64_t(0));
+    shuffle(order, seed);
+    std::vector<int32_t> permuted(domain.size());
+    for (size_t i = 0; i < domain.size(); i++) permuted[i] = domain[size_t(order[i])];
+    domain = std::move(permuted);
+  } else {
+    SplitMix64 rng(seed);
+    const uint64_t num_domains = uint64_t(shard.header.domains.size());
+    for (int32_t& d : domain) d = int32_t(rng.below(num_domains));
+  }
+  for (int64_t i = 0; i < shard.size(); i++) shard.rows[size_t(i * row_ints)] = domain[size_t(i)];
+}
+
 Split split_every_kth(int64_t num_sequences, int k) {
   if (k < 2) throw std::invalid_argument(fmt::format("split_every_kth: k should be >= 2, got {}", k));
   Split split;

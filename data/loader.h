@@ -2,8 +2,10 @@
 // and a position that saves and restores exactly (bit-exact resume). Plain int32 vectors; the trainer makes tensors.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json_fwd.hpp>
@@ -79,6 +81,23 @@ class Loader {
 struct Split {
   std::vector<int64_t> train{}, validation{};
 };
+// The random-label controls of the studies (data.labels): the training sequences keep their text but lose the link
+// between text and domain label, so that a method using the labels (the expert divergence) sees labels that carry no
+// domain information. The unit is the sequence: sequences are cut from each domain's stream of documents, so a
+// sequence is domain-pure but may join the end of one document and the start of the next. Held-out data keep their
+// true labels.
+//   True      the labels as read
+//   Permuted  the labels shuffled among the sequences (a seeded permutation): every label keeps its sequence count
+//   Uniform   every sequence draws its label uniformly from [0, D)
+enum class DomainLabels { True, Permuted, Uniform };
+// The names of the option (an overload found by engine/enum_names.h's parse_enum; data itself needs no engine).
+constexpr std::array<std::pair<DomainLabels, const char*>, 3> enum_names(DomainLabels) {
+  return {{{DomainLabels::True, "true"}, {DomainLabels::Permuted, "permuted"}, {DomainLabels::Uniform, "uniform"}}};
+}
+// Rewrites the domain id of every row of `shard` as `labels` says (True: unchanged), seeded, the same on every
+// platform.
+void relabel_domains(Shard& shard, DomainLabels labels, uint64_t seed);
+
 // Holds out every k-th sequence (i % k == k-1) for validation, for corpora without a validation file. Shards are
 // grouped by domain, so the held-out share of every domain is ~1/k.
 Split split_every_kth(int64_t num_sequences, int k);

@@ -28,6 +28,13 @@ constexpr EnumNames<EDScope, 2> enum_names(EDScope) {
   return {{{EDScope::MicroBatch, "micro_batch"}, {EDScope::Step, "step"}}};
 }
 
+// What the expert divergence pulls apart: the domains (the method), or every sequence of the batch on its own (the
+// ablation that asks whether ED helps through the domain information or by pushing sequences apart).
+enum class EDGroupBy { Domain, Sequence };
+constexpr EnumNames<EDGroupBy, 2> enum_names(EDGroupBy) {
+  return {{{EDGroupBy::Domain, "domain"}, {EDGroupBy::Sequence, "sequence"}}};
+}
+
 // Coefficients and options of the router losses (config section [moe]).
 struct RouterLossConfig {
   double alpha = 0.01;    // load balancing
@@ -36,6 +43,7 @@ struct RouterLossConfig {
   EDForm ed_form = EDForm::NegLog;
   double ed_eps = 1e-6;
   EDScope ed_scope = EDScope::MicroBatch;
+  EDGroupBy ed_groups = EDGroupBy::Domain;  // the trainer turns it into the groups of MoEModel::loss (EDGroups)
 };
 
 // probs [N, E] with N = B*T (B sequences of T tokens, in order), domains i32 [B] in [0, num_domains).

@@ -31,12 +31,13 @@ static Tensor layer_mean(const std::vector<Tensor>& per_layer, const Tensor& lik
 }
 
 Loss MoEModel::loss(const Tensor& inputs, const Tensor& targets, const Tensor& domains, int64_t num_domains,
-                    const EDStepScope* ed_scope) {
+                    const EDStepScope* ed_scope, const EDGroups* ed_groups) {
   const std::vector<MoELayer*> layers = moe_layers();
   if (ed_scope && ed_scope->rest.size() != layers.size())
     throw std::invalid_argument(fmt::format("MoEModel::loss: the ED step scope has {} layers, the model {} MoE layers",
                                             ed_scope->rest.size(), layers.size()));
   const RouterLossConfig& c = losses_;
+  const EDGroups groups = ed_groups ? *ed_groups : EDGroups{domains, num_domains};
   Tensor logits = lm_->forward(inputs);  // [B*T, V]; every MoE layer keeps its routing
   std::vector<double> token_ce;          // per token, for the per-domain sums
   Tensor ce = cross_entropy(logits, targets, kIgnoreIndex, domains.defined() ? &token_ce : nullptr);
@@ -47,8 +48,8 @@ Loss MoEModel::loss(const Tensor& inputs, const Tensor& targets, const Tensor& d
     const Routing& r = layers[l]->last_routing();
     if (c.alpha != 0) lb.push_back(load_balancing_loss(r.probs, r.expert_ids));
     if (c.z_coef != 0) z.push_back(z_loss(r.logits));
-    if (c.beta != 0 && domains.defined())
-      ed.push_back(expert_divergence_loss(r.probs, domains, num_domains, c.ed_form, c.ed_eps,
+    if (c.beta != 0 && groups.ids.defined())
+      ed.push_back(expert_divergence_loss(r.probs, groups.ids, groups.count, c.ed_form, c.ed_eps,
                                           ed_scope ? &ed_scope->rest[l] : nullptr));
   }
   const Tensor L_lb = layer_mean(lb, ce), L_z = layer_mean(z, ce), L_ed = layer_mean(ed, ce);

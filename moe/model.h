@@ -34,14 +34,22 @@ struct EDStepScope {
   int64_t micro_batches = 1;
 };
 
+// The groups whose mean routing distributions the expert divergence pulls apart: ids i32 [B] in [0, count) on the host.
+// By default the batch's domains; with moe.ed_groups = sequence the trainer numbers the step's sequences instead.
+struct EDGroups {
+  Tensor ids;
+  int64_t count = 0;
+};
+
 class MoEModel {
  public:
   MoEModel(const nn::ModelConfig& config, const RouterLossConfig& losses, uint64_t seed);
 
   // inputs i32 [B, T], targets i32 [B*T], domains i32 [B] in [0, num_domains) (may be undefined: no ED, no per-domain
-  // CE). ed_scope: see EDStepScope (null: the ED of this batch alone).
+  // CE). ed_scope: see EDStepScope (null: the ED of this batch alone). ed_groups: what ED pulls apart (null: the
+  // domains); the step scope's sums must then be sums over the same groups.
   Loss loss(const Tensor& inputs, const Tensor& targets, const Tensor& domains, int64_t num_domains,
-            const EDStepScope* ed_scope = nullptr);
+            const EDStepScope* ed_scope = nullptr, const EDGroups* ed_groups = nullptr);
   // Per MoE layer, the domain sums of the routing probabilities of a forward pass without gradient (EDStepScope::rest).
   std::vector<DomainSums> routing_domain_sums(const Tensor& inputs, const Tensor& domains, int64_t num_domains);
 

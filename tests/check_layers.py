@@ -17,9 +17,11 @@ BELOW = {
     "apps/train": ["engine", "data", "nn", "moe", "moe/analysis", "optim"],
     "apps/analysis": ["engine", "data", "nn", "moe", "moe/analysis", "optim", "apps/train"],
     "apps/report": ["engine", "data", "nn", "moe", "moe/analysis", "optim", "apps/train", "apps/analysis"],
+    "apps/study": ["engine", "data", "nn", "moe", "moe/analysis", "optim", "apps/train", "apps/analysis",
+                   "apps/report"],
 }
 for tool, library in [("moe-train", "apps/train"), ("moe-bench", "apps/train"), ("moe-eval", "apps/analysis"),
-                      ("moe-analyze", "apps/report")]:
+                      ("moe-analyze", "apps/report"), ("moe-study", "apps/study")]:
     BELOW["apps/" + tool] = BELOW[library] + [library]
 LAYERS = sorted(BELOW, key=len, reverse=True)  # longest prefix first: moe/analysis before moe
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')

@@ -311,7 +311,187 @@ TEST_CASE("analyze: identical experts give output similarity 1 and parameter var
   }
   moe::OutputSimilarity sim = moe::expert_output_similarity(experts, testing::random({10, 8}, 5, DType::F32));
   CHECK(sim.mean == doctest::Approx(1.0).epsilon(1e-5));
+  CHECK(sim.centered_mean == doctest::Approx(1.0).epsilon(1e-5));
+  CHECK(sim.cka_mean == doctest::Approx(1.0).epsilon(1e-5));
   CHECK(moe::normalized_parameter_variance(experts).all == doctest::Approx(0.0).epsilon(1e-12));
+}
+
+// ---- output similarity against naive loops over tokens ----------------------------------------------------------------
+
+namespace {
+
+using Matrix = std::vector<std::vector<double>>;  // [rows][cols]
+
+Matrix rows_of(const std::vector<double>& flat, int64_t n, int64_t d) {
+  Matrix m(static_cast<size_t>(n), std::vector<double>(static_cast<size_t>(d)));
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < d; ++c) m[i][c] = flat[static_cast<size_t>(i * d + c)];
+  return m;
+}
+
+std::vector<double> flat_of(const Matrix& m) {
+  std::vector<double> out;
+  for (const auto& row : m) out.insert(out.end(), row.begin(), row.end());
+  return out;
+}
+
+double dot(const std::vector<double>& a, const std::vector<double>& b) {
+  double s = 0;
+  for (size_t c = 0; c < a.size(); ++c) s += a[c] * b[c];
+  return s;
+}
+
+// Each column minus its mean over the rows.
+Matrix centered(Matrix m) {
+  for (size_t c = 0; c < m[0].size(); ++c) {
+    double mean = 0;
+    for (const auto& row : m) mean += row[c];
+    mean /= static_cast<double>(m.size());
+    for (auto& row : m) row[c] -= mean;
+  }
+  return m;
+}
+
+// Linear CKA in the token (N x N) form, HSIC(K_a, K_b) / sqrt(HSIC(K_a, K_a) HSIC(K_b, K_b)) with K = X X^T of the
+// centered outputs: a loop over token pairs, independent of the d x d form the library uses.
+double naive_cka(const Matrix& a, const Matrix& b) {
+  const Matrix ca = centered(a), cb = centered(b);
+  double ab = 0, aa = 0, bb = 0;
+  for (size_t n = 0; n < ca.size(); ++n)
+    for (size_t m = 0; m < ca.size(); ++m) {
+      const double ka = dot(ca[n], ca[m]), kb = dot(cb[n], cb[m]);
+      ab += ka * kb, aa += ka * ka, bb += kb * kb;
+    }
+  return ab / std::sqrt(aa * bb);
+}
+
+// Mean over tokens of cos(a[n], b[n]).
+double naive_cosine(const Matrix& a, const Matrix& b) {
+  double s = 0;
+  for (size_t n = 0; n < a.size(); ++n) s += dot(a[n], b[n]) / std::sqrt(dot(a[n], a[n]) * dot(b[n], b[n]));
+  return s / static_cast<double>(a.size());
+}
+
+// SwiGLU of expert e on every row of x, by loops over the weights (f64): [N][d].
+Matrix naive_expert_output(const moe::Experts& experts, int64_t e, const Matrix& x) {
+  const int64_t h = experts.w_gate.size(1), d = experts.w_gate.size(2);
+  const std::vector<double> gate = testing::as_doubles(experts.w_gate), up = testing::as_doubles(experts.w_up),
+                            down = testing::as_doubles(experts.w_down);
+  Matrix out(x.size(), std::vector<double>(static_cast<size_t>(d), 0.0));
+  for (size_t n = 0; n < x.size(); ++n)
+    for (int64_t k = 0; k < h; ++k) {
+      double g = 0, u = 0;
+      for (int64_t c = 0; c < d; ++c) {
+        g += gate[static_cast<size_t>((e * h + k) * d + c)] * x[n][c];
+        u += up[static_cast<size_t>((e * h + k) * d + c)] * x[n][c];
+      }
+      const double act = g / (1 + std::exp(-g)) * u;
+      for (int64_t c = 0; c < d; ++c) out[n][c] += down[static_cast<size_t>((e * d + c) * h + k)] * act;
+    }
+  return out;
+}
+
+// A Householder reflection I - 2 v v^T / |v|^2 [d][d]: orthogonal.
+Matrix reflection(int64_t d, uint64_t seed) {
+  const std::vector<double> v = testing::as_doubles(testing::random({d}, seed));
+  Matrix r(static_cast<size_t>(d), std::vector<double>(static_cast<size_t>(d)));
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t j = 0; j < d; ++j) r[i][j] = (i == j ? 1.0 : 0.0) - 2 * v[i] * v[j] / dot(v, v);
+  return r;
+}
+
+Matrix times(const Matrix& a, const Matrix& b) {  // a [n][k] @ b [k][m]
+  Matrix out(a.size(), std::vector<double>(b[0].size(), 0.0));
+  for (size_t i = 0; i < a.size(); ++i)
+    for (size_t k = 0; k < b.size(); ++k)
+      for (size_t j = 0; j < b[0].size(); ++j) out[i][j] += a[i][k] * b[k][j];
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("analyze: CKA and centered cosine of expert outputs equal naive loops over tokens (E=3, d=5, N=37)") {
+  const int64_t E = 3, d = 5, h = 7, N = 37;
+  Generator gen(11);
+  moe::Experts experts(E, d, h, gen, 0.5, 0.5);
+  for (Tensor* w : {&experts.w_gate, &experts.w_up, &experts.w_down}) *w = to_dtype(*w, DType::F64);
+  // Expert 1 = expert 0 with its outputs rotated (reflected) and scaled by 2: W_down,1 = 2 R W_down,0, so
+  // out_1 = 2 R out_0 and X_1 = 2 X_0 R^T. CKA sees the same expert; the cosines do not.
+  {
+    const Matrix r = reflection(d, 21);
+    std::vector<double> gate = testing::as_doubles(experts.w_gate), up = testing::as_doubles(experts.w_up),
+                        down = testing::as_doubles(experts.w_down);
+    std::copy(gate.begin(), gate.begin() + h * d, gate.begin() + h * d);
+    std::copy(up.begin(), up.begin() + h * d, up.begin() + h * d);
+    const Matrix down0 = rows_of(std::vector<double>(down.begin(), down.begin() + d * h), d, h);  // [d][h]
+    const std::vector<double> down1 = flat_of(times(r, down0));
+    for (size_t i = 0; i < down1.size(); ++i) down[static_cast<size_t>(d * h) + i] = 2 * down1[i];
+    experts.w_gate = from_vector(gate, {E, h, d});
+    experts.w_up = from_vector(up, {E, h, d});
+    experts.w_down = from_vector(down, {E, d, h});
+  }
+  const Tensor x = testing::random({N, d}, 5);
+  const Matrix xs = rows_of(testing::as_doubles(x), N, d);
+  std::vector<Matrix> out;
+  for (int64_t e = 0; e < E; ++e) out.push_back(naive_expert_output(experts, e, xs));
+
+  moe::OutputSimilarity sim = moe::expert_output_similarity(experts, x);
+  CHECK(sim.tokens == N);
+  double cka_total = 0, centered_total = 0, cosine_total = 0;
+  for (int64_t i = 0; i < E; ++i) {
+    CHECK(sim.cka_pair[i][i] == 1.0);
+    CHECK(sim.centered_pair[i][i] == 1.0);
+    for (int64_t j = i + 1; j < E; ++j) {
+      CAPTURE(i);
+      CAPTURE(j);
+      const double cka = naive_cka(out[i], out[j]);
+      const double centered_cos = naive_cosine(centered(out[i]), centered(out[j]));
+      const double cos = naive_cosine(out[i], out[j]);
+      MESSAGE("pair " << i << "," << j << ": CKA " << sim.cka_pair[i][j] << " (naive " << cka << "), centered cos "
+                      << sim.centered_pair[i][j] << " (naive " << centered_cos << "), cos " << sim.pair[i][j]);
+      CHECK(sim.cka_pair[i][j] == doctest::Approx(cka).epsilon(1e-10));
+      CHECK(sim.cka_pair[j][i] == sim.cka_pair[i][j]);
+      CHECK(sim.centered_pair[i][j] == doctest::Approx(centered_cos).epsilon(1e-10));
+      CHECK(sim.centered_pair[j][i] == sim.centered_pair[i][j]);
+      CHECK(sim.pair[i][j] == doctest::Approx(cos).epsilon(1e-10));
+      cka_total += cka, centered_total += centered_cos, cosine_total += cos;
+    }
+  }
+  CHECK(sim.cka_mean == doctest::Approx(cka_total / 3).epsilon(1e-10));
+  CHECK(sim.centered_mean == doctest::Approx(centered_total / 3).epsilon(1e-10));
+  CHECK(sim.mean == doctest::Approx(cosine_total / 3).epsilon(1e-10));
+  // The rotated and scaled copy: CKA 1 while its cosines are well below.
+  CHECK(sim.cka_pair[0][1] == doctest::Approx(1.0).epsilon(1e-12));
+  CHECK(sim.pair[0][1] < 0.99);
+  CHECK(sim.centered_pair[0][1] < 0.99);
+  CHECK(sim.cka_pair[0][2] < 0.99);
+}
+
+TEST_CASE("analyze: linear CKA is 1 for a matrix with itself and its rotation, and ignores constant offsets") {
+  const int64_t n = 37, d = 5;
+  const std::vector<double> a = testing::as_doubles(testing::random({n, d}, 31)),
+                            b = testing::as_doubles(testing::random({n, d}, 32));
+  const double ab = moe::linear_cka(a, b, n, d);
+  MESSAGE("CKA of two random 37 x 5 matrices: " << ab);
+  CHECK(ab == doctest::Approx(naive_cka(rows_of(a, n, d), rows_of(b, n, d))).epsilon(1e-12));
+  CHECK(ab > 0.0);
+  CHECK(ab < 0.5);
+  CHECK(moe::linear_cka(a, a, n, d) == doctest::Approx(1.0).epsilon(1e-14));
+  CHECK(moe::linear_cka(b, a, n, d) == doctest::Approx(ab).epsilon(1e-14));
+  // A X R with R orthogonal, also scaled: the same representation.
+  Matrix rotated = times(rows_of(a, n, d), reflection(d, 33));
+  for (auto& row : rotated)
+    for (double& v : row) v *= 3.5;
+  CHECK(moe::linear_cka(a, flat_of(rotated), n, d) == doctest::Approx(1.0).epsilon(1e-12));
+  // A constant vector added to every row of b: the centering removes it.
+  const std::vector<double> offset = {5.0, -3.0, 0.5, 100.0, 2.0};
+  std::vector<double> shifted = b;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t c = 0; c < d; ++c) shifted[static_cast<size_t>(i * d + c)] += offset[static_cast<size_t>(c)];
+  CHECK(moe::linear_cka(a, shifted, n, d) == doctest::Approx(ab).epsilon(1e-10));
+  // A constant matrix has nothing left after centering: CKA 0, not NaN.
+  CHECK(moe::linear_cka(a, std::vector<double>(n * d, 2.0), n, d) == 0.0);
+  testing::check_mentions(error_of([&] { moe::linear_cka(a, b, n, d + 1); }), {"linear_cka", "37 * 6"});
 }
 
 // ==== a trained run ==================================================================================================
@@ -371,6 +551,17 @@ TEST_CASE("analyze: a trained run end to end agrees with the trainer's routing s
     CHECK(r.mi.bits <= r.mi.domain_entropy_bits + 1e-12);
     CHECK(a.similarity.tokens == 64);
     CHECK(a.similarity.mean < 0.999);  // trained experts differ
+    CHECK(a.similarity.centered_mean < 0.999);
+    CHECK(a.similarity.cka_mean > 0.0);
+    CHECK(a.similarity.cka_mean < 0.999);
+    REQUIRE(a.similarity.cka_pair.size() == 4);
+    CHECK(a.similarity.cka_pair[2][2] == 1.0);
+    // The relative dPPL is the layer's dPPL over the PPL of the same tokens: mean_pi PPL_pi / PPL - 1.
+    CHECK(a.relative_dppl == doctest::Approx(a.dppl / std::exp(run.ce)).epsilon(1e-9));
+    for (size_t d = 0; d < run.domains.size(); ++d)
+      if (std::isfinite(a.dppl_domain[d]))
+        CHECK(a.relative_dppl_domain[d] ==
+              doctest::Approx(a.dppl_domain[d] / std::exp(run.ce_domain[d])).epsilon(1e-9));
     CHECK(a.variance.all > 0.1);
     CHECK(std::isfinite(a.dppl));
   }
@@ -392,6 +583,16 @@ TEST_CASE("analyze: a trained run end to end agrees with the trainer's routing s
   nlohmann::json j = nlohmann::json::parse(json_in);
   CHECK(j["runs"][0]["layers"].size() == 2);
   CHECK(j["runs"][0]["layers"][0]["routing"]["jsd"].size() == 4);
+  CHECK(j["runs"][0]["layers"][1]["output_similarity"]["cka_pair"].size() == 4);
+  CHECK(j["runs"][0]["layers"][1]["output_similarity"]["centered_mean"].get<double>() ==
+        run.layers[1].similarity.centered_mean);
+  CHECK(j["runs"][0]["layers"][1]["dppl"]["relative_overall"].get<double>() == run.layers[1].relative_dppl);
+  CHECK(j["runs"][0]["layers"][1]["dppl"]["relative_domains"].size() == 4);
+  std::ifstream layers_csv(out / "ed" / "layers.csv");
+  std::string header;
+  std::getline(layers_csv, header);
+  for (const char* column : {",output_similarity,output_similarity_centered,output_cka,nv,", ",dppl,dppl_relative"})
+    CHECK_MESSAGE(header.find(column) != std::string::npos, header);
   std::ifstream usage(out / "ed" / "usage.csv");
   std::string line;
   int lines = 0;
@@ -399,7 +600,9 @@ TEST_CASE("analyze: a trained run end to end agrees with the trainer's routing s
   CHECK(line == "layer,domain,expert,slots,share,mean_prob");
   while (std::getline(usage, line)) ++lines;
   CHECK(lines == 2 * 4 * 4);
-  CHECK(terminal_summary({run}).find("MI bits") != std::string::npos);
+  const std::string summary = terminal_summary({run});
+  for (const char* text : {"MI bits", "cen-cos", "CKA", "rel-dPPL", "share an init"})
+    CHECK_MESSAGE(summary.find(text) != std::string::npos, "summary lacks " << text << ":\n" << summary);
 }
 
 TEST_CASE("analyze: the report has every section and figure, compares runs and escapes text") {
@@ -411,8 +614,17 @@ TEST_CASE("analyze: the report has every section and figure, compares runs and e
   std::string html = render_report({base, ed});
   for (const char* id : {"summary", "curves", "by-layer", "layers", "heatmaps", "trace", "config", "glossary"})
     CHECK_MESSAGE(html.find(std::string("id=\"") + id + "\"") != std::string::npos, "no section " << id);
-  // 9 training curves + 4 domain CE charts + 7 by-layer charts + 2 runs x 2 layers x (usage + JSD) heatmaps.
-  CHECK(count(html, "<svg") == 9 + 4 + 7 + 2 * 2 * 2);
+  // 9 training curves + 4 domain CE charts + 10 by-layer charts + 2 runs x 2 layers x (usage + JSD) heatmaps.
+  CHECK(count(html, "<svg") == 9 + 4 + 10 + 2 * 2 * 2);
+  // CKA, centered cosine and relative dPPL next to the cosine and dPPL; NV's caveat in the summary, the by-layer
+  // charts, the table and the glossary, naming the runs (both from random inits) and (E-1)/E for E = 4.
+  for (const char* text : {"output CKA", "centered cosine", "relative dPPL", "<th>CKA</th>", "<th>cen-cos</th>",
+                           "<th>rel. dPPL</th>", "expert output linear CKA", "<dt>output CKA</dt>"})
+    CHECK_MESSAGE(html.find(text) != std::string::npos, "the report lacks " << text);
+  // The summary's tooltip and note, the by-layer note and the table's note; the glossary says it too.
+  CHECK(count(html, "meaningful only when the experts share an init") == 4);
+  CHECK(html.find("Meaningful only when the experts share an init") > html.find("<dt>NV</dt>"));
+  CHECK(html.find("independent random inits here: baseline (E = 4: about 0.750)") != std::string::npos);
   CHECK(count(html, "class=\"trace\"") == 2 * 2);
   CHECK(html.find("&lt;b&gt;ed&lt;/b&gt; &amp; co") != std::string::npos);
   CHECK(html.find("<b>ed</b>") == std::string::npos);
@@ -504,6 +716,7 @@ TEST_CASE("analyze: missing files, a mismatched checkpoint and a corpus without 
 
 TEST_CASE("analyze: negative counts, a path as checkpoint name and a --data-dir that is a file are refused") {
   AnalyzeOptions options;
+  CHECK(options.similarity_tokens == 4096);  // the default output-similarity sample
   options.similarity_tokens = -1;
   testing::check_mentions(error_of([&] { validate(options); }), {"--similarity-tokens must be >= 0", "got -1"});
   // analyze_run checks them before it reads anything.
@@ -534,8 +747,18 @@ TEST_CASE("analyze: a non-finite metric is reported by name; NaN for a domain wi
   layer.routing.tokens = {10, 0};
   layer.dppl_domain = {0.5, NAN};
   layer.dppl = 0.5;
+  layer.relative_dppl_domain = {0.1, NAN};
+  layer.relative_dppl = 0.1;
+  layer.similarity.tokens = 64;
   run.layers.push_back(layer);
   CHECK_NOTHROW(check_finite_results(run));
+  run.layers[0].similarity.cka_mean = NAN;
+  run.layers[0].relative_dppl_domain[0] = INFINITY;
+  testing::check_mentions(
+      error_of([&] { check_finite_results(run); }),
+      {"2 non-finite results", "output CKA of layer 1 = nan", "relative dPPL of layer 1 on 'a' = inf"});
+  run.layers[0].similarity.cka_mean = 0.5;
+  run.layers[0].relative_dppl_domain[0] = 0.1;
 
   run.layers[0].routing.mi.bits = NAN;
   run.layers[0].dppl = INFINITY;

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <numeric>
 #include <set>
 #include <string>
 #include <vector>
@@ -411,6 +412,45 @@ TEST_CASE("data: every-k-th validation split, and a loader over a subset") {
   Loader train(shard, s.train, {.batch_size = 4, .seed = 1});
   for (int i = 0; i < 20; i++)
     for (int64_t id : train.next().sequence_ids) REQUIRE(id % 4 != 3);
+}
+
+TEST_CASE("data: random-label controls: a permutation keeps every label's count, uniform labels cover the domains") {
+  const auto shard = synthetic_shard();
+  const int64_t D = shard->header.domains.size();
+  REQUIRE(D >= 2);
+  const std::vector<int64_t> true_counts = shard->sequences_per_domain();
+  auto labels_of = [](const Shard& s) {
+    std::vector<int32_t> out;
+    for (int64_t i = 0; i < s.size(); i++) out.push_back(s.domain(i));
+    return out;
+  };
+  auto relabelled = [&](DomainLabels labels, uint64_t seed) {
+    Shard copy = *shard;
+    relabel_domains(copy, labels, seed);
+    for (int64_t i = 0; i < copy.size(); i++)  // the text stays: only the label moves
+      REQUIRE(std::ranges::equal(copy.tokens(i), shard->tokens(i)));
+    return copy;
+  };
+  CHECK(labels_of(relabelled(DomainLabels::True, 1)) == labels_of(*shard));
+
+  const Shard permuted = relabelled(DomainLabels::Permuted, 1);
+  CHECK(permuted.sequences_per_domain() == true_counts);
+  int64_t moved = 0;
+  for (int64_t i = 0; i < shard->size(); i++) moved += permuted.domain(i) != shard->domain(i);
+  // A random permutation keeps a sequence's label with probability sum_j (n_j / N)^2 (1/D for equal domains).
+  MESSAGE("permuted: " << moved << " of " << shard->size() << " labels changed");
+  CHECK(moved > shard->size() / 2);
+  CHECK(labels_of(relabelled(DomainLabels::Permuted, 1)) == labels_of(permuted));  // seeded
+  CHECK(labels_of(relabelled(DomainLabels::Permuted, 2)) != labels_of(permuted));
+
+  const Shard uniform = relabelled(DomainLabels::Uniform, 3);
+  const std::vector<int64_t> counts = uniform.sequences_per_domain();
+  REQUIRE(int64_t(counts.size()) == D);
+  for (int64_t d = 0; d < D; d++) {
+    CAPTURE(d);
+    CHECK(counts[d] > 0);  // each domain's expected count is N / D, far from 0 here
+  }
+  CHECK(std::accumulate(counts.begin(), counts.end(), int64_t(0)) == shard->size());
 }
 
 TEST_CASE("data: synthetic corpus is seeded and its domains differ") {

@@ -7,8 +7,8 @@
 #include <nlohmann/json.hpp>
 #include <sstream>
 
-#include "apps/train/checkpoint.h"
 #include "apps/analysis/evaluation.h"
+#include "apps/train/checkpoint.h"
 #include "apps/train/trainer.h"
 #include "tests/testing.h"
 
@@ -132,6 +132,7 @@ TEST_CASE("eval: a router permutation over identical experts gives dPPL = 0, a t
   MESSAGE("trained dPPL per layer: " << dppl[0].overall << ", " << dppl[1].overall << " (PPL " << base.overall.ppl()
                                      << ")");
   CHECK(largest > 0.01);
+  for (const LayerDPPL& l : dppl) CHECK(l.relative_overall == doctest::Approx(l.overall / base.overall.ppl()));
   CHECK(dppl[0].permutations != dppl[1].permutations);  // seeded per layer
   // The router weights are back exactly.
   CHECK(score(*ck.model, set, M).overall.ce_sum == base.overall.ce_sum);
@@ -144,13 +145,65 @@ TEST_CASE("eval: a router permutation over identical experts gives dPPL = 0, a t
   for (const LayerDPPL& l : none) {
     worst = std::max(worst, std::abs(l.overall));
     CHECK(std::abs(l.overall) <= 1e-6);
-    for (int64_t d = 0; d < M; ++d) CHECK(std::abs(l.domains[d]) <= 1e-6);
+    CHECK(std::abs(l.relative_overall) <= 1e-6);
+    for (int64_t d = 0; d < M; ++d) {
+      CHECK(std::abs(l.domains[d]) <= 1e-6);
+      CHECK(std::abs(l.relative_domains[d]) <= 1e-6);
+    }
   }
   MESSAGE("identical experts: largest |dPPL| " << worst);
 
   CHECK(random_derangement(2, 7) == std::vector<int64_t>{1, 0});
   CHECK(random_derangement(8, 7) == random_derangement(8, 7));
   CHECK_THROWS_WITH(random_derangement(1, 7), doctest::Contains("n >= 2"));
+}
+
+TEST_CASE("eval: relative dPPL = dPPL / PPL per domain, and equals permuting the router by hand") {
+  TrainedRun& run = trained();
+  EvalOptions o = run.options(4, 2);
+  LoadedCheckpoint ck = load_checkpoint(run.checkpoint, o);
+  TrainingData data = prepare_eval_data(ck, o);
+  EvalSet set = make_eval_set(data.validation, *data.tokenizer, 8, 4);
+  const int64_t M = data.domains.size();
+  Scores base = score(*ck.model, set, M);
+  std::vector<LayerDPPL> dppl = router_permutation_dppl(*ck.model, set, base, M, 2, 5);
+  REQUIRE(dppl.size() == 2);
+  for (const LayerDPPL& l : dppl) {
+    REQUIRE(l.relative_domains.size() == static_cast<size_t>(M));
+    for (int64_t d = 0; d < M; ++d) {
+      CAPTURE(d);
+      CHECK(l.relative_domains[d] == doctest::Approx(l.domains[d] / base.domains[d].ppl()).epsilon(1e-12));
+    }
+    CHECK(l.relative_overall == doctest::Approx(l.overall / base.overall.ppl()).epsilon(1e-12));
+  }
+  MESSAGE("layer 0: dPPL " << dppl[0].overall << ", relative " << dppl[0].relative_overall << " (PPL "
+                           << base.overall.ppl() << ")");
+
+  // Layer 0 by hand: its router rows permuted by each reported pi, scored, (PPL_pi - PPL) / PPL averaged.
+  moe::MoELayer* layer = ck.model->moe_layers()[0];
+  Tensor trained_weight = [&] {
+    NoGradGuard no_grad;
+    return clone(layer->router.weight);
+  }();
+  std::vector<double> expected(M, 0.0);
+  double expected_overall = 0;
+  for (const std::vector<int64_t>& pi : dppl[0].permutations) {
+    {
+      NoGradGuard no_grad;
+      copy_(layer->router.weight,
+            index_select(trained_weight, 0, from_vector(std::vector<int32_t>(pi.begin(), pi.end()), {4})));
+    }
+    Scores s = score(*ck.model, set, M);
+    for (int64_t d = 0; d < M; ++d) expected[d] += (s.domains[d].ppl() / base.domains[d].ppl() - 1) / 2;
+    expected_overall += (s.overall.ppl() / base.overall.ppl() - 1) / 2;
+  }
+  {
+    NoGradGuard no_grad;
+    copy_(layer->router.weight, trained_weight);
+  }
+  for (int64_t d = 0; d < M; ++d) CHECK(dppl[0].relative_domains[d] == doctest::Approx(expected[d]).epsilon(1e-12));
+  CHECK(dppl[0].relative_overall == doctest::Approx(expected_overall).epsilon(1e-12));
+  CHECK(dppl[0].relative_overall > 0.0);
 }
 
 TEST_CASE("eval: missing checkpoint, mismatched config and a corpus without domains give clear errors") {
@@ -210,8 +263,15 @@ TEST_CASE("eval: the table, the JSON and the run's options read back from a chec
   TrainedRun& run = trained();
   CheckpointEvaluation e = evaluate_checkpoint(run.checkpoint, run.options(2, 1));
   std::string table = format_table(e);
-  for (const char* text : {"csv", "code", "words", "shout", "all", "dPPL L0", "dPPL L1", "CE(nats)", "bpb"})
+  for (const char* text : {"csv", "code", "words", "shout", "all", "dPPL L0 (rel.)", "dPPL L1 (rel.)", "CE(nats)",
+                           "bpb", "(rel.): the same divided by PPL"})
     CHECK_MESSAGE(table.find(text) != std::string::npos, "table lacks " << text << ":\n" << table);
+  // The "all" row: each layer's dPPL, then the relative one in percent.
+  const size_t all_row = table.find("  all ");
+  REQUIRE(all_row != std::string::npos);
+  const std::string all_line = table.substr(all_row, table.find('\n', all_row) - all_row);
+  CHECK_MESSAGE(all_line.find(fmt::format("({:+.1f}%)", 100 * e.dppl[1].relative_overall)) != std::string::npos,
+                all_line);
 
   nlohmann::json j = evaluation_json(e);
   CHECK(j["step"] == 60);
@@ -224,6 +284,10 @@ TEST_CASE("eval: the table, the JSON and the run's options read back from a chec
   REQUIRE(j["dppl"]["layers"].size() == 2);
   CHECK(j["dppl"]["layers"][1]["layer"] == 1);
   CHECK(j["dppl"]["layers"][1]["per_domain"].size() == 4);
+  CHECK(j["dppl"]["layers"][1]["relative_per_domain"].size() == 4);
+  CHECK(j["dppl"]["layers"][1]["relative_overall"].get<double>() == e.dppl[1].relative_overall);
+  CHECK(j["dppl"]["layers"][0]["relative_per_domain"]["code"].get<double>() ==
+        e.dppl[0].relative_domains[e.domains.id("code")]);
   CHECK(j["dppl"]["layers"][1]["permutations"][0].size() == 4);
   CHECK(j["model"] == nlohmann::json(run.trainer->config().model));
 
@@ -306,6 +370,9 @@ TEST_CASE("eval: a non-finite parameter is refused by name, a non-finite result 
   fine.dppl[1].domains[3] = INFINITY;
   testing::check_mentions(testing::error_of([&] { check_finite_results(fine); }),
                           {"1 non-finite results", "dPPL of layer 1 on 'words' = inf"});
+  fine.dppl[0].relative_overall = NAN;
+  testing::check_mentions(testing::error_of([&] { check_finite_results(fine); }),
+                          {"2 non-finite results", "relative dPPL of layer 0 = nan"});
 }
 
 TEST_CASE("eval: negative counts and a --data-dir that is a file are refused, naming the flag") {

@@ -225,3 +225,106 @@ TEST_CASE("train: expert divergence separates the domains' routing and keeps loa
   CHECK(jsd_ed > 1.5 * jsd_base);
   CHECK(jsd_ed > jsd_base + 0.05);
 }
+
+TEST_CASE("train: ED per sequence (the ablation) pulls the step's sequences apart, across micro-batches too") {
+  // moe.ed_groups = sequence: every sequence is its own group. Checked against the mean over sequence pairs of
+  // -log(JSD + eps) between their mean routing distributions, computed here from a fresh model on the same batch;
+  // with 2 micro-batches and ED over the step it is the same number as one batch of 8.
+  fs::path dir = scratch("ed_sequence");
+  std::ostringstream quiet;
+  auto config = [&](const std::string& name, int64_t batch, int64_t accumulate, moe::EDGroupBy groups) {
+    TrainConfig c = small_train_config(dir / name, 3);
+    c.batch_size = batch, c.grad_accum = accumulate;
+    c.losses.alpha = 0, c.losses.beta = 0.05, c.losses.ed_scope = moe::EDScope::Step, c.losses.ed_groups = groups;
+    return c;
+  };
+  const TrainConfig whole_config = config("whole", 8, 1, moe::EDGroupBy::Sequence);
+  Trainer whole(whole_config, quiet), step(config("step", 4, 2, moe::EDGroupBy::Sequence), quiet),
+      domains(config("domains", 8, 1, moe::EDGroupBy::Domain), quiet);
+
+  // The reference: the first batch the trainer will draw, through the model as initialized.
+  data::Loader loader(whole.data().train, {.batch_size = 8, .seed = whole_config.seed});
+  const data::Batch batch = loader.next();
+  moe::MoEModel model(whole_config.model, whole_config.losses, whole_config.seed);
+  {
+    NoGradGuard no_grad;
+    model.lm().forward(from_vector(batch.inputs, {batch.B, batch.T}));
+  }
+  double expected = 0;
+  const std::vector<moe::MoELayer*> layers = model.moe_layers();
+  for (moe::MoELayer* layer : layers) {
+    const std::vector<moe::Distribution> means = moe::sequence_means(layer->last_routing().probs, batch.B);
+    double sum = 0;
+    int64_t pairs = 0;
+    for (int i = 0; i < batch.B; ++i)
+      for (int j = i + 1; j < batch.B; ++j, ++pairs)
+        sum += -std::log(moe::js_divergence(means[i], means[j]) + whole_config.losses.ed_eps);
+    expected += sum / static_cast<double>(pairs) / static_cast<double>(layers.size());
+  }
+
+  for (Trainer* t : {&whole, &step, &domains}) t->run(1);
+  const nlohmann::json w = first_step_metrics(whole), s = first_step_metrics(step), d = first_step_metrics(domains);
+  MESSAGE("ED at step 1: per sequence " << w["ed"] << " (2 x 4: " << s["ed"] << ", reference " << expected
+                                        << "), per domain " << d["ed"]);
+  CHECK(w["ed"].get<double>() == doctest::Approx(expected).epsilon(1e-5));
+  CHECK(s["ed"].get<double>() == doctest::Approx(expected).epsilon(1e-5));
+  CHECK(s["grad_norm"].get<double>() == doctest::Approx(w["grad_norm"].get<double>()).epsilon(1e-4));
+  CHECK(std::abs(d["ed"].get<double>() - expected) > 1e-2);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train: random labels permute the training split's labels only; held-out data keep the true ones") {
+  fs::path dir = scratch("labels");
+  TrainConfig c = small_train_config(dir, 1);
+  const TrainingData truth = prepare_data(c);
+  c.data.labels = data::DomainLabels::Permuted;
+  const TrainingData permuted = prepare_data(c);
+  CHECK(permuted.train->sequences_per_domain() == truth.train->sequences_per_domain());
+  CHECK(permuted.train->rows != truth.train->rows);
+  CHECK(permuted.validation->rows == truth.validation->rows);
+  c.data.labels = data::DomainLabels::Uniform;
+  const TrainingData uniform = prepare_data(c);
+  CHECK(uniform.train->sequences_per_domain() != truth.train->sequences_per_domain());
+  CHECK(uniform.validation->rows == truth.validation->rows);
+  fs::remove_all(dir);
+}
+
+TEST_CASE("train: init_from starts from another run's weights; a dense run is upcycled into the MoE model") {
+  fs::path dir = scratch("init_from");
+  std::ostringstream quiet;
+  TrainConfig dense_config = small_train_config(dir / "dense", 5);
+  dense_config.model.n_experts = 0, dense_config.model.dense_hidden = 32;  // = expert_hidden: experts are copies
+  Trainer dense(dense_config, quiet);
+  dense.run();
+
+  // Upcycled: top-2 of 4 equal experts with gates renormalized to sum 1 compute the dense FFN.
+  TrainConfig moe_config = small_train_config(dir / "moe", 5);
+  moe_config.init_from = (dir / "dense").string();
+  Trainer upcycled(moe_config, quiet);
+  CHECK(upcycled.step() == 0);
+  const data::Batch batch = data::Loader(upcycled.data().validation, {.batch_size = 4, .shuffle = false}).next();
+  const Tensor inputs = from_vector(batch.inputs, {batch.B, batch.T});
+  {
+    NoGradGuard no_grad;
+    testing::check_close(upcycled.model().lm().forward(inputs), dense.model().lm().forward(inputs), 1e-4, 1e-2,
+                         "upcycled logits vs the dense model's");
+  }
+
+  // The same architecture loads as is: the weights are the run's final ones.
+  TrainConfig again = small_train_config(dir / "again", 5);
+  again.model = dense_config.model, again.init_from = (dir / "dense").string();
+  Trainer continued(again, quiet);
+  auto a = parameters_of(continued), b = parameters_of(dense);
+  REQUIRE(a.size() == b.size());
+  for (size_t i = 0; i < a.size(); ++i) CHECK(a[i] == b[i]);
+
+  // Another MoE architecture is refused, naming both configs; noise without a dense source too.
+  TrainConfig other = small_train_config(dir / "other", 5);
+  other.init_from = (dir / "moe").string();
+  upcycled.run();
+  other.model.n_experts = 8;
+  CHECK(testing::error_of([&] { Trainer t(other, quiet); }).find("differs from this run's") != std::string::npos);
+  other.model.n_experts = 4, other.upcycle_noise = 0.01;
+  CHECK(testing::error_of([&] { Trainer t(other, quiet); }).find("is not a dense checkpoint") != std::string::npos);
+  fs::remove_all(dir);
+}

@@ -13,6 +13,7 @@
 
 #include "apps/train/checkpoint.h"
 #include "data/excerpt.h"
+#include "data/file_io.h"
 #include "data/rng.h"
 #include "engine/error.h"
 
@@ -28,11 +29,13 @@ static fs::path checkpoint_folder(const fs::path& dir) {
   if (!fs::exists(dir)) throw std::runtime_error(fmt::format("checkpoint '{}' does not exist", dir.string()));
   if (!fs::is_directory(dir))
     throw std::runtime_error(fmt::format("checkpoint '{}' is not a folder (expected a checkpoint folder holding {}, "
-                                         "e.g. runs/tiny/checkpoints/final)", dir.string(), kModelFile));
+                                         "e.g. runs/tiny/checkpoints/final)",
+                                         dir.string(), kModelFile));
   if (fs::exists(dir / kModelFile)) return dir;
   if (fs::exists(dir / "checkpoints" / "final" / kModelFile)) return dir / "checkpoints" / "final";
   throw std::runtime_error(fmt::format("checkpoint '{}': no {} in it (expected a checkpoint folder written by "
-                                       "moe-train, e.g. <out_dir>/checkpoints/final)", dir.string(), kModelFile));
+                                       "moe-train, e.g. <out_dir>/checkpoints/final)",
+                                       dir.string(), kModelFile));
 }
 
 // The run folder a checkpoint was written into (<out_dir>/checkpoints/<name>), or empty.
@@ -74,8 +77,8 @@ TrainConfig train_config_from_json(const json& flat, std::vector<std::string>* i
       if (ignored) ignored->push_back(key);
       continue;
     }
-    std::string doc = fmt::format("[{}]\n{} = {}\n", json(key.substr(0, dot)).dump(), json(key.substr(dot + 1)).dump(),
-                                  literal);
+    std::string doc =
+        fmt::format("[{}]\n{} = {}\n", json(key.substr(0, dot)).dump(), json(key.substr(dot + 1)).dump(), literal);
     try {
       apply_toml(c, doc, "train_config");
     } catch (const std::invalid_argument& e) {
@@ -147,8 +150,8 @@ LoadedCheckpoint load_checkpoint(const fs::path& dir_arg, const EvalOptions& opt
   };
 
   const std::string* model_json = meta("config");
-  if (!model_json) throw std::runtime_error(fmt::format("{}: {} has no model config (\"config\") in __metadata__",
-                                                        where, kModelFile));
+  if (!model_json)
+    throw std::runtime_error(fmt::format("{}: {} has no model config (\"config\") in __metadata__", where, kModelFile));
   const json model_config = metadata_json(*model_json, file, "config");
   try {
     out.model_config = model_config.get<nn::ModelConfig>();
@@ -173,7 +176,8 @@ LoadedCheckpoint load_checkpoint(const fs::path& dir_arg, const EvalOptions& opt
     }
   } else if (o.corpus.empty() || o.tokenizer.empty()) {
     throw std::runtime_error(fmt::format("{}: {} has no \"train_config\" in __metadata__, so the corpus and tokenizer "
-                                         "are unknown: pass --corpus and --tokenizer", where, kModelFile));
+                                         "are unknown: pass --corpus and --tokenizer",
+                                         where, kModelFile));
   }
   if (const std::string* step = meta("step")) {
     const char* end = step->data() + step->size();
@@ -224,10 +228,12 @@ static uint64_t fnv1a(const std::string& s) {
 
 TrainingData prepare_eval_data(const LoadedCheckpoint& checkpoint, const EvalOptions& options) {
   TrainConfig c = checkpoint.config;
+  c.data.corpus = data::expand_home(c.data.corpus).string();  // "~/..." as the trainer reads it
   const std::string corpus_origin = options.data.corpus.empty() ? "data.corpus of the checkpoint's run" : "--corpus";
   if (c.data.corpus != "synthetic" && !fs::exists(c.data.corpus))
     throw std::runtime_error(fmt::format("corpus '{}' ({}) does not exist (expected a folder with train.jsonl, a "
-                                         ".jsonl file, or 'synthetic')", c.data.corpus, corpus_origin));
+                                         ".jsonl file, or 'synthetic')",
+                                         c.data.corpus, corpus_origin));
   if (!options.data_dir.empty()) {
     c.out_dir = options.data_dir.string();
   } else {
@@ -242,7 +248,8 @@ TrainingData prepare_eval_data(const LoadedCheckpoint& checkpoint, const EvalOpt
     std::string message = fmt::format("corpus '{}' ({}): {}", c.data.corpus, corpus_origin, e.what());
     if (message.find("missing key '" + c.data.domain_key + "'") != std::string::npos)
       message += fmt::format(" -- every document needs its domain under the key '{}' (choose another with "
-                             "--domain-key)", c.data.domain_key);
+                             "--domain-key)",
+                             c.data.domain_key);
     throw std::runtime_error(message);
   }
   if (out.validation->size() == 0)
@@ -312,11 +319,11 @@ Scores score(moe::MoEModel& model, const EvalSet& set, int64_t num_domains) {
   std::vector<double> ce_sum(num_domains, 0.0);
   std::vector<int64_t> tokens(num_domains, 0);
   for (const data::Batch& b : set.batches) {
-    Tensor inputs = from_vector(b.inputs, {b.B, b.T}, dev);                 // i32 [B, T]
-    Tensor targets = from_vector(b.targets, {int64_t(b.B) * b.T}, dev);     // i32 [B*T]
-    Tensor domains = from_vector(b.domains, {b.B});                         // i32 [B], read on the host
-    Tensor logits = model.lm().forward(inputs);                             // [B*T, V]
-    std::vector<double> token_ce;                                           // [B*T], copied to the host
+    Tensor inputs = from_vector(b.inputs, {b.B, b.T}, dev);              // i32 [B, T]
+    Tensor targets = from_vector(b.targets, {int64_t(b.B) * b.T}, dev);  // i32 [B*T]
+    Tensor domains = from_vector(b.domains, {b.B});                      // i32 [B], read on the host
+    Tensor logits = model.lm().forward(inputs);                          // [B*T, V]
+    std::vector<double> token_ce;                                        // [B*T], copied to the host
     cross_entropy(logits, targets, kIgnoreIndex, &token_ce);
     moe::accumulate_domain_ce(token_ce, targets, domains, num_domains, ce_sum, tokens);
   }
@@ -370,13 +377,16 @@ std::vector<LayerDPPL> router_permutation_dppl(moe::MoEModel& model, const EvalS
     r.layer = static_cast<int64_t>(l);
     r.domains.assign(num_domains, NAN);
     r.overall = NAN;
+    r.relative_domains.assign(num_domains, NAN);
+    r.relative_overall = NAN;
     const int64_t E = moe->router.n_experts();
     if (E < 2) {  // one expert: nothing to permute
       out.push_back(std::move(r));
       continue;
     }
-    std::vector<double> ppl_sum(num_domains, 0.0);
-    double overall_sum = 0;
+    std::vector<double> ppl_sum(num_domains, 0.0), relative_sum(num_domains, 0.0);  // of PPL_pi, (PPL_pi - PPL) / PPL
+    double overall_sum = 0, relative_overall_sum = 0;
+    auto relative = [](double ppl_pi, double ppl) { return (ppl_pi - ppl) / ppl; };
     {
       Tensor& weight = moe->router.weight;  // [E, d]
       RestoreWeight restore{weight, [&] {
@@ -391,15 +401,23 @@ std::vector<LayerDPPL> router_permutation_dppl(moe::MoEModel& model, const EvalS
           copy_(weight, index_select(restore.saved, 0, index));  // row e <- trained row pi[e]
         }
         Scores s = score(model, set, num_domains);
-        for (int64_t d = 0; d < num_domains; ++d) ppl_sum[d] += s.domains[d].ppl();
+        for (int64_t d = 0; d < num_domains; ++d) {
+          ppl_sum[d] += s.domains[d].ppl();
+          relative_sum[d] += relative(s.domains[d].ppl(), base.domains[d].ppl());
+        }
         overall_sum += s.overall.ppl();
+        relative_overall_sum += relative(s.overall.ppl(), base.overall.ppl());
         r.permutations.push_back(std::move(pi));
       }
     }
     const double P = static_cast<double>(permutations);
     for (int64_t d = 0; d < num_domains; ++d)
-      if (base.domains[d].tokens) r.domains[d] = ppl_sum[d] / P - base.domains[d].ppl();
+      if (base.domains[d].tokens) {
+        r.domains[d] = ppl_sum[d] / P - base.domains[d].ppl();
+        r.relative_domains[d] = relative_sum[d] / P;
+      }
     r.overall = overall_sum / P - base.overall.ppl();
+    r.relative_overall = relative_overall_sum / P;
     out.push_back(std::move(r));
   }
   return out;
@@ -445,9 +463,12 @@ void check_finite_results(const CheckpointEvaluation& e) {
   for (const LayerDPPL& l : e.dppl) {
     if (l.permutations.empty()) continue;  // one expert: nothing was permuted
     for (int d = 0; d < e.domains.size(); ++d)
-      if (e.scores.domains[d].tokens > 0)
+      if (e.scores.domains[d].tokens > 0) {
         require(l.domains[d], fmt::format("dPPL of layer {} on '{}'", l.layer, e.domains.name(d)));
+        require(l.relative_domains[d], fmt::format("relative dPPL of layer {} on '{}'", l.layer, e.domains.name(d)));
+      }
     require(l.overall, fmt::format("dPPL of layer {}", l.layer));
+    require(l.relative_overall, fmt::format("relative dPPL of layer {}", l.layer));
   }
   if (bad.empty()) return;
   const size_t shown = std::min<size_t>(bad.size(), 4);
@@ -470,28 +491,41 @@ std::string format_table(const CheckpointEvaluation& e) {
   size_t w = 6;
   for (const std::string& name : e.domains.names()) w = std::max(w, name.size());
   out += fmt::format("  {:<{}} {:>9} {:>9} {:>9} {:>7}", "domain", w, "tokens", "CE(nats)", "PPL", "bpb");
-  for (const LayerDPPL& l : e.dppl) out += fmt::format(" {:>9}", fmt::format("dPPL L{}", l.layer));
+  // Each layer's column holds the absolute dPPL and, after it, the relative one in percent of the domain's PPL.
+  for (const LayerDPPL& l : e.dppl) out += fmt::format(" {:>19}", fmt::format("dPPL L{} (rel.)", l.layer));
   out += '\n';
-  auto row = [&](const std::string& name, const DomainScore& s, auto dppl_of) {
+  auto row = [&](const std::string& name, const DomainScore& s, auto dppl_of, auto relative_of) {
     out += fmt::format("  {:<{}} {:>9} {:>9} {:>9} {:>7}", name, w, s.tokens, number(s.ce(), "{:.4f}"),
                        number(s.ppl(), "{:.3f}"), number(s.bpb(), "{:.4f}"));
-    for (const LayerDPPL& l : e.dppl) out += fmt::format(" {:>9}", number(dppl_of(l), "{:+.4f}"));
+    for (const LayerDPPL& l : e.dppl)
+      out +=
+          fmt::format(" {:>9} {:>9}", number(dppl_of(l), "{:+.4f}"),
+                      std::isnan(relative_of(l)) ? std::string("") : fmt::format("({:+.1f}%)", 100 * relative_of(l)));
     out += '\n';
   };
   for (int d = 0; d < e.domains.size(); ++d)
-    row(e.domains.name(d), e.scores.domains[d], [&](const LayerDPPL& l) { return l.domains[d]; });
-  row("all", e.scores.overall, [](const LayerDPPL& l) { return l.overall; });
+    row(
+        e.domains.name(d), e.scores.domains[d], [&](const LayerDPPL& l) { return l.domains[d]; },
+        [&](const LayerDPPL& l) { return l.relative_domains[d]; });
+  row(
+      "all", e.scores.overall, [](const LayerDPPL& l) { return l.overall; },
+      [](const LayerDPPL& l) { return l.relative_overall; });
   if (!e.dppl.empty())
     out += fmt::format("  dPPL Ll: PPL with MoE layer l's router rows permuted, minus PPL (mean of {} seeded "
-                       "derangements, seed {})\n", e.permutations, e.seed);
+                       "derangements, seed {})\n  (rel.): the same divided by PPL, in percent\n",
+                       e.permutations, e.seed);
   return out;
 }
 
 static json finite_or_null(double v) { return std::isnan(v) || std::isinf(v) ? json(nullptr) : json(v); }
 
 static json score_json(const DomainScore& s) {
-  return {{"ce", finite_or_null(s.ce())}, {"ppl", finite_or_null(s.ppl())}, {"bpb", finite_or_null(s.bpb())},
-          {"tokens", s.tokens},           {"bytes", s.bytes},                {"ce_sum", s.ce_sum}};
+  return {{"ce", finite_or_null(s.ce())},
+          {"ppl", finite_or_null(s.ppl())},
+          {"bpb", finite_or_null(s.bpb())},
+          {"tokens", s.tokens},
+          {"bytes", s.bytes},
+          {"ce_sum", s.ce_sum}};
 }
 
 json evaluation_json(const CheckpointEvaluation& e) {
@@ -515,11 +549,16 @@ json evaluation_json(const CheckpointEvaluation& e) {
   for (int d = 0; d < e.domains.size(); ++d) j["per_domain"][e.domains.name(d)] = score_json(e.scores.domains[d]);
   json layers = json::array();
   for (const LayerDPPL& l : e.dppl) {
-    json per_domain = json::object();
-    for (int d = 0; d < e.domains.size(); ++d) per_domain[e.domains.name(d)] = finite_or_null(l.domains[d]);
+    json per_domain = json::object(), relative_per_domain = json::object();
+    for (int d = 0; d < e.domains.size(); ++d) {
+      per_domain[e.domains.name(d)] = finite_or_null(l.domains[d]);
+      relative_per_domain[e.domains.name(d)] = finite_or_null(l.relative_domains[d]);
+    }
     layers.push_back({{"layer", l.layer},
                       {"overall", finite_or_null(l.overall)},
                       {"per_domain", per_domain},
+                      {"relative_overall", finite_or_null(l.relative_overall)},
+                      {"relative_per_domain", relative_per_domain},
                       {"permutations", l.permutations}});
   }
   j["dppl"] = {{"permutations", e.permutations}, {"seed", e.seed}, {"layers", layers}};

@@ -20,10 +20,10 @@ namespace moelab::apps {
 
 // Data settings that replace the checkpoint's own (empty / 0: keep the checkpoint's).
 struct EvalDataOverrides {
-  std::string corpus;      // a corpus folder, a .jsonl file or "synthetic"
-  std::string tokenizer;   // "byte" or a SentencePiece .model file; must have the model's vocabulary size
+  std::string corpus;     // a corpus folder, a .jsonl file or "synthetic"
+  std::string tokenizer;  // "byte" or a SentencePiece .model file; must have the model's vocabulary size
   std::string text_key, domain_key;
-  int64_t seq_len = 0;     // tokens per evaluated sequence; at most the model's trained seq_len
+  int64_t seq_len = 0;  // tokens per evaluated sequence; at most the model's trained seq_len
 };
 
 struct EvalOptions {
@@ -49,9 +49,9 @@ struct LoadedCheckpoint {
   // The run's options with model = the checkpoint's "config", and the data config resolved for evaluation:
   // overrides applied, data.tokenizer = "byte" or a .model file, model.seq_len = the evaluated sequence length.
   TrainConfig config;
-  nn::ModelConfig model_config;               // the architecture, as stored
-  std::vector<std::string> ignored_options;   // train_config keys this build does not know (from other versions)
-  std::unique_ptr<moe::MoEModel> model;       // on the CPU, no router losses
+  nn::ModelConfig model_config;              // the architecture, as stored
+  std::vector<std::string> ignored_options;  // train_config keys this build does not know (from other versions)
+  std::unique_ptr<moe::MoEModel> model;      // on the CPU, no router losses
 };
 
 // Reads <dir>/model.safetensors. Errors name the folder or file and what is missing or inconsistent: no such folder, no
@@ -74,7 +74,7 @@ struct EvalSet {
   std::vector<int64_t> domain_tokens;  // [M] target tokens per domain
   std::vector<int64_t> domain_bytes;   // [M] UTF-8 bytes of those targets' text (tokenizer.decode)
   int64_t sequences = 0;
-  std::string selection;               // e.g. "all 256 validation sequences" or "4 shuffled batches of 8"
+  std::string selection;  // e.g. "all 256 validation sequences" or "4 shuffled batches of 8"
 };
 
 // max_batches = 0 (or at least the whole split): every sequence once, in shard order, in batches of batch_size (the
@@ -99,12 +99,15 @@ struct Scores {
 // One pass of the model over the set (no gradients), on the model's device.
 Scores score(moe::MoEModel& model, const EvalSet& set, int64_t num_domains);
 
-// Router-permutation dPPL of one MoE layer.
+// Router-permutation dPPL of one MoE layer, absolute and relative to the intact model's PPL (the relative one does
+// not grow with the baseline's perplexity, so domains and runs of different PPL compare).
 struct LayerDPPL {
-  int64_t layer = 0;                              // transformer block index
-  std::vector<std::vector<int64_t>> permutations; // [P][E]: row e of the permuted router is row pi[e] of the trained
-  std::vector<double> domains;                    // [M] mean over pi of PPL_pi - PPL (NaN: no tokens, or E < 2)
-  double overall = 0;                             // the same over all evaluated tokens
+  int64_t layer = 0;                               // transformer block index
+  std::vector<std::vector<int64_t>> permutations;  // [P][E]: row e of the permuted router is row pi[e] of the trained
+  std::vector<double> domains;                     // [M] mean over pi of PPL_pi - PPL (NaN: no tokens, or E < 2)
+  double overall = 0;                              // the same over all evaluated tokens
+  std::vector<double> relative_domains;            // [M] mean over pi of (PPL_pi - PPL) / PPL (NaN as for domains)
+  double relative_overall = 0;                     // the same over all evaluated tokens
 };
 
 // A seeded random derangement of 0..n-1 (no fixed point, so every expert's row moves; n >= 2), portable: SplitMix64
@@ -120,7 +123,7 @@ std::vector<LayerDPPL> router_permutation_dppl(moe::MoEModel& model, const EvalS
 struct CheckpointEvaluation {
   std::filesystem::path checkpoint;
   int64_t step = 0;
-  TrainConfig config;  // as resolved by load_checkpoint; batch_size = the evaluation's
+  TrainConfig config;            // as resolved by load_checkpoint; batch_size = the evaluation's
   nn::ModelConfig model_config;  // as stored
   std::vector<std::string> ignored_options;
   data::Domains domains;
@@ -136,11 +139,12 @@ struct CheckpointEvaluation {
 CheckpointEvaluation evaluate_checkpoint(const std::filesystem::path& dir, const EvalOptions& options = {});
 
 // Throws when a result that should be a number is not finite (a diverged or corrupt model), naming each one: the CE of
-// every domain with tokens and of all domains, and every dPPL that was computed. NaN for a domain without tokens is
-// no error.
+// every domain with tokens and of all domains, and every dPPL (absolute and relative) that was computed. NaN for a
+// domain without tokens is no error.
 void check_finite_results(const CheckpointEvaluation& eval);
 
-// The terminal table: one row per domain (CE, PPL, bpb, tokens, dPPL per MoE layer) and a row for all domains.
+// The terminal table: one row per domain (CE, PPL, bpb, tokens, dPPL per MoE layer with the relative dPPL in % next
+// to it) and a row for all domains.
 std::string format_table(const CheckpointEvaluation& eval);
 // The JSON object of one checkpoint (schema in docs/evaluation.md); NaN values are null.
 nlohmann::json evaluation_json(const CheckpointEvaluation& eval);

@@ -23,12 +23,21 @@ static std::string csv_field(const std::string& s) {
 
 static json layer_json(const LayerAnalysis& a) {
   json j = {{"layer", a.layer}, {"routing", a.routing}};
-  if (a.similarity.tokens > 0)
-    j["output_similarity"] = {
-        {"mean", a.similarity.mean}, {"pair", a.similarity.pair}, {"tokens", a.similarity.tokens}};
+  const moe::OutputSimilarity& s = a.similarity;
+  if (s.tokens > 0)
+    j["output_similarity"] = {{"mean", s.mean},
+                              {"pair", s.pair},
+                              {"centered_mean", s.centered_mean},
+                              {"centered_pair", s.centered_pair},
+                              {"cka_mean", s.cka_mean},
+                              {"cka_pair", s.cka_pair},
+                              {"tokens", s.tokens}};
   j["parameter_variance"] = {
       {"all", a.variance.all}, {"w_gate", a.variance.w_gate}, {"w_up", a.variance.w_up}, {"w_down", a.variance.w_down}};
-  j["dppl"] = {{"overall", a.dppl}, {"domains", a.dppl_domain}};
+  j["dppl"] = {{"overall", a.dppl},
+               {"domains", a.dppl_domain},
+               {"relative_overall", a.relative_dppl},
+               {"relative_domains", a.relative_dppl_domain}};
   return j;
 }
 
@@ -89,7 +98,8 @@ std::vector<fs::path> write_analysis_files(const std::vector<RunAnalysis>& runs,
     std::string usage = "layer,domain,expert,slots,share,mean_prob\n", jsd = "layer,domain_a,domain_b,jsd\n";
     std::string layers =
         "layer,mi_bits,domain_entropy_bits,mi_normalized,mean_jsd,d_inter,d_total,d_inter_share,load_min,load_max,"
-        "load_std,load_entropy,max_violation,dead_experts,output_similarity,nv,nv_gate,nv_up,nv_down,dppl\n";
+        "load_std,load_entropy,max_violation,dead_experts,output_similarity,output_similarity_centered,output_cka,nv,"
+        "nv_gate,nv_up,nv_down,dppl,dppl_relative\n";
     for (const LayerAnalysis& a : run.layers) {
       const moe::LayerSpecialization& r = a.routing;
       for (size_t j = 0; j < run.domains.size(); ++j) {
@@ -101,14 +111,17 @@ std::vector<fs::path> write_analysis_files(const std::vector<RunAnalysis>& runs,
           jsd += fmt::format("{},{},{},{:.6g}\n", a.layer, csv_field(run.domains[j]), csv_field(run.domains[k]),
                              r.jsd[j][k]);
       }
+      // An empty field: not computed (no similarity sample, no dPPL).
+      auto similarity = [&](double v) { return a.similarity.tokens > 0 ? fmt::format("{:.6g}", v) : std::string(); };
+      auto finite = [](double v) { return std::isfinite(v) ? fmt::format("{:.6g}", v) : std::string(); };
       layers += fmt::format(
-          "{},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{},{},{:.6g},{:.6g},{:.6g},{},{},{:.6g},{:.6g},"
-          "{:.6g},{:.6g},{}\n",
+          "{},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{:.6g},{},{},{:.6g},{:.6g},{:.6g},{},{},{},{},{:.6g},{:.6g},"
+          "{:.6g},{:.6g},{},{}\n",
           a.layer, r.mi.bits, r.mi.domain_entropy_bits, r.mi.normalized, r.mean_jsd, r.divergence.inter,
           r.divergence.total, r.inter_share(), r.load.min, r.load.max, r.load.std, r.load.entropy, r.load.max_violation,
-          r.load.dead, a.similarity.tokens > 0 ? fmt::format("{:.6g}", a.similarity.mean) : std::string(),
-          a.variance.all, a.variance.w_gate, a.variance.w_up, a.variance.w_down,
-          std::isfinite(a.dppl) ? fmt::format("{:.6g}", a.dppl) : std::string());
+          r.load.dead, similarity(a.similarity.mean), similarity(a.similarity.centered_mean),
+          similarity(a.similarity.cka_mean), a.variance.all, a.variance.w_gate, a.variance.w_up, a.variance.w_down,
+          finite(a.dppl), finite(a.relative_dppl));
     }
     for (auto [name, text] : {std::pair{"usage.csv", &usage}, {"jsd.csv", &jsd}, {"layers.csv", &layers}}) {
       write_text(dir / name, *text);
@@ -127,15 +140,21 @@ std::string terminal_summary(const std::vector<RunAnalysis>& runs) {
                        run.tokens, num(run.ce, 4));
     for (size_t j = 0; j < run.domains.size(); ++j) out += fmt::format(" {} {}", run.domains[j], num(run.ce_domain[j]));
     out += "\n";
-    out += fmt::format("  {:>5} {:>8} {:>6} {:>7} {:>9} {:>7} {:>8} {:>4} {:>7} {:>6} {:>8}\n", "layer", "MI bits",
-                       "MI/H", "JSD", "Dint/Dtot", "load H", "max-viol", "dead", "out-sim", "NV", "dPPL");
+    out += fmt::format("  {:>5} {:>8} {:>6} {:>7} {:>9} {:>7} {:>8} {:>4} {:>7} {:>7} {:>6} {:>6} {:>8} {:>8}\n",
+                       "layer", "MI bits", "MI/H", "JSD", "Dint/Dtot", "load H", "max-viol", "dead", "out-cos",
+                       "cen-cos", "CKA", "NV", "dPPL", "rel-dPPL");
     for (const LayerAnalysis& a : run.layers) {
       const moe::LayerSpecialization& r = a.routing;
-      out += fmt::format("  {:>5} {:>8} {:>6} {:>7} {:>9} {:>7} {:>8} {:>4} {:>7} {:>6} {:>8}\n", a.layer,
-                         num(r.mi.bits), num(r.mi.normalized), num(r.mean_jsd, 4), num(r.inter_share()),
-                         num(r.load.entropy), num(r.load.max_violation), r.load.dead,
-                         a.similarity.tokens ? num(a.similarity.mean) : "–", num(a.variance.all), num(a.dppl));
+      auto similarity = [&](double v) { return a.similarity.tokens ? num(v) : std::string("–"); };
+      out += fmt::format("  {:>5} {:>8} {:>6} {:>7} {:>9} {:>7} {:>8} {:>4} {:>7} {:>7} {:>6} {:>6} {:>8} {:>8}\n",
+                         a.layer, num(r.mi.bits), num(r.mi.normalized), num(r.mean_jsd, 4), num(r.inter_share()),
+                         num(r.load.entropy), num(r.load.max_violation), r.load.dead, similarity(a.similarity.mean),
+                         similarity(a.similarity.centered_mean), similarity(a.similarity.cka_mean), num(a.variance.all),
+                         num(a.dppl), num(a.relative_dppl));
     }
+    out +=
+        "  NV is meaningful only when the experts share an init (e.g. upcycled from one dense FFN); with independent "
+        "random inits it sits at about (E-1)/E.\n";
   }
   return out;
 }

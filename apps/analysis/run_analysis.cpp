@@ -128,11 +128,19 @@ void check_finite_results(const RunAnalysis& run) {
                                       {r.load.std, "load std"},
                                       {a.variance.all, "parameter variance"}})
       require(value, fmt::format("{} of {}", name, layer));
-    if (a.similarity.tokens > 0) require(a.similarity.mean, "output similarity of " + layer);
+    if (a.similarity.tokens > 0) {
+      require(a.similarity.mean, "output similarity of " + layer);
+      require(a.similarity.centered_mean, "centered output similarity of " + layer);
+      require(a.similarity.cka_mean, "output CKA of " + layer);
+    }
     if (run.permutations > 0 && run.experts >= 2) {
       for (size_t d = 0; d < run.domains.size(); ++d)
-        if (tokens[d] > 0) require(a.dppl_domain[d], fmt::format("dPPL of {} on '{}'", layer, run.domains[d]));
+        if (tokens[d] > 0) {
+          require(a.dppl_domain[d], fmt::format("dPPL of {} on '{}'", layer, run.domains[d]));
+          require(a.relative_dppl_domain[d], fmt::format("relative dPPL of {} on '{}'", layer, run.domains[d]));
+        }
       require(a.dppl, "dPPL of " + layer);
+      require(a.relative_dppl, "relative dPPL of " + layer);
     }
   }
   if (bad.empty()) return;
@@ -248,8 +256,12 @@ RunAnalysis analyze_run(const fs::path& run_dir, const AnalyzeOptions& options) 
           layers[l]->experts, from_vector(sample[l], {static_cast<int64_t>(sample[l].size()) / d, d}));
     a.variance = moe::normalized_parameter_variance(layers[l]->experts);
     a.dppl_domain.assign(M, NAN);
+    a.relative_dppl_domain.assign(M, NAN);
     for (const LayerDPPL& p : dppl)
-      if (p.layer == a.layer) a.dppl_domain = p.domains, a.dppl = p.overall;
+      if (p.layer == a.layer) {
+        a.dppl_domain = p.domains, a.dppl = p.overall;
+        a.relative_dppl_domain = p.relative_domains, a.relative_dppl = p.relative_overall;
+      }
     run.layers.push_back(std::move(a));
   }
   if (!options.trace_text.empty())

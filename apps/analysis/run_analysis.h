@@ -22,10 +22,14 @@ namespace moelab::apps {
 struct LayerAnalysis {
   int64_t layer = 0;                 // transformer block index
   moe::LayerSpecialization routing;  // usage, load, MI, JSD matrix, D_inter / D_total
-  moe::OutputSimilarity similarity;  // on a sample of held-out tokens (tokens = 0: not computed)
-  moe::ParameterVariance variance;   // normalized parameter variance of the expert matrices
-  std::vector<double> dppl_domain;   // [M] router-permutation dPPL (NaN: not computed / no tokens)
-  double dppl = NAN;                 // over all tokens
+  moe::OutputSimilarity similarity;  // cosine, centered cosine and linear CKA on a sample of held-out tokens
+                                     // (tokens = 0: not computed)
+  moe::ParameterVariance variance;   // normalized parameter variance of the expert matrices (meaningful only when
+                                     // the experts share an init, e.g. upcycled from one dense FFN)
+  std::vector<double> dppl_domain;  // [M] router-permutation dPPL, mean_pi PPL_pi - PPL (NaN: not computed / no tokens)
+  double dppl = NAN;                // over all tokens
+  std::vector<double> relative_dppl_domain;  // [M] relative dPPL, mean_pi (PPL_pi - PPL) / PPL (NaN as dppl_domain)
+  double relative_dppl = NAN;                // over all tokens
 };
 
 // What each layer's router did with each token of a given text: for teaching.
@@ -61,7 +65,8 @@ struct AnalyzeOptions {
   std::string corpus;                // replaces the run's data.corpus (empty: keep)
   int64_t max_batches = 16;          // held-out batches (0: the whole validation split)
   int64_t permutations = 3;          // router permutations per layer for dPPL (0: skip dPPL)
-  int64_t similarity_tokens = 256;   // held-out tokens run through every expert per layer
+  int64_t similarity_tokens = 4096;  // held-out tokens run through every expert per layer (fewer if the batches
+                                     // hold fewer)
   std::string trace_text;            // non-empty: also trace this text
   std::filesystem::path data_dir;    // shard cache for JSONL corpora (empty: evaluation's default)
   Device device = Device::CPU;       // where the model runs (the metrics are computed on the host)
@@ -77,8 +82,8 @@ RunAnalysis analyze_run(const std::filesystem::path& run_dir, const AnalyzeOptio
 void validate(const AnalyzeOptions& options);
 
 // Throws when a metric that should be a number is not finite (a diverged or corrupt model), naming each one: the CE of
-// every domain with tokens and of all domains, and per layer the routing metrics, the output similarity and parameter
-// variance, and the dPPL when it was computed.
+// every domain with tokens and of all domains, and per layer the routing metrics, the output similarity (cosine,
+// centered cosine, CKA) and parameter variance, and the dPPL (absolute and relative) when it was computed.
 void check_finite_results(const RunAnalysis& run);
 
 }  // namespace moelab::apps

@@ -48,8 +48,8 @@ int main(int argc, char** argv) {
   app.add_option("--permutations", options.permutations, "router permutations per layer for dPPL (0: skip dPPL)")
       ->default_val(3);
   app.add_option("--similarity-tokens", options.similarity_tokens,
-                 "held-out tokens run through every expert for the output similarity")
-      ->default_val(256);
+                 "held-out tokens run through every expert for the output similarity (cosine, centered cosine, CKA)")
+      ->default_val(4096);
   app.add_option("--out", out_dir, "output folder (default: RUN/analysis for one run, ./moe-analysis for several)");
   app.add_option("--trace", trace, "also show how each layer routes the tokens of this text (\\n: newline)");
   app.add_option("--title", title, "title of the report");

@@ -1,5 +1,5 @@
 // moe-eval: per-domain cross-entropy, perplexity and bits per byte on the held-out split, and the router-permutation
-// dPPL per MoE layer, for one or more checkpoints (docs/evaluation.md).
+// dPPL per MoE layer (absolute, and relative to the PPL), for one or more checkpoints (docs/evaluation.md).
 //   moe-eval runs/base/checkpoints/final runs/ed/checkpoints/final --max-batches 50 --json eval.json
 #include <fmt/format.h>
 
@@ -13,7 +13,8 @@
 
 int main(int argc, char** argv) {
   using namespace moelab::apps;
-  CLI::App app{"moe-eval: held-out CE, perplexity, bits per byte and router-permutation dPPL per domain"};
+  CLI::App app{"moe-eval: held-out CE, perplexity, bits per byte and router-permutation dPPL (absolute and relative) "
+               "per domain"};
   std::vector<std::string> checkpoints;
   EvalOptions o;
   std::string json_out, data_dir;
@@ -37,8 +38,9 @@ int main(int argc, char** argv) {
   app.add_option("--json", json_out, "write the results as JSON to this file");
   std::string device = "cpu";
   app.add_option("--device", device, "cpu | cuda")->capture_default_str();
-  app.add_option("--data-dir", data_dir, "cache folder for shards built from a JSONL corpus (default: under the "
-                                         "system's temp folder)");
+  app.add_option("--data-dir", data_dir,
+                 "cache folder for shards built from a JSONL corpus (default: under the "
+                 "system's temp folder)");
   CLI11_PARSE(app, argc, argv);
   if (no_dppl) o.permutations = 0;
   o.data_dir = data_dir;
@@ -54,8 +56,10 @@ int main(int argc, char** argv) {
       fmt::print(stderr, "moe-eval: evaluating {} ...\n", dir);
       CheckpointEvaluation e = evaluate_checkpoint(dir, o);
       if (!e.ignored_options.empty())
-        fmt::print(stderr, "moe-eval: note: {} options of this build unknown in the checkpoint's train_config "
-                           "were ignored: {}\n", e.ignored_options.size(), fmt::join(e.ignored_options, ", "));
+        fmt::print(stderr,
+                   "moe-eval: note: {} options of this build unknown in the checkpoint's train_config "
+                   "were ignored: {}\n",
+                   e.ignored_options.size(), fmt::join(e.ignored_options, ", "));
       fmt::print("{}\n", format_table(e));
       check_finite_results(e);
       out["checkpoints"].push_back(evaluation_json(e));

@@ -1,6 +1,7 @@
 #include "apps/report/report.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <chrono>
@@ -54,6 +55,31 @@ double layer_mean(const RunAnalysis& run, const std::function<double(const Layer
   return mean_of(v);
 }
 
+// Layer mean of one output-similarity number (NaN for layers without a similarity sample).
+double similarity_mean(const RunAnalysis& run, double moe::OutputSimilarity::*field) {
+  return layer_mean(run, [&](const LayerAnalysis& a) { return a.similarity.tokens ? a.similarity.*field : NAN; });
+}
+
+// The caveat printed next to NV. Experts drawn independently at random start with NV about (E-1)/E (the expected
+// population variance of E independent draws) and keep it however they train, so NV only compares experts that
+// started equal. Names the runs here whose experts started from independent random inits (no train.init_from).
+std::string nv_note(const std::vector<RunAnalysis>& runs) {
+  std::vector<std::string> independent;
+  for (const RunAnalysis& r : runs) {
+    auto it = r.config.find("train.init_from");
+    const bool initialized = it != r.config.end() && it->is_string() && !it->get<std::string>().empty();
+    if (!initialized)
+      independent.push_back(fmt::format("{} (E = {}: about {})", html_escape(r.name), r.experts,
+                                        r.experts > 0 ? num(static_cast<double>(r.experts - 1) / r.experts) : "–"));
+  }
+  std::string note =
+      "NV (param. variance) is meaningful only when the experts share an init (e.g. upcycled from one dense FFN with "
+      "train.init_from): with independent random inits it sits at about (E-1)/E whatever training does.";
+  if (!independent.empty())
+    note += fmt::format(" Experts with independent random inits here: {}.", fmt::join(independent, ", "));
+  return note;
+}
+
 std::string summary_section(const std::vector<RunAnalysis>& runs) {
   std::vector<SummaryColumn> cols = {
       {"step", "checkpoint step", 0, [](const RunAnalysis& r) { return static_cast<double>(r.step); }, 0},
@@ -82,14 +108,22 @@ std::string summary_section(const std::vector<RunAnalysis>& runs) {
          return s;
        },
        0},
-      {"output similarity", "mean cosine similarity of expert outputs (1 = identical experts)", -1,
-       [](const RunAnalysis& r) {
-         return layer_mean(r, [](const LayerAnalysis& a) { return a.similarity.tokens ? a.similarity.mean : NAN; });
-       }},
-      {"param. variance", "normalized parameter variance of the expert matrices (0 = equal experts)", +1,
-       [](const RunAnalysis& r) { return layer_mean(r, [](const LayerAnalysis& a) { return a.variance.all; }); }},
-      {"dPPL", "router-permutation dPPL (higher = experts less interchangeable)", +1,
+      {"output cosine", "mean cosine similarity of expert outputs (1 = identical experts)", -1,
+       [](const RunAnalysis& r) { return similarity_mean(r, &moe::OutputSimilarity::mean); }},
+      {"centered cosine",
+       "mean cosine similarity of expert outputs after subtracting each expert's mean output (the direction all "
+       "experts share)",
+       -1, [](const RunAnalysis& r) { return similarity_mean(r, &moe::OutputSimilarity::centered_mean); }},
+      {"output CKA", "mean linear CKA between the experts' outputs (1 = equal up to a rotation and scale)", -1,
+       [](const RunAnalysis& r) { return similarity_mean(r, &moe::OutputSimilarity::cka_mean); }},
+      {"param. variance",
+       "normalized parameter variance of the expert matrices (0 = equal experts); meaningful only when the experts "
+       "share an init: with independent random inits about (E-1)/E whatever training does",
+       +1, [](const RunAnalysis& r) { return layer_mean(r, [](const LayerAnalysis& a) { return a.variance.all; }); }},
+      {"dPPL", "router-permutation dPPL, PPL_pi - PPL (higher = experts less interchangeable)", +1,
        [](const RunAnalysis& r) { return layer_mean(r, [](const LayerAnalysis& a) { return a.dppl; }); }},
+      {"relative dPPL", "router-permutation dPPL divided by the PPL, (PPL_pi - PPL) / PPL", +1,
+       [](const RunAnalysis& r) { return layer_mean(r, [](const LayerAnalysis& a) { return a.relative_dppl; }); }},
   };
   std::string html = "<section id=\"summary\"><h2>Summary</h2><p class=\"note\">Held-out numbers at the analysed "
                      "checkpoint; layer metrics are means over the MoE layers. Arrows say which direction means more "
@@ -118,7 +152,7 @@ std::string summary_section(const std::vector<RunAnalysis>& runs) {
     }
     html += "</tr>";
   }
-  html += "</table></div>";
+  html += "</table></div><p class=\"note\">" + nv_note(runs) + "</p>";
   // Held-out CE per domain, one row per run.
   std::vector<std::string> domains;
   for (const RunAnalysis& r : runs)
@@ -215,10 +249,14 @@ std::string by_layer_section(const std::vector<RunAnalysis>& runs) {
       {"mean JSD between domains", [](const LayerAnalysis& a) { return a.routing.mean_jsd; }},
       {"D_inter / D_total", [](const LayerAnalysis& a) { return a.routing.inter_share(); }},
       {"load entropy / log E", [](const LayerAnalysis& a) { return a.routing.load.entropy; }},
-      {"expert output similarity",
-       [](const LayerAnalysis& a) { return a.similarity.tokens ? a.similarity.mean : NAN; }},
+      {"expert output cosine", [](const LayerAnalysis& a) { return a.similarity.tokens ? a.similarity.mean : NAN; }},
+      {"expert output cosine, centered",
+       [](const LayerAnalysis& a) { return a.similarity.tokens ? a.similarity.centered_mean : NAN; }},
+      {"expert output linear CKA",
+       [](const LayerAnalysis& a) { return a.similarity.tokens ? a.similarity.cka_mean : NAN; }},
       {"normalized parameter variance", [](const LayerAnalysis& a) { return a.variance.all; }},
-      {"router-permutation dPPL", [](const LayerAnalysis& a) { return a.dppl; }}};
+      {"router-permutation dPPL", [](const LayerAnalysis& a) { return a.dppl; }},
+      {"relative dPPL (PPL_pi - PPL) / PPL", [](const LayerAnalysis& a) { return a.relative_dppl; }}};
   std::string charts;
   for (const Metric& m : metrics) {
     std::vector<Series> series;
@@ -231,8 +269,8 @@ std::string by_layer_section(const std::vector<RunAnalysis>& runs) {
     charts += figure(line_chart(m.title, series, "layer", true));
   }
   return "<section id=\"by-layer\"><h2>Specialization by layer</h2><p class=\"note\">Each MoE layer of each run on "
-         "held-out data.</p>" +
-         run_legend(runs) + "<div class=\"charts\">" + charts + "</div></section>";
+         "held-out data. " +
+         nv_note(runs) + "</p>" + run_legend(runs) + "<div class=\"charts\">" + charts + "</div></section>";
 }
 
 // The MoE layers analysed in any of the runs, ascending.
@@ -246,13 +284,17 @@ std::set<int64_t> analysed_layers(const std::vector<RunAnalysis>& runs) {
 std::string layers_section(const std::vector<RunAnalysis>& runs) {
   std::string html =
       "<section id=\"layers\"><h2>Per-layer metrics</h2><p class=\"note\">MI in bits over token slots; JSD and D in "
-      "nats; load over top-k slots (max-viol = max load / mean load - 1); output similarity = mean cosine over expert "
-      "pairs; NV = normalized parameter variance; dPPL = PPL with a permuted router - PPL.</p><div "
-      "class=\"scroll\"><table><tr>"
+      "nats; load over top-k slots (max-viol = max load / mean load - 1); out-cos = mean cosine of the expert "
+      "outputs over expert pairs, cen-cos = the same after subtracting each expert's mean output, CKA = mean linear "
+      "CKA of the outputs over expert pairs; NV = normalized parameter variance; dPPL = PPL with a permuted router - "
+      "PPL, rel. dPPL = dPPL / PPL. " +
+      nv_note(runs) +
+      "</p><div class=\"scroll\"><table><tr>"
       "<th class=\"l\">layer</th><th class=\"l\">run</th><th>MI bits</th><th>H(domain)</th><th>MI/H</th><th>mean "
       "JSD</th>"
       "<th>D_inter</th><th>D_total</th><th>D_inter/D_total</th><th>load min…max</th><th>load std</th><th>load H</th>"
-      "<th>max-viol</th><th>dead</th><th>out-sim</th><th>NV</th><th>dPPL</th></tr>";
+      "<th>max-viol</th><th>dead</th><th>out-cos</th><th>cen-cos</th><th>CKA</th><th>NV</th><th>dPPL</th>"
+      "<th>rel. dPPL</th></tr>";
   std::set<int64_t> layer_ids = analysed_layers(runs);
   for (int64_t layer : layer_ids) {
     bool first = true;
@@ -260,15 +302,17 @@ std::string layers_section(const std::vector<RunAnalysis>& runs) {
       for (const LayerAnalysis& a : runs[i].layers) {
         if (a.layer != layer) continue;
         const moe::LayerSpecialization& r = a.routing;
+        auto similarity = [&](double v) { return a.similarity.tokens ? num(v) : std::string("–"); };
         html += fmt::format(
             "<tr{}><td class=\"l\">{}</td><td class=\"l\">{}{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
             "<td>{}</td><td>{}</td><td>{}</td><td>{}…{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
-            "<td>{}</td><td>{}</td></tr>",
+            "<td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             first ? " class=\"group\"" : "", first ? std::to_string(layer) : "", chip(color_of(kRunColors, i)),
             html_escape(runs[i].name), num(r.mi.bits), num(r.mi.domain_entropy_bits), num(r.mi.normalized),
             num(r.mean_jsd, 4), num(r.divergence.inter, 4), num(r.divergence.total, 4), num(r.inter_share()),
             r.load.min, r.load.max, num(r.load.std, 1), num(r.load.entropy), num(r.load.max_violation), r.load.dead,
-            a.similarity.tokens ? num(a.similarity.mean) : "–", num(a.variance.all), num(a.dppl));
+            similarity(a.similarity.mean), similarity(a.similarity.centered_mean), similarity(a.similarity.cka_mean),
+            num(a.variance.all), num(a.dppl), num(a.relative_dppl, 4));
         first = false;
       }
   }

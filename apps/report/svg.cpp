@@ -303,4 +303,78 @@ std::string jsd_figure(const RunAnalysis& run, const LayerAnalysis& a) {
   return svg + "</svg>";
 }
 
+// ---- bar charts -----------------------------------------------------------------------------------------------------
+
+std::string bar_chart(const std::string& title, const std::vector<Bar>& bars) {
+  double lo = INFINITY, hi = -INFINITY;
+  for (const Bar& b : bars) {
+    if (!std::isfinite(b.mean)) continue;
+    const double spread = std::isfinite(b.std) ? b.std : 0;
+    lo = std::min({lo, b.mean - spread, b.mean}), hi = std::max({hi, b.mean + spread, b.mean});
+    for (double v : b.values) lo = std::min(lo, v), hi = std::max(hi, v);
+  }
+  if (!std::isfinite(lo)) return "";
+  // From 0 when the values are not far from it; otherwise zoomed in on them (the chart says so).
+  double y0 = lo, y1 = hi;
+  if (lo >= 0 && lo <= 0.5 * hi) y0 = 0;
+  if (hi <= 0 && hi >= 0.5 * lo) y1 = 0;
+  if (y1 - y0 <= 1e-12 * std::max(1.0, std::abs(y0))) {
+    const double pad = std::abs(y0) > 0 ? std::abs(y0) * 0.1 : 0.5;
+    y0 -= y0 == 0 && lo >= 0 ? 0 : pad, y1 += pad;
+  } else {
+    const double pad = (y1 - y0) * 0.08;
+    if (y0 != 0) y0 -= pad;
+    if (y1 != 0) y1 += pad;
+  }
+  const bool from_zero = y0 <= 0 && y1 >= 0;
+  const double base = std::clamp(0.0, y0, y1);
+  constexpr double H = 210, L = 52, R = 12, T = 28, B = 36, slot = 64;
+  const double W = std::max(260.0, L + R + slot * static_cast<double>(bars.size()));
+  auto py = [&](double y) { return T + (y1 - y) / (y1 - y0) * (H - T - B); };
+  std::string svg =
+      fmt::format("<svg class=\"chart\" viewBox=\"0 0 {0:.0f} {1}\" width=\"{0:.0f}\" height=\"{1}\" role=\"img\" "
+                  "aria-label=\"{2}\"><text x=\"{3}\" y=\"17\" class=\"ct\">{2}</text>",
+                  W, H, html_escape(title), L - 44);
+  if (!from_zero)
+    svg += fmt::format("<text x=\"{:.0f}\" y=\"17\" class=\"tick\" text-anchor=\"end\">axis not from 0</text>", W - R);
+  std::vector<double> yt = nice_ticks(y0, y1, 4);
+  const double ystep = yt.size() > 1 ? yt[1] - yt[0] : 1;
+  for (double v : yt)
+    svg += fmt::format("<line x1=\"{0}\" x2=\"{1:.0f}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" class=\"grid\"/>"
+                       "<text x=\"{3}\" y=\"{4:.1f}\" class=\"tick\" text-anchor=\"end\">{5}</text>",
+                       L, W - R, py(v), L - 6, py(v) + 3.5, tick_label(v, ystep));
+  svg +=
+      fmt::format("<line x1=\"{0}\" x2=\"{1:.0f}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" class=\"axis\"/>", L, W - R, py(base));
+  const double slot_w = (W - L - R) / static_cast<double>(bars.size()), bar_w = std::min(34.0, slot_w * 0.6);
+  for (size_t i = 0; i < bars.size(); ++i) {
+    const Bar& b = bars[i];
+    const double cx = L + (static_cast<double>(i) + 0.5) * slot_w;
+    const std::string label = b.label.size() <= 10 ? b.label : b.label.substr(0, 9) + "…";
+    svg += fmt::format("<text x=\"{:.1f}\" y=\"{}\" class=\"tick\" text-anchor=\"middle\">{}<title>{}</title></text>",
+                       cx, H - B + 14, html_escape(label), html_escape(b.label));
+    if (!std::isfinite(b.mean)) continue;
+    const double top = py(std::max(b.mean, base)), bottom = py(std::min(b.mean, base));
+    const bool spread = std::isfinite(b.std) && b.std > 0;
+    svg += fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"{}\" "
+                       "fill-opacity=\"0.35\" stroke=\"{}\"><title>{}: mean {}{} (n = {})</title></rect>",
+                       cx - bar_w / 2, top, bar_w, std::max(0.5, bottom - top), b.color, b.color, html_escape(b.label),
+                       num(b.mean, 4), spread ? " ± " + num(b.std, 4) : "", b.values.size());
+    if (spread) {
+      const double a = py(b.mean - b.std), c = py(b.mean + b.std);
+      svg +=
+          fmt::format("<path d=\"M{0:.1f},{1:.1f} L{0:.1f},{2:.1f} M{3:.1f},{1:.1f} L{4:.1f},{1:.1f} M{3:.1f},{2:.1f} "
+                      "L{4:.1f},{2:.1f}\" stroke=\"#1d2430\" stroke-width=\"1.2\" fill=\"none\"/>",
+                      cx, a, c, cx - 5, cx + 5);
+    }
+    const double n = static_cast<double>(b.values.size());
+    const double gap = n > 1 ? std::min(7.0, bar_w * 0.7 / (n - 1)) : 0;
+    for (size_t k = 0; k < b.values.size(); ++k)
+      svg += fmt::format("<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"2.6\" fill=\"#fff\" stroke=\"{}\" "
+                         "stroke-width=\"1.4\"><title>{}: {}</title></circle>",
+                         cx + (static_cast<double>(k) - (n - 1) / 2) * gap, py(b.values[k]), b.color,
+                         html_escape(b.label), num(b.values[k], 4));
+  }
+  return svg + "</svg>";
+}
+
 }  // namespace moelab::apps

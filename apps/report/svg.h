@@ -35,4 +35,13 @@ void add_series(std::vector<Series>& out, const std::string& label, const std::s
 std::string usage_figure(const RunAnalysis& run, const LayerAnalysis& a, double vmax);
 std::string jsd_figure(const RunAnalysis& run, const LayerAnalysis& a);  // the domain x domain JSD matrix
 
+// One bar per group (a study's condition): the mean, an error bar of +-std, and each seed's value as a dot.
+struct Bar {
+  std::string label, color;
+  double mean = 0, std = 0;    // std NaN or 0: no error bar
+  std::vector<double> values;  // each seed's value (finite)
+};
+// The y axis starts at 0 unless the values lie far from it (then it says so). Empty when no bar has a finite mean.
+std::string bar_chart(const std::string& title, const std::vector<Bar>& bars);
+
 }  // namespace moelab::apps

@@ -5,6 +5,9 @@
 #include <filesystem>
 #include <stdexcept>
 
+#include "data/file_io.h"
+#include "data/rng.h"
+
 namespace moelab::apps {
 
 namespace fs = std::filesystem;
@@ -32,6 +35,14 @@ static std::unique_ptr<data::Tokenizer> make_tokenizer(const TrainConfig& c, con
   return data::load_tokenizer(c.data.tokenizer);
 }
 
+// The training split with the labels data.labels asks for (the random-label controls; the shards on disk keep the
+// true ones, and so does the validation split).
+static std::shared_ptr<const data::Shard> training_split(data::Shard shard, const TrainConfig& c) {
+  constexpr uint64_t kLabelStream = 0x1abe15;  // the labels' own seed stream, apart from the model's and the order's
+  data::relabel_domains(shard, c.data.labels, data::derive_seed(c.seed, kLabelStream));
+  return std::make_shared<const data::Shard>(std::move(shard));
+}
+
 TrainingData prepare_data(const TrainConfig& c) {
   TrainingData out;
   const int seq_len = static_cast<int>(c.model.seq_len);
@@ -44,11 +55,11 @@ TrainingData prepare_data(const TrainConfig& c) {
     out.domains = data::Domains::from_documents(docs);
     data::Shard all = data::pack_documents(docs, *out.tokenizer, out.domains, seq_len);
     data::Split split = data::split_every_kth(all.size(), 10);
-    out.train = std::make_shared<data::Shard>(data::select_sequences(all, split.train));
+    out.train = training_split(data::select_sequences(all, split.train), c);
     out.validation = std::make_shared<data::Shard>(data::select_sequences(all, split.validation));
     return out;
   }
-  fs::path corpus(c.data.corpus);
+  const fs::path corpus = data::expand_home(c.data.corpus);
   data::ShardBuildOptions options;
   options.jsonl.text_key = c.data.text_key;
   options.jsonl.domain_key = c.data.domain_key;
@@ -71,7 +82,7 @@ TrainingData prepare_data(const TrainConfig& c) {
   if (!built.build.cache_problem.empty())
     fmt::print(stderr, "note: rebuilt the cached shards in {}: {}\n", data_dir.string(), built.build.cache_problem);
   out.domains = built.build.domains;
-  out.train = std::make_shared<data::Shard>(std::move(built.train));
+  out.train = training_split(std::move(built.train), c);
   out.validation = std::make_shared<data::Shard>(std::move(built.validation));
   return out;
 }

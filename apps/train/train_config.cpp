@@ -117,6 +117,9 @@ static std::vector<Option> option_table(TrainConfig& c) {
       {"data.tokenizer", &c.data.tokenizer, "'byte', 'bpe' (trained on the corpus) or a SentencePiece .model file"},
       {"data.bpe_vocab", integer(c.data.bpe_vocab, 1, kMaxInt32), "vocabulary size when training a BPE tokenizer"},
       {"data.balanced", &c.data.balanced, "domain-balanced sampling of training sequences"},
+      {"data.labels", enum_field(c.data.labels),
+       "training labels: true | permuted (shuffled among training sequences) | uniform (random); held-out data keep "
+       "the true ones"},
       {"data.synthetic_docs", integer(c.data.synthetic_docs, 1, kMaxInt32),
        "documents per domain for the synthetic corpus"},
       {"data.synthetic_domains", integer(c.data.synthetic_domains, 1, synthetic_domains),
@@ -128,6 +131,8 @@ static std::vector<Option> option_table(TrainConfig& c) {
       {"moe.ed_eps", real(c.losses.ed_eps, kPositive), "eps inside -log(JSD + eps)"},
       {"moe.ed_scope", enum_field(c.losses.ed_scope),
        "with train.grad_accum > 1, ED per micro_batch or over the whole step"},
+      {"moe.ed_groups", enum_field(c.losses.ed_groups),
+       "what ED pulls apart: domain (mean routing per domain) | sequence (each sequence its own group: the ablation)"},
       {"optim.name", enum_field(c.optimizer), "optimizer: adamw | omoe"},
       {"optim.lr", real(c.lr, kPositive), "peak learning rate"},
       {"optim.min_lr", real(c.min_lr, kNonNegative), "learning rate at the end of the cosine decay (<= optim.lr)"},
@@ -164,6 +169,10 @@ static std::vector<Option> option_table(TrainConfig& c) {
        "steps between progress lines when stdout is not a terminal"},
       {"train.out_dir", &c.out_dir, "folder for the metrics log, checkpoints and data shards"},
       {"train.resume", &c.resume, "checkpoint folder to resume from (bit-exact)"},
+      {"train.init_from", &c.init_from,
+       "checkpoint or run folder whose weights start the run (step 0, fresh optimizer); a dense one is upcycled"},
+      {"train.upcycle_noise", real(c.upcycle_noise, kNonNegative),
+       "with a dense train.init_from: each expert's weights times 1 + noise * N(0, 1)"},
   };
 }
 
@@ -311,6 +320,8 @@ void TrainConfig::validate(const std::string& source) const {
           fmt::format("optim.name = omoe needs at least 2 experts (model.n_experts = {})", model.n_experts));
   require(losses.beta == 0 || model.n_experts >= 2,
           fmt::format("moe.beta = {} needs at least 2 experts (model.n_experts = {})", losses.beta, model.n_experts));
+  require(upcycle_noise == 0 || !init_from.empty(),
+          fmt::format("train.upcycle_noise = {} needs train.init_from (a dense checkpoint)", upcycle_noise));
   require(data.tokenizer != "byte" || model.vocab_size == 256,
           fmt::format("the byte tokenizer needs model.vocab_size = 256, got {}", model.vocab_size));
 }

@@ -9,6 +9,7 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "data/loader.h"
 #include "engine/dtype.h"
 #include "engine/enum_names.h"
 #include "engine/precision.h"
@@ -32,6 +33,7 @@ struct DataConfig {
   std::string tokenizer = "byte";     // "byte" | "bpe" (trained on the corpus into out_dir) | a .model file
   int64_t bpe_vocab = 8192;
   bool balanced = false;              // domain-balanced sampling
+  data::DomainLabels labels = data::DomainLabels::True;  // the random-label controls of the training split
   int64_t synthetic_docs = 120;       // per domain, for corpus = "synthetic"
   int64_t synthetic_domains = 4;
 };
@@ -65,6 +67,11 @@ struct TrainConfig {
   int64_t log_every = 10;        // steps between progress lines when not on a terminal
   std::string out_dir = "runs/latest";
   std::string resume;            // a checkpoint folder to continue from
+  // A checkpoint (or run folder) whose weights start this run, with a fresh optimizer at step 0. The same architecture
+  // is loaded as is; a dense checkpoint into an MoE model is upcycled (moe/upcycle.h: every expert a copy of the FFN,
+  // times 1 + upcycle_noise * N(0, 1) per weight; the router initialized from the seed as usual).
+  std::string init_from;
+  double upcycle_noise = 0;
 
   // Throws std::invalid_argument naming the option as the user writes it, after `source` (where the values came from:
   // "config", a file name): every option's range first ("config: optim.beta1 must be in [0, 1), got 1.5"), then the

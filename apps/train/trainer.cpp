@@ -9,14 +9,17 @@
 #include <cstring>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <sstream>
 #include <stdexcept>
 #include <system_error>
 
 #include "apps/train/checkpoint.h"
 #include "data/file_io.h"
+#include "data/rng.h"
 #include "engine/cuda/runtime.h"
 #include "engine/error.h"
+#include "moe/upcycle.h"
 
 namespace moelab::apps {
 
@@ -90,6 +93,7 @@ Trainer::Trainer(TrainConfig config, std::ostream& out) : config_(std::move(conf
   }
   // Built on the CPU from the seed, then moved: the same seed gives the same model on every device.
   model_ = std::make_unique<moe::MoEModel>(config_.model, config_.losses, config_.seed);
+  if (!config_.init_from.empty() && resume.dir.empty()) init_weights(config_.init_from);  // a resume has its own
   model_->lm().to(config_.device);
   optimizer_ = std::make_unique<optim::AdamW>(model_->lm().named_parameters(), config_.adamw);
   if (config_.optimizer == OptimizerKind::OMoE)
@@ -110,6 +114,30 @@ Trainer::Trainer(TrainConfig config, std::ostream& out) : config_(std::move(conf
   on_terminal_ = &out_ == &std::cout && isatty(STDOUT_FILENO);
 }
 
+void Trainer::init_weights(const fs::path& from) {
+  const fs::path dir = find_checkpoint(from).dir, path = dir / kModelFile;
+  const nn::ModelConfig source = checkpoint_model_config(dir);
+  nn::SafeTensors file = nn::load_safetensors(path);
+  if (source.n_experts == 0 && config_.model.n_experts > 0) {
+    constexpr uint64_t kNoiseStream = 0x0c7c1e;  // the noise's own seed stream, apart from the model's init
+    moe::upcycle_from_dense(*model_, source, file,
+                            {.noise = config_.upcycle_noise, .seed = data::derive_seed(config_.seed, kNoiseStream)});
+    out_ << fmt::format("init: upcycled the dense model of {} into {} experts per MoE layer (noise {})\n", dir.string(),
+                        config_.model.n_experts, config_.upcycle_noise);
+    return;
+  }
+  if (json(source) != json(config_.model))
+    fail("train.init_from: the model config of {} ({}) differs from this run's ({}); only a dense checkpoint may start "
+         "an MoE model (upcycling)",
+         dir.string(), json(source).dump(), json(config_.model).dump());
+  if (config_.upcycle_noise != 0)
+    fail("train.upcycle_noise = {}: {} is not a dense checkpoint, nothing is upcycled", config_.upcycle_noise,
+         dir.string());
+  nn::check_parameters_match(config_.model, file, path.string());
+  nn::load_parameters(model_->lm(), file, path.string());
+  out_ << fmt::format("init: weights from {}\n", dir.string());
+}
+
 fs::path Trainer::metrics_path() const { return fs::path(config_.out_dir) / "metrics.jsonl"; }
 
 // The step's ED scope: per MoE layer, the sum of every other micro-batch's domain sums.
@@ -123,6 +151,17 @@ static moe::EDStepScope others_of(const std::vector<std::vector<moe::DomainSums>
   return scope;
 }
 
+// What the expert divergence pulls apart in micro-batch `micro` of `micro_batches` (moe.ed_groups): the domains, or
+// every sequence on its own, numbered through the micro-batches that share one ED (the step scope).
+static moe::EDGroups ed_groups(moe::EDGroupBy by, const BatchTensors& batch, int64_t domains, int64_t micro,
+                               int64_t micro_batches) {
+  if (by == moe::EDGroupBy::Domain) return {batch.domains, domains};
+  const int64_t B = batch.domains.numel();
+  std::vector<int32_t> ids(static_cast<size_t>(B));
+  std::iota(ids.begin(), ids.end(), static_cast<int32_t>(micro * B));
+  return {from_vector(ids, {B}), B * micro_batches};
+}
+
 moe::LossTerms Trainer::train_step() {
   ++step_;
   PrecisionGuard precision(config_.precision);  // the products of this step's forwards and backwards
@@ -130,12 +169,17 @@ moe::LossTerms Trainer::train_step() {
   std::vector<BatchTensors> micro;
   for (int64_t m = 0; m < micro_batches; ++m) micro.push_back(to_tensors(train_loader_->next(), config_.device));
   const int64_t domains = data_.domains.size();
-  // ED over the whole step: every micro-batch's routing, per domain, before any gradient (docs/objective.md, "Batch scope").
+  // ED over the whole step: every micro-batch's routing, per group, before any gradient (docs/objective.md, "Batch scope").
   const bool step_scope =
       micro_batches > 1 && config_.losses.ed_scope == moe::EDScope::Step && config_.losses.beta != 0;
+  std::vector<moe::EDGroups> groups;
+  for (int64_t m = 0; m < micro_batches; ++m)
+    groups.push_back(
+        ed_groups(config_.losses.ed_groups, micro[m], domains, step_scope ? m : 0, step_scope ? micro_batches : 1));
   std::vector<std::vector<moe::DomainSums>> sums;
   if (step_scope)
-    for (const BatchTensors& t : micro) sums.push_back(model_->routing_domain_sums(t.inputs, t.domains, domains));
+    for (int64_t m = 0; m < micro_batches; ++m)
+      sums.push_back(model_->routing_domain_sums(micro[m].inputs, groups[m].ids, groups[m].count));
 
   std::vector<moe::MoELayer*> layers = model_->moe_layers();
   std::vector<std::vector<Tensor>> routed_ids(layers.size()), routed_inputs(layers.size());  // for OMoE
@@ -145,7 +189,7 @@ moe::LossTerms Trainer::train_step() {
   for (int64_t m = 0; m < micro_batches; ++m) {
     const BatchTensors& t = micro[m];
     moe::EDStepScope scope = step_scope ? others_of(sums, m) : moe::EDStepScope{};
-    moe::Loss loss = model_->loss(t.inputs, t.targets, t.domains, domains, step_scope ? &scope : nullptr);
+    moe::Loss loss = model_->loss(t.inputs, t.targets, t.domains, domains, step_scope ? &scope : nullptr, &groups[m]);
     // The step's gradient is the mean of the micro-batches' (each has batch_size sequences).
     const double share = 1.0 / static_cast<double>(micro_batches);
     mul(loss.value, share).backward();

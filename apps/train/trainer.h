@@ -53,6 +53,7 @@ class Trainer {
 
  private:
   void restore(const std::filesystem::path& checkpoint_dir);
+  void init_weights(const std::filesystem::path& from);  // train.init_from
   void check_finite_step(const moe::LossTerms& loss, double grad_norm) const;
   void append_metrics(const nlohmann::json& line);  // throws naming the file when the write fails
   void log_step(const moe::LossTerms& loss, double tokens_per_s);
