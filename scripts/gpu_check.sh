@@ -7,9 +7,15 @@
 # 3. junit.xml     the whole test suite, CUDA tests included (doctest, one process); tests.log its console output
 # 4. sanitizer.log compute-sanitizer memcheck and racecheck on the CUDA tests (skipped, with the reason, where the tool
 #                  is missing or refuses the device)
-# 5. summary.txt   what passed and failed, printed last
+# 5. race.log      the speed race (docs/performance.md): `moe-bench train-step --device cuda --precision bf16` against
+#                  the four PyTorch variants, presets S then M, in the time the checks above left; the tables go into
+#                  the summary
+# 6. summary.txt   what passed and failed, and the race's tables, printed last
 # At most 8 files in OUTDIR. Exits 0 when it ran through (read the summary for the verdict), 2 on a usage error.
-# MOELAB_GPU_CHECK_PRESET=sim rehearses it on a machine without a GPU (with gpu_prepare.sh's sim build).
+# MOELAB_GPU_CHECK_PRESET=sim rehearses it on a machine without a GPU (with gpu_prepare.sh's sim build; the race runs
+# the tiny config for 2 steps there: the emulator has no speed to measure).
+# MOELAB_GPU_CHECK_RACE=only skips the tests and the sanitizers (a second run for the race alone); =off skips the race.
+# MOELAB_GPU_CHECK_BUDGET_S (default 510): the race stops at this many seconds from the start.
 set -uo pipefail
 if (($# != 1)); then
   echo "usage: $0 OUTDIR" >&2
@@ -20,6 +26,8 @@ out=$(cd "$1" && pwd)
 cd "$(dirname "$0")/.."
 root=$PWD
 preset=${MOELAB_GPU_CHECK_PRESET:-gpu}
+race=${MOELAB_GPU_CHECK_RACE:-on}
+budget=${MOELAB_GPU_CHECK_BUDGET_S:-510}
 started=$SECONDS
 summary=()
 note() { summary+=("$*"); }
@@ -76,7 +84,9 @@ fi
 # Python oracles: this machine's python3 (with PyTorch). Four OpenMP threads per test process.
 export MOELAB_SOURCE_DIR=$root MOELAB_PYTHON=$(command -v python3 || echo /usr/bin/python3) OMP_NUM_THREADS=4
 [ "$preset" = sim ] && export MOELAB_SIM_SCHEDULE=shuffled
-if [ -n "$bin" ]; then
+if [ "$race" = only ]; then
+  note "tests: skipped (MOELAB_GPU_CHECK_RACE=only)"
+elif [ -n "$bin" ]; then
   t0=$SECONDS
   (cd "$out" && timeout 300 "$bin/moelab_tests" --reporters=junit --out="$out/junit.xml" --no-intro \
     >/dev/null 2>"$out/tests.log")
@@ -110,7 +120,9 @@ fi
 # ---- 4. compute-sanitizer ------------------------------------------------------------------------------------------
 sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 : >"$out/sanitizer.log"
-if [ -z "$bin" ]; then
+if [ "$race" = only ]; then
+  note "sanitizer: skipped (MOELAB_GPU_CHECK_RACE=only)"
+elif [ -z "$bin" ]; then
   note "sanitizer: skipped (no binaries)"
 elif [ "$preset" = sim ] || [ ! -x "$sanitizer" ]; then
   note "sanitizer: skipped ($([ "$preset" = sim ] && echo 'the emulator build has no GPU' || echo 'no compute-sanitizer'))"
@@ -138,7 +150,57 @@ else
 fi
 
 # ---- 5. the speed race ----------------------------------------------------------------------------------------------
-note "speed: no GPU benchmark yet (moe-bench train-step runs on the CPU only; the GPU speed issue adds it here)"
+# Last, so that it cannot starve the checks above; it gets what is left of $budget seconds. Sizing: S and M both run
+# 16,384 tokens a step (32 x 512, 16 x 1024), about 2.7 and 10 TFLOP of model work: on an H200 a step of any side
+# should take 10 ms to a few hundred ms, so 3 warm-ups + 10 timed steps cost seconds per variant; what costs is
+# starting python and torch (~5-10 s a variant) and torch.compile, which compiles the unrolled forward and backward
+# of 8 or 12 layers in its first step (not measured yet; expected 1-2 minutes). Each variant's script is stopped
+# after --torch-timeout s (only that variant is lost, its row says so), the whole config after what is left.
+race_one() {  # preset, seconds
+  local cfg=$1 seconds=$2 args
+  if [ "$preset" = sim ]; then  # the emulator: the flow only
+    args=(--preset "$cfg" --steps 2 --warmup 1 --torch-timeout 60)
+  else
+    args=(--preset "$cfg" --steps 10 --warmup 3 --torch-timeout "$((seconds * 2 / 3))")
+  fi
+  echo "==== $cfg: moe-bench train-step --device cuda --precision bf16 ${args[*]} --breakdown" >>"$out/race.log"
+  local t0=$SECONDS
+  timeout "$seconds" "$bin/moe-bench" train-step --device cuda --precision bf16 "${args[@]}" --breakdown \
+    --python "$race_python" --torch-script "$root/scripts/bench_torch_step.py" \
+    >"$race_tmp" 2>&1
+  local rc=$?
+  cat "$race_tmp" >>"$out/race.log"
+  if ((rc == 0)); then
+    note "race $cfg ($((SECONDS - t0)) s):"
+    # The table and what follows it (MFU, the phase breakdown), without the table's legend.
+    while IFS= read -r line; do note "  $line"; done < <(sed -n '/^variant /,$p' "$race_tmp" | grep -v '^(ours/it\|^$')
+  else
+    note "race $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
+  fi
+}
+if [ "$race" = off ]; then
+  note "race: skipped (MOELAB_GPU_CHECK_RACE=off)"
+elif [ -z "$bin" ]; then
+  note "race: skipped (no binaries)"
+else
+  left=$((budget - (SECONDS - started)))
+  if ((left < 90)); then
+    note "race: skipped (${left} s left of the ${budget} s budget)"
+  else
+    : >"$out/race.log"
+    race_tmp=$(mktemp)
+    race_python=$(command -v python3 || echo /usr/bin/python3)  # the one with PyTorch (env.txt), else Debian's
+    "$race_python" -c 'import torch' 2>/dev/null || race_python=/usr/bin/python3
+    if [ "$preset" = sim ]; then
+      race_one tiny "$left"
+    else
+      race_one S $((left * 2 / 5))  # S is the cheaper of the two: M gets the rest
+      left=$((budget - (SECONDS - started)))
+      if ((left < 60)); then note "race M: skipped (${left} s left of the ${budget} s budget)"; else race_one M "$left"; fi
+    fi
+    rm -f "$race_tmp"
+  fi
+fi
 
 note "total: $((SECONDS - started)) s"
 printf '%s\n' "${summary[@]}" >"$out/summary.txt"

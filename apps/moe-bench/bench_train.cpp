@@ -1,16 +1,20 @@
-// `moe-bench train-step`: ms per training step of our engine against the PyTorch twin on the CPU, measured in the
-// same run on the same threads, from the same weights and the same batch.
+// `moe-bench train-step`: ms per training step of our engine against the PyTorch twin, measured in the same run on
+// the same threads (and the same GPU with --device cuda), from the same weights and the same batch.
 //
 // The step is the one of apps/common/trainer.cpp (Trainer::train_step) without the data loader: MoEModel::loss
 // (forward, CE + alpha LB + z Z (+ beta ED), the per-domain CE the trainer logs), backward, clip_grad_norm, AdamW step,
 // zero_grad. The baseline is scripts/bench_torch_step.py (tests/torch/twin.py's model, torch.optim.AdamW) run by
 // Debian's /usr/bin/python3 with torch on as many threads as our OpenMP. Both report the median of --steps timed steps
 // after --warmup untimed ones, and the loss of their first step (the same weights and batch: it must agree).
+// With --device cuda (or --torch-variants) it is a race: our step against each PyTorch variant of the script
+// (eager fp32/TF32, eager bf16 with a loop over experts, eager bf16 with torch._grouped_mm, torch.compile of that), in
+// one table with tokens/s, the ratio to each, and the model FLOPs utilization (docs/performance.md).
 #include <fmt/core.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
@@ -20,10 +24,13 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <vector>
 
 #include "apps/moe-bench/benches.h"
+#include "engine/cuda/runtime.h"
+#include "engine/precision.h"
 #include "moe/model.h"
 #include "nn/safetensors.h"
 #include "optim/adamw.h"
@@ -34,6 +41,10 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
+// The PyTorch variants of scripts/bench_torch_step.py (--variant), in the order of the table.
+const std::vector<std::string> kTorchVariants = {"eager_fp32", "eager_bf16_loop", "eager_bf16_grouped",
+                                                 "compile_bf16_grouped"};
+
 struct TrainBenchOptions {
   std::string preset = "tiny";
   int64_t batch = 0;  // 0: the preset's batch (docs/model.md, "Named configs")
@@ -43,8 +54,14 @@ struct TrainBenchOptions {
   int64_t domains = 4;  // sequence s has domain s % domains (the ED loss needs >= 2 present)
   double lr = 1e-3, grad_clip = 1.0;
   uint64_t seed = 0;
+  std::string device_name = "cpu", precision_name = "fp32";  // the flags; the callback sets the two below
+  Device device = Device::CPU;
+  Precision precision = Precision::FP32;
   bool torch = true;
-  bool verbose = false;  // print every timed step
+  std::vector<std::string> torch_variants;  // empty: eager_fp32 on the CPU, all four on cuda
+  int torch_timeout_s = 0;                  // 0: none; else each variant's script is stopped after this long
+  bool breakdown = false;                   // time the phases of our step (forward, backward, clip, optimizer)
+  bool verbose = false;                     // print every timed step
   std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
   std::string torch_script;
 };
@@ -73,8 +90,45 @@ std::string shell_quote(const std::string& s) {
   return quoted + "'";
 }
 
+// Training FLOPs of one step of `tokens` tokens, the usual "6 N D" count plus attention's two T x T products:
+//   per token = 6 * N_matmul + 6 * n_layers * T * d
+// 6 = 2 FLOPs per multiply-add x 3 (forward, and backward's two products: input and weight gradients).
+// N_matmul: the weights one token multiplies: per layer attention's wqkv and wo (4 d^2), then the feed-forward: on an
+// MoE layer the router (d E) plus 3 d h per expert it runs and the shared experts' 3 d h each, on a dense layer
+// 3 d dense_hidden; and the LM head (d V). "active": the top_k chosen experts; "dense-equivalent": all n_experts, as
+// if every token ran every expert. Attention: q k^T and the weighted sum of v are T d multiply-adds each per token and
+// layer, over the full T that is 4 T d FLOPs forward and 12 T d for training; the causal mask halves it: 6 T d.
+// Not counted: the embedding lookup (no product), norms, softmax, RoPE, the losses, the optimizer.
+struct StepFlops {
+  double active = 0, dense_equivalent = 0;
+};
+StepFlops step_flops(const nn::ModelConfig& c, double tokens) {
+  const double d = static_cast<double>(c.d_model);
+  auto per_token = [&](int64_t experts_run) {
+    double weights = static_cast<double>(c.vocab_size) * d;  // LM head
+    for (int64_t layer = 0; layer < c.n_layers; ++layer) {
+      weights += 4 * d * d;
+      if (c.is_moe_layer(layer))
+        weights += d * static_cast<double>(c.n_experts) +
+                   3 * d * static_cast<double>(c.expert_hidden * (experts_run + c.shared_experts));
+      else
+        weights += 3 * d * static_cast<double>(c.dense_ffn_hidden());
+    }
+    return 6 * weights + 6 * static_cast<double>(c.n_layers * c.seq_len) * d;
+  };
+  return {per_token(c.top_k) * tokens, per_token(c.n_experts) * tokens};
+}
+
+// Dense bf16 tensor-core peak (FLOP/s, without sparsity) by device name; 0 when the device is not in the table.
+double bf16_peak_flops(const std::string& device_name) {
+  if (device_name.find("H100") != std::string::npos && device_name.find("PCIe") != std::string::npos) return 756e12;
+  if (device_name.find("H100") != std::string::npos) return 989e12;  // SXM
+  if (device_name.find("H200") != std::string::npos) return 989e12;
+  return 0;
+}
+
 struct Batch {
-  Tensor inputs, targets, domains;  // i32 [B, T], [B*T], [B]
+  Tensor inputs, targets, domains;  // i32 [B, T], [B*T] on the device; [B] on the host (the losses read it there)
 };
 
 // Seeded random tokens; sequence s has domain s % domains.
@@ -93,6 +147,10 @@ struct StepTimes {
   std::vector<double> cpu_ms;  // CPU time of the process (all its threads) per timed step
 };
 
+// The phases of our step, each timed between two device synchronizations (--breakdown).
+constexpr int kPhases = 4;
+const char* const kPhaseNames[kPhases] = {"forward + loss", "backward", "clip_grad_norm", "AdamW step + zero_grad"};
+
 // CPU time of this process, all threads, in ms. On a loaded machine a single-threaded run's CPU time per step is
 // close to what the wall time would be on an idle one (the time spent waiting for a core is left out).
 double process_cpu_ms() {
@@ -102,45 +160,86 @@ double process_cpu_ms() {
 }
 
 // Trainer::train_step on a fixed batch: loss (with the per-domain CE the trainer logs), backward, clip, AdamW, zero.
-StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchOptions& opts) {
+// On cuda the kernels run asynchronously: the device is synchronized before every reading of the clock.
+StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchOptions& opts,
+                         std::vector<std::vector<double>>& phase_ms) {
   optim::AdamW optimizer(model.lm().named_parameters(), optim::AdamWConfig{});
-  auto step = [&] {
+  auto sync = [&] {
+    if (opts.device == Device::CUDA) cuda::synchronize();
+  };
+  using Clock = std::chrono::steady_clock;
+  auto since = [](Clock::time_point start) {
+    return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+  };
+  // phases: when non-null, each phase's ms (with a synchronization after it)
+  auto step = [&](double* phases) {
+    PrecisionGuard precision(opts.precision);  // as Trainer::train_step: the products of the forward and backward
+    Clock::time_point start = Clock::now();
+    auto lap = [&](int phase) {
+      if (!phases) return;
+      sync();
+      phases[phase] = since(start);
+      start = Clock::now();
+    };
     moe::Loss loss = model.loss(b.inputs, b.targets, b.domains, opts.domains);
+    lap(0);
     loss.value.backward();
+    lap(1);
     optim::clip_grad_norm(optimizer.params(), opts.grad_clip);
+    lap(2);
     optimizer.step(opts.lr);
     optimizer.zero_grad();
+    lap(3);
     return loss.terms.objective;
   };
   StepTimes out;
-  out.first_loss = step();
-  for (int i = 1; i < opts.warmup; ++i) step();
+  out.first_loss = step(nullptr);
+  for (int i = 1; i < opts.warmup; ++i) step(nullptr);
   for (int i = 0; i < opts.steps; ++i) {
-    const auto start = std::chrono::steady_clock::now();
+    sync();
+    const auto start = Clock::now();
     const double cpu_start = process_cpu_ms();
-    step();
+    step(nullptr);
+    sync();
     out.cpu_ms.push_back(process_cpu_ms() - cpu_start);
-    out.ms.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+    out.ms.push_back(since(start));
+  }
+  // The breakdown's synchronizations stop the host from queueing the next phase while the device runs this one, so
+  // its steps are extra ones, after the timed steps.
+  phase_ms.assign(kPhases, {});
+  for (int i = 0; opts.breakdown && i < opts.steps; ++i) {
+    double phases[kPhases] = {};
+    sync();
+    step(phases);
+    for (int p = 0; p < kPhases; ++p) phase_ms[p].push_back(phases[p]);
   }
   return out;
 }
 
 struct TorchResult {
+  std::string variant;
   std::string version;
   int threads = 0;
   StepTimes times;
-  std::string error;  // non-empty when the script could not run
+  double peak_mem_bytes = -1;  // -1: not reported (the CPU)
+  double first_step_s = 0;     // the first step's wall time (torch.compile compiles there)
+  std::string skipped;         // the script's reason when the variant cannot run here
+  std::string error;           // non-empty when the script failed
 };
 
-// Runs the torch script on `folder` with PYTHONHOME/PYTHONPATH dropped (they belong to the python on PATH) and
-// OpenMP pinned to `threads`.
-TorchResult torch_steps(const TrainBenchOptions& opts, const fs::path& folder, int threads) {
+// Runs the torch script for one variant on `folder` with OpenMP pinned to `threads`. With the default python
+// (Debian's), PYTHONHOME/PYTHONPATH are dropped: they belong to the python on PATH.
+TorchResult torch_steps(const TrainBenchOptions& opts, const std::string& variant, const fs::path& folder,
+                        int threads) {
   TorchResult result;
+  result.variant = variant;
   const std::string command = fmt::format(
-      "env -u PYTHONHOME -u PYTHONPATH PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={0} {1} {2} {3} --threads {0} "
-      "--steps {4} --warmup {5} 2>&1",
+      "env {6}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={0} {7}{1} {2} {3} --threads {0} --steps {4} --warmup {5} "
+      "--device {8} --variant {9} 2>&1",
       threads, shell_quote(opts.python), shell_quote(opts.torch_script), shell_quote(folder.string()), opts.steps,
-      opts.warmup);
+      opts.warmup, opts.python == "/usr/bin/python3" ? "-u PYTHONHOME -u PYTHONPATH " : "",
+      opts.torch_timeout_s > 0 ? fmt::format("timeout {} ", opts.torch_timeout_s) : "", enum_name(opts.device),
+      variant);
   FILE* pipe = popen(command.c_str(), "r");
   if (!pipe) {
     result.error = "could not start: " + command;
@@ -156,20 +255,57 @@ TorchResult torch_steps(const TrainBenchOptions& opts, const fs::path& folder, i
     if (key == "torch") fields >> result.version;
     if (key == "threads") fields >> result.threads;
     if (key == "first_loss") fields >> result.times.first_loss;
+    if (key == "first_step_s") fields >> result.first_step_s;
+    if (key == "peak_mem_bytes") fields >> result.peak_mem_bytes;
     if (key == "step_ms")
       for (double ms; fields >> ms;) result.times.ms.push_back(ms);
     if (key == "step_cpu_ms")
       for (double ms; fields >> ms;) result.times.cpu_ms.push_back(ms);
+    if (key == "skipped") {  // "skipped <variant>: <reason>"
+      std::string rest(line);
+      const size_t colon = rest.find(": ");
+      result.skipped = colon == std::string::npos ? rest : rest.substr(colon + 2);
+      while (!result.skipped.empty() && (result.skipped.back() == '\n' || result.skipped.back() == '\r'))
+        result.skipped.pop_back();
+    }
   }
   const int status = pclose(pipe);
-  if (status != 0 || result.times.ms.empty() || result.times.cpu_ms.size() != result.times.ms.size()) result.error = fmt::format("`{}` failed:\n{}", command, output);
+  if (!result.skipped.empty() && status == 0) return result;
+  if (status != 0 || result.times.ms.empty() || result.times.cpu_ms.size() != result.times.ms.size()) {
+    const bool timed_out = WIFEXITED(status) && WEXITSTATUS(status) == 124 && opts.torch_timeout_s > 0;
+    result.error = timed_out ? fmt::format("stopped after {} s (--torch-timeout)", opts.torch_timeout_s)
+                             : fmt::format("`{}` failed:\n{}", command, output);
+  }
   return result;
+}
+
+// The last line of a (possibly multi-line) error, for a table cell.
+std::string last_line(const std::string& text) {
+  std::string s = text;
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
+  const size_t nl = s.rfind('\n');
+  return nl == std::string::npos ? s : s.substr(nl + 1);
+}
+
+std::string format_bytes(double bytes) {
+  if (bytes < 0) return "n/a";
+  return fmt::format("{:.2f} GiB", bytes / (1024.0 * 1024.0 * 1024.0));
 }
 
 void run_train_bench(const TrainBenchOptions& opts) {
   nn::ModelConfig config = nn::model_preset(opts.preset);
   const int64_t batch = opts.batch > 0 ? opts.batch : preset_batch(opts.preset);
   const int threads = omp_get_max_threads();
+  if (opts.device == Device::CUDA && cuda::device_count() == 0)
+    fail("--device cuda: {}", cuda::built_with_cuda() ? "no CUDA device is visible"
+                                                      : "this build has no CUDA backend (MOELAB_CUDA=ON or SIM)");
+  std::vector<std::string> variants = opts.torch_variants;
+  if (variants.empty())
+    variants = opts.device == Device::CUDA ? kTorchVariants : std::vector<std::string>{"eager_fp32"};
+  // The CPU's default (eager fp32 against our fp32 on the CPU) prints the table as it always has; anything else is
+  // the race table.
+  const bool race = opts.device == Device::CUDA || opts.precision != Precision::FP32 ||
+                    variants != std::vector<std::string>{"eager_fp32"};
   moe::RouterLossConfig losses;
   losses.alpha = opts.alpha, losses.z_coef = opts.z_coef, losses.beta = opts.beta;
   moe::MoEModel model(config, losses, opts.seed);
@@ -183,65 +319,176 @@ void run_train_bench(const TrainBenchOptions& opts) {
              batch, config.seq_len, opts.alpha, opts.z_coef,
              opts.beta > 0 ? fmt::format(" + {} ED ({} domains)", opts.beta, opts.domains) : "", opts.grad_clip,
              opts.steps, opts.warmup, threads);
+  const std::string device_name = opts.device == Device::CUDA ? cuda::device_name() : "cpu";
+  if (race)
+    fmt::print("moelab on {}, products in {}\n",
+               opts.device == Device::CPU
+                   ? std::string("the CPU")
+                   : fmt::format("cuda ({}{})", device_name,
+                                 cuda::is_simulator() ? ": kernels on the CPU, no speed to read" : ""),
+               enum_name(opts.precision));
 
   // The torch side starts from these weights and this batch: written before our steps change them.
   fs::path folder;
   if (opts.torch) {
     folder = fs::temp_directory_path() / fmt::format("moelab_bench_train_{}", ::getpid());
     fs::create_directories(folder);
-    nn::save_safetensors(folder / "model.safetensors", model.lm().named_parameters(), {{"config", json(config).dump()}});
+    nn::save_safetensors(folder / "model.safetensors", model.lm().named_parameters(),
+                         {{"config", json(config).dump()}});
     nn::save_safetensors(folder / "batch.safetensors",
                          {{"inputs", b.inputs}, {"targets", b.targets}, {"domains", b.domains}});
     optim::AdamWConfig adamw;
-    json run = {{"alpha", opts.alpha}, {"z_coef", opts.z_coef}, {"beta", opts.beta}, {"ed_form", enum_name(losses.ed_form)},
-                {"ed_eps", losses.ed_eps}, {"lr", opts.lr}, {"beta1", adamw.beta1}, {"beta2", adamw.beta2},
-                {"eps", adamw.eps}, {"weight_decay", adamw.weight_decay}, {"grad_clip", opts.grad_clip},
+    json run = {{"alpha", opts.alpha},
+                {"z_coef", opts.z_coef},
+                {"beta", opts.beta},
+                {"ed_form", enum_name(losses.ed_form)},
+                {"ed_eps", losses.ed_eps},
+                {"lr", opts.lr},
+                {"beta1", adamw.beta1},
+                {"beta2", adamw.beta2},
+                {"eps", adamw.eps},
+                {"weight_decay", adamw.weight_decay},
+                {"grad_clip", opts.grad_clip},
                 {"num_domains", opts.domains}};
     std::ofstream(folder / "params.json") << run.dump(2);
   }
 
-  StepTimes ours = time_our_steps(model, b, opts);
+  // Built on the CPU from the seed, then moved (as the trainer does): the same weights on every device.
+  if (opts.device == Device::CUDA) {
+    model.lm().to(Device::CUDA);
+    b.inputs = to_device(b.inputs, Device::CUDA);
+    b.targets = to_device(b.targets, Device::CUDA);
+  }
+  std::vector<std::vector<double>> phase_ms;
+  StepTimes ours = time_our_steps(model, b, opts, phase_ms);
   const double ours_ms = median(ours.ms);
-  TorchResult torch;
+  std::vector<TorchResult> torch;
   if (opts.torch) {
-    torch = torch_steps(opts, folder, threads);
+    for (const std::string& variant : variants) torch.push_back(torch_steps(opts, variant, folder, threads));
     std::error_code ignored;
     fs::remove_all(folder, ignored);
   }
 
   const double tokens = static_cast<double>(batch * config.seq_len);
-  fmt::print("\n{:<18} {:>9} {:>8} {:>10} {:>11}  {}\n", "", "ms/step", "min ms", "tokens/s", "CPU ms/step",
-             "first-step loss");
-  auto print_row = [&](const std::string& who, const StepTimes& t) {
-    const double ms = median(t.ms);
-    fmt::print("{:<18} {:>9.2f} {:>8.2f} {:>10.0f} {:>11.2f}  {:.7f}\n", who, ms, *std::min_element(t.ms.begin(), t.ms.end()),
-               tokens / ms * 1e3, median(t.cpu_ms), t.first_loss);
-  };
-  print_row("moelab", ours);
-  auto print_steps = [](const char* who, const std::vector<double>& ms) {
+  auto print_steps = [](const std::string& who, const std::vector<double>& ms) {
     std::string all;
     for (double t : ms) all += fmt::format(" {:.1f}", t);
     fmt::print("{} step ms:{}\n", who, all);
   };
-  if (opts.verbose) print_steps("moelab", ours.ms);
-  if (!opts.torch) return;
-  if (opts.verbose && !torch.times.ms.empty()) print_steps("pytorch", torch.times.ms);
-  if (!torch.error.empty()) {
-    fmt::print("PyTorch baseline unavailable: {}\n", torch.error);
-    return;
+
+  if (!race) {  // the CPU table of docs/benchmarks.md
+    fmt::print("\n{:<18} {:>9} {:>8} {:>10} {:>11}  {}\n", "", "ms/step", "min ms", "tokens/s", "CPU ms/step",
+               "first-step loss");
+    auto print_row = [&](const std::string& who, const StepTimes& t) {
+      const double ms = median(t.ms);
+      fmt::print("{:<18} {:>9.2f} {:>8.2f} {:>10.0f} {:>11.2f}  {:.7f}\n", who, ms,
+                 *std::min_element(t.ms.begin(), t.ms.end()), tokens / ms * 1e3, median(t.cpu_ms), t.first_loss);
+    };
+    print_row("moelab", ours);
+    if (opts.verbose) print_steps("moelab", ours.ms);
+    if (opts.torch) {
+      const TorchResult& t = torch.front();
+      if (opts.verbose && !t.times.ms.empty()) print_steps("pytorch", t.times.ms);
+      if (!t.error.empty() || !t.skipped.empty()) {
+        fmt::print("PyTorch baseline unavailable: {}\n", t.error.empty() ? t.skipped : t.error);
+      } else {
+        const double torch_ms = median(t.times.ms);
+        print_row("pytorch " + t.version, t.times);
+        if (t.threads != threads) fmt::print("note: torch ran on {} threads, moelab on {}\n", t.threads, threads);
+        const double loss_diff = std::abs(ours.first_loss - t.times.first_loss) / std::abs(t.times.first_loss);
+        if (loss_diff > 1e-4)
+          fmt::print("warning: the first-step losses differ by {:.2g} (relative): the two sides are not doing the "
+                     "same work\n",
+                     loss_diff);
+        const double cpu_ratio = median(t.times.cpu_ms) / median(ours.cpu_ms);
+        fmt::print("\nmoelab is {:.2f}x {} than PyTorch (median wall time; by median CPU time: {:.2f}x)\n",
+                   torch_ms >= ours_ms ? torch_ms / ours_ms : ours_ms / torch_ms,
+                   torch_ms >= ours_ms ? "faster" : "slower", cpu_ratio);
+        fmt::print("(CPU time counts every thread, spinning included: it estimates idle-machine wall time only for 1 "
+                   "thread)\n");
+      }
+    }
+  } else {  // the race: one row per side, ours first
+    fmt::print("\n{:<27} {:>9} {:>9} {:>10} {:>16} {:>10} {:>8}\n", "variant", "ms/step", "min ms", "tokens/s",
+               "first-step loss", "peak mem", "ours/it");
+    fmt::print("{:<27} {:>9.2f} {:>9.2f} {:>10.0f} {:>16.7f} {:>10} {:>8}\n",
+               fmt::format("moelab {}", enum_name(opts.precision)), ours_ms,
+               *std::min_element(ours.ms.begin(), ours.ms.end()), tokens / ours_ms * 1e3, ours.first_loss,
+               opts.device == Device::CUDA ? "n/a" : "", "1.00x");
+    const TorchResult* fastest = nullptr;
+    for (const TorchResult& t : torch) {
+      const std::string who = "torch " + t.variant;
+      if (!t.skipped.empty()) {
+        fmt::print("{:<27} skipped: {}\n", who, t.skipped);
+        continue;
+      }
+      if (!t.error.empty()) {
+        fmt::print("{:<27} failed: {}\n", who, last_line(t.error));
+        continue;
+      }
+      const double ms = median(t.times.ms);
+      fmt::print("{:<27} {:>9.2f} {:>9.2f} {:>10.0f} {:>16.7f} {:>10} {:>7.2f}x\n", who, ms,
+                 *std::min_element(t.times.ms.begin(), t.times.ms.end()), tokens / ms * 1e3, t.times.first_loss,
+                 format_bytes(t.peak_mem_bytes), ms / ours_ms);
+      if (!fastest || ms < median(fastest->times.ms)) fastest = &t;
+    }
+    if (!torch.empty())
+      fmt::print("(ours/it: our tokens/s over its tokens/s, above 1 we are faster; peak mem: torch.cuda's "
+                 "max_memory_allocated; ours is not exposed by the engine's pool yet)\n");
+    if (fastest) {
+      const double fastest_ms = median(fastest->times.ms);
+      fmt::print("fastest PyTorch variant: {} ({:.2f} ms/step); moelab / fastest: {:.2f}x (tokens/s)\n",
+                 fastest->variant, fastest_ms, fastest_ms / ours_ms);
+    }
+    for (const TorchResult& t : torch) {
+      if (!t.skipped.empty() || !t.error.empty()) continue;
+      if (!t.version.empty() && &t == &torch.front()) fmt::print("torch version: {}\n", t.version);
+      if (t.first_step_s > 10) fmt::print("note: {}'s first step took {:.1f} s\n", t.variant, t.first_step_s);
+      // Against f32 on the CPU the losses agree to f32 rounding; TF32, bf16 and other kernels move them by ~1e-3.
+      const bool exact = opts.device == Device::CPU && opts.precision == Precision::FP32 && t.variant == "eager_fp32";
+      const double loss_diff = std::abs(ours.first_loss - t.times.first_loss) / std::abs(t.times.first_loss);
+      if (loss_diff > (exact ? 1e-4 : 1e-2))
+        fmt::print("warning: the first-step losses of moelab and {} differ by {:.2g} (relative): not the same work\n",
+                   t.variant, loss_diff);
+      if (opts.verbose) print_steps(t.variant, t.times.ms);
+    }
+    if (opts.verbose) print_steps("moelab", ours.ms);
   }
-  const double torch_ms = median(torch.times.ms);
-  print_row("pytorch " + torch.version, torch.times);
-  if (torch.threads != threads) fmt::print("note: torch ran on {} threads, moelab on {}\n", torch.threads, threads);
-  const double loss_diff = std::abs(ours.first_loss - torch.times.first_loss) / std::abs(torch.times.first_loss);
-  if (loss_diff > 1e-4)
-    fmt::print("warning: the first-step losses differ by {:.2g} (relative): the two sides are not doing the same "
-               "work\n", loss_diff);
-  const double cpu_ratio = median(torch.times.cpu_ms) / median(ours.cpu_ms);
-  fmt::print("\nmoelab is {:.2f}x {} than PyTorch (median wall time; by median CPU time: {:.2f}x)\n",
-             torch_ms >= ours_ms ? torch_ms / ours_ms : ours_ms / torch_ms, torch_ms >= ours_ms ? "faster" : "slower",
-             cpu_ratio);
-  fmt::print("(CPU time counts every thread, spinning included: it estimates idle-machine wall time only for 1 thread)\n");
+
+  // Model FLOPs utilization, against the device's dense bf16 peak (whatever --precision: the best the chip offers).
+  const StepFlops flops = step_flops(config, tokens);
+  const double peak = opts.device == Device::CUDA ? bf16_peak_flops(device_name) : 0;
+  if (race) {
+    fmt::print("\nFLOPs per step (docs/performance.md): {:.3g} active (top-{}), {:.3g} dense-equivalent (all {} "
+               "experts)\n",
+               flops.active, config.top_k, flops.dense_equivalent, config.n_experts);
+    if (peak > 0) {
+      auto mfu = [&](double ms) {
+        return fmt::format("{:.1f}% active, {:.1f}% dense-equivalent", 100 * flops.active / (ms * 1e-3) / peak,
+                           100 * flops.dense_equivalent / (ms * 1e-3) / peak);
+      };
+      fmt::print("MFU against {} bf16 dense peak {:.0f} TFLOP/s: moelab {}\n", device_name, peak / 1e12, mfu(ours_ms));
+      for (const TorchResult& t : torch)
+        if (t.skipped.empty() && t.error.empty()) fmt::print("MFU torch {}: {}\n", t.variant, mfu(median(t.times.ms)));
+    } else {
+      fmt::print("MFU: not shown ({})\n", opts.device == Device::CPU
+                                              ? "GPU only"
+                                              : fmt::format("{} is not in the peak table: H100, H200", device_name));
+    }
+  }
+
+  if (opts.breakdown) {
+    double total = 0;
+    for (int p = 0; p < kPhases; ++p) total += median(phase_ms[p]);
+    fmt::print("\nphase breakdown of our step ({} more steps; medians; the device synchronized after each phase: "
+               "phases, not kernels)\n",
+               opts.steps);
+    for (int p = 0; p < kPhases; ++p)
+      fmt::print("  {:<24} {:>9.2f} ms {:>5.1f}%\n", kPhaseNames[p], median(phase_ms[p]),
+                 100 * median(phase_ms[p]) / total);
+    fmt::print("  {:<24} {:>9.2f} ms (the timed steps' median, without these synchronizations: {:.2f} ms)\n", "sum",
+               total, ours_ms);
+  }
 }
 
 }  // namespace
@@ -250,7 +497,7 @@ void add_train_step_command(CLI::App& app) {
   auto opts = std::make_shared<TrainBenchOptions>();
   opts->torch_script = default_torch_script();
   CLI::App* cmd = app.add_subcommand("train-step", "ms per training step (forward, loss, backward, clip, AdamW) "
-                                                   "against the PyTorch twin on the CPU");
+                                                   "against the PyTorch twin, on the CPU or a GPU");
   cmd->add_option("--preset", opts->preset, "model config: tiny, S or M")
       ->check(CLI::IsMember({"tiny", "S", "M"}))
       ->capture_default_str();
@@ -270,11 +517,31 @@ void add_train_step_command(CLI::App& app) {
   cmd->add_option("--lr", opts->lr, "constant learning rate")->capture_default_str();
   cmd->add_option("--grad-clip", opts->grad_clip, "max global gradient norm (0: no clipping)")->capture_default_str();
   cmd->add_option("--seed", opts->seed, "model init and batch seed")->capture_default_str();
+  cmd->add_option("--device", opts->device_name, "where our step runs: cpu or cuda (the torch side runs there too)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  cmd->add_option("--precision", opts->precision_name, "our products: fp32, or bf16 operands with f32 accumulation")
+      ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->capture_default_str();
+  cmd->add_option("--torch-variants", opts->torch_variants,
+                  "PyTorch variants, comma-separated: eager_fp32, eager_bf16_loop, eager_bf16_grouped, "
+                  "compile_bf16_grouped (default: eager_fp32 on the CPU, all four on cuda)")
+      ->delimiter(',')
+      ->check(CLI::IsMember(kTorchVariants));
+  cmd->add_option("--torch-timeout", opts->torch_timeout_s, "stop each variant's script after this many s (0: never)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
+  cmd->add_flag("--breakdown", opts->breakdown,
+                "time our step's phases (forward, backward, clip, optimizer) with a synchronization after each");
   cmd->add_flag("!--no-torch", opts->torch, "time only our engine (e.g. under a profiler)");
   cmd->add_flag("--verbose", opts->verbose, "print every timed step's ms (to see the noise of a loaded machine)");
   cmd->add_option("--python", opts->python, "python with torch for the baseline")->capture_default_str();
   cmd->add_option("--torch-script", opts->torch_script, "the baseline script")->capture_default_str();
-  cmd->callback([opts] { run_train_bench(*opts); });
+  cmd->callback([opts] {
+    opts->device = opts->device_name == "cuda" ? Device::CUDA : Device::CPU;
+    opts->precision = opts->precision_name == "bf16" ? Precision::BF16 : Precision::FP32;
+    run_train_bench(*opts);
+  });
 }
 
 }  // namespace moelab::bench
