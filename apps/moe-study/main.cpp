@@ -6,6 +6,9 @@
 //   moe-study studies/edl.toml --dry-run        the resolved grid, nothing run
 //   moe-study studies/edl.toml --collect        only aggregate the finished runs
 #include <fmt/format.h>
+#include <sys/prctl.h>
+
+#include <csignal>
 
 #include <fmt/ranges.h>
 
@@ -120,7 +123,8 @@ int main(int argc, char** argv) {
   try {
     const Study study = load_study(file, out_dir);
     const std::vector<StudyRun> runs = resolve_runs(study);  // validates every run's options before anything runs
-    if (!run_one.empty()) {  // a child of `--jobs N`: one run, its numbers in <run>/study_run.json
+    if (!run_one.empty()) {              // a child of `--jobs N`: one run, its numbers in <run>/study_run.json
+      prctl(PR_SET_PDEATHSIG, SIGTERM);  // dies with the parent: a killed study leaves no orphan run going on
       for (const StudyRun& run : runs)
         if (study.conditions[run.condition].name == run_one[0] && std::to_string(run.seed) == run_one[1]) {
           execute_run(study, run);
@@ -140,7 +144,7 @@ int main(int argc, char** argv) {
     } else {
       StudyOptions options;
       options.jobs = jobs;
-      options.executable = "/proc/self/exe";
+      options.executable = std::filesystem::read_symlink("/proc/self/exe");  // its name, as `ps` shows the children
       options.rerun_changed = rerun_changed;
       options.progress = &std::cout;
       finished = run_study(study, runs, options).results;
