@@ -126,7 +126,7 @@ TEST_CASE("config: nan and inf are rejected for every real option") {
       check_mentions(flag_error("--" + key, text), {"--" + key + " must be", "got " + std::string(text)});
     }
   }
-  CHECK(reals == 15);
+  CHECK(reals == 16);
   testing::ScratchDir dir("config_nan");
   check_mentions(toml_file_error(dir, "[optim]\ngrad_clip = nan\n"), {"run.toml: optim.grad_clip", "got nan"});
   check_mentions(toml_file_error(dir, "[moe]\nalpha = -inf\n"), {"run.toml: moe.alpha", "got -inf"});
@@ -214,6 +214,7 @@ TEST_CASE("config: the checkpoint's train_config keeps its keys and types") {
                                              "data.bpe_vocab",
                                              "data.corpus",
                                              "data.domain_key",
+                                             "data.labels",
                                              "data.synthetic_docs",
                                              "data.synthetic_domains",
                                              "data.text_key",
@@ -238,6 +239,7 @@ TEST_CASE("config: the checkpoint's train_config keeps its keys and types") {
                                              "moe.beta",
                                              "moe.ed_eps",
                                              "moe.ed_form",
+                                             "moe.ed_groups",
                                              "moe.ed_scope",
                                              "moe.z_coef",
                                              "omoe.alpha",
@@ -264,12 +266,14 @@ TEST_CASE("config: the checkpoint's train_config keeps its keys and types") {
                                              "train.eval_batches",
                                              "train.eval_every",
                                              "train.grad_accum",
+                                             "train.init_from",
                                              "train.log_every",
                                              "train.out_dir",
                                              "train.precision",
                                              "train.resume",
                                              "train.seed",
-                                             "train.steps"};
+                                             "train.steps",
+                                             "train.upcycle_noise"};
   CHECK(keys == expected);  // nlohmann's objects keep their keys sorted
   CHECK(j.at("preset") == "tiny");
   CHECK(j.at("model.seq_len") == 64);
