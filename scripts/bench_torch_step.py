@@ -64,24 +64,12 @@ def why_not(variant, device):
 # ---- the bf16 variants' pieces: same math as twin.py, other kernels ---------------------------------------------------
 
 
-def rope(x, theta):
-    """twin.rope with its tables made on x's device (twin.py makes them on the default device, which this script sets
-    to cuda for the eager variants but not under torch.compile)."""
-    _, t, _, dh = x.shape
-    inv_freq = theta ** (-torch.arange(0, dh, 2, dtype=torch.float64, device=x.device) / dh)
-    angle = torch.arange(t, dtype=torch.float64, device=x.device)[:, None] * inv_freq[None, :]  # [T, Dh/2]
-    cos = angle.cos().to(x.dtype)[None, :, None, :]
-    sin = angle.sin().to(x.dtype)[None, :, None, :]
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
-
-
 def sdpa_attention(x, p, prefix, cfg, b, t):
     """twin.attention with the causal softmax(q k^T / sqrt(Dh)) v as one fused call (flash attention on a GPU)."""
     d, h = cfg["d_model"], cfg["n_heads"]
     qkv = x @ p[prefix + "attn.wqkv.weight"].t()
     q, k, v = (z.reshape(b, t, h, d // h) for z in qkv.split(d, dim=-1))
-    q, k = rope(q, cfg["rope_theta"]), rope(k, cfg["rope_theta"])
+    q, k = twin.rope(q, cfg["rope_theta"]), twin.rope(k, cfg["rope_theta"])
     y = F.scaled_dot_product_attention(*(z.transpose(1, 2) for z in (q, k, v)), is_causal=True)  # [B, H, T, Dh]
     return y.transpose(1, 2).reshape(b * t, d) @ p[prefix + "attn.wo.weight"].t()
 
@@ -160,7 +148,7 @@ def main():
     if args.device == "cuda":
         torch.set_float32_matmul_precision("high")  # f32 products on TF32 tensor cores (eager_fp32, the routers)
         if not args.variant.startswith("compile"):
-            torch.set_default_device(device)  # twin.py makes its masks and RoPE tables without a device
+            torch.set_default_device(device)  # twin.py makes its attention masks without a device
 
     params, meta = twin.load_safetensors(os.path.join(args.folder, "model.safetensors"))
     cfg = json.loads(meta["config"])

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 
 #include "apps/analysis/text.h"
 #include "apps/report/html.h"
@@ -101,6 +102,23 @@ std::vector<std::pair<double, double>> smooth(const std::vector<std::pair<double
   return out;
 }
 
+// A chart's <svg> opening with its title at the top left, and the y axis's grid lines with their labels for
+// [y0, y1] across the plot from x = left to x = right (py: a value's y coordinate). Shared by the line and bar charts.
+std::string chart_frame(const std::string& title, double width, double height, double left, double right, double y0,
+                        double y1, const std::function<double(double)>& py) {
+  std::string svg =
+      fmt::format("<svg class=\"chart\" viewBox=\"0 0 {0:.0f} {1:.0f}\" width=\"{0:.0f}\" height=\"{1:.0f}\" "
+                  "role=\"img\" aria-label=\"{2}\"><text x=\"{3:.0f}\" y=\"17\" class=\"ct\">{2}</text>",
+                  width, height, html_escape(title), left - 44);
+  const std::vector<double> yt = nice_ticks(y0, y1, 4);
+  const double ystep = yt.size() > 1 ? yt[1] - yt[0] : 1;
+  for (double v : yt)
+    svg += fmt::format("<line x1=\"{0:.0f}\" x2=\"{1:.0f}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" class=\"grid\"/>"
+                       "<text x=\"{3:.0f}\" y=\"{4:.1f}\" class=\"tick\" text-anchor=\"end\">{5}</text>",
+                       left, right, py(v), left - 6, py(v) + 3.5, tick_label(v, ystep));
+  return svg;
+}
+
 }  // namespace
 
 std::string line_chart(const std::string& title, const std::vector<Series>& series, const std::string& x_label,
@@ -120,16 +138,7 @@ std::string line_chart(const std::string& title, const std::vector<Series>& seri
   constexpr double W = 360, H = 210, L = 52, R = 12, T = 28, B = 34;
   auto px = [&](double x) { return L + (x - x0) / (x1 - x0) * (W - L - R); };
   auto py = [&](double y) { return T + (y1 - y) / (y1 - y0) * (H - T - B); };
-  std::string svg = fmt::format(
-      "<svg class=\"chart\" viewBox=\"0 0 {0} {1}\" width=\"{0}\" height=\"{1}\" role=\"img\" aria-label=\"{2}\">"
-      "<text x=\"{3}\" y=\"17\" class=\"ct\">{2}</text>",
-      W, H, html_escape(title), L - 44);
-  std::vector<double> yt = nice_ticks(y0, y1, 4);
-  const double ystep = yt.size() > 1 ? yt[1] - yt[0] : 1;
-  for (double v : yt)
-    svg += fmt::format("<line x1=\"{0}\" x2=\"{1}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" class=\"grid\"/>"
-                       "<text x=\"{3}\" y=\"{4:.1f}\" class=\"tick\" text-anchor=\"end\">{5}</text>",
-                       L, W - R, py(v), L - 6, py(v) + 3.5, tick_label(v, ystep));
+  std::string svg = chart_frame(title, W, H, L, W - R, y0, y1, py);
   std::vector<double> xt = nice_ticks(x0, x1, 5);
   if (integer_x) std::erase_if(xt, [](double v) { return std::abs(v - std::round(v)) > 1e-9; });
   const double xstep = xt.size() > 1 ? xt[1] - xt[0] : 1;
@@ -331,18 +340,9 @@ std::string bar_chart(const std::string& title, const std::vector<Bar>& bars) {
   constexpr double H = 210, L = 52, R = 12, T = 28, B = 36, slot = 64;
   const double W = std::max(260.0, L + R + slot * static_cast<double>(bars.size()));
   auto py = [&](double y) { return T + (y1 - y) / (y1 - y0) * (H - T - B); };
-  std::string svg =
-      fmt::format("<svg class=\"chart\" viewBox=\"0 0 {0:.0f} {1}\" width=\"{0:.0f}\" height=\"{1}\" role=\"img\" "
-                  "aria-label=\"{2}\"><text x=\"{3}\" y=\"17\" class=\"ct\">{2}</text>",
-                  W, H, html_escape(title), L - 44);
+  std::string svg = chart_frame(title, W, H, L, W - R, y0, y1, py);
   if (!from_zero)
     svg += fmt::format("<text x=\"{:.0f}\" y=\"17\" class=\"tick\" text-anchor=\"end\">axis not from 0</text>", W - R);
-  std::vector<double> yt = nice_ticks(y0, y1, 4);
-  const double ystep = yt.size() > 1 ? yt[1] - yt[0] : 1;
-  for (double v : yt)
-    svg += fmt::format("<line x1=\"{0}\" x2=\"{1:.0f}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" class=\"grid\"/>"
-                       "<text x=\"{3}\" y=\"{4:.1f}\" class=\"tick\" text-anchor=\"end\">{5}</text>",
-                       L, W - R, py(v), L - 6, py(v) + 3.5, tick_label(v, ystep));
   svg +=
       fmt::format("<line x1=\"{0}\" x2=\"{1:.0f}\" y1=\"{2:.1f}\" y2=\"{2:.1f}\" class=\"axis\"/>", L, W - R, py(base));
   const double slot_w = (W - L - R) / static_cast<double>(bars.size()), bar_w = std::min(34.0, slot_w * 0.6);

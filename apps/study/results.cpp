@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <fstream>
 
+#include "data/file_io.h"
 #include "engine/error.h"
 
 namespace moelab::apps {
@@ -184,9 +185,7 @@ std::vector<fs::path> write_results(const Study& study, const StudyResults& resu
       {study.out_dir / "report.html", render_study_report(study, results)}};
   std::vector<fs::path> written;
   for (const auto& [path, text] : files) {
-    std::ofstream out(path, std::ios::binary | std::ios::trunc);
-    out << text;
-    if (!out) fail("cannot write {}", path.string());
+    data::write_file_atomic(path, [&](std::ostream& out) { out << text; });
     written.push_back(path);
   }
   return written;

@@ -24,6 +24,7 @@
 #include "apps/study/metrics.h"
 #include "apps/train/checkpoint.h"
 #include "apps/train/trainer.h"
+#include "data/file_io.h"
 #include "engine/error.h"
 
 extern char** environ;
@@ -82,9 +83,8 @@ StudyRunResult study_run_result_from_json(const ordered_json& j, const fs::path&
 
 std::optional<StudyRunResult> read_run_result(const fs::path& run_dir) {
   const fs::path file = run_dir / kStudyRunFile;
-  std::ifstream in(file, std::ios::binary);
-  if (!in) return std::nullopt;
-  ordered_json j = ordered_json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!fs::exists(file)) return std::nullopt;
+  ordered_json j = ordered_json::parse(data::read_file(file), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) fail("{}: not valid JSON; delete it to redo the run", file.string());
   StudyRunResult r = study_run_result_from_json(j, file);
   r.dir = run_dir;  // where it is now (the study may have been moved)
@@ -94,16 +94,9 @@ std::optional<StudyRunResult> read_run_result(const fs::path& run_dir) {
 
 namespace {
 
-// Written to a temporary, then renamed: a reader sees the whole file or none.
+// A reader sees the whole file or none (data::write_file_atomic).
 void write_atomically(const fs::path& file, const std::string& text) {
-  const fs::path tmp = file.string() + fmt::format(".tmp-{}", ::getpid());
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out << text << '\n';
-    out.flush();
-    if (!out) fail("cannot write {}", tmp.string());
-  }
-  fs::rename(tmp, file);
+  data::write_file_atomic(file, [&](std::ostream& out) { out << text << '\n'; });
 }
 
 bool has_checkpoint(const fs::path& run_dir) {
@@ -145,8 +138,9 @@ StudyRunResult execute_run(const Study& study, const StudyRun& run) {
     trained_steps = config.steps - from;
   }
 
+  const bool dense = !has_moe_layer(config.model);
   RunAnalysis analysis;  // a dense run fills in only its held-out CE
-  if (has_moe_layer(config.model)) {
+  if (!dense) {
     AnalyzeOptions options;
     options.max_batches = study.eval_batches;
     options.permutations = study.permutations;
@@ -174,7 +168,7 @@ StudyRunResult execute_run(const Study& study, const StudyRun& run) {
   r.dir = run.dir;
   r.config = run.identity;
   r.domains = analysis.domains;
-  r.dense = !has_moe_layer(config.model);
+  r.dense = dense;
   r.steps = config.steps;
   r.sequences_per_step = config.batch_size * config.grad_accum;
   r.trained_steps = trained_steps;
@@ -196,8 +190,8 @@ std::vector<std::optional<StudyRunResult>> check_finished_runs(const Study& stud
     json stored;
     if (result) {
       stored = result->config;
-    } else if (std::ifstream in(run.dir / kStudyConfigFile); in) {
-      stored = json::parse(in, nullptr, /*allow_exceptions=*/false);
+    } else if (fs::exists(run.dir / kStudyConfigFile)) {
+      stored = json::parse(data::read_file(run.dir / kStudyConfigFile), nullptr, /*allow_exceptions=*/false);
       if (stored.is_discarded()) stored = json();  // torn: the run is redone from its checkpoints' own checks
     }
     const std::string difference = stored.is_null() ? "" : first_difference(stored, run.identity, study);

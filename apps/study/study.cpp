@@ -10,6 +10,7 @@
 #include <sstream>
 #include <toml++/toml.h>
 
+#include "data/file_io.h"
 #include "engine/error.h"
 
 namespace moelab::apps {
@@ -261,11 +262,7 @@ Study parse_study(const std::string& text, const std::string& source, const fs::
 }
 
 Study load_study(const fs::path& file, const fs::path& out_dir) {
-  std::ifstream in(file, std::ios::binary);
-  if (!in) fail("cannot read the study file {}", file.string());
-  std::ostringstream text;
-  text << in.rdbuf();
-  Study study = parse_study(text.str(), file.filename().string(), out_dir);
+  Study study = parse_study(data::read_file(file), file.filename().string(), out_dir);
   study.file = file;
   return study;
 }

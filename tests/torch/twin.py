@@ -69,8 +69,8 @@ def rms_norm(x, w, eps):
 def rope(x, theta):
     """x [B, T, H, Dh]: rotate pairs (2i, 2i+1) of position t by angle t * theta^(-2i/Dh)."""
     _, t, _, dh = x.shape
-    inv_freq = theta ** (-torch.arange(0, dh, 2, dtype=torch.float64) / dh)
-    angle = torch.arange(t, dtype=torch.float64)[:, None] * inv_freq[None, :]  # [T, Dh/2]
+    inv_freq = theta ** (-torch.arange(0, dh, 2, dtype=torch.float64, device=x.device) / dh)
+    angle = torch.arange(t, dtype=torch.float64, device=x.device)[:, None] * inv_freq[None, :]  # [T, Dh/2]
     cos = angle.cos().to(x.dtype)[None, :, None, :]
     sin = angle.sin().to(x.dtype)[None, :, None, :]
     x0, x1 = x[..., 0::2], x[..., 1::2]
