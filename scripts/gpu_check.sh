@@ -8,8 +8,8 @@
 # 4. sanitizer.log compute-sanitizer memcheck and racecheck on the CUDA tests (skipped, with the reason, where the tool
 #                  is missing or refuses the device)
 # 5. race.log      the speed race (docs/performance.md): `moe-bench train-step --device cuda --precision bf16` against
-#                  the four PyTorch variants, presets S then M, in the time the checks above left; the tables go into
-#                  the summary
+#                  the four PyTorch variants, presets S then M, in the time the checks above left, each followed by
+#                  our step with one cuBLAS call per expert (--expert-gemm per-expert); the tables go into the summary
 # 6. summary.txt   what passed and failed, and the race's tables, printed last
 # At most 8 files in OUTDIR. Exits 0 when it ran through (read the summary for the verdict), 2 on a usage error.
 # MOELAB_GPU_CHECK_PRESET=sim rehearses it on a machine without a GPU (with gpu_prepare.sh's sim build; the race runs
@@ -178,6 +178,22 @@ race_one() {  # preset, seconds
     note "race $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
   fi
 }
+# Our step once more with the experts' products as one cuBLAS call per expert (the race runs them as grouped calls):
+# ours only, the table's first row and the kernel breakdown's expert line.
+ours_per_expert() {  # preset, seconds
+  local cfg=$1 seconds=$2 args=(--preset "$1" --no-torch --expert-gemm per-expert --breakdown)
+  [ "$preset" = sim ] && args+=(--steps 2 --warmup 1) || args+=(--steps 10 --warmup 3)
+  echo "==== $cfg: moe-bench train-step --device cuda --precision bf16 ${args[*]}" >>"$out/race.log"
+  timeout "$seconds" "$bin/moe-bench" train-step --device cuda --precision bf16 "${args[@]}" >"$race_tmp" 2>&1
+  local rc=$?
+  cat "$race_tmp" >>"$out/race.log"
+  if ((rc == 0)); then
+    note "  per-expert products: $(grep '^moelab bf16' "$race_tmp")"
+    note "  per-expert products: $(grep 'expert FFN' "$race_tmp" | sed 's/^ *//')"
+  else
+    note "race $cfg per-expert: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)")"
+  fi
+}
 if [ "$race" = off ]; then
   note "race: skipped (MOELAB_GPU_CHECK_RACE=off)"
 elif [ -z "$bin" ]; then
@@ -193,10 +209,17 @@ else
     "$race_python" -c 'import torch' 2>/dev/null || race_python=/usr/bin/python3
     if [ "$preset" = sim ]; then
       race_one tiny "$left"
+      ours_per_expert tiny 120
     else
       race_one S $((left * 2 / 5))  # S is the cheaper of the two: M gets the rest
+      ours_per_expert S 40
       left=$((budget - (SECONDS - started)))
-      if ((left < 60)); then note "race M: skipped (${left} s left of the ${budget} s budget)"; else race_one M "$left"; fi
+      if ((left < 100)); then
+        note "race M: skipped (${left} s left of the ${budget} s budget)"
+      else
+        race_one M $((left - 45))
+        ours_per_expert M 45
+      fi
     fi
     rm -f "$race_tmp"
   fi

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/cuda/blas.cuh"
 #include "engine/kernels/moe.h"
 #include "moe/dispatch.h"
 #include "moe/router.h"
@@ -195,62 +196,70 @@ TEST_CASE("cuda: moe: SwiGLU activation kernels match the CPU" * cuda_only()) {
 // d_gate_pre and d_up_pre are rounded after they are computed: where the two devices' f32 values differ in the last bit,
 // the rounding may go different ways and that one operand differs by a bf16 step (2^-8 relative). The products it
 // enters are checked against 2^-7 of their largest entry.
+// Under BF16 both ways of running the products (cuda::set_grouped_gemm): grouped TF32 calls on bf16 values kept in
+// f32, and one bf16 call per expert.
 TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get zero weight gradients" * cuda_only()) {
   uint64_t seed = 500;
   for (DType dtype : kFloatTypes)
     for (Precision precision : {Precision::FP32, Precision::BF16})
-      for (const Sizes& s : sweep()) {
-        if (precision == Precision::BF16 && dtype != DType::F32) continue;
-        const std::string what = fmt::format("{} {} {}", name_of(s), dtype_name(dtype), enum_name(precision));
-        const double bound = precision == Precision::BF16 ? 1.0 / 128 : float_bound(dtype);
-        const int64_t d = 13, h = 11, S = s.N * s.k;
-        Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
-        moe::DispatchPlan plan = moe::plan_dispatch(ids, s.E);
-        Tensor offsets_gpu = to_gpu(plan.offsets);
-        Tensor x_sorted = random({S, d}, ++seed, dtype), d_out = random({S, d}, ++seed, dtype);
-        Tensor w_gate = random({s.E, h, d}, ++seed, dtype, 0.4), w_up = random({s.E, h, d}, ++seed, dtype, 0.4);
-        Tensor w_down = random({s.E, d, h}, ++seed, dtype, 0.4);
+      for (bool grouped : {true, false})
+        for (const Sizes& s : sweep()) {
+          if (precision == Precision::BF16 && dtype != DType::F32) continue;
+          if (!grouped && precision != Precision::BF16) continue;
+          cuda::set_grouped_gemm(grouped);
+          const std::string what = fmt::format("{} {} {}{}", name_of(s), dtype_name(dtype), enum_name(precision),
+                                               grouped ? "" : " per expert");
+          const double bound = precision == Precision::BF16 ? 1.0 / 128 : float_bound(dtype);
+          const int64_t d = 13, h = 11, S = s.N * s.k;
+          Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
+          moe::DispatchPlan plan = moe::plan_dispatch(ids, s.E);
+          Tensor offsets_gpu = to_gpu(plan.offsets);
+          Tensor x_sorted = random({S, d}, ++seed, dtype), d_out = random({S, d}, ++seed, dtype);
+          Tensor w_gate = random({s.E, h, d}, ++seed, dtype, 0.4), w_up = random({s.E, h, d}, ++seed, dtype, 0.4);
+          Tensor w_down = random({s.E, d, h}, ++seed, dtype, 0.4);
 
-        // Forward: gate_pre, up_pre, act [S, h], out_sorted [S, d].
-        std::vector<Tensor> fwd = {Tensor::empty({S, h}, dtype), Tensor::empty({S, h}, dtype),
-                                   Tensor::empty({S, h}, dtype), Tensor::empty({S, d}, dtype)};
-        std::vector<Tensor> fwd_gpu;
-        for (const Tensor& t : fwd) fwd_gpu.push_back(empty_like_on(t, Device::CUDA));
-        cpu::moe_grouped_swiglu_forward(x_sorted, plan.offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2], fwd[3],
-                                        precision);
-        cuda::moe_grouped_swiglu_forward(to_gpu(x_sorted), offsets_gpu, to_gpu(w_gate), to_gpu(w_up), to_gpu(w_down),
-                                         fwd_gpu[0], fwd_gpu[1], fwd_gpu[2], fwd_gpu[3], precision);
-        const char* fwd_names[] = {"gate_pre", "up_pre", "act", "out_sorted"};
-        for (size_t i = 0; i < fwd.size(); ++i)
-          check_scaled(fwd_gpu[i], fwd[i], i < 3 ? float_bound(dtype) : bound, what + " " + fwd_names[i]);
+          // Forward: gate_pre, up_pre, act [S, h], out_sorted [S, d].
+          std::vector<Tensor> fwd = {Tensor::empty({S, h}, dtype), Tensor::empty({S, h}, dtype),
+                                     Tensor::empty({S, h}, dtype), Tensor::empty({S, d}, dtype)};
+          std::vector<Tensor> fwd_gpu;
+          for (const Tensor& t : fwd) fwd_gpu.push_back(empty_like_on(t, Device::CUDA));
+          cpu::moe_grouped_swiglu_forward(x_sorted, plan.offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2], fwd[3],
+                                          precision);
+          cuda::moe_grouped_swiglu_forward(to_gpu(x_sorted), offsets_gpu, to_gpu(w_gate), to_gpu(w_up), to_gpu(w_down),
+                                           fwd_gpu[0], fwd_gpu[1], fwd_gpu[2], fwd_gpu[3], precision);
+          const char* fwd_names[] = {"gate_pre", "up_pre", "act", "out_sorted"};
+          for (size_t i = 0; i < fwd.size(); ++i)
+            check_scaled(fwd_gpu[i], fwd[i], i < 3 ? float_bound(dtype) : bound, what + " " + fwd_names[i]);
 
-        // Backward from the CPU's saved tensors on both devices: d_gate_pre, d_up_pre [S, h], d_x_sorted [S, d],
-        // dw_gate, dw_up [E, h, d], dw_down [E, d, h]. The GPU's outputs start as NaN: every element must be written.
-        std::vector<Tensor> bwd = {Tensor::empty({S, h}, dtype),       Tensor::empty({S, h}, dtype),
-                                   Tensor::empty({S, d}, dtype),       Tensor::empty(w_gate.shape(), dtype),
-                                   Tensor::empty(w_up.shape(), dtype), Tensor::empty(w_down.shape(), dtype)};
-        std::vector<Tensor> bwd_gpu;
-        for (const Tensor& t : bwd) bwd_gpu.push_back(to_gpu(full(t.shape(), NAN, dtype)));
-        cpu::moe_grouped_swiglu_backward(x_sorted, plan.offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2], d_out,
-                                         bwd[0], bwd[1], bwd[2], bwd[3], bwd[4], bwd[5], precision);
-        cuda::moe_grouped_swiglu_backward(to_gpu(x_sorted), offsets_gpu, to_gpu(w_gate), to_gpu(w_up), to_gpu(w_down),
-                                          to_gpu(fwd[0]), to_gpu(fwd[1]), to_gpu(fwd[2]), to_gpu(d_out), bwd_gpu[0],
-                                          bwd_gpu[1], bwd_gpu[2], bwd_gpu[3], bwd_gpu[4], bwd_gpu[5], precision);
-        const char* bwd_names[] = {"d_gate_pre", "d_up_pre", "d_x_sorted", "dw_gate", "dw_up", "dw_down"};
-        for (size_t i = 0; i < bwd.size(); ++i)
-          check_scaled(bwd_gpu[i], bwd[i], i < 2 ? float_bound(dtype) : bound, what + " " + bwd_names[i]);
+          // Backward from the CPU's saved tensors on both devices: d_gate_pre, d_up_pre [S, h], d_x_sorted [S, d],
+          // dw_gate, dw_up [E, h, d], dw_down [E, d, h]. The GPU's outputs start as NaN: every element must be written.
+          std::vector<Tensor> bwd = {Tensor::empty({S, h}, dtype),       Tensor::empty({S, h}, dtype),
+                                     Tensor::empty({S, d}, dtype),       Tensor::empty(w_gate.shape(), dtype),
+                                     Tensor::empty(w_up.shape(), dtype), Tensor::empty(w_down.shape(), dtype)};
+          std::vector<Tensor> bwd_gpu;
+          for (const Tensor& t : bwd) bwd_gpu.push_back(to_gpu(full(t.shape(), NAN, dtype)));
+          cpu::moe_grouped_swiglu_backward(x_sorted, plan.offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2], d_out,
+                                           bwd[0], bwd[1], bwd[2], bwd[3], bwd[4], bwd[5], precision);
+          cuda::moe_grouped_swiglu_backward(to_gpu(x_sorted), offsets_gpu, to_gpu(w_gate), to_gpu(w_up), to_gpu(w_down),
+                                            to_gpu(fwd[0]), to_gpu(fwd[1]), to_gpu(fwd[2]), to_gpu(d_out), bwd_gpu[0],
+                                            bwd_gpu[1], bwd_gpu[2], bwd_gpu[3], bwd_gpu[4], bwd_gpu[5], precision);
+          const char* bwd_names[] = {"d_gate_pre", "d_up_pre", "d_x_sorted", "dw_gate", "dw_up", "dw_down"};
+          for (size_t i = 0; i < bwd.size(); ++i)
+            check_scaled(bwd_gpu[i], bwd[i], i < 2 ? float_bound(dtype) : bound, what + " " + bwd_names[i]);
 
-        const std::vector<int32_t> counts = plan.counts.to_vector<int32_t>();
-        for (size_t i = 3; i < bwd.size(); ++i) {
-          const std::vector<double> dw = as_doubles(to_cpu(bwd_gpu[i]));
-          const int64_t per_expert = h * d;
-          for (int64_t e = 0; e < s.E; ++e)
-            if (counts[e] == 0)
-              CHECK_MESSAGE(std::all_of(dw.begin() + e * per_expert, dw.begin() + (e + 1) * per_expert,
-                                        [](double v) { return v == 0; }),
-                            what << " " << bwd_names[i] << ": expert " << e << " has no token but a nonzero gradient");
+          const std::vector<int32_t> counts = plan.counts.to_vector<int32_t>();
+          for (size_t i = 3; i < bwd.size(); ++i) {
+            const std::vector<double> dw = as_doubles(to_cpu(bwd_gpu[i]));
+            const int64_t per_expert = h * d;
+            for (int64_t e = 0; e < s.E; ++e)
+              if (counts[e] == 0)
+                CHECK_MESSAGE(
+                    std::all_of(dw.begin() + e * per_expert, dw.begin() + (e + 1) * per_expert,
+                                [](double v) { return v == 0; }),
+                    what << " " << bwd_names[i] << ": expert " << e << " has no token but a nonzero gradient");
+          }
+          cuda::set_grouped_gemm(true);
         }
-      }
 }
 
 // ---- routing: top-k + gates -----------------------------------------------------------------------------------------

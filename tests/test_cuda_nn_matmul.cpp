@@ -215,11 +215,14 @@ TEST_CASE("cuda: nn: RoPE kernels match the CPU" * cuda_only()) {
   }
 }
 
+// The tiled kernels: 1 to 3 tiles of 64 query and key rows (T = 130: a partial third), each tiling (head dims up to
+// 64: 64-row tiles; up to 128: 64 rows in f32, 32 in f64; up to 256: 32 rows, f32 only).
 TEST_CASE("cuda: nn: causal attention kernels match the CPU" * cuda_only()) {
   for (DType dtype : kFloatTypes) {
     const double rel = f32_or_f64(dtype, 1e-5, 1e-12);
-    for (int64_t T : {1, 7, 33, 65}) {
-      for (int64_t Dh : {20, 32, 64}) {
+    for (int64_t T : {1, 7, 33, 65, 130}) {
+      for (int64_t Dh : {20, 32, 64, 96, 160}) {
+        if (dtype == DType::F64 && Dh > 128) continue;
         const Shape shape{2, T, 3, Dh};
         const std::string what = fmt::format("{} {}", dtype_name(dtype), shape_str(shape));
         const Tensor q = random(shape, 40 + T, dtype), k = random(shape, 41, dtype), v = random(shape, 42, dtype),
@@ -238,6 +241,13 @@ TEST_CASE("cuda: nn: causal attention kernels match the CPU" * cuda_only()) {
       }
     }
   }
+  // Longer heads than the kernels' tiles take are refused by name.
+  const Tensor q = on(random({1, 3, 1, 136}, 44, DType::F64), Device::CUDA);
+  const Tensor out = empty_like_on(q, Device::CUDA), lse = Tensor::empty({1, 1, 3}, DType::F64, Device::CUDA);
+  CHECK(testing::error_of([&] { KERNEL(attention_forward, Device::CUDA)
+                                (q, q, q, out, lse); })
+            .find("head dims up to 256 (f32) "
+                  "or 128 (f64), got 136") != std::string::npos);
 }
 
 // ---- the ops through autograd ---------------------------------------------------------------------------------------
@@ -565,6 +575,33 @@ TEST_CASE("cuda: blas: grouped gemm with empty problems, as one grouped call and
     }
   }
   cuda::gemm_grouped(false, false, {}, 1.0f, 0.0f, DType::F32, DType::F32);  // nothing to do
+}
+
+// bf16 values held in f32: the grouped call's TF32 products are exact, so it gives what bf16 -> f32 products give, to
+// f32 accumulation (not TF32's 1e-2). 100 problems: 300 pointers, more than one launch of write_pointers carries.
+TEST_CASE("cuda: blas: grouped gemm of bf16 values in f32 is exact on TF32 tensor cores" * cuda_only()) {
+  constexpr int64_t kProblems = 100;
+  std::vector<Stored> As, Bs, Cs;
+  std::vector<Tensor> a, b, c;
+  std::vector<cuda::GemmProblem> problems;
+  for (int64_t i = 0; i < kProblems; ++i) {
+    const int64_t m = 1 + i % 7, n = 1 + i % 5, k = 1 + (i * 7) % 40;
+    auto bf16_values = [](Stored s) {
+      s.data = to_dtype(to_dtype(s.data, DType::BF16), DType::F32);
+      return s;
+    };
+    As.push_back(bf16_values(stored(m, k, 0, 300 + i, DType::F32)));
+    Bs.push_back(bf16_values(stored(k, n, 0, 500 + i, DType::F32)));
+    Cs.push_back(poisoned(stored(m, n, 0, 700 + i, DType::F32)));
+    a.push_back(to_gpu(As[i].data)), b.push_back(to_gpu(Bs[i].data)), c.push_back(to_gpu(Cs[i].data));
+    problems.push_back({m, n, k, a[i].raw_data(), k, b[i].raw_data(), n, c[i].raw_data(), n});
+  }
+  cuda::gemm_grouped(false, false, problems, 1.0f, 0.0f, DType::F32, DType::F32, /*bf16_values=*/true);
+  for (int64_t i = 0; i < kProblems; ++i) {
+    const cuda::GemmProblem& p = problems[i];
+    check_values(values_of(c[i]), reference_gemm(false, false, p.m, p.n, p.k, 1.0, As[i], Bs[i], 0.0, Cs[i]),
+                 blas_tolerance(DType::F32, DType::F32, false), sum_scale(p.k), fmt::format("problem {}", i));
+  }
 }
 
 TEST_CASE("cuda: blas: set_tf32 changes f32 products, and only by TF32's rounding" * cuda_only()) {

@@ -674,6 +674,20 @@ TEST_CASE("sim: the runtime's device, memory, errors and events") {
   cudaGetLastError();
   moelab::cuda::release(device);
 
+  // The pool's high-water mark: a reset restarts it from what is in use now; a release leaves it.
+  moelab::cuda::reset_peak_memory();
+  const size_t in_use = moelab::cuda::peak_memory_bytes();
+  void* block = moelab::cuda::allocate(1 << 20);
+  moelab::cuda::release(block);
+  CHECK(moelab::cuda::peak_memory_bytes() == in_use + (1 << 20));
+  moelab::cuda::reset_peak_memory();
+  CHECK(moelab::cuda::peak_memory_bytes() == in_use);
+  cudaMemPool_t pool;
+  REQUIRE(cudaDeviceGetDefaultMemPool(&pool, 0) == cudaSuccess);
+  uint64_t nonzero = 1;
+  CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrUsedMemHigh, &nonzero) == cudaErrorInvalidValue);  // only 0
+  cudaGetLastError();
+
   cudaEvent_t start, end;
   REQUIRE(cudaEventCreate(&start) == cudaSuccess);
   REQUIRE(cudaEventCreate(&end) == cudaSuccess);
@@ -687,6 +701,11 @@ TEST_CASE("sim: the runtime's device, memory, errors and events") {
   CHECK(ms >= 0);
   cudaEventDestroy(start);
   cudaEventDestroy(end);
+
+  moelab::cuda::TimingEvent before, after;  // the same through the engine's wrapper
+  before.record();
+  after.record();
+  CHECK(after.ms_since(before) >= 0);
 }
 
 TEST_CASE("sim: bf16 arithmetic on the host, and the math cuda_bf16.h leaves to the device") {

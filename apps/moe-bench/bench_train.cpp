@@ -31,6 +31,7 @@
 #include "apps/moe-bench/benches.h"
 #include "engine/cuda/runtime.h"
 #include "engine/precision.h"
+#include "engine/profile.h"
 #include "moe/model.h"
 #include "nn/safetensors.h"
 #include "optim/adamw.h"
@@ -61,6 +62,8 @@ struct TrainBenchOptions {
   std::vector<std::string> torch_variants;  // empty: eager_fp32 on the CPU, all four on cuda
   int torch_timeout_s = 0;                  // 0: none; else each variant's script is stopped after this long
   bool breakdown = false;                   // time the phases of our step (forward, backward, clip, optimizer)
+  std::string expert_gemm = "grouped";      // cuda: the experts' products as grouped calls or one call per expert
+  bool tf32 = false;                        // cuda: f32 products on TF32 tensor cores (cuda::set_tf32)
   bool verbose = false;                     // print every timed step
   std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
   std::string torch_script;
@@ -145,7 +148,63 @@ struct StepTimes {
   double first_loss = 0;
   std::vector<double> ms;      // wall clock per timed step
   std::vector<double> cpu_ms;  // CPU time of the process (all its threads) per timed step
+  double peak_mem_bytes = -1;  // the device memory's high-water mark (cuda); -1: not reported (the CPU)
 };
+
+// --breakdown's kernel profile: its steps' wall time and each kernel's total over them.
+struct KernelBreakdown {
+  int steps = 0;
+  double wall_ms = 0;
+  std::vector<KernelTime> kernels;
+};
+
+// The kinds of kernel of the breakdown, by seam name (engine/kernels/*.h); a name in none of them is "other".
+struct KernelCategory {
+  const char* name;
+  std::vector<std::string> kernels;
+};
+const std::vector<KernelCategory>& kernel_categories() {
+  static const std::vector<KernelCategory> categories = {
+      {"expert FFN (grouped GEMMs + SwiGLU)",
+       {"moe_grouped_swiglu_forward", "moe_grouped_swiglu_backward", "moe_swiglu_forward", "moe_swiglu_backward"}},
+      {"dense GEMMs (+ bf16 rounding)", {"batched_matmul", "round_to_bf16"}},
+      {"attention", {"attention_forward", "attention_backward"}},
+      {"norms, RoPE, pointwise, copies",
+       {"rms_norm_forward", "rms_norm_backward", "rope_forward", "rope_backward", "unary_forward", "unary_backward",
+        "binary_forward", "scalar_forward", "expand_forward", "permute_copy", "copy_columns", "convert_dtype",
+        "fill_value", "fill_arange"}},
+      {"routing and dispatch",
+       {"topk_rows",
+        "argsort_rows",
+        "count_ids",
+        "moe_count_experts",
+        "moe_expert_offsets",
+        "moe_sort_slots",
+        "moe_permute_rows",
+        "moe_unpermute_sum_rows",
+        "moe_weighted_unpermute",
+        "moe_weighted_unpermute_backward",
+        "route_gates_forward",
+        "route_gates_backward",
+        "softmax_forward",
+        "softmax_backward",
+        "log_softmax_forward",
+        "log_softmax_backward",
+        "select_slices",
+        "add_slices",
+        "gather_elements",
+        "scatter_add_elements",
+        "select_where",
+        "cumsum"}},
+      {"reductions (sum, max)", {"sum_all", "sum_dim", "max_forward", "max_backward"}},
+      {"losses (CE, z, ED)",
+       {"cross_entropy_forward", "cross_entropy_backward", "z_loss_forward", "z_loss_backward", "sequence_means",
+        "expert_divergence_forward", "expert_divergence_backward"}},
+      {"optimizer (clip, AdamW)",
+       {"adamw_update", "adamw_direction", "adamw_apply_direction", "sum_of_squares", "scale_in_place"}},
+  };
+  return categories;
+}
 
 // The phases of our step, each timed between two device synchronizations (--breakdown).
 constexpr int kPhases = 4;
@@ -162,7 +221,7 @@ double process_cpu_ms() {
 // Trainer::train_step on a fixed batch: loss (with the per-domain CE the trainer logs), backward, clip, AdamW, zero.
 // On cuda the kernels run asynchronously: the device is synchronized before every reading of the clock.
 StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchOptions& opts,
-                         std::vector<std::vector<double>>& phase_ms) {
+                         std::vector<std::vector<double>>& phase_ms, KernelBreakdown& kernels) {
   optim::AdamW optimizer(model.lm().named_parameters(), optim::AdamWConfig{});
   auto sync = [&] {
     if (opts.device == Device::CUDA) cuda::synchronize();
@@ -204,6 +263,7 @@ StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchO
     out.cpu_ms.push_back(process_cpu_ms() - cpu_start);
     out.ms.push_back(since(start));
   }
+  if (opts.device == Device::CUDA) out.peak_mem_bytes = static_cast<double>(cuda::peak_memory_bytes());
   // The breakdown's synchronizations stop the host from queueing the next phase while the device runs this one, so
   // its steps are extra ones, after the timed steps.
   phase_ms.assign(kPhases, {});
@@ -213,7 +273,54 @@ StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchO
     step(phases);
     for (int p = 0; p < kPhases; ++p) phase_ms[p].push_back(phases[p]);
   }
+  // Then as many steps again with every kernel timed (extra ones too: the timers' events and clock readings add
+  // host work).
+  if (opts.breakdown) {
+    KernelProfile profile;
+    sync();
+    const auto start = Clock::now();
+    for (int i = 0; i < opts.steps; ++i) step(nullptr);
+    sync();
+    kernels.wall_ms = since(start);
+    kernels.steps = opts.steps;
+    kernels.kernels = profile.totals();
+  }
   return out;
+}
+
+// The kernel breakdown: per category, then the kernels that take the most time; ms per step.
+void print_kernel_breakdown(const KernelBreakdown& k, Device device) {
+  const double steps = k.steps, wall = k.wall_ms / steps;
+  std::vector<double> category_ms(kernel_categories().size() + 1, 0.0);  // the last one: other kernels
+  std::vector<double> category_calls(category_ms.size(), 0.0);
+  double kernels_ms = 0;
+  for (const KernelTime& t : k.kernels) {
+    size_t c = 0;
+    while (c < kernel_categories().size() &&
+           std::find(kernel_categories()[c].kernels.begin(), kernel_categories()[c].kernels.end(), t.name) ==
+               kernel_categories()[c].kernels.end())
+      ++c;
+    category_ms[c] += t.ms / steps;
+    category_calls[c] += static_cast<double>(t.calls) / steps;
+    kernels_ms += t.ms / steps;
+  }
+  fmt::print("\nkernel breakdown of our step ({} more steps, every kernel timed {}; per step)\n", k.steps,
+             device == Device::CUDA ? "by events on the device" : "by the host clock");
+  fmt::print("  {:<40} {:>9} {:>6} {:>10}\n", "kind of kernel", "ms", "share", "calls");
+  auto row = [&](const std::string& name, double ms, double calls) {
+    fmt::print("  {:<40} {:>9.3f} {:>5.1f}% {:>10}\n", name, ms, 100 * ms / wall,
+               calls >= 0 ? fmt::format("{:.0f}", calls) : "");
+  };
+  for (size_t c = 0; c < category_ms.size(); ++c)
+    row(c < kernel_categories().size() ? kernel_categories()[c].name : "other kernels", category_ms[c],
+        category_calls[c]);
+  row("outside the kernels (host gaps, copies)", wall - kernels_ms, -1);
+  row("step (wall, with the timers)", wall, -1);
+  fmt::print("  the most time:\n");
+  for (size_t i = 0; i < std::min<size_t>(k.kernels.size(), 12); ++i) {
+    const KernelTime& t = k.kernels[i];
+    row("    " + t.name, t.ms / steps, static_cast<double>(t.calls) / steps);
+  }
 }
 
 struct TorchResult {
@@ -221,7 +328,6 @@ struct TorchResult {
   std::string version;
   int threads = 0;
   StepTimes times;
-  double peak_mem_bytes = -1;  // -1: not reported (the CPU)
   double first_step_s = 0;     // the first step's wall time (torch.compile compiles there)
   std::string skipped;         // the script's reason when the variant cannot run here
   std::string error;           // non-empty when the script failed
@@ -256,7 +362,7 @@ TorchResult torch_steps(const TrainBenchOptions& opts, const std::string& varian
     if (key == "threads") fields >> result.threads;
     if (key == "first_loss") fields >> result.times.first_loss;
     if (key == "first_step_s") fields >> result.first_step_s;
-    if (key == "peak_mem_bytes") fields >> result.peak_mem_bytes;
+    if (key == "peak_mem_bytes") fields >> result.times.peak_mem_bytes;
     if (key == "step_ms")
       for (double ms; fields >> ms;) result.times.ms.push_back(ms);
     if (key == "step_cpu_ms")
@@ -321,12 +427,17 @@ void run_train_bench(const TrainBenchOptions& opts) {
              opts.steps, opts.warmup, threads);
   const std::string device_name = opts.device == Device::CUDA ? cuda::device_name() : "cpu";
   if (race)
-    fmt::print("moelab on {}, products in {}\n",
+    fmt::print("moelab on {}, products in {}{}\n",
                opts.device == Device::CPU
                    ? std::string("the CPU")
                    : fmt::format("cuda ({}{})", device_name,
                                  cuda::is_simulator() ? ": kernels on the CPU, no speed to read" : ""),
-               enum_name(opts.precision));
+               enum_name(opts.precision),
+               opts.device == Device::CPU
+                   ? ""
+                   : fmt::format(", expert products {}{}",
+                                 opts.expert_gemm == "grouped" ? "as grouped calls" : "one call per expert",
+                                 opts.tf32 ? ", f32 products on TF32" : ""));
 
   // The torch side starts from these weights and this batch: written before our steps change them.
   fs::path folder;
@@ -355,12 +466,15 @@ void run_train_bench(const TrainBenchOptions& opts) {
 
   // Built on the CPU from the seed, then moved (as the trainer does): the same weights on every device.
   if (opts.device == Device::CUDA) {
+    cuda::set_grouped_gemm(opts.expert_gemm == "grouped");
+    cuda::set_tf32(opts.tf32);
     model.lm().to(Device::CUDA);
     b.inputs = to_device(b.inputs, Device::CUDA);
     b.targets = to_device(b.targets, Device::CUDA);
   }
   std::vector<std::vector<double>> phase_ms;
-  StepTimes ours = time_our_steps(model, b, opts, phase_ms);
+  KernelBreakdown kernels;
+  StepTimes ours = time_our_steps(model, b, opts, phase_ms, kernels);
   const double ours_ms = median(ours.ms);
   std::vector<TorchResult> torch;
   if (opts.torch) {
@@ -414,7 +528,7 @@ void run_train_bench(const TrainBenchOptions& opts) {
     fmt::print("{:<27} {:>9.2f} {:>9.2f} {:>10.0f} {:>16.7f} {:>10} {:>8}\n",
                fmt::format("moelab {}", enum_name(opts.precision)), ours_ms,
                *std::min_element(ours.ms.begin(), ours.ms.end()), tokens / ours_ms * 1e3, ours.first_loss,
-               opts.device == Device::CUDA ? "n/a" : "", "1.00x");
+               opts.device == Device::CUDA ? format_bytes(ours.peak_mem_bytes) : "", "1.00x");
     const TorchResult* fastest = nullptr;
     for (const TorchResult& t : torch) {
       const std::string who = "torch " + t.variant;
@@ -429,12 +543,12 @@ void run_train_bench(const TrainBenchOptions& opts) {
       const double ms = median(t.times.ms);
       fmt::print("{:<27} {:>9.2f} {:>9.2f} {:>10.0f} {:>16.7f} {:>10} {:>7.2f}x\n", who, ms,
                  *std::min_element(t.times.ms.begin(), t.times.ms.end()), tokens / ms * 1e3, t.times.first_loss,
-                 format_bytes(t.peak_mem_bytes), ms / ours_ms);
+                 format_bytes(t.times.peak_mem_bytes), ms / ours_ms);
       if (!fastest || ms < median(fastest->times.ms)) fastest = &t;
     }
     if (!torch.empty())
       fmt::print("(ours/it: our tokens/s over its tokens/s, above 1 we are faster; peak mem: torch.cuda's "
-                 "max_memory_allocated; ours is not exposed by the engine's pool yet)\n");
+                 "max_memory_allocated, ours the memory pool's high-water mark)\n");
     if (fastest) {
       const double fastest_ms = median(fastest->times.ms);
       fmt::print("fastest PyTorch variant: {} ({:.2f} ms/step); moelab / fastest: {:.2f}x (tokens/s)\n",
@@ -488,6 +602,7 @@ void run_train_bench(const TrainBenchOptions& opts) {
                  100 * median(phase_ms[p]) / total);
     fmt::print("  {:<24} {:>9.2f} ms (the timed steps' median, without these synchronizations: {:.2f} ms)\n", "sum",
                total, ours_ms);
+    print_kernel_breakdown(kernels, opts.device);
   }
 }
 
@@ -532,7 +647,13 @@ void add_train_step_command(CLI::App& app) {
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
   cmd->add_flag("--breakdown", opts->breakdown,
-                "time our step's phases (forward, backward, clip, optimizer) with a synchronization after each");
+                "then time our step's phases (a synchronization after each), and every kernel (extra steps)");
+  cmd->add_option("--expert-gemm", opts->expert_gemm,
+                  "cuda: the experts' products as one grouped cuBLAS call per product (bf16: TF32 calls on bf16 "
+                  "values) or one call per expert")
+      ->check(CLI::IsMember({"grouped", "per-expert"}))
+      ->capture_default_str();
+  cmd->add_flag("--tf32", opts->tf32, "cuda: f32 products on TF32 tensor cores (our fp32 is strict f32 otherwise)");
   cmd->add_flag("!--no-torch", opts->torch, "time only our engine (e.g. under a profiler)");
   cmd->add_flag("--verbose", opts->verbose, "print every timed step's ms (to see the noise of a loaded machine)");
   cmd->add_option("--python", opts->python, "python with torch for the baseline")->capture_default_str();

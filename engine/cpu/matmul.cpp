@@ -67,6 +67,11 @@ void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b
 
 void round_to_bf16(const Tensor& x, const Tensor& out) {
   const float* in = x.data<float>();
+  if (out.dtype() == DType::F32) {
+    float* o = out.data<float>();
+    parallel_for(x.numel(), 1, [&](int64_t i) { o[i] = to_float(to_bf16(in[i])); });
+    return;
+  }
   bf16* o = out.data<bf16>();
   parallel_for(x.numel(), 1, [&](int64_t i) { o[i] = to_bf16(in[i]); });
 }

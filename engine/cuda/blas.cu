@@ -154,29 +154,48 @@ void gemm_strided_batched(bool trans_a, bool trans_b, int64_t m, int64_t n, int6
 }
 
 // cublasGemmGroupedBatchedEx takes bf16 -> bf16, and f32 -> f32 with TF32 compute only (its type table). Other types,
-// and f32 while set_tf32 is off (the grouped call would round the inputs to TF32), run one call per problem.
-static bool grouped_call_takes(const BlasTypes& types) {
+// and f32 while set_tf32 is off (the grouped call would round the inputs to TF32) unless they are bf16 values, run
+// one call per problem.
+static bool grouped_call_takes(const BlasTypes& types, bool bf16_values) {
   if (types.ab == CUDA_R_16BF) return types.c == CUDA_R_16BF;
-  return types.ab == CUDA_R_32F && tf32_products;
+  return types.ab == CUDA_R_32F && (tf32_products || bf16_values);
 }
 
-// The device copy of the pointer arrays of a grouped call, freed (stream-ordered) after the call is queued.
+// The grouped call's A, B and C pointer arrays in device memory. They travel as kernel parameters, in blocks of
+// kPointersPerLaunch: a launch copies its parameters, so the host arrays can go at once, with no host
+// synchronization (a copy from pageable host memory may synchronize the stream) and no pinned staging buffer.
+constexpr int kPointersPerLaunch = 256;  // 2 KB of parameters (CUDA allows 4 KB)
+struct PointerBlock {
+  const void* pointers[kPointersPerLaunch];
+};
+
+static __global__ void write_pointers_kernel(PointerBlock block, int64_t count, const void** out) {
+  if (threadIdx.x < count) out[threadIdx.x] = block.pointers[threadIdx.x];
+}
+
 class DevicePointers {
  public:
-  explicit DevicePointers(const std::vector<const void*>& host) : data_(allocate(host.size() * sizeof(void*))) {
-    copy_to_device(data_, host.data(), host.size() * sizeof(void*));
+  explicit DevicePointers(const std::vector<const void*>& host)
+      : data_(static_cast<const void**>(allocate(host.size() * sizeof(void*)))) {
+    for (size_t begin = 0; begin < host.size(); begin += kPointersPerLaunch) {
+      const int64_t count = std::min<int64_t>(kPointersPerLaunch, static_cast<int64_t>(host.size() - begin));
+      PointerBlock block{};
+      std::copy(host.begin() + begin, host.begin() + begin + count, block.pointers);
+      launch("write_pointers", write_pointers_kernel, dim3(1), dim3(kPointersPerLaunch), 0, block, count,
+             data_ + begin);
+    }
   }
-  ~DevicePointers() { release(data_); }
+  ~DevicePointers() { release(data_); }  // stream-ordered: after the call that reads them
   DevicePointers(const DevicePointers&) = delete;
   DevicePointers& operator=(const DevicePointers&) = delete;
-  const void* const* at(size_t index) const { return static_cast<const void* const*>(data_) + index; }
+  const void* const* at(size_t index) const { return data_ + index; }
 
  private:
-  void* data_;
+  const void** data_;
 };
 
 void gemm_grouped(bool trans_a, bool trans_b, const std::vector<GemmProblem>& problems, float alpha, float beta,
-                  DType ab_type, DType c_type) {
+                  DType ab_type, DType c_type, bool bf16_values) {
   const BlasTypes types = blas_types(ab_type, c_type, "gemm_grouped");
   std::vector<const GemmProblem*> products;  // those with something to multiply
   for (const GemmProblem& p : problems) {
@@ -188,7 +207,7 @@ void gemm_grouped(bool trans_a, bool trans_b, const std::vector<GemmProblem>& pr
     products.push_back(&p);
   }
   if (products.empty()) return;
-  if (!grouped_calls || !grouped_call_takes(types)) {
+  if (!grouped_calls || !grouped_call_takes(types, bf16_values)) {
     for (const GemmProblem* p : products)
       gemm(trans_a, trans_b, p->m, p->n, p->k, alpha, p->A, p->lda, p->B, p->ldb, beta, p->C, p->ldc, ab_type, c_type);
     return;
@@ -226,5 +245,6 @@ void set_tf32(bool on) {
 }
 
 void set_grouped_gemm(bool on) { grouped_calls = on; }
+bool grouped_gemm() { return grouped_calls; }
 
 }  // namespace moelab::cuda

@@ -3,7 +3,8 @@
 // rest of moelab; blas.cu maps it to cuBLAS's column-major calls (a row-major C = op(A) op(B) is the column-major
 // C^T = op(B)^T op(A)^T, so A and B swap places and nothing is copied).
 //
-// Types: f32 x f32 -> f32 (TF32 tensor cores when set_tf32(true)), bf16 x bf16 -> f32 or bf16, with f32 accumulation.
+// Types: f32 x f32 -> f32 (TF32 tensor cores when set_tf32(true), runtime.h), bf16 x bf16 -> f32 or bf16, with f32
+// accumulation.
 // lda, ldb, ldc are the row strides (elements) of the stored matrices: A is stored [m, k] (or [k, m] when trans_a),
 // B [k, n] (or [n, k] when trans_b), C [m, n]. beta = 0: C is only written.
 #include <cstdint>
@@ -23,8 +24,11 @@ void gemm_strided_batched(bool trans_a, bool trans_b, int64_t m, int64_t n, int6
 
 // Products of different sizes with the same transposes, types, alpha and beta: one per expert of a MoE layer (its m
 // or k is the number of tokens routed to it). Problems with m, n or k = 0 are skipped (with k = 0 and beta = 0, C is
-// set to zero). Run as one cublasGemmGroupedBatchedEx or as one cublasGemmEx per problem (set_grouped_gemm): the
-// same results, which one is faster is measured (docs/gpu.md).
+// set to zero). Run as one cublasGemmGroupedBatchedEx or as one cublasGemmEx per problem (set_grouped_gemm in
+// runtime.h): the same results, which one is faster is measured (docs/performance.md). The grouped call takes
+// bf16 -> bf16, and f32 -> f32 on TF32 tensor cores only: with bf16_values the f32 operands hold bf16 values, for
+// which TF32's products are exact (8 significant bits fit its 11), so the grouped call gives bf16 x bf16 -> f32
+// results.
 struct GemmProblem {
   int64_t m, n, k;
   const void* A;
@@ -35,9 +39,6 @@ struct GemmProblem {
   int64_t ldc;
 };
 void gemm_grouped(bool trans_a, bool trans_b, const std::vector<GemmProblem>& problems, float alpha, float beta,
-                  DType ab_type, DType c_type);
-
-void set_tf32(bool on);          // f32 products on TF32 tensor cores (default off: f32 results match the CPU's)
-void set_grouped_gemm(bool on);  // gemm_grouped as one grouped call (default) or one call per problem
+                  DType ab_type, DType c_type, bool bf16_values = false);
 
 }  // namespace moelab::cuda

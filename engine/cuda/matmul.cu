@@ -32,17 +32,21 @@ void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b
          1.0f, out.raw_data(), s.n, ab, c);
 }
 
-// One thread per element (grid-stride).
-static __global__ void round_to_bf16_kernel(const float* x, int64_t n, __nv_bfloat16* out) {
+// One thread per element (grid-stride). Out: __nv_bfloat16, or float for bf16 values kept in f32.
+template <class Out> __global__ void round_to_bf16_kernel(const float* x, int64_t n, Out* out) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[i] = __float2bfloat16_rn(x[i]);
+    out[i] = static_cast<Out>(__float2bfloat16_rn(x[i]));
 }
 
 void round_to_bf16(const Tensor& x, const Tensor& out) {
   const int64_t n = x.numel();
-  launch("round_to_bf16", round_to_bf16_kernel, dim3(std::min<unsigned>(blocks_for(n, 256), 4096)), dim3(256), 0,
-         x.data<float>(), n, reinterpret_cast<__nv_bfloat16*>(out.data<bf16>()));
+  const dim3 grid(std::min<unsigned>(blocks_for(n, 256), 4096));
+  if (out.dtype() == DType::F32)
+    launch("round_to_bf16", round_to_bf16_kernel<float>, grid, dim3(256), 0, x.data<float>(), n, out.data<float>());
+  else
+    launch("round_to_bf16", round_to_bf16_kernel<__nv_bfloat16>, grid, dim3(256), 0, x.data<float>(), n,
+           reinterpret_cast<__nv_bfloat16*>(out.data<bf16>()));
 }
 
 }  // namespace moelab::cuda

@@ -217,10 +217,14 @@ void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Ten
 // ---- (e) grouped SwiGLU: one grouped GEMM per product, one problem per expert ---------------------------------------
 // Expert e's problem has m or k = c_e, its number of rows; gemm_grouped skips the empty ones, and zeroes C where only
 // k = 0, which gives an expert with no tokens its zero weight gradient. The offsets come to the host once per call.
-// Under Precision::BF16 the products read bf16 copies of their operands (act's, d_gate_pre's and d_up_pre's made by
-// one launch each, once every expert's rows are computed) and write f32: bf16 x bf16 -> f32 with f32 accumulation.
-// cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), so gemm_grouped runs those as one cublasGemmEx per
-// expert; a bf16 output widened afterwards would round every product to bf16 on top of the f32 sums the CPU keeps.
+// Under Precision::BF16 the products read copies of their operands rounded to bf16 (act's, d_gate_pre's and
+// d_up_pre's made by one launch each, once every expert's rows are computed) and write f32: bf16 x bf16 -> f32 with
+// f32 accumulation. cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), and a bf16 output widened
+// afterwards would round every product to bf16 on top of the f32 sums the CPU keeps. So with grouped calls on
+// (cuda::set_grouped_gemm, the default) the rounded copies stay f32 tensors and each product is one grouped
+// f32 -> f32 call on TF32 tensor cores, exact for bf16 values (blas.cuh); with them off, the copies are bf16 and
+// each expert's product is one cublasGemmEx. Which is faster (a launch per expert against TF32's half rate) is
+// measured (docs/performance.md).
 
 namespace {
 
@@ -229,17 +233,20 @@ inline char* row_of(const Tensor& t, int64_t row, int64_t cols) {
   return static_cast<char*>(t.raw_data()) + row * cols * static_cast<int64_t>(dtype_size(t.dtype()));
 }
 
-// A GEMM operand: t itself, or with `round` a bf16 copy of t (f32).
+// The dtype of the rounded copies: f32 holding bf16 values for grouped calls, bf16 for one call per expert.
+inline DType rounded_dtype() { return grouped_gemm() ? DType::F32 : DType::BF16; }
+
+// A GEMM operand: t itself, or with `round` a copy of t (f32) rounded to bf16.
 inline Tensor operand(const Tensor& t, bool round) {
   if (!round) return t;
-  Tensor out = Tensor::empty(t.shape(), DType::BF16, Device::CUDA);
+  Tensor out = Tensor::empty(t.shape(), rounded_dtype(), Device::CUDA);
   round_to_bf16(t, out);
   return out;
 }
 
-// Where the rounded copy of t will be written once t is computed: a bf16 buffer, or t itself (no rounding).
+// Where the rounded copy of t will be written once t is computed: a buffer, or t itself (no rounding).
 inline Tensor operand_buffer(const Tensor& t, bool round) {
-  return round ? Tensor::empty(t.shape(), DType::BF16, Device::CUDA) : t;
+  return round ? Tensor::empty(t.shape(), rounded_dtype(), Device::CUDA) : t;
 }
 
 }  // namespace
@@ -263,10 +270,10 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const Tensor& offsets, c
     // out = act W_down^T: [c, h] x [d, h]^T -> [c, d]
     down.push_back({c, d, h, row_of(act_op, begin, h), h, row_of(wd, e * d, h), h, row_of(out_sorted, begin, d), d});
   }
-  gemm_grouped(false, true, gate_and_up, 1.0f, 0.0f, ab, c_type);
+  gemm_grouped(false, true, gate_and_up, 1.0f, 0.0f, ab, c_type, bf16);
   moe_swiglu_forward(gate_pre, up_pre, act);  // every expert's rows in one launch
   if (bf16) round_to_bf16(act, act_op);
-  gemm_grouped(false, true, down, 1.0f, 0.0f, ab, c_type);
+  gemm_grouped(false, true, down, 1.0f, 0.0f, ab, c_type, bf16);
 }
 
 void moe_grouped_swiglu_backward(const Tensor& x_sorted, const Tensor& offsets, const Tensor& w_gate,
@@ -301,16 +308,16 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const Tensor& offsets, 
     dx_from_gate.push_back({c, d, h, d_gate, h, row_of(wg, e * h, d), d, dxs, d});
     dx_from_up.push_back({c, d, h, d_up, h, row_of(wu, e * h, d), d, dxs, d});
   }
-  gemm_grouped(false, false, d_act, 1.0f, 0.0f, ab, c_type);
-  gemm_grouped(true, false, dw_down_products, 1.0f, 0.0f, ab, c_type);
+  gemm_grouped(false, false, d_act, 1.0f, 0.0f, ab, c_type, bf16);
+  gemm_grouped(true, false, dw_down_products, 1.0f, 0.0f, ab, c_type, bf16);
   moe_swiglu_backward(gate_pre, up_pre, d_gate_pre, d_gate_pre, d_up_pre);  // d_act, in place -> d_gate_pre
   if (bf16) {
     round_to_bf16(d_gate_pre, d_gate_op);
     round_to_bf16(d_up_pre, d_up_op);
   }
-  gemm_grouped(true, false, dw_gate_and_up, 1.0f, 0.0f, ab, c_type);
-  gemm_grouped(false, false, dx_from_gate, 1.0f, 0.0f, ab, c_type);
-  gemm_grouped(false, false, dx_from_up, 1.0f, 1.0f, ab, c_type);
+  gemm_grouped(true, false, dw_gate_and_up, 1.0f, 0.0f, ab, c_type, bf16);
+  gemm_grouped(false, false, dx_from_gate, 1.0f, 0.0f, ab, c_type, bf16);
+  gemm_grouped(false, false, dx_from_up, 1.0f, 1.0f, ab, c_type, bf16);
 }
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------

@@ -186,42 +186,284 @@ void rope_forward(const Tensor& x, const Tensor& table, const Tensor& y) { rope_
 void rope_backward(const Tensor& g, const Tensor& table, const Tensor& dx) { rope_rotate(g, table, dx, -1.0); }
 
 // ---- causal attention -----------------------------------------------------------------------------------------------
-// A first, plain version (no tensor cores, no tiling): one block per query row for the forward and dq, one block per
-// key row for dk and dv, with the scores of that row in shared memory ([T] values). Row (b, t, h) of a [B, T, H, Dh]
-// tensor starts at ((b*T + t)*H + h)*Dh.
+// Flash-style tiling (FlashAttention-2's loop order) on CUDA cores, in the tensors' dtype. A block takes one tile of
+// `Tile` rows of one head (b, h): query rows for the forward and dq, key rows for dk and dv. It walks the tiles of the
+// other side through shared memory, so a row of K and V (or of Q and the output gradient) is read from global memory
+// once per tile instead of once per row, and the T x T scores never leave the block. The forward keeps a running max
+// and sum per query row (online softmax) and rescales its output accumulator when the max grows; the backward
+// recomputes p_ij = exp(s_ij - lse_i) from the forward's lse. The dq and dk/dv kernels each own the rows they write:
+// no atomics, and the same sums in the same order on every run.
+//
+// Threads: 256 as a 16 x 16 grid (ty, tx). Thread (ty, tx) owns the tile's rows ty + 16 a (a < Tile / 16), the
+// other side's rows tx + 16 c in the score tile, and the head dims tx + 16 e (e < Dims) of its accumulators. The 16
+// threads of a row are one half of a warp, so row maxima and sums are shuffles within those 16 lanes. Shared tiles
+// are [Tile][Dh + 1]: the padding puts the 16 rows that a half-warp reads at once in 16 different banks.
+// Row (b, t, h) of a [B, T, H, Dh] tensor starts at ((b*T + t)*H + h)*Dh.
 
 struct HeadRows {
   int64_t T, H, Dh;
   __device__ int64_t row(int64_t b, int64_t t, int64_t h) const { return ((b * T + t) * H + h) * Dh; }
 };
 
-template <class F> __device__ F dot_row(const F* a, const F* b, int64_t n) {
-  F s = 0;
-  for (int64_t e = 0; e < n; ++e) s += a[e] * b[e];
-  return s;
+// A tiling: Tile rows per block, each thread accumulating Dims head dims (Dh <= 16 * Dims).
+template <int TileRows, int DimsPerThread> struct Tiling {
+  static constexpr int Tile = TileRows, Dims = DimsPerThread, Rows = TileRows / 16;
+};
+
+constexpr int kAttentionThreads = 256;
+constexpr int kHalfWarpGroup = 16;  // the lanes that share a row
+
+template <class F> __device__ F half_warp_max(F v) {
+  for (int offset = kHalfWarpGroup / 2; offset > 0; offset /= 2) {
+    const F other = __shfl_xor_sync(kFullMask, v, offset);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+template <class F> __device__ F half_warp_sum(F v) {
+  for (int offset = kHalfWarpGroup / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  return v;
 }
 
-// Block (b*H + h)*T + i: p_j = softmax_j(q_i . k_j / sqrt(Dh)) over j <= i, out_i = sum_j p_j v_j, lse_i.
-template <class F>
-__global__ void attention_forward_kernel(const F* q, const F* k, const F* v, HeadRows L, F scale, F* out, F* lse) {
-  DYNAMIC_SHARED(F, p);  // [T]
-  const int64_t i = blockIdx.x % L.T, bh = blockIdx.x / L.T, b = bh / L.H, h = bh % L.H, n = i + 1;
-  const F* qi = q + L.row(b, i, h);
-  F m = -INFINITY;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    p[j] = dot_row(qi, k + L.row(b, j, h), L.Dh) * scale;
-    m = p[j] > m ? p[j] : m;
+// Rows t0 .. t0 + Tile - 1 of head (b, h) into tile [Tile][Dh + 1]; rows past T are zeros.
+template <class F, int Tile>
+__device__ void load_tile(const F* x, const HeadRows& L, int64_t b, int64_t h, int64_t t0, F* tile) {
+  const int64_t stride = L.Dh + 1;
+  for (int64_t idx = threadIdx.x; idx < Tile * L.Dh; idx += blockDim.x) {
+    const int64_t r = idx / L.Dh, e = idx % L.Dh;
+    tile[r * stride + e] = t0 + r < L.T ? x[L.row(b, t0 + r, h) + e] : F(0);
   }
-  m = block_max(m);
-  F z = 0;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) z += (p[j] = exp(p[j] - m));
-  z = block_sum(z);  // also the barrier after which every p_j is written
-  for (int64_t e = threadIdx.x; e < L.Dh; e += blockDim.x) {
-    F acc = 0;
-    for (int64_t j = 0; j < n; ++j) acc += p[j] * v[L.row(b, j, h) + e];
-    out[L.row(b, i, h) + e] = acc / z;
+}
+
+// s[a][c] = x_tile row (ty + 16 a) . y_tile row (tx + 16 c): the thread's Rows x Rows dot products, each loaded value
+// used Rows times.
+template <class F, int Rows>
+__device__ void tile_dots(const F* x_tile, const F* y_tile, int64_t stride, int64_t Dh, F (&s)[Rows][Rows]) {
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  for (int a = 0; a < Rows; ++a)
+    for (int c = 0; c < Rows; ++c) s[a][c] = 0;
+  for (int64_t e = 0; e < Dh; ++e) {
+    F x[Rows], y[Rows];
+    for (int a = 0; a < Rows; ++a) x[a] = x_tile[(ty + 16 * a) * stride + e];
+    for (int c = 0; c < Rows; ++c) y[c] = y_tile[(tx + 16 * c) * stride + e];
+    for (int a = 0; a < Rows; ++a)
+      for (int c = 0; c < Rows; ++c) s[a][c] += x[a] * y[c];
   }
-  if (threadIdx.x == 0) lse[bh * L.T + i] = m + log(z);
+}
+
+// acc[a][e] += sum_j w_tile[ty + 16 a][j] * x_tile[j][tx + 16 e] over the tile's rows j: weights from a
+// [Tile][Tile + 1] score tile times the rows of a [Tile][Dh + 1] tile.
+template <class F, int Tile, int Rows, int Dims>
+__device__ void add_weighted_rows(const F* w_tile, const F* x_tile, int64_t stride, int64_t Dh, F (&acc)[Rows][Dims]) {
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  for (int j = 0; j < Tile; ++j) {
+    F w[Rows], x[Dims];
+    for (int a = 0; a < Rows; ++a) w[a] = w_tile[(ty + 16 * a) * (Tile + 1) + j];
+    for (int e = 0; e < Dims; ++e) x[e] = tx + 16 * e < Dh ? x_tile[j * stride + tx + 16 * e] : F(0);
+    for (int a = 0; a < Rows; ++a)
+      for (int e = 0; e < Dims; ++e) acc[a][e] += w[a] * x[e];
+  }
+}
+
+// Writes the thread's accumulator rows t0 + ty + 16 a (those before T) to x.
+template <class F, int Rows, int Dims>
+__device__ void store_rows(const F (&acc)[Rows][Dims], const HeadRows& L, int64_t b, int64_t h, int64_t t0, F* x) {
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  for (int a = 0; a < Rows; ++a) {
+    const int64_t t = t0 + ty + 16 * a;
+    for (int e = 0; e < Dims; ++e)
+      if (t < L.T && tx + 16 * e < L.Dh) x[L.row(b, t, h) + tx + 16 * e] = acc[a][e];
+  }
+}
+
+// Block (b*H + h) * tiles + query tile: out and lse of the tile's query rows.
+template <class F, class Tg>
+__global__ void __launch_bounds__(kAttentionThreads)
+    attention_forward_kernel(const F* q, const F* k, const F* v, HeadRows L, F scale, F* out, F* lse) {
+  constexpr int Tile = Tg::Tile, Rows = Tg::Rows, Dims = Tg::Dims;
+  DYNAMIC_SHARED(F, shared);
+  const int64_t stride = L.Dh + 1, tiles = (L.T + Tile - 1) / Tile;
+  F* q_tile = shared;                  // [Tile][Dh + 1]
+  F* k_tile = q_tile + Tile * stride;  // [Tile][Dh + 1]
+  F* v_tile = k_tile + Tile * stride;  // [Tile][Dh + 1]
+  F* p_tile = v_tile + Tile * stride;  // [Tile][Tile + 1]: the probabilities of the current key tile
+  const int64_t qt = blockIdx.x % tiles, bh = blockIdx.x / tiles, b = bh / L.H, h = bh % L.H, q0 = qt * Tile;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  load_tile<F, Tile>(q, L, b, h, q0, q_tile);
+  F row_max[Rows], row_sum[Rows], acc[Rows][Dims];
+  for (int a = 0; a < Rows; ++a) {
+    row_max[a] = -INFINITY, row_sum[a] = 0;
+    for (int e = 0; e < Dims; ++e) acc[a][e] = 0;
+  }
+  for (int64_t kt = 0; kt <= qt; ++kt) {  // causal: the key tiles after the query tile are all masked
+    const int64_t k0 = kt * Tile;
+    __syncthreads();  // the previous key tile is no longer read
+    load_tile<F, Tile>(k, L, b, h, k0, k_tile);
+    load_tile<F, Tile>(v, L, b, h, k0, v_tile);
+    __syncthreads();
+    F s[Rows][Rows];
+    tile_dots<F, Rows>(q_tile, k_tile, stride, L.Dh, s);
+    for (int a = 0; a < Rows; ++a) {
+      const int i = ty + 16 * a;
+      F m = row_max[a];
+      for (int c = 0; c < Rows; ++c) {
+        const int j = tx + 16 * c;
+        s[a][c] = k0 + j <= q0 + i && k0 + j < L.T ? s[a][c] * scale : F(-INFINITY);
+        m = s[a][c] > m ? s[a][c] : m;
+      }
+      m = half_warp_max(m);  // row i's new running max (-inf only for a row past T)
+      const F rescale = m == F(-INFINITY) ? F(1) : exp(row_max[a] - m);
+      F z = 0;
+      for (int c = 0; c < Rows; ++c) {
+        const F p = s[a][c] == F(-INFINITY) ? F(0) : exp(s[a][c] - m);
+        p_tile[i * (Tile + 1) + tx + 16 * c] = p;
+        z += p;
+      }
+      row_sum[a] = row_sum[a] * rescale + half_warp_sum(z);
+      row_max[a] = m;
+      for (int e = 0; e < Dims; ++e) acc[a][e] *= rescale;
+    }
+    __syncwarp();  // a row's probabilities come from its own half-warp
+    add_weighted_rows<F, Tile, Rows, Dims>(p_tile, v_tile, stride, L.Dh, acc);
+  }
+  for (int a = 0; a < Rows; ++a) {
+    for (int e = 0; e < Dims; ++e) acc[a][e] /= row_sum[a];
+    const int64_t t = q0 + ty + 16 * a;
+    if (tx == 0 && t < L.T) lse[bh * L.T + t] = row_max[a] + log(row_sum[a]);
+  }
+  store_rows(acc, L, b, h, q0, out);
+}
+
+// Block (b*H + h) * tiles + query tile, its query rows i: D_i = g_i . out_i (written for the dk/dv kernel), then over
+// the key tiles j <= i, with p_ij = exp(s_ij - lse_i) and ds_ij = p_ij (g_i . v_j - D_i) * scale:
+// dq_i = sum_j ds_ij k_j.
+template <class F, class Tg>
+__global__ void __launch_bounds__(kAttentionThreads)
+    attention_backward_dq_kernel(const F* q, const F* k, const F* v, const F* out, const F* lse, const F* g, HeadRows L,
+                                 F scale, F* dq, F* D) {
+  constexpr int Tile = Tg::Tile, Rows = Tg::Rows, Dims = Tg::Dims;
+  DYNAMIC_SHARED(F, shared);
+  const int64_t stride = L.Dh + 1, tiles = (L.T + Tile - 1) / Tile;
+  F* q_tile = shared;                   // [Tile][Dh + 1]
+  F* g_tile = q_tile + Tile * stride;   // [Tile][Dh + 1]
+  F* k_tile = g_tile + Tile * stride;   // [Tile][Dh + 1]
+  F* v_tile = k_tile + Tile * stride;   // [Tile][Dh + 1]
+  F* ds_tile = v_tile + Tile * stride;  // [Tile][Tile + 1]
+  const int64_t qt = blockIdx.x % tiles, bh = blockIdx.x / tiles, b = bh / L.H, h = bh % L.H, q0 = qt * Tile;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  load_tile<F, Tile>(q, L, b, h, q0, q_tile);
+  load_tile<F, Tile>(g, L, b, h, q0, g_tile);
+  F row_lse[Rows], row_D[Rows], acc[Rows][Dims];
+  for (int a = 0; a < Rows; ++a) {
+    const int64_t t = q0 + ty + 16 * a;
+    F partial = 0;
+    for (int64_t e = tx; e < L.Dh && t < L.T; e += 16) partial += g[L.row(b, t, h) + e] * out[L.row(b, t, h) + e];
+    row_D[a] = half_warp_sum(partial);
+    row_lse[a] = t < L.T ? lse[bh * L.T + t] : F(0);
+    if (tx == 0 && t < L.T) D[bh * L.T + t] = row_D[a];
+    for (int e = 0; e < Dims; ++e) acc[a][e] = 0;
+  }
+  for (int64_t kt = 0; kt <= qt; ++kt) {
+    const int64_t k0 = kt * Tile;
+    __syncthreads();  // the previous key tile is no longer read
+    load_tile<F, Tile>(k, L, b, h, k0, k_tile);
+    load_tile<F, Tile>(v, L, b, h, k0, v_tile);
+    __syncthreads();
+    F s[Rows][Rows], gv[Rows][Rows];
+    tile_dots<F, Rows>(q_tile, k_tile, stride, L.Dh, s);
+    tile_dots<F, Rows>(g_tile, v_tile, stride, L.Dh, gv);
+    for (int a = 0; a < Rows; ++a) {
+      const int i = ty + 16 * a;
+      for (int c = 0; c < Rows; ++c) {
+        const int j = tx + 16 * c;
+        const F p = k0 + j <= q0 + i && k0 + j < L.T ? exp(s[a][c] * scale - row_lse[a]) : F(0);
+        ds_tile[i * (Tile + 1) + j] = p * (gv[a][c] - row_D[a]) * scale;
+      }
+    }
+    __syncwarp();  // a row's ds come from its own half-warp
+    add_weighted_rows<F, Tile, Rows, Dims>(ds_tile, k_tile, stride, L.Dh, acc);
+  }
+  store_rows(acc, L, b, h, q0, dq);
+}
+
+// Block (b*H + h) * tiles + key tile, its key rows j: over the query tiles i >= j, dv_j = sum_i p_ij g_i and
+// dk_j = sum_i ds_ij q_i (ds_ij with the scale, as in the dq kernel).
+template <class F, class Tg>
+__global__ void __launch_bounds__(kAttentionThreads)
+    attention_backward_dkdv_kernel(const F* q, const F* k, const F* v, const F* lse, const F* g, const F* D, HeadRows L,
+                                   F scale, F* dk, F* dv) {
+  constexpr int Tile = Tg::Tile, Rows = Tg::Rows, Dims = Tg::Dims;
+  DYNAMIC_SHARED(F, shared);
+  const int64_t stride = L.Dh + 1, tiles = (L.T + Tile - 1) / Tile;
+  F* k_tile = shared;                         // [Tile][Dh + 1]
+  F* v_tile = k_tile + Tile * stride;         // [Tile][Dh + 1]
+  F* q_tile = v_tile + Tile * stride;         // [Tile][Dh + 1]
+  F* g_tile = q_tile + Tile * stride;         // [Tile][Dh + 1]
+  F* p_tile = g_tile + Tile * stride;         // [Tile][Tile + 1]: p_ij at [j][i] (key rows first)
+  F* ds_tile = p_tile + Tile * (Tile + 1);    // [Tile][Tile + 1]: ds_ij at [j][i]
+  F* lse_tile = ds_tile + Tile * (Tile + 1);  // [Tile]
+  F* D_tile = lse_tile + Tile;                // [Tile]
+  const int64_t kt = blockIdx.x % tiles, bh = blockIdx.x / tiles, b = bh / L.H, h = bh % L.H, k0 = kt * Tile;
+  const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
+  load_tile<F, Tile>(k, L, b, h, k0, k_tile);
+  load_tile<F, Tile>(v, L, b, h, k0, v_tile);
+  F acc_k[Rows][Dims], acc_v[Rows][Dims];
+  for (int a = 0; a < Rows; ++a)
+    for (int e = 0; e < Dims; ++e) acc_k[a][e] = 0, acc_v[a][e] = 0;
+  for (int64_t qt = kt; qt < tiles; ++qt) {  // causal: the query tiles before the key tile see none of its keys
+    const int64_t q0 = qt * Tile;
+    __syncthreads();  // the previous query tile is no longer read
+    load_tile<F, Tile>(q, L, b, h, q0, q_tile);
+    load_tile<F, Tile>(g, L, b, h, q0, g_tile);
+    for (int64_t r = threadIdx.x; r < Tile; r += blockDim.x) {
+      lse_tile[r] = q0 + r < L.T ? lse[bh * L.T + q0 + r] : F(0);
+      D_tile[r] = q0 + r < L.T ? D[bh * L.T + q0 + r] : F(0);
+    }
+    __syncthreads();
+    F s[Rows][Rows], vg[Rows][Rows];
+    tile_dots<F, Rows>(k_tile, q_tile, stride, L.Dh, s);
+    tile_dots<F, Rows>(v_tile, g_tile, stride, L.Dh, vg);
+    for (int a = 0; a < Rows; ++a) {
+      const int j = ty + 16 * a;
+      for (int c = 0; c < Rows; ++c) {
+        const int i = tx + 16 * c;
+        const F p = k0 + j <= q0 + i && q0 + i < L.T ? exp(s[a][c] * scale - lse_tile[i]) : F(0);
+        p_tile[j * (Tile + 1) + i] = p;
+        ds_tile[j * (Tile + 1) + i] = p * (vg[a][c] - D_tile[i]) * scale;
+      }
+    }
+    __syncwarp();  // a key row's p and ds come from its own half-warp
+    add_weighted_rows<F, Tile, Rows, Dims>(p_tile, g_tile, stride, L.Dh, acc_v);
+    add_weighted_rows<F, Tile, Rows, Dims>(ds_tile, q_tile, stride, L.Dh, acc_k);
+  }
+  store_rows(acc_k, L, b, h, k0, dk);
+  store_rows(acc_v, L, b, h, k0, dv);
+}
+
+// The dynamic shared memory of each kernel: its [Tile][Dh + 1] tiles, [Tile][Tile + 1] score tiles and [Tile] rows.
+template <class F> struct AttentionShared {
+  int64_t tile, Dh;
+  size_t bytes(int row_tiles, int score_tiles, int rows) const {
+    return sizeof(F) * static_cast<size_t>(row_tiles * tile * (Dh + 1) + score_tiles * tile * (tile + 1) + rows * tile);
+  }
+  size_t forward() const { return bytes(3, 1, 0); }
+  size_t dq() const { return bytes(4, 1, 0); }
+  size_t dkdv() const { return bytes(4, 2, 2); }
+};
+
+// Calls run(Tiling{}) with the tiling for this head dim and dtype: 64-row tiles while their shared memory fits (at
+// most 227 KB a block on sm_90), 32-row tiles for longer heads.
+template <class F, class Run> void with_attention_tiling(const char* op, int64_t Dh, Run&& run) {
+  if (Dh <= 64) return run(Tiling<64, 4>{});
+  if (Dh <= 128 && sizeof(F) == sizeof(float)) return run(Tiling<64, 8>{});
+  if (Dh <= 128 || (Dh <= 256 && sizeof(F) == sizeof(float))) return run(Tiling<32, 16>{});
+  fail("{}: the CUDA kernels take head dims up to 256 (f32) or 128 (f64), got {}", op, Dh);
+}
+
+// Kernels past 48 KB of dynamic shared memory must opt in (cudaFuncSetAttribute) before they launch.
+template <class... Params> void allow_shared_bytes(void (*kernel)(Params...), size_t bytes) {
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
 }
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse) {
@@ -229,62 +471,15 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   dispatch_float("causal_attention", q.dtype(), [&](auto tag) {
     using F = decltype(tag);
     const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));
-    launch("attention_forward", attention_forward_kernel<F>, dim3(B * H * T), dim3(128), T * sizeof(F), q.data<F>(),
-           k.data<F>(), v.data<F>(), HeadRows{T, H, Dh}, scale, out.data<F>(), lse.data<F>());
+    with_attention_tiling<F>("causal_attention", Dh, [&](auto tiling) {
+      using Tg = decltype(tiling);
+      const int64_t tiles = (T + Tg::Tile - 1) / Tg::Tile;
+      const size_t shared = AttentionShared<F>{Tg::Tile, Dh}.forward();
+      allow_shared_bytes(attention_forward_kernel<F, Tg>, shared);
+      launch("attention_forward", attention_forward_kernel<F, Tg>, dim3(B * H * tiles), dim3(kAttentionThreads), shared,
+             q.data<F>(), k.data<F>(), v.data<F>(), HeadRows{T, H, Dh}, scale, out.data<F>(), lse.data<F>());
+    });
   });
-}
-
-// Block (b*H + h)*T + i, the query row i: D_i = g_i . out_i (kept for the key rows), then with
-// p_ij = exp(s_ij - lse_i) and ds_ij = p_ij (g_i . v_j - D_i) / sqrt(Dh): dq_i = sum_j ds_ij k_j.
-template <class F>
-__global__ void attention_backward_dq_kernel(const F* q, const F* k, const F* v, const F* out, const F* lse, const F* g,
-                                             HeadRows L, F scale, F* dq, F* D) {
-  DYNAMIC_SHARED(F, ds);  // [T]
-  const int64_t i = blockIdx.x % L.T, bh = blockIdx.x / L.T, b = bh / L.H, h = bh % L.H, n = i + 1;
-  const int64_t row_i = L.row(b, i, h);
-  F gi_out = 0;
-  for (int64_t e = threadIdx.x; e < L.Dh; e += blockDim.x) gi_out += g[row_i + e] * out[row_i + e];
-  const F Di = block_sum(gi_out), li = lse[bh * L.T + i];
-  if (threadIdx.x == 0) D[bh * L.T + i] = Di;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-    const int64_t row_j = L.row(b, j, h);
-    const F p = exp(dot_row(q + row_i, k + row_j, L.Dh) * scale - li);
-    ds[j] = p * (dot_row(g + row_i, v + row_j, L.Dh) - Di) * scale;
-  }
-  __syncthreads();
-  for (int64_t e = threadIdx.x; e < L.Dh; e += blockDim.x) {
-    F acc = 0;
-    for (int64_t j = 0; j < n; ++j) acc += ds[j] * k[L.row(b, j, h) + e];
-    dq[row_i + e] = acc;
-  }
-}
-
-// Block (b*H + h)*T + j, the key row j: over the query rows i >= j, dv_j = sum_i p_ij g_i and
-// dk_j = sum_i ds_ij q_i. Summing over i inside one block keeps it free of atomics (and deterministic).
-template <class F>
-__global__ void attention_backward_dkdv_kernel(const F* q, const F* k, const F* v, const F* lse, const F* g, const F* D,
-                                               HeadRows L, F scale, F* dk, F* dv) {
-  DYNAMIC_SHARED(F, shared);  // p [T], then ds [T]
-  F* p = shared;
-  F* ds = shared + L.T;
-  const int64_t j = blockIdx.x % L.T, bh = blockIdx.x / L.T, b = bh / L.H, h = bh % L.H;
-  const int64_t row_j = L.row(b, j, h);
-  for (int64_t i = j + threadIdx.x; i < L.T; i += blockDim.x) {
-    const int64_t row_i = L.row(b, i, h);
-    p[i] = exp(dot_row(q + row_i, k + row_j, L.Dh) * scale - lse[bh * L.T + i]);
-    ds[i] = p[i] * (dot_row(g + row_i, v + row_j, L.Dh) - D[bh * L.T + i]) * scale;
-  }
-  __syncthreads();
-  for (int64_t e = threadIdx.x; e < L.Dh; e += blockDim.x) {
-    F acc_k = 0, acc_v = 0;
-    for (int64_t i = j; i < L.T; ++i) {
-      const int64_t row_i = L.row(b, i, h);
-      acc_k += ds[i] * q[row_i + e];
-      acc_v += p[i] * g[row_i + e];
-    }
-    dk[row_j + e] = acc_k;
-    dv[row_j + e] = acc_v;
-  }
 }
 
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
@@ -295,12 +490,19 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
     using F = decltype(tag);
     const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));
     const HeadRows L{T, H, Dh};
-    launch("attention_backward_dq", attention_backward_dq_kernel<F>, dim3(B * H * T), dim3(128), T * sizeof(F),
-           q.data<F>(), k.data<F>(), v.data<F>(), out.data<F>(), lse.data<F>(), g.data<F>(), L, scale, dq.data<F>(),
-           D.data<F>());
-    launch("attention_backward_dkdv", attention_backward_dkdv_kernel<F>, dim3(B * H * T), dim3(128), 2 * T * sizeof(F),
-           q.data<F>(), k.data<F>(), v.data<F>(), lse.data<F>(), g.data<F>(), D.data<F>(), L, scale, dk.data<F>(),
-           dv.data<F>());
+    with_attention_tiling<F>("causal_attention_backward", Dh, [&](auto tiling) {
+      using Tg = decltype(tiling);
+      const int64_t tiles = (T + Tg::Tile - 1) / Tg::Tile;
+      const AttentionShared<F> shared{Tg::Tile, Dh};
+      allow_shared_bytes(attention_backward_dq_kernel<F, Tg>, shared.dq());
+      launch("attention_backward_dq", attention_backward_dq_kernel<F, Tg>, dim3(B * H * tiles), dim3(kAttentionThreads),
+             shared.dq(), q.data<F>(), k.data<F>(), v.data<F>(), out.data<F>(), lse.data<F>(), g.data<F>(), L, scale,
+             dq.data<F>(), D.data<F>());
+      allow_shared_bytes(attention_backward_dkdv_kernel<F, Tg>, shared.dkdv());
+      launch("attention_backward_dkdv", attention_backward_dkdv_kernel<F, Tg>, dim3(B * H * tiles),
+             dim3(kAttentionThreads), shared.dkdv(), q.data<F>(), k.data<F>(), v.data<F>(), lse.data<F>(), g.data<F>(),
+             D.data<F>(), L, scale, dk.data<F>(), dv.data<F>());
+    });
   });
 }
 

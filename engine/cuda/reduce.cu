@@ -1,9 +1,11 @@
 // CUDA kernels of engine/kernels/reduce.h. Every sum happens inside one thread or one block in a fixed order (no
 // atomics), so each result is the same from run to run. A reduction over a contiguous row (the last dim, inner = 1)
 // gives the row to one block; over another dim, one thread per output walks its column in order j = 0, 1, ... (the
-// CPU's order: those results are the CPU's bits). T is the element type (float or double; cumsum also int32_t).
+// CPU's order: those results are the CPU's bits), except a sum of few but long columns, which is summed in chunks of
+// rows (sum_dim). T is the element type (float or double; cumsum also int32_t).
 #include "engine/kernels/reduce.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "engine/cuda/device.cuh"
@@ -68,15 +70,52 @@ template <class T> __global__ void sum_columns_kernel(const T* x, ReduceDims v, 
   out[r] = acc;
 }
 
+// With few outputs and long columns (the MoE's mean of the router's probabilities over 16k tokens: 16 to 32 columns)
+// one thread per column would walk all its rows alone. Then block row y sums chunk y of `rows` rows of each column in
+// double (partial [chunks, outputs]), and one thread per output adds its chunks in order.
+constexpr int64_t kColumnChunk = 256;              // rows per chunk, at least
+constexpr int64_t kMaxColumnChunks = 256;          // chunks, at most (longer columns get longer chunks)
+constexpr int64_t kFewColumns = int64_t(1) << 16;  // more outputs than this fill the GPU one thread per output
+
+template <class T> __global__ void sum_column_chunks_kernel(const T* x, ReduceDims v, int64_t rows, double* partial) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x, outputs = v.outer * v.inner;
+  if (r >= outputs) return;
+  const T* column = x + (r / v.inner) * v.n * v.inner + r % v.inner;
+  const int64_t begin = blockIdx.y * rows, end = begin + rows < v.n ? begin + rows : v.n;
+  double acc = 0;
+  for (int64_t j = begin; j < end; ++j) acc += static_cast<double>(column[j * v.inner]);
+  partial[blockIdx.y * outputs + r] = acc;
+}
+
+template <class T>
+__global__ void sum_column_partials_kernel(const double* partial, int64_t chunks, int64_t outputs, T* out) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= outputs) return;
+  double acc = 0;
+  for (int64_t c = 0; c < chunks; ++c) acc += partial[c * outputs + r];
+  out[r] = static_cast<T>(acc);
+}
+
 void sum_dim(const Tensor& x, int64_t dim, const Tensor& out) {
   const ReduceDims v = reduce_dims(x.shape(), dim);
+  const int64_t outputs = v.outer * v.inner;
+  const int64_t rows = std::max(kColumnChunk, (v.n + kMaxColumnChunks - 1) / kMaxColumnChunks);
+  const int64_t chunks = (v.n + rows - 1) / rows;
   dispatch_float("sum", x.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    if (v.inner == 1)
+    if (v.inner == 1) {
       launch("sum_rows", sum_rows_kernel<T>, dim3(v.outer), dim3(kRowThreads), 0, x.data<T>(), v.n, out.data<T>());
-    else
-      launch("sum_columns", sum_columns_kernel<T>, dim3(blocks_for(v.outer * v.inner, kThreads)), dim3(kThreads), 0,
-             x.data<T>(), v, out.data<T>());
+    } else if (chunks > 1 && outputs <= kFewColumns) {
+      Tensor partial = Tensor::empty({chunks, outputs}, DType::F64, Device::CUDA);
+      launch("sum_column_chunks", sum_column_chunks_kernel<T>,
+             dim3(blocks_for(outputs, kThreads), static_cast<unsigned>(chunks)), dim3(kThreads), 0, x.data<T>(), v,
+             rows, partial.data<double>());
+      launch("sum_column_partials", sum_column_partials_kernel<T>, dim3(blocks_for(outputs, kThreads)), dim3(kThreads),
+             0, partial.data<double>(), chunks, outputs, out.data<T>());
+    } else {
+      launch("sum_columns", sum_columns_kernel<T>, dim3(blocks_for(outputs, kThreads)), dim3(kThreads), 0, x.data<T>(),
+             v, out.data<T>());
+    }
   });
 }
 

@@ -100,4 +100,40 @@ void set_zero(void* ptr, size_t bytes) {
 
 void synchronize() { check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize"); }
 
+static cudaMemPool_t default_pool() {
+  stream();  // the pool is set up with the stream
+  cudaMemPool_t pool;
+  check(cudaDeviceGetDefaultMemPool(&pool, 0), "cudaDeviceGetDefaultMemPool");
+  return pool;
+}
+
+size_t peak_memory_bytes() {
+  uint64_t high = 0;
+  check(cudaMemPoolGetAttribute(default_pool(), cudaMemPoolAttrUsedMemHigh, &high), "cudaMemPoolGetAttribute");
+  return high;
+}
+
+void reset_peak_memory() {
+  uint64_t zero = 0;  // the only value CUDA takes: the mark restarts from what is in use now
+  check(cudaMemPoolSetAttribute(default_pool(), cudaMemPoolAttrUsedMemHigh, &zero), "cudaMemPoolSetAttribute");
+}
+
+TimingEvent::TimingEvent() {
+  cudaEvent_t event;
+  check(cudaEventCreate(&event), "cudaEventCreate");
+  event_ = event;
+}
+
+TimingEvent::~TimingEvent() { cudaEventDestroy(static_cast<cudaEvent_t>(event_)); }
+
+void TimingEvent::record() { check(cudaEventRecord(static_cast<cudaEvent_t>(event_), stream()), "cudaEventRecord"); }
+
+float TimingEvent::ms_since(const TimingEvent& start) const {
+  check(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)), "cudaEventSynchronize");
+  float ms = 0;
+  check(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start.event_), static_cast<cudaEvent_t>(event_)),
+        "cudaEventElapsedTime");
+  return ms;
+}
+
 }  // namespace moelab::cuda

@@ -23,6 +23,31 @@ void copy_on_device(void* dst, const void* src, size_t bytes);  // stream-ordere
 void set_zero(void* ptr, size_t bytes);                         // stream-ordered
 void synchronize();
 
+// cuBLAS's switches (engine/cuda/blas.cu): f32 products on TF32 tensor cores (default off: f32 results match the
+// CPU's); the MoE experts' products as one grouped call per product (default) or one call per expert.
+void set_tf32(bool on);
+void set_grouped_gemm(bool on);
+bool grouped_gemm();
+
+// The pool's high-water mark: the most bytes allocated at once since the start or the last reset_peak_memory().
+size_t peak_memory_bytes();
+void reset_peak_memory();
+
+// A point in the compute stream's work, for timing it on the device: record() marks "after everything queued so
+// far"; ms_since(start) waits until this event has happened and returns the device time between the two.
+class TimingEvent {
+ public:
+  TimingEvent();
+  ~TimingEvent();
+  TimingEvent(const TimingEvent&) = delete;
+  TimingEvent& operator=(const TimingEvent&) = delete;
+  void record();
+  float ms_since(const TimingEvent& start) const;
+
+ private:
+  void* event_;  // a cudaEvent_t
+};
+
 // Debug mode: synchronize and check after every kernel, so that an asynchronous failure names the kernel that
 // caused it. On when the environment sets MOELAB_CUDA_DEBUG=1.
 void set_debug_sync(bool on);

@@ -21,6 +21,15 @@ void copy_to_host(void*, const void*, size_t) { not_built(); }
 void copy_on_device(void*, const void*, size_t) { not_built(); }
 void set_zero(void*, size_t) { not_built(); }
 void synchronize() { not_built(); }
+void set_tf32(bool) { not_built(); }
+void set_grouped_gemm(bool) { not_built(); }
+bool grouped_gemm() { not_built(); }
+size_t peak_memory_bytes() { not_built(); }
+void reset_peak_memory() { not_built(); }
+TimingEvent::TimingEvent() : event_(nullptr) { not_built(); }
+TimingEvent::~TimingEvent() = default;
+void TimingEvent::record() { not_built(); }
+float TimingEvent::ms_since(const TimingEvent&) const { not_built(); }
 void set_debug_sync(bool) {}
 bool debug_sync() { return false; }
 

@@ -29,7 +29,8 @@ inline MatmulShape matmul_shape(const Tensor& a, const Tensor& b, bool trans_a, 
 DECLARE_KERNEL(batched_matmul,
                (const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches, const Tensor& out))
 
-// out (bf16) = x (f32) rounded to nearest, ties to even: the bf16 copies a bf16 product's backward works on.
+// out = x (f32) rounded to bf16, to nearest, ties to even: the bf16 copies a bf16 product's backward works on. out is
+// bf16, or f32 holding the bf16 values (the operands of the CUDA grouped products under mixed precision, moe.cu).
 DECLARE_KERNEL(round_to_bf16, (const Tensor& x, const Tensor& out))
 
 }  // namespace moelab

@@ -4,6 +4,7 @@
 // compiled with -Werror=missing-declarations, so a definition that differs from its declaration does not compile.
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -53,6 +54,7 @@ class DeviceMemory {
     std::lock_guard lock(mutex_);
     sizes_[data] = bytes;
     in_use_ += bytes;
+    high_water_ = std::max(high_water_, in_use_);
     return data;
   }
   bool release(void* ptr) {
@@ -77,12 +79,22 @@ class DeviceMemory {
     std::lock_guard lock(mutex_);
     return in_use_;
   }
+  // The most in use at once since the start or the last reset (cudaMemPoolAttrUsedMemHigh).
+  size_t high_water() {
+    std::lock_guard lock(mutex_);
+    return high_water_;
+  }
+  void reset_high_water() {
+    std::lock_guard lock(mutex_);
+    high_water_ = in_use_;
+  }
 
  private:
   static constexpr size_t kAlignment = 256;  // what cudaMalloc guarantees
   std::mutex mutex_;
   std::map<const std::byte*, size_t> sizes_;
   size_t in_use_ = 0;
+  size_t high_water_ = 0;
 };
 
 // The runtime's state. CUDA creates its runtime at the first call and tears it down at exit, in turn with the static
@@ -341,7 +353,25 @@ cudaError_t cudaDeviceGetDefaultMemPool(cudaMemPool_t* pool, int device) {
 cudaError_t cudaMemPoolSetAttribute(cudaMemPool_t pool, cudaMemPoolAttr attr, void* value) {
   if (!pool || !value) return fail(cudaErrorInvalidValue);
   if (attr == cudaMemPoolAttrReleaseThreshold) pool->release_threshold = *static_cast<uint64_t*>(value);
+  if (attr == cudaMemPoolAttrUsedMemHigh) {  // only a reset (to 0) is allowed, as on a GPU
+    if (*static_cast<uint64_t*>(value) != 0) return fail(cudaErrorInvalidValue);
+    if (Runtime* rt = runtime()) rt->memory.reset_high_water();
+  }
   return cudaSuccess;
+}
+
+// The emulated device's memory is all the pool's: in use is what is allocated.
+cudaError_t cudaMemPoolGetAttribute(cudaMemPool_t pool, cudaMemPoolAttr attr, void* value) {
+  if (!pool || !value) return fail(cudaErrorInvalidValue);
+  Runtime* rt = runtime();
+  if (!rt) return fail(cudaErrorCudartUnloading);
+  uint64_t& out = *static_cast<uint64_t*>(value);
+  switch (attr) {
+    case cudaMemPoolAttrReleaseThreshold: out = pool->release_threshold; return cudaSuccess;
+    case cudaMemPoolAttrUsedMemCurrent: out = rt->memory.in_use(); return cudaSuccess;
+    case cudaMemPoolAttrUsedMemHigh: out = rt->memory.high_water(); return cudaSuccess;
+    default: return fail(cudaErrorInvalidValue);
+  }
 }
 
 cudaError_t cudaMalloc(void** devPtr, size_t size) { return malloc_device(devPtr, size); }
