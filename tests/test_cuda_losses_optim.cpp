@@ -66,8 +66,10 @@ ZLossOutputs z_loss_kernels(const Tensor& logits, Device device) {
 TEST_CASE("cuda: losses: z-loss kernels match the CPU" * cuda_only()) {
   for (DType dtype : kFloatTypes) {
     const double rel = f32_or_f64(dtype, 1e-5, 1e-12);
-    // E = 300: a row longer than the block; N = 1100: the loss's sum strides over its 1024 threads.
-    for (auto [N, E] : {std::pair<int64_t, int64_t>{1, 1}, {7, 2}, {33, 7}, {5, 300}, {1100, 33}}) {
+    // E = 300: a row longer than the block; N = 1100: the loss's sum strides over its 1024 threads. Rows of up to 32
+    // go to one warp each, 8 to a block (N = 1100, E = 32: a partial last block).
+    for (auto [N, E] :
+         {std::pair<int64_t, int64_t>{1, 1}, {7, 2}, {33, 7}, {5, 300}, {1100, 33}, {1100, 32}, {9, 16}}) {
       const std::string what = fmt::format("{} [{}, {}]", dtype_name(dtype), N, E);
       const Tensor logits = random({N, E}, 10 + N + E, dtype, 3.0);
       const ZLossOutputs cpu = z_loss_kernels(logits, Device::CPU), gpu = z_loss_kernels(logits, Device::CUDA);

@@ -102,6 +102,8 @@ TEST_CASE("cuda: moe: plan kernels give exactly the CPU's counts, offsets and po
   std::vector<Sizes> cases = sweep();
   cases.push_back({0, 3, 2});       // no tokens
   cases.push_back({257, 1500, 3});  // more experts than one chunk of the scan (1024)
+  cases.push_back({3000, 8, 2});    // 6,000 slots: blocks of 2,048 slots (moe.cu's kSlotChunk), the last one partial
+  cases.push_back({2049, 5, 1});    // one slot past the first block
   for (const Sizes& s : cases) {
     Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
     check_same_plan(plan_with_kernels(ids, s.E, Device::CUDA), plan_with_kernels(ids, s.E, Device::CPU), name_of(s));

@@ -227,7 +227,9 @@ TEST_CASE("cuda: reduce: max and its first position match the CPU, ties and NaN 
 }
 
 TEST_CASE("cuda: reduce: softmax and log_softmax kernels match the CPU" * cuda_only()) {
-  const std::vector<Shape> shapes = {{1, 1}, {7, 33}, {3, 4097}, {33, 1}, {2, 3, 7}, {0, 5}};
+  // Rows of up to 32 entries go to one warp each, 8 to a block ({19, 32}, {33, 1}: a partial last block); longer ones
+  // to a whole block.
+  const std::vector<Shape> shapes = {{1, 1}, {7, 33}, {3, 4097}, {33, 1}, {2, 3, 7}, {0, 5}, {19, 32}, {100, 16}};
   uint64_t seed = 600;
   for (DType dtype : kFloatTypes)
     for (const Shape& shape : shapes)

@@ -2,8 +2,9 @@
 // SwiGLU (cuBLAS grouped GEMMs through blas.cuh, the activation kernels between them, f32 or bf16 operands) and the
 // fused routing top-k + gates. The CPU kernels (engine/cpu/moe.cpp) are their reference in the tests. F is the
 // element type (float or double).
-// Determinism: no floating-point atomics. The plan is built without any atomics: each expert's block walks the slots
-// in order, so the sort gives exactly the CPU's positions; every output row has one writer, and sums over a token's
+// Determinism: no floating-point atomics. The plan is built without any atomics: each (expert, chunk of slots) block
+// walks its chunk in order and starts after the expert's slots in earlier chunks, so the sort gives exactly the CPU's
+// positions; every output row has one writer, and sums over a token's
 // k slots run in j order inside one thread.
 #include "engine/kernels/moe.h"
 
@@ -32,16 +33,33 @@ inline unsigned flat_blocks(int64_t n) {
 
 // ---- the dispatch plan ----------------------------------------------------------------------------------------------
 
-// (a) One block per expert e: counts[e] = the slots whose id is e, counted chunk by chunk (integer, so exact in any
-// order). Ids outside [0, E) match no block.
-__global__ void count_experts_kernel(const int32_t* ids, int64_t slots, int32_t* counts) {
+// The slots are cut into chunks of kSlotChunk, one block per (expert, chunk): one block per expert walking all the
+// slots alone would take 256 sequential steps for M's 65,536 slots.
+constexpr int64_t kSlotChunk = 8 * kScanThreads;
+
+inline unsigned slot_chunks(int64_t slots) { return static_cast<unsigned>((slots + kSlotChunk - 1) / kSlotChunk); }
+
+// (a) Block (e, c): chunk_counts[e * chunks + c] = the slots of chunk c whose id is e (integer, so exact in any order).
+// Ids outside [0, E) match no block.
+__global__ void count_chunk_kernel(const int32_t* ids, int64_t slots, int32_t* chunk_counts) {
   const int32_t e = static_cast<int32_t>(blockIdx.x);
+  const int64_t begin = blockIdx.y * kSlotChunk, end = begin + kSlotChunk < slots ? begin + kSlotChunk : slots;
   int32_t count = 0;
-  for (int64_t start = 0; start < slots; start += blockDim.x) {
+  for (int64_t start = begin; start < end; start += blockDim.x) {
     const int64_t s = start + threadIdx.x;
-    count += __syncthreads_count(s < slots && ids[s] == e);
+    count += __syncthreads_count(s < end && ids[s] == e);
   }
-  if (threadIdx.x == 0) counts[e] = count;
+  if (threadIdx.x == 0) chunk_counts[e * gridDim.y + blockIdx.y] = count;
+}
+
+// counts[e] = the sum of e's chunk counts, one thread per expert.
+__global__ void sum_chunk_counts_kernel(const int32_t* chunk_counts, int64_t chunks, int64_t n_experts,
+                                        int32_t* counts) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= n_experts) return;
+  int32_t total = 0;
+  for (int64_t c = 0; c < chunks; ++c) total += chunk_counts[e * chunks + c];
+  counts[e] = total;
 }
 
 // Inclusive prefix sum of v over the lanes of a warp.
@@ -77,17 +95,20 @@ __global__ void expert_offsets_kernel(const int32_t* counts, int64_t n_experts, 
   }
 }
 
-// (c) One block per expert e, walking the slots in order, chunk by chunk: a slot of e goes to offsets[e] + the number
-// of e's slots before it (a ballot per warp, then the counts of the warps before). Exactly the CPU's stable order.
-__global__ void sort_slots_kernel(const int32_t* ids, int64_t slots, const int32_t* offsets, int32_t* slot_at_position,
-                                  int32_t* position_of_slot) {
+// (c) Block (e, c) walks chunk c in order: a slot of e goes to offsets[e] + e's slots in the chunks before c + the
+// number of e's slots before it in this chunk (a ballot per warp, then the counts of the warps before). Exactly the
+// CPU's stable order.
+__global__ void sort_chunk_kernel(const int32_t* ids, int64_t slots, const int32_t* offsets,
+                                  const int32_t* chunk_counts, int32_t* slot_at_position, int32_t* position_of_slot) {
   SHARED_ARRAY(int32_t, warp_counts, 32);
   const int32_t e = static_cast<int32_t>(blockIdx.x);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  const int64_t begin = blockIdx.y * kSlotChunk, end = begin + kSlotChunk < slots ? begin + kSlotChunk : slots;
   int32_t next = offsets[e];  // the segment's next free position (every thread holds the same value)
-  for (int64_t start = 0; start < slots; start += blockDim.x) {
+  for (unsigned c = 0; c < blockIdx.y; ++c) next += chunk_counts[e * gridDim.y + c];
+  for (int64_t start = begin; start < end; start += blockDim.x) {
     const int64_t s = start + threadIdx.x;
-    const bool mine = s < slots && ids[s] == e;
+    const bool mine = s < end && ids[s] == e;
     const unsigned ballot = __ballot_sync(kFullMask, mine);
     if (lane == 0) warp_counts[warp] = __popc(ballot);
     __syncthreads();
@@ -102,15 +123,30 @@ __global__ void sort_slots_kernel(const int32_t* ids, int64_t slots, const int32
       position_of_slot[s] = pos;
     }
     next += total;
-    __syncthreads();  // warp_counts is rewritten by the next chunk
+    __syncthreads();  // warp_counts is rewritten by the next step
   }
 }
 
 }  // namespace
 
+// The chunk counts of every expert: [E, chunks] on the device.
+static Tensor expert_chunk_counts(const Tensor& expert_ids, int64_t n_experts) {
+  const int64_t slots = expert_ids.numel();
+  Tensor chunk_counts = Tensor::empty({n_experts, static_cast<int64_t>(slot_chunks(slots))}, DType::I32, Device::CUDA);
+  launch("moe_count_chunks", count_chunk_kernel, dim3(n_experts, slot_chunks(slots)), dim3(kScanThreads), 0,
+         expert_ids.data<int32_t>(), slots, chunk_counts.data<int32_t>());
+  return chunk_counts;
+}
+
 void moe_count_experts(const Tensor& expert_ids, const Tensor& counts) {
-  launch("moe_count_experts", count_experts_kernel, dim3(counts.numel()), dim3(kScanThreads), 0,
-         expert_ids.data<int32_t>(), expert_ids.numel(), counts.data<int32_t>());
+  const int64_t n_experts = counts.numel(), chunks = slot_chunks(expert_ids.numel());
+  if (chunks == 0) {
+    set_zero(counts.raw_data(), n_experts * sizeof(int32_t));
+    return;
+  }
+  const Tensor chunk_counts = expert_chunk_counts(expert_ids, n_experts);
+  launch("moe_sum_chunk_counts", sum_chunk_counts_kernel, dim3(blocks_for(n_experts, kScanThreads)), dim3(kScanThreads),
+         0, chunk_counts.data<int32_t>(), chunks, n_experts, counts.data<int32_t>());
 }
 
 void moe_expert_offsets(const Tensor& counts, const Tensor& offsets) {
@@ -122,9 +158,12 @@ void moe_expert_offsets(const Tensor& counts, const Tensor& offsets) {
 
 void moe_sort_slots(const Tensor& expert_ids, const Tensor& offsets, const Tensor& slot_at_position,
                     const Tensor& position_of_slot) {
-  launch("moe_sort_slots", sort_slots_kernel, dim3(offsets.numel() - 1), dim3(kScanThreads), 0,
-         expert_ids.data<int32_t>(), expert_ids.numel(), offsets.data<int32_t>(), slot_at_position.data<int32_t>(),
-         position_of_slot.data<int32_t>());
+  const int64_t n_experts = offsets.numel() - 1, slots = expert_ids.numel();
+  if (slots == 0) return;
+  const Tensor chunk_counts = expert_chunk_counts(expert_ids, n_experts);
+  launch("moe_sort_slots", sort_chunk_kernel, dim3(n_experts, slot_chunks(slots)), dim3(kScanThreads), 0,
+         expert_ids.data<int32_t>(), slots, offsets.data<int32_t>(), chunk_counts.data<int32_t>(),
+         slot_at_position.data<int32_t>(), position_of_slot.data<int32_t>());
 }
 
 // ---- (d) permute and its backward -----------------------------------------------------------------------------------

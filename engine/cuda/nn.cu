@@ -278,8 +278,7 @@ __device__ void store_rows(const F (&acc)[Rows][Dims], const HeadRows& L, int64_
 
 // Block (b*H + h) * tiles + query tile: out and lse of the tile's query rows.
 template <class F, class Tg>
-__global__ void __launch_bounds__(kAttentionThreads)
-    attention_forward_kernel(const F* q, const F* k, const F* v, HeadRows L, F scale, F* out, F* lse) {
+__global__ void attention_forward_kernel(const F* q, const F* k, const F* v, HeadRows L, F scale, F* out, F* lse) {
   constexpr int Tile = Tg::Tile, Rows = Tg::Rows, Dims = Tg::Dims;
   DYNAMIC_SHARED(F, shared);
   const int64_t stride = L.Dh + 1, tiles = (L.T + Tile - 1) / Tile;
@@ -338,9 +337,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
 // the key tiles j <= i, with p_ij = exp(s_ij - lse_i) and ds_ij = p_ij (g_i . v_j - D_i) * scale:
 // dq_i = sum_j ds_ij k_j.
 template <class F, class Tg>
-__global__ void __launch_bounds__(kAttentionThreads)
-    attention_backward_dq_kernel(const F* q, const F* k, const F* v, const F* out, const F* lse, const F* g, HeadRows L,
-                                 F scale, F* dq, F* D) {
+__global__ void attention_backward_dq_kernel(const F* q, const F* k, const F* v, const F* out, const F* lse, const F* g,
+                                             HeadRows L, F scale, F* dq, F* D) {
   constexpr int Tile = Tg::Tile, Rows = Tg::Rows, Dims = Tg::Dims;
   DYNAMIC_SHARED(F, shared);
   const int64_t stride = L.Dh + 1, tiles = (L.T + Tile - 1) / Tile;
@@ -389,9 +387,8 @@ __global__ void __launch_bounds__(kAttentionThreads)
 // Block (b*H + h) * tiles + key tile, its key rows j: over the query tiles i >= j, dv_j = sum_i p_ij g_i and
 // dk_j = sum_i ds_ij q_i (ds_ij with the scale, as in the dq kernel).
 template <class F, class Tg>
-__global__ void __launch_bounds__(kAttentionThreads)
-    attention_backward_dkdv_kernel(const F* q, const F* k, const F* v, const F* lse, const F* g, const F* D, HeadRows L,
-                                   F scale, F* dk, F* dv) {
+__global__ void attention_backward_dkdv_kernel(const F* q, const F* k, const F* v, const F* lse, const F* g, const F* D,
+                                               HeadRows L, F scale, F* dk, F* dv) {
   constexpr int Tile = Tg::Tile, Rows = Tg::Rows, Dims = Tg::Dims;
   DYNAMIC_SHARED(F, shared);
   const int64_t stride = L.Dh + 1, tiles = (L.T + Tile - 1) / Tile;

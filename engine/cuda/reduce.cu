@@ -209,16 +209,17 @@ void max_backward(const Tensor& g, const Tensor& where, int64_t dim, const Tenso
 
 // One block per row of n: m = max(x), z = sum exp(x - m) in double; then softmax y = exp(x - m) * (1/z) or
 // log_softmax y = x - (log z + m), rounded as the CPU rounds them.
-template <class T> __global__ void softmax_rows_kernel(const T* x, int64_t n, bool log_space, T* y) {
-  const int64_t offset = static_cast<int64_t>(blockIdx.x) * n;
-  const T* xr = x + offset;
-  T* yr = y + offset;
+template <class T> __global__ void softmax_rows_kernel(const T* x, int64_t rows, int64_t n, bool log_space, T* y) {
+  const int64_t row = team_row();
+  if (row >= rows) return;  // a whole warp team (block teams fill the grid exactly)
+  const T* xr = x + row * n;
+  T* yr = y + row * n;
   T m = static_cast<T>(-INFINITY);
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) m = m < xr[j] ? xr[j] : m;
-  m = block_max(m);
+  m = team_max(m);
   double z = 0;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) z += std::exp(static_cast<double>(xr[j] - m));
-  z = block_sum(z);
+  z = team_sum(z);
   if (log_space) {
     const T log_z = static_cast<T>(std::log(z)) + m;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) yr[j] = xr[j] - log_z;
@@ -230,50 +231,57 @@ template <class T> __global__ void softmax_rows_kernel(const T* x, int64_t n, bo
 
 static void softmax_rows(const char* op, const Tensor& x, bool log_space, const Tensor& y) {
   const int64_t n = x.size(-1), rows = n ? x.numel() / n : 0;
+  const RowTeams teams = row_teams(rows, n, kRowThreads);
   dispatch_float(op, x.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    launch(op, softmax_rows_kernel<T>, dim3(rows), dim3(kRowThreads), 0, x.data<T>(), n, log_space, y.data<T>());
+    launch(op, softmax_rows_kernel<T>, teams.grid, teams.block, 0, x.data<T>(), rows, n, log_space, y.data<T>());
   });
 }
 
 void softmax_forward(const Tensor& x, const Tensor& y) { softmax_rows("softmax", x, false, y); }
 void log_softmax_forward(const Tensor& x, const Tensor& y) { softmax_rows("log_softmax", x, true, y); }
 
-// One block per row: dx = y * (g - <g, y>), the dot product in double.
-template <class T> __global__ void softmax_backward_kernel(const T* y, const T* g, int64_t n, T* dx) {
-  const int64_t offset = static_cast<int64_t>(blockIdx.x) * n;
+// One team per row: dx = y * (g - <g, y>), the dot product in double.
+template <class T> __global__ void softmax_backward_kernel(const T* y, const T* g, int64_t rows, int64_t n, T* dx) {
+  const int64_t row = team_row();
+  if (row >= rows) return;
+  const int64_t offset = row * n;
   const T *yr = y + offset, *gr = g + offset;
   double dot = 0;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dot += static_cast<double>(gr[j]) * yr[j];
-  const T d = static_cast<T>(block_sum(dot));
+  const T d = static_cast<T>(team_sum(dot));
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dx[offset + j] = yr[j] * (gr[j] - d);
 }
 
-// One block per row: dx = g - exp(y) * sum(g), the sum in double.
-template <class T> __global__ void log_softmax_backward_kernel(const T* y, const T* g, int64_t n, T* dx) {
-  const int64_t offset = static_cast<int64_t>(blockIdx.x) * n;
+// One team per row: dx = g - exp(y) * sum(g), the sum in double.
+template <class T> __global__ void log_softmax_backward_kernel(const T* y, const T* g, int64_t rows, int64_t n, T* dx) {
+  const int64_t row = team_row();
+  if (row >= rows) return;
+  const int64_t offset = row * n;
   const T *yr = y + offset, *gr = g + offset;
   double total = 0;
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) total += gr[j];
-  const T s = static_cast<T>(block_sum(total));
+  const T s = static_cast<T>(team_sum(total));
   for (int64_t j = threadIdx.x; j < n; j += blockDim.x) dx[offset + j] = gr[j] - std::exp(yr[j]) * s;
 }
 
 void softmax_backward(const Tensor& y, const Tensor& g, const Tensor& dx) {
   const int64_t n = y.size(-1), rows = n ? y.numel() / n : 0;
+  const RowTeams teams = row_teams(rows, n, kRowThreads);
   dispatch_float("softmax_backward", g.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    launch("softmax_backward", softmax_backward_kernel<T>, dim3(rows), dim3(kRowThreads), 0, y.data<T>(), g.data<T>(),
+    launch("softmax_backward", softmax_backward_kernel<T>, teams.grid, teams.block, 0, y.data<T>(), g.data<T>(), rows,
            n, dx.data<T>());
   });
 }
 
 void log_softmax_backward(const Tensor& y, const Tensor& g, const Tensor& dx) {
   const int64_t n = y.size(-1), rows = n ? y.numel() / n : 0;
+  const RowTeams teams = row_teams(rows, n, kRowThreads);
   dispatch_float("log_softmax_backward", g.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    launch("log_softmax_backward", log_softmax_backward_kernel<T>, dim3(rows), dim3(kRowThreads), 0, y.data<T>(),
-           g.data<T>(), n, dx.data<T>());
+    launch("log_softmax_backward", log_softmax_backward_kernel<T>, teams.grid, teams.block, 0, y.data<T>(), g.data<T>(),
+           rows, n, dx.data<T>());
   });
 }
 

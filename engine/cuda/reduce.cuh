@@ -46,4 +46,20 @@ template <class T> __device__ T block_max(T v) {
   return total;
 }
 
+// Row-wise kernels whose rows may be short (the router's softmax over 16 or 32 experts) give each row a team: a
+// warp when the row has at most 32 entries (blockDim (32, rows per block): no shared memory, no barrier), else the
+// whole block (blockDim (threads, 1)). A block of 256 threads for 16 entries would leave 240 idle and pay two
+// barriers per reduction, for each of 16k rows. The team's row is blockIdx.x * blockDim.y + threadIdx.y; every thread
+// of a team must call the team reductions, each sums in a fixed order for a given team.
+struct RowTeams {
+  dim3 grid, block;
+};
+inline RowTeams row_teams(int64_t rows, int64_t n, unsigned threads) {
+  if (n <= 32) return {dim3(blocks_for(rows, static_cast<int>(threads / 32))), dim3(32, threads / 32)};
+  return {dim3(static_cast<unsigned>(rows)), dim3(threads)};
+}
+__device__ __forceinline__ int64_t team_row() { return static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; }
+template <class T> __device__ T team_sum(T v) { return blockDim.x == 32 ? warp_sum(v) : block_sum(v); }
+template <class T> __device__ T team_max(T v) { return blockDim.x == 32 ? warp_max(v) : block_max(v); }
+
 }  // namespace moelab::cuda

@@ -18,16 +18,19 @@ constexpr int kPairThreads = 128;  // the one block of the pairwise JSD (threads
 
 // ---- z-loss -----------------------------------------------------------------------------------------------------------
 
-// One block per row r: lse[r] = max + log(sum exp(z - max)), the exponentials in F (as the CPU's), summed in double.
-template <class F> __global__ void z_loss_rows_kernel(const F* logits, int64_t E, double* lse) {
-  const F* z = logits + static_cast<int64_t>(blockIdx.x) * E;
+// One team per row r (reduce.cuh: a warp for up to 32 experts): lse[r] = max + log(sum exp(z - max)), the
+// exponentials in F (as the CPU's), summed in double.
+template <class F> __global__ void z_loss_rows_kernel(const F* logits, int64_t N, int64_t E, double* lse) {
+  const int64_t row = team_row();
+  if (row >= N) return;
+  const F* z = logits + row * E;
   F m = -INFINITY;
   for (int64_t j = threadIdx.x; j < E; j += blockDim.x) m = z[j] > m ? z[j] : m;
-  m = block_max(m);
+  m = team_max(m);
   double total = 0;
   for (int64_t j = threadIdx.x; j < E; j += blockDim.x) total += static_cast<double>(exp(z[j] - m));
-  total = block_sum(total);
-  if (threadIdx.x == 0) lse[blockIdx.x] = static_cast<double>(m) + log(total);
+  total = team_sum(total);
+  if (threadIdx.x == 0) lse[row] = static_cast<double>(m) + log(total);
 }
 
 // One block: loss = sum_r lse[r]^2 / N, summed in a fixed order.
@@ -42,7 +45,8 @@ void z_loss_forward(const Tensor& logits, const Tensor& loss, const Tensor& lse)
   const int64_t N = logits.size(0), E = logits.size(1);
   dispatch_float("z_loss", logits.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    launch("z_loss_rows", z_loss_rows_kernel<F>, dim3(N), dim3(kRowThreads), 0, logits.data<F>(), E,
+    const RowTeams teams = row_teams(N, E, kRowThreads);
+    launch("z_loss_rows", z_loss_rows_kernel<F>, teams.grid, teams.block, 0, logits.data<F>(), N, E,
            lse.data<double>());
     launch("z_loss_total", z_loss_total_kernel<F>, dim3(1), dim3(1024), 0, lse.data<double>(), N, loss.data<F>());
   });
