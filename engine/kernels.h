@@ -35,22 +35,21 @@ template <class... Params> struct SeamCall<void(Params...)> {
   Device device;
   void (*kernel)(Params...);
   void operator()(Params... args) const {
-    if (!kernel_profile_active) return kernel(std::forward<Params>(args)...);
+    if (!kernel_profile_active.load(std::memory_order_relaxed)) return kernel(std::forward<Params>(args)...);
     KernelTimer timer(name, device);
     kernel(std::forward<Params>(args)...);
+    timer.stop();
   }
 };
-template <class Kernel> SeamCall<Kernel> seam_call(const char* name, Device device, Kernel* kernel) {
-  return {name, device, kernel};
+template <class Kernel> SeamCall<Kernel> seam_call(const char* name, Device device, Kernel* cuda_kernel, Kernel* cpu_kernel) {
+  return {name, device, device == Device::CUDA ? cuda_kernel : cpu_kernel};
 }
 
 }  // namespace moelab::detail
 
 #if MOELAB_HAVE_CUDA
-#define KERNEL(name, device)                   \
-  ::moelab::detail::seam_call(#name, (device), \
-                              (device) == ::moelab::Device::CUDA ? &::moelab::cuda::name : &::moelab::cpu::name)
+#define KERNEL(name, device) ::moelab::detail::seam_call(#name, (device), &::moelab::cuda::name, &::moelab::cpu::name)
 #else
 // Without a CUDA backend no tensor lives on a GPU (allocating one throws), so there is only the CPU's kernel.
-#define KERNEL(name, device) ::moelab::detail::seam_call(#name, (device), &::moelab::cpu::name)
+#define KERNEL(name, device) ::moelab::detail::seam_call(#name, (device), &::moelab::cpu::name, &::moelab::cpu::name)
 #endif

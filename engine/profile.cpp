@@ -79,7 +79,9 @@ KernelTimer::KernelTimer(const char* name, Device device) : name_(name), device_
   }
 }
 
-KernelTimer::~KernelTimer() {
+KernelTimer::~KernelTimer() = default;
+
+void KernelTimer::stop() {
   ProfileState& s = state();
   if (device_ == Device::CUDA) {
     auto end = std::make_unique<cuda::TimingEvent>();

@@ -5,6 +5,7 @@
 // time is the device's (from the end of the work queued before it to the end of its own), not its launch's. Work
 // outside the seam (copies between host and device, the allocator) is not counted. When no profile is alive the
 // seam costs one branch.
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -37,13 +38,15 @@ class KernelProfile {
 
 namespace detail {
 
-inline bool kernel_profile_active = false;
+inline std::atomic<bool> kernel_profile_active = false;  // read by every seam call, set by KernelProfile
 
-// Times one seam call from its construction to its destruction.
+// Times one seam call: started by the constructor, ended by stop(). A call that throws never reaches stop() and is
+// not counted (so nothing here can throw from a destructor).
 class KernelTimer {
  public:
   KernelTimer(const char* name, Device device);
   ~KernelTimer();
+  void stop();
   KernelTimer(const KernelTimer&) = delete;
   KernelTimer& operator=(const KernelTimer&) = delete;
 

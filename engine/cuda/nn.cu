@@ -310,8 +310,8 @@ __global__ void attention_forward_kernel(const F* q, const F* k, const F* v, Hea
         s[a][c] = k0 + j <= q0 + i && k0 + j < L.T ? s[a][c] * scale : F(-INFINITY);
         m = s[a][c] > m ? s[a][c] : m;
       }
-      m = half_warp_max(m);  // row i's new running max (-inf only for a row past T)
-      const F rescale = m == F(-INFINITY) ? F(1) : exp(row_max[a] - m);
+      m = half_warp_max(m);  // row i's new running max: finite, as key 0 is never masked
+      const F rescale = exp(row_max[a] - m);  // 0 on the first key tile, whose row_max is -inf
       F z = 0;
       for (int c = 0; c < Rows; ++c) {
         const F p = s[a][c] == F(-INFINITY) ? F(0) : exp(s[a][c] - m);
@@ -452,8 +452,12 @@ template <class F> struct AttentionShared {
 // most 227 KB a block on sm_90), 32-row tiles for longer heads.
 template <class F, class Run> void with_attention_tiling(const char* op, int64_t Dh, Run&& run) {
   if (Dh <= 64) return run(Tiling<64, 4>{});
-  if (Dh <= 128 && sizeof(F) == sizeof(float)) return run(Tiling<64, 8>{});
-  if (Dh <= 128 || (Dh <= 256 && sizeof(F) == sizeof(float))) return run(Tiling<32, 16>{});
+  if constexpr (sizeof(F) == sizeof(float)) {
+    if (Dh <= 128) return run(Tiling<64, 8>{});
+    if (Dh <= 256) return run(Tiling<32, 16>{});
+  } else {
+    if (Dh <= 128) return run(Tiling<32, 16>{});
+  }
   fail("{}: the CUDA kernels take head dims up to 256 (f32) or 128 (f64), got {}", op, Dh);
 }
 
