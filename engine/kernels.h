@@ -41,7 +41,8 @@ template <class... Params> struct SeamCall<void(Params...)> {
     timer.stop();
   }
 };
-template <class Kernel> SeamCall<Kernel> seam_call(const char* name, Device device, Kernel* cuda_kernel, Kernel* cpu_kernel) {
+template <class Kernel>
+SeamCall<Kernel> seam_call(const char* name, Device device, Kernel* cuda_kernel, Kernel* cpu_kernel) {
   return {name, device, device == Device::CUDA ? cuda_kernel : cpu_kernel};
 }
 

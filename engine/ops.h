@@ -130,9 +130,9 @@ constexpr int32_t kIgnoreIndex = -100;
 // Softmax and log are fused: dlogits = (softmax - onehot) / count.
 // All rows ignored (or N = 0): loss 0 and zero gradient (PyTorch gives NaN). Targets outside [0, V) other than
 // ignore_index throw. row_losses, when given, receives every row's loss logsumexp(x_r) - x_r[t_r] (0 for ignored
-// rows) in double precision, as summed for the mean (e.g. for per-domain sums; no gradient).
+// rows), f64 [N] on the logits' device, as summed for the mean (e.g. for per-domain sums; no gradient).
 Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index = kIgnoreIndex,
-                     std::vector<double>* row_losses = nullptr);
+                     Tensor* row_losses = nullptr);
 // y = x / sqrt(mean(x^2 over the last dim) + eps) * weight, weight [d].
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps = 1e-5);
 // Rotary embedding on x [B, T, H, Dh] (Dh even): pairs (2i, 2i+1) of each head rotate by angle

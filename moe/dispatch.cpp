@@ -58,13 +58,12 @@ Dims check_inputs(const Tensor& x, const Tensor& ids, const Tensor& gates, const
   return dims;
 }
 
-// Every id is in [0, E) exactly when the counts, which leave the others out, add up to S: a read of E integers on
-// the host. Only when they do not are the ids read, to name the first bad one.
-void check_expert_ids(const Tensor& expert_ids, const Tensor& counts) {
-  const std::vector<int32_t> c = counts.to_vector<int32_t>();
-  if (std::accumulate(c.begin(), c.end(), int64_t(0)) == expert_ids.numel()) return;
+// Every id is in [0, E) exactly when the counts, which leave the others out, add up to S. Only when they do not are
+// the ids read, to name the first bad one.
+void check_expert_ids(const Tensor& expert_ids, const std::vector<int32_t>& counts) {
+  if (std::accumulate(counts.begin(), counts.end(), int64_t(0)) == expert_ids.numel()) return;
   const std::vector<int32_t> ids = expert_ids.to_vector<int32_t>();
-  const int64_t n_experts = counts.numel(), k = expert_ids.size(1);
+  const int64_t n_experts = static_cast<int64_t>(counts.size()), k = expert_ids.size(1);
   for (size_t s = 0; s < ids.size(); ++s)
     if (ids[s] < 0 || ids[s] >= n_experts)
       fail("moe_experts: expert id {} at (token {}, choice {}) of {} is out of range [0, {})", ids[s], s / k, s % k,
@@ -106,7 +105,7 @@ std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   Tensor d_gate_pre = empty({slots, h}), d_up_pre = empty({slots, h});  // [S, h]
   Tensor d_x_sorted = empty({slots, d});                                // [S, d]
   KERNEL(moe_grouped_swiglu_backward, device)
-  (x_sorted, plan.offsets, saved.w_gate, saved.w_up, saved.w_down, saved.gate_pre, saved.up_pre, saved.act,
+  (x_sorted, plan.host_offsets, saved.w_gate, saved.w_up, saved.w_down, saved.gate_pre, saved.up_pre, saved.act,
    d_out_sorted, d_gate_pre, d_up_pre, d_x_sorted, dw_gate, dw_up, dw_down, saved.precision);
 
   // (d) backward: each token sums its k slots' input gradients.
@@ -131,7 +130,10 @@ DispatchPlan plan_dispatch(const Tensor& expert_ids, int64_t n_experts) {
   plan.experts = n_experts;
   plan.counts = Tensor::empty({n_experts}, DType::I32, device);
   KERNEL(moe_count_experts, device)(expert_ids, plan.counts);  // (a)
-  check_expert_ids(expert_ids, plan.counts);
+  const std::vector<int32_t> counts = plan.counts.to_vector<int32_t>();  // the host's one read
+  check_expert_ids(expert_ids, counts);
+  plan.host_offsets.assign(1, 0);
+  for (int32_t c : counts) plan.host_offsets.push_back(plan.host_offsets.back() + c);
   plan.offsets = Tensor::empty({n_experts + 1}, DType::I32, device);
   KERNEL(moe_expert_offsets, device)(plan.counts, plan.offsets);  // (b)
   plan.slot_at_position = Tensor::empty({expert_ids.numel()}, DType::I32, device);
@@ -142,6 +144,12 @@ DispatchPlan plan_dispatch(const Tensor& expert_ids, int64_t n_experts) {
 
 Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gates, const Tensor& w_gate,
                    const Tensor& w_up, const Tensor& w_down) {
+  Tensor expert_counts;
+  return moe_experts(x, expert_ids, gates, w_gate, w_up, w_down, expert_counts);
+}
+
+Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gates, const Tensor& w_gate,
+                   const Tensor& w_up, const Tensor& w_down, Tensor& expert_counts) {
   const Dims dims = check_inputs(x, expert_ids, gates, w_gate, w_up, w_down);
   const int64_t d = dims.dim, h = dims.hidden, slots = dims.tokens * dims.top_k;
   const DType dtype = x.dtype();
@@ -152,6 +160,7 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
   saved.precision = dtype == DType::F32 ? product_precision() : Precision::FP32;  // f64 is never rounded
   saved.plan = plan_dispatch(expert_ids, dims.experts);                           // (a)-(c)
   const DispatchPlan& plan = saved.plan;
+  expert_counts = plan.counts;
   saved.gate_pre = empty({slots, h});
   saved.up_pre = empty({slots, h});
   saved.act = empty({slots, h});
@@ -161,7 +170,7 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
     Tensor x_sorted = empty({slots, d});                                               // [S, d]
     KERNEL(moe_permute_rows, device)(x, plan.slot_at_position, plan.top_k, x_sorted);  // (d)
     KERNEL(moe_grouped_swiglu_forward, device)
-    (x_sorted, plan.offsets, w_gate, w_up, w_down, saved.gate_pre, saved.up_pre, saved.act, saved.out_sorted,
+    (x_sorted, plan.host_offsets, w_gate, w_up, w_down, saved.gate_pre, saved.up_pre, saved.act, saved.out_sorted,
      saved.precision);  // (e)
   }
   KERNEL(moe_weighted_unpermute, device)(saved.out_sorted, gates, plan.position_of_slot, y);  // (f)

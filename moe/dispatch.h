@@ -12,6 +12,7 @@
 // (token n, choice j) pair, numbered n*k + j; its "position" is where the sort put it in expert order. Each step is a
 // kernel of engine/kernels/moe.h, on the CPU or the GPU as the inputs live.
 #include <cstdint>
+#include <vector>
 
 #include "engine/tensor.h"
 
@@ -23,13 +24,15 @@ struct DispatchPlan {
   int64_t tokens = 0, top_k = 0, experts = 0;
   Tensor counts;            // i32 [E]    slots routed to each expert
   Tensor offsets;           // i32 [E+1]  expert e owns positions [offsets[e], offsets[e+1])
+  std::vector<int32_t> host_offsets;  // the same on the host: the grouped products' sizes, for forward and backward
   Tensor slot_at_position;  // i32 [S]    the sorted order: position -> slot (token = slot / k)
   Tensor position_of_slot;  // i32 [N, k] its inverse: slot n*k + j -> position
 };
 
 // Builds the plan from expert_ids (i32 [N, k], each in [0, n_experts); throws naming a bad id and its place).
-// Deterministic: within an expert, slots keep their original (token-major) order. Reads the E counts on the host
-// (to check the ids); the ids themselves only when one is bad.
+// Deterministic: within an expert, slots keep their original (token-major) order. Reads the E counts on the host (to
+// check the ids, and for host_offsets): on a GPU, the one wait for the device of a MoE layer's forward and backward.
+// The ids themselves come over only when one is bad.
 DispatchPlan plan_dispatch(const Tensor& expert_ids, int64_t n_experts);
 
 // y[n] = sum_j gates[n,j] * SwiGLU_{ids[n,j]}(x[n]),  SwiGLU_e(x) = W_down,e (silu(W_gate,e x) * (W_up,e x)).
@@ -43,5 +46,8 @@ DispatchPlan plan_dispatch(const Tensor& expert_ids, int64_t n_experts);
 // multiply bf16 roundings of their operands with f32 accumulation, forward and backward.
 Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gates, const Tensor& w_gate,
                    const Tensor& w_up, const Tensor& w_down);
+// The same, and expert_counts receives the dispatch's histogram (DispatchPlan::counts, i32 [E]).
+Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gates, const Tensor& w_gate,
+                   const Tensor& w_up, const Tensor& w_down, Tensor& expert_counts);
 
 }  // namespace moelab::moe

@@ -14,12 +14,16 @@ namespace moelab::moe {
 static_assert(kRouterProbFloor == kProbFloor, "the ED kernels clamp probabilities as moe/divergence.cpp does");
 
 // ---- load balancing: composite of differentiable ops, f carries no gradient ---------------------------------------------
-Tensor load_balancing_loss(const Tensor& probs, const Tensor& expert_ids) {
+Tensor load_balancing_loss(const Tensor& probs, const Tensor& expert_ids, const Tensor& expert_counts) {
   if (probs.dim() != 2 || expert_ids.dim() != 2 || expert_ids.size(0) != probs.size(0))
     throw std::invalid_argument(fmt::format("load_balancing_loss: probs {} and expert_ids {} must be [N, E] and [N, k]",
                                             probs.str(), expert_ids.str()));
   int64_t experts = probs.size(1), slots = expert_ids.numel();
-  Tensor counts = bincount(reshape(expert_ids, {-1}), experts);                       // i32 [E]
+  if (expert_counts.defined() && expert_counts.shape() != Shape{experts})
+    throw std::invalid_argument(
+        fmt::format("load_balancing_loss: expert_counts {} must be [E = {}]", expert_counts.str(), experts));
+  const Tensor counts =
+      expert_counts.defined() ? expert_counts : bincount(reshape(expert_ids, {-1}), experts);  // i32 [E]
   Tensor f = mul(to_dtype(counts, probs.dtype()), 1.0 / static_cast<double>(slots));  // [E], share of slots
   Tensor p_mean = mean(probs, 0);                                                     // [E]
   return mul(sum(mul(f, p_mean)), static_cast<double>(experts));

@@ -8,8 +8,10 @@
 namespace moelab::moe {
 
 // L_LB = E * sum_i f_i P_i: f_i = share of the N*k slots routed to expert i (no gradient), P_i = mean_n p_ni.
-// 1 at perfect balance. probs [N, E], expert_ids i32 [N, k].
-Tensor load_balancing_loss(const Tensor& probs, const Tensor& expert_ids);
+// 1 at perfect balance. probs [N, E], expert_ids i32 [N, k]. expert_counts, when given, is the slots' histogram
+// i32 [E] already at hand (Routing::expert_counts, the dispatch's): then the ids are not counted again, and on a GPU
+// not checked on the host, which would wait for the device.
+Tensor load_balancing_loss(const Tensor& probs, const Tensor& expert_ids, const Tensor& expert_counts = Tensor());
 
 // L_Z = mean_n logsumexp(z_n)^2 over router logits [N, E] (keeps logits small). Fused:
 // dL/dz_n = 2 lse_n softmax(z_n) / N.

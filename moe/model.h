@@ -65,7 +65,8 @@ class MoEModel {
 
 // Sums the per-token cross-entropy token_ce [N] (cross_entropy's row_losses) per domain of each sequence
 // (N = B*T, domains i32 [B]); tokens whose target is kIgnoreIndex do not count.
-void accumulate_domain_ce(const std::vector<double>& token_ce, const Tensor& targets, const Tensor& domains,
-                          int64_t num_domains, std::vector<double>& ce_sum, std::vector<int64_t>& tokens);
+void accumulate_domain_ce(const std::vector<double>& token_ce, const std::vector<int32_t>& targets,
+                          const std::vector<int32_t>& domains, int64_t num_domains, std::vector<double>& ce_sum,
+                          std::vector<int64_t>& tokens);
 
 }  // namespace moelab::moe

@@ -28,8 +28,9 @@ MoELayer::MoELayer(const nn::ModelConfig& c, int64_t layer, Generator& gen)
 Tensor MoELayer::forward(const Tensor& h) {
   last_routing_ = router.forward(h);
   last_input_ = h.detach();
-  const Routing& r = last_routing_;
-  Tensor y = moe_experts(h, r.expert_ids, r.gates, experts.w_gate, experts.w_up, experts.w_down);  // [N, d]
+  Routing& r = last_routing_;
+  Tensor y = moe_experts(h, r.expert_ids, r.gates, experts.w_gate, experts.w_up, experts.w_down,
+                         r.expert_counts);  // [N, d]
   return shared ? y + shared->forward(h) : y;
 }
 

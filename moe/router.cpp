@@ -10,7 +10,9 @@
 
 namespace moelab::moe {
 
-Routing Routing::detach() const { return {logits.detach(), probs.detach(), expert_ids, gates.detach()}; }
+Routing Routing::detach() const {
+  return {logits.detach(), probs.detach(), expert_ids, gates.detach(), logits_sum, expert_counts};
+}
 
 // ---- route_gates: top-k + gates, one op -----------------------------------------------------------------------------
 
@@ -52,14 +54,12 @@ Router::Router(int64_t dim, int64_t n_experts, int64_t top_k, bool norm_topk, do
 }
 
 // The sum of all logits is finite exactly when every logit is (barring overflow of the sum itself, which is as
-// fatal): one pass, no allocation, so it can stay on in every run. GPU logits are summed on the device and only the
-// sum comes to the host.
-template <class T> static bool all_finite(const Tensor& t) {
-  if (t.is_cuda()) return std::isfinite(sum(t.detach()).item());
-  const T* p = t.data<T>();
-  T total = 0;
-  for (int64_t i = 0; i < t.numel(); ++i) total += p[i];
-  return std::isfinite(total);
+// fatal): one cheap reduction, so the check stays on in every run.
+void Router::check_logits_sum(const Routing& r, double logits_sum) const {
+  if (!std::isfinite(logits_sum))
+    throw std::runtime_error(fmt::format("{}: router logits {} contain NaN or Inf (the layer's input or the router "
+                                         "weight has diverged)",
+                                         where_, r.logits.str()));
 }
 
 Routing Router::forward(const Tensor& h) const {
@@ -70,11 +70,8 @@ Routing Router::forward(const Tensor& h) const {
     PrecisionGuard fp32(Precision::FP32);       // the router is f32 under mixed precision too (engine/precision.h)
     r.logits = matmul(h, weight, false, true);  // [N, E]
   }
-  bool finite = dispatch_float("router", r.logits.dtype(), [&](auto t) { return all_finite<decltype(t)>(r.logits); });
-  if (!finite)
-    throw std::runtime_error(fmt::format("{}: router logits {} contain NaN or Inf (the layer's input or the router "
-                                         "weight has diverged)",
-                                         where_, r.logits.str()));
+  r.logits_sum = sum(r.logits.detach());
+  if (!r.logits.is_cuda()) check_logits_sum(r, r.logits_sum.item());
   r.probs = softmax(r.logits);  // [N, E]
   RouteGates chosen = route_gates(r.probs, top_k_, norm_topk_);
   r.expert_ids = chosen.expert_ids;  // i32 [N, k]

@@ -16,6 +16,8 @@ struct Routing {
   Tensor probs;       // [N, E]  softmax(z), in the input's float type (f32 in the model)
   Tensor expert_ids;  // i32 [N, k]  the k most probable experts, by descending probability (ties: lower id first)
   Tensor gates;       // [N, k]  p at expert_ids, divided by their sum when norm_topk
+  Tensor logits_sum;  // []  finite exactly when every logit is (Router::check_logits_sum; no gradient)
+  Tensor expert_counts;  // i32 [E]  slots routed to each expert: the dispatch's histogram (set by MoELayer::forward)
 
   Routing detach() const;  // the same values cut from the graph (kept for statistics between steps)
 };
@@ -36,8 +38,12 @@ class Router : public nn::Module {
   // 1 <= top_k <= n_experts.
   Router(int64_t dim, int64_t n_experts, int64_t top_k, bool norm_topk, double init_std, Generator& gen,
          std::string where = "router");
-  // h [N, d] -> Routing. Throws std::runtime_error naming the router when the logits are not finite.
+  // h [N, d] -> Routing. On the CPU, throws std::runtime_error naming the router when the logits are not finite. On a
+  // GPU that check would make every MoE layer wait for the device once more: the sum stays there (Routing::
+  // logits_sum) until MoEModel::loss reads it with the loss's terms and calls check_logits_sum.
   Routing forward(const Tensor& h) const;
+  // Throws the error above unless logits_sum, the value of r.logits_sum, is finite.
+  void check_logits_sum(const Routing& r, double logits_sum) const;
 
   int64_t n_experts() const { return n_experts_; }
   int64_t top_k() const { return top_k_; }

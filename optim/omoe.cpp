@@ -203,9 +203,9 @@ void OMoE::observe(size_t index, const Tensor& expert_ids, const Tensor& h) {
                                             "projectors' device, got {} and {}",
                                             L.name, d, h.str(), expert_ids.str()));
   // The routed tokens in expert order (the dispatch's counting sort and permutation, on the tensors' device): expert
-  // e's rows are [offsets[e], offsets[e+1]). Only the E counts and offsets come to the host, to cut the rows.
+  // e's rows are [offsets[e], offsets[e+1]). Only the E counts come to the host (the plan's host_offsets).
   moe::DispatchPlan plan = moe::plan_dispatch(expert_ids, E);
-  const std::vector<int32_t> counts = plan.counts.to_vector<int32_t>(), offsets = plan.offsets.to_vector<int32_t>();
+  const std::vector<int32_t>& offsets = plan.host_offsets;
   Tensor x = to_dtype(h.detach(), DType::F32);
   Tensor x_sorted = Tensor::empty({plan.tokens * plan.top_k, d}, DType::F32, x.device());  // [N*k, d]
   KERNEL(moe_permute_rows, x.device())(x, plan.slot_at_position, plan.top_k, x_sorted);
@@ -213,7 +213,7 @@ void OMoE::observe(size_t index, const Tensor& expert_ids, const Tensor& h) {
   std::vector<Tensor> rows(E);  // each expert's slice of x_sorted (undefined: no tokens)
   std::vector<Tensor> means(E);
   for (int64_t e = 0; e < E; ++e) {
-    routed[e] = counts[e] > 0;
+    routed[e] = offsets[e + 1] > offsets[e];
     if (routed[e]) rows[e] = slice_rows(x_sorted, offsets[e], offsets[e + 1]);  // [c_e, d]
     means[e] = routed[e] ? mean(rows[e], 0, true) : zeros({1, d}, DType::F32, x.device());
   }

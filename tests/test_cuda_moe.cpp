@@ -120,6 +120,8 @@ TEST_CASE("cuda: moe: plan_dispatch on the GPU equals the CPU's plan and names a
     moe::DispatchPlan gpu = moe::plan_dispatch(to_gpu(ids), s.E), cpu = moe::plan_dispatch(ids, s.E);
     CHECK(gpu.counts.is_cuda());
     CHECK((gpu.tokens == cpu.tokens && gpu.top_k == cpu.top_k && gpu.experts == cpu.experts));
+    CHECK(gpu.host_offsets == cpu.host_offsets);
+    CHECK(gpu.host_offsets == cpu.offsets.to_vector<int32_t>());
     check_same_plan(gpu, cpu, name_of(s));
   }
   Tensor bad = from_vector(std::vector<int32_t>{0, 1, 2, 0, 1, -1, 0, 3}, {4, 2});
@@ -215,7 +217,6 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
           const int64_t d = 13, h = 11, S = s.N * s.k;
           Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
           moe::DispatchPlan plan = moe::plan_dispatch(ids, s.E);
-          Tensor offsets_gpu = to_gpu(plan.offsets);
           Tensor x_sorted = random({S, d}, ++seed, dtype), d_out = random({S, d}, ++seed, dtype);
           Tensor w_gate = random({s.E, h, d}, ++seed, dtype, 0.4), w_up = random({s.E, h, d}, ++seed, dtype, 0.4);
           Tensor w_down = random({s.E, d, h}, ++seed, dtype, 0.4);
@@ -225,10 +226,10 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
                                      Tensor::empty({S, h}, dtype), Tensor::empty({S, d}, dtype)};
           std::vector<Tensor> fwd_gpu;
           for (const Tensor& t : fwd) fwd_gpu.push_back(empty_like_on(t, Device::CUDA));
-          cpu::moe_grouped_swiglu_forward(x_sorted, plan.offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2], fwd[3],
-                                          precision);
-          cuda::moe_grouped_swiglu_forward(to_gpu(x_sorted), offsets_gpu, to_gpu(w_gate), to_gpu(w_up), to_gpu(w_down),
-                                           fwd_gpu[0], fwd_gpu[1], fwd_gpu[2], fwd_gpu[3], precision);
+          cpu::moe_grouped_swiglu_forward(x_sorted, plan.host_offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2],
+                                          fwd[3], precision);
+          cuda::moe_grouped_swiglu_forward(to_gpu(x_sorted), plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
+                                           to_gpu(w_down), fwd_gpu[0], fwd_gpu[1], fwd_gpu[2], fwd_gpu[3], precision);
           const char* fwd_names[] = {"gate_pre", "up_pre", "act", "out_sorted"};
           for (size_t i = 0; i < fwd.size(); ++i)
             check_scaled(fwd_gpu[i], fwd[i], i < 3 ? float_bound(dtype) : bound, what + " " + fwd_names[i]);
@@ -240,11 +241,12 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
                                      Tensor::empty(w_up.shape(), dtype), Tensor::empty(w_down.shape(), dtype)};
           std::vector<Tensor> bwd_gpu;
           for (const Tensor& t : bwd) bwd_gpu.push_back(to_gpu(full(t.shape(), NAN, dtype)));
-          cpu::moe_grouped_swiglu_backward(x_sorted, plan.offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2], d_out,
-                                           bwd[0], bwd[1], bwd[2], bwd[3], bwd[4], bwd[5], precision);
-          cuda::moe_grouped_swiglu_backward(to_gpu(x_sorted), offsets_gpu, to_gpu(w_gate), to_gpu(w_up), to_gpu(w_down),
-                                            to_gpu(fwd[0]), to_gpu(fwd[1]), to_gpu(fwd[2]), to_gpu(d_out), bwd_gpu[0],
-                                            bwd_gpu[1], bwd_gpu[2], bwd_gpu[3], bwd_gpu[4], bwd_gpu[5], precision);
+          cpu::moe_grouped_swiglu_backward(x_sorted, plan.host_offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2],
+                                           d_out, bwd[0], bwd[1], bwd[2], bwd[3], bwd[4], bwd[5], precision);
+          cuda::moe_grouped_swiglu_backward(to_gpu(x_sorted), plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
+                                            to_gpu(w_down), to_gpu(fwd[0]), to_gpu(fwd[1]), to_gpu(fwd[2]),
+                                            to_gpu(d_out), bwd_gpu[0], bwd_gpu[1], bwd_gpu[2], bwd_gpu[3], bwd_gpu[4],
+                                            bwd_gpu[5], precision);
           const char* bwd_names[] = {"d_gate_pre", "d_up_pre", "d_x_sorted", "dw_gate", "dw_up", "dw_down"};
           for (size_t i = 0; i < bwd.size(); ++i)
             check_scaled(bwd_gpu[i], bwd[i], i < 2 ? float_bound(dtype) : bound, what + " " + bwd_names[i]);

@@ -138,3 +138,46 @@ TEST_CASE("cuda: training: bf16 mixed precision follows the fp32 curve and the C
   // Rounding does change the numbers: bf16 is not silently fp32.
   CHECK(cpu.loss.back() != fp32.loss.back());
 }
+
+// Every wait for the device drains its queue, and it idles until the host has queued the next kernels. A step of the
+// trainer (MoEModel::loss with the per-domain CE, backward, clip, AdamW) waits only where the host needs a number:
+// per MoE layer the group sizes (the dispatch's counts); per step the token ids (embedding's check), the targets (the
+// CE's count), the loss's numbers in one read, and the gradient norm. Small uploads (the ED loss's domains) are
+// queued, not waited for. A wait added anywhere else fails this count.
+TEST_CASE("cuda: training: a step waits for the device once per MoE layer and four times more" * cuda_only()) {
+  nn::ModelConfig mc = train_preset("tiny").model;
+  mc.d_model = 32, mc.n_heads = 2, mc.seq_len = 16, mc.expert_hidden = 16;
+  moe::RouterLossConfig losses;
+  losses.alpha = 0.01, losses.z_coef = 0.01, losses.beta = 0.05;
+  moe::MoEModel model(mc, losses, 5);
+  model.lm().to(Device::CUDA);
+  const int64_t B = 4, moe_layers = static_cast<int64_t>(model.moe_layers().size());
+  REQUIRE(moe_layers >= 2);
+  std::vector<int32_t> tokens(B * mc.seq_len);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((7 * i + 3) % mc.vocab_size);
+  const Tensor inputs = to_device(from_vector(tokens, {B, mc.seq_len}), Device::CUDA);
+  const Tensor targets = to_device(from_vector(tokens, {B * mc.seq_len}), Device::CUDA);
+  const Tensor domains = from_vector(std::vector<int32_t>{0, 1, 0, 1}, {B});  // on the host, as the trainer's
+  optim::AdamW optimizer(model.lm().named_parameters(), optim::AdamWConfig{});
+  auto step = [&] {
+    moe::Loss loss = model.loss(inputs, targets, domains, 2);
+    loss.value.backward();
+    optim::clip_grad_norm(optimizer.params(), 1.0);
+    optimizer.step(1e-3);
+    optimizer.zero_grad();
+    return loss.terms;
+  };
+  step();  // the first step also uploads what is made once (RoPE's tables)
+  const int64_t before = cuda::host_waits();
+  const moe::LossTerms terms = step();
+  CHECK(cuda::host_waits() - before == moe_layers + 4);
+  CHECK(std::isfinite(terms.objective));
+  CHECK(terms.domain_tokens == std::vector<int64_t>{2 * mc.seq_len, 2 * mc.seq_len});
+
+  // The routers' finiteness check travels with the loss's numbers: a NaN router weight still stops the step, naming
+  // its router.
+  Tensor& weight = model.moe_layers()[1]->router.weight;
+  copy_(weight, to_device(full(weight.shape(), NAN), Device::CUDA));
+  testing::check_error<std::runtime_error>([&] { model.loss(inputs, targets, domains, 2); },
+                                           {".moe.router", "NaN or Inf"});
+}

@@ -98,6 +98,7 @@ TEST_CASE("moe: plan_dispatch is a stable counting sort with histogram and offse
   moe::DispatchPlan plan = moe::plan_dispatch(from_vector(std::vector<int32_t>{2, 0, 0, 1, 2, 1}, {3, 2}), 4);
   CHECK(plan.counts.to_vector<int32_t>() == std::vector<int32_t>{2, 2, 2, 0});
   CHECK(plan.offsets.to_vector<int32_t>() == std::vector<int32_t>{0, 2, 4, 6, 6});
+  CHECK(plan.host_offsets == std::vector<int32_t>{0, 2, 4, 6, 6});
   CHECK(plan.slot_at_position.to_vector<int32_t>() == std::vector<int32_t>{1, 2, 3, 5, 0, 4});
   CHECK(plan.position_of_slot.to_vector<int32_t>() == std::vector<int32_t>{4, 0, 1, 2, 5, 3});
 }
@@ -286,6 +287,9 @@ TEST_CASE("moe: MoELayer with shared experts == reference router + reference exp
   for (auto& p : params) expected.push_back(p.tensor.grad());
 
   CHECK(layer.last_routing().expert_ids.to_vector<int32_t>() == r.expert_ids.to_vector<int32_t>());
+  // The dispatch's histogram, kept for the load-balancing loss, is the ids' bincount.
+  CHECK(layer.last_routing().expert_counts.to_vector<int32_t>() ==
+        bincount(reshape(r.expert_ids, {-1}), c.n_experts).to_vector<int32_t>());
   check_matches(layer.last_routing().probs, r.probs, 1e-6, "last_routing probs");
   check_matches(fast[0], expected[0], 1e-5, "y");
   check_matches(fast[1], expected[1], 1e-5, "dh");

@@ -166,14 +166,16 @@ TEST_CASE("ops:nn cross_entropy hand-computed cases") {
 
   // An ignored row does not count toward the mean: only the first row (loss log 2) is averaged.
   Tensor two = from_vector(std::vector<double>{0, 0, 5, -5}, {2, 2});
-  std::vector<double> rows;
-  CHECK(cross_entropy(two, from_vector(std::vector<int32_t>{0, -100}, {2}), -100, &rows).item() ==
+  Tensor row_losses;
+  CHECK(cross_entropy(two, from_vector(std::vector<int32_t>{0, -100}, {2}), -100, &row_losses).item() ==
         doctest::Approx(std::log(2.0)).epsilon(1e-14));
+  std::vector<double> rows = row_losses.to_vector<double>();
   // row_losses: each row's own loss, 0 for the ignored one.
   REQUIRE(rows.size() == 2);
   CHECK(rows[0] == doctest::Approx(std::log(2.0)).epsilon(1e-14));
   CHECK(rows[1] == 0.0);
-  double mean = cross_entropy(two, from_vector(std::vector<int32_t>{1, 0}, {2}), -100, &rows).item();
+  double mean = cross_entropy(two, from_vector(std::vector<int32_t>{1, 0}, {2}), -100, &row_losses).item();
+  rows = row_losses.to_vector<double>();
   CHECK(rows[0] == doctest::Approx(std::log(2.0)).epsilon(1e-14));
   CHECK(rows[1] == doctest::Approx(std::log1p(std::exp(-10.0))).epsilon(1e-14));  // log(e^5 + e^-5) - 5
   CHECK(mean == doctest::Approx((rows[0] + rows[1]) / 2).epsilon(1e-14));

@@ -63,6 +63,17 @@ TEST_CASE("losses: load balancing equals 1 at perfect balance and matches a plai
   Tensor skewed = from_vector(p, {N, E});
   CHECK(load_balancing_loss(skewed, from_vector(std::vector<int32_t>(N, 0), {N, 1})).item() ==
         doctest::Approx(2.8).epsilon(1e-12));
+  // With the histogram given (the dispatch's counts) the ids are not counted again: the counts decide f.
+  // The round-robin ids alone give E * sum_i (1/E) P_i = 1; their counts said to be all on expert 0 give 2.8.
+  const Tensor round_robin = from_vector(ids, {N, 2});
+  CHECK(load_balancing_loss(skewed, round_robin).item() == doctest::Approx(1.0).epsilon(1e-12));
+  const Tensor all_on_0 = from_vector(std::vector<int32_t>{static_cast<int32_t>(2 * N), 0, 0, 0}, {E});
+  CHECK(load_balancing_loss(skewed, round_robin, all_on_0).item() == doctest::Approx(2.8).epsilon(1e-12));
+  testing::check_error(
+      [&] {
+        load_balancing_loss(skewed, round_robin, from_vector(std::vector<int32_t>{1, 2}, {2}));
+      },
+      {"expert_counts", "[E = 4]"});
 }
 
 TEST_CASE("losses: load balancing gradient is E f_i / N (f carries none)") {

@@ -149,6 +149,7 @@ struct StepTimes {
   std::vector<double> ms;      // wall clock per timed step
   std::vector<double> cpu_ms;  // CPU time of the process (all its threads) per timed step
   double peak_mem_bytes = -1;  // the device memory's high-water mark (cuda); -1: not reported (the CPU)
+  int64_t host_waits = -1;     // times a timed step waited for the device (cuda::host_waits); -1: the CPU
 };
 
 // --breakdown's kernel profile: its steps' wall time and each kernel's total over them.
@@ -258,7 +259,9 @@ StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchO
     sync();
     const auto start = Clock::now();
     const double cpu_start = process_cpu_ms();
+    const int64_t waits_before = cuda::host_waits();
     step(nullptr);
+    if (opts.device == Device::CUDA) out.host_waits = cuda::host_waits() - waits_before;
     sync();
     out.cpu_ms.push_back(process_cpu_ms() - cpu_start);
     out.ms.push_back(since(start));
@@ -553,6 +556,12 @@ void run_train_bench(const TrainBenchOptions& opts) {
       const double fastest_ms = median(fastest->times.ms);
       fmt::print("fastest PyTorch variant: {} ({:.2f} ms/step); moelab / fastest: {:.2f}x (tokens/s)\n",
                  fastest->variant, fastest_ms, fastest_ms / ours_ms);
+    }
+    if (ours.host_waits >= 0) {
+      int64_t moe_layers = 0;
+      for (int64_t l = 0; l < config.n_layers; ++l) moe_layers += config.is_moe_layer(l);
+      fmt::print("our step waits for the device {} times (host syncs; the group sizes need one per MoE layer: {})\n",
+                 ours.host_waits, moe_layers);
     }
     for (const TorchResult& t : torch) {
       if (!t.skipped.empty() || !t.error.empty()) continue;

@@ -176,11 +176,11 @@ void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Ten
 // d_up_pre made per expert right after they are computed; under FP32 those are the tensors themselves, and the calls
 // are exactly the f32 ones.
 
-void moe_grouped_swiglu_forward(const Tensor& x_sorted, const Tensor& offsets, const Tensor& w_gate, const Tensor& w_up,
-                                const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
-                                const Tensor& out_sorted, Precision precision) {
+void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
+                                const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
+                                const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const int32_t* o = offsets.data<int32_t>();
+  const int32_t* o = offsets.data();
   const bool bf16 = precision == Precision::BF16;
   const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
                wd_op = operand(w_down, bf16);
@@ -206,13 +206,13 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const Tensor& offsets, c
   });
 }
 
-void moe_grouped_swiglu_backward(const Tensor& x_sorted, const Tensor& offsets, const Tensor& w_gate,
+void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
                                  const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
                                  const Tensor& act, const Tensor& d_out_sorted, const Tensor& d_gate_pre,
                                  const Tensor& d_up_pre, const Tensor& d_x_sorted, const Tensor& dw_gate,
                                  const Tensor& dw_up, const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const int32_t* o = offsets.data<int32_t>();
+  const int32_t* o = offsets.data();
   const bool bf16 = precision == Precision::BF16;
   const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
                wd_op = operand(w_down, bf16), act_op = operand(act, bf16), d_out_op = operand(d_out_sorted, bf16);

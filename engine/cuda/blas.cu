@@ -161,39 +161,6 @@ static bool grouped_call_takes(const BlasTypes& types, bool bf16_values) {
   return types.ab == CUDA_R_32F && (tf32_products || bf16_values);
 }
 
-// The grouped call's A, B and C pointer arrays in device memory. They travel as kernel parameters, in blocks of
-// kPointersPerLaunch: a launch copies its parameters, so the host arrays can go at once, with no host
-// synchronization (a copy from pageable host memory may synchronize the stream) and no pinned staging buffer.
-constexpr int kPointersPerLaunch = 256;  // 2 KB of parameters (CUDA allows 4 KB)
-struct PointerBlock {
-  const void* pointers[kPointersPerLaunch];
-};
-
-static __global__ void write_pointers_kernel(PointerBlock block, int64_t count, const void** out) {
-  if (threadIdx.x < count) out[threadIdx.x] = block.pointers[threadIdx.x];
-}
-
-class DevicePointers {
- public:
-  explicit DevicePointers(const std::vector<const void*>& host)
-      : data_(static_cast<const void**>(allocate(host.size() * sizeof(void*)))) {
-    for (size_t begin = 0; begin < host.size(); begin += kPointersPerLaunch) {
-      const int64_t count = std::min<int64_t>(kPointersPerLaunch, static_cast<int64_t>(host.size() - begin));
-      PointerBlock block{};
-      std::copy(host.begin() + begin, host.begin() + begin + count, block.pointers);
-      launch("write_pointers", write_pointers_kernel, dim3(1), dim3(kPointersPerLaunch), 0, block, count,
-             data_ + begin);
-    }
-  }
-  ~DevicePointers() { release(data_); }  // stream-ordered: after the call that reads them
-  DevicePointers(const DevicePointers&) = delete;
-  DevicePointers& operator=(const DevicePointers&) = delete;
-  const void* const* at(size_t index) const { return data_ + index; }
-
- private:
-  const void** data_;
-};
-
 void gemm_grouped(bool trans_a, bool trans_b, const std::vector<GemmProblem>& problems, float alpha, float beta,
                   DType ab_type, DType c_type, bool bf16_values) {
   const BlasTypes types = blas_types(ab_type, c_type, "gemm_grouped");
@@ -229,12 +196,12 @@ void gemm_grouped(bool trans_a, bool trans_b, const std::vector<GemmProblem>& pr
     if (i < 8) sizes += fmt::format(" {}x{}x{}", p.m, p.n, p.k);
   }
   if (count > 8) sizes += " ...";
-  const DevicePointers device(pointers);
+  const DeviceArray<const void*> device(pointers);  // no host wait (device.cuh)
   const cublasComputeType_t compute = types.ab == CUDA_R_32F ? CUBLAS_COMPUTE_32F_FAST_TF32 : types.compute;
   check_blas(cublasGemmGroupedBatchedEx_64(handle(), ops_first.data(), ops_second.data(), rows.data(), cols.data(),
-                                           inner.data(), alphas.data(), device.at(0), types.ab, ld_first.data(),
-                                           device.at(count), types.ab, ld_second.data(), betas.data(),
-                                           const_cast<void* const*>(device.at(2 * count)), types.c, ld_out.data(),
+                                           inner.data(), alphas.data(), device.get(), types.ab, ld_first.data(),
+                                           device.get() + count, types.ab, ld_second.data(), betas.data(),
+                                           const_cast<void* const*>(device.get() + 2 * count), types.c, ld_out.data(),
                                            count, group_size.data(), compute),
              "cublasGemmGroupedBatchedEx", sizes);
 }

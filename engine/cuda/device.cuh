@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "engine/cuda/runtime.h"
 #include "engine/tensor.h"
@@ -34,6 +35,32 @@ void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, 
 
 // Blocks of `threads` that cover n items (one item per thread).
 inline unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
+
+// Copies a few host bytes to the device in stream order without waiting: they travel as the parameters of a copying
+// kernel (2 KB a launch), which the launch itself copies, so src may be freed at once. copy_to_device instead waits,
+// and so does any cudaMemcpyAsync from pageable memory. For the small argument arrays of multi-tensor and grouped calls.
+void copy_to_device_queued(void* dst, const void* src, size_t bytes);
+
+// A host array's device copy, for the launches queued while it lives: made by copy_to_device_queued, freed in stream
+// order (after the launches that read it).
+template <class T> class DeviceArray {
+ public:
+  explicit DeviceArray(const std::vector<T>& host) : data_(static_cast<T*>(allocate(host.size() * sizeof(T)))) {
+    try {
+      copy_to_device_queued(data_, host.data(), host.size() * sizeof(T));
+    } catch (...) {
+      release(data_);
+      throw;
+    }
+  }
+  ~DeviceArray() { release(data_); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  T* get() const { return data_; }
+
+ private:
+  T* data_;
+};
 
 }  // namespace moelab::cuda
 

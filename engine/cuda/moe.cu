@@ -290,11 +290,11 @@ inline Tensor operand_buffer(const Tensor& t, bool round) {
 
 }  // namespace
 
-void moe_grouped_swiglu_forward(const Tensor& x_sorted, const Tensor& offsets, const Tensor& w_gate, const Tensor& w_up,
-                                const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
-                                const Tensor& out_sorted, Precision precision) {
+void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
+                                const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
+                                const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const std::vector<int32_t> o = offsets.to_vector<int32_t>();  // the grouped GEMM's sizes: one copy to the host
+  const std::vector<int32_t>& o = offsets;
   const bool bf16 = precision == Precision::BF16;
   const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
                wd = operand(w_down, bf16), act_op = operand_buffer(act, bf16);
@@ -315,13 +315,13 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const Tensor& offsets, c
   gemm_grouped(false, true, down, 1.0f, 0.0f, ab, c_type, bf16);
 }
 
-void moe_grouped_swiglu_backward(const Tensor& x_sorted, const Tensor& offsets, const Tensor& w_gate,
+void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
                                  const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
                                  const Tensor& act, const Tensor& d_out_sorted, const Tensor& d_gate_pre,
                                  const Tensor& d_up_pre, const Tensor& d_x_sorted, const Tensor& dw_gate,
                                  const Tensor& dw_up, const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const std::vector<int32_t> o = offsets.to_vector<int32_t>();  // the grouped GEMM's sizes: one copy to the host
+  const std::vector<int32_t>& o = offsets;
   const bool bf16 = precision == Precision::BF16;
   const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
                wd = operand(w_down, bf16), act_op = operand(act, bf16), d_out_op = operand(d_out_sorted, bf16);

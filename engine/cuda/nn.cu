@@ -310,7 +310,7 @@ __global__ void attention_forward_kernel(const F* q, const F* k, const F* v, Hea
         s[a][c] = k0 + j <= q0 + i && k0 + j < L.T ? s[a][c] * scale : F(-INFINITY);
         m = s[a][c] > m ? s[a][c] : m;
       }
-      m = half_warp_max(m);  // row i's new running max: finite, as key 0 is never masked
+      m = half_warp_max(m);                   // row i's new running max: finite, as key 0 is never masked
       const F rescale = exp(row_max[a] - m);  // 0 on the first key tile, whose row_max is -inf
       F z = 0;
       for (int c = 0; c < Rows; ++c) {

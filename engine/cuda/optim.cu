@@ -1,10 +1,9 @@
 // CUDA kernels of engine/kernels/optim.h: AdamW's update, gradient clipping, OMoE's projector reset. The CPU kernels
 // (engine/cpu/optim.cpp) are their reference in the tests.
 //
-// Multi-tensor launches. One launch covers every listed tensor: the host uploads one record per tensor (its pointers,
-// size, and where it starts in the concatenation of all of them), and each thread finds its tensor by a binary search
-// over the starts. An upload is a few bytes per parameter (not a flat copy of the parameters), and it is the step's
-// only synchronization besides the one the gradient norm needs anyway.
+// Multi-tensor launches. One launch covers every listed tensor: the host queues one record per tensor (its pointers,
+// size, and where it starts in the concatenation of all of them; DeviceArray, without a host wait), and each thread
+// finds its tensor by a binary search over the starts.
 //
 // Bits. nvcc contracts a * b + c into one fused multiply-add (one rounding), which the CPU build (x86-64 without FMA)
 // never does. The AdamW expressions are therefore written with __fmul_rn / __fadd_rn, which nvcc never fuses: each
@@ -23,22 +22,6 @@ namespace moelab::cuda {
 constexpr int kThreads = 256;
 
 // ---- the tensor lists of a multi-tensor launch ------------------------------------------------------------------------
-
-// A device copy of the host's records, freed (stream-ordered) once the launch that reads it is queued.
-template <class Record> class DeviceRecords {
- public:
-  explicit DeviceRecords(const std::vector<Record>& host)
-      : data_(static_cast<Record*>(allocate(host.size() * sizeof(Record)))) {
-    copy_to_device(data_, host.data(), host.size() * sizeof(Record));
-  }
-  ~DeviceRecords() { release(data_); }
-  DeviceRecords(const DeviceRecords&) = delete;
-  DeviceRecords& operator=(const DeviceRecords&) = delete;
-  const Record* get() const { return data_; }
-
- private:
-  Record* data_;
-};
 
 // The record that holds flat index i: the last one with start <= i (records in increasing start, none empty).
 template <class Record> __device__ const Record& record_of(const Record* records, int count, int64_t i) {
@@ -115,7 +98,7 @@ void adamw_update(const std::vector<AdamWTensors>& params, const AdamWScalars& s
     total += p.param.numel();
   }
   if (records.empty()) return;
-  const DeviceRecords<AdamWRecord> device(records);
+  const DeviceArray<AdamWRecord> device(records);
   launch("adamw_update", adamw_update_kernel, dim3(blocks_for(total, kThreads)), dim3(kThreads), 0, device.get(),
          static_cast<int>(records.size()), total, scalars, step_size);
 }
@@ -186,7 +169,7 @@ void sum_of_squares(const std::vector<Tensor>& tensors, const Tensor& total) {
   int64_t chunks = 0;
   const std::vector<FloatTensorRecord> records = float_tensor_records(tensors, kChunk, chunks);
   const int count = static_cast<int>(records.size());
-  const DeviceRecords<FloatTensorRecord> device(records);
+  const DeviceArray<FloatTensorRecord> device(records);
   Tensor partial = Tensor::empty({chunks}, DType::F64, Device::CUDA);
   Tensor tensor_sums = Tensor::empty({count}, DType::F64, Device::CUDA);
   launch("chunk_sum_of_squares", chunk_sum_of_squares_kernel, dim3(chunks), dim3(kThreads), 0, device.get(), count,
@@ -208,7 +191,7 @@ void scale_in_place(const std::vector<Tensor>& tensors, float scale) {
   int64_t total = 0;
   const std::vector<FloatTensorRecord> records = float_tensor_records(tensors, 1, total);
   if (records.empty()) return;
-  const DeviceRecords<FloatTensorRecord> device(records);
+  const DeviceArray<FloatTensorRecord> device(records);
   launch("scale_in_place", scale_in_place_kernel, dim3(blocks_for(total, kThreads)), dim3(kThreads), 0, device.get(),
          static_cast<int>(records.size()), total, scale);
 }

@@ -1,5 +1,7 @@
 // The CUDA backend's host side: one compute stream, memory from the stream-ordered pool, checked calls and copies.
 // The same file serves the real backend and the emulator (MOELAB_CUDA=SIM), whose cuda* functions run on the host.
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -20,6 +22,16 @@ static bool debug_sync_flag = [] {
 
 void set_debug_sync(bool on) { debug_sync_flag = on; }
 bool debug_sync() { return debug_sync_flag; }
+
+static std::atomic<int64_t> host_wait_count = 0;
+
+// Waits for everything queued on the compute stream, counted by host_waits().
+static void wait_for_stream(const char* what) {
+  host_wait_count.fetch_add(1, std::memory_order_relaxed);
+  check(cudaStreamSynchronize(stream()), what);
+}
+
+int64_t host_waits() { return host_wait_count.load(std::memory_order_relaxed); }
 
 void after_launch(const char* kernel) {
   check(cudaGetLastError(), kernel);
@@ -76,16 +88,39 @@ void release(void* ptr) {
   check(status, "cudaFreeAsync");
 }
 
+constexpr size_t kQueuedCopyBytes = 2048;  // a launch's parameters may take 4 KB
+struct QueuedBytes {
+  unsigned char bytes[kQueuedCopyBytes];
+};
+
+static __global__ void write_bytes_kernel(QueuedBytes block, int64_t count, unsigned char* out) {
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) out[i] = block.bytes[i];
+}
+
+void copy_to_device_queued(void* dst, const void* src, size_t bytes) {
+  for (size_t begin = 0; begin < bytes; begin += kQueuedCopyBytes) {
+    const size_t count = std::min(kQueuedCopyBytes, bytes - begin);
+    QueuedBytes block;
+    std::memcpy(block.bytes, static_cast<const unsigned char*>(src) + begin, count);
+    launch("copy_to_device_queued", write_bytes_kernel, dim3(1), dim3(256), 0, block, static_cast<int64_t>(count),
+           static_cast<unsigned char*>(dst) + begin);
+  }
+}
+
+// Up to 8 KB (four launches) the copy is queued: a host array that small is a kernel's arguments or a loss's
+// labels, and waiting for the device would cost more than the launches. Larger ones wait: a cudaMemcpyAsync from
+// pageable memory returns once the bytes are staged, and this returns once they have arrived.
 void copy_to_device(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return;
+  if (bytes <= 4 * kQueuedCopyBytes) return copy_to_device_queued(dst, src, bytes);
   check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream()), "copy host->device");
-  check(cudaStreamSynchronize(stream()), "copy host->device");
+  wait_for_stream("copy host->device");
 }
 
 void copy_to_host(void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return;
   check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream()), "copy device->host");
-  check(cudaStreamSynchronize(stream()), "copy device->host");
+  wait_for_stream("copy device->host");
 }
 
 void copy_on_device(void* dst, const void* src, size_t bytes) {
@@ -98,7 +133,7 @@ void set_zero(void* ptr, size_t bytes) {
   check(cudaMemsetAsync(ptr, 0, bytes, stream()), "cudaMemsetAsync");
 }
 
-void synchronize() { check(cudaStreamSynchronize(stream()), "cudaStreamSynchronize"); }
+void synchronize() { wait_for_stream("cudaStreamSynchronize"); }
 
 static cudaMemPool_t default_pool() {
   stream();  // the pool is set up with the stream
@@ -129,6 +164,7 @@ TimingEvent::~TimingEvent() { cudaEventDestroy(static_cast<cudaEvent_t>(event_))
 void TimingEvent::record() { check(cudaEventRecord(static_cast<cudaEvent_t>(event_), stream()), "cudaEventRecord"); }
 
 float TimingEvent::ms_since(const TimingEvent& start) const {
+  host_wait_count.fetch_add(1, std::memory_order_relaxed);
   check(cudaEventSynchronize(static_cast<cudaEvent_t>(event_)), "cudaEventSynchronize");
   float ms = 0;
   check(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start.event_), static_cast<cudaEvent_t>(event_)),

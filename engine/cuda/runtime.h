@@ -3,6 +3,7 @@
 // runtime.cu when moelab has a CUDA backend (nvcc, or the emulator of MOELAB_CUDA=SIM), and as "not built" errors in
 // runtime_stub.cpp otherwise. Kernels and their launches are in the other engine/cuda/*.cu files (device.cuh).
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace moelab::cuda {
@@ -17,11 +18,15 @@ std::string device_name();  // e.g. "NVIDIA H200" or "moelab CUDA emulator"
 // op, no return of memory to the driver at every synchronization).
 void* allocate(size_t bytes);
 void release(void* ptr);
-void copy_to_device(void* dst, const void* src, size_t bytes);  // returns when done (src may be freed at once)
+void copy_to_device(void* dst, const void* src, size_t bytes);  // stream-ordered; src may be freed at once
 void copy_to_host(void* dst, const void* src, size_t bytes);    // returns when done
 void copy_on_device(void* dst, const void* src, size_t bytes);  // stream-ordered
 void set_zero(void* ptr, size_t bytes);                         // stream-ordered
 void synchronize();
+// How many times the host has waited for the compute stream so far (copies to the host, copies to the device of more
+// than 8 KB, synchronize(), TimingEvent::ms_since): each wait drains the queue, and the device idles until the host
+// has queued the next kernels. moe-bench reports it per step (docs/performance.md, "Host waits").
+int64_t host_waits();
 
 // cuBLAS's switches (engine/cuda/blas.cu): f32 products on TF32 tensor cores (default off: f32 results match the
 // CPU's); the MoE experts' products as one grouped call per product (default) or one call per expert.

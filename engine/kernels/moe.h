@@ -41,13 +41,13 @@ DECLARE_KERNEL(moe_swiglu_backward, (const Tensor& gate_pre, const Tensor& up_pr
 // w_gate, w_up [E, h, d], w_down [E, d, h]:
 //   gate_pre = x_seg W_gate,e^T,  up_pre = x_seg W_up,e^T,  act = silu(gate_pre) * up_pre  [c_e, h]
 //   out_sorted = act W_down,e^T                                                            [c_e, d]
-// Experts with no rows cost nothing. The CUDA kernel reads the E+1 offsets on the host (the grouped GEMM's sizes): the
-// one device-to-host copy of the forward.
+// Experts with no rows cost nothing. offsets [E+1] are on the host (DispatchPlan::host_offsets): the grouped GEMMs'
+// sizes, which the host needs to queue them.
 // precision BF16 (f32 tensors only): every GEMM operand (x_sorted, the weights, act) is rounded to bf16 and the
 // products accumulate in f32 into the f32 outputs; act itself stays f32. The GPU multiplies bf16 copies; the CPU, its
 // reference, multiplies f32 copies holding the bf16 values with its f32 GEMM (bf16 x bf16 products are exact in f32).
 DECLARE_KERNEL(moe_grouped_swiglu_forward,
-               (const Tensor& x_sorted, const Tensor& offsets, const Tensor& w_gate, const Tensor& w_up,
+               (const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate, const Tensor& w_up,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
                 const Tensor& out_sorted, Precision precision))
 // Backward of one segment, given d_out_sorted:
@@ -55,12 +55,12 @@ DECLARE_KERNEL(moe_grouped_swiglu_forward,
 //   d_gate_pre, d_up_pre from d_act (moe_swiglu_backward)
 //   dW_gate,e = d_gate_pre^T x_seg                  dW_up,e = d_up_pre^T x_seg
 //   d_x_sorted = d_gate_pre W_gate,e + d_up_pre W_up,e
-// Every element of dw_gate, dw_up, dw_down is written: an expert with no rows gets zero. The CUDA kernel reads the
-// offsets on the host, as the forward does.
+// Every element of dw_gate, dw_up, dw_down is written: an expert with no rows gets zero. offsets on the host, as in the
+// forward.
 // precision BF16, as the forward: the operands (x_sorted, the weights, act, d_out_sorted, and d_gate_pre, d_up_pre
 // once computed) rounded to bf16, f32 accumulation; d_act, d_gate_pre, d_up_pre and every gradient stay f32.
 DECLARE_KERNEL(moe_grouped_swiglu_backward,
-               (const Tensor& x_sorted, const Tensor& offsets, const Tensor& w_gate, const Tensor& w_up,
+               (const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate, const Tensor& w_up,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
                 const Tensor& d_out_sorted, const Tensor& d_gate_pre, const Tensor& d_up_pre, const Tensor& d_x_sorted,
                 const Tensor& dw_gate, const Tensor& dw_up, const Tensor& dw_down, Precision precision))

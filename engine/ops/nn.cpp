@@ -41,8 +41,7 @@ static Tensor cross_entropy_backward(const Tensor& logits, const Tensor& targets
   return dlogits;
 }
 
-Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index,
-                     std::vector<double>* row_losses) {
+Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore_index, Tensor* row_losses) {
   const char* op = "cross_entropy";
   check_float(op, logits);
   check_index(op, targets);
@@ -56,7 +55,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
   Tensor lse = Tensor::empty({N}, logits.dtype(), logits.device());   // [N], for the backward
   Tensor row_loss = Tensor::empty({N}, DType::F64, logits.device());  // [N]
   KERNEL(cross_entropy_forward, logits.device())(logits, targets, ignore_index, count, loss, lse, row_loss);
-  if (row_losses) *row_losses = row_loss.to_vector<double>();
+  if (row_losses) *row_losses = row_loss;
   return record(op, loss, {logits, targets},
                 [logits = logits.detach(), targets = targets.detach(), lse, count,
                  ignore_index](const Tensor& g) -> std::vector<Tensor> {
