@@ -58,9 +58,15 @@ Loss MoEModel::loss(const Tensor& inputs, const Tensor& targets, const Tensor& d
   if (ed_scope && ed_scope->rest.size() != layers.size())
     throw std::invalid_argument(fmt::format("MoEModel::loss: the ED step scope has {} layers, the model {} MoE layers",
                                             ed_scope->rest.size(), layers.size()));
+  if (domains.defined() && domains.dtype() != DType::I32)
+    throw std::invalid_argument("MoEModel::loss: domains must be i32 [B], got " + domains.str());
   const RouterLossConfig& c = losses_;
   const EDGroups groups = ed_groups ? *ed_groups : EDGroups{domains, num_domains};
-  Tensor logits = lm_->forward(inputs);  // [B*T, V]; every MoE layer keeps its routing
+  Tensor logits;  // [B*T, V]; every MoE layer keeps its routing
+  {
+    DeferRouterChecks defer;  // checked below, in the one read
+    logits = lm_->forward(inputs);
+  }
   Tensor token_ce;                       // f64 [B*T], for the per-domain sums
   Tensor ce = cross_entropy(logits, targets, kIgnoreIndex, domains.defined() ? &token_ce : nullptr);
 

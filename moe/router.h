@@ -18,8 +18,6 @@ struct Routing {
   Tensor gates;       // [N, k]  p at expert_ids, divided by their sum when norm_topk
   Tensor logits_sum;  // []  finite exactly when every logit is (Router::check_logits_sum; no gradient)
   Tensor expert_counts;  // i32 [E]  slots routed to each expert: the dispatch's histogram (set by MoELayer::forward)
-
-  Routing detach() const;  // the same values cut from the graph (kept for statistics between steps)
 };
 
 // The routing step after softmax, as one op: per token the k most probable experts (descending p, ties -> lower id)
@@ -32,15 +30,29 @@ struct RouteGates {
 };
 RouteGates route_gates(const Tensor& probs, int64_t k, bool norm_topk);
 
+// On a GPU the finiteness check reads the logits' sum on the host: a wait for the device in every MoE layer. While
+// one of these is alive (on this thread), Router::forward on a GPU leaves the sum on the device (Routing::logits_sum)
+// for the caller to check with check_logits_sum: MoEModel::loss does, in its one read of the loss's numbers.
+class DeferRouterChecks {
+ public:
+  DeferRouterChecks();
+  ~DeferRouterChecks();
+  DeferRouterChecks(const DeferRouterChecks&) = delete;
+  DeferRouterChecks& operator=(const DeferRouterChecks&) = delete;
+  static bool active();
+
+ private:
+  bool was_active_;
+};
+
 class Router : public nn::Module {
  public:
   // `where` names the router in errors (e.g. "layers.1.moe.router"). Throws std::invalid_argument unless
   // 1 <= top_k <= n_experts.
   Router(int64_t dim, int64_t n_experts, int64_t top_k, bool norm_topk, double init_std, Generator& gen,
          std::string where = "router");
-  // h [N, d] -> Routing. On the CPU, throws std::runtime_error naming the router when the logits are not finite. On a
-  // GPU that check would make every MoE layer wait for the device once more: the sum stays there (Routing::
-  // logits_sum) until MoEModel::loss reads it with the loss's terms and calls check_logits_sum.
+  // h [N, d] -> Routing. Throws std::runtime_error naming the router when the logits are not finite; on a GPU, while
+  // a DeferRouterChecks is alive, the check is left to the caller (below).
   Routing forward(const Tensor& h) const;
   // Throws the error above unless logits_sum, the value of r.logits_sum, is finite.
   void check_logits_sum(const Routing& r, double logits_sum) const;

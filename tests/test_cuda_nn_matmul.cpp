@@ -578,7 +578,7 @@ TEST_CASE("cuda: blas: grouped gemm with empty problems, as one grouped call and
 }
 
 // bf16 values held in f32: the grouped call's TF32 products are exact, so it gives what bf16 -> f32 products give, to
-// f32 accumulation (not TF32's 1e-2). 100 problems: 300 pointers, more than one launch of write_pointers carries.
+// f32 accumulation (not TF32's 1e-2). 100 problems: 300 pointers, more than one queued copy's launch carries.
 TEST_CASE("cuda: blas: grouped gemm of bf16 values in f32 is exact on TF32 tensor cores" * cuda_only()) {
   constexpr int64_t kProblems = 100;
   std::vector<Stored> As, Bs, Cs;

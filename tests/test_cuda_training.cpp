@@ -178,6 +178,8 @@ TEST_CASE("cuda: training: a step waits for the device once per MoE layer and fo
   // its router.
   Tensor& weight = model.moe_layers()[1]->router.weight;
   copy_(weight, to_device(full(weight.shape(), NAN), Device::CUDA));
+  // Outside the loss (evaluation, analysis) the router checks at once.
+  testing::check_error<std::runtime_error>([&] { model.lm().forward(inputs); }, {".moe.router", "NaN or Inf"});
   testing::check_error<std::runtime_error>([&] { model.loss(inputs, targets, domains, 2); },
                                            {".moe.router", "NaN or Inf"});
 }

@@ -226,5 +226,11 @@ TEST_CASE("losses: bad input gives clear errors") {
   nn::ModelConfig too_many = nn::model_preset("tiny");
   too_many.top_k = 5;  // > n_experts = 4
   CHECK_THROWS_WITH_AS(MoEModel(too_many, {}, 1), doctest::Contains("top_k"), std::invalid_argument);
+  // The loss reads the domains on the host as i32: another dtype is an error, not a silent conversion.
+  MoEModel model(nn::model_preset("tiny"), {}, 1);
+  const int64_t T = model.lm().config().seq_len;
+  const Tensor tokens = zeros({1, T}, DType::I32), targets = zeros({T}, DType::I32);
+  CHECK_THROWS_WITH_AS(model.loss(tokens, targets, zeros({1}, DType::F32), 2), doctest::Contains("domains must be i32"),
+                       std::invalid_argument);
   CHECK_THROWS_WITH_AS(parse_enum<EDForm>("log", "moe.ed_form"), doctest::Contains("neglog | neg_jsd"), std::invalid_argument);
 }

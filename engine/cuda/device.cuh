@@ -37,8 +37,9 @@ void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, 
 inline unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 
 // Copies a few host bytes to the device in stream order without waiting: they travel as the parameters of a copying
-// kernel (2 KB a launch), which the launch itself copies, so src may be freed at once. copy_to_device instead waits,
-// and so does any cudaMemcpyAsync from pageable memory. For the small argument arrays of multi-tensor and grouped calls.
+// kernel (2 KB a launch), which the launch itself copies, so src may be freed at once. copy_to_device takes this way
+// up to 8 KB and waits above; a cudaMemcpyAsync from pageable memory would wait too. For the small argument arrays
+// of multi-tensor and grouped calls.
 void copy_to_device_queued(void* dst, const void* src, size_t bytes);
 
 // A host array's device copy, for the launches queued while it lives: made by copy_to_device_queued, freed in stream

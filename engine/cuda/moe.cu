@@ -255,7 +255,7 @@ void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Ten
 
 // ---- (e) grouped SwiGLU: one grouped GEMM per product, one problem per expert ---------------------------------------
 // Expert e's problem has m or k = c_e, its number of rows; gemm_grouped skips the empty ones, and zeroes C where only
-// k = 0, which gives an expert with no tokens its zero weight gradient. The offsets come to the host once per call.
+// k = 0, which gives an expert with no tokens its zero weight gradient. The offsets are the plan's host copy.
 // Under Precision::BF16 the products read copies of their operands rounded to bf16 (act's, d_gate_pre's and
 // d_up_pre's made by one launch each, once every expert's rows are computed) and write f32: bf16 x bf16 -> f32 with
 // f32 accumulation. cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), and a bf16 output widened

@@ -24,8 +24,8 @@ void copy_on_device(void* dst, const void* src, size_t bytes);  // stream-ordere
 void set_zero(void* ptr, size_t bytes);                         // stream-ordered
 void synchronize();
 // How many times the host has waited for the compute stream so far (copies to the host, copies to the device of more
-// than 8 KB, synchronize(), TimingEvent::ms_since): each wait drains the queue, and the device idles until the host
-// has queued the next kernels. moe-bench reports it per step (docs/performance.md, "Host waits").
+// than 8 KB, synchronize(); not the profiler's TimingEvent reads): each wait drains the queue, and the device idles
+// until the host has queued the next kernels. moe-bench reports it per step (docs/performance.md, "Host waits").
 int64_t host_waits();
 
 // cuBLAS's switches (engine/cuda/blas.cu): f32 products on TF32 tensor cores (default off: f32 results match the
