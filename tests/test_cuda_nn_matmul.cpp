@@ -19,6 +19,7 @@
 #include "engine/kernels/matmul.h"
 #include "engine/kernels/nn.h"
 #include "tests/cuda_testing.h"
+#include "tests/wmma_matmul.h"
 
 #if MOELAB_HAVE_CUDA
 #include "engine/cuda/blas.cuh"
@@ -635,5 +636,35 @@ TEST_CASE("cuda: blas: failures name the call and the sizes" * cuda_only()) {
                           {"gemm", "i32"});
 }
 #endif
+
+// Tensor cores through nvcuda::wmma: on the emulator its sim/mma.h, on a GPU the hardware; the CPU's sum in double of
+// the same bf16 values is the reference for both. bf16 x bf16 products are exact in f32, so only the f32 sums of
+// K = 80 terms differ (a few ulps of the sum of |terms| each), while a tile loaded from the wrong place, a
+// transposed operand or a lost element would be off by the size of the values.
+TEST_CASE("cuda: wmma: a tensor-core product of bf16 tiles is the CPU's sum of the exact products" * cuda_only()) {
+  const int64_t M = 48, N = 64, K = 80;
+  const float alpha = 0.5f;
+  const Tensor a = to_dtype(random({M, K}, 71, DType::F32), DType::BF16);
+  const Tensor b = to_dtype(random({N, K}, 72, DType::F32), DType::BF16);
+  const Tensor c = random({M, N}, 73, DType::F32);
+  Tensor c_gpu = to_gpu(c);
+  testing::wmma_matmul(to_gpu(a), to_gpu(b), alpha, c_gpu);
+  const std::vector<double> av = to_dtype(a, DType::F64).to_vector<double>(),
+                            bv = to_dtype(b, DType::F64).to_vector<double>();
+  const std::vector<float> cv = c.to_vector<float>(), got = c_gpu.to_vector<float>();
+  double worst = 0;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) {
+      double sum = 0, magnitude = 0;
+      for (int64_t k = 0; k < K; ++k)
+        sum += av[i * K + k] * bv[j * K + k], magnitude += std::abs(av[i * K + k] * bv[j * K + k]);
+      const double expected = cv[i * N + j] + alpha * sum;
+      const double error = std::abs(got[i * N + j] - expected) / (std::abs(cv[i * N + j]) + alpha * magnitude);
+      worst = std::max(worst, error);
+    }
+  CHECK_MESSAGE(worst < 1e-5, "worst error relative to the sum of |terms|: " << worst);
+  CHECK_THROWS_WITH_AS(testing::wmma_matmul(to_gpu(a), to_gpu(b), alpha, to_gpu(random({M, 32}, 74, DType::F32))),
+                       doctest::Contains("needs bf16 a [M, K]"), std::invalid_argument);
+}
 
 }  // namespace moelab

@@ -67,13 +67,13 @@ template <class T> class DeviceArray {
 
 // Block shared memory. SHARED_ARRAY(float, partial, 32) declares `partial`: 32 floats that every thread of the block
 // sees (the emulator gives each block its own, filled with NaN, as uninitialized shared memory may hold anything).
-// DYNAMIC_SHARED(float, buffer) is the launch's shared_bytes, 16-byte aligned.
+// DYNAMIC_SHARED(float, buffer) is the launch's shared_bytes, 128-byte aligned (wmma's loads and stores need 32).
 #if MOELAB_CUDA_SIM
 #define SHARED_ARRAY(type, name, count) type* name = ::moelab::sim::shared_array<type>(count)
 #define DYNAMIC_SHARED(type, name) type* name = ::moelab::sim::dynamic_shared<type>()
 #else
 #define SHARED_ARRAY(type, name, count) __shared__ type name[count]
-#define DYNAMIC_SHARED(type, name)                                       \
-  extern __shared__ __align__(16) unsigned char moelab_dynamic_shared[]; \
+#define DYNAMIC_SHARED(type, name)                                        \
+  extern __shared__ __align__(128) unsigned char moelab_dynamic_shared[]; \
   type* name = reinterpret_cast<type*>(moelab_dynamic_shared)
 #endif

@@ -572,7 +572,7 @@ void run_kernel(const char* name, const void* kernel, dim3 grid, dim3 block, siz
       for (unsigned x = 0; x < block.x; ++x) launch.threads.emplace_back().idx = {x, y, z};
     }
   }
-  launch.dynamic_shared = std::make_unique<SharedBytes>(dynamic_shared, 16, std::source_location::current());
+  launch.dynamic_shared = std::make_unique<SharedBytes>(dynamic_shared, 128, std::source_location::current());
   blockDim = block;
   gridDim = grid;
 

@@ -1,0 +1,13 @@
+#pragma once
+// A tensor-core product for the tests, written with nvcuda::wmma (tests/wmma_matmul.cu): on the emulator it checks
+// the emulator's wmma (engine/cuda/sim/mma.h) against the CPU; on a GPU the same source checks the hardware's, and so
+// that the emulator means what the hardware does.
+#include "engine/tensor.h"
+
+namespace moelab::testing {
+
+// c = alpha * a b^T + c on the GPU: a [M, K] and b [N, K] bf16, c [M, N] f32, all CUDA and contiguous; M and K
+// multiples of 16, N of 32.
+void wmma_matmul(const Tensor& a, const Tensor& b, float alpha, const Tensor& c);
+
+}  // namespace moelab::testing
