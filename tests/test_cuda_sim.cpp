@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "engine/cuda/device.cuh"
+#include "engine/cuda/mma.cuh"
 #include "tests/testing.h"
 
 namespace {
@@ -109,6 +110,24 @@ __global__ void block_sum(const float* in, float* out, bool sync_each_step) {
 
 // Each thread adds its left neighbour's input, which that neighbour stored just before; `sync` false leaves out the
 // barrier in between.
+// One warp: the lanes write a 16 x 16 bf16 tile into shared memory, each its 32nd share, then multiply it by the
+// identity with wmma and store the product to out (f32). Without the __syncwarp a lane can load the tile before the
+// others have written it. shift moves the tile's pointer by that many elements (misaligned when not a multiple of 16).
+__global__ void wmma_shared_tile(const __nv_bfloat16* identity, float* out, bool sync, int shift) {
+  using namespace nvcuda;
+  DYNAMIC_SHARED(__nv_bfloat16, tile);
+  for (int e = static_cast<int>(threadIdx.x); e < 256; e += 32) tile[shift + e] = __float2bfloat16(float(e + 1));
+  if (sync) __syncwarp();
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+  wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
+  wmma::load_matrix_sync(a, tile + shift, 16);
+  wmma::load_matrix_sync(b, identity, 16);
+  wmma::fill_fragment(c, 0.0f);
+  wmma::mma_sync(c, a, b, c);
+  wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+}
+
 __global__ void add_left_neighbour(const float* in, float* out, bool sync) {
   SHARED_ARRAY(float, values, 256);
   unsigned t = threadIdx.x;
@@ -414,6 +433,34 @@ TEST_CASE("sim: a missing __syncthreads is caught") {
     CHECK(neighbours_right(true));
     CHECK_FALSE(neighbours_right(false));
   }
+}
+
+// The emulator's wmma (engine/cuda/sim/mma.h) orders no memory, as the GPU's: a missing __syncwarp before a load
+// of what other lanes stored reads stale shared memory (NaN) under both schedules, and a pointer the tensor cores
+// cannot take fails the launch.
+TEST_CASE("sim: wmma: a load without __syncwarp after the lanes' stores is caught; a misaligned tile is refused") {
+  std::vector<__nv_bfloat16> identity(256, __float2bfloat16(0.0f));
+  for (int i = 0; i < 16; ++i) identity[size_t(i * 17)] = __float2bfloat16(1.0f);
+  DeviceArray<__nv_bfloat16> device_identity(identity);
+  DeviceArray<float> out(256);
+  const size_t shared = 512 * sizeof(__nv_bfloat16);
+  auto product_is_tile = [&](bool sync) {
+    launch("wmma_shared_tile", wmma_shared_tile, dim3(1), dim3(32), shared, device_identity.get(), out.get(), sync, 0);
+    std::vector<float> got = out.to_host();
+    for (int e = 0; e < 256; ++e)
+      if (got[size_t(e)] != float(e + 1)) return false;
+    return true;
+  };
+  for (Schedule schedule : {Schedule::forward, Schedule::shuffled}) {
+    ScheduleScope scope(schedule);
+    CHECK(product_is_tile(true));
+    CHECK_FALSE(product_is_tile(false));
+  }
+  const std::string report = error_of([&] {
+    launch("wmma_shared_tile", wmma_shared_tile, dim3(1), dim3(32), shared, device_identity.get(), out.get(), true, 8);
+  });
+  CHECK(report.find("wmma_shared_tile") != std::string::npos);
+  CHECK(report.find("32-byte aligned") != std::string::npos);
 }
 
 TEST_CASE("sim: deadlocks name the kernel, the block and where each thread waits") {

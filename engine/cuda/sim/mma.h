@@ -1,6 +1,6 @@
 #pragma once
 // nvcuda::wmma for the emulator: the warp-level matrix products of nvcc's <mma.h> (the tensor cores), in the shape
-// and types moelab's kernels use: m16n16k16, bf16 or half inputs, f32 accumulators.
+// and types moelab's kernels use: m16n16k16, bf16 inputs, f32 accumulators.
 //
 // On a GPU a fragment's elements are spread over the 32 lanes of a warp in an unspecified order. Here every lane
 // holds the whole tile, row-major: code that does the same to every element of a fragment (fill, scale, convert)
@@ -60,6 +60,8 @@ inline unsigned lane() {
 
 template <class Use, int M, int N, int K, class T, class Layout = void> struct fragment {
   static_assert(M == 16 && N == 16 && K == 16, "the emulator has wmma's m16n16k16 shape only");
+  static_assert(std::is_same_v<Use, accumulator> ? std::is_same_v<T, float> : std::is_same_v<T, __nv_bfloat16>,
+                "the emulator has bf16 inputs and f32 accumulators only");
   static constexpr int num_elements = detail::Tile<Use, M, N, K>::rows * detail::Tile<Use, M, N, K>::cols;
   T x[num_elements];  // element (r, c) is x[r * cols + c], the tile being rows x cols (detail::Tile)
 };
@@ -101,7 +103,7 @@ void store_matrix_sync(T* p, const fragment<accumulator, M, N, K, T>& f, unsigne
     p[detail::offset(e / N, e % N, ldm, layout == mem_row_major)] = f.x[e];
 }
 
-// d = a b + c with f32 accumulation, over k in order (the products of bf16 or half values are exact in f32; a GPU
+// d = a b + c with f32 accumulation, over k in order (the products of bf16 values are exact in f32; a GPU
 // adds them in its own order). d may be c.
 template <int M, int N, int K, class TA, class LA, class TB, class LB, class TC>
 void mma_sync(fragment<accumulator, M, N, K, TC>& d, const fragment<matrix_a, M, N, K, TA, LA>& a,
