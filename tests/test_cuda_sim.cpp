@@ -108,26 +108,33 @@ __global__ void block_sum(const float* in, float* out, bool sync_each_step) {
   if (t == 0) *out = partial[0];
 }
 
-// Each thread adds its left neighbour's input, which that neighbour stored just before; `sync` false leaves out the
-// barrier in between.
-// One warp: the lanes write a 16 x 16 bf16 tile into shared memory, each its 32nd share, then multiply it by the
-// identity with wmma and store the product to out (f32). Without the __syncwarp a lane can load the tile before the
-// others have written it. shift moves the tile's pointer by that many elements (misaligned when not a multiple of 16).
-__global__ void wmma_shared_tile(const __nv_bfloat16* identity, float* out, bool sync, int shift) {
+// One warp: the lanes write a 16 x 16 bf16 tile into shared memory, each its 32nd share, multiply it (as LayoutA
+// reads it: the tile or its transpose) by the shift matrix with wmma, and store the product to out in the matching
+// layout. Without the __syncwarp a lane can load the tile before the others have written it. shift moves the tile's
+// pointer by that many elements (misaligned when not a multiple of 16); split_calls puts lane 0 at another mma_sync.
+template <class LayoutA>
+__global__ void wmma_shared_tile(const __nv_bfloat16* shift_matrix, float* out, bool sync, int shift,
+                                 bool split_calls) {
   using namespace nvcuda;
   DYNAMIC_SHARED(__nv_bfloat16, tile);
   for (int e = static_cast<int>(threadIdx.x); e < 256; e += 32) tile[shift + e] = __float2bfloat16(float(e + 1));
   if (sync) __syncwarp();
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> a;
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, LayoutA> a;
   wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> b;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
   wmma::load_matrix_sync(a, tile + shift, 16);
-  wmma::load_matrix_sync(b, identity, 16);
-  wmma::fill_fragment(c, 0.0f);
-  wmma::mma_sync(c, a, b, c);
-  wmma::store_matrix_sync(out, c, 16, wmma::mem_row_major);
+  wmma::load_matrix_sync(b, shift_matrix, 16);
+  wmma::fill_fragment(c, 0);
+  if (split_calls && threadIdx.x == 0)
+    wmma::mma_sync(c, a, b, c);
+  else
+    wmma::mma_sync(c, a, b, c);
+  constexpr bool transposed = std::is_same_v<LayoutA, wmma::col_major>;
+  wmma::store_matrix_sync(out, c, 16, transposed ? wmma::mem_col_major : wmma::mem_row_major);
 }
 
+// Each thread adds its left neighbour's input, which that neighbour stored just before; `sync` false leaves out the
+// barrier in between.
 __global__ void add_left_neighbour(const float* in, float* out, bool sync) {
   SHARED_ARRAY(float, values, 256);
   unsigned t = threadIdx.x;
@@ -435,32 +442,57 @@ TEST_CASE("sim: a missing __syncthreads is caught") {
   }
 }
 
-// The emulator's wmma (engine/cuda/sim/mma.h) orders no memory, as the GPU's: a missing __syncwarp before a load
-// of what other lanes stored reads stale shared memory (NaN) under both schedules, and a pointer the tensor cores
-// cannot take fails the launch.
-TEST_CASE("sim: wmma: a load without __syncwarp after the lanes' stores is caught; a misaligned tile is refused") {
-  std::vector<__nv_bfloat16> identity(256, __float2bfloat16(0.0f));
-  for (int i = 0; i < 16; ++i) identity[size_t(i * 17)] = __float2bfloat16(1.0f);
-  DeviceArray<__nv_bfloat16> device_identity(identity);
+// The emulator's wmma (engine/cuda/sim/mma.h), stricter than NVIDIA's documentation about memory: a missing
+// __syncwarp before a load of what other lanes stored reads stale shared memory (NaN) under both schedules. The
+// shift matrix is not symmetric, so a swapped layout of b or of the store shows; a col_major a with a mem_col_major
+// store gives (a^T S)^T. A tile the tensor cores cannot take, lanes at different calls, and a partial warp fail the
+// launch.
+TEST_CASE("sim: wmma: layouts, a load without __syncwarp after the lanes' stores, and launches that must fail") {
+  using nvcuda::wmma::col_major;
+  using nvcuda::wmma::row_major;
+  std::vector<__nv_bfloat16> shift(256, __float2bfloat16(0.0f));  // S[k][(k + 1) % 16] = 1: (A S)[r][n] = A[r][n - 1]
+  for (int k = 0; k < 16; ++k) shift[size_t(k * 16 + (k + 1) % 16)] = __float2bfloat16(1.0f);
+  DeviceArray<__nv_bfloat16> device_shift(shift);
   DeviceArray<float> out(256);
   const size_t shared = 512 * sizeof(__nv_bfloat16);
-  auto product_is_tile = [&](bool sync) {
-    launch("wmma_shared_tile", wmma_shared_tile, dim3(1), dim3(32), shared, device_identity.get(), out.get(), sync, 0);
+  auto run = [&](auto kernel, bool sync, int offset, bool split, unsigned threads) {
+    launch("wmma_shared_tile", kernel, dim3(1), dim3(threads), shared, device_shift.get(), out.get(), sync, offset,
+           split);
+  };
+  // The tile holds e + 1 at e = 16 r + c. Row-major a: out[16 r + n] = tile[r][n - 1]; col-major a and store:
+  // out[16 n + r] = (a^T S)[r][n] = tile[n - 1][r].
+  auto product_is_right = [&](bool transposed, bool sync) {
+    if (transposed)
+      run(wmma_shared_tile<col_major>, sync, 0, false, 32);
+    else
+      run(wmma_shared_tile<row_major>, sync, 0, false, 32);
     std::vector<float> got = out.to_host();
-    for (int e = 0; e < 256; ++e)
-      if (got[size_t(e)] != float(e + 1)) return false;
+    for (int r = 0; r < 16; ++r)
+      for (int n = 0; n < 16; ++n) {
+        const float expected = transposed ? float(16 * ((n + 15) % 16) + r + 1) : float(16 * r + (n + 15) % 16 + 1);
+        if (got[size_t(transposed ? 16 * n + r : 16 * r + n)] != expected) return false;
+      }
     return true;
   };
   for (Schedule schedule : {Schedule::forward, Schedule::shuffled}) {
     ScheduleScope scope(schedule);
-    CHECK(product_is_tile(true));
-    CHECK_FALSE(product_is_tile(false));
+    for (bool transposed : {false, true}) {
+      CAPTURE(transposed);
+      CHECK(product_is_right(transposed, true));
+      CHECK_FALSE(product_is_right(transposed, false));
+    }
   }
-  const std::string report = error_of([&] {
-    launch("wmma_shared_tile", wmma_shared_tile, dim3(1), dim3(32), shared, device_identity.get(), out.get(), true, 8);
-  });
+  auto report_of = [&](int offset, bool split, unsigned threads) {
+    return error_of([&] { run(wmma_shared_tile<row_major>, true, offset, split, threads); });
+  };
+  std::string report = report_of(8, false, 32);
   CHECK(report.find("wmma_shared_tile") != std::string::npos);
   CHECK(report.find("32-byte aligned") != std::string::npos);
+  report = report_of(0, true, 32);
+  CHECK(report.find("deadlocked") != std::string::npos);
+  CHECK(report.find("wmma::*_sync") != std::string::npos);
+  report = report_of(0, false, 16);
+  CHECK(report.find("whole warps") != std::string::npos);
 }
 
 TEST_CASE("sim: deadlocks name the kernel, the block and where each thread waits") {

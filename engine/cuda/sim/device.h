@@ -49,6 +49,7 @@ enum class Barrier : uint8_t {
   ballot,
   any,
   all,
+  wmma,  // a wmma::*_sync call (sim/mma.h): the whole warp, at the same call
 };
 
 // The calling thread waits at `barrier` (for a warp collective: with the lanes of `mask`) and gets its result: a

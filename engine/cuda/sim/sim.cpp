@@ -177,6 +177,7 @@ const char* barrier_name(Barrier barrier) {
     case Barrier::ballot: return "__ballot_sync";
     case Barrier::any: return "__any_sync";
     case Barrier::all: return "__all_sync";
+    case Barrier::wmma: return "wmma::*_sync";
   }
   return "?";
 }
@@ -230,7 +231,8 @@ void complete_collective(Thread* warp, unsigned group) {
       case Barrier::ballot: thread.result = votes; break;
       case Barrier::any: thread.result = votes != 0; break;
       case Barrier::all: thread.result = votes == group; break;
-      case Barrier::syncwarp: break;
+      case Barrier::syncwarp:
+      case Barrier::wmma: break;
       default: thread.result = shuffled_value(warp, group, lane); break;
     }
     thread.state = ThreadState::runnable;
@@ -262,7 +264,8 @@ void arrive_at_block_barrier(Launch& launch) {
   launch.at_block_barrier = 0;
 }
 
-// A warp collective: every lane of its mask (that the block has) at the same collective with the same mask.
+// A warp collective: every lane of its mask (that the block has) at the same collective with the same mask; for
+// wmma's, also at the same call.
 void arrive_at_warp_collective(Launch& launch, Thread& thread) {
   size_t index = size_t(&thread - launch.threads.data()), first = index & ~size_t(31);
   unsigned lanes = unsigned(std::min<size_t>(32, launch.threads.size() - first));
@@ -273,7 +276,9 @@ void arrive_at_warp_collective(Launch& launch, Thread& thread) {
   if ((waiting & group) != group) return;
   Thread* warp = &launch.threads[first];
   for (unsigned lane = 0; lane < 32; ++lane) {
-    if (((group >> lane) & 1) && (warp[lane].barrier != thread.barrier || warp[lane].mask != thread.mask)) return;
+    if (((group >> lane) & 1) && (warp[lane].barrier != thread.barrier || warp[lane].mask != thread.mask ||
+                                  (thread.barrier == Barrier::wmma && !same_place(warp[lane].where, thread.where))))
+      return;
   }
   complete_collective(warp, group);
   waiting &= ~group;
