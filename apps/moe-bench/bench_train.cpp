@@ -557,12 +557,9 @@ void run_train_bench(const TrainBenchOptions& opts) {
       fmt::print("fastest PyTorch variant: {} ({:.2f} ms/step); moelab / fastest: {:.2f}x (tokens/s)\n",
                  fastest->variant, fastest_ms, fastest_ms / ours_ms);
     }
-    if (ours.host_waits >= 0) {
-      int64_t moe_layers = 0;
-      for (int64_t l = 0; l < config.n_layers; ++l) moe_layers += config.is_moe_layer(l);
+    if (ours.host_waits >= 0)
       fmt::print("our step waits for the device {} times (host syncs; the group sizes need one per MoE layer: {})\n",
-                 ours.host_waits, moe_layers);
-    }
+                 ours.host_waits, model.moe_layers().size());
     for (const TorchResult& t : torch) {
       if (!t.skipped.empty() || !t.error.empty()) continue;
       if (!t.version.empty() && &t == &torch.front()) fmt::print("torch version: {}\n", t.version);

@@ -294,14 +294,13 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
                                 const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const std::vector<int32_t>& o = offsets;
   const bool bf16 = precision == Precision::BF16;
   const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
                wd = operand(w_down, bf16), act_op = operand_buffer(act, bf16);
   const DType ab = x.dtype(), c_type = x_sorted.dtype();
   std::vector<GemmProblem> gate_and_up, down;
   for (int64_t e = 0; e < n_experts; ++e) {
-    const int64_t begin = o[e], c = o[e + 1] - o[e];
+    const int64_t begin = offsets[e], c = offsets[e + 1] - offsets[e];
     const char* xs = row_of(x, begin, d);  // [c, d]
     // gate_pre = x W_gate^T, up_pre = x W_up^T: [c, d] x [h, d]^T -> [c, h]
     gate_and_up.push_back({c, h, d, xs, d, row_of(wg, e * h, d), d, row_of(gate_pre, begin, h), h});
@@ -321,7 +320,6 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                                  const Tensor& d_up_pre, const Tensor& d_x_sorted, const Tensor& dw_gate,
                                  const Tensor& dw_up, const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const std::vector<int32_t>& o = offsets;
   const bool bf16 = precision == Precision::BF16;
   const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
                wd = operand(w_down, bf16), act_op = operand(act, bf16), d_out_op = operand(d_out_sorted, bf16);
@@ -329,7 +327,7 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
   const DType ab = x.dtype(), c_type = x_sorted.dtype();
   std::vector<GemmProblem> d_act, dw_down_products, dw_gate_and_up, dx_from_gate, dx_from_up;
   for (int64_t e = 0; e < n_experts; ++e) {
-    const int64_t begin = o[e], c = o[e + 1] - o[e];
+    const int64_t begin = offsets[e], c = offsets[e + 1] - offsets[e];
     const char* xs = row_of(x, begin, d);              // [c, d]
     const char* d_out = row_of(d_out_op, begin, d);    // [c, d]
     char* d_act_out = row_of(d_gate_pre, begin, h);    // [c, h]: d_gate_pre holds d_act first
