@@ -232,8 +232,8 @@ TEST_CASE("cuda: nn: causal attention kernels match the CPU" * cuda_only()) {
           const Tensor qd = on(q, device), kd = on(k, device), vd = on(v, device), gd = on(g, device);
           std::vector<Tensor> o{empty_like_on(qd, device), Tensor::empty({2, 3, T}, dtype, device),
                                 empty_like_on(qd, device), empty_like_on(qd, device), empty_like_on(qd, device)};
-          KERNEL(attention_forward, device)(qd, kd, vd, o[0], o[1]);
-          KERNEL(attention_backward, device)(qd, kd, vd, o[0], o[1], gd, o[2], o[3], o[4]);
+          KERNEL(attention_forward, device)(qd, kd, vd, o[0], o[1], Precision::FP32);
+          KERNEL(attention_backward, device)(qd, kd, vd, o[0], o[1], gd, o[2], o[3], o[4], Precision::FP32);
           return o;
         };
         const std::vector<Tensor> cpu = run(Device::CPU), gpu = run(Device::CUDA);
@@ -245,10 +245,49 @@ TEST_CASE("cuda: nn: causal attention kernels match the CPU" * cuda_only()) {
   // Longer heads than the kernels' tiles take are refused by name.
   const Tensor q = on(random({1, 3, 1, 136}, 44, DType::F64), Device::CUDA);
   const Tensor out = empty_like_on(q, Device::CUDA), lse = Tensor::empty({1, 1, 3}, DType::F64, Device::CUDA);
-  CHECK(testing::error_of([&] { KERNEL(attention_forward, Device::CUDA)
-                                (q, q, q, out, lse); })
-            .find("head dims up to 256 (f32) "
-                  "or 128 (f64), got 136") != std::string::npos);
+  const auto forward = [&] { KERNEL(attention_forward, Device::CUDA)(q, q, q, out, lse, Precision::FP32); };
+  CHECK(testing::error_of(forward).find("head dims up to 256 (f32) or 128 (f64), got 136") != std::string::npos);
+}
+
+// Precision::BF16: the tensor-core kernels (nvcuda::wmma; in the emulator the same source, engine/cuda/sim/mma.h)
+// against the CPU's kernels, which round the same values: they differ by f32 sums in other orders, and so at times
+// in a p or ds that lies near a bf16 rounding boundary and rounds the other way. Head dims 16, 20 and 64 (padded to 16, 32, 64) and 96 (to 128); 1 to 3 tiles of 64
+// rows (T = 130: a partial third).
+TEST_CASE("cuda: nn: bf16 causal attention on the tensor cores matches the CPU's bf16 kernels" * cuda_only()) {
+  for (int64_t T : {1, 33, 130}) {
+    for (int64_t Dh : {16, 20, 64, 96}) {
+      const Shape shape{2, T, 3, Dh};
+      const Tensor q = random(shape, 60 + T, DType::F32), k = random(shape, 61, DType::F32),
+                   v = random(shape, 62, DType::F32), g = random(shape, 63, DType::F32);
+      auto run = [&](Device device, Precision precision) {
+        const Tensor qd = on(q, device), kd = on(k, device), vd = on(v, device), gd = on(g, device);
+        std::vector<Tensor> o{empty_like_on(qd, device), Tensor::empty({2, 3, T}, DType::F32, device),
+                              empty_like_on(qd, device), empty_like_on(qd, device), empty_like_on(qd, device)};
+        KERNEL(attention_forward, device)(qd, kd, vd, o[0], o[1], precision);
+        KERNEL(attention_backward, device)(qd, kd, vd, o[0], o[1], gd, o[2], o[3], o[4], precision);
+        return o;
+      };
+      const std::vector<Tensor> cpu = run(Device::CPU, Precision::BF16), gpu = run(Device::CUDA, Precision::BF16);
+      const char* names[] = {" out", " lse", " dq", " dk", " dv"};
+      for (size_t i = 0; i < cpu.size(); ++i) {
+        const std::string what = shape_str(shape) + names[i];
+        if (T == 1 && (i == 2 || i == 3)) {  // one key: ds = p (g . v - g . out) is 0 but for rounding, so are dq, dk
+          for (double x : testing::as_doubles(gpu[i])) CHECK_MESSAGE(std::abs(x) < 1e-6, what);
+          continue;
+        }
+        // Measured: up to 9e-5 (dq and dk at Dh 96, where g . v - D cancels most), in the few rows where a p or ds
+        // rounded the other way; elsewhere ~1e-7. Without the rounding of p and ds the error would be ~2e-3.
+        CHECK_MESSAGE(testing::relative_norm_error(gpu[i], cpu[i]) < 3e-4, what);
+      }
+      // The rounding is there: f32 attention gives another output.
+      CHECK(testing::relative_norm_error(gpu[0], run(Device::CPU, Precision::FP32)[0]) > 5e-4);
+    }
+  }
+  const Tensor q = on(random({1, 3, 1, 136}, 64, DType::F32), Device::CUDA);
+  const Tensor out = empty_like_on(q, Device::CUDA), lse = Tensor::empty({1, 1, 3}, DType::F32, Device::CUDA);
+  const auto forward = [&] { KERNEL(attention_forward, Device::CUDA)(q, q, q, out, lse, Precision::BF16); };
+  CHECK(testing::error_of(forward).find("bf16 attention on the tensor cores takes head dims up to 128, got 136") !=
+        std::string::npos);
 }
 
 // ---- the ops through autograd ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "engine/precision.h"
 #include "tests/testing.h"
 
 namespace moelab {
@@ -410,6 +411,98 @@ TEST_CASE("ops:nn causal_attention gradients: gradcheck of q k v and f32 vs f64"
   for (Shape s : {Shape{2, 17, 3, 8}, Shape{1, 33, 2, 20}, Shape{1, 64, 1, 16}})
     check_f32_grads_match_f64(loss, {random(s, 37, DType::F64), random(s, 38, DType::F64), random(s, 39, DType::F64)},
                               1e-4, "causal_attention");
+}
+
+namespace {
+
+// Causal attention's output and its gradients for the output gradient g, in double, from explicit T x T scores, with
+// bf16 rounding where asked: `operands` rounds q, k, v and g; `weights` rounds p_ij where it weights v_j and g_i, and
+// ds_ij where it weights k_j and q_i (engine/kernels/nn.h, Precision::BF16).
+std::vector<Tensor> ref_attention_and_gradients(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                                                bool operands, bool weights) {
+  auto bf16_value = [](double x) { return static_cast<double>(to_float(to_bf16(static_cast<float>(x)))); };
+  auto values = [&](const Tensor& t) {
+    std::vector<double> x = as_doubles(t);
+    if (operands)
+      for (double& e : x) e = bf16_value(e);
+    return x;
+  };
+  const std::vector<double> qs = values(q), ks = values(k), vs = values(v), gs = values(g);
+  std::vector<double> out(qs.size()), dq(qs.size()), dk(qs.size()), dv(qs.size());
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
+  const double scale = 1 / std::sqrt(static_cast<double>(Dh));
+  auto at = [&](int64_t b, int64_t t, int64_t h) { return ((b * T + t) * H + h) * Dh; };
+  auto dot = [&](const std::vector<double>& x, int64_t xi, const std::vector<double>& y, int64_t yi) {
+    double s = 0;
+    for (int64_t e = 0; e < Dh; ++e) s += x[xi + e] * y[yi + e];
+    return s;
+  };
+  std::vector<double> p(T * T);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t i = 0; i < T; ++i) {
+        double m = -INFINITY, z = 0;
+        for (int64_t j = 0; j <= i; ++j) m = std::max(m, dot(qs, at(b, i, h), ks, at(b, j, h)) * scale);
+        for (int64_t j = 0; j <= i; ++j) z += std::exp(dot(qs, at(b, i, h), ks, at(b, j, h)) * scale - m);
+        for (int64_t j = 0; j <= i; ++j) {
+          p[i * T + j] = std::exp(dot(qs, at(b, i, h), ks, at(b, j, h)) * scale - m) / z;
+          const double weight = weights ? bf16_value(p[i * T + j]) : p[i * T + j];
+          for (int64_t e = 0; e < Dh; ++e) {
+            out[at(b, i, h) + e] += weight * vs[at(b, j, h) + e];
+            dv[at(b, j, h) + e] += weight * gs[at(b, i, h) + e];
+          }
+        }
+      }
+      for (int64_t i = 0; i < T; ++i) {
+        const double D = dot(gs, at(b, i, h), out, at(b, i, h));
+        for (int64_t j = 0; j <= i; ++j) {
+          const double ds = p[i * T + j] * (dot(gs, at(b, i, h), vs, at(b, j, h)) - D) * scale;
+          const double weight = weights ? bf16_value(ds) : ds;
+          for (int64_t e = 0; e < Dh; ++e) {
+            dq[at(b, i, h) + e] += weight * ks[at(b, j, h) + e];
+            dk[at(b, j, h) + e] += weight * qs[at(b, i, h) + e];
+          }
+        }
+      }
+    }
+  return {f64_tensor(out, q.shape()), f64_tensor(dq, q.shape()), f64_tensor(dk, q.shape()), f64_tensor(dv, q.shape())};
+}
+
+}  // namespace
+
+// The reference rounds the same values in double: the kernel's f32 sums and softmax leave ~1e-7, and a p or ds that
+// lies at a bf16 rounding boundary may round the other way (~1e-5 each). Without the rounding of p and ds, or of
+// q, k, v and g, the results move by far more.
+TEST_CASE("ops:nn causal_attention under bf16 precision rounds the operands of its products") {
+  for (Shape shape : {Shape{2, 33, 3, 20}, Shape{1, 64, 2, 16}}) {
+    const Tensor q = random(shape, 50, DType::F32), k = random(shape, 51, DType::F32),
+                 v = random(shape, 52, DType::F32), g = random(shape, 53, DType::F32);
+    std::vector<Tensor> ours;
+    {
+      PrecisionGuard bf16(Precision::BF16);
+      Tensor ql = q.detach().set_requires_grad(), kl = k.detach().set_requires_grad(),
+             vl = v.detach().set_requires_grad();
+      const Tensor out = causal_attention(ql, kl, vl);
+      sum(mul(out, g)).backward();
+      ours = {out, ql.grad(), kl.grad(), vl.grad()};
+    }
+    const std::vector<Tensor> rounded = ref_attention_and_gradients(q, k, v, g, true, true),
+                              unrounded_weights = ref_attention_and_gradients(q, k, v, g, true, false),
+                              unrounded = ref_attention_and_gradients(q, k, v, g, false, false);
+    const char* names[] = {"out", "dq", "dk", "dv"};
+    for (size_t i = 0; i < ours.size(); ++i) {
+      const std::string what = fmt::format("{} {}", shape_str(shape), names[i]);
+      // Measured: 2e-8 to 1.1e-7; without rounding p and ds 1.4e-3 to 2.1e-3, without any rounding 2.5e-3 to 4.7e-3.
+      CHECK_MESSAGE(testing::relative_norm_error(ours[i], rounded[i]) < 1e-5, what);
+      CHECK_MESSAGE(testing::relative_norm_error(unrounded_weights[i], rounded[i]) > 5e-4, what);
+      CHECK_MESSAGE(testing::relative_norm_error(unrounded[i], rounded[i]) > 5e-4, what);
+    }
+  }
+  // f64 is never rounded.
+  const Tensor q = random({1, 9, 2, 8}, 54, DType::F64), k = random({1, 9, 2, 8}, 55, DType::F64);
+  const Tensor plain = causal_attention(q, k, q);
+  PrecisionGuard bf16(Precision::BF16);
+  CHECK(testing::bitwise_equal(causal_attention(q, k, q), plain));
 }
 
 TEST_CASE("ops:nn causal_attention bad use throws") {

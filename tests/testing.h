@@ -190,6 +190,16 @@ inline double max_relative_error(const Tensor& actual, const Tensor& expected, d
   return worst;
 }
 
+// ||actual - expected|| / ||expected|| (Euclidean norms over all elements): an error that a few rounding flips move
+// little, but a systematic difference in every element moves by its size.
+inline double relative_norm_error(const Tensor& actual, const Tensor& expected) {
+  REQUIRE_MESSAGE(actual.shape() == expected.shape(), actual.str() << " vs " << expected.str());
+  std::vector<double> a = as_doubles(actual), b = as_doubles(expected);
+  double diff = 0, norm = 0;
+  for (size_t i = 0; i < a.size(); ++i) diff += (a[i] - b[i]) * (a[i] - b[i]), norm += b[i] * b[i];
+  return std::sqrt(diff / norm);
+}
+
 // Asserts actual ~= expected elementwise within rel (relative to |expected| + atol).
 inline void check_close(const Tensor& actual, const Tensor& expected, double rel, double atol = 1e-6,
                         const std::string& what = "") {

@@ -11,6 +11,7 @@
 
 #include "engine/cpu/math.h"
 #include "engine/cpu/parallel.h"
+#include "engine/kernels/matmul.h"
 
 namespace moelab::cpu {
 
@@ -236,10 +237,16 @@ struct HeadLayout {
   int64_t start(int64_t bh) const { return ((bh / H) * T * H + bh % H) * Dh; }  // row (b, 0, h), bh = b * H + h
 };
 
+// p[0, n) = bf16(p[0, n)): the probabilities as the operands of a bf16 product (Precision::BF16).
+template <class F> [[gnu::always_inline]] inline void round_to_bf16_values(F* p, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) p[j] = to_float(to_bf16(static_cast<float>(p[j])));
+}
+
 // The forward of head bh: o and lse for its T query rows. kt [Dh, T] and p [T] are the caller's scratch.
+// bf16_p: the probabilities are rounded to bf16 before they weight v (q, k, v are the caller's to round).
 template <class F>
 [[gnu::always_inline]] inline void attention_head_forward(const F* pq, const F* pk, const F* pv, F* po, F* plse,
-                                                          int64_t bh, HeadLayout L, F* kt, F* p) {
+                                                          int64_t bh, HeadLayout L, bool bf16_p, F* kt, F* p) {
   const int64_t T = L.T, Dh = L.Dh, stride = L.stride(), head = L.start(bh);
   const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));
   head_to_transposed(pk, head, T, Dh, stride, kt);
@@ -253,6 +260,7 @@ template <class F>
     for (int64_t j = 0; j < n; ++j) z += (p[j] = exp_simd(p[j] - m));
     const F inv_z = F(1) / z;
     for (int64_t j = 0; j < n; ++j) p[j] *= inv_z;
+    if (bf16_p) round_to_bf16_values(p, n);
     weighted_row_sum(p, pv + head, stride, n, Dh, po + head + i * stride);  // o_i = sum_j p_j v_j
     plse[bh * T + i] = m + std::log(z);
   }
@@ -262,10 +270,12 @@ template <class F>
 // With p_ij = exp(s_ij - lse_i), g = dL/do and D_i = g_i . o_i (= sum_j p_ij g_i . v_j):
 //   dv_j += p_ij g_i,   ds_ij = p_ij (g_i . v_j - D_i),
 //   dq_i = sum_j ds_ij k_j / sqrt(Dh),   dk_j += ds_ij q_i / sqrt(Dh).
+// bf16_p_ds: p_ij and ds_ij are rounded to bf16 before they weight g_i, k_j and q_i (the caller rounds q, k, v, g).
 template <class F>
 [[gnu::always_inline]] inline void attention_head_backward(const F* pq, const F* pk, const F* pv, const F* po,
                                                            const F* plse, const F* pg, F* pdq, F* pdk, F* pdv,
-                                                           int64_t bh, HeadLayout L, F* kt, F* vt, F* p, F* ds) {
+                                                           int64_t bh, HeadLayout L, bool bf16_p_ds, F* kt, F* vt, F* p,
+                                                           F* ds) {
   const int64_t T = L.T, Dh = L.Dh, stride = L.stride(), head = L.start(bh);
   const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));
   head_to_transposed(pk, head, T, Dh, stride, kt);
@@ -282,6 +292,7 @@ template <class F>
     for (int64_t j = 0; j < n; ++j) p[j] = exp_simd(p[j] - l);
     row_times_transposed(gi, F(1), vt, T, Dh, n, ds);  // g_i . v_j
     for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - Di) * scale;
+    if (bf16_p_ds) round_to_bf16_values(p, n), round_to_bf16_values(ds, n);
     weighted_row_sum(ds, pk + head, stride, n, Dh, pdq + head + i * stride);  // dq_i = sum_j ds_ij k_j
     for (int64_t j = 0; j < n; ++j) {
       const int64_t row = head + j * stride;
@@ -297,30 +308,40 @@ template <class F>
 #if defined(__x86_64__)
 [[gnu::target("avx512f,fma")]] void attention_head_forward_avx512(const float* pq, const float* pk, const float* pv,
                                                                   float* po, float* plse, int64_t bh, HeadLayout L,
-                                                                  float* kt, float* p) {
-  attention_head_forward(pq, pk, pv, po, plse, bh, L, kt, p);
+                                                                  bool bf16_p, float* kt, float* p) {
+  attention_head_forward(pq, pk, pv, po, plse, bh, L, bf16_p, kt, p);
 }
 [[gnu::target("avx512f,fma")]] void attention_head_backward_avx512(const float* pq, const float* pk, const float* pv,
                                                                    const float* po, const float* plse, const float* pg,
                                                                    float* pdq, float* pdk, float* pdv, int64_t bh,
-                                                                   HeadLayout L, float* kt, float* vt, float* p,
-                                                                   float* ds) {
-  attention_head_backward(pq, pk, pv, po, plse, pg, pdq, pdk, pdv, bh, L, kt, vt, p, ds);
+                                                                   HeadLayout L, bool bf16_p_ds, float* kt, float* vt,
+                                                                   float* p, float* ds) {
+  attention_head_backward(pq, pk, pv, po, plse, pg, pdq, pdk, pdv, bh, L, bf16_p_ds, kt, vt, p, ds);
 }
 const bool kAttentionAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma");
 #else
 const bool kAttentionAvx512 = false;
 #endif
 
+// x, or under Precision::BF16 a copy rounded to bf16 values (kept in f32): a product's operand.
+Tensor operand(const Tensor& x, bool bf16) {
+  if (!bf16) return x;
+  Tensor rounded = Tensor::empty(x.shape(), DType::F32, Device::CPU);
+  round_to_bf16(x, rounded);
+  return rounded;
+}
+
 }  // namespace
 
-void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse) {
+void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                       Precision precision) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
   const HeadLayout layout{T, H, Dh};
-  const bool parallel = B * H * T * T * Dh > 2 * kParallelGrain;
+  const bool parallel = B * H * T * T * Dh > 2 * kParallelGrain, bf16 = precision == Precision::BF16;
+  const Tensor qo = operand(q, bf16), ko = operand(k, bf16), vo = operand(v, bf16);
   dispatch_float("causal_attention", q.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    const F *pq = q.data<F>(), *pk = k.data<F>(), *pv = v.data<F>();
+    const F *pq = qo.data<F>(), *pk = ko.data<F>(), *pv = vo.data<F>();
     F *po = out.data<F>(), *plse = lse.data<F>();
 #pragma omp parallel if (parallel)
     {
@@ -330,11 +351,11 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
 #if defined(__x86_64__)
         if constexpr (std::is_same_v<F, float>)
           if (kAttentionAvx512) {
-            attention_head_forward_avx512(pq, pk, pv, po, plse, bh, layout, kt.data(), p.data());
+            attention_head_forward_avx512(pq, pk, pv, po, plse, bh, layout, bf16, kt.data(), p.data());
             continue;
           }
 #endif
-        attention_head_forward(pq, pk, pv, po, plse, bh, layout, kt.data(), p.data());
+        attention_head_forward(pq, pk, pv, po, plse, bh, layout, bf16, kt.data(), p.data());
       }
     }
   });
@@ -343,14 +364,15 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
 // Parallel over heads (b, h): a thread owns that head's rows of dk and dv, so the sums over query rows i need no
 // atomics.
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                        const Tensor& g, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+                        const Tensor& g, const Tensor& dq, const Tensor& dk, const Tensor& dv, Precision precision) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3), BH = B * H;
   const HeadLayout layout{T, H, Dh};
-  const bool parallel = B * H * T * T * Dh > 2 * kParallelGrain;
+  const bool parallel = B * H * T * T * Dh > 2 * kParallelGrain, bf16 = precision == Precision::BF16;
+  const Tensor qo = operand(q, bf16), ko = operand(k, bf16), vo = operand(v, bf16), go = operand(g, bf16);
   dispatch_float("causal_attention_backward", q.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    const F *pq = q.data<F>(), *pk = k.data<F>(), *pv = v.data<F>(), *po = out.data<F>(), *plse = lse.data<F>(),
-            *pg = g.data<F>();
+    const F *pq = qo.data<F>(), *pk = ko.data<F>(), *pv = vo.data<F>(), *po = out.data<F>(), *plse = lse.data<F>(),
+            *pg = go.data<F>();
     F *pdq = dq.data<F>(), *pdk = dk.data<F>(), *pdv = dv.data<F>();
 #pragma omp parallel if (parallel)
     {
@@ -360,13 +382,13 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 #if defined(__x86_64__)
         if constexpr (std::is_same_v<F, float>)
           if (kAttentionAvx512) {
-            attention_head_backward_avx512(pq, pk, pv, po, plse, pg, pdq, pdk, pdv, bh, layout, kt.data(), vt.data(),
-                                           p.data(), ds.data());
+            attention_head_backward_avx512(pq, pk, pv, po, plse, pg, pdq, pdk, pdv, bh, layout, bf16, kt.data(),
+                                           vt.data(), p.data(), ds.data());
             continue;
           }
 #endif
-        attention_head_backward(pq, pk, pv, po, plse, pg, pdq, pdk, pdv, bh, layout, kt.data(), vt.data(), p.data(),
-                                ds.data());
+        attention_head_backward(pq, pk, pv, po, plse, pg, pdq, pdk, pdv, bh, layout, bf16, kt.data(), vt.data(),
+                                p.data(), ds.data());
       }
     }
   });

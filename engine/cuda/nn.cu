@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "engine/cuda/device.cuh"
+#include "engine/cuda/mma.cuh"
 #include "engine/cuda/reduce.cuh"
 
 namespace moelab::cuda {
@@ -437,6 +438,317 @@ __global__ void attention_backward_dkdv_kernel(const F* q, const F* k, const F* 
   store_rows(acc_v, L, b, h, k0, dv);
 }
 
+// ---- causal attention on the tensor cores (Precision::BF16) ----------------------------------------------------------
+// The same loop order, with both products of each step as nvcuda::wmma tiles: bf16 operands, f32 accumulators. A
+// block of 4 warps takes 64 rows (query rows for the forward and dq, key rows for dk and dv), and warp w owns rows
+// 16 w .. 16 w + 15 with their accumulators, one 16 x 16 fragment per 16 head dims. Tiles of 64 rows live in shared
+// memory as bf16, rounded as they are loaded from the f32 tensors, as [64][D + 8]: D is the head dim padded with
+// zeros to 16, 32, 64 or 128, and the 8 extra columns move each row 16 bytes further across the banks. A warp's
+// 16 x 64 block of scores goes through its own f32 scratch, where its lanes apply the mask and the softmax (two lanes
+// a row, 32 columns each), and comes back as bf16 for the next product.
+//
+// The forward makes two passes over the key tiles: the first finds each row's max and sum (lse), the second forms
+// p = exp(s - lse), already final, rounds it to bf16 and adds p v to the accumulators. That is one q k^T more than
+// FlashAttention-2's single pass with a rescaled accumulator, but the rounded p is then the reference's bf16(p) (the
+// CPU kernel's, and the backward's recomputation), whatever the tiling. Within a tile on the diagonal, the 16-row
+// blocks that the mask hides entirely are skipped.
+
+namespace wmma = nvcuda::wmma;
+using Scores = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+constexpr int kMmaWarps = 4, kMmaThreads = 32 * kMmaWarps, kMmaTile = 16 * kMmaWarps;  // 64 rows a block
+constexpr int kScratchLd = kMmaTile + 4;  // a warp's f32 scratch: [16][64 + 4]
+constexpr int kWeightsLd = kMmaTile + 8;  // a warp's bf16 weights: [16][64 + 8]
+
+// Query row i sees key row j: causal, and i is a real row (the tiles' rows past T are zeros).
+__device__ inline bool sees(int64_t i, int64_t j, int64_t T) { return j <= i && i < T; }
+
+// Carves dynamic shared memory into arrays, each 128-byte aligned. On a base of 0 (the host) it only measures.
+struct SharedCarve {
+  uintptr_t base;
+  size_t used = 0;
+  template <class T> __host__ __device__ T* take(int64_t count) {
+    T* p = reinterpret_cast<T*>(base + used);
+    used += (static_cast<size_t>(count) * sizeof(T) + 127) / 128 * 128;
+    return p;
+  }
+};
+
+// How many of each shared array a kernel takes.
+struct MmaArrays {
+  int tiles, scratches, weight_tiles, row_arrays;
+};
+constexpr MmaArrays kForwardArrays{3, 1, 1, 0}, kDqArrays{4, 2, 1, 0}, kDkdvArrays{4, 2, 2, 2};
+
+// A kernel's shared arrays: [64][D + 8] bf16 tiles, f32 scratch and bf16 weights ([64][...]: rows 16 w .. 16 w + 15
+// are warp w's) and [64] f32 rows.
+template <int D> struct MmaShared {
+  __nv_bfloat16 *tile[4] = {}, *weights[2] = {};
+  float *scratch[2] = {}, *rows[2] = {};
+  __host__ __device__ MmaShared(SharedCarve& carve, MmaArrays arrays) {
+    for (int t = 0; t < arrays.tiles; ++t) tile[t] = carve.take<__nv_bfloat16>(kMmaTile * (D + 8));
+    for (int t = 0; t < arrays.scratches; ++t) scratch[t] = carve.take<float>(kMmaTile * kScratchLd);
+    for (int t = 0; t < arrays.weight_tiles; ++t) weights[t] = carve.take<__nv_bfloat16>(kMmaTile * kWeightsLd);
+    for (int t = 0; t < arrays.row_arrays; ++t) rows[t] = carve.take<float>(kMmaTile);
+  }
+};
+
+// Rows t0 .. t0 + 63 of head (b, h), rounded to bf16, into tile [64][D + 8]; rows past T and dims past Dh are zeros.
+template <int D>
+__device__ void load_bf16_tile(const float* x, const HeadRows& L, int64_t b, int64_t h, int64_t t0,
+                               __nv_bfloat16* tile) {
+  for (int idx = threadIdx.x; idx < kMmaTile * D; idx += blockDim.x) {
+    const int r = idx / D, e = idx % D;
+    tile[r * (D + 8) + e] = __float2bfloat16_rn(t0 + r < L.T && e < L.Dh ? x[L.row(b, t0 + r, h) + e] : 0.0f);
+  }
+}
+
+// scratch[16][kScratchLd], 16-column blocks [first, last) = x_rows (16 rows of a tile) times y_tile's 64 rows
+// transposed: the warp's block of x y^T.
+template <int D>
+__device__ void warp_scores(const __nv_bfloat16* x_rows, const __nv_bfloat16* y_tile, int first, int last,
+                            float* scratch) {
+  for (int n = first; n < last; ++n) {
+    Scores acc;
+    wmma::fill_fragment(acc, 0.0f);
+    for (int d = 0; d < D; d += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> x;
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> y_t;  // y^T's tile: y is [64][D]
+      wmma::load_matrix_sync(x, x_rows + d, D + 8);
+      wmma::load_matrix_sync(y_t, y_tile + 16 * n * (D + 8) + d, D + 8);
+      wmma::mma_sync(acc, x, y_t, acc);
+    }
+    wmma::store_matrix_sync(scratch + 16 * n, acc, kScratchLd, wmma::mem_row_major);
+  }
+}
+
+// acc[d] += weights (the warp's [16][kWeightsLd], 16-column blocks [first, last)) times the matching rows of tile
+// ([64][D + 8]): sum_j w_ij x_j.
+template <int D>
+__device__ void add_weighted_tile(const __nv_bfloat16* weights, int first, int last, const __nv_bfloat16* tile,
+                                  Scores (&acc)[D / 16]) {
+  for (int n = first; n < last; ++n) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> w;
+    wmma::load_matrix_sync(w, weights + 16 * n, kWeightsLd);
+    for (int d = 0; d < D / 16; ++d) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::row_major> x;
+      wmma::load_matrix_sync(x, tile + 16 * n * (D + 8) + 16 * d, D + 8);
+      wmma::mma_sync(acc[d], w, x, acc[d]);
+    }
+  }
+}
+
+// Writes the warp's 16 rows t0 .. t0 + 15 of accumulators to x (rows before T, dims before Dh), through its scratch.
+template <int D>
+__device__ void store_warp_rows(const Scores (&acc)[D / 16], const HeadRows& L, int64_t b, int64_t h, int64_t t0,
+                                float* scratch, float* x) {
+  const int lane = threadIdx.x % 32;
+  for (int d = 0; d < D / 16; ++d) {
+    wmma::store_matrix_sync(scratch, acc[d], kScratchLd, wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) {
+      const int r = e / 16, c = e % 16;
+      if (t0 + r < L.T && 16 * d + c < L.Dh) x[L.row(b, t0 + r, h) + 16 * d + c] = scratch[r * kScratchLd + c];
+    }
+    __syncwarp();  // the scratch is rewritten next
+  }
+}
+
+// Block (b*H + h) * tiles + query tile: out and lse of the tile's query rows. Lane (row, half) of warp w handles
+// query row i = q0 + 16 w + row and the tile's columns 32 half .. 32 half + 31.
+template <int D>
+__global__ void attention_forward_mma_kernel(const float* q, const float* k, const float* v, HeadRows L, float scale,
+                                             float* out, float* lse) {
+  DYNAMIC_SHARED(unsigned char, shared);
+  SharedCarve carve{reinterpret_cast<uintptr_t>(shared)};
+  const MmaShared<D> sm(carve, kForwardArrays);
+  __nv_bfloat16 *q_tile = sm.tile[0], *k_tile = sm.tile[1], *v_tile = sm.tile[2];
+  const int64_t tiles = (L.T + kMmaTile - 1) / kMmaTile, qt = blockIdx.x % tiles, bh = blockIdx.x / tiles;
+  const int64_t b = bh / L.H, h = bh % L.H, q0 = qt * kMmaTile;
+  const int warp = threadIdx.x / 32, row = threadIdx.x % 32 / 2, half = threadIdx.x % 2;
+  const int64_t i = q0 + 16 * warp + row;
+  float* s = sm.scratch[0] + 16 * warp * kScratchLd;
+  __nv_bfloat16* p = sm.weights[0] + 16 * warp * kWeightsLd;
+  const __nv_bfloat16* q_rows = q_tile + 16 * warp * (D + 8);
+  load_bf16_tile<D>(q, L, b, h, q0, q_tile);
+
+  // Pass 1: the running max and sum of the lane's half row, then the row's lse.
+  float m = -INFINITY, z = 0;
+  for (int64_t kt = 0; kt <= qt; ++kt) {  // causal: the key tiles after the query tile are all masked
+    const int64_t k0 = kt * kMmaTile;
+    const int blocks = kt == qt ? warp + 1 : kMmaWarps;  // on the diagonal, key blocks past the warp's rows are masked
+    __syncthreads();                                     // the previous key tile is no longer read
+    load_bf16_tile<D>(k, L, b, h, k0, k_tile);
+    __syncthreads();
+    warp_scores<D>(q_rows, k_tile, 0, blocks, s);
+    __syncwarp();
+    for (int c = 32 * half; c < 32 * half + 32; ++c) {
+      if (!sees(i, k0 + c, L.T)) continue;
+      const float x = s[row * kScratchLd + c] * scale;
+      if (x > m) {  // a new max: rescale the sum so far
+        z = z * expf(m - x) + 1;
+        m = x;
+      } else {
+        z += expf(x - m);
+      }
+    }
+    __syncwarp();  // the scratch is rewritten by the next tile's scores
+  }
+  const float m_other = __shfl_xor_sync(kFullMask, m, 1), z_other = __shfl_xor_sync(kFullMask, z, 1);
+  float row_lse = 0;  // rows past T see no key
+  if (i < L.T) {
+    const float m_row = fmaxf(m, m_other);  // finite: key 0 is seen; a half that saw no key has m = -inf, z = 0
+    row_lse = m_row + logf(z * expf(m - m_row) + z_other * expf(m_other - m_row));
+    if (half == 0) lse[bh * L.T + i] = row_lse;
+  }
+
+  // Pass 2: out_i = sum_j bf16(exp(s_ij - lse_i)) v_j.
+  Scores acc[D / 16];
+  for (Scores& a : acc) wmma::fill_fragment(a, 0.0f);
+  for (int64_t kt = 0; kt <= qt; ++kt) {
+    const int64_t k0 = kt * kMmaTile;
+    const int blocks = kt == qt ? warp + 1 : kMmaWarps;
+    __syncthreads();
+    load_bf16_tile<D>(k, L, b, h, k0, k_tile);
+    load_bf16_tile<D>(v, L, b, h, k0, v_tile);
+    __syncthreads();
+    warp_scores<D>(q_rows, k_tile, 0, blocks, s);
+    __syncwarp();
+    for (int c = 32 * half; c < 32 * half + 32; ++c)
+      p[row * kWeightsLd + c] =
+          __float2bfloat16_rn(sees(i, k0 + c, L.T) ? expf(s[row * kScratchLd + c] * scale - row_lse) : 0.0f);
+    __syncwarp();  // a row's weights come from two lanes, the product reads all of them
+    add_weighted_tile<D>(p, 0, blocks, v_tile, acc);
+  }
+  store_warp_rows<D>(acc, L, b, h, q0 + 16 * warp, s, out);
+}
+
+// Block (b*H + h) * tiles + query tile, lanes as in the forward: D_i = bf16(g_i) . out_i (written for the dk/dv
+// kernel), then over the key tiles, with p_ij = exp(s_ij - lse_i): dq_i = sum_j bf16(p_ij (g_i . v_j - D_i) scale) k_j.
+template <int D>
+__global__ void attention_backward_dq_mma_kernel(const float* q, const float* k, const float* v, const float* out,
+                                                 const float* lse, const float* g, HeadRows L, float scale, float* dq,
+                                                 float* D_rows) {
+  DYNAMIC_SHARED(unsigned char, shared);
+  SharedCarve carve{reinterpret_cast<uintptr_t>(shared)};
+  const MmaShared<D> sm(carve, kDqArrays);
+  __nv_bfloat16 *q_tile = sm.tile[0], *g_tile = sm.tile[1], *k_tile = sm.tile[2], *v_tile = sm.tile[3];
+  const int64_t tiles = (L.T + kMmaTile - 1) / kMmaTile, qt = blockIdx.x % tiles, bh = blockIdx.x / tiles;
+  const int64_t b = bh / L.H, h = bh % L.H, q0 = qt * kMmaTile;
+  const int warp = threadIdx.x / 32, row = threadIdx.x % 32 / 2, half = threadIdx.x % 2;
+  const int64_t i = q0 + 16 * warp + row;
+  float *s = sm.scratch[0] + 16 * warp * kScratchLd, *gv = sm.scratch[1] + 16 * warp * kScratchLd;
+  __nv_bfloat16* ds = sm.weights[0] + 16 * warp * kWeightsLd;
+  const __nv_bfloat16 *q_rows = q_tile + 16 * warp * (D + 8), *g_rows = g_tile + 16 * warp * (D + 8);
+  load_bf16_tile<D>(q, L, b, h, q0, q_tile);
+  load_bf16_tile<D>(g, L, b, h, q0, g_tile);
+  __syncthreads();
+  float partial = 0;  // the lane's half of D_i: every other head dim
+  for (int64_t e = half; e < L.Dh && i < L.T; e += 2)
+    partial += __bfloat162float(g_rows[row * (D + 8) + e]) * out[L.row(b, i, h) + e];
+  const float row_D = partial + __shfl_xor_sync(kFullMask, partial, 1);
+  const float row_lse = i < L.T ? lse[bh * L.T + i] : 0.0f;
+  if (half == 0 && i < L.T) D_rows[bh * L.T + i] = row_D;
+
+  Scores acc[D / 16];
+  for (Scores& a : acc) wmma::fill_fragment(a, 0.0f);
+  for (int64_t kt = 0; kt <= qt; ++kt) {
+    const int64_t k0 = kt * kMmaTile;
+    const int blocks = kt == qt ? warp + 1 : kMmaWarps;
+    __syncthreads();  // the previous key tile is no longer read
+    load_bf16_tile<D>(k, L, b, h, k0, k_tile);
+    load_bf16_tile<D>(v, L, b, h, k0, v_tile);
+    __syncthreads();
+    warp_scores<D>(q_rows, k_tile, 0, blocks, s);
+    warp_scores<D>(g_rows, v_tile, 0, blocks, gv);
+    __syncwarp();
+    for (int c = 32 * half; c < 32 * half + 32; ++c) {
+      float ds_ij = 0;
+      if (sees(i, k0 + c, L.T)) {
+        const float p = expf(s[row * kScratchLd + c] * scale - row_lse);
+        ds_ij = p * (gv[row * kScratchLd + c] - row_D) * scale;
+      }
+      ds[row * kWeightsLd + c] = __float2bfloat16_rn(ds_ij);
+    }
+    __syncwarp();
+    add_weighted_tile<D>(ds, 0, blocks, k_tile, acc);
+  }
+  store_warp_rows<D>(acc, L, b, h, q0 + 16 * warp, s, dq);
+}
+
+// Block (b*H + h) * tiles + key tile: lane (row, half) of warp w handles key row j = k0 + 16 w + row and the query
+// tile's columns 32 half .. 32 half + 31. Over the query tiles i >= j: dv_j = sum_i bf16(p_ij) g_i and
+// dk_j = sum_i bf16(ds_ij) q_i (ds_ij as in the dq kernel).
+template <int D>
+__global__ void attention_backward_dkdv_mma_kernel(const float* q, const float* k, const float* v, const float* lse,
+                                                   const float* g, const float* D_rows, HeadRows L, float scale,
+                                                   float* dk, float* dv) {
+  DYNAMIC_SHARED(unsigned char, shared);
+  SharedCarve carve{reinterpret_cast<uintptr_t>(shared)};
+  const MmaShared<D> sm(carve, kDkdvArrays);
+  __nv_bfloat16 *k_tile = sm.tile[0], *v_tile = sm.tile[1], *q_tile = sm.tile[2], *g_tile = sm.tile[3];
+  float *lse_tile = sm.rows[0], *D_tile = sm.rows[1];  // [64]: the query tile's lse_i and D_i
+  const int64_t tiles = (L.T + kMmaTile - 1) / kMmaTile, kt = blockIdx.x % tiles, bh = blockIdx.x / tiles;
+  const int64_t b = bh / L.H, h = bh % L.H, k0 = kt * kMmaTile;
+  const int warp = threadIdx.x / 32, row = threadIdx.x % 32 / 2, half = threadIdx.x % 2;
+  const int64_t j = k0 + 16 * warp + row;
+  float *s = sm.scratch[0] + 16 * warp * kScratchLd, *vg = sm.scratch[1] + 16 * warp * kScratchLd;
+  __nv_bfloat16 *p = sm.weights[0] + 16 * warp * kWeightsLd, *ds = sm.weights[1] + 16 * warp * kWeightsLd;
+  const __nv_bfloat16 *k_rows = k_tile + 16 * warp * (D + 8), *v_rows = v_tile + 16 * warp * (D + 8);
+  load_bf16_tile<D>(k, L, b, h, k0, k_tile);
+  load_bf16_tile<D>(v, L, b, h, k0, v_tile);
+
+  Scores acc_k[D / 16], acc_v[D / 16];
+  for (Scores& a : acc_k) wmma::fill_fragment(a, 0.0f);
+  for (Scores& a : acc_v) wmma::fill_fragment(a, 0.0f);
+  for (int64_t qt = kt; qt < tiles; ++qt) {  // causal: the query tiles before the key tile see none of its keys
+    const int64_t q0 = qt * kMmaTile;
+    const int first = qt == kt ? warp : 0;  // on the diagonal, query blocks before the warp's key rows are masked
+    __syncthreads();                        // the previous query tile is no longer read
+    load_bf16_tile<D>(q, L, b, h, q0, q_tile);
+    load_bf16_tile<D>(g, L, b, h, q0, g_tile);
+    for (int r = threadIdx.x; r < kMmaTile; r += blockDim.x) {
+      lse_tile[r] = q0 + r < L.T ? lse[bh * L.T + q0 + r] : 0.0f;
+      D_tile[r] = q0 + r < L.T ? D_rows[bh * L.T + q0 + r] : 0.0f;
+    }
+    __syncthreads();
+    warp_scores<D>(k_rows, q_tile, first, kMmaWarps, s);   // s[j][i] = k_j . q_i
+    warp_scores<D>(v_rows, g_tile, first, kMmaWarps, vg);  // vg[j][i] = v_j . g_i
+    __syncwarp();
+    for (int c = 32 * half; c < 32 * half + 32; ++c) {
+      float p_ij = 0, ds_ij = 0;
+      if (sees(q0 + c, j, L.T)) {
+        p_ij = expf(s[row * kScratchLd + c] * scale - lse_tile[c]);
+        ds_ij = p_ij * (vg[row * kScratchLd + c] - D_tile[c]) * scale;
+      }
+      p[row * kWeightsLd + c] = __float2bfloat16_rn(p_ij);
+      ds[row * kWeightsLd + c] = __float2bfloat16_rn(ds_ij);
+    }
+    __syncwarp();
+    add_weighted_tile<D>(p, first, kMmaWarps, g_tile, acc_v);
+    add_weighted_tile<D>(ds, first, kMmaWarps, q_tile, acc_k);
+  }
+  store_warp_rows<D>(acc_k, L, b, h, k0 + 16 * warp, s, dk);
+  store_warp_rows<D>(acc_v, L, b, h, k0 + 16 * warp, s, dv);
+}
+
+// Calls run(std::integral_constant<int, D>{}) with the padded head dim D for Dh: 16, 32, 64 or 128.
+template <class Run> void with_mma_head_dim(const char* op, int64_t Dh, Run&& run) {
+  if (Dh <= 16) return run(std::integral_constant<int, 16>{});
+  if (Dh <= 32) return run(std::integral_constant<int, 32>{});
+  if (Dh <= 64) return run(std::integral_constant<int, 64>{});
+  if (Dh <= 128) return run(std::integral_constant<int, 128>{});
+  fail("{}: bf16 attention on the tensor cores takes head dims up to 128, got {} (--precision fp32 takes up to 256)",
+       op, Dh);
+}
+
+// The dynamic shared bytes of a kernel that takes these arrays.
+template <int D> size_t mma_shared_bytes(MmaArrays arrays) {
+  SharedCarve carve{0};
+  MmaShared<D>(carve, arrays);
+  return carve.used;
+}
+
 // The dynamic shared memory of each kernel: its [Tile][Dh + 1] tiles, [Tile][Tile + 1] score tiles and [Tile] rows.
 template <class F> struct AttentionShared {
   int64_t tile, Dh;
@@ -467,8 +779,21 @@ template <class... Params> void allow_shared_bytes(void (*kernel)(Params...), si
         "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
 }
 
-void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse) {
+void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                       Precision precision) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
+  if (precision == Precision::BF16) {
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
+    const int64_t tiles = (T + kMmaTile - 1) / kMmaTile;
+    return with_mma_head_dim("causal_attention", Dh, [&](auto head_dim) {
+      constexpr int D = decltype(head_dim)::value;
+      const size_t shared = mma_shared_bytes<D>(kForwardArrays);
+      allow_shared_bytes(attention_forward_mma_kernel<D>, shared);
+      launch("attention_forward_mma", attention_forward_mma_kernel<D>, dim3(B * H * tiles), dim3(kMmaThreads), shared,
+             q.data<float>(), k.data<float>(), v.data<float>(), HeadRows{T, H, Dh}, scale, out.data<float>(),
+             lse.data<float>());
+    });
+  }
   dispatch_float("causal_attention", q.dtype(), [&](auto tag) {
     using F = decltype(tag);
     const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));
@@ -484,9 +809,26 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
 }
 
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                        const Tensor& g, const Tensor& dq, const Tensor& dk, const Tensor& dv) {
+                        const Tensor& g, const Tensor& dq, const Tensor& dk, const Tensor& dv, Precision precision) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
   Tensor D = Tensor::empty({B, H, T}, q.dtype(), Device::CUDA);
+  if (precision == Precision::BF16) {
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
+    const int64_t tiles = (T + kMmaTile - 1) / kMmaTile;
+    const HeadRows L{T, H, Dh};
+    return with_mma_head_dim("causal_attention_backward", Dh, [&](auto head_dim) {
+      constexpr int Dp = decltype(head_dim)::value;
+      const size_t dq_shared = mma_shared_bytes<Dp>(kDqArrays), dkdv_shared = mma_shared_bytes<Dp>(kDkdvArrays);
+      allow_shared_bytes(attention_backward_dq_mma_kernel<Dp>, dq_shared);
+      launch("attention_backward_dq_mma", attention_backward_dq_mma_kernel<Dp>, dim3(B * H * tiles), dim3(kMmaThreads),
+             dq_shared, q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), lse.data<float>(),
+             g.data<float>(), L, scale, dq.data<float>(), D.data<float>());
+      allow_shared_bytes(attention_backward_dkdv_mma_kernel<Dp>, dkdv_shared);
+      launch("attention_backward_dkdv_mma", attention_backward_dkdv_mma_kernel<Dp>, dim3(B * H * tiles),
+             dim3(kMmaThreads), dkdv_shared, q.data<float>(), k.data<float>(), v.data<float>(), lse.data<float>(),
+             g.data<float>(), D.data<float>(), L, scale, dk.data<float>(), dv.data<float>());
+    });
+  }
   dispatch_float("causal_attention_backward", q.dtype(), [&](auto tag) {
     using F = decltype(tag);
     const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));

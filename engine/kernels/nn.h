@@ -2,6 +2,7 @@
 // The kernels behind engine/ops/nn.cpp: cross-entropy, RMSNorm, RoPE and causal attention. CPU: engine/cpu/nn.cpp;
 // CUDA: engine/cuda/nn.cu. Shapes are named as in docs/model.md; F is the float type.
 #include "engine/kernels.h"
+#include "engine/precision.h"
 
 namespace moelab {
 
@@ -34,13 +35,17 @@ DECLARE_KERNEL(rope_backward, (const Tensor& g, const Tensor& table, const Tenso
 // ---- causal attention -------------------------------------------------------------------------------------------------
 // q, k, v, out [B, T, H, Dh], lse [B, H, T]. For each head (b, h) and query row i:
 //   s_j = q_i . k_j / sqrt(Dh) for j <= i,  p = softmax(s),  out_i = sum_j p_j v_j,  lse_i = logsumexp_j s_j.
-DECLARE_KERNEL(attention_forward,
-               (const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse))
+// Precision::BF16 (f32 tensors; engine/precision.h): both products take bf16 operands and accumulate in f32, so q, k
+// and v are rounded to bf16, and so is each p_j after the softmax: out_i = sum_j bf16(p_j) v_j. The softmax, lse and
+// out stay f32.
+DECLARE_KERNEL(attention_forward, (const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                                   const Tensor& lse, Precision precision))
 // With p_ij = exp(s_ij - lse_i), g = dL/dout and D_i = g_i . out_i:
-//   dv_j = sum_i p_ij g_i,  ds_ij = p_ij (g_i . v_j - D_i),  dq_i = sum_j ds_ij k_j / sqrt(Dh),
-//   dk_j = sum_i ds_ij q_i / sqrt(Dh).
+//   dv_j = sum_i p_ij g_i,  ds_ij = p_ij (g_i . v_j - D_i) / sqrt(Dh),  dq_i = sum_j ds_ij k_j,  dk_j = sum_i ds_ij q_i.
+// Precision::BF16: q, k, v and g are rounded to bf16 (D_i too is bf16(g_i) . out_i), and so are p_ij where it
+// multiplies g_i and ds_ij where it multiplies k_j and q_i; the gradients stay f32 (as the matmul op's under BF16).
 DECLARE_KERNEL(attention_backward,
                (const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                const Tensor& g, const Tensor& dq, const Tensor& dk, const Tensor& dv))
+                const Tensor& g, const Tensor& dq, const Tensor& dk, const Tensor& dv, Precision precision))
 
 }  // namespace moelab

@@ -141,13 +141,14 @@ Tensor rope(const Tensor& x, double theta, int64_t pos_offset) {
 
 // ---- causal attention -----------------------------------------------------------------------------------------------
 // Causal softmax(q k^T / sqrt(Dh)) v per head. The forward keeps lse [B, H, T]; the backward recomputes the
-// probabilities from it rather than storing the T x T matrix.
+// probabilities from it rather than storing the T x T matrix. Under Precision::BF16 its two products take bf16
+// operands (engine/kernels/nn.h says which values are rounded); f64 is never rounded.
 
 static std::vector<Tensor> attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                                              const Tensor& lse, const Tensor& g) {
+                                              const Tensor& lse, const Tensor& g, Precision precision) {
   Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device()), dk = Tensor::empty(q.shape(), q.dtype(), q.device()),
          dv = Tensor::empty(q.shape(), q.dtype(), q.device());
-  KERNEL(attention_backward, q.device())(q, k, v, out, lse, g, dq, dk, dv);
+  KERNEL(attention_backward, q.device())(q, k, v, out, lse, g, dq, dk, dv, precision);
   return {dq, dk, dv};
 }
 
@@ -159,12 +160,13 @@ Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   if (q.dim() != 4 || k.shape() != q.shape() || v.shape() != q.shape() || q.size(3) == 0)
     fail("{}: needs q, k, v of one shape [B, T, H, Dh] with Dh > 0, got {}, {}, {}", op, q.str(), k.str(), v.str());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
+  const Precision precision = q.dtype() == DType::F32 ? product_precision() : Precision::FP32;
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());  // [B, T, H, Dh]
   Tensor lse = Tensor::empty({B, H, T}, q.dtype(), q.device());  // [B, H, T]
-  KERNEL(attention_forward, q.device())(q, k, v, out, lse);
+  KERNEL(attention_forward, q.device())(q, k, v, out, lse, precision);
   return record(op, out, {q, k, v},
-                [q = q.detach(), k = k.detach(), v = v.detach(), out = out.detach(), lse](const Tensor& g) {
-                  return attention_backward(q, k, v, out, lse, g);
+                [q = q.detach(), k = k.detach(), v = v.detach(), out = out.detach(), lse, precision](const Tensor& g) {
+                  return attention_backward(q, k, v, out, lse, g, precision);
                 });
 }
 
