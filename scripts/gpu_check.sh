@@ -9,7 +9,8 @@
 #                  is missing or refuses the device)
 # 5. race.log      the speed race (docs/performance.md): `moe-bench train-step --device cuda --precision bf16` against
 #                  the four PyTorch variants, presets S then M, in the time the checks above left, each followed by
-#                  our step with one cuBLAS call per expert (--expert-gemm per-expert); the tables go into the summary
+#                  our step with one cuBLAS call per expert (--expert-gemm per-expert) and by attention alone against
+#                  PyTorch's SDPA (moe-bench attention); the tables go into the summary
 # 6. summary.txt   what passed and failed, and the race's tables, printed last
 # At most 8 files in OUTDIR. Exits 0 when it ran through (read the summary for the verdict), 2 on a usage error.
 # MOELAB_GPU_CHECK_PRESET=sim rehearses it on a machine without a GPU (with gpu_prepare.sh's sim build; the race runs
@@ -194,6 +195,23 @@ ours_per_expert() {  # preset, seconds
     note "race $cfg per-expert: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)")"
   fi
 }
+# Attention alone on the config's shapes: ours in fp32 (tiled, CUDA cores) and bf16 (tensor cores) against PyTorch's
+# scaled_dot_product_attention in both, with the distance of its results from ours (moe-bench attention).
+attention_one() {  # preset, seconds
+  local cfg=$1 seconds=$2 args=(--preset "$1" --device cuda)
+  [ "$preset" = sim ] && args+=(--steps 2 --warmup 1) || args+=(--steps 10 --warmup 3)
+  echo "==== $cfg: moe-bench attention ${args[*]}" >>"$out/race.log"
+  timeout "$seconds" "$bin/moe-bench" attention "${args[@]}" --python "$race_python" \
+    --torch-script "$root/scripts/bench_torch_attention.py" >"$race_tmp" 2>&1
+  local rc=$?
+  cat "$race_tmp" >>"$out/race.log"
+  if ((rc == 0)); then
+    note "  attention alone:"
+    while IFS= read -r line; do note "    $line"; done < <(sed -n '/^variant /,$p' "$race_tmp" | grep -v '^(torch\|^$')
+  else
+    note "attention $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
+  fi
+}
 if [ "$race" = off ]; then
   note "race: skipped (MOELAB_GPU_CHECK_RACE=off)"
 elif [ -z "$bin" ]; then
@@ -210,15 +228,18 @@ else
     if [ "$preset" = sim ]; then
       race_one tiny "$left"
       ours_per_expert tiny 120
+      attention_one tiny 120
     else
       race_one S $((left * 2 / 5))  # S is the cheaper of the two: M gets the rest
       ours_per_expert S 40
+      attention_one S 40
       left=$((budget - (SECONDS - started)))
-      if ((left < 100)); then
+      if ((left < 140)); then
         note "race M: skipped (${left} s left of the ${budget} s budget)"
       else
-        race_one M $((left - 45))
+        race_one M $((left - 85))
         ours_per_expert M 45
+        attention_one M 40
       fi
     fi
     rm -f "$race_tmp"

@@ -10,8 +10,9 @@
 #include <string>
 #include <vector>
 
-#include "apps/train/train_config.h"
+#include "apps/moe-bench/bench_util.h"
 #include "apps/moe-bench/benches.h"
+#include "apps/train/train_config.h"
 #include "engine/ops.h"
 #include "moe/model.h"
 #include "optim/omoe.h"
@@ -31,13 +32,6 @@ struct OptimBenchOptions {
 using clock_type = std::chrono::steady_clock;
 double ms_since(clock_type::time_point start) {
   return std::chrono::duration<double, std::milli>(clock_type::now() - start).count();
-}
-
-double median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
 void run_optim_bench(const OptimBenchOptions& opts) {

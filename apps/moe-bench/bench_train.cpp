@@ -28,6 +28,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "apps/moe-bench/bench_util.h"
 #include "apps/moe-bench/benches.h"
 #include "engine/cuda/runtime.h"
 #include "engine/precision.h"
@@ -68,30 +69,6 @@ struct TrainBenchOptions {
   std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
   std::string torch_script;
 };
-
-int64_t preset_batch(const std::string& preset) {
-  if (preset == "S") return 32;
-  if (preset == "M") return 16;
-  return 8;  // tiny
-}
-
-// scripts/bench_torch_step.py of the source tree this file was compiled from (CMake passes absolute paths).
-std::string default_torch_script() {
-  const fs::path repo_root = fs::path(__FILE__).parent_path().parent_path().parent_path();
-  return (repo_root / "scripts" / "bench_torch_step.py").string();
-}
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-std::string shell_quote(const std::string& s) {
-  std::string quoted = "'";
-  for (char c : s) quoted += c == '\'' ? std::string("'\\''") : std::string(1, c);
-  return quoted + "'";
-}
 
 // Training FLOPs of one step of `tokens` tokens, the usual "6 N D" count plus attention's two T x T products:
 //   per token = 6 * N_matmul + 6 * n_layers * T * d
@@ -346,7 +323,7 @@ TorchResult torch_steps(const TrainBenchOptions& opts, const std::string& varian
       "env {6}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={0} {7}{1} {2} {3} --threads {0} --steps {4} --warmup {5} "
       "--device {8} --variant {9} 2>&1",
       threads, shell_quote(opts.python), shell_quote(opts.torch_script), shell_quote(folder.string()), opts.steps,
-      opts.warmup, opts.python == "/usr/bin/python3" ? "-u PYTHONHOME -u PYTHONPATH " : "",
+      opts.warmup, python_env(opts.python),
       opts.torch_timeout_s > 0 ? fmt::format("timeout {} ", opts.torch_timeout_s) : "", enum_name(opts.device),
       variant);
   FILE* pipe = popen(command.c_str(), "r");
@@ -616,7 +593,7 @@ void run_train_bench(const TrainBenchOptions& opts) {
 
 void add_train_step_command(CLI::App& app) {
   auto opts = std::make_shared<TrainBenchOptions>();
-  opts->torch_script = default_torch_script();
+  opts->torch_script = source_script("bench_torch_step.py");
   CLI::App* cmd = app.add_subcommand("train-step", "ms per training step (forward, loss, backward, clip, AdamW) "
                                                    "against the PyTorch twin, on the CPU or a GPU");
   cmd->add_option("--preset", opts->preset, "model config: tiny, S or M")

@@ -8,6 +8,8 @@ namespace moelab::bench {
 void add_gemm_command(CLI::App& app);
 // `moe-bench train-step`: ms per training step of our engine against the PyTorch twin on the CPU (bench_train.cpp).
 void add_train_step_command(CLI::App& app);
+// `moe-bench attention`: causal attention's forward and backward against PyTorch's SDPA (bench_attention.cpp).
+void add_attention_command(CLI::App& app);
 // `moe-bench optim`: OMoE's optimizer step against AdamW, and its share of a training step (bench_optim.cpp).
 void add_optim_command(CLI::App& app);
 

@@ -1,0 +1,216 @@
+// `moe-bench attention`: causal attention's forward and backward alone, on a named config's shapes (its benchmark
+// batch of seq_len tokens, n_heads heads of d_model / n_heads dims), ours in fp32 and in bf16 (Precision::BF16: on a
+// GPU the tensor-core kernels, the tiled CUDA-core ones in fp32) against PyTorch's F.scaled_dot_product_attention on
+// the same inputs in the same run (scripts/bench_torch_attention.py): the median ms of each pass, TFLOP/s, and how far
+// PyTorch's output and gradients lie from ours in the same precision (relative norm error: a wrong kernel shows as
+// ~1, bf16 rounding as ~1e-3).
+#include <fmt/core.h>
+#include <omp.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <unistd.h>
+#include <vector>
+
+#include "apps/moe-bench/bench_util.h"
+#include "apps/moe-bench/benches.h"
+#include "engine/cuda/runtime.h"
+#include "engine/kernels/nn.h"
+#include "engine/ops.h"
+#include "engine/rng.h"
+#include "nn/config.h"
+#include "nn/safetensors.h"
+
+namespace moelab::bench {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+struct AttentionBenchOptions {
+  std::string preset = "tiny";
+  int64_t batch = 0;  // 0: the preset's benchmark batch
+  int steps = 20;
+  int warmup = 3;
+  std::string device_name = "cpu";
+  bool torch = true;
+  std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
+  std::string torch_script;
+};
+
+// One precision's run of our kernels: per timed step the forward's and the backward's ms, and the last results.
+struct OurRun {
+  Precision precision;
+  std::vector<double> forward_ms, backward_ms;
+  Tensor out, dq, dk, dv;  // on the CPU
+};
+
+// FLOPs of one forward and backward, FlashAttention's count: the forward's two T x T products are 4 B H T^2 Dh,
+// halved by the causal mask; the backward's five are 2.5 times that (its recomputation of the scores not counted).
+double attention_flops(int64_t B, int64_t T, int64_t H, int64_t Dh) {
+  const double forward = 4.0 * B * H * static_cast<double>(T) * T * Dh / 2;
+  return forward * 3.5;
+}
+
+OurRun time_ours(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, Precision precision,
+                 const AttentionBenchOptions& opts) {
+  const Device device = q.device();
+  const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
+  OurRun run{precision, {}, {}, {}, {}, {}, {}};
+  Tensor out = Tensor::empty(q.shape(), DType::F32, device), lse = Tensor::empty({B, H, T}, DType::F32, device);
+  Tensor dq = Tensor::empty(q.shape(), DType::F32, device), dk = Tensor::empty(q.shape(), DType::F32, device),
+         dv = Tensor::empty(q.shape(), DType::F32, device);
+  using Clock = std::chrono::steady_clock;
+  for (int step = 0; step < opts.warmup + opts.steps; ++step) {
+    double forward_ms = 0, backward_ms = 0;
+    if (device == Device::CUDA) {  // events on the device: the host's queueing is not timed
+      cuda::TimingEvent start, middle, end;
+      start.record();
+      KERNEL(attention_forward, device)(q, k, v, out, lse, precision);
+      middle.record();
+      KERNEL(attention_backward, device)(q, k, v, out, lse, g, dq, dk, dv, precision);
+      end.record();
+      forward_ms = middle.ms_since(start), backward_ms = end.ms_since(middle);
+    } else {
+      const auto start = Clock::now();
+      KERNEL(attention_forward, device)(q, k, v, out, lse, precision);
+      const auto middle = Clock::now();
+      KERNEL(attention_backward, device)(q, k, v, out, lse, g, dq, dk, dv, precision);
+      const auto end = Clock::now();
+      forward_ms = std::chrono::duration<double, std::milli>(middle - start).count();
+      backward_ms = std::chrono::duration<double, std::milli>(end - middle).count();
+    }
+    if (step < opts.warmup) continue;
+    run.forward_ms.push_back(forward_ms);
+    run.backward_ms.push_back(backward_ms);
+  }
+  run.out = to_device(out, Device::CPU), run.dq = to_device(dq, Device::CPU), run.dk = to_device(dk, Device::CPU),
+  run.dv = to_device(dv, Device::CPU);
+  return run;
+}
+
+// PyTorch's results: its JSON line, or why there is none.
+struct TorchRun {
+  json result;        // {"torch": version, "variants": [{"name", "precision", "forward_ms", ...} or {"skipped"}]}
+  std::string error;  // non-empty when the script failed
+};
+
+TorchRun run_torch(const AttentionBenchOptions& opts, const fs::path& folder) {
+  const std::string command = fmt::format(
+      "env {}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={} {} {} {} --device {} --steps {} --warmup {} 2>&1",
+      python_env(opts.python), omp_get_max_threads(), shell_quote(opts.python), shell_quote(opts.torch_script),
+      shell_quote(folder.string()), opts.device_name, opts.steps, opts.warmup);
+  TorchRun run;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (!pipe) return {{}, "could not start: " + command};
+  std::string output, last;
+  char line[1 << 16];
+  while (std::fgets(line, sizeof line, pipe)) output += line, last = line;
+  const int status = pclose(pipe);
+  try {
+    if (status == 0) run.result = json::parse(last);
+  } catch (const json::exception&) {
+  }
+  if (status != 0 || !run.result.is_object()) run.error = fmt::format("`{}` failed:\n{}", command, output);
+  return run;
+}
+
+void run_attention_bench(const AttentionBenchOptions& opts) {
+  const nn::ModelConfig config = nn::model_preset(opts.preset);
+  const int64_t B = opts.batch > 0 ? opts.batch : preset_batch(opts.preset), T = config.seq_len, H = config.n_heads,
+                Dh = config.head_dim();
+  const Device device = opts.device_name == "cuda" ? Device::CUDA : Device::CPU;
+  if (device == Device::CUDA && cuda::device_count() == 0)
+    fail("--device cuda: {}", cuda::built_with_cuda() ? "no CUDA device is visible"
+                                                      : "this build has no CUDA backend (MOELAB_CUDA=ON or SIM)");
+  const std::string device_name = device == Device::CUDA ? cuda::device_name() : "cpu";
+  fmt::print("causal attention, config {}: B {}, T {}, H {}, Dh {}; forward and backward, median of {} after {} "
+             "warm-ups, on {}{}\n",
+             opts.preset, B, T, H, Dh, opts.steps, opts.warmup, device_name,
+             device == Device::CUDA && cuda::is_simulator() ? " (kernels on the CPU, no speed to read)"
+             : device == Device::CPU                        ? fmt::format(", {} threads", omp_get_max_threads())
+                                                            : "");
+
+  const Shape shape{B, T, H, Dh};
+  Generator gen(1234);
+  const Tensor q = randn(shape, gen), k = randn(shape, gen), v = randn(shape, gen), g = randn(shape, gen);
+  std::vector<OurRun> ours;
+  for (Precision precision : {Precision::FP32, Precision::BF16})
+    ours.push_back(time_ours(to_device(q, device), to_device(k, device), to_device(v, device), to_device(g, device),
+                             precision, opts));
+
+  TorchRun torch;
+  if (opts.torch) {
+    const fs::path folder = fs::temp_directory_path() / fmt::format("moelab_bench_attention_{}", ::getpid());
+    fs::create_directories(folder);
+    std::vector<nn::NamedTensor> tensors = {{"q", q}, {"k", k}, {"v", v}, {"g", g}};
+    for (const OurRun& run : ours)
+      for (const auto& [name, t] :
+           {std::pair<const char*, const Tensor&>{"out", run.out}, {"dq", run.dq}, {"dk", run.dk}, {"dv", run.dv}})
+        tensors.push_back({fmt::format("{}_{}", name, enum_name(run.precision)), t});
+    nn::save_safetensors(folder / "attention.safetensors", tensors, {});
+    torch = run_torch(opts, folder);
+    fs::remove_all(folder);
+  }
+
+  const double flops = attention_flops(B, T, H, Dh);
+  fmt::print("\n{:<26} {:>10} {:>11} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}\n", "variant", "forward ms",
+             "backward ms", "total ms", "TFLOP/s", "out err", "dq err", "dk err", "dv err", "ours/it");
+  auto row = [&](const std::string& name, double forward, double backward, const std::string& errors,
+                 const std::string& ratio) {
+    fmt::print("{:<26} {:>10.3f} {:>11.3f} {:>9.3f} {:>8.2f} {} {:>8}\n", name, forward, backward, forward + backward,
+               flops / ((forward + backward) * 1e-3) / 1e12, errors, ratio);
+  };
+  for (const OurRun& run : ours)
+    row(fmt::format("moelab {}", enum_name(run.precision)), median(run.forward_ms), median(run.backward_ms),
+        fmt::format("{:>9} {:>9} {:>9} {:>9}", "", "", "", ""), "1.00x");
+  if (!torch.error.empty()) fmt::print("torch: {}\n", torch.error);
+  if (torch.result.is_object()) {
+    for (const json& variant : torch.result["variants"]) {
+      const std::string name = fmt::format("torch {}", variant["name"].get<std::string>());
+      if (variant.contains("skipped")) {
+        fmt::print("{:<26} skipped: {}\n", name, variant["skipped"].get<std::string>());
+        continue;
+      }
+      const json& errors = variant["errors"];
+      const double forward = variant["forward_ms"], backward = variant["backward_ms"];
+      const OurRun& same = ours[variant["precision"] == "bf16" ? 1 : 0];
+      row(name, forward, backward,
+          fmt::format("{:>9.2e} {:>9.2e} {:>9.2e} {:>9.2e}", errors["out"].get<double>(), errors["dq"].get<double>(),
+                      errors["dk"].get<double>(), errors["dv"].get<double>()),
+          fmt::format("{:.2f}x", (forward + backward) / (median(same.forward_ms) + median(same.backward_ms))));
+    }
+    fmt::print("(torch {}; err: ||torch - ours|| / ||ours|| against our run in the same precision; ours/it: its "
+               "total ms over ours in that precision, above 1 we are faster; TFLOP/s: {:.3g} FLOPs, the causal half "
+               "of the forward's two products and the backward's five)\n",
+               torch.result["torch"].get<std::string>(), flops);
+  }
+}
+
+}  // namespace
+
+void add_attention_command(CLI::App& app) {
+  auto opts = std::make_shared<AttentionBenchOptions>();
+  opts->torch_script = source_script("bench_torch_attention.py");
+  CLI::App* cmd = app.add_subcommand("attention", "causal attention's forward and backward on a config's shapes, "
+                                                  "fp32 and bf16, against PyTorch's scaled_dot_product_attention");
+  cmd->add_option("--preset", opts->preset, "the shapes of: tiny | S | M")
+      ->check(CLI::IsMember({"tiny", "S", "M"}))
+      ->capture_default_str();
+  cmd->add_option("--batch", opts->batch, "sequences (0: the preset's benchmark batch)")->capture_default_str();
+  cmd->add_option("--steps", opts->steps, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--warmup", opts->warmup, "untimed steps first")->capture_default_str();
+  cmd->add_option("--device", opts->device_name, "cpu | cuda")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  cmd->add_flag("!--no-torch", opts->torch, "skip PyTorch");
+  cmd->add_option("--python", opts->python, "python with torch for the baseline")->capture_default_str();
+  cmd->add_option("--torch-script", opts->torch_script, "the baseline script")->capture_default_str();
+  cmd->callback([opts] { run_attention_bench(*opts); });
+}
+
+}  // namespace moelab::bench
