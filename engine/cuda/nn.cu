@@ -504,22 +504,25 @@ __device__ void load_bf16_tile(const float* x, const HeadRows& L, int64_t b, int
 }
 
 // scratch[16][kScratchLd], 16-column blocks [first, last) = x_rows (16 rows of a tile) times y_tile's 64 rows
-// transposed: the warp's block of x y^T.
+// transposed: the warp's block of x y^T. Each 16 dims of x are loaded once for all the column blocks. (The loops
+// over n run over all four blocks, so that nvcc unrolls them, acc's index is a constant and acc stays in registers.)
 template <int D>
 __device__ void warp_scores(const __nv_bfloat16* x_rows, const __nv_bfloat16* y_tile, int first, int last,
                             float* scratch) {
-  for (int n = first; n < last; ++n) {
-    Scores acc;
-    wmma::fill_fragment(acc, 0.0f);
-    for (int d = 0; d < D; d += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> x;
+  Scores acc[kMmaWarps];  // column block n in acc[n]
+  for (Scores& a : acc) wmma::fill_fragment(a, 0.0f);
+  for (int d = 0; d < D; d += 16) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> x;
+    wmma::load_matrix_sync(x, x_rows + d, D + 8);
+    for (int n = 0; n < kMmaWarps; ++n) {
+      if (n < first || n >= last) continue;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> y_t;  // y^T's tile: y is [64][D]
-      wmma::load_matrix_sync(x, x_rows + d, D + 8);
       wmma::load_matrix_sync(y_t, y_tile + 16 * n * (D + 8) + d, D + 8);
-      wmma::mma_sync(acc, x, y_t, acc);
+      wmma::mma_sync(acc[n], x, y_t, acc[n]);
     }
-    wmma::store_matrix_sync(scratch + 16 * n, acc, kScratchLd, wmma::mem_row_major);
   }
+  for (int n = 0; n < kMmaWarps; ++n)
+    if (n >= first && n < last) wmma::store_matrix_sync(scratch + 16 * n, acc[n], kScratchLd, wmma::mem_row_major);
 }
 
 // acc[d] += weights (the warp's [16][kWeightsLd], 16-column blocks [first, last)) times the matching rows of tile
