@@ -445,7 +445,8 @@ __global__ void attention_backward_dkdv_kernel(const F* q, const F* k, const F* 
 // memory as bf16, rounded as they are loaded from the f32 tensors, as [64][D + 8]: D is the head dim padded with
 // zeros to 16, 32, 64 or 128, and the 8 extra columns move each row 16 bytes further across the banks. A warp's
 // 16 x 64 block of scores goes through its own f32 scratch, where its lanes apply the mask and the softmax (two lanes
-// a row, 32 columns each), and comes back as bf16 for the next product.
+// a row, every other column each, so that the two read neighbouring banks), and comes back as bf16 for the next
+// product.
 //
 // The forward makes two passes over the key tiles: the first finds each row's max and sum (lse), the second forms
 // p = exp(s - lse), already final, rounds it to bf16 and adds p v to the accumulators. That is one q k^T more than
@@ -558,7 +559,7 @@ __device__ void store_warp_rows(const Scores (&acc)[D / 16], const HeadRows& L, 
 }
 
 // Block (b*H + h) * tiles + query tile: out and lse of the tile's query rows. Lane (row, half) of warp w handles
-// query row i = q0 + 16 w + row and the tile's columns 32 half .. 32 half + 31.
+// query row i = q0 + 16 w + row and the tile's columns c = half, half + 2, ...
 template <int D>
 __global__ void attention_forward_mma_kernel(const float* q, const float* k, const float* v, HeadRows L, float scale,
                                              float* out, float* lse) {
@@ -585,7 +586,7 @@ __global__ void attention_forward_mma_kernel(const float* q, const float* k, con
     __syncthreads();
     warp_scores<D>(q_rows, k_tile, 0, blocks, s);
     __syncwarp();
-    for (int c = 32 * half; c < 32 * half + 32; ++c) {
+    for (int c = half; c < kMmaTile; c += 2) {
       if (!sees(i, k0 + c, L.T)) continue;
       const float x = s[row * kScratchLd + c] * scale;
       if (x > m) {  // a new max: rescale the sum so far
@@ -617,7 +618,7 @@ __global__ void attention_forward_mma_kernel(const float* q, const float* k, con
     __syncthreads();
     warp_scores<D>(q_rows, k_tile, 0, blocks, s);
     __syncwarp();
-    for (int c = 32 * half; c < 32 * half + 32; ++c)
+    for (int c = half; c < kMmaTile; c += 2)
       p[row * kWeightsLd + c] =
           __float2bfloat16_rn(sees(i, k0 + c, L.T) ? expf(s[row * kScratchLd + c] * scale - row_lse) : 0.0f);
     __syncwarp();  // a row's weights come from two lanes, the product reads all of them
@@ -665,7 +666,7 @@ __global__ void attention_backward_dq_mma_kernel(const float* q, const float* k,
     warp_scores<D>(q_rows, k_tile, 0, blocks, s);
     warp_scores<D>(g_rows, v_tile, 0, blocks, gv);
     __syncwarp();
-    for (int c = 32 * half; c < 32 * half + 32; ++c) {
+    for (int c = half; c < kMmaTile; c += 2) {
       float ds_ij = 0;
       if (sees(i, k0 + c, L.T)) {
         const float p = expf(s[row * kScratchLd + c] * scale - row_lse);
@@ -680,7 +681,7 @@ __global__ void attention_backward_dq_mma_kernel(const float* q, const float* k,
 }
 
 // Block (b*H + h) * tiles + key tile: lane (row, half) of warp w handles key row j = k0 + 16 w + row and the query
-// tile's columns 32 half .. 32 half + 31. Over the query tiles i >= j: dv_j = sum_i bf16(p_ij) g_i and
+// tile's columns c = half, half + 2, ... Over the query tiles i >= j: dv_j = sum_i bf16(p_ij) g_i and
 // dk_j = sum_i bf16(ds_ij) q_i (ds_ij as in the dq kernel).
 template <int D>
 __global__ void attention_backward_dkdv_mma_kernel(const float* q, const float* k, const float* v, const float* lse,
@@ -718,7 +719,7 @@ __global__ void attention_backward_dkdv_mma_kernel(const float* q, const float* 
     warp_scores<D>(k_rows, q_tile, first, kMmaWarps, s);   // s[j][i] = k_j . q_i
     warp_scores<D>(v_rows, g_tile, first, kMmaWarps, vg);  // vg[j][i] = v_j . g_i
     __syncwarp();
-    for (int c = 32 * half; c < 32 * half + 32; ++c) {
+    for (int c = half; c < kMmaTile; c += 2) {
       float p_ij = 0, ds_ij = 0;
       if (sees(q0 + c, j, L.T)) {
         p_ij = expf(s[row * kScratchLd + c] * scale - lse_tile[c]);
