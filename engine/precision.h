@@ -4,8 +4,9 @@
 //   FP32: products of f32 tensors are f32 GEMMs (the default).
 //   BF16: the operands of the products of f32 tensors are rounded to bf16 and multiplied with f32 accumulation into
 //         f32 results: the matmul op (engine/ops/matmul.cpp), the MoE experts' grouped SwiGLU (moe/dispatch.cpp)
-//         and causal attention's q k^T and p v (engine/ops/nn.cpp; its softmax stays f32). Their gradients are f32
-//         too (the output gradient is rounded to bf16 as an operand, the products are not).
+//         and causal attention's q k^T and p v for heads of up to 128 dims (engine/ops/nn.cpp; its softmax stays
+//         f32). Their gradients are f32 too (the output gradient is rounded to bf16 as an operand, the products are
+//         not).
 // Whatever the mode: f64 (gradient checks) and bf16 tensors multiply as their dtype says; everything that is not a
 // product (norms, softmax, losses, optimizer) is f32; the router's logits are an f32 product (moe/router.cpp asks
 // for FP32). An op reads the mode when it runs forward and its backward follows that choice.

@@ -202,12 +202,14 @@ attention_one() {  # preset, seconds
   [ "$preset" = sim ] && args+=(--steps 2 --warmup 1) || args+=(--steps 10 --warmup 3)
   echo "==== $cfg: moe-bench attention ${args[*]}" >>"$out/race.log"
   timeout "$seconds" "$bin/moe-bench" attention "${args[@]}" --python "$race_python" \
-    --torch-script "$root/scripts/bench_torch_attention.py" >"$race_tmp" 2>&1
+    --torch-script "$root/scripts/bench_torch_attention.py" --torch-timeout "$((seconds * 2 / 3))" >"$race_tmp" 2>&1
   local rc=$?
   cat "$race_tmp" >>"$out/race.log"
   if ((rc == 0)); then
     note "  attention alone:"
-    while IFS= read -r line; do note "    $line"; done < <(sed -n '/^variant /,$p' "$race_tmp" | grep -v '^(torch\|^$')
+    # The table's rows, and the first line of PyTorch's error if it had one (the rest is in race.log).
+    while IFS= read -r line; do note "    $line"; done < <(grep -E '^(variant|moelab|torch) ' "$race_tmp")
+    while IFS= read -r line; do note "    $line"; done < <(grep -m1 '^torch: ' "$race_tmp" | cut -c1-200)
   else
     note "attention $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
   fi

@@ -6,8 +6,9 @@
 
 namespace moelab::testing {
 
-// c = alpha * a b^T + c on the GPU: a [M, K] and b [N, K] bf16, c [M, N] f32, all CUDA and contiguous; M and K
-// multiples of 16, N of 32.
-void wmma_matmul(const Tensor& a, const Tensor& b, float alpha, const Tensor& c);
+// c = alpha * a b^T + c on the GPU: a [M, K] and b [N, K] bf16 (b's tiles loaded as col_major matrix_b fragments),
+// c [M, N] f32, all CUDA and contiguous; M and K multiples of 16, N of 32. With b_row_major, b is [K, N] (row_major
+// fragments) and c = alpha * a b + c.
+void wmma_matmul(const Tensor& a, const Tensor& b, float alpha, const Tensor& c, bool b_row_major = false);
 
 }  // namespace moelab::testing

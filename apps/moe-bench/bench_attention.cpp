@@ -7,12 +7,14 @@
 #include <fmt/core.h>
 #include <omp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <vector>
 
@@ -40,6 +42,7 @@ struct AttentionBenchOptions {
   bool torch = true;
   std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
   std::string torch_script;
+  int torch_timeout_s = 0;  // 0: none; else the script is stopped after this long
 };
 
 // One precision's run of our kernels: per timed step the forward's and the backward's ms, and the last results.
@@ -50,7 +53,9 @@ struct OurRun {
 };
 
 // FLOPs of one forward and backward, FlashAttention's count: the forward's two T x T products are 4 B H T^2 Dh,
-// halved by the causal mask; the backward's five are 2.5 times that (its recomputation of the scores not counted).
+// halved by the causal mask; the backward's five (the scores again, dp, dv, dq, dk) are 2.5 times that. Useful work:
+// our bf16 kernels execute 10 such products (a second q k^T in the forward, the scores and dp in both backward
+// kernels), FlashAttention-2 7.
 double attention_flops(int64_t B, int64_t T, int64_t H, int64_t Dh) {
   const double forward = 4.0 * B * H * static_cast<double>(T) * T * Dh / 2;
   return forward * 3.5;
@@ -101,9 +106,10 @@ struct TorchRun {
 
 TorchRun run_torch(const AttentionBenchOptions& opts, const fs::path& folder) {
   const std::string command = fmt::format(
-      "env {}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={} {} {} {} --device {} --steps {} --warmup {} 2>&1",
-      python_env(opts.python), omp_get_max_threads(), shell_quote(opts.python), shell_quote(opts.torch_script),
-      shell_quote(folder.string()), opts.device_name, opts.steps, opts.warmup);
+      "env {}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={} {}{} {} {} --device {} --steps {} --warmup {} 2>&1",
+      python_env(opts.python), omp_get_max_threads(),
+      opts.torch_timeout_s > 0 ? fmt::format("timeout {} ", opts.torch_timeout_s) : "", shell_quote(opts.python),
+      shell_quote(opts.torch_script), shell_quote(folder.string()), opts.device_name, opts.steps, opts.warmup);
   TorchRun run;
   FILE* pipe = popen(command.c_str(), "r");
   if (!pipe) return {{}, "could not start: " + command};
@@ -115,7 +121,11 @@ TorchRun run_torch(const AttentionBenchOptions& opts, const fs::path& folder) {
     if (status == 0) run.result = json::parse(last);
   } catch (const json::exception&) {
   }
-  if (status != 0 || !run.result.is_object()) run.error = fmt::format("`{}` failed:\n{}", command, output);
+  const bool timed_out = WIFEXITED(status) && WEXITSTATUS(status) == 124 && opts.torch_timeout_s > 0;
+  if (timed_out)
+    run.error = fmt::format("stopped after {} s (--torch-timeout)", opts.torch_timeout_s);
+  else if (status != 0 || !run.result.is_object())
+    run.error = fmt::format("`{}` failed:\n{}", command, output);
   return run;
 }
 
@@ -143,6 +153,20 @@ void run_attention_bench(const AttentionBenchOptions& opts) {
     ours.push_back(time_ours(to_device(q, device), to_device(k, device), to_device(v, device), to_device(g, device),
                              precision, opts));
 
+  // Our rows first: they stand even if PyTorch fails or is stopped.
+  const double flops = attention_flops(B, T, H, Dh);
+  fmt::print("\n{:<26} {:>10} {:>11} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}\n", "variant", "forward ms",
+             "backward ms", "total ms", "TFLOP/s", "out err", "dq err", "dk err", "dv err", "ours/it");
+  auto row = [&](const std::string& name, double forward, double backward, const std::string& errors,
+                 const std::string& ratio) {
+    fmt::print("{:<26} {:>10.3f} {:>11.3f} {:>9.3f} {:>8.2f} {} {:>8}\n", name, forward, backward, forward + backward,
+               flops / ((forward + backward) * 1e-3) / 1e12, errors, ratio);
+  };
+  for (const OurRun& run : ours)
+    row(fmt::format("moelab {}", enum_name(run.precision)), median(run.forward_ms), median(run.backward_ms),
+        fmt::format("{:>9} {:>9} {:>9} {:>9}", "", "", "", ""), "1.00x");
+  std::fflush(stdout);
+
   TorchRun torch;
   if (opts.torch) {
     const fs::path folder = fs::temp_directory_path() / fmt::format("moelab_bench_attention_{}", ::getpid());
@@ -156,19 +180,6 @@ void run_attention_bench(const AttentionBenchOptions& opts) {
     torch = run_torch(opts, folder);
     fs::remove_all(folder);
   }
-
-  const double flops = attention_flops(B, T, H, Dh);
-  fmt::print("\n{:<26} {:>10} {:>11} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8}\n", "variant", "forward ms",
-             "backward ms", "total ms", "TFLOP/s", "out err", "dq err", "dk err", "dv err", "ours/it");
-  auto row = [&](const std::string& name, double forward, double backward, const std::string& errors,
-                 const std::string& ratio) {
-    fmt::print("{:<26} {:>10.3f} {:>11.3f} {:>9.3f} {:>8.2f} {} {:>8}\n", name, forward, backward, forward + backward,
-               flops / ((forward + backward) * 1e-3) / 1e12, errors, ratio);
-  };
-  for (const OurRun& run : ours)
-    row(fmt::format("moelab {}", enum_name(run.precision)), median(run.forward_ms), median(run.backward_ms),
-        fmt::format("{:>9} {:>9} {:>9} {:>9}", "", "", "", ""), "1.00x");
-  if (!torch.error.empty()) fmt::print("torch: {}\n", torch.error);
   if (torch.result.is_object()) {
     for (const json& variant : torch.result["variants"]) {
       const std::string name = fmt::format("torch {}", variant["name"].get<std::string>());
@@ -178,7 +189,9 @@ void run_attention_bench(const AttentionBenchOptions& opts) {
       }
       const json& errors = variant["errors"];
       const double forward = variant["forward_ms"], backward = variant["backward_ms"];
-      const OurRun& same = ours[variant["precision"] == "bf16" ? 1 : 0];
+      const OurRun& same = *std::find_if(ours.begin(), ours.end(), [&](const OurRun& run) {
+        return enum_name(run.precision) == variant["precision"].get<std::string>();
+      });
       row(name, forward, backward,
           fmt::format("{:>9.2e} {:>9.2e} {:>9.2e} {:>9.2e}", errors["out"].get<double>(), errors["dq"].get<double>(),
                       errors["dk"].get<double>(), errors["dv"].get<double>()),
@@ -189,6 +202,7 @@ void run_attention_bench(const AttentionBenchOptions& opts) {
                "of the forward's two products and the backward's five)\n",
                torch.result["torch"].get<std::string>(), flops);
   }
+  if (!torch.error.empty()) fmt::print("torch: {}\n", torch.error);
 }
 
 }  // namespace
@@ -210,6 +224,9 @@ void add_attention_command(CLI::App& app) {
   cmd->add_flag("!--no-torch", opts->torch, "skip PyTorch");
   cmd->add_option("--python", opts->python, "python with torch for the baseline")->capture_default_str();
   cmd->add_option("--torch-script", opts->torch_script, "the baseline script")->capture_default_str();
+  cmd->add_option("--torch-timeout", opts->torch_timeout_s,
+                  "stop the PyTorch script after this many seconds (0: never)")
+      ->capture_default_str();
   cmd->callback([opts] { run_attention_bench(*opts); });
 }
 

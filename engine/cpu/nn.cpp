@@ -268,9 +268,10 @@ template <class F>
 
 // The backward of head bh: its rows of dq, dk, dv. kt, vt [Dh, T] and p, ds [T] are the caller's scratch.
 // With p_ij = exp(s_ij - lse_i), g = dL/do and D_i = g_i . o_i (= sum_j p_ij g_i . v_j):
-//   dv_j += p_ij g_i,   ds_ij = p_ij (g_i . v_j - D_i),
-//   dq_i = sum_j ds_ij k_j / sqrt(Dh),   dk_j += ds_ij q_i / sqrt(Dh).
-// bf16_p_ds: p_ij and ds_ij are rounded to bf16 before they weight g_i, k_j and q_i (the caller rounds q, k, v, g).
+//   dv_j += p_ij g_i,   ds_ij = p_ij (g_i . v_j - D_i) / sqrt(Dh),
+//   dq_i = sum_j ds_ij k_j,   dk_j += ds_ij q_i.
+// bf16_p_ds: p_ij and ds_ij (with its 1 / sqrt(Dh)) are rounded to bf16 before they weight g_i, k_j and q_i (the
+// caller rounds q, k, v, g).
 template <class F>
 [[gnu::always_inline]] inline void attention_head_backward(const F* pq, const F* pk, const F* pv, const F* po,
                                                            const F* plse, const F* pg, F* pdq, F* pdk, F* pdv,
@@ -292,7 +293,10 @@ template <class F>
     for (int64_t j = 0; j < n; ++j) p[j] = exp_simd(p[j] - l);
     row_times_transposed(gi, F(1), vt, T, Dh, n, ds);  // g_i . v_j
     for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - Di) * scale;
-    if (bf16_p_ds) round_to_bf16_values(p, n), round_to_bf16_values(ds, n);
+    if (bf16_p_ds) {
+      round_to_bf16_values(p, n);
+      round_to_bf16_values(ds, n);
+    }
     weighted_row_sum(ds, pk + head, stride, n, Dh, pdq + head + i * stride);  // dq_i = sum_j ds_ij k_j
     for (int64_t j = 0; j < n; ++j) {
       const int64_t row = head + j * stride;

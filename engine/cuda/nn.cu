@@ -438,7 +438,7 @@ __global__ void attention_backward_dkdv_kernel(const F* q, const F* k, const F* 
   store_rows(acc_v, L, b, h, k0, dv);
 }
 
-// ---- causal attention on the tensor cores (Precision::BF16) ----------------------------------------------------------
+// ---- causal attention on the tensor cores (Precision::BF16) ---------------------------------------------------------
 // The same loop order, with both products of each step as nvcuda::wmma tiles: bf16 operands, f32 accumulators. A
 // block of 4 warps takes 64 rows (query rows for the forward and dq, key rows for dk and dv), and warp w owns rows
 // 16 w .. 16 w + 15 with their accumulators, one 16 x 16 fragment per 16 head dims. Tiles of 64 rows live in shared
@@ -450,14 +450,21 @@ __global__ void attention_backward_dkdv_kernel(const F* q, const F* k, const F* 
 //
 // The forward makes two passes over the key tiles: the first finds each row's max and sum (lse), the second forms
 // p = exp(s - lse), already final, rounds it to bf16 and adds p v to the accumulators. That is one q k^T more than
-// FlashAttention-2's single pass with a rescaled accumulator, but the rounded p is then the reference's bf16(p) (the
-// CPU kernel's, and the backward's recomputation), whatever the tiling. Within a tile on the diagonal, the 16-row
+// FlashAttention-2's single pass with a rescaled accumulator, but p is then the final probability before it is
+// rounded, as in the CPU kernel and the backward's recomputation (the same numbers up to f32 rounding, whatever the
+// tiling). Within a tile on the diagonal, the 16-row
 // blocks that the mask hides entirely are skipped.
+
+// bf16 wmma fragments need sm_80 or later (Ampere); moelab's `gpu` preset builds for sm_90.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "moelab's tensor-core attention needs sm_80 or later (bf16 nvcuda::wmma): set CMAKE_CUDA_ARCHITECTURES"
+#endif
 
 namespace wmma = nvcuda::wmma;
 using Scores = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
 constexpr int kMmaWarps = 4, kMmaThreads = 32 * kMmaWarps, kMmaTile = 16 * kMmaWarps;  // 64 rows a block
+constexpr int kMmaBlocks = kMmaTile / 16;  // 16-row (or 16-column) blocks of a tile: one per warp
 constexpr int kScratchLd = kMmaTile + 4;  // a warp's f32 scratch: [16][64 + 4]
 constexpr int kWeightsLd = kMmaTile + 8;  // a warp's bf16 weights: [16][64 + 8]
 
@@ -480,6 +487,10 @@ struct MmaArrays {
   int tiles, scratches, weight_tiles, row_arrays;
 };
 constexpr MmaArrays kForwardArrays{3, 1, 1, 0}, kDqArrays{4, 2, 1, 0}, kDkdvArrays{4, 2, 2, 2};
+constexpr bool fits_mma_shared(MmaArrays a) {  // within MmaShared's arrays
+  return a.tiles <= 4 && a.scratches <= 2 && a.weight_tiles <= 2 && a.row_arrays <= 2;
+}
+static_assert(fits_mma_shared(kForwardArrays) && fits_mma_shared(kDqArrays) && fits_mma_shared(kDkdvArrays));
 
 // A kernel's shared arrays: [64][D + 8] bf16 tiles, f32 scratch and bf16 weights ([64][...]: rows 16 w .. 16 w + 15
 // are warp w's) and [64] f32 rows.
@@ -510,19 +521,19 @@ __device__ void load_bf16_tile(const float* x, const HeadRows& L, int64_t b, int
 template <int D>
 __device__ void warp_scores(const __nv_bfloat16* x_rows, const __nv_bfloat16* y_tile, int first, int last,
                             float* scratch) {
-  Scores acc[kMmaWarps];  // column block n in acc[n]
+  Scores acc[kMmaBlocks];  // column block n in acc[n]
   for (Scores& a : acc) wmma::fill_fragment(a, 0.0f);
   for (int d = 0; d < D; d += 16) {
     wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> x;
     wmma::load_matrix_sync(x, x_rows + d, D + 8);
-    for (int n = 0; n < kMmaWarps; ++n) {
+    for (int n = 0; n < kMmaBlocks; ++n) {
       if (n < first || n >= last) continue;
       wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> y_t;  // y^T's tile: y is [64][D]
       wmma::load_matrix_sync(y_t, y_tile + 16 * n * (D + 8) + d, D + 8);
       wmma::mma_sync(acc[n], x, y_t, acc[n]);
     }
   }
-  for (int n = 0; n < kMmaWarps; ++n)
+  for (int n = 0; n < kMmaBlocks; ++n)
     if (n >= first && n < last) wmma::store_matrix_sync(scratch + 16 * n, acc[n], kScratchLd, wmma::mem_row_major);
 }
 
@@ -580,7 +591,7 @@ __global__ void attention_forward_mma_kernel(const float* q, const float* k, con
   float m = -INFINITY, z = 0;
   for (int64_t kt = 0; kt <= qt; ++kt) {  // causal: the key tiles after the query tile are all masked
     const int64_t k0 = kt * kMmaTile;
-    const int blocks = kt == qt ? warp + 1 : kMmaWarps;  // on the diagonal, key blocks past the warp's rows are masked
+    const int blocks = kt == qt ? warp + 1 : kMmaBlocks;  // on the diagonal, key blocks past the warp's rows are masked
     __syncthreads();                                     // the previous key tile is no longer read
     load_bf16_tile<D>(k, L, b, h, k0, k_tile);
     __syncthreads();
@@ -611,7 +622,7 @@ __global__ void attention_forward_mma_kernel(const float* q, const float* k, con
   for (Scores& a : acc) wmma::fill_fragment(a, 0.0f);
   for (int64_t kt = 0; kt <= qt; ++kt) {
     const int64_t k0 = kt * kMmaTile;
-    const int blocks = kt == qt ? warp + 1 : kMmaWarps;
+    const int blocks = kt == qt ? warp + 1 : kMmaBlocks;
     __syncthreads();
     load_bf16_tile<D>(k, L, b, h, k0, k_tile);
     load_bf16_tile<D>(v, L, b, h, k0, v_tile);
@@ -658,7 +669,7 @@ __global__ void attention_backward_dq_mma_kernel(const float* q, const float* k,
   for (Scores& a : acc) wmma::fill_fragment(a, 0.0f);
   for (int64_t kt = 0; kt <= qt; ++kt) {
     const int64_t k0 = kt * kMmaTile;
-    const int blocks = kt == qt ? warp + 1 : kMmaWarps;
+    const int blocks = kt == qt ? warp + 1 : kMmaBlocks;
     __syncthreads();  // the previous key tile is no longer read
     load_bf16_tile<D>(k, L, b, h, k0, k_tile);
     load_bf16_tile<D>(v, L, b, h, k0, v_tile);
@@ -716,8 +727,8 @@ __global__ void attention_backward_dkdv_mma_kernel(const float* q, const float* 
       D_tile[r] = q0 + r < L.T ? D_rows[bh * L.T + q0 + r] : 0.0f;
     }
     __syncthreads();
-    warp_scores<D>(k_rows, q_tile, first, kMmaWarps, s);   // s[j][i] = k_j . q_i
-    warp_scores<D>(v_rows, g_tile, first, kMmaWarps, vg);  // vg[j][i] = v_j . g_i
+    warp_scores<D>(k_rows, q_tile, first, kMmaBlocks, s);   // s[j][i] = k_j . q_i
+    warp_scores<D>(v_rows, g_tile, first, kMmaBlocks, vg);  // vg[j][i] = v_j . g_i
     __syncwarp();
     for (int c = half; c < kMmaTile; c += 2) {
       float p_ij = 0, ds_ij = 0;
@@ -729,8 +740,8 @@ __global__ void attention_backward_dkdv_mma_kernel(const float* q, const float* 
       ds[row * kWeightsLd + c] = __float2bfloat16_rn(ds_ij);
     }
     __syncwarp();
-    add_weighted_tile<D>(p, first, kMmaWarps, g_tile, acc_v);
-    add_weighted_tile<D>(ds, first, kMmaWarps, q_tile, acc_k);
+    add_weighted_tile<D>(p, first, kMmaBlocks, g_tile, acc_v);
+    add_weighted_tile<D>(ds, first, kMmaBlocks, q_tile, acc_k);
   }
   store_warp_rows<D>(acc_k, L, b, h, k0 + 16 * warp, s, dk);
   store_warp_rows<D>(acc_v, L, b, h, k0 + 16 * warp, s, dv);
@@ -786,28 +797,28 @@ template <class... Params> void allow_shared_bytes(void (*kernel)(Params...), si
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                        Precision precision) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(Dh));
   if (precision == Precision::BF16) {
-    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
     const int64_t tiles = (T + kMmaTile - 1) / kMmaTile;
     return with_mma_head_dim("causal_attention", Dh, [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
       const size_t shared = mma_shared_bytes<D>(kForwardArrays);
       allow_shared_bytes(attention_forward_mma_kernel<D>, shared);
       launch("attention_forward_mma", attention_forward_mma_kernel<D>, dim3(B * H * tiles), dim3(kMmaThreads), shared,
-             q.data<float>(), k.data<float>(), v.data<float>(), HeadRows{T, H, Dh}, scale, out.data<float>(),
-             lse.data<float>());
+             q.data<float>(), k.data<float>(), v.data<float>(), HeadRows{T, H, Dh}, static_cast<float>(scale),
+             out.data<float>(), lse.data<float>());
     });
   }
   dispatch_float("causal_attention", q.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));
     with_attention_tiling<F>("causal_attention", Dh, [&](auto tiling) {
       using Tg = decltype(tiling);
       const int64_t tiles = (T + Tg::Tile - 1) / Tg::Tile;
       const size_t shared = AttentionShared<F>{Tg::Tile, Dh}.forward();
       allow_shared_bytes(attention_forward_kernel<F, Tg>, shared);
       launch("attention_forward", attention_forward_kernel<F, Tg>, dim3(B * H * tiles), dim3(kAttentionThreads), shared,
-             q.data<F>(), k.data<F>(), v.data<F>(), HeadRows{T, H, Dh}, scale, out.data<F>(), lse.data<F>());
+             q.data<F>(), k.data<F>(), v.data<F>(), HeadRows{T, H, Dh}, static_cast<F>(scale), out.data<F>(),
+             lse.data<F>());
     });
   });
 }
@@ -815,40 +826,38 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
 void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                         const Tensor& g, const Tensor& dq, const Tensor& dk, const Tensor& dv, Precision precision) {
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
-  Tensor D = Tensor::empty({B, H, T}, q.dtype(), Device::CUDA);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(Dh));
+  const HeadRows L{T, H, Dh};
+  Tensor D_rows = Tensor::empty({B, H, T}, q.dtype(), Device::CUDA);  // D_i = g_i . out_i, for the dk/dv kernel
   if (precision == Precision::BF16) {
-    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(Dh)));
     const int64_t tiles = (T + kMmaTile - 1) / kMmaTile;
-    const HeadRows L{T, H, Dh};
     return with_mma_head_dim("causal_attention_backward", Dh, [&](auto head_dim) {
-      constexpr int Dp = decltype(head_dim)::value;
-      const size_t dq_shared = mma_shared_bytes<Dp>(kDqArrays), dkdv_shared = mma_shared_bytes<Dp>(kDkdvArrays);
-      allow_shared_bytes(attention_backward_dq_mma_kernel<Dp>, dq_shared);
-      launch("attention_backward_dq_mma", attention_backward_dq_mma_kernel<Dp>, dim3(B * H * tiles), dim3(kMmaThreads),
+      constexpr int D = decltype(head_dim)::value;
+      const size_t dq_shared = mma_shared_bytes<D>(kDqArrays), dkdv_shared = mma_shared_bytes<D>(kDkdvArrays);
+      allow_shared_bytes(attention_backward_dq_mma_kernel<D>, dq_shared);
+      launch("attention_backward_dq_mma", attention_backward_dq_mma_kernel<D>, dim3(B * H * tiles), dim3(kMmaThreads),
              dq_shared, q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), lse.data<float>(),
-             g.data<float>(), L, scale, dq.data<float>(), D.data<float>());
-      allow_shared_bytes(attention_backward_dkdv_mma_kernel<Dp>, dkdv_shared);
-      launch("attention_backward_dkdv_mma", attention_backward_dkdv_mma_kernel<Dp>, dim3(B * H * tiles),
+             g.data<float>(), L, static_cast<float>(scale), dq.data<float>(), D_rows.data<float>());
+      allow_shared_bytes(attention_backward_dkdv_mma_kernel<D>, dkdv_shared);
+      launch("attention_backward_dkdv_mma", attention_backward_dkdv_mma_kernel<D>, dim3(B * H * tiles),
              dim3(kMmaThreads), dkdv_shared, q.data<float>(), k.data<float>(), v.data<float>(), lse.data<float>(),
-             g.data<float>(), D.data<float>(), L, scale, dk.data<float>(), dv.data<float>());
+             g.data<float>(), D_rows.data<float>(), L, static_cast<float>(scale), dk.data<float>(), dv.data<float>());
     });
   }
   dispatch_float("causal_attention_backward", q.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    const F scale = static_cast<F>(1.0 / std::sqrt(static_cast<double>(Dh)));
-    const HeadRows L{T, H, Dh};
     with_attention_tiling<F>("causal_attention_backward", Dh, [&](auto tiling) {
       using Tg = decltype(tiling);
       const int64_t tiles = (T + Tg::Tile - 1) / Tg::Tile;
       const AttentionShared<F> shared{Tg::Tile, Dh};
       allow_shared_bytes(attention_backward_dq_kernel<F, Tg>, shared.dq());
       launch("attention_backward_dq", attention_backward_dq_kernel<F, Tg>, dim3(B * H * tiles), dim3(kAttentionThreads),
-             shared.dq(), q.data<F>(), k.data<F>(), v.data<F>(), out.data<F>(), lse.data<F>(), g.data<F>(), L, scale,
-             dq.data<F>(), D.data<F>());
+             shared.dq(), q.data<F>(), k.data<F>(), v.data<F>(), out.data<F>(), lse.data<F>(), g.data<F>(), L,
+             static_cast<F>(scale), dq.data<F>(), D_rows.data<F>());
       allow_shared_bytes(attention_backward_dkdv_kernel<F, Tg>, shared.dkdv());
       launch("attention_backward_dkdv", attention_backward_dkdv_kernel<F, Tg>, dim3(B * H * tiles),
              dim3(kAttentionThreads), shared.dkdv(), q.data<F>(), k.data<F>(), v.data<F>(), lse.data<F>(), g.data<F>(),
-             D.data<F>(), L, scale, dk.data<F>(), dv.data<F>());
+             D_rows.data<F>(), L, static_cast<F>(scale), dk.data<F>(), dv.data<F>());
     });
   });
 }

@@ -142,7 +142,10 @@ Tensor rope(const Tensor& x, double theta, int64_t pos_offset) {
 // ---- causal attention -----------------------------------------------------------------------------------------------
 // Causal softmax(q k^T / sqrt(Dh)) v per head. The forward keeps lse [B, H, T]; the backward recomputes the
 // probabilities from it rather than storing the T x T matrix. Under Precision::BF16 its two products take bf16
-// operands (engine/kernels/nn.h says which values are rounded); f64 is never rounded.
+// operands (engine/kernels/nn.h says which values are rounded) for heads of up to 128 dims, what the GPU's
+// tensor-core kernels take; longer heads, and f64, are not rounded (on either device, so that the CPU stays the
+// GPU's reference).
+constexpr int64_t kMaxBf16HeadDim = 128;
 
 static std::vector<Tensor> attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                               const Tensor& lse, const Tensor& g, Precision precision) {
@@ -160,7 +163,8 @@ Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   if (q.dim() != 4 || k.shape() != q.shape() || v.shape() != q.shape() || q.size(3) == 0)
     fail("{}: needs q, k, v of one shape [B, T, H, Dh] with Dh > 0, got {}, {}, {}", op, q.str(), k.str(), v.str());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
-  const Precision precision = q.dtype() == DType::F32 ? product_precision() : Precision::FP32;
+  const bool may_round = q.dtype() == DType::F32 && q.size(3) <= kMaxBf16HeadDim;
+  const Precision precision = may_round ? product_precision() : Precision::FP32;
   Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());  // [B, T, H, Dh]
   Tensor lse = Tensor::empty({B, H, T}, q.dtype(), q.device());  // [B, H, T]
   KERNEL(attention_forward, q.device())(q, k, v, out, lse, precision);
