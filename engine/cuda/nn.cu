@@ -206,6 +206,21 @@ struct HeadRows {
   __device__ int64_t row(int64_t b, int64_t t, int64_t h) const { return ((b * T + t) * H + h) * Dh; }
 };
 
+// A block's head bh = b*H + h and tile, the grid being B*H*tiles blocks. The causal mask makes the blocks unequal: a
+// query tile walks the key tiles up to it, a key tile the query tiles from it. The longest go first (the lowest
+// block indices, which the GPU starts first) so that the short ones fill in at the end, not the long ones.
+struct HeadTile {
+  int64_t bh, tile;
+};
+__device__ inline HeadTile query_tile_of_block(int64_t tiles) {
+  const int64_t heads = gridDim.x / tiles;
+  return {blockIdx.x % heads, tiles - 1 - blockIdx.x / heads};  // the last query tiles first
+}
+__device__ inline HeadTile key_tile_of_block(int64_t tiles) {
+  const int64_t heads = gridDim.x / tiles;
+  return {blockIdx.x % heads, blockIdx.x / heads};  // the first key tiles first
+}
+
 // A tiling: Tile rows per block, each thread accumulating Dims head dims (Dh <= 16 * Dims).
 template <int TileRows, int DimsPerThread> struct Tiling {
   static constexpr int Tile = TileRows, Dims = DimsPerThread, Rows = TileRows / 16;
@@ -277,7 +292,7 @@ __device__ void store_rows(const F (&acc)[Rows][Dims], const HeadRows& L, int64_
   }
 }
 
-// Block (b*H + h) * tiles + query tile: out and lse of the tile's query rows.
+// A block per query tile of a head (query_tile_of_block): out and lse of the tile's query rows.
 template <class F, class Tg>
 __global__ void attention_forward_kernel(const F* q, const F* k, const F* v, HeadRows L, F scale, F* out, F* lse) {
   constexpr int Tile = Tg::Tile, Rows = Tg::Rows, Dims = Tg::Dims;
@@ -287,7 +302,8 @@ __global__ void attention_forward_kernel(const F* q, const F* k, const F* v, Hea
   F* k_tile = q_tile + Tile * stride;  // [Tile][Dh + 1]
   F* v_tile = k_tile + Tile * stride;  // [Tile][Dh + 1]
   F* p_tile = v_tile + Tile * stride;  // [Tile][Tile + 1]: the probabilities of the current key tile
-  const int64_t qt = blockIdx.x % tiles, bh = blockIdx.x / tiles, b = bh / L.H, h = bh % L.H, q0 = qt * Tile;
+  const auto [bh, qt] = query_tile_of_block(tiles);
+  const int64_t b = bh / L.H, h = bh % L.H, q0 = qt * Tile;
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   load_tile<F, Tile>(q, L, b, h, q0, q_tile);
   F row_max[Rows], row_sum[Rows], acc[Rows][Dims];
@@ -334,7 +350,7 @@ __global__ void attention_forward_kernel(const F* q, const F* k, const F* v, Hea
   store_rows(acc, L, b, h, q0, out);
 }
 
-// Block (b*H + h) * tiles + query tile, its query rows i: D_i = g_i . out_i (written for the dk/dv kernel), then over
+// A block per query tile of a head, its query rows i: D_i = g_i . out_i (written for the dk/dv kernel), then over
 // the key tiles j <= i, with p_ij = exp(s_ij - lse_i) and ds_ij = p_ij (g_i . v_j - D_i) * scale:
 // dq_i = sum_j ds_ij k_j.
 template <class F, class Tg>
@@ -348,7 +364,8 @@ __global__ void attention_backward_dq_kernel(const F* q, const F* k, const F* v,
   F* k_tile = g_tile + Tile * stride;   // [Tile][Dh + 1]
   F* v_tile = k_tile + Tile * stride;   // [Tile][Dh + 1]
   F* ds_tile = v_tile + Tile * stride;  // [Tile][Tile + 1]
-  const int64_t qt = blockIdx.x % tiles, bh = blockIdx.x / tiles, b = bh / L.H, h = bh % L.H, q0 = qt * Tile;
+  const auto [bh, qt] = query_tile_of_block(tiles);
+  const int64_t b = bh / L.H, h = bh % L.H, q0 = qt * Tile;
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   load_tile<F, Tile>(q, L, b, h, q0, q_tile);
   load_tile<F, Tile>(g, L, b, h, q0, g_tile);
@@ -385,7 +402,7 @@ __global__ void attention_backward_dq_kernel(const F* q, const F* k, const F* v,
   store_rows(acc, L, b, h, q0, dq);
 }
 
-// Block (b*H + h) * tiles + key tile, its key rows j: over the query tiles i >= j, dv_j = sum_i p_ij g_i and
+// A block per key tile of a head (key_tile_of_block), its key rows j: over the query tiles i >= j, dv_j = sum_i p_ij g_i and
 // dk_j = sum_i ds_ij q_i (ds_ij with the scale, as in the dq kernel).
 template <class F, class Tg>
 __global__ void attention_backward_dkdv_kernel(const F* q, const F* k, const F* v, const F* lse, const F* g, const F* D,
@@ -401,7 +418,8 @@ __global__ void attention_backward_dkdv_kernel(const F* q, const F* k, const F* 
   F* ds_tile = p_tile + Tile * (Tile + 1);    // [Tile][Tile + 1]: ds_ij at [j][i]
   F* lse_tile = ds_tile + Tile * (Tile + 1);  // [Tile]
   F* D_tile = lse_tile + Tile;                // [Tile]
-  const int64_t kt = blockIdx.x % tiles, bh = blockIdx.x / tiles, b = bh / L.H, h = bh % L.H, k0 = kt * Tile;
+  const auto [bh, kt] = key_tile_of_block(tiles);
+  const int64_t b = bh / L.H, h = bh % L.H, k0 = kt * Tile;
   const int ty = threadIdx.x / 16, tx = threadIdx.x % 16;
   load_tile<F, Tile>(k, L, b, h, k0, k_tile);
   load_tile<F, Tile>(v, L, b, h, k0, v_tile);
@@ -569,7 +587,7 @@ __device__ void store_warp_rows(const Scores (&acc)[D / 16], const HeadRows& L, 
   }
 }
 
-// Block (b*H + h) * tiles + query tile: out and lse of the tile's query rows. Lane (row, half) of warp w handles
+// A block per query tile of a head (query_tile_of_block): out and lse of the tile's query rows. Lane (row, half) of warp w handles
 // query row i = q0 + 16 w + row and the tile's columns c = half, half + 2, ...
 template <int D>
 __global__ void attention_forward_mma_kernel(const float* q, const float* k, const float* v, HeadRows L, float scale,
@@ -578,7 +596,8 @@ __global__ void attention_forward_mma_kernel(const float* q, const float* k, con
   SharedCarve carve{reinterpret_cast<uintptr_t>(shared)};
   const MmaShared<D> sm(carve, kForwardArrays);
   __nv_bfloat16 *q_tile = sm.tile[0], *k_tile = sm.tile[1], *v_tile = sm.tile[2];
-  const int64_t tiles = (L.T + kMmaTile - 1) / kMmaTile, qt = blockIdx.x % tiles, bh = blockIdx.x / tiles;
+  const int64_t tiles = (L.T + kMmaTile - 1) / kMmaTile;
+  const auto [bh, qt] = query_tile_of_block(tiles);
   const int64_t b = bh / L.H, h = bh % L.H, q0 = qt * kMmaTile;
   const int warp = threadIdx.x / 32, row = threadIdx.x % 32 / 2, half = threadIdx.x % 2;
   const int64_t i = q0 + 16 * warp + row;
@@ -638,7 +657,7 @@ __global__ void attention_forward_mma_kernel(const float* q, const float* k, con
   store_warp_rows<D>(acc, L, b, h, q0 + 16 * warp, s, out);
 }
 
-// Block (b*H + h) * tiles + query tile, lanes as in the forward: D_i = bf16(g_i) . out_i (written for the dk/dv
+// A block per query tile of a head, lanes as in the forward: D_i = bf16(g_i) . out_i (written for the dk/dv
 // kernel), then over the key tiles, with p_ij = exp(s_ij - lse_i): dq_i = sum_j bf16(p_ij (g_i . v_j - D_i) scale) k_j.
 template <int D>
 __global__ void attention_backward_dq_mma_kernel(const float* q, const float* k, const float* v, const float* out,
@@ -648,7 +667,8 @@ __global__ void attention_backward_dq_mma_kernel(const float* q, const float* k,
   SharedCarve carve{reinterpret_cast<uintptr_t>(shared)};
   const MmaShared<D> sm(carve, kDqArrays);
   __nv_bfloat16 *q_tile = sm.tile[0], *g_tile = sm.tile[1], *k_tile = sm.tile[2], *v_tile = sm.tile[3];
-  const int64_t tiles = (L.T + kMmaTile - 1) / kMmaTile, qt = blockIdx.x % tiles, bh = blockIdx.x / tiles;
+  const int64_t tiles = (L.T + kMmaTile - 1) / kMmaTile;
+  const auto [bh, qt] = query_tile_of_block(tiles);
   const int64_t b = bh / L.H, h = bh % L.H, q0 = qt * kMmaTile;
   const int warp = threadIdx.x / 32, row = threadIdx.x % 32 / 2, half = threadIdx.x % 2;
   const int64_t i = q0 + 16 * warp + row;
@@ -691,7 +711,7 @@ __global__ void attention_backward_dq_mma_kernel(const float* q, const float* k,
   store_warp_rows<D>(acc, L, b, h, q0 + 16 * warp, s, dq);
 }
 
-// Block (b*H + h) * tiles + key tile: lane (row, half) of warp w handles key row j = k0 + 16 w + row and the query
+// A block per key tile of a head (key_tile_of_block): lane (row, half) of warp w handles key row j = k0 + 16 w + row and the query
 // tile's columns c = half, half + 2, ... Over the query tiles i >= j: dv_j = sum_i bf16(p_ij) g_i and
 // dk_j = sum_i bf16(ds_ij) q_i (ds_ij as in the dq kernel).
 template <int D>
@@ -703,7 +723,8 @@ __global__ void attention_backward_dkdv_mma_kernel(const float* q, const float* 
   const MmaShared<D> sm(carve, kDkdvArrays);
   __nv_bfloat16 *k_tile = sm.tile[0], *v_tile = sm.tile[1], *q_tile = sm.tile[2], *g_tile = sm.tile[3];
   float *lse_tile = sm.rows[0], *D_tile = sm.rows[1];  // [64]: the query tile's lse_i and D_i
-  const int64_t tiles = (L.T + kMmaTile - 1) / kMmaTile, kt = blockIdx.x % tiles, bh = blockIdx.x / tiles;
+  const int64_t tiles = (L.T + kMmaTile - 1) / kMmaTile;
+  const auto [bh, kt] = key_tile_of_block(tiles);
   const int64_t b = bh / L.H, h = bh % L.H, k0 = kt * kMmaTile;
   const int warp = threadIdx.x / 32, row = threadIdx.x % 32 / 2, half = threadIdx.x % 2;
   const int64_t j = k0 + 16 * warp + row;
