@@ -402,8 +402,8 @@ __global__ void attention_backward_dq_kernel(const F* q, const F* k, const F* v,
   store_rows(acc, L, b, h, q0, dq);
 }
 
-// A block per key tile of a head (key_tile_of_block), its key rows j: over the query tiles i >= j, dv_j = sum_i p_ij g_i and
-// dk_j = sum_i ds_ij q_i (ds_ij with the scale, as in the dq kernel).
+// A block per key tile of a head (key_tile_of_block), its key rows j: over the query tiles i >= j,
+// dv_j = sum_i p_ij g_i and dk_j = sum_i ds_ij q_i (ds_ij with the scale, as in the dq kernel).
 template <class F, class Tg>
 __global__ void attention_backward_dkdv_kernel(const F* q, const F* k, const F* v, const F* lse, const F* g, const F* D,
                                                HeadRows L, F scale, F* dk, F* dv) {
@@ -587,8 +587,8 @@ __device__ void store_warp_rows(const Scores (&acc)[D / 16], const HeadRows& L, 
   }
 }
 
-// A block per query tile of a head (query_tile_of_block): out and lse of the tile's query rows. Lane (row, half) of warp w handles
-// query row i = q0 + 16 w + row and the tile's columns c = half, half + 2, ...
+// A block per query tile of a head (query_tile_of_block): out and lse of the tile's query rows. Lane (row, half) of
+// warp w handles query row i = q0 + 16 w + row and the tile's columns c = half, half + 2, ...
 template <int D>
 __global__ void attention_forward_mma_kernel(const float* q, const float* k, const float* v, HeadRows L, float scale,
                                              float* out, float* lse) {
@@ -711,8 +711,8 @@ __global__ void attention_backward_dq_mma_kernel(const float* q, const float* k,
   store_warp_rows<D>(acc, L, b, h, q0 + 16 * warp, s, dq);
 }
 
-// A block per key tile of a head (key_tile_of_block): lane (row, half) of warp w handles key row j = k0 + 16 w + row and the query
-// tile's columns c = half, half + 2, ... Over the query tiles i >= j: dv_j = sum_i bf16(p_ij) g_i and
+// A block per key tile of a head (key_tile_of_block): lane (row, half) of warp w handles key row j = k0 + 16 w + row
+// and the query tile's columns c = half, half + 2, ... Over the query tiles i >= j: dv_j = sum_i bf16(p_ij) g_i and
 // dk_j = sum_i bf16(ds_ij) q_i (ds_ij as in the dq kernel).
 template <int D>
 __global__ void attention_backward_dkdv_mma_kernel(const float* q, const float* k, const float* v, const float* lse,
