@@ -524,9 +524,20 @@ template <int D> struct MmaShared {
 };
 
 // Rows t0 .. t0 + 63 of head (b, h), rounded to bf16, into tile [64][D + 8]; rows past T and dims past Dh are zeros.
+// Four dims a load (16 bytes) where the rows allow it: Dh a multiple of 4 and x 16-byte aligned.
 template <int D>
 __device__ void load_bf16_tile(const float* x, const HeadRows& L, int64_t b, int64_t h, int64_t t0,
                                __nv_bfloat16* tile) {
+  if (L.Dh % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    for (int idx = threadIdx.x; idx < kMmaTile * D / 4; idx += blockDim.x) {
+      const int r = idx / (D / 4), e = 4 * (idx % (D / 4));
+      float4 four = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (t0 + r < L.T && e < L.Dh) four = *reinterpret_cast<const float4*>(x + L.row(b, t0 + r, h) + e);
+      const float values[4] = {four.x, four.y, four.z, four.w};
+      for (int i = 0; i < 4; ++i) tile[r * (D + 8) + e + i] = __float2bfloat16_rn(values[i]);
+    }
+    return;
+  }
   for (int idx = threadIdx.x; idx < kMmaTile * D; idx += blockDim.x) {
     const int r = idx / D, e = idx % D;
     tile[r * (D + 8) + e] = __float2bfloat16_rn(t0 + r < L.T && e < L.Dh ? x[L.row(b, t0 + r, h) + e] : 0.0f);
