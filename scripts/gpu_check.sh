@@ -207,12 +207,12 @@ attention_one() {  # preset, seconds
   cat "$race_tmp" >>"$out/race.log"
   if ((rc == 0)); then
     note "  attention alone:"
-    # The table's rows, and the first line of PyTorch's error if it had one (the rest is in race.log).
-    while IFS= read -r line; do note "    $line"; done < <(grep -E '^(variant|moelab|torch) ' "$race_tmp")
-    while IFS= read -r line; do note "    $line"; done < <(grep -m1 '^torch: ' "$race_tmp" | cut -c1-200)
   else
     note "attention $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
   fi
+  # The table's rows (ours print before PyTorch runs), and the first line of PyTorch's error if it had one.
+  while IFS= read -r line; do note "    $line"; done < <(grep -E '^(variant|moelab|torch) ' "$race_tmp")
+  while IFS= read -r line; do note "    $line"; done < <(grep -m1 '^torch: ' "$race_tmp" | cut -c1-200)
 }
 if [ "$race" = off ]; then
   note "race: skipped (MOELAB_GPU_CHECK_RACE=off)"

@@ -251,48 +251,78 @@ TEST_CASE("cuda: nn: causal attention kernels match the CPU" * cuda_only()) {
 
 // Precision::BF16: the tensor-core kernels (nvcuda::wmma; in the emulator the same source, engine/cuda/sim/mma.h)
 // against the CPU's kernels, which round the same values: they differ by f32 sums in other orders, and so at times
-// in a p or ds that lies near a bf16 rounding boundary and rounds the other way. Head dims 16, 20 and 64 (padded to
-// 16, 32, 64) and 96 (to 128); 1 to 3 tiles of 64 rows (T = 130: a partial third). Head dim 18 is loaded one value
-// at a time, the others four at a time.
+// in a p or ds that lies near a bf16 rounding boundary and rounds the other way. Head dims 16, 18 and 20 (padded to
+// 16, 32, 32), 64 and 96 (to 128); 1 to 3 tiles of 64 rows (T = 130: a partial third). Tiles are loaded four values
+// at a time where the head dim is a multiple of 4 and the tensor 16-byte aligned (device memory is 256-byte
+// aligned), else one at a time: head dim 18, and views 4 bytes past an aligned start, which must give the same bits.
+namespace {
+
+// The attention kernels' out, lse, dq, dk, dv for these inputs on `device`.
+std::vector<Tensor> attention_results(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, Device device,
+                                      Precision precision) {
+  const Tensor qd = on(q, device), kd = on(k, device), vd = on(v, device), gd = on(g, device);
+  std::vector<Tensor> o{empty_like_on(qd, device), Tensor::empty({q.size(0), q.size(2), q.size(1)}, DType::F32, device),
+                        empty_like_on(qd, device), empty_like_on(qd, device), empty_like_on(qd, device)};
+  KERNEL(attention_forward, device)(qd, kd, vd, o[0], o[1], precision);
+  KERNEL(attention_backward, device)(qd, kd, vd, o[0], o[1], gd, o[2], o[3], o[4], precision);
+  return o;
+}
+
+// x's values on the GPU in a view that starts 4 bytes past the start of its memory (no longer 16-byte aligned).
+Tensor misaligned_on_gpu(const Tensor& x) {
+  std::vector<float> values = x.to_vector<float>();
+  values.insert(values.begin(), 0.0f);
+  const Tensor flat = to_gpu(from_vector(values, {x.numel() + 1}));
+  return reshape(slice_rows(flat, 1, x.numel() + 1), x.shape());
+}
+
+// Where a few elements (rounded the other way) or all of them are off: the count of those off by more than 1e-5 of
+// the largest |expected| (NaN counts as off).
+std::string elements_off(const Tensor& actual, const Tensor& expected) {
+  const std::vector<double> a = testing::as_doubles(actual), b = testing::as_doubles(expected);
+  double largest = 0;
+  for (double x : b) largest = std::max(largest, std::abs(x));
+  int64_t off = 0;
+  for (size_t e = 0; e < a.size(); ++e) off += !(std::abs(a[e] - b[e]) <= 1e-5 * largest);
+  return fmt::format("{} of {} elements off by more than 1e-5 of the largest", off, a.size());
+}
+
+}  // namespace
+
 TEST_CASE("cuda: nn: bf16 causal attention on the tensor cores matches the CPU's bf16 kernels" * cuda_only()) {
   for (int64_t T : {1, 33, 130}) {
     for (int64_t Dh : {16, 18, 20, 64, 96}) {
       const Shape shape{2, T, 3, Dh};
       const Tensor q = random(shape, 60 + T, DType::F32), k = random(shape, 61, DType::F32),
                    v = random(shape, 62, DType::F32), g = random(shape, 63, DType::F32);
-      auto run = [&](Device device, Precision precision) {
-        const Tensor qd = on(q, device), kd = on(k, device), vd = on(v, device), gd = on(g, device);
-        std::vector<Tensor> o{empty_like_on(qd, device), Tensor::empty({2, 3, T}, DType::F32, device),
-                              empty_like_on(qd, device), empty_like_on(qd, device), empty_like_on(qd, device)};
-        KERNEL(attention_forward, device)(qd, kd, vd, o[0], o[1], precision);
-        KERNEL(attention_backward, device)(qd, kd, vd, o[0], o[1], gd, o[2], o[3], o[4], precision);
-        return o;
-      };
-      const std::vector<Tensor> cpu = run(Device::CPU, Precision::BF16), gpu = run(Device::CUDA, Precision::BF16);
+      const std::vector<Tensor> cpu = attention_results(q, k, v, g, Device::CPU, Precision::BF16),
+                                gpu = attention_results(q, k, v, g, Device::CUDA, Precision::BF16);
       const char* names[] = {" out", " lse", " dq", " dk", " dv"};
       for (size_t i = 0; i < cpu.size(); ++i) {
         const std::string what = shape_str(shape) + names[i];
         if (T == 1 && (i == 2 || i == 3)) {  // one key: ds = p (g . v - g . out) is 0 but for rounding, so are dq, dk
           // (measured here: up to 5e-7; the sums of ~96 products of size ~1 carry ~1e-6 of f32 rounding)
-          for (double x : testing::as_doubles(gpu[i])) CHECK_MESSAGE(std::abs(x) < 1e-5, what);
+          double largest = 0;
+          for (double x : testing::as_doubles(gpu[i]))
+            largest = std::max(largest, std::isnan(x) ? INFINITY : std::abs(x));
+          CHECK_MESSAGE(largest < 1e-5, what << ": largest |value| " << largest);
           continue;
         }
         // Measured: up to 9e-5 (dq and dk at Dh 96, where g . v - D cancels most), in the few rows where a p or ds
-        // rounded the other way; elsewhere ~1e-7. Without the rounding of p and ds the error would be ~2e-3. On a
-        // failure the message says whether a few rows or all of them are off.
+        // rounded the other way; elsewhere ~1e-7. Without the rounding of p and ds the error would be ~2e-3.
         const double error = testing::relative_norm_error(gpu[i], cpu[i]);
-        if (error >= 3e-4) {
-          const std::vector<double> a = testing::as_doubles(gpu[i]), b = testing::as_doubles(cpu[i]);
-          double largest = 0;
-          for (double x : b) largest = std::max(largest, std::abs(x));
-          int64_t off = 0;
-          for (size_t e = 0; e < a.size(); ++e) off += std::abs(a[e] - b[e]) > 1e-5 * largest;
-          FAIL_CHECK(what << ": relative error " << error << ", " << off << " of " << a.size()
-                          << " elements off by more than 1e-5 of the largest");
-        }
+        CHECK_MESSAGE(error < 3e-4, what << ": relative error " << error << ", " << elements_off(gpu[i], cpu[i]));
       }
       // The rounding is there: f32 attention gives another output.
-      CHECK(testing::relative_norm_error(gpu[0], run(Device::CPU, Precision::FP32)[0]) > 5e-4);
+      CHECK(testing::relative_norm_error(gpu[0], attention_results(q, k, v, g, Device::CPU, Precision::FP32)[0]) >
+            5e-4);
+      if (T == 33 && (Dh == 16 || Dh == 64)) {  // the one-at-a-time loads give the same bits
+        const std::vector<Tensor> one_at_a_time =
+            attention_results(misaligned_on_gpu(q), misaligned_on_gpu(k), misaligned_on_gpu(v), misaligned_on_gpu(g),
+                              Device::CUDA, Precision::BF16);
+        for (size_t i = 0; i < gpu.size(); ++i)
+          CHECK_MESSAGE(testing::bitwise_equal(to_cpu(one_at_a_time[i]), to_cpu(gpu[i])), shape_str(shape) << names[i]);
+      }
     }
   }
   const Tensor q = on(random({1, 3, 1, 136}, 64, DType::F32), Device::CUDA);

@@ -101,31 +101,39 @@ OurRun time_ours(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
 // PyTorch's results: its JSON line, or why there is none.
 struct TorchRun {
   json result;        // {"torch": version, "variants": [{"name", "precision", "forward_ms", ...} or {"skipped"}]}
-  std::string error;  // non-empty when the script failed
+  std::string error;  // non-empty when the script failed: its first line says why, the rest is the output
 };
 
 TorchRun run_torch(const AttentionBenchOptions& opts, const fs::path& folder) {
+  // --foreground keeps python in moe-bench's process group, so that whatever stops moe-bench stops python too.
   const std::string command = fmt::format(
       "env {}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={} {}{} {} {} --device {} --steps {} --warmup {} 2>&1",
       python_env(opts.python), omp_get_max_threads(),
-      opts.torch_timeout_s > 0 ? fmt::format("timeout {} ", opts.torch_timeout_s) : "", shell_quote(opts.python),
-      shell_quote(opts.torch_script), shell_quote(folder.string()), opts.device_name, opts.steps, opts.warmup);
+      opts.torch_timeout_s > 0 ? fmt::format("timeout --foreground -k 5 {} ", opts.torch_timeout_s) : "",
+      shell_quote(opts.python), shell_quote(opts.torch_script), shell_quote(folder.string()), opts.device_name,
+      opts.steps, opts.warmup);
   TorchRun run;
   FILE* pipe = popen(command.c_str(), "r");
   if (!pipe) return {{}, "could not start: " + command};
-  std::string output, last;
+  std::string output, json_line, last;  // the JSON line is the last one that starts with '{'
   char line[1 << 16];
-  while (std::fgets(line, sizeof line, pipe)) output += line, last = line;
+  while (std::fgets(line, sizeof line, pipe)) {
+    output += line, last = line;
+    if (line[0] == '{') json_line = line;
+  }
   const int status = pclose(pipe);
   try {
-    if (status == 0) run.result = json::parse(last);
+    if (status == 0) run.result = json::parse(json_line);
   } catch (const json::exception&) {
   }
   const bool timed_out = WIFEXITED(status) && WEXITSTATUS(status) == 124 && opts.torch_timeout_s > 0;
+  while (!last.empty() && (last.back() == '\n' || last.back() == '\r')) last.pop_back();
   if (timed_out)
     run.error = fmt::format("stopped after {} s (--torch-timeout)", opts.torch_timeout_s);
   else if (status != 0 || !run.result.is_object())
-    run.error = fmt::format("`{}` failed:\n{}", command, output);
+    run.error =
+        fmt::format("failed ({}): {}\n`{}` printed:\n{}",
+                    WIFEXITED(status) ? fmt::format("exit {}", WEXITSTATUS(status)) : "killed", last, command, output);
   return run;
 }
 
@@ -181,26 +189,28 @@ void run_attention_bench(const AttentionBenchOptions& opts) {
     fs::remove_all(folder);
   }
   if (torch.result.is_object()) {
-    for (const json& variant : torch.result["variants"]) {
-      const std::string name = fmt::format("torch {}", variant["name"].get<std::string>());
+    for (const json& variant : torch.result.at("variants")) {
+      const std::string name = fmt::format("torch {}", variant.at("name").get<std::string>());
       if (variant.contains("skipped")) {
-        fmt::print("{:<26} skipped: {}\n", name, variant["skipped"].get<std::string>());
+        fmt::print("{:<26} skipped: {}\n", name, variant.at("skipped").get<std::string>());
         continue;
       }
-      const json& errors = variant["errors"];
-      const double forward = variant["forward_ms"], backward = variant["backward_ms"];
-      const OurRun& same = *std::find_if(ours.begin(), ours.end(), [&](const OurRun& run) {
-        return enum_name(run.precision) == variant["precision"].get<std::string>();
+      const json& errors = variant.at("errors");
+      const double forward = variant.at("forward_ms"), backward = variant.at("backward_ms");
+      const auto same = std::find_if(ours.begin(), ours.end(), [&](const OurRun& run) {
+        return enum_name(run.precision) == variant.at("precision").get<std::string>();
       });
+      if (same == ours.end())
+        fail("moe-bench attention: the torch script ran an unknown precision: {}", variant.dump());
       row(name, forward, backward,
-          fmt::format("{:>9.2e} {:>9.2e} {:>9.2e} {:>9.2e}", errors["out"].get<double>(), errors["dq"].get<double>(),
-                      errors["dk"].get<double>(), errors["dv"].get<double>()),
-          fmt::format("{:.2f}x", (forward + backward) / (median(same.forward_ms) + median(same.backward_ms))));
+          fmt::format("{:>9.2e} {:>9.2e} {:>9.2e} {:>9.2e}", errors.at("out").get<double>(),
+                      errors.at("dq").get<double>(), errors.at("dk").get<double>(), errors.at("dv").get<double>()),
+          fmt::format("{:.2f}x", (forward + backward) / (median(same->forward_ms) + median(same->backward_ms))));
     }
     fmt::print("(torch {}; err: ||torch - ours|| / ||ours|| against our run in the same precision; ours/it: its "
                "total ms over ours in that precision, above 1 we are faster; TFLOP/s: {:.3g} FLOPs, the causal half "
                "of the forward's two products and the backward's five)\n",
-               torch.result["torch"].get<std::string>(), flops);
+               torch.result.at("torch").get<std::string>(), flops);
   }
   if (!torch.error.empty()) fmt::print("torch: {}\n", torch.error);
 }

@@ -206,19 +206,18 @@ struct HeadRows {
   __device__ int64_t row(int64_t b, int64_t t, int64_t h) const { return ((b * T + t) * H + h) * Dh; }
 };
 
-// A block's head bh = b*H + h and tile, the grid being B*H*tiles blocks. The causal mask makes the blocks unequal: a
-// query tile walks the key tiles up to it, a key tile the query tiles from it. The longest go first (the lowest
-// block indices, which the GPU starts first) so that the short ones fill in at the end, not the long ones.
+// A block's head bh = b*H + h and tile, the grid being B*H*tiles blocks. A head's tiles are neighbours in the grid:
+// they read the same K and V (or Q and dO), which L2 then serves to all of them. The causal mask makes them unequal
+// (a query tile walks the key tiles up to it, a key tile the query tiles from it): within a head the longest go first,
+// so that the grid ends on short blocks.
 struct HeadTile {
   int64_t bh, tile;
 };
 __device__ inline HeadTile query_tile_of_block(int64_t tiles) {
-  const int64_t heads = gridDim.x / tiles;
-  return {blockIdx.x % heads, tiles - 1 - blockIdx.x / heads};  // the last query tiles first
+  return {blockIdx.x / tiles, tiles - 1 - blockIdx.x % tiles};  // the last query tiles first
 }
 __device__ inline HeadTile key_tile_of_block(int64_t tiles) {
-  const int64_t heads = gridDim.x / tiles;
-  return {blockIdx.x % heads, blockIdx.x / heads};  // the first key tiles first
+  return {blockIdx.x / tiles, blockIdx.x % tiles};  // the first key tiles first
 }
 
 // A tiling: Tile rows per block, each thread accumulating Dims head dims (Dh <= 16 * Dims).
@@ -533,8 +532,9 @@ __device__ void load_bf16_tile(const float* x, const HeadRows& L, int64_t b, int
       const int r = idx / (D / 4), e = 4 * (idx % (D / 4));
       float4 four = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
       if (t0 + r < L.T && e < L.Dh) four = *reinterpret_cast<const float4*>(x + L.row(b, t0 + r, h) + e);
-      const float values[4] = {four.x, four.y, four.z, four.w};
-      for (int i = 0; i < 4; ++i) tile[r * (D + 8) + e + i] = __float2bfloat16_rn(values[i]);
+      auto* pairs = reinterpret_cast<__nv_bfloat162*>(tile + r * (D + 8) + e);  // 8-byte aligned: e % 4 == 0
+      pairs[0] = __floats2bfloat162_rn(four.x, four.y);
+      pairs[1] = __floats2bfloat162_rn(four.z, four.w);
     }
     return;
   }
