@@ -13,6 +13,7 @@
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -69,22 +70,24 @@ OurRun time_ours(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   Tensor out = Tensor::empty(q.shape(), DType::F32, device), lse = Tensor::empty({B, H, T}, DType::F32, device);
   Tensor dq = Tensor::empty(q.shape(), DType::F32, device), dk = Tensor::empty(q.shape(), DType::F32, device),
          dv = Tensor::empty(q.shape(), DType::F32, device);
+  const auto forward = [&] { KERNEL(attention_forward, device)(q, k, v, out, lse, precision); };
+  const auto backward = [&] { KERNEL(attention_backward, device)(q, k, v, out, lse, g, dq, dk, dv, precision); };
   using Clock = std::chrono::steady_clock;
   for (int step = 0; step < opts.warmup + opts.steps; ++step) {
     double forward_ms = 0, backward_ms = 0;
     if (device == Device::CUDA) {  // events on the device: the host's queueing is not timed
       cuda::TimingEvent start, middle, end;
       start.record();
-      KERNEL(attention_forward, device)(q, k, v, out, lse, precision);
+      forward();
       middle.record();
-      KERNEL(attention_backward, device)(q, k, v, out, lse, g, dq, dk, dv, precision);
+      backward();
       end.record();
       forward_ms = middle.ms_since(start), backward_ms = end.ms_since(middle);
     } else {
       const auto start = Clock::now();
-      KERNEL(attention_forward, device)(q, k, v, out, lse, precision);
+      forward();
       const auto middle = Clock::now();
-      KERNEL(attention_backward, device)(q, k, v, out, lse, g, dq, dk, dv, precision);
+      backward();
       const auto end = Clock::now();
       forward_ms = std::chrono::duration<double, std::milli>(middle - start).count();
       backward_ms = std::chrono::duration<double, std::milli>(end - middle).count();
@@ -105,35 +108,30 @@ struct TorchRun {
 };
 
 TorchRun run_torch(const AttentionBenchOptions& opts, const fs::path& folder) {
-  // --foreground keeps python in moe-bench's process group, so that whatever stops moe-bench stops python too.
   const std::string command = fmt::format(
       "env {}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={} {}{} {} {} --device {} --steps {} --warmup {} 2>&1",
-      python_env(opts.python), omp_get_max_threads(),
-      opts.torch_timeout_s > 0 ? fmt::format("timeout --foreground -k 5 {} ", opts.torch_timeout_s) : "",
-      shell_quote(opts.python), shell_quote(opts.torch_script), shell_quote(folder.string()), opts.device_name,
-      opts.steps, opts.warmup);
-  TorchRun run;
-  FILE* pipe = popen(command.c_str(), "r");
-  if (!pipe) return {{}, "could not start: " + command};
-  std::string output, json_line, last;  // the JSON line is the last one that starts with '{'
-  char line[1 << 16];
-  while (std::fgets(line, sizeof line, pipe)) {
-    output += line, last = line;
-    if (line[0] == '{') json_line = line;
+      python_env(opts.python), omp_get_max_threads(), timeout_prefix(opts.torch_timeout_s), shell_quote(opts.python),
+      shell_quote(opts.torch_script), shell_quote(folder.string()), opts.device_name, opts.steps, opts.warmup);
+  const CommandRun script = run_command(command);
+  if (script.status == -1) return {{}, "could not start: " + command};
+  std::string json_line, last;  // the JSON line is the last one that starts with '{'
+  std::istringstream lines(script.output);
+  for (std::string line; std::getline(lines, line);) {
+    last = line;
+    if (line.starts_with('{')) json_line = line;
   }
-  const int status = pclose(pipe);
+  TorchRun run;
   try {
-    if (status == 0) run.result = json::parse(json_line);
+    if (script.status == 0) run.result = json::parse(json_line);
   } catch (const json::exception&) {
   }
-  const bool timed_out = WIFEXITED(status) && WEXITSTATUS(status) == 124 && opts.torch_timeout_s > 0;
-  while (!last.empty() && (last.back() == '\n' || last.back() == '\r')) last.pop_back();
-  if (timed_out)
+  while (!last.empty() && last.back() == '\r') last.pop_back();
+  if (script.stopped_by(opts.torch_timeout_s))
     run.error = fmt::format("stopped after {} s (--torch-timeout)", opts.torch_timeout_s);
-  else if (status != 0 || !run.result.is_object())
-    run.error =
-        fmt::format("failed ({}): {}\n`{}` printed:\n{}",
-                    WIFEXITED(status) ? fmt::format("exit {}", WEXITSTATUS(status)) : "killed", last, command, output);
+  else if (script.status != 0 || !run.result.is_object())
+    run.error = fmt::format("failed ({}): {}\n`{}` printed:\n{}",
+                            WIFEXITED(script.status) ? fmt::format("exit {}", WEXITSTATUS(script.status)) : "killed",
+                            last, command, script.output);
   return run;
 }
 

@@ -15,7 +15,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdio>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -24,7 +23,6 @@
 #include <random>
 #include <sstream>
 #include <string>
-#include <sys/wait.h>
 #include <unistd.h>
 #include <vector>
 
@@ -323,18 +321,14 @@ TorchResult torch_steps(const TrainBenchOptions& opts, const std::string& varian
       "env {6}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={0} {7}{1} {2} {3} --threads {0} --steps {4} --warmup {5} "
       "--device {8} --variant {9} 2>&1",
       threads, shell_quote(opts.python), shell_quote(opts.torch_script), shell_quote(folder.string()), opts.steps,
-      opts.warmup, python_env(opts.python),
-      opts.torch_timeout_s > 0 ? fmt::format("timeout {} ", opts.torch_timeout_s) : "", enum_name(opts.device),
-      variant);
-  FILE* pipe = popen(command.c_str(), "r");
-  if (!pipe) {
+      opts.warmup, python_env(opts.python), timeout_prefix(opts.torch_timeout_s), enum_name(opts.device), variant);
+  const CommandRun run = run_command(command);
+  if (run.status == -1) {
     result.error = "could not start: " + command;
     return result;
   }
-  std::string output;
-  char line[1 << 16];
-  while (std::fgets(line, sizeof line, pipe)) {
-    output += line;
+  std::istringstream lines(run.output);
+  for (std::string line; std::getline(lines, line);) {
     std::istringstream fields(line);
     std::string key;
     fields >> key;
@@ -348,20 +342,16 @@ TorchResult torch_steps(const TrainBenchOptions& opts, const std::string& varian
     if (key == "step_cpu_ms")
       for (double ms; fields >> ms;) result.times.cpu_ms.push_back(ms);
     if (key == "skipped") {  // "skipped <variant>: <reason>"
-      std::string rest(line);
-      const size_t colon = rest.find(": ");
-      result.skipped = colon == std::string::npos ? rest : rest.substr(colon + 2);
-      while (!result.skipped.empty() && (result.skipped.back() == '\n' || result.skipped.back() == '\r'))
-        result.skipped.pop_back();
+      const size_t colon = line.find(": ");
+      result.skipped = colon == std::string::npos ? line : line.substr(colon + 2);
+      while (!result.skipped.empty() && result.skipped.back() == '\r') result.skipped.pop_back();
     }
   }
-  const int status = pclose(pipe);
-  if (!result.skipped.empty() && status == 0) return result;
-  if (status != 0 || result.times.ms.empty() || result.times.cpu_ms.size() != result.times.ms.size()) {
-    const bool timed_out = WIFEXITED(status) && WEXITSTATUS(status) == 124 && opts.torch_timeout_s > 0;
-    result.error = timed_out ? fmt::format("stopped after {} s (--torch-timeout)", opts.torch_timeout_s)
-                             : fmt::format("`{}` failed:\n{}", command, output);
-  }
+  if (!result.skipped.empty() && run.status == 0) return result;
+  if (run.status != 0 || result.times.ms.empty() || result.times.cpu_ms.size() != result.times.ms.size())
+    result.error = run.stopped_by(opts.torch_timeout_s)
+                       ? fmt::format("stopped after {} s (--torch-timeout)", opts.torch_timeout_s)
+                       : fmt::format("`{}` failed:\n{}", command, run.output);
   return result;
 }
 

@@ -1,7 +1,11 @@
 #pragma once
 // Helpers the moe-bench subcommands share: medians, the presets' batch sizes, and running a PyTorch baseline script.
+#include <fmt/core.h>
+#include <sys/wait.h>
+
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
 #include <filesystem>
 #include <source_location>
 #include <string>
@@ -43,6 +47,30 @@ inline std::string shell_quote(const std::string& s) {
 // PYTHONHOME/PYTHONPATH, which belong to the python on PATH.
 inline std::string python_env(const std::string& python) {
   return python == "/usr/bin/python3" ? "-u PYTHONHOME -u PYTHONPATH " : "";
+}
+
+// The prefix that stops a command after `seconds` (none for 0). --foreground keeps the command in moe-bench's process
+// group, so that whatever stops moe-bench (gpu_check.sh's own timeout) stops the script too.
+inline std::string timeout_prefix(int seconds) {
+  return seconds > 0 ? fmt::format("timeout --foreground -k 5 {} ", seconds) : "";
+}
+
+// A shell command's output (what it printed to the pipe) and exit status (pclose's; -1 when it could not start).
+struct CommandRun {
+  std::string output;
+  int status = -1;
+  bool stopped_by(int timeout_s) const {  // timeout_prefix(timeout_s) stopped it
+    return timeout_s > 0 && WIFEXITED(status) && WEXITSTATUS(status) == 124;
+  }
+};
+inline CommandRun run_command(const std::string& command) {
+  CommandRun run;
+  FILE* pipe = popen(command.c_str(), "r");
+  if (!pipe) return run;
+  char line[1 << 16];
+  while (std::fgets(line, sizeof line, pipe)) run.output += line;
+  run.status = pclose(pipe);
+  return run;
 }
 
 }  // namespace moelab::bench
