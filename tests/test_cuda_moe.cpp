@@ -200,23 +200,27 @@ TEST_CASE("cuda: moe: SwiGLU activation kernels match the CPU" * cuda_only()) {
 // d_gate_pre and d_up_pre are rounded after they are computed: where the two devices' f32 values differ in the last bit,
 // the rounding may go different ways and that one operand differs by a bf16 step (2^-8 relative). The products it
 // enters are checked against 2^-7 of their largest entry.
-// Under BF16 both ways of running the products (cuda::set_grouped_gemm): grouped TF32 calls on bf16 values kept in
-// f32, and one bf16 call per expert.
+// Every way of running the products (cuda::ExpertGemm): grouped calls (under BF16 TF32 calls on bf16 values kept in
+// f32), padded rows with strided-batched calls (bf16 operands), one call per expert (BF16 only: otherwise it is what
+// the grouped path does for f32 and f64 without TF32). Padded falls back to grouped calls where the padding would
+// more than double the rows (cuda::pads_expert_rows): the sweep has cases of both kinds, counted.
 TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get zero weight gradients" * cuda_only()) {
   uint64_t seed = 500;
+  int padded_cases[2] = {0, 0};  // under Padded: [fell back to grouped, padded]
   for (DType dtype : kFloatTypes)
     for (Precision precision : {Precision::FP32, Precision::BF16})
-      for (bool grouped : {true, false})
+      for (cuda::ExpertGemm mode : {cuda::ExpertGemm::Grouped, cuda::ExpertGemm::Padded, cuda::ExpertGemm::PerExpert})
         for (const Sizes& s : sweep()) {
           if (precision == Precision::BF16 && dtype != DType::F32) continue;
-          if (!grouped && precision != Precision::BF16) continue;
-          cuda::set_grouped_gemm(grouped);
-          const std::string what = fmt::format("{} {} {}{}", name_of(s), dtype_name(dtype), enum_name(precision),
-                                               grouped ? "" : " per expert");
+          if (mode == cuda::ExpertGemm::PerExpert && precision != Precision::BF16) continue;
+          cuda::set_expert_gemm(mode);
+          const std::string what =
+              fmt::format("{} {} {} {}", name_of(s), dtype_name(dtype), enum_name(precision), enum_name(mode));
           const double bound = precision == Precision::BF16 ? 1.0 / 128 : float_bound(dtype);
           const int64_t d = 13, h = 11, S = s.N * s.k;
           Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
           moe::DispatchPlan plan = moe::plan_dispatch(ids, s.E);
+          if (mode == cuda::ExpertGemm::Padded) ++padded_cases[cuda::pads_expert_rows(plan.host_offsets)];
           Tensor x_sorted = random({S, d}, ++seed, dtype), d_out = random({S, d}, ++seed, dtype);
           Tensor w_gate = random({s.E, h, d}, ++seed, dtype, 0.4), w_up = random({s.E, h, d}, ++seed, dtype, 0.4);
           Tensor w_down = random({s.E, d, h}, ++seed, dtype, 0.4);
@@ -262,8 +266,16 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
                                 [](double v) { return v == 0; }),
                     what << " " << bwd_names[i] << ": expert " << e << " has no token but a nonzero gradient");
           }
-          cuda::set_grouped_gemm(true);
+          cuda::set_expert_gemm(cuda::ExpertGemm::Grouped);
         }
+  // The rule itself: E times the longest expert's rows at most twice the slots.
+  CHECK(cuda::pads_expert_rows({0, 5, 9, 9, 12}));      // 4 x 5 = 20 <= 24
+  CHECK(cuda::pads_expert_rows({0, 6, 9, 9, 12}));      // 4 x 6 = 24 <= 24
+  CHECK(!cuda::pads_expert_rows({0, 7, 9, 9, 12}));     // 4 x 7 = 28 > 24
+  CHECK(!cuda::pads_expert_rows({0, 10, 10, 10, 10}));  // every slot to one expert of 4
+  INFO("padded: ", padded_cases[1], " cases, fell back to grouped calls: ", padded_cases[0]);
+  CHECK(padded_cases[0] > 0);
+  CHECK(padded_cases[1] > 0);
 }
 
 // ---- routing: top-k + gates -----------------------------------------------------------------------------------------
@@ -347,33 +359,37 @@ TEST_CASE("cuda: moe: route_gates op on the GPU: ids, gates and the gradient of 
     }
 }
 
+// With the experts' products as grouped calls and on padded rows (cuda::ExpertGemm).
 TEST_CASE("cuda: moe: moe_experts forward and every gradient on the GPU match the CPU" * cuda_only()) {
   const char* names[] = {"y", "dx", "dgates", "dw_gate", "dw_up", "dw_down"};
   uint64_t seed = 900;
   for (DType dtype : kFloatTypes)
-    for (const Sizes& s : sweep()) {
-      const std::string what = fmt::format("{} {}", name_of(s), dtype_name(dtype));
-      const int64_t d = 13, h = 11;
-      Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
-      std::vector<Tensor> values = {random({s.N, d}, ++seed, dtype), random({s.N, s.k}, ++seed, dtype),
-                                    random({s.E, h, d}, ++seed, dtype, 0.4), random({s.E, h, d}, ++seed, dtype, 0.4),
-                                    random({s.E, d, h}, ++seed, dtype, 0.4)};
-      Tensor probe = random({s.N, d}, ++seed, dtype);
-      std::vector<Tensor> results[2];  // y and the gradients of (x, gates, w_gate, w_up, w_down), CPU then GPU
-      for (Device device : {Device::CPU, Device::CUDA}) {
-        std::vector<Tensor> in;
-        for (const Tensor& v : values) in.push_back(leaf_on(v, device));
-        Tensor y = moe::moe_experts(in[0], to_device(ids, device), in[1], in[2], in[3], in[4]);
-        CHECK(y.device() == device);
-        sum(mul(y, to_device(probe, device))).backward();
-        std::vector<Tensor>& out = results[device == Device::CUDA];
-        out.push_back(y.detach());
-        for (const Tensor& t : in) out.push_back(t.grad());
+    for (cuda::ExpertGemm mode : {cuda::ExpertGemm::Grouped, cuda::ExpertGemm::Padded})
+      for (const Sizes& s : sweep()) {
+        cuda::set_expert_gemm(mode);
+        const std::string what = fmt::format("{} {} {}", name_of(s), dtype_name(dtype), enum_name(mode));
+        const int64_t d = 13, h = 11;
+        Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
+        std::vector<Tensor> values = {random({s.N, d}, ++seed, dtype), random({s.N, s.k}, ++seed, dtype),
+                                      random({s.E, h, d}, ++seed, dtype, 0.4), random({s.E, h, d}, ++seed, dtype, 0.4),
+                                      random({s.E, d, h}, ++seed, dtype, 0.4)};
+        Tensor probe = random({s.N, d}, ++seed, dtype);
+        std::vector<Tensor> results[2];  // y and the gradients of (x, gates, w_gate, w_up, w_down), CPU then GPU
+        for (Device device : {Device::CPU, Device::CUDA}) {
+          std::vector<Tensor> in;
+          for (const Tensor& v : values) in.push_back(leaf_on(v, device));
+          Tensor y = moe::moe_experts(in[0], to_device(ids, device), in[1], in[2], in[3], in[4]);
+          CHECK(y.device() == device);
+          sum(mul(y, to_device(probe, device))).backward();
+          std::vector<Tensor>& out = results[device == Device::CUDA];
+          out.push_back(y.detach());
+          for (const Tensor& t : in) out.push_back(t.grad());
+        }
+        for (size_t i = 0; i < results[0].size(); ++i) {
+          REQUIRE_MESSAGE(results[1][i].defined(), what << " " << names[i] << ": missing on the GPU");
+          CHECK(results[1][i].is_cuda());
+          check_scaled(results[1][i], results[0][i], float_bound(dtype), what + " " + names[i]);
+        }
+        cuda::set_expert_gemm(cuda::ExpertGemm::Grouped);
       }
-      for (size_t i = 0; i < results[0].size(); ++i) {
-        REQUIRE_MESSAGE(results[1][i].defined(), what << " " << names[i] << ": missing on the GPU");
-        CHECK(results[1][i].is_cuda());
-        check_scaled(results[1][i], results[0][i], float_bound(dtype), what + " " + names[i]);
-      }
-    }
 }

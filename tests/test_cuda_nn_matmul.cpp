@@ -527,15 +527,15 @@ double blas_tolerance(DType ab, DType c, bool tf32) {
   return tf32 ? 1e-2 : 1e-5;  // TF32: inputs rounded to 10 mantissa bits (2^-11 relative each)
 }
 
-// Sets the TF32 and grouped-call switches for a scope, then puts back the defaults.
+// Sets the TF32 switch and the grouped products' mode for a scope, then puts back the defaults.
 struct BlasModes {
-  BlasModes(bool tf32, bool grouped) {
+  BlasModes(bool tf32, cuda::ExpertGemm expert_gemm) {
     cuda::set_tf32(tf32);
-    cuda::set_grouped_gemm(grouped);
+    cuda::set_expert_gemm(expert_gemm);
   }
   ~BlasModes() {
     cuda::set_tf32(false);
-    cuda::set_grouped_gemm(true);
+    cuda::set_expert_gemm(cuda::ExpertGemm::Grouped);
   }
 };
 
@@ -637,7 +637,7 @@ TEST_CASE("cuda: blas: grouped gemm with empty problems, as one grouped call and
         }
         std::vector<std::vector<double>> by_mode[2];
         for (bool grouped : {false, true}) {
-          const BlasModes modes(tf32, grouped);
+          const BlasModes modes(tf32, grouped ? cuda::ExpertGemm::Grouped : cuda::ExpertGemm::PerExpert);
           by_mode[grouped] = grouped_on_gpu(ta, tb, types, alpha, beta, As, Bs, Cs);
         }
         for (size_t i = 0; i < std::size(kGroupedSizes); ++i) {
@@ -691,7 +691,7 @@ TEST_CASE("cuda: blas: set_tf32 changes f32 products, and only by TF32's roundin
   const Stored C = stored(17, 9, 0, 152, DType::F32);
   std::vector<double> results[2];
   for (bool tf32 : {false, true}) {
-    const BlasModes modes(tf32, true);
+    const BlasModes modes(tf32, cuda::ExpertGemm::Grouped);
     const Tensor a = to_gpu(A.data), b = to_gpu(B.data), c = to_gpu(C.data);
     cuda::gemm(false, false, 17, 9, 65, 1.0f, a.raw_data(), 65, b.raw_data(), 9, 0.0f, c.raw_data(), 9, DType::F32,
                DType::F32);

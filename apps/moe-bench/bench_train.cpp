@@ -20,6 +20,7 @@
 #include <fstream>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <random>
 #include <sstream>
 #include <string>
@@ -61,7 +62,7 @@ struct TrainBenchOptions {
   std::vector<std::string> torch_variants;  // empty: eager_fp32 on the CPU, all four on cuda
   int torch_timeout_s = 0;                  // 0: none; else each variant's script is stopped after this long
   bool breakdown = false;                   // time the phases of our step (forward, backward, clip, optimizer)
-  std::string expert_gemm = "grouped";      // cuda: the experts' products as grouped calls or one call per expert
+  std::string expert_gemm = "grouped";      // cuda: how the experts' products run (cuda::ExpertGemm's names)
   bool tf32 = false;                        // cuda: f32 products on TF32 tensor cores (cuda::set_tf32)
   bool verbose = false;                     // print every timed step
   std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
@@ -266,6 +267,23 @@ StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchO
   return out;
 }
 
+// The balance of the last step's routing, as what --expert-gemm padded pays: the longest expert's slots times E over
+// all slots (1: even; padded runs a layer on padded rows up to 2), the least and the most of the MoE layers.
+void print_expert_load(const moe::MoEModel& model) {
+  double least = INFINITY, most = 0;
+  for (const moe::MoELayer* layer : model.moe_layers()) {
+    const std::vector<int32_t> counts =
+        to_device(layer->last_routing().expert_counts, Device::CPU).to_vector<int32_t>();
+    const double slots = std::accumulate(counts.begin(), counts.end(), 0.0);
+    const double padded = static_cast<double>(*std::max_element(counts.begin(), counts.end())) * counts.size();
+    least = std::min(least, padded / slots), most = std::max(most, padded / slots);
+  }
+  if (most > 0)
+    fmt::print("expert load of the last step: longest expert x E / slots {:.2f} to {:.2f} over the MoE layers "
+               "(the padded products' rows per slot)\n",
+               least, most);
+}
+
 // The kernel breakdown: per category, then the kernels that take the most time; ms per step.
 void print_kernel_breakdown(const KernelBreakdown& k, Device device) {
   const double steps = k.steps, wall = k.wall_ms / steps;
@@ -406,7 +424,9 @@ void run_train_bench(const TrainBenchOptions& opts) {
                opts.device == Device::CPU
                    ? ""
                    : fmt::format(", expert products {}{}",
-                                 opts.expert_gemm == "grouped" ? "as grouped calls" : "one call per expert",
+                                 opts.expert_gemm == "grouped"  ? "as grouped calls"
+                                 : opts.expert_gemm == "padded" ? "padded to the longest expert, strided-batched calls"
+                                                                : "one call per expert",
                                  opts.tf32 ? ", f32 products on TF32" : ""));
 
   // The torch side starts from these weights and this batch: written before our steps change them.
@@ -436,7 +456,7 @@ void run_train_bench(const TrainBenchOptions& opts) {
 
   // Built on the CPU from the seed, then moved (as the trainer does): the same weights on every device.
   if (opts.device == Device::CUDA) {
-    cuda::set_grouped_gemm(opts.expert_gemm == "grouped");
+    cuda::set_expert_gemm(parse_enum<cuda::ExpertGemm>(opts.expert_gemm, "--expert-gemm"));
     cuda::set_tf32(opts.tf32);
     model.lm().to(Device::CUDA);
     b.inputs = to_device(b.inputs, Device::CUDA);
@@ -527,6 +547,7 @@ void run_train_bench(const TrainBenchOptions& opts) {
     if (ours.host_waits >= 0)
       fmt::print("our step waits for the device {} times (host syncs; the group sizes need one per MoE layer: {})\n",
                  ours.host_waits, model.moe_layers().size());
+    print_expert_load(model);
     for (const TorchResult& t : torch) {
       if (!t.skipped.empty() || !t.error.empty()) continue;
       if (!t.version.empty() && &t == &torch.front()) fmt::print("torch version: {}\n", t.version);
@@ -623,8 +644,9 @@ void add_train_step_command(CLI::App& app) {
                 "then time our step's phases (a synchronization after each), and every kernel (extra steps)");
   cmd->add_option("--expert-gemm", opts->expert_gemm,
                   "cuda: the experts' products as one grouped cuBLAS call per product (bf16: TF32 calls on bf16 "
-                  "values) or one call per expert")
-      ->check(CLI::IsMember({"grouped", "per-expert"}))
+                  "values), as one strided-batched call on rows padded to the longest expert's, or one call per "
+                  "expert")
+      ->check(CLI::IsMember({"grouped", "padded", "per-expert"}))
       ->capture_default_str();
   cmd->add_flag("--tf32", opts->tf32, "cuda: f32 products on TF32 tensor cores (our fp32 is strict f32 otherwise)");
   cmd->add_flag("!--no-torch", opts->torch, "time only our engine (e.g. under a profiler)");

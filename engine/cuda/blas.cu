@@ -16,7 +16,7 @@
 namespace moelab::cuda {
 
 static bool tf32_products = false;  // set_tf32
-static bool grouped_calls = true;   // set_grouped_gemm
+static ExpertGemm expert_gemm_mode = ExpertGemm::Grouped;  // set_expert_gemm
 
 [[noreturn]] static void blas_failed(cublasStatus_t status, const char* call, const std::string& sizes) {
   throw std::runtime_error(
@@ -174,7 +174,7 @@ void gemm_grouped(bool trans_a, bool trans_b, const std::vector<GemmProblem>& pr
     products.push_back(&p);
   }
   if (products.empty()) return;
-  if (!grouped_calls || !grouped_call_takes(types, bf16_values)) {
+  if (expert_gemm_mode == ExpertGemm::PerExpert || !grouped_call_takes(types, bf16_values)) {
     for (const GemmProblem* p : products)
       gemm(trans_a, trans_b, p->m, p->n, p->k, alpha, p->A, p->lda, p->B, p->ldb, beta, p->C, p->ldc, ab_type, c_type);
     return;
@@ -211,7 +211,7 @@ void set_tf32(bool on) {
   check_blas(cublasSetMathMode(handle(), math_mode()), "cublasSetMathMode");
 }
 
-void set_grouped_gemm(bool on) { grouped_calls = on; }
-bool grouped_gemm() { return grouped_calls; }
+void set_expert_gemm(ExpertGemm mode) { expert_gemm_mode = mode; }
+ExpertGemm expert_gemm() { return expert_gemm_mode; }
 
 }  // namespace moelab::cuda

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "engine/cuda/blas.cuh"
@@ -215,22 +216,28 @@ namespace {
 
 template <class F> __device__ F sigmoid(F z) { return F(1) / (F(1) + exp(-z)); }
 
+// silu(z) * up, for z = gate_pre.
+template <class F> __device__ F swiglu(F z, F up) { return z * sigmoid(z) * up; }
+
+// From d_act: d_up = d_act * silu(z), d_gate = d_act * up * s (1 + z (1 - s)) with s = sigmoid(z).
+template <class F> __device__ void swiglu_gradients(F z, F up, F d_act, F& d_gate, F& d_up) {
+  const F s = sigmoid(z);
+  d_up = d_act * z * s;
+  d_gate = d_act * up * s * (1 + z * (1 - s));
+}
+
 // act = silu(gate_pre) * up_pre, elementwise.
 template <class F> __global__ void swiglu_forward_kernel(const F* gate_pre, const F* up_pre, int64_t n, F* act) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    act[i] = gate_pre[i] * sigmoid(gate_pre[i]) * up_pre[i];
+    act[i] = swiglu(gate_pre[i], up_pre[i]);
 }
 
-// d_up = d_act * silu(z), d_gate = d_act * up * s (1 + z (1 - s)) with z = gate_pre, s = sigmoid(z). d_act may be
-// d_gate: each thread reads its element before writing it.
+// d_act may be d_gate_pre: each thread reads its element before writing it.
 template <class F>
 __global__ void swiglu_backward_kernel(const F* gate_pre, const F* up_pre, const F* d_act, int64_t n, F* d_gate_pre,
                                        F* d_up_pre) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const F z = gate_pre[i], s = sigmoid(z), da = d_act[i];
-    d_up_pre[i] = da * z * s;
-    d_gate_pre[i] = da * up_pre[i] * s * (1 + z * (1 - s));
-  }
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    swiglu_gradients(gate_pre[i], up_pre[i], d_act[i], d_gate_pre[i], d_up_pre[i]);
 }
 
 }  // namespace
@@ -259,11 +266,10 @@ void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Ten
 // Under Precision::BF16 the products read copies of their operands rounded to bf16 (act's, d_gate_pre's and
 // d_up_pre's made by one launch each, once every expert's rows are computed) and write f32: bf16 x bf16 -> f32 with
 // f32 accumulation. cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), and a bf16 output widened
-// afterwards would round every product to bf16 on top of the f32 sums the CPU keeps. So with grouped calls on
-// (cuda::set_grouped_gemm, the default) the rounded copies stay f32 tensors and each product is one grouped
-// f32 -> f32 call on TF32 tensor cores, exact for bf16 values (blas.cuh); with them off, the copies are bf16 and
-// each expert's product is one cublasGemmEx. Which is faster (a launch per expert against TF32's half rate) is
-// measured (docs/performance.md).
+// afterwards would round every product to bf16 on top of the f32 sums the CPU keeps. So under ExpertGemm::Grouped
+// (runtime.h, the default) the rounded copies stay f32 tensors and each product is one grouped f32 -> f32 call on
+// TF32 tensor cores, exact for bf16 values (blas.cuh); under PerExpert the copies are bf16 and each expert's product
+// is one cublasGemmEx; under Padded (below) they are bf16 and each product is one strided-batched call.
 
 namespace {
 
@@ -272,13 +278,14 @@ inline char* row_of(const Tensor& t, int64_t row, int64_t cols) {
   return static_cast<char*>(t.raw_data()) + row * cols * static_cast<int64_t>(dtype_size(t.dtype()));
 }
 
-// The dtype of the rounded copies: f32 holding bf16 values for grouped calls, bf16 for one call per expert.
-inline DType rounded_dtype() { return grouped_gemm() ? DType::F32 : DType::BF16; }
+// The dtype of the rounded copies of the grouped path: f32 holding bf16 values for grouped calls, bf16 for one call
+// per expert.
+inline DType rounded_dtype() { return expert_gemm() == ExpertGemm::PerExpert ? DType::BF16 : DType::F32; }
 
-// A GEMM operand: t itself, or with `round` a copy of t (f32) rounded to bf16.
-inline Tensor operand(const Tensor& t, bool round) {
+// A GEMM operand: t itself, or with `round` a copy of t (f32) rounded to bf16 and stored as `rounded`.
+inline Tensor operand(const Tensor& t, bool round, DType rounded = rounded_dtype()) {
   if (!round) return t;
-  Tensor out = Tensor::empty(t.shape(), rounded_dtype(), Device::CUDA);
+  Tensor out = Tensor::empty(t.shape(), rounded, Device::CUDA);
   round_to_bf16(t, out);
   return out;
 }
@@ -290,11 +297,236 @@ inline Tensor operand_buffer(const Tensor& t, bool round) {
 
 }  // namespace
 
+// ---- (e) with padded rows (ExpertGemm::Padded) ----------------------------------------------------------------------
+// Expert e's sorted rows [offsets[e], offsets[e+1]) are copied to the rows [e R, e R + c_e) of a padded buffer
+// [E R, cols], R the longest expert's count, and its other rows are zero. Every product is then one strided-batched
+// call over the E experts: zero rows of an operand give zero rows of the output where the rows are the product's m,
+// and add nothing where they are its k (the weight gradients, so an expert with no rows gets zero), so the results
+// are the grouped products'. The padded copies are the products' operands, under BF16 rounded to bf16 as they are
+// copied: bf16 x bf16 -> f32 at the bf16 rate, where the grouped call needs TF32. The price: E R - S rows of zeros
+// multiplied, at most S more (pads_expert_rows), and the outputs copied back to the sorted rows.
+
+constexpr int64_t kMaxPaddedRowsPerSlot = 2;  // pads_expert_rows: E R <= 2 S
+
+// R: the most rows an expert has.
+static int64_t longest_expert(const std::vector<int32_t>& offsets) {
+  int64_t rows = 0;
+  for (size_t e = 0; e + 1 < offsets.size(); ++e) rows = std::max<int64_t>(rows, offsets[e + 1] - offsets[e]);
+  return rows;
+}
+
+bool pads_expert_rows(const std::vector<int32_t>& offsets) {
+  const int64_t experts = static_cast<int64_t>(offsets.size()) - 1;
+  return experts * longest_expert(offsets) <= kMaxPaddedRowsPerSlot * offsets.back();
+}
+
+namespace {
+
+// Where padded row p = e R + r comes from: the sorted row offsets[e] + r when r < c_e, else nowhere (-1: padding).
+struct PaddedRows {
+  const int32_t* offsets;  // [E+1], on the device
+  int64_t rows;            // R, per expert
+  __device__ int64_t sorted_row(int64_t p) const {
+    const int64_t e = p / rows, r = p % rows;
+    return r < offsets[e + 1] - offsets[e] ? offsets[e] + r : -1;
+  }
+};
+
+// v as a product's operand of type Out: bf16 rounds to nearest even, f32 and f64 keep it.
+template <class Out, class F> __device__ Out to_operand(F v) {
+  if constexpr (std::is_same_v<Out, __nv_bfloat16>)
+    return __float2bfloat16_rn(static_cast<float>(v));
+  else
+    return static_cast<Out>(v);
+}
+
+// The kernels below: one block per padded row p (blockIdx.x), its threads over the row's columns.
+
+// padded[p] = sorted[sorted_row(p)] as an operand, 0 on padding.
+template <class F, class Out>
+__global__ void pad_rows_kernel(const F* sorted, PaddedRows layout, int64_t cols, Out* padded) {
+  const int64_t p = blockIdx.x, row = layout.sorted_row(p);
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
+    padded[p * cols + c] = to_operand<Out>(row < 0 ? F(0) : sorted[row * cols + c]);
+}
+
+// sorted[sorted_row(p)] = padded[p], padding left out.
+template <class F> __global__ void unpad_rows_kernel(const F* padded, PaddedRows layout, int64_t cols, F* sorted) {
+  const int64_t p = blockIdx.x, row = layout.sorted_row(p);
+  if (row < 0) return;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) sorted[row * cols + c] = padded[p * cols + c];
+}
+
+// From the padded gate and up products: gate_pre, up_pre and act in the sorted rows (the backward's), and act in
+// the padded buffer act_operand as the down product's operand (0 on padding).
+template <class F, class Out>
+__global__ void padded_swiglu_forward_kernel(const F* gate_padded, const F* up_padded, PaddedRows layout, int64_t h,
+                                             F* gate_pre, F* up_pre, F* act, Out* act_operand) {
+  const int64_t p = blockIdx.x, row = layout.sorted_row(p);
+  for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
+    const int64_t i = p * h + c, at = row * h + c;
+    if (row < 0) {
+      act_operand[i] = to_operand<Out>(F(0));
+      continue;
+    }
+    const F z = gate_padded[i], up = up_padded[i], a = swiglu(z, up);
+    gate_pre[at] = z, up_pre[at] = up, act[at] = a;
+    act_operand[i] = to_operand<Out>(a);
+  }
+}
+
+// From the padded d_act: d_gate_pre and d_up_pre in the sorted rows, and as operands in padded buffers (0 on padding).
+template <class F, class Out>
+__global__ void padded_swiglu_backward_kernel(const F* gate_pre, const F* up_pre, const F* d_act_padded,
+                                              PaddedRows layout, int64_t h, F* d_gate_pre, F* d_up_pre,
+                                              Out* d_gate_operand, Out* d_up_operand) {
+  const int64_t p = blockIdx.x, row = layout.sorted_row(p);
+  for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
+    const int64_t i = p * h + c, at = row * h + c;
+    F d_gate = 0, d_up = 0;
+    if (row >= 0) {
+      swiglu_gradients(gate_pre[at], up_pre[at], d_act_padded[i], d_gate, d_up);
+      d_gate_pre[at] = d_gate, d_up_pre[at] = d_up;
+    }
+    d_gate_operand[i] = to_operand<Out>(d_gate);
+    d_up_operand[i] = to_operand<Out>(d_up);
+  }
+}
+
+// Runs f(F{}, Out{}) for the tensors' type F and the operands' type Out: bf16 when rounding (f32 only), else F.
+template <class Fn> void with_operand_types(const char* what, DType dtype, bool bf16, Fn&& f) {
+  dispatch_float(what, dtype, [&](auto tag) {
+    using F = decltype(tag);
+    if constexpr (std::is_same_v<F, float>)
+      if (bf16) return f(F{}, __nv_bfloat16{});
+    f(F{}, F{});
+  });
+}
+
+// One MoE layer's padded layout: R, the offsets on the device (queued, no wait), the products over the experts.
+class PaddedExperts {
+ public:
+  PaddedExperts(const std::vector<int32_t>& offsets, DType dtype, bool bf16)
+      : experts_(static_cast<int64_t>(offsets.size()) - 1),
+        rows_(longest_expert(offsets)),
+        dtype_(dtype),
+        operand_dtype_(bf16 ? DType::BF16 : dtype),
+        bf16_(bf16),
+        offsets_(offsets) {}
+
+  int64_t rows() const { return rows_; }
+  DType operand_dtype() const { return operand_dtype_; }
+
+  // [E R, cols]: the sorted rows as operands, 0 on padding.
+  Tensor pad(const Tensor& sorted) const {
+    const int64_t cols = sorted.size(1);
+    Tensor padded = Tensor::empty({experts_ * rows_, cols}, operand_dtype_, Device::CUDA);
+    with_operand_types("moe_pad_rows", dtype_, bf16_, [&](auto f, auto out) {
+      using F = decltype(f);
+      using Out = decltype(out);
+      launch("moe_pad_rows", pad_rows_kernel<F, Out>, row_blocks(), dim3(kRowThreads), 0, sorted.data<F>(), layout(),
+             cols, reinterpret_cast<Out*>(padded.raw_data()));
+    });
+    return padded;
+  }
+  // An output [E R, cols] of the tensors' dtype, for a product.
+  Tensor output(int64_t cols) const { return Tensor::empty({experts_ * rows_, cols}, dtype_, Device::CUDA); }
+  // The rows of padded that are not padding, to sorted.
+  void unpad(const Tensor& padded, const Tensor& sorted) const {
+    dispatch_float("moe_unpad_rows", dtype_, [&](auto tag) {
+      using F = decltype(tag);
+      launch("moe_unpad_rows", unpad_rows_kernel<F>, row_blocks(), dim3(kRowThreads), 0, padded.data<F>(), layout(),
+             padded.size(1), sorted.data<F>());
+    });
+  }
+  // C_e = op(A_e) op(B_e) (+ C_e when accumulate) for every expert e; A, B, C hold the experts' matrices stride_a,
+  // stride_b, stride_c elements apart, with row strides lda, ldb, ldc.
+  void products(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const Tensor& A, int64_t lda,
+                int64_t stride_a, const Tensor& B, int64_t ldb, int64_t stride_b, bool accumulate, const Tensor& C,
+                int64_t ldc, int64_t stride_c) const {
+    gemm_strided_batched(trans_a, trans_b, m, n, k, 1.0f, A.raw_data(), lda, stride_a, B.raw_data(), ldb, stride_b,
+                         accumulate ? 1.0f : 0.0f, C.raw_data(), ldc, stride_c, experts_, operand_dtype_, dtype_);
+  }
+  PaddedRows layout() const { return {offsets_.get(), rows_}; }
+  dim3 row_blocks() const { return dim3(static_cast<unsigned>(experts_ * rows_)); }  // one per padded row
+
+ private:
+  int64_t experts_, rows_;
+  DType dtype_, operand_dtype_;
+  bool bf16_;
+  DeviceArray<int32_t> offsets_;
+};
+
+}  // namespace
+
+static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted, const Tensor& w_gate,
+                                  const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre,
+                                  const Tensor& up_pre, const Tensor& act, const Tensor& out_sorted, bool bf16) {
+  const int64_t h = w_gate.size(1), d = w_gate.size(2), R = p.rows();
+  const DType rounded = p.operand_dtype();
+  const Tensor x = p.pad(x_sorted), wg = operand(w_gate, bf16, rounded), wu = operand(w_up, bf16, rounded),
+               wd = operand(w_down, bf16, rounded);
+  // gate = x W_gate^T, up = x W_up^T: [R, d] x [h, d]^T -> [R, h] per expert
+  const Tensor gate = p.output(h), up = p.output(h);
+  p.products(false, true, R, h, d, x, d, R * d, wg, d, h * d, false, gate, h, R * h);
+  p.products(false, true, R, h, d, x, d, R * d, wu, d, h * d, false, up, h, R * h);
+  const Tensor act_operand = Tensor::empty(gate.shape(), rounded, Device::CUDA);
+  with_operand_types("moe_padded_swiglu_forward", x_sorted.dtype(), bf16, [&](auto f, auto out) {
+    using F = decltype(f);
+    using Out = decltype(out);
+    launch("moe_padded_swiglu_forward", padded_swiglu_forward_kernel<F, Out>, p.row_blocks(), dim3(kRowThreads), 0,
+           gate.data<F>(), up.data<F>(), p.layout(), h, gate_pre.data<F>(), up_pre.data<F>(), act.data<F>(),
+           reinterpret_cast<Out*>(act_operand.raw_data()));
+  });
+  // out = act W_down^T: [R, h] x [d, h]^T -> [R, d] per expert
+  const Tensor out = p.output(d);
+  p.products(false, true, R, d, h, act_operand, h, R * h, wd, h, d * h, false, out, d, R * d);
+  p.unpad(out, out_sorted);
+}
+
+static void padded_swiglu_backward(const PaddedExperts& p, const Tensor& x_sorted, const Tensor& w_gate,
+                                   const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre,
+                                   const Tensor& up_pre, const Tensor& act, const Tensor& d_out_sorted,
+                                   const Tensor& d_gate_pre, const Tensor& d_up_pre, const Tensor& d_x_sorted,
+                                   const Tensor& dw_gate, const Tensor& dw_up, const Tensor& dw_down, bool bf16) {
+  const int64_t h = w_gate.size(1), d = w_gate.size(2), R = p.rows();
+  const DType rounded = p.operand_dtype();
+  const Tensor x = p.pad(x_sorted), act_operand = p.pad(act), d_out = p.pad(d_out_sorted);
+  const Tensor wg = operand(w_gate, bf16, rounded), wu = operand(w_up, bf16, rounded),
+               wd = operand(w_down, bf16, rounded);
+  // d_act = d_out W_down: [R, d] x [d, h] -> [R, h];  dW_down = d_out^T act: [R, d]^T x [R, h] -> [d, h]
+  const Tensor d_act = p.output(h);
+  p.products(false, false, R, h, d, d_out, d, R * d, wd, h, d * h, false, d_act, h, R * h);
+  p.products(true, false, d, h, R, d_out, d, R * d, act_operand, h, R * h, false, dw_down, h, d * h);
+  const Tensor d_gate = Tensor::empty(d_act.shape(), rounded, Device::CUDA);
+  const Tensor d_up = Tensor::empty(d_act.shape(), rounded, Device::CUDA);
+  with_operand_types("moe_padded_swiglu_backward", x_sorted.dtype(), bf16, [&](auto f, auto out) {
+    using F = decltype(f);
+    using Out = decltype(out);
+    launch("moe_padded_swiglu_backward", padded_swiglu_backward_kernel<F, Out>, p.row_blocks(), dim3(kRowThreads), 0,
+           gate_pre.data<F>(), up_pre.data<F>(), d_act.data<F>(), p.layout(), h, d_gate_pre.data<F>(),
+           d_up_pre.data<F>(), reinterpret_cast<Out*>(d_gate.raw_data()), reinterpret_cast<Out*>(d_up.raw_data()));
+  });
+  // dW_gate = d_gate^T x, dW_up = d_up^T x: [R, h]^T x [R, d] -> [h, d]
+  p.products(true, false, h, d, R, d_gate, h, R * h, x, d, R * d, false, dw_gate, d, h * d);
+  p.products(true, false, h, d, R, d_up, h, R * h, x, d, R * d, false, dw_up, d, h * d);
+  // d_x = d_gate W_gate + d_up W_up: [R, h] x [h, d] -> [R, d], the second added onto the first
+  const Tensor dx = p.output(d);
+  p.products(false, false, R, d, h, d_gate, h, R * h, wg, d, h * d, false, dx, d, R * d);
+  p.products(false, false, R, d, h, d_up, h, R * h, wu, d, h * d, true, dx, d, R * d);
+  p.unpad(dx, d_x_sorted);
+}
+
 void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
                                 const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const bool bf16 = precision == Precision::BF16;
+  if (expert_gemm() == ExpertGemm::Padded && pads_expert_rows(offsets)) {
+    padded_swiglu_forward(PaddedExperts(offsets, x_sorted.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
+                          up_pre, act, out_sorted, bf16);
+    return;
+  }
   const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
                wd = operand(w_down, bf16), act_op = operand_buffer(act, bf16);
   const DType ab = x.dtype(), c_type = x_sorted.dtype();
@@ -321,6 +553,11 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                                  const Tensor& dw_up, const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const bool bf16 = precision == Precision::BF16;
+  if (expert_gemm() == ExpertGemm::Padded && pads_expert_rows(offsets)) {
+    padded_swiglu_backward(PaddedExperts(offsets, x_sorted.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
+                           up_pre, act, d_out_sorted, d_gate_pre, d_up_pre, d_x_sorted, dw_gate, dw_up, dw_down, bf16);
+    return;
+  }
   const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
                wd = operand(w_down, bf16), act_op = operand(act, bf16), d_out_op = operand(d_out_sorted, bf16);
   const Tensor d_gate_op = operand_buffer(d_gate_pre, bf16), d_up_op = operand_buffer(d_up_pre, bf16);

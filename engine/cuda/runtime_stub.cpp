@@ -23,8 +23,9 @@ void set_zero(void*, size_t) { not_built(); }
 void synchronize() { not_built(); }
 int64_t host_waits() { return 0; }
 void set_tf32(bool) { not_built(); }
-void set_grouped_gemm(bool) { not_built(); }
-bool grouped_gemm() { not_built(); }
+void set_expert_gemm(ExpertGemm) { not_built(); }
+ExpertGemm expert_gemm() { not_built(); }
+bool pads_expert_rows(const std::vector<int32_t>&) { not_built(); }
 size_t peak_memory_bytes() { not_built(); }
 void reset_peak_memory() { not_built(); }
 TimingEvent::TimingEvent() : event_(nullptr) { not_built(); }
