@@ -9,8 +9,10 @@
 #                  is missing or refuses the device)
 # 5. race.log      the speed race (docs/performance.md): `moe-bench train-step --device cuda --precision bf16` against
 #                  the four PyTorch variants, presets S then M, in the time the checks above left, each followed by
-#                  our step with one cuBLAS call per expert (--expert-gemm per-expert) and by attention alone against
-#                  PyTorch's SDPA (moe-bench attention); the tables go into the summary
+#                  our step with the experts' products on padded rows and with one cuBLAS call per expert
+#                  (--expert-gemm padded, per-expert), by attention alone against PyTorch's SDPA (moe-bench
+#                  attention) and by the experts alone against a loop and torch._grouped_mm (moe-bench experts);
+#                  the tables go into the summary
 # 6. summary.txt   what passed and failed, and the race's tables, printed last
 # At most 8 files in OUTDIR. Exits 0 when it ran through (read the summary for the verdict), 2 on a usage error.
 # MOELAB_GPU_CHECK_PRESET=sim rehearses it on a machine without a GPU (with gpu_prepare.sh's sim build; the race runs
@@ -179,39 +181,42 @@ race_one() {  # preset, seconds
     note "race $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
   fi
 }
-# Our step once more with the experts' products as one cuBLAS call per expert (the race runs them as grouped calls):
-# ours only, the table's first row and the kernel breakdown's expert line.
-ours_per_expert() {  # preset, seconds
-  local cfg=$1 seconds=$2 args=(--preset "$1" --no-torch --expert-gemm per-expert --breakdown)
+# Our step once more with the experts' products run another way (the race runs them as grouped calls): padded or
+# per-expert (--expert-gemm). Ours only: the table's first row, the kernel breakdown's expert line and the experts' load.
+ours_with_expert_gemm() {  # preset, mode, seconds
+  local cfg=$1 mode=$2 seconds=$3 args=(--preset "$1" --no-torch --expert-gemm "$2" --breakdown)
   [ "$preset" = sim ] && args+=(--steps 2 --warmup 1) || args+=(--steps 10 --warmup 3)
   echo "==== $cfg: moe-bench train-step --device cuda --precision bf16 ${args[*]}" >>"$out/race.log"
   timeout "$seconds" "$bin/moe-bench" train-step --device cuda --precision bf16 "${args[@]}" >"$race_tmp" 2>&1
   local rc=$?
   cat "$race_tmp" >>"$out/race.log"
   if ((rc == 0)); then
-    note "  per-expert products: $(grep '^moelab bf16' "$race_tmp")"
-    note "  per-expert products: $(grep 'expert FFN' "$race_tmp" | sed 's/^ *//')"
+    note "  $mode products: $(grep '^moelab bf16' "$race_tmp")"
+    note "  $mode products: $(grep 'expert FFN' "$race_tmp" | sed 's/^ *//')"
+    [ "$mode" = padded ] && note "  $mode products: $(grep '^expert load' "$race_tmp")"
   else
-    note "race $cfg per-expert: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)")"
+    note "race $cfg $mode: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)")"
   fi
 }
-# Attention alone on the config's shapes: ours in fp32 (tiled, CUDA cores) and bf16 (tensor cores) against PyTorch's
-# scaled_dot_product_attention in both, with the distance of its results from ours (moe-bench attention).
-attention_one() {  # preset, seconds
-  local cfg=$1 seconds=$2 args=(--preset "$1" --device cuda)
+# One part of a layer alone on the config's shapes, against PyTorch on the same inputs: `moe-bench attention` (ours
+# in fp32, tiled on CUDA cores, and bf16, on the tensor cores, against scaled_dot_product_attention) or `moe-bench
+# experts` (the MoE experts with every way of running their products against a loop over experts and
+# torch._grouped_mm), each with the distance of the results from ours.
+alone_one() {  # attention|experts, preset, seconds
+  local bench=$1 cfg=$2 seconds=$3 args=(--preset "$2" --device cuda)
   [ "$preset" = sim ] && args+=(--steps 2 --warmup 1) || args+=(--steps 10 --warmup 3)
-  echo "==== $cfg: moe-bench attention ${args[*]}" >>"$out/race.log"
-  timeout "$seconds" "$bin/moe-bench" attention "${args[@]}" --python "$race_python" \
-    --torch-script "$root/scripts/bench_torch_attention.py" --torch-timeout "$((seconds * 2 / 3))" >"$race_tmp" 2>&1
+  echo "==== $cfg: moe-bench $bench ${args[*]}" >>"$out/race.log"
+  timeout "$seconds" "$bin/moe-bench" "$bench" "${args[@]}" --python "$race_python" \
+    --torch-script "$root/scripts/bench_torch_$bench.py" --torch-timeout "$((seconds * 2 / 3))" >"$race_tmp" 2>&1
   local rc=$?
   cat "$race_tmp" >>"$out/race.log"
   if ((rc == 0)); then
-    note "  attention alone:"
+    note "  $bench alone:"
   else
-    note "attention $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
+    note "$bench $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
   fi
   # The table's rows (ours print before PyTorch runs), and the first line of PyTorch's error if it had one.
-  while IFS= read -r line; do note "    $line"; done < <(grep -E '^(variant|moelab|torch) ' "$race_tmp")
+  while IFS= read -r line; do note "    $line"; done < <(grep -E '^(routing|variant|moelab|torch) ' "$race_tmp")
   while IFS= read -r line; do note "    $line"; done < <(grep -m1 '^torch: ' "$race_tmp" | cut -c1-200)
 }
 if [ "$race" = off ]; then
@@ -229,19 +234,25 @@ else
     "$race_python" -c 'import torch' 2>/dev/null || race_python=/usr/bin/python3
     if [ "$preset" = sim ]; then
       race_one tiny "$left"
-      ours_per_expert tiny 120
-      attention_one tiny 120
+      ours_with_expert_gemm tiny padded 120
+      ours_with_expert_gemm tiny per-expert 120
+      alone_one attention tiny 120
+      alone_one experts tiny 120
     else
       race_one S $((left * 2 / 5))  # S is the cheaper of the two: M gets the rest
-      ours_per_expert S 40
-      attention_one S 40
+      ours_with_expert_gemm S padded 35
+      ours_with_expert_gemm S per-expert 35
+      alone_one attention S 40
+      alone_one experts S 30
       left=$((budget - (SECONDS - started)))
-      if ((left < 140)); then
+      if ((left < 220)); then
         note "race M: skipped (${left} s left of the ${budget} s budget)"
       else
-        race_one M $((left - 85))
-        ours_per_expert M 45
-        attention_one M 40
+        race_one M $((left - 160))
+        ours_with_expert_gemm M padded 40
+        ours_with_expert_gemm M per-expert 45
+        alone_one attention M 40
+        alone_one experts M 35
       fi
     fi
     rm -f "$race_tmp"

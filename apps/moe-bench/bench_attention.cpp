@@ -13,9 +13,7 @@
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
-#include <sstream>
 #include <string>
-#include <sys/wait.h>
 #include <unistd.h>
 #include <vector>
 
@@ -101,38 +99,14 @@ OurRun time_ours(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
   return run;
 }
 
-// PyTorch's results: its JSON line, or why there is none.
-struct TorchRun {
-  json result;        // {"torch": version, "variants": [{"name", "precision", "forward_ms", ...} or {"skipped"}]}
-  std::string error;  // non-empty when the script failed: its first line says why, the rest is the output
-};
-
-TorchRun run_torch(const AttentionBenchOptions& opts, const fs::path& folder) {
+// PyTorch's results ({"torch": version, "variants": [{"name", "precision", "forward_ms", ...} or {"skipped"}]}), or
+// why there are none.
+ScriptResult run_torch(const AttentionBenchOptions& opts, const fs::path& folder) {
   const std::string command = fmt::format(
       "env {}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={} {}{} {} {} --device {} --steps {} --warmup {} 2>&1",
       python_env(opts.python), omp_get_max_threads(), timeout_prefix(opts.torch_timeout_s), shell_quote(opts.python),
       shell_quote(opts.torch_script), shell_quote(folder.string()), opts.device_name, opts.steps, opts.warmup);
-  const CommandRun script = run_command(command);
-  if (script.status == -1) return {{}, "could not start: " + command};
-  std::string json_line, last;  // the JSON line is the last one that starts with '{'
-  std::istringstream lines(script.output);
-  for (std::string line; std::getline(lines, line);) {
-    last = line;
-    if (line.starts_with('{')) json_line = line;
-  }
-  TorchRun run;
-  try {
-    if (script.status == 0) run.result = json::parse(json_line);
-  } catch (const json::exception&) {
-  }
-  while (!last.empty() && last.back() == '\r') last.pop_back();
-  if (script.stopped_by(opts.torch_timeout_s))
-    run.error = fmt::format("stopped after {} s (--torch-timeout)", opts.torch_timeout_s);
-  else if (script.status != 0 || !run.result.is_object())
-    run.error = fmt::format("failed ({}): {}\n`{}` printed:\n{}",
-                            WIFEXITED(script.status) ? fmt::format("exit {}", WEXITSTATUS(script.status)) : "killed",
-                            last, command, script.output);
-  return run;
+  return run_json_script(command, opts.torch_timeout_s);
 }
 
 void run_attention_bench(const AttentionBenchOptions& opts) {
@@ -173,7 +147,7 @@ void run_attention_bench(const AttentionBenchOptions& opts) {
         fmt::format("{:>9} {:>9} {:>9} {:>9}", "", "", "", ""), "1.00x");
   std::fflush(stdout);
 
-  TorchRun torch;
+  ScriptResult torch;
   if (opts.torch) {
     const fs::path folder = fs::temp_directory_path() / fmt::format("moelab_bench_attention_{}", ::getpid());
     fs::create_directories(folder);

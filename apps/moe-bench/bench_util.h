@@ -7,7 +7,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <source_location>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -70,6 +72,37 @@ inline CommandRun run_command(const std::string& command) {
   char line[1 << 16];
   while (std::fgets(line, sizeof line, pipe)) run.output += line;
   run.status = pclose(pipe);
+  return run;
+}
+
+// A baseline script's result (moe-bench attention's and experts'): the last line of its output that starts with '{',
+// parsed, or why there is none.
+struct ScriptResult {
+  nlohmann::json result;  // an object when the script ran through
+  std::string error;      // non-empty when it did not: the first line says why, the rest is the command and its output
+};
+// Runs `command`, which timeout_prefix(timeout_s) starts.
+inline ScriptResult run_json_script(const std::string& command, int timeout_s) {
+  const CommandRun script = run_command(command);
+  if (script.status == -1) return {{}, "could not start: " + command};
+  std::string json_line, last;
+  std::istringstream lines(script.output);
+  for (std::string line; std::getline(lines, line);) {
+    last = line;
+    if (line.starts_with('{')) json_line = line;
+  }
+  ScriptResult run;
+  try {
+    if (script.status == 0) run.result = nlohmann::json::parse(json_line);
+  } catch (const nlohmann::json::exception&) {
+  }
+  while (!last.empty() && last.back() == '\r') last.pop_back();
+  if (script.stopped_by(timeout_s))
+    run.error = fmt::format("stopped after {} s (--torch-timeout)", timeout_s);
+  else if (script.status != 0 || !run.result.is_object())
+    run.error = fmt::format("failed ({}): {}\n`{}` printed:\n{}",
+                            WIFEXITED(script.status) ? fmt::format("exit {}", WEXITSTATUS(script.status)) : "killed",
+                            last, command, script.output);
   return run;
 }
 

@@ -10,6 +10,9 @@ void add_gemm_command(CLI::App& app);
 void add_train_step_command(CLI::App& app);
 // `moe-bench attention`: causal attention's forward and backward against PyTorch's SDPA (bench_attention.cpp).
 void add_attention_command(CLI::App& app);
+// `moe-bench experts`: one MoE layer's experts, every way of running their products, against PyTorch
+// (bench_experts.cpp).
+void add_experts_command(CLI::App& app);
 // `moe-bench optim`: OMoE's optimizer step against AdamW, and its share of a training step (bench_optim.cpp).
 void add_optim_command(CLI::App& app);
 

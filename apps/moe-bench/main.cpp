@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   moelab::bench::add_train_step_command(app);
   moelab::bench::add_optim_command(app);
   moelab::bench::add_attention_command(app);
+  moelab::bench::add_experts_command(app);
   CLI11_PARSE(app, argc, argv);
   return 0;
 }
