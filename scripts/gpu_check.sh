@@ -216,7 +216,7 @@ alone_one() {  # attention|experts, preset, seconds
     note "$bench $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
   fi
   # The table's rows (ours print before PyTorch runs), and the first line of PyTorch's error if it had one.
-  while IFS= read -r line; do note "    $line"; done < <(grep -E '^(routing|variant|moelab|torch) ' "$race_tmp")
+  while IFS= read -r line; do note "    $line"; done < <(grep -E '^(routing: |variant |moelab |torch )' "$race_tmp")
   while IFS= read -r line; do note "    $line"; done < <(grep -m1 '^torch: ' "$race_tmp" | cut -c1-200)
 }
 if [ "$race" = off ]; then

@@ -126,6 +126,9 @@ struct StepTimes {
   std::vector<double> cpu_ms;  // CPU time of the process (all its threads) per timed step
   double peak_mem_bytes = -1;  // the device memory's high-water mark (cuda); -1: not reported (the CPU)
   int64_t host_waits = -1;     // times a timed step waited for the device (cuda::host_waits); -1: the CPU
+  // cuda, per timed step: the host's own work (queueing kernels, its share of the engine), its time blocked in the
+  // step's waits, and how long the device still ran after the step's last call returned.
+  std::vector<double> host_work_ms, host_blocked_ms, device_tail_ms;
 };
 
 // --breakdown's kernel profile: its steps' wall time and each kernel's total over them.
@@ -236,9 +239,17 @@ StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchO
     const auto start = Clock::now();
     const double cpu_start = process_cpu_ms();
     const int64_t waits_before = cuda::host_waits();
+    const double blocked_before = cuda::host_wait_ms();
     step(nullptr);
+    const double queued_ms = since(start), blocked_ms = cuda::host_wait_ms() - blocked_before;
     if (opts.device == Device::CUDA) out.host_waits = cuda::host_waits() - waits_before;
+    const auto queued = Clock::now();
     sync();
+    if (opts.device == Device::CUDA) {
+      out.host_work_ms.push_back(queued_ms - blocked_ms);
+      out.host_blocked_ms.push_back(blocked_ms);
+      out.device_tail_ms.push_back(since(queued));
+    }
     out.cpu_ms.push_back(process_cpu_ms() - cpu_start);
     out.ms.push_back(since(start));
   }
@@ -265,6 +276,20 @@ StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchO
     kernels.kernels = profile.totals();
   }
   return out;
+}
+
+// Who sets the pace of our step on a GPU (docs/performance.md, "Host waits"): while the host is blocked in a wait or
+// after its last call the device is busy; the rest of the step is the host's own work, during which the device runs
+// what is queued and idles once it has caught up. A step that is almost all host work is host-bound: fewer launches
+// or CUDA graphs would help, faster kernels would not.
+void print_host_time(const StepTimes& t) {
+  const double work = median(t.host_work_ms), blocked = median(t.host_blocked_ms), tail = median(t.device_tail_ms);
+  const double busy_share = (blocked + tail) / (work + blocked + tail);
+  fmt::print("our step on the host (medians): {:.2f} ms of its own work, {:.2f} ms blocked in its waits, then {:.2f} "
+             "ms until the device finished: {}\n",
+             work, blocked, tail,
+             busy_share < 0.1 ? "host-bound (the device waits for the host)"
+                              : fmt::format("the device was known busy for {:.0f}% of it", 100 * busy_share));
 }
 
 // The balance of the last step's routing, as what --expert-gemm padded pays: the longest expert's slots times E over
@@ -544,9 +569,11 @@ void run_train_bench(const TrainBenchOptions& opts) {
       fmt::print("fastest PyTorch variant: {} ({:.2f} ms/step); moelab / fastest: {:.2f}x (tokens/s)\n",
                  fastest->variant, fastest_ms, fastest_ms / ours_ms);
     }
-    if (ours.host_waits >= 0)
+    if (ours.host_waits >= 0) {
       fmt::print("our step waits for the device {} times (host syncs; the group sizes need one per MoE layer: {})\n",
                  ours.host_waits, model.moe_layers().size());
+      print_host_time(ours);
+    }
     print_expert_load(model);
     for (const TorchResult& t : torch) {
       if (!t.skipped.empty() || !t.error.empty()) continue;

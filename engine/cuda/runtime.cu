@@ -2,6 +2,7 @@
 // The same file serves the real backend and the emulator (MOELAB_CUDA=SIM), whose cuda* functions run on the host.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -23,15 +24,20 @@ static bool debug_sync_flag = [] {
 void set_debug_sync(bool on) { debug_sync_flag = on; }
 bool debug_sync() { return debug_sync_flag; }
 
-static std::atomic<int64_t> host_wait_count = 0;
+static std::atomic<int64_t> host_wait_count = 0, host_wait_ns = 0;
 
-// Waits for everything queued on the compute stream, counted by host_waits().
+// Waits for everything queued on the compute stream, counted and timed by host_waits() and host_wait_ms().
 static void wait_for_stream(const char* what) {
   host_wait_count.fetch_add(1, std::memory_order_relaxed);
+  const auto start = std::chrono::steady_clock::now();
   check(cudaStreamSynchronize(stream()), what);
+  host_wait_ns.fetch_add(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start).count(),
+      std::memory_order_relaxed);
 }
 
 int64_t host_waits() { return host_wait_count.load(std::memory_order_relaxed); }
+double host_wait_ms() { return static_cast<double>(host_wait_ns.load(std::memory_order_relaxed)) * 1e-6; }
 
 void after_launch(const char* kernel) {
   check(cudaGetLastError(), kernel);

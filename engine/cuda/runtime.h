@@ -30,6 +30,8 @@ void synchronize();
 // than 8 KB, synchronize(); not the profiler's TimingEvent reads): each wait drains the queue, and the device idles
 // until the host has queued the next kernels. moe-bench reports it per step (docs/performance.md, "Host waits").
 int64_t host_waits();
+// How long the host has been blocked in those waits so far, in ms: a step's time less this is the host's own work.
+double host_wait_ms();
 
 // cuBLAS's switch (engine/cuda/blas.cu): f32 products on TF32 tensor cores (default off: f32 results match the CPU's).
 void set_tf32(bool on);

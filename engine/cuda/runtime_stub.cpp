@@ -22,6 +22,7 @@ void copy_on_device(void*, const void*, size_t) { not_built(); }
 void set_zero(void*, size_t) { not_built(); }
 void synchronize() { not_built(); }
 int64_t host_waits() { return 0; }
+double host_wait_ms() { return 0; }
 void set_tf32(bool) { not_built(); }
 void set_expert_gemm(ExpertGemm) { not_built(); }
 ExpertGemm expert_gemm() { not_built(); }
