@@ -21,6 +21,7 @@ error is ||torch - moelab|| / ||moelab||.
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import sys
@@ -72,6 +73,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     args = parser.parse_args()
     tensors, _ = twin.load_safetensors(os.path.join(args.folder, "experts.safetensors"))
+    torch.backends.cuda.matmul.allow_tf32 = False  # strict f32, whatever the environment says (loop_fp32)
     variants = []
     for name, precision in VARIANTS:
         reason = why_not(name, args.device)
@@ -117,9 +119,10 @@ def main():
             variants.append({"name": name, "precision": precision, "skipped": str(e).split("\n")[0][:200]})
             continue
 
-        def error(t, ours):
+        def error(t, ours):  # None (JSON null) when not finite: JSON has no NaN
             t = t.detach().float().cpu()
-            return ((t - ours).norm() / ours.norm()).item()
+            e = ((t - ours).norm() / ours.norm()).item()
+            return e if math.isfinite(e) else None
 
         errors = {"y": error(y, tensors["y_" + precision])}
         for result, t in zip(RESULTS[1:], leaves):

@@ -8,11 +8,11 @@
 # 4. sanitizer.log compute-sanitizer memcheck and racecheck on the CUDA tests (skipped, with the reason, where the tool
 #                  is missing or refuses the device)
 # 5. race.log      the speed race (docs/performance.md): `moe-bench train-step --device cuda --precision bf16` against
-#                  the four PyTorch variants, presets S then M, in the time the checks above left, each followed by
-#                  our step with the experts' products on padded rows and with one cuBLAS call per expert
-#                  (--expert-gemm padded, per-expert), by attention alone against PyTorch's SDPA (moe-bench
-#                  attention) and by the experts alone against a loop and torch._grouped_mm (moe-bench experts);
-#                  the tables go into the summary
+#                  the four PyTorch variants, presets S then M, in the time the checks above left; then for both,
+#                  as long as time is left: our step with the experts' products on padded rows (--expert-gemm
+#                  padded), the experts alone against a loop and torch._grouped_mm (moe-bench experts), attention
+#                  alone against PyTorch's SDPA (moe-bench attention), our step with one cuBLAS call per expert
+#                  (--expert-gemm per-expert); the tables go into the summary
 # 6. summary.txt   what passed and failed, and the race's tables, printed last
 # At most 8 files in OUTDIR. Exits 0 when it ran through (read the summary for the verdict), 2 on a usage error.
 # MOELAB_GPU_CHECK_PRESET=sim rehearses it on a machine without a GPU (with gpu_prepare.sh's sim build; the race runs
@@ -181,19 +181,27 @@ race_one() {  # preset, seconds
     note "race $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
   fi
 }
+# The seconds a run after the races may take: the wanted ones, or what is left of the budget; fails when under 15 s
+# are left.
+allowance() {  # wanted
+  local left=$((budget - (SECONDS - started)))
+  ((left >= 15)) || return 1
+  echo $((left < $1 ? left : $1))
+}
 # Our step once more with the experts' products run another way (the race runs them as grouped calls): padded or
 # per-expert (--expert-gemm). Ours only: the table's first row, the kernel breakdown's expert line and the experts' load.
 ours_with_expert_gemm() {  # preset, mode, seconds
-  local cfg=$1 mode=$2 seconds=$3 args=(--preset "$1" --no-torch --expert-gemm "$2" --breakdown)
+  local cfg=$1 mode=$2 seconds args=(--preset "$1" --no-torch --expert-gemm "$2" --breakdown)
+  seconds=$(allowance "$3") || { note "race $cfg $mode: skipped (the budget is spent)"; return; }
   [ "$preset" = sim ] && args+=(--steps 2 --warmup 1) || args+=(--steps 10 --warmup 3)
   echo "==== $cfg: moe-bench train-step --device cuda --precision bf16 ${args[*]}" >>"$out/race.log"
   timeout "$seconds" "$bin/moe-bench" train-step --device cuda --precision bf16 "${args[@]}" >"$race_tmp" 2>&1
   local rc=$?
   cat "$race_tmp" >>"$out/race.log"
   if ((rc == 0)); then
-    note "  $mode products: $(grep '^moelab bf16' "$race_tmp")"
-    note "  $mode products: $(grep 'expert FFN' "$race_tmp" | sed 's/^ *//')"
-    [ "$mode" = padded ] && note "  $mode products: $(grep '^expert load' "$race_tmp")"
+    note "$cfg, $mode products: $(grep '^moelab bf16' "$race_tmp")"
+    note "$cfg, $mode products: $(grep 'expert FFN' "$race_tmp" | sed 's/^ *//')"
+    [ "$mode" = padded ] && note "$cfg, $mode products: $(grep '^expert load' "$race_tmp")"
   else
     note "race $cfg $mode: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)")"
   fi
@@ -203,7 +211,8 @@ ours_with_expert_gemm() {  # preset, mode, seconds
 # experts` (the MoE experts with every way of running their products against a loop over experts and
 # torch._grouped_mm), each with the distance of the results from ours.
 alone_one() {  # attention|experts, preset, seconds
-  local bench=$1 cfg=$2 seconds=$3 args=(--preset "$2" --device cuda)
+  local bench=$1 cfg=$2 seconds args=(--preset "$2" --device cuda)
+  seconds=$(allowance "$3") || { note "$bench $cfg: skipped (the budget is spent)"; return; }
   [ "$preset" = sim ] && args+=(--steps 2 --warmup 1) || args+=(--steps 10 --warmup 3)
   echo "==== $cfg: moe-bench $bench ${args[*]}" >>"$out/race.log"
   timeout "$seconds" "$bin/moe-bench" "$bench" "${args[@]}" --python "$race_python" \
@@ -211,7 +220,7 @@ alone_one() {  # attention|experts, preset, seconds
   local rc=$?
   cat "$race_tmp" >>"$out/race.log"
   if ((rc == 0)); then
-    note "  $bench alone:"
+    note "$cfg, $bench alone:"
   else
     note "$bench $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
   fi
@@ -239,21 +248,18 @@ else
       alone_one attention tiny 120
       alone_one experts tiny 120
     else
+      # The two races first, 120 s kept for the rest; then the rest by importance, each within what is left.
       race_one S $((left * 2 / 5))  # S is the cheaper of the two: M gets the rest
-      ours_with_expert_gemm S padded 35
-      ours_with_expert_gemm S per-expert 35
-      alone_one attention S 40
-      alone_one experts S 30
       left=$((budget - (SECONDS - started)))
-      if ((left < 220)); then
+      if ((left < 180)); then
         note "race M: skipped (${left} s left of the ${budget} s budget)"
       else
-        race_one M $((left - 160))
-        ours_with_expert_gemm M padded 40
-        ours_with_expert_gemm M per-expert 45
-        alone_one attention M 40
-        alone_one experts M 35
+        race_one M $((left - 120))
       fi
+      for cfg in S M; do ours_with_expert_gemm $cfg padded 40; done
+      for cfg in S M; do alone_one experts $cfg 40; done
+      for cfg in S M; do alone_one attention $cfg 40; done
+      for cfg in S M; do ours_with_expert_gemm $cfg per-expert 40; done
     fi
     rm -f "$race_tmp"
   fi

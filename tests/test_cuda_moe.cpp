@@ -203,21 +203,26 @@ TEST_CASE("cuda: moe: SwiGLU activation kernels match the CPU" * cuda_only()) {
 // Every way of running the products (cuda::ExpertGemm): grouped calls (under BF16 TF32 calls on bf16 values kept in
 // f32), padded rows with strided-batched calls (bf16 operands), one call per expert (BF16 only: otherwise it is what
 // the grouped path does for f32 and f64 without TF32). Padded falls back to grouped calls where the padding would
-// more than double the rows (cuda::pads_expert_rows): the sweep has cases of both kinds, counted.
+// add more than half the rows (cuda::pads_expert_rows): the sweep has cases of both kinds, counted. Two cases more:
+// no slots at all, and rows wider than a block's 128 threads (the padded kernels loop over the columns).
 TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get zero weight gradients" * cuda_only()) {
   uint64_t seed = 500;
   int padded_cases[2] = {0, 0};  // under Padded: [fell back to grouped, padded]
+  std::vector<Sizes> cases = sweep();
+  cases.push_back({0, 3, 2});   // no slots
+  cases.push_back({40, 4, 2});  // d 300, h 200 below
   for (DType dtype : kFloatTypes)
     for (Precision precision : {Precision::FP32, Precision::BF16})
       for (cuda::ExpertGemm mode : {cuda::ExpertGemm::Grouped, cuda::ExpertGemm::Padded, cuda::ExpertGemm::PerExpert})
-        for (const Sizes& s : sweep()) {
+        for (const Sizes& s : cases) {
           if (precision == Precision::BF16 && dtype != DType::F32) continue;
           if (mode == cuda::ExpertGemm::PerExpert && precision != Precision::BF16) continue;
-          cuda::set_expert_gemm(mode);
+          const cuda::ExpertGemmScope scope(mode);
           const std::string what =
               fmt::format("{} {} {} {}", name_of(s), dtype_name(dtype), enum_name(precision), enum_name(mode));
           const double bound = precision == Precision::BF16 ? 1.0 / 128 : float_bound(dtype);
-          const int64_t d = 13, h = 11, S = s.N * s.k;
+          const bool wide = s.N == 40;
+          const int64_t d = wide ? 300 : 13, h = wide ? 200 : 11, S = s.N * s.k;
           Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
           moe::DispatchPlan plan = moe::plan_dispatch(ids, s.E);
           if (mode == cuda::ExpertGemm::Padded) ++padded_cases[cuda::pads_expert_rows(plan.host_offsets)];
@@ -266,13 +271,12 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
                                 [](double v) { return v == 0; }),
                     what << " " << bwd_names[i] << ": expert " << e << " has no token but a nonzero gradient");
           }
-          cuda::set_expert_gemm(cuda::ExpertGemm::Grouped);
         }
-  // The rule itself: E times the longest expert's rows at most twice the slots.
-  CHECK(cuda::pads_expert_rows({0, 5, 9, 9, 12}));      // 4 x 5 = 20 <= 24
-  CHECK(cuda::pads_expert_rows({0, 6, 9, 9, 12}));      // 4 x 6 = 24 <= 24
-  CHECK(!cuda::pads_expert_rows({0, 7, 9, 9, 12}));     // 4 x 7 = 28 > 24
+  // The rule itself: E times the longest expert's rows at most 1.5 times the slots.
+  CHECK(cuda::pads_expert_rows({0, 4, 8, 8, 12}));      // 4 x 4 = 16 <= 18
+  CHECK(!cuda::pads_expert_rows({0, 5, 9, 9, 12}));     // 4 x 5 = 20 > 18
   CHECK(!cuda::pads_expert_rows({0, 10, 10, 10, 10}));  // every slot to one expert of 4
+  CHECK(cuda::pads_expert_rows({0, 0, 0}));             // no slots: nothing to pad
   INFO("padded: ", padded_cases[1], " cases, fell back to grouped calls: ", padded_cases[0]);
   CHECK(padded_cases[0] > 0);
   CHECK(padded_cases[1] > 0);
@@ -366,7 +370,7 @@ TEST_CASE("cuda: moe: moe_experts forward and every gradient on the GPU match th
   for (DType dtype : kFloatTypes)
     for (cuda::ExpertGemm mode : {cuda::ExpertGemm::Grouped, cuda::ExpertGemm::Padded})
       for (const Sizes& s : sweep()) {
-        cuda::set_expert_gemm(mode);
+        const cuda::ExpertGemmScope scope(mode);
         const std::string what = fmt::format("{} {} {}", name_of(s), dtype_name(dtype), enum_name(mode));
         const int64_t d = 13, h = 11;
         Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
@@ -390,6 +394,5 @@ TEST_CASE("cuda: moe: moe_experts forward and every gradient on the GPU match th
           CHECK(results[1][i].is_cuda());
           check_scaled(results[1][i], results[0][i], float_bound(dtype), what + " " + names[i]);
         }
-        cuda::set_expert_gemm(cuda::ExpertGemm::Grouped);
       }
 }

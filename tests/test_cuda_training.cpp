@@ -126,9 +126,11 @@ TEST_CASE("cuda: training: bf16 mixed precision follows the fp32 curve and the C
   Curve fp32 = train(config(dir / "cpu_fp32", Device::CPU, Precision::FP32));
   Curve cpu = train(config(dir / "cpu_bf16", Device::CPU, Precision::BF16));
   Curve gpu = train(config(dir / "gpu_bf16", Device::CUDA, Precision::BF16));
-  cuda::set_expert_gemm(cuda::ExpertGemm::Padded);  // the experts' products on padded rows, at the bf16 rate
-  Curve padded = train(config(dir / "gpu_bf16_padded", Device::CUDA, Precision::BF16));
-  cuda::set_expert_gemm(cuda::ExpertGemm::Grouped);
+  Curve padded;
+  {
+    const cuda::ExpertGemmScope scope(cuda::ExpertGemm::Padded);  // the experts' products on padded rows, at bf16 rate
+    padded = train(config(dir / "gpu_bf16_padded", Device::CUDA, Precision::BF16));
+  }
   REQUIRE(gpu.loss.size() == fp32.loss.size());
   REQUIRE(padded.loss.size() == fp32.loss.size());
   REQUIRE(cpu.loss.size() == fp32.loss.size());

@@ -17,6 +17,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <unistd.h>
@@ -99,13 +100,14 @@ struct OurRun {
   std::vector<Tensor> results;  // y and the gradients of x, gates, w_gate, w_up, w_down: on the CPU
 };
 
-// Products of a forward and backward: 3 per expert forward (2 S d h FLOPs each, S = N k slots), 6 backward.
+// FLOPs of a forward and backward: 3 products forward, 6 backward, each 2 S d h over all the experts (S = N k).
 double experts_flops(int64_t slots, int64_t d, int64_t h) { return 18.0 * slots * d * h; }
 
 // The op's forward, then its backward function called with dy directly (the gradients, no accumulation).
 OurRun time_ours(const Inputs& cpu_in, Device device, Precision precision, cuda::ExpertGemm expert_gemm,
                  const ExpertsBenchOptions& opts) {
-  if (device == Device::CUDA) cuda::set_expert_gemm(expert_gemm);
+  std::optional<cuda::ExpertGemmScope> scope;  // the ways exist on a GPU only
+  if (device == Device::CUDA) scope.emplace(expert_gemm);
   const PrecisionGuard guard(precision);
   auto leaf = [&](const Tensor& t) { return to_device(t, device).set_requires_grad(); };
   const Tensor x = leaf(cpu_in.x), gates = leaf(cpu_in.gates), w_gate = leaf(cpu_in.w_gate), w_up = leaf(cpu_in.w_up),
@@ -146,7 +148,6 @@ OurRun time_ours(const Inputs& cpu_in, Device device, Precision precision, cuda:
   }
   run.results = {to_device(y.detach(), Device::CPU)};
   for (size_t i : {0, 2, 3, 4, 5}) run.results.push_back(to_device(grads[i], Device::CPU));  // not ids' (1)
-  if (device == Device::CUDA) cuda::set_expert_gemm(cuda::ExpertGemm::Grouped);
   return run;
 }
 
@@ -223,6 +224,8 @@ void run_experts_bench(const ExpertsBenchOptions& opts) {
     for (size_t i = 0; i < run.results.size(); ++i) errors.push_back(relative_error(run.results[i], ref.results[i]));
     row(run.name, median(run.forward_ms), median(run.backward_ms), errors, "");
   }
+  if (device == Device::CUDA)
+    fmt::print("(fp32 grouped: the grouped call takes f32 on TF32 only, so strict f32 runs one call per expert)\n");
   std::fflush(stdout);
 
   ScriptResult torch;
@@ -249,8 +252,11 @@ void run_experts_bench(const ExpertsBenchOptions& opts) {
       const std::string precision = variant.at("precision").get<std::string>();
       if (precision != "fp32" && precision != "bf16")
         fail("moe-bench experts: the torch script ran an unknown precision: {}", variant.dump());
-      std::vector<double> errors;
-      for (const char* result : kResultNames) errors.push_back(variant.at("errors").at(result).get<double>());
+      std::vector<double> errors;  // null where it was not finite
+      for (const char* result : kResultNames) {
+        const json& error = variant.at("errors").at(result);
+        errors.push_back(error.is_number() ? error.get<double>() : NAN);
+      }
       double fastest_ours = INFINITY;  // our fastest way in that precision
       for (const OurRun& run : ours)
         if (enum_name(run.precision) == precision)

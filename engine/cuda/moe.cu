@@ -9,6 +9,7 @@
 #include "engine/kernels/moe.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <type_traits>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "engine/cuda/blas.cuh"
 #include "engine/cuda/device.cuh"
 #include "engine/cuda/reduce.cuh"
+#include "engine/error.h"
 #include "engine/kernels/matmul.h"
 
 namespace moelab::cuda {
@@ -304,9 +306,7 @@ inline Tensor operand_buffer(const Tensor& t, bool round) {
 // and add nothing where they are its k (the weight gradients, so an expert with no rows gets zero), so the results
 // are the grouped products'. The padded copies are the products' operands, under BF16 rounded to bf16 as they are
 // copied: bf16 x bf16 -> f32 at the bf16 rate, where the grouped call needs TF32. The price: E R - S rows of zeros
-// multiplied, at most S more (pads_expert_rows), and the outputs copied back to the sorted rows.
-
-constexpr int64_t kMaxPaddedRowsPerSlot = 2;  // pads_expert_rows: E R <= 2 S
+// multiplied, at most S / 2 more (pads_expert_rows), and the outputs copied back to the sorted rows.
 
 // R: the most rows an expert has.
 static int64_t longest_expert(const std::vector<int32_t>& offsets) {
@@ -315,9 +315,11 @@ static int64_t longest_expert(const std::vector<int32_t>& offsets) {
   return rows;
 }
 
+// At twice the rate padding pays up to E R = 2 S less the copies: 1.5 S is a guess, for the GPU to tune. A grid has
+// at most 2^31 - 1 blocks, one per padded row.
 bool pads_expert_rows(const std::vector<int32_t>& offsets) {
-  const int64_t experts = static_cast<int64_t>(offsets.size()) - 1;
-  return experts * longest_expert(offsets) <= kMaxPaddedRowsPerSlot * offsets.back();
+  const int64_t padded_rows = (static_cast<int64_t>(offsets.size()) - 1) * longest_expert(offsets);
+  return 2 * padded_rows <= 3 * static_cast<int64_t>(offsets.back()) && padded_rows <= INT32_MAX;
 }
 
 namespace {
@@ -393,35 +395,39 @@ __global__ void padded_swiglu_backward_kernel(const F* gate_pre, const F* up_pre
   }
 }
 
-// Runs f(F{}, Out{}) for the tensors' type F and the operands' type Out: bf16 when rounding (f32 only), else F.
-template <class Fn> void with_operand_types(const char* what, DType dtype, bool bf16, Fn&& f) {
-  dispatch_float(what, dtype, [&](auto tag) {
-    using F = decltype(tag);
-    if constexpr (std::is_same_v<F, float>)
-      if (bf16) return f(F{}, __nv_bfloat16{});
-    f(F{}, F{});
-  });
-}
-
-// One MoE layer's padded layout: R, the offsets on the device (queued, no wait), the products over the experts.
+// One MoE layer's padded layout: R, the offsets on the device (queued, no wait), the products over the experts, and
+// the operands' dtype: bf16 under BF16 (f32 tensors only, as on the grouped path), else the tensors'.
 class PaddedExperts {
  public:
-  PaddedExperts(const std::vector<int32_t>& offsets, DType dtype, bool bf16)
+  PaddedExperts(const std::vector<int32_t>& offsets, DType dtype, Precision precision)
       : experts_(static_cast<int64_t>(offsets.size()) - 1),
         rows_(longest_expert(offsets)),
         dtype_(dtype),
-        operand_dtype_(bf16 ? DType::BF16 : dtype),
-        bf16_(bf16),
-        offsets_(offsets) {}
+        rounds_(precision == Precision::BF16),
+        offsets_(offsets) {
+    if (rounds_ && dtype != DType::F32)
+      fail("moe_grouped_swiglu: bf16 precision takes f32 tensors, got {}", dtype_name(dtype));
+  }
 
   int64_t rows() const { return rows_; }
-  DType operand_dtype() const { return operand_dtype_; }
+  bool rounds() const { return rounds_; }  // to bf16
+  DType operand_dtype() const { return rounds_ ? DType::BF16 : dtype_; }
+
+  // Runs f(F{}, Out{}) with F the tensors' type and Out the operands'.
+  template <class Fn> void with_types(const char* what, Fn&& f) const {
+    dispatch_float(what, dtype_, [&](auto tag) {
+      using F = decltype(tag);
+      if constexpr (std::is_same_v<F, float>)
+        if (rounds_) return f(F{}, __nv_bfloat16{});
+      f(F{}, F{});
+    });
+  }
 
   // [E R, cols]: the sorted rows as operands, 0 on padding.
   Tensor pad(const Tensor& sorted) const {
     const int64_t cols = sorted.size(1);
-    Tensor padded = Tensor::empty({experts_ * rows_, cols}, operand_dtype_, Device::CUDA);
-    with_operand_types("moe_pad_rows", dtype_, bf16_, [&](auto f, auto out) {
+    Tensor padded = Tensor::empty({experts_ * rows_, cols}, operand_dtype(), Device::CUDA);
+    with_types("moe_pad_rows", [&](auto f, auto out) {
       using F = decltype(f);
       using Out = decltype(out);
       launch("moe_pad_rows", pad_rows_kernel<F, Out>, row_blocks(), dim3(kRowThreads), 0, sorted.data<F>(), layout(),
@@ -439,21 +445,22 @@ class PaddedExperts {
              padded.size(1), sorted.data<F>());
     });
   }
-  // C_e = op(A_e) op(B_e) (+ C_e when accumulate) for every expert e; A, B, C hold the experts' matrices stride_a,
-  // stride_b, stride_c elements apart, with row strides lda, ldb, ldc.
+  // C_e = op(A_e) op(B_e) (+ C_e when accumulate) for every expert e, each matrix stored whole after the one of
+  // expert e - 1 (A_e [m, k], or [k, m] when trans_a; B_e [k, n] or [n, k]; C_e [m, n]), with row strides lda, ldb,
+  // ldc.
   void products(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const Tensor& A, int64_t lda,
-                int64_t stride_a, const Tensor& B, int64_t ldb, int64_t stride_b, bool accumulate, const Tensor& C,
-                int64_t ldc, int64_t stride_c) const {
-    gemm_strided_batched(trans_a, trans_b, m, n, k, 1.0f, A.raw_data(), lda, stride_a, B.raw_data(), ldb, stride_b,
-                         accumulate ? 1.0f : 0.0f, C.raw_data(), ldc, stride_c, experts_, operand_dtype_, dtype_);
+                const Tensor& B, int64_t ldb, bool accumulate, const Tensor& C, int64_t ldc) const {
+    gemm_strided_batched(trans_a, trans_b, m, n, k, 1.0f, A.raw_data(), lda, (trans_a ? k : m) * lda, B.raw_data(), ldb,
+                         (trans_b ? n : k) * ldb, accumulate ? 1.0f : 0.0f, C.raw_data(), ldc, m * ldc, experts_,
+                         operand_dtype(), dtype_);
   }
   PaddedRows layout() const { return {offsets_.get(), rows_}; }
   dim3 row_blocks() const { return dim3(static_cast<unsigned>(experts_ * rows_)); }  // one per padded row
 
  private:
   int64_t experts_, rows_;
-  DType dtype_, operand_dtype_;
-  bool bf16_;
+  DType dtype_;
+  bool rounds_;
   DeviceArray<int32_t> offsets_;
 };
 
@@ -461,17 +468,17 @@ class PaddedExperts {
 
 static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted, const Tensor& w_gate,
                                   const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre,
-                                  const Tensor& up_pre, const Tensor& act, const Tensor& out_sorted, bool bf16) {
+                                  const Tensor& up_pre, const Tensor& act, const Tensor& out_sorted) {
   const int64_t h = w_gate.size(1), d = w_gate.size(2), R = p.rows();
   const DType rounded = p.operand_dtype();
-  const Tensor x = p.pad(x_sorted), wg = operand(w_gate, bf16, rounded), wu = operand(w_up, bf16, rounded),
-               wd = operand(w_down, bf16, rounded);
+  const Tensor x = p.pad(x_sorted), wg = operand(w_gate, p.rounds(), rounded), wu = operand(w_up, p.rounds(), rounded),
+               wd = operand(w_down, p.rounds(), rounded);
   // gate = x W_gate^T, up = x W_up^T: [R, d] x [h, d]^T -> [R, h] per expert
   const Tensor gate = p.output(h), up = p.output(h);
-  p.products(false, true, R, h, d, x, d, R * d, wg, d, h * d, false, gate, h, R * h);
-  p.products(false, true, R, h, d, x, d, R * d, wu, d, h * d, false, up, h, R * h);
+  p.products(false, true, R, h, d, x, d, wg, d, false, gate, h);
+  p.products(false, true, R, h, d, x, d, wu, d, false, up, h);
   const Tensor act_operand = Tensor::empty(gate.shape(), rounded, Device::CUDA);
-  with_operand_types("moe_padded_swiglu_forward", x_sorted.dtype(), bf16, [&](auto f, auto out) {
+  p.with_types("moe_padded_swiglu_forward", [&](auto f, auto out) {
     using F = decltype(f);
     using Out = decltype(out);
     launch("moe_padded_swiglu_forward", padded_swiglu_forward_kernel<F, Out>, p.row_blocks(), dim3(kRowThreads), 0,
@@ -480,7 +487,7 @@ static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted
   });
   // out = act W_down^T: [R, h] x [d, h]^T -> [R, d] per expert
   const Tensor out = p.output(d);
-  p.products(false, true, R, d, h, act_operand, h, R * h, wd, h, d * h, false, out, d, R * d);
+  p.products(false, true, R, d, h, act_operand, h, wd, h, false, out, d);
   p.unpad(out, out_sorted);
 }
 
@@ -488,19 +495,19 @@ static void padded_swiglu_backward(const PaddedExperts& p, const Tensor& x_sorte
                                    const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre,
                                    const Tensor& up_pre, const Tensor& act, const Tensor& d_out_sorted,
                                    const Tensor& d_gate_pre, const Tensor& d_up_pre, const Tensor& d_x_sorted,
-                                   const Tensor& dw_gate, const Tensor& dw_up, const Tensor& dw_down, bool bf16) {
+                                   const Tensor& dw_gate, const Tensor& dw_up, const Tensor& dw_down) {
   const int64_t h = w_gate.size(1), d = w_gate.size(2), R = p.rows();
   const DType rounded = p.operand_dtype();
   const Tensor x = p.pad(x_sorted), act_operand = p.pad(act), d_out = p.pad(d_out_sorted);
-  const Tensor wg = operand(w_gate, bf16, rounded), wu = operand(w_up, bf16, rounded),
-               wd = operand(w_down, bf16, rounded);
+  const Tensor wg = operand(w_gate, p.rounds(), rounded), wu = operand(w_up, p.rounds(), rounded),
+               wd = operand(w_down, p.rounds(), rounded);
   // d_act = d_out W_down: [R, d] x [d, h] -> [R, h];  dW_down = d_out^T act: [R, d]^T x [R, h] -> [d, h]
   const Tensor d_act = p.output(h);
-  p.products(false, false, R, h, d, d_out, d, R * d, wd, h, d * h, false, d_act, h, R * h);
-  p.products(true, false, d, h, R, d_out, d, R * d, act_operand, h, R * h, false, dw_down, h, d * h);
+  p.products(false, false, R, h, d, d_out, d, wd, h, false, d_act, h);
+  p.products(true, false, d, h, R, d_out, d, act_operand, h, false, dw_down, h);
   const Tensor d_gate = Tensor::empty(d_act.shape(), rounded, Device::CUDA);
   const Tensor d_up = Tensor::empty(d_act.shape(), rounded, Device::CUDA);
-  with_operand_types("moe_padded_swiglu_backward", x_sorted.dtype(), bf16, [&](auto f, auto out) {
+  p.with_types("moe_padded_swiglu_backward", [&](auto f, auto out) {
     using F = decltype(f);
     using Out = decltype(out);
     launch("moe_padded_swiglu_backward", padded_swiglu_backward_kernel<F, Out>, p.row_blocks(), dim3(kRowThreads), 0,
@@ -508,12 +515,12 @@ static void padded_swiglu_backward(const PaddedExperts& p, const Tensor& x_sorte
            d_up_pre.data<F>(), reinterpret_cast<Out*>(d_gate.raw_data()), reinterpret_cast<Out*>(d_up.raw_data()));
   });
   // dW_gate = d_gate^T x, dW_up = d_up^T x: [R, h]^T x [R, d] -> [h, d]
-  p.products(true, false, h, d, R, d_gate, h, R * h, x, d, R * d, false, dw_gate, d, h * d);
-  p.products(true, false, h, d, R, d_up, h, R * h, x, d, R * d, false, dw_up, d, h * d);
+  p.products(true, false, h, d, R, d_gate, h, x, d, false, dw_gate, d);
+  p.products(true, false, h, d, R, d_up, h, x, d, false, dw_up, d);
   // d_x = d_gate W_gate + d_up W_up: [R, h] x [h, d] -> [R, d], the second added onto the first
   const Tensor dx = p.output(d);
-  p.products(false, false, R, d, h, d_gate, h, R * h, wg, d, h * d, false, dx, d, R * d);
-  p.products(false, false, R, d, h, d_up, h, R * h, wu, d, h * d, true, dx, d, R * d);
+  p.products(false, false, R, d, h, d_gate, h, wg, d, false, dx, d);
+  p.products(false, false, R, d, h, d_up, h, wu, d, true, dx, d);
   p.unpad(dx, d_x_sorted);
 }
 
@@ -523,8 +530,8 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const bool bf16 = precision == Precision::BF16;
   if (expert_gemm() == ExpertGemm::Padded && pads_expert_rows(offsets)) {
-    padded_swiglu_forward(PaddedExperts(offsets, x_sorted.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
-                          up_pre, act, out_sorted, bf16);
+    padded_swiglu_forward(PaddedExperts(offsets, x_sorted.dtype(), precision), x_sorted, w_gate, w_up, w_down, gate_pre,
+                          up_pre, act, out_sorted);
     return;
   }
   const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
@@ -554,8 +561,9 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const bool bf16 = precision == Precision::BF16;
   if (expert_gemm() == ExpertGemm::Padded && pads_expert_rows(offsets)) {
-    padded_swiglu_backward(PaddedExperts(offsets, x_sorted.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
-                           up_pre, act, d_out_sorted, d_gate_pre, d_up_pre, d_x_sorted, dw_gate, dw_up, dw_down, bf16);
+    padded_swiglu_backward(PaddedExperts(offsets, x_sorted.dtype(), precision), x_sorted, w_gate, w_up, w_down,
+                           gate_pre, up_pre, act, d_out_sorted, d_gate_pre, d_up_pre, d_x_sorted, dw_gate, dw_up,
+                           dw_down);
     return;
   }
   const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),

@@ -36,12 +36,13 @@ double host_wait_ms();
 // cuBLAS's switch (engine/cuda/blas.cu): f32 products on TF32 tensor cores (default off: f32 results match the CPU's).
 void set_tf32(bool on);
 
-// How the MoE experts' products run (engine/cuda/moe.cu, docs/performance.md; moe-bench --expert-gemm):
+// How the MoE experts' products run (engine/cuda/moe.cu, docs/performance.md; moe-bench train-step --expert-gemm):
 //   Grouped    one grouped cuBLAS call per product, one problem per expert (the default). The grouped API has no
 //              bf16 -> f32 types, so under bf16 precision it multiplies bf16 values kept in f32 on TF32 tensor cores.
 //   Padded     every expert's rows copied into a buffer padded with zero rows to the longest expert's count, and one
 //              strided-batched call per product: bf16 operands at the bf16 rate, for the price of the padding. A
-//              layer whose padded rows would be more than twice its slots runs grouped instead (pads_expert_rows).
+//              layer whose padded rows would be more than 1.5 times its slots runs grouped instead
+//              (pads_expert_rows).
 //   PerExpert  one cuBLAS call per expert and product.
 // The results are the same up to the order of f32 sums; which is fastest is measured.
 enum class ExpertGemm : uint8_t { Grouped, Padded, PerExpert };
@@ -50,8 +51,19 @@ constexpr EnumNames<ExpertGemm, 3> enum_names(ExpertGemm) {
 }
 void set_expert_gemm(ExpertGemm mode);
 ExpertGemm expert_gemm();
+// Sets the mode for a scope and puts back the one before when it ends, also when the scope throws.
+class ExpertGemmScope {
+ public:
+  explicit ExpertGemmScope(ExpertGemm mode) : previous_(expert_gemm()) { set_expert_gemm(mode); }
+  ~ExpertGemmScope() { set_expert_gemm(previous_); }
+  ExpertGemmScope(const ExpertGemmScope&) = delete;
+  ExpertGemmScope& operator=(const ExpertGemmScope&) = delete;
+
+ private:
+  ExpertGemm previous_;
+};
 // Under ExpertGemm::Padded: whether a layer whose experts own the sorted rows [offsets[e], offsets[e+1]) (the plan's
-// host offsets) pads them, i.e. whether E times the longest expert's count is at most twice the slots.
+// host offsets) pads them, i.e. whether E times the longest expert's count is at most 1.5 times the slots.
 bool pads_expert_rows(const std::vector<int32_t>& offsets);
 
 // The pool's high-water mark: the most bytes allocated at once since the start or the last reset_peak_memory().
