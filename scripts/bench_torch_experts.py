@@ -73,7 +73,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     args = parser.parse_args()
     tensors, _ = twin.load_safetensors(os.path.join(args.folder, "experts.safetensors"))
-    torch.backends.cuda.matmul.allow_tf32 = False  # strict f32, whatever the environment says (loop_fp32)
+    if args.device == "cuda":  # (on Debian's CPU-only torch 1.13 it made the f32 loop's forward 30 times slower)
+        torch.backends.cuda.matmul.allow_tf32 = False  # strict f32, whatever the environment says (loop_fp32)
     variants = []
     for name, precision in VARIANTS:
         reason = why_not(name, args.device)

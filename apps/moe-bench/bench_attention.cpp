@@ -8,7 +8,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -47,7 +46,7 @@ struct AttentionBenchOptions {
 // One precision's run of our kernels: per timed step the forward's and the backward's ms, and the last results.
 struct OurRun {
   Precision precision;
-  std::vector<double> forward_ms, backward_ms;
+  PassTimes times;
   Tensor out, dq, dk, dv;  // on the CPU
 };
 
@@ -64,39 +63,18 @@ OurRun time_ours(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
                  const AttentionBenchOptions& opts) {
   const Device device = q.device();
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
-  OurRun run{precision, {}, {}, {}, {}, {}, {}};
   Tensor out = Tensor::empty(q.shape(), DType::F32, device), lse = Tensor::empty({B, H, T}, DType::F32, device);
   Tensor dq = Tensor::empty(q.shape(), DType::F32, device), dk = Tensor::empty(q.shape(), DType::F32, device),
          dv = Tensor::empty(q.shape(), DType::F32, device);
   const auto forward = [&] { KERNEL(attention_forward, device)(q, k, v, out, lse, precision); };
   const auto backward = [&] { KERNEL(attention_backward, device)(q, k, v, out, lse, g, dq, dk, dv, precision); };
-  using Clock = std::chrono::steady_clock;
-  for (int step = 0; step < opts.warmup + opts.steps; ++step) {
-    double forward_ms = 0, backward_ms = 0;
-    if (device == Device::CUDA) {  // events on the device: the host's queueing is not timed
-      cuda::TimingEvent start, middle, end;
-      start.record();
-      forward();
-      middle.record();
-      backward();
-      end.record();
-      forward_ms = middle.ms_since(start), backward_ms = end.ms_since(middle);
-    } else {
-      const auto start = Clock::now();
-      forward();
-      const auto middle = Clock::now();
-      backward();
-      const auto end = Clock::now();
-      forward_ms = std::chrono::duration<double, std::milli>(middle - start).count();
-      backward_ms = std::chrono::duration<double, std::milli>(end - middle).count();
-    }
-    if (step < opts.warmup) continue;
-    run.forward_ms.push_back(forward_ms);
-    run.backward_ms.push_back(backward_ms);
-  }
-  run.out = to_device(out, Device::CPU), run.dq = to_device(dq, Device::CPU), run.dk = to_device(dk, Device::CPU),
-  run.dv = to_device(dv, Device::CPU);
-  return run;
+  const PassTimes times = time_passes(device, opts.warmup, opts.steps, forward, backward);
+  return {precision,
+          times,
+          to_device(out, Device::CPU),
+          to_device(dq, Device::CPU),
+          to_device(dk, Device::CPU),
+          to_device(dv, Device::CPU)};
 }
 
 // PyTorch's results ({"torch": version, "variants": [{"name", "precision", "forward_ms", ...} or {"skipped"}]}), or
@@ -143,7 +121,7 @@ void run_attention_bench(const AttentionBenchOptions& opts) {
                flops / ((forward + backward) * 1e-3) / 1e12, errors, ratio);
   };
   for (const OurRun& run : ours)
-    row(fmt::format("moelab {}", enum_name(run.precision)), median(run.forward_ms), median(run.backward_ms),
+    row(fmt::format("moelab {}", enum_name(run.precision)), median(run.times.forward_ms), median(run.times.backward_ms),
         fmt::format("{:>9} {:>9} {:>9} {:>9}", "", "", "", ""), "1.00x");
   std::fflush(stdout);
 
@@ -177,7 +155,8 @@ void run_attention_bench(const AttentionBenchOptions& opts) {
       row(name, forward, backward,
           fmt::format("{:>9.2e} {:>9.2e} {:>9.2e} {:>9.2e}", errors.at("out").get<double>(),
                       errors.at("dq").get<double>(), errors.at("dk").get<double>(), errors.at("dv").get<double>()),
-          fmt::format("{:.2f}x", (forward + backward) / (median(same->forward_ms) + median(same->backward_ms))));
+          fmt::format("{:.2f}x",
+                      (forward + backward) / (median(same->times.forward_ms) + median(same->times.backward_ms))));
     }
     fmt::print("(torch {}; err: ||torch - ours|| / ||ours|| against our run in the same precision; ours/it: its "
                "total ms over ours in that precision, above 1 we are faster; TFLOP/s: {:.3g} FLOPs, the causal half "

@@ -10,7 +10,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -96,7 +95,7 @@ constexpr const char* kResultNames[] = {"y", "dx", "dgates", "dw_gate", "dw_up",
 struct OurRun {
   std::string name;  // "moelab bf16 padded"; on the CPU without the way
   Precision precision;
-  std::vector<double> forward_ms, backward_ms;
+  PassTimes times;
   std::vector<Tensor> results;  // y and the gradients of x, gates, w_gate, w_up, w_down: on the CPU
 };
 
@@ -116,36 +115,15 @@ OurRun time_ours(const Inputs& cpu_in, Device device, Precision precision, cuda:
                          device == Device::CUDA ? fmt::format(" {}", enum_name(expert_gemm)) : ""),
              precision,
              {},
-             {},
              {}};
   Tensor y;
   std::vector<Tensor> grads;
   const auto forward = [&] { y = moe::moe_experts(x, ids, gates, w_gate, w_up, w_down); };
-  const auto backward = [&] { grads = y.grad_fn()->backward(dy); };
-  using Clock = std::chrono::steady_clock;
-  for (int step = 0; step < opts.warmup + opts.steps; ++step) {
-    double forward_ms = 0, backward_ms = 0;
-    if (device == Device::CUDA) {  // events on the device; the plan's wait for the counts is part of the forward
-      cuda::TimingEvent start, middle, end;
-      start.record();
-      forward();
-      middle.record();
-      backward();
-      end.record();
-      forward_ms = middle.ms_since(start), backward_ms = end.ms_since(middle);
-    } else {
-      const auto start = Clock::now();
-      forward();
-      const auto middle = Clock::now();
-      backward();
-      const auto end = Clock::now();
-      forward_ms = std::chrono::duration<double, std::milli>(middle - start).count();
-      backward_ms = std::chrono::duration<double, std::milli>(end - middle).count();
-    }
-    if (step < opts.warmup) continue;
-    run.forward_ms.push_back(forward_ms);
-    run.backward_ms.push_back(backward_ms);
-  }
+  const auto backward = [&] {
+    NoGradGuard no_grad;  // as Tensor::backward runs backward functions
+    grads = y.grad_fn()->backward(dy);
+  };
+  run.times = time_passes(device, opts.warmup, opts.steps, forward, backward);  // on cuda the plan's wait is forward's
   run.results = {to_device(y.detach(), Device::CPU)};
   for (size_t i : {0, 2, 3, 4, 5}) run.results.push_back(to_device(grads[i], Device::CPU));  // not ids' (1)
   return run;
@@ -222,7 +200,7 @@ void run_experts_bench(const ExpertsBenchOptions& opts) {
     const OurRun& ref = reference(enum_name(run.precision));
     std::vector<double> errors;
     for (size_t i = 0; i < run.results.size(); ++i) errors.push_back(relative_error(run.results[i], ref.results[i]));
-    row(run.name, median(run.forward_ms), median(run.backward_ms), errors, "");
+    row(run.name, median(run.times.forward_ms), median(run.times.backward_ms), errors, "");
   }
   if (device == Device::CUDA)
     fmt::print("(fp32 grouped: the grouped call takes f32 on TF32 only, so strict f32 runs one call per expert)\n");
@@ -260,7 +238,7 @@ void run_experts_bench(const ExpertsBenchOptions& opts) {
       double fastest_ours = INFINITY;  // our fastest way in that precision
       for (const OurRun& run : ours)
         if (enum_name(run.precision) == precision)
-          fastest_ours = std::min(fastest_ours, median(run.forward_ms) + median(run.backward_ms));
+          fastest_ours = std::min(fastest_ours, median(run.times.forward_ms) + median(run.times.backward_ms));
       const double forward = variant.at("forward_ms"), backward = variant.at("backward_ms");
       row(name, forward, backward, errors, fmt::format("{:.2f}x", (forward + backward) / fastest_ours));
     }

@@ -4,6 +4,7 @@
 #include <sys/wait.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -12,6 +13,9 @@
 #include <sstream>
 #include <string>
 #include <vector>
+
+#include "engine/cuda/runtime.h"
+#include "engine/tensor.h"
 
 namespace moelab::bench {
 
@@ -55,6 +59,43 @@ inline std::string python_env(const std::string& python) {
 // group, so that whatever stops moe-bench (gpu_check.sh's own timeout) stops the script too.
 inline std::string timeout_prefix(int seconds) {
   return seconds > 0 ? fmt::format("timeout --foreground -k 5 {} ", seconds) : "";
+}
+
+// Each pass's ms per timed step of a forward and a backward (moe-bench attention's and experts').
+struct PassTimes {
+  std::vector<double> forward_ms, backward_ms;
+};
+// Runs forward() then backward() warmup + steps times and times the last `steps`: on cuda by events on the device
+// (the host's queueing is not timed), on the CPU by the host's clock.
+template <class Forward, class Backward>
+PassTimes time_passes(Device device, int warmup, int steps, Forward&& forward, Backward&& backward) {
+  using Clock = std::chrono::steady_clock;
+  auto ms = [](Clock::time_point a, Clock::time_point b) {
+    return std::chrono::duration<double, std::milli>(b - a).count();
+  };
+  PassTimes times;
+  for (int step = 0; step < warmup + steps; ++step) {
+    double forward_ms = 0, backward_ms = 0;
+    if (device == Device::CUDA) {
+      cuda::TimingEvent start, middle, end;
+      start.record();
+      forward();
+      middle.record();
+      backward();
+      end.record();
+      forward_ms = middle.ms_since(start), backward_ms = end.ms_since(middle);
+    } else {
+      const auto start = Clock::now();
+      forward();
+      const auto middle = Clock::now();
+      backward();
+      forward_ms = ms(start, middle), backward_ms = ms(middle, Clock::now());
+    }
+    if (step < warmup) continue;
+    times.forward_ms.push_back(forward_ms);
+    times.backward_ms.push_back(backward_ms);
+  }
+  return times;
 }
 
 // A shell command's output (what it printed to the pipe) and exit status (pclose's; -1 when it could not start).
