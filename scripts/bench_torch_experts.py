@@ -27,7 +27,8 @@ import statistics
 import sys
 import time
 
-import torch
+os.environ["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "0"  # loop_fp32 is strict f32 (NVIDIA's containers set it to 1)
+import torch  # noqa: E402  (after the environment it reads)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "torch"))
 import twin  # noqa: E402  (the twin lives with the tests)
@@ -73,8 +74,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     args = parser.parse_args()
     tensors, _ = twin.load_safetensors(os.path.join(args.folder, "experts.safetensors"))
-    if args.device == "cuda":  # (on Debian's CPU-only torch 1.13 it made the f32 loop's forward 30 times slower)
-        torch.backends.cuda.matmul.allow_tf32 = False  # strict f32, whatever the environment says (loop_fp32)
+    if args.device == "cuda":  # (Debian's CPU-only torch 1.13 ran the f32 loop's forward 30 times slower with it)
+        torch.backends.cuda.matmul.allow_tf32 = False  # strict f32 (loop_fp32), whatever the defaults
     variants = []
     for name, precision in VARIANTS:
         reason = why_not(name, args.device)

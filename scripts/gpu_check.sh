@@ -18,7 +18,7 @@
 # MOELAB_GPU_CHECK_PRESET=sim rehearses it on a machine without a GPU (with gpu_prepare.sh's sim build; the race runs
 # the tiny config for 2 steps there: the emulator has no speed to measure).
 # MOELAB_GPU_CHECK_RACE=only skips the tests and the sanitizers (a second run for the race alone); =off skips the race.
-# MOELAB_GPU_CHECK_BUDGET_S (default 510): the race stops at this many seconds from the start.
+# MOELAB_GPU_CHECK_BUDGET_S (default 510): the sanitizers and the race stop at this many seconds from the start.
 set -uo pipefail
 if (($# != 1)); then
   echo "usage: $0 OUTDIR" >&2
@@ -34,6 +34,14 @@ budget=${MOELAB_GPU_CHECK_BUDGET_S:-510}
 started=$SECONDS
 summary=()
 note() { summary+=("$*"); }
+# The seconds a step may take: the wanted ones, or what is left of the budget; fails when under 15 s are left. The
+# steps after the build and the tests (which come first, 300 s at most each) are capped so: the whole stays within
+# the budget, give or take the 10 s a timeout waits before it kills.
+allowance() {  # wanted
+  local left=$((budget - (SECONDS - started)))
+  ((left >= 15)) || return 1
+  echo $((left < $1 ? left : $1))
+}
 
 # ---- 1. the machine ------------------------------------------------------------------------------------------------
 {
@@ -74,7 +82,7 @@ fi
 if [ -z "$bin" ]; then
   t0=$SECONDS
   if cmake --preset "$preset" -B build/gpu-check >"$out/build.log" 2>&1 &&
-    timeout 300 cmake --build build/gpu-check -j "$(nproc)" >>"$out/build.log" 2>&1; then
+    timeout -k 10 300 cmake --build build/gpu-check -j "$(nproc)" >>"$out/build.log" 2>&1; then
     bin=$root/build/gpu-check/bin
     cp build/gpu-check/tests/moelab_tests "$bin/"
     note "binaries: built here in $((SECONDS - t0)) s ($why)"
@@ -91,7 +99,7 @@ if [ "$race" = only ]; then
   note "tests: skipped (MOELAB_GPU_CHECK_RACE=only)"
 elif [ -n "$bin" ]; then
   t0=$SECONDS
-  (cd "$out" && timeout 300 "$bin/moelab_tests" --reporters=junit --out="$out/junit.xml" --no-intro \
+  (cd "$out" && timeout -k 10 300 "$bin/moelab_tests" --reporters=junit --out="$out/junit.xml" --no-intro \
     >/dev/null 2>"$out/tests.log")
   status=$?
   result=$(python3 - "$out/junit.xml" <<'EOF'
@@ -133,15 +141,16 @@ else
   # memcheck on every CUDA kernel test (the whole training steps are left to the suite: slow under the tool);
   # racecheck on the kernels that share memory between threads.
   run_tool() {  # tool, test filter, seconds
+    local t0=$SECONDS seconds
+    seconds=$(allowance "$3") || { note "sanitizer $1: skipped (the budget is spent)"; return; }
     echo "==== $1 on $2" >>"$out/sanitizer.log"
-    local t0=$SECONDS
-    timeout "$3" "$sanitizer" --tool "$1" --error-exitcode 9 "$bin/moelab_tests" --test-case="$2" \
+    timeout -k 10 "$seconds" "$sanitizer" --tool "$1" --error-exitcode 9 "$bin/moelab_tests" --test-case="$2" \
       --test-case-exclude="cuda: training*" --no-intro >>"$out/sanitizer.log" 2>&1
     local rc=$?
     if grep -q "Device not supported\|not supported on this" "$out/sanitizer.log"; then
       note "sanitizer $1: skipped (the tool refuses this device: sanitizer.log)"
     elif ((rc == 124)); then
-      note "sanitizer $1: TIMED OUT after $3 s (sanitizer.log)"
+      note "sanitizer $1: TIMED OUT after $seconds s (sanitizer.log)"
     elif ((rc == 9)); then
       note "sanitizer $1: ERRORS ($(grep -c '^=========  *\(Invalid\|Race\|Error\)' "$out/sanitizer.log") reports: sanitizer.log)"
     else
@@ -181,18 +190,11 @@ race_one() {  # preset, seconds
     note "race $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
   fi
 }
-# The seconds a run after the races may take: the wanted ones, or what is left of the budget; fails when under 15 s
-# are left.
-allowance() {  # wanted
-  local left=$((budget - (SECONDS - started)))
-  ((left >= 15)) || return 1
-  echo $((left < $1 ? left : $1))
-}
 # Our step once more with the experts' products run another way (the race runs them as grouped calls): padded or
 # per-expert (--expert-gemm). Ours only: the table's first row, the kernel breakdown's expert line and the experts' load.
 ours_with_expert_gemm() {  # preset, mode, seconds
   local cfg=$1 mode=$2 seconds args=(--preset "$1" --no-torch --expert-gemm "$2" --breakdown)
-  seconds=$(allowance "$3") || { note "race $cfg $mode: skipped (the budget is spent)"; return; }
+  seconds=$(allowance "$3") || { note "$cfg, $mode products: skipped (the budget is spent)"; return; }
   [ "$preset" = sim ] && args+=(--steps 2 --warmup 1) || args+=(--steps 10 --warmup 3)
   echo "==== $cfg: moe-bench train-step --device cuda --precision bf16 ${args[*]}" >>"$out/race.log"
   timeout "$seconds" "$bin/moe-bench" train-step --device cuda --precision bf16 "${args[@]}" >"$race_tmp" 2>&1
@@ -201,9 +203,12 @@ ours_with_expert_gemm() {  # preset, mode, seconds
   if ((rc == 0)); then
     note "$cfg, $mode products: $(grep '^moelab bf16' "$race_tmp")"
     note "$cfg, $mode products: $(grep 'expert FFN' "$race_tmp" | sed 's/^ *//')"
-    [ "$mode" = padded ] && note "$cfg, $mode products: $(grep '^expert load' "$race_tmp")"
+    if [ "$mode" = padded ]; then
+      note "$cfg, $mode products: $(grep '^expert load' "$race_tmp")"
+      note "$cfg, $mode products: $(grep '^padded products' "$race_tmp")"
+    fi
   else
-    note "race $cfg $mode: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)")"
+    note "$cfg, $mode products: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)")"
   fi
 }
 # One part of a layer alone on the config's shapes, against PyTorch on the same inputs: `moe-bench attention` (ours
@@ -212,7 +217,7 @@ ours_with_expert_gemm() {  # preset, mode, seconds
 # torch._grouped_mm), each with the distance of the results from ours.
 alone_one() {  # attention|experts, preset, seconds
   local bench=$1 cfg=$2 seconds args=(--preset "$2" --device cuda)
-  seconds=$(allowance "$3") || { note "$bench $cfg: skipped (the budget is spent)"; return; }
+  seconds=$(allowance "$3") || { note "$cfg, $bench alone: skipped (the budget is spent)"; return; }
   [ "$preset" = sim ] && args+=(--steps 2 --warmup 1) || args+=(--steps 10 --warmup 3)
   echo "==== $cfg: moe-bench $bench ${args[*]}" >>"$out/race.log"
   timeout "$seconds" "$bin/moe-bench" "$bench" "${args[@]}" --python "$race_python" \
@@ -222,7 +227,7 @@ alone_one() {  # attention|experts, preset, seconds
   if ((rc == 0)); then
     note "$cfg, $bench alone:"
   else
-    note "$bench $cfg: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
+    note "$cfg, $bench alone: $( ((rc == 124)) && echo "TIMED OUT after $seconds s" || echo "FAILED (exit $rc)") (race.log)"
   fi
   # The table's rows (ours print before PyTorch runs), and the first line of PyTorch's error if it had one.
   while IFS= read -r line; do note "    $line"; done < <(grep -E '^(routing: |variant |moelab |torch )' "$race_tmp")
@@ -248,18 +253,21 @@ else
       alone_one attention tiny 120
       alone_one experts tiny 120
     else
-      # The two races first, 120 s kept for the rest; then the rest by importance, each within what is left.
+      # The two races first (M keeps 120 s for the rest); then the rest by importance for the configs that raced,
+      # each within what is left.
       race_one S $((left * 2 / 5))  # S is the cheaper of the two: M gets the rest
+      raced=(S)
       left=$((budget - (SECONDS - started)))
       if ((left < 180)); then
         note "race M: skipped (${left} s left of the ${budget} s budget)"
       else
         race_one M $((left - 120))
+        raced+=(M)
       fi
-      for cfg in S M; do ours_with_expert_gemm $cfg padded 40; done
-      for cfg in S M; do alone_one experts $cfg 40; done
-      for cfg in S M; do alone_one attention $cfg 40; done
-      for cfg in S M; do ours_with_expert_gemm $cfg per-expert 40; done
+      for cfg in "${raced[@]}"; do ours_with_expert_gemm "$cfg" padded 40; done
+      for cfg in "${raced[@]}"; do alone_one experts "$cfg" 40; done
+      for cfg in "${raced[@]}"; do alone_one attention "$cfg" 40; done
+      for cfg in "${raced[@]}"; do ours_with_expert_gemm "$cfg" per-expert 40; done
     fi
     rm -f "$race_tmp"
   fi

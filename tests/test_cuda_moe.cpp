@@ -204,13 +204,14 @@ TEST_CASE("cuda: moe: SwiGLU activation kernels match the CPU" * cuda_only()) {
 // f32), padded rows with strided-batched calls (bf16 operands), one call per expert (BF16 only: otherwise it is what
 // the grouped path does for f32 and f64 without TF32). Padded falls back to grouped calls where the padding would
 // add more than half the rows (cuda::pads_expert_rows): the sweep has cases of both kinds, counted. Two cases more:
-// no slots at all, and rows wider than a block's 128 threads (the padded kernels loop over the columns).
+// no slots at all, and rows wider than a block's 128 threads (the padded kernels loop over the columns) whose experts
+// must pad, some of them partly (forced_ids leaves expert 1 of 4 without rows: the other three share 600 slots).
 TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get zero weight gradients" * cuda_only()) {
   uint64_t seed = 500;
   int padded_cases[2] = {0, 0};  // under Padded: [fell back to grouped, padded]
   std::vector<Sizes> cases = sweep();
   cases.push_back({0, 3, 2});   // no slots
-  cases.push_back({40, 4, 2});  // d 300, h 200 below
+  cases.push_back({300, 4, 2});  // d 300, h 200 below
   for (DType dtype : kFloatTypes)
     for (Precision precision : {Precision::FP32, Precision::BF16})
       for (cuda::ExpertGemm mode : {cuda::ExpertGemm::Grouped, cuda::ExpertGemm::Padded, cuda::ExpertGemm::PerExpert})
@@ -221,11 +222,18 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
           const std::string what =
               fmt::format("{} {} {} {}", name_of(s), dtype_name(dtype), enum_name(precision), enum_name(mode));
           const double bound = precision == Precision::BF16 ? 1.0 / 128 : float_bound(dtype);
-          const bool wide = s.N == 40;
+          const bool wide = s.N == 300;
           const int64_t d = wide ? 300 : 13, h = wide ? 200 : 11, S = s.N * s.k;
           Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
           moe::DispatchPlan plan = moe::plan_dispatch(ids, s.E);
           if (mode == cuda::ExpertGemm::Padded) ++padded_cases[cuda::pads_expert_rows(plan.host_offsets)];
+          if (wide && mode == cuda::ExpertGemm::Padded) {
+            const std::vector<int32_t> counts = plan.counts.to_vector<int32_t>();
+            const int32_t longest = *std::max_element(counts.begin(), counts.end());
+            REQUIRE_MESSAGE(cuda::pads_expert_rows(plan.host_offsets), what << ": the wide case must pad");
+            REQUIRE_MESSAGE(std::any_of(counts.begin(), counts.end(), [&](int32_t c) { return c > 0 && c < longest; }),
+                            what << ": the wide case must pad an expert partly");
+          }
           Tensor x_sorted = random({S, d}, ++seed, dtype), d_out = random({S, d}, ++seed, dtype);
           Tensor w_gate = random({s.E, h, d}, ++seed, dtype, 0.4), w_up = random({s.E, h, d}, ++seed, dtype, 0.4);
           Tensor w_down = random({s.E, d, h}, ++seed, dtype, 0.4);
@@ -276,7 +284,9 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
   CHECK(cuda::pads_expert_rows({0, 4, 8, 8, 12}));      // 4 x 4 = 16 <= 18
   CHECK(!cuda::pads_expert_rows({0, 5, 9, 9, 12}));     // 4 x 5 = 20 > 18
   CHECK(!cuda::pads_expert_rows({0, 10, 10, 10, 10}));  // every slot to one expert of 4
+  CHECK(cuda::pads_expert_rows({0, 3, 6, 6, 8}));       // 4 x 3 = 12 <= 12: the limit itself
   CHECK(cuda::pads_expert_rows({0, 0, 0}));             // no slots: nothing to pad
+  CHECK(!cuda::pads_expert_rows({0, 1500000000, 2000000000}));  // 2 x 1.5e9 padded rows: more than a grid's blocks
   INFO("padded: ", padded_cases[1], " cases, fell back to grouped calls: ", padded_cases[0]);
   CHECK(padded_cases[0] > 0);
   CHECK(padded_cases[1] > 0);

@@ -129,7 +129,9 @@ TEST_CASE("cuda: training: bf16 mixed precision follows the fp32 curve and the C
   Curve padded;
   {
     const cuda::ExpertGemmScope scope(cuda::ExpertGemm::Padded);  // the experts' products on padded rows, at bf16 rate
+    const int64_t padded_before = cuda::padded_expert_calls();
     padded = train(config(dir / "gpu_bf16_padded", Device::CUDA, Precision::BF16));
+    CHECK_MESSAGE(cuda::padded_expert_calls() > padded_before, "no layer ran on padded rows");
   }
   REQUIRE(gpu.loss.size() == fp32.loss.size());
   REQUIRE(padded.loss.size() == fp32.loss.size());

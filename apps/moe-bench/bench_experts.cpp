@@ -137,11 +137,12 @@ double relative_error(const Tensor& x, const Tensor& reference) {
   return std::sqrt(diff / norm);
 }
 
-// E times the most slots an expert has, over all slots: the padded products' rows per slot.
-double padded_rows_per_slot(const Tensor& ids, int64_t n_experts) {
-  std::vector<int64_t> counts(n_experts, 0);
-  for (int32_t e : ids.to_vector<int32_t>()) ++counts[e];
-  return static_cast<double>(*std::max_element(counts.begin(), counts.end())) * n_experts / ids.numel();
+// Where each expert's slots start in expert order, and where the last ends (DispatchPlan::host_offsets' form).
+std::vector<int32_t> expert_offsets(const Tensor& ids, int64_t n_experts) {
+  std::vector<int32_t> offsets(n_experts + 1, 0);
+  for (int32_t e : ids.to_vector<int32_t>()) ++offsets[e + 1];
+  std::partial_sum(offsets.begin(), offsets.end(), offsets.begin());
+  return offsets;
 }
 
 ScriptResult run_torch(const ExpertsBenchOptions& opts, const fs::path& folder) {
@@ -168,8 +169,14 @@ void run_experts_bench(const ExpertsBenchOptions& opts) {
              device == Device::CUDA && cuda::is_simulator() ? " (kernels on the CPU, no speed to read)"
              : device == Device::CPU                        ? fmt::format(", {} threads", omp_get_max_threads())
                                                             : "");
-  fmt::print("routing: uniform random, the longest expert x E / slots {:.3f} (the padded products' rows per slot)\n",
-             padded_rows_per_slot(in.ids, E));
+  const std::vector<int32_t> offsets = expert_offsets(in.ids, E);
+  int32_t longest = 0;
+  for (int64_t e = 0; e < E; ++e) longest = std::max(longest, offsets[e + 1] - offsets[e]);
+  fmt::print("routing: uniform random, the longest expert x E / slots {:.3f} (the padded products' rows per slot{})\n",
+             static_cast<double>(longest) * E / offsets.back(),
+             device == Device::CPU             ? ""
+             : cuda::pads_expert_rows(offsets) ? "; padded runs padded"
+                                               : "; padded runs grouped: too much padding");
 
   // The ways of running the products exist on a GPU only; the CPU has one.
   std::vector<OurRun> ours;

@@ -126,6 +126,7 @@ struct StepTimes {
   std::vector<double> cpu_ms;  // CPU time of the process (all its threads) per timed step
   double peak_mem_bytes = -1;  // the device memory's high-water mark (cuda); -1: not reported (the CPU)
   int64_t host_waits = -1;     // times a timed step waited for the device (cuda::host_waits); -1: the CPU
+  int64_t padded_calls = -1;   // calls of the experts' products on padded rows in a timed step (cuda); -1: the CPU
   // cuda, per timed step: the host's own work (queueing kernels, its share of the engine), its time blocked in the
   // step's waits, and how long the device still ran after the step's last call returned.
   std::vector<double> host_work_ms, host_blocked_ms, device_tail_ms;
@@ -238,11 +239,14 @@ StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchO
     sync();
     const auto start = Clock::now();
     const double cpu_start = process_cpu_ms();
-    const int64_t waits_before = cuda::host_waits();
+    const int64_t waits_before = cuda::host_waits(), padded_before = cuda::padded_expert_calls();
     const double blocked_before = cuda::host_wait_ms();
     step(nullptr);
     const double queued_ms = since(start), blocked_ms = cuda::host_wait_ms() - blocked_before;
-    if (opts.device == Device::CUDA) out.host_waits = cuda::host_waits() - waits_before;
+    if (opts.device == Device::CUDA) {
+      out.host_waits = cuda::host_waits() - waits_before;
+      out.padded_calls = cuda::padded_expert_calls() - padded_before;
+    }
     const auto queued = Clock::now();
     sync();
     if (opts.device == Device::CUDA) {
@@ -575,6 +579,10 @@ void run_train_bench(const TrainBenchOptions& opts) {
       print_host_time(ours);
     }
     if (opts.device == Device::CUDA) print_expert_load(model);
+    if (opts.expert_gemm == "padded" && ours.padded_calls >= 0)
+      fmt::print("padded products: {} of the step's {} calls (a forward and a backward per MoE layer; the others ran "
+                 "as grouped calls)\n",
+                 ours.padded_calls, 2 * model.moe_layers().size());
     for (const TorchResult& t : torch) {
       if (!t.skipped.empty() || !t.error.empty()) continue;
       if (!t.version.empty() && &t == &torch.front()) fmt::print("torch version: {}\n", t.version);

@@ -1,5 +1,6 @@
 #pragma once
-// Helpers the moe-bench subcommands share: medians, the presets' batch sizes, and running a PyTorch baseline script.
+// Helpers the moe-bench subcommands share: medians, the presets' batch sizes, a forward and backward's pass timer, and
+// running a PyTorch baseline script.
 #include <fmt/core.h>
 #include <sys/wait.h>
 

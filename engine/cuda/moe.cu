@@ -9,8 +9,9 @@
 #include "engine/kernels/moe.h"
 
 #include <algorithm>
-#include <climits>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -322,6 +323,24 @@ bool pads_expert_rows(const std::vector<int32_t>& offsets) {
   return 2 * padded_rows <= 3 * static_cast<int64_t>(offsets.back()) && padded_rows <= INT32_MAX;
 }
 
+static std::atomic<int64_t> padded_calls = 0;
+int64_t padded_expert_calls() { return padded_calls.load(std::memory_order_relaxed); }
+
+// Whether this call of the experts' products runs on padded rows (ExpertGemm::Padded and pads_expert_rows), counted.
+static bool runs_padded(const std::vector<int32_t>& offsets) {
+  if (expert_gemm() != ExpertGemm::Padded || !pads_expert_rows(offsets)) return false;
+  padded_calls.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+// Whether products of `dtype` tensors under `precision` round their operands to bf16: f32 tensors only, as on the
+// grouped path.
+static bool rounds_to_bf16(DType dtype, Precision precision) {
+  if (precision != Precision::BF16) return false;
+  if (dtype != DType::F32) fail("moe_grouped_swiglu: bf16 precision takes f32 tensors, got {}", dtype_name(dtype));
+  return true;
+}
+
 namespace {
 
 // Where padded row p = e R + r comes from: the sorted row offsets[e] + r when r < c_e, else nowhere (-1: padding).
@@ -396,18 +415,15 @@ __global__ void padded_swiglu_backward_kernel(const F* gate_pre, const F* up_pre
 }
 
 // One MoE layer's padded layout: R, the offsets on the device (queued, no wait), the products over the experts, and
-// the operands' dtype: bf16 under BF16 (f32 tensors only, as on the grouped path), else the tensors'.
+// the operands' dtype: bf16 under BF16, else the tensors'.
 class PaddedExperts {
  public:
   PaddedExperts(const std::vector<int32_t>& offsets, DType dtype, Precision precision)
       : experts_(static_cast<int64_t>(offsets.size()) - 1),
         rows_(longest_expert(offsets)),
         dtype_(dtype),
-        rounds_(precision == Precision::BF16),
-        offsets_(offsets) {
-    if (rounds_ && dtype != DType::F32)
-      fail("moe_grouped_swiglu: bf16 precision takes f32 tensors, got {}", dtype_name(dtype));
-  }
+        rounds_(rounds_to_bf16(dtype, precision)),  // may refuse: before offsets_ uploads anything
+        offsets_(offsets) {}
 
   int64_t rows() const { return rows_; }
   bool rounds() const { return rounds_; }  // to bf16
@@ -529,7 +545,7 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const bool bf16 = precision == Precision::BF16;
-  if (expert_gemm() == ExpertGemm::Padded && pads_expert_rows(offsets)) {
+  if (runs_padded(offsets)) {
     padded_swiglu_forward(PaddedExperts(offsets, x_sorted.dtype(), precision), x_sorted, w_gate, w_up, w_down, gate_pre,
                           up_pre, act, out_sorted);
     return;
@@ -560,7 +576,7 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                                  const Tensor& dw_up, const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const bool bf16 = precision == Precision::BF16;
-  if (expert_gemm() == ExpertGemm::Padded && pads_expert_rows(offsets)) {
+  if (runs_padded(offsets)) {
     padded_swiglu_backward(PaddedExperts(offsets, x_sorted.dtype(), precision), x_sorted, w_gate, w_up, w_down,
                            gate_pre, up_pre, act, d_out_sorted, d_gate_pre, d_up_pre, d_x_sorted, dw_gate, dw_up,
                            dw_down);

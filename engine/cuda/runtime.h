@@ -54,7 +54,7 @@ ExpertGemm expert_gemm();
 // Sets the mode for a scope and puts back the one before when it ends, also when the scope throws.
 class ExpertGemmScope {
  public:
-  explicit ExpertGemmScope(ExpertGemm mode) : previous_(expert_gemm()) { set_expert_gemm(mode); }
+  [[nodiscard]] explicit ExpertGemmScope(ExpertGemm mode) : previous_(expert_gemm()) { set_expert_gemm(mode); }
   ~ExpertGemmScope() { set_expert_gemm(previous_); }
   ExpertGemmScope(const ExpertGemmScope&) = delete;
   ExpertGemmScope& operator=(const ExpertGemmScope&) = delete;
@@ -63,8 +63,11 @@ class ExpertGemmScope {
   ExpertGemm previous_;
 };
 // Under ExpertGemm::Padded: whether a layer whose experts own the sorted rows [offsets[e], offsets[e+1]) (the plan's
-// host offsets) pads them, i.e. whether E times the longest expert's count is at most 1.5 times the slots.
+// host offsets) pads them, i.e. whether E times the longest expert's count is at most 1.5 times the slots (and fits
+// a grid of one block per row).
 bool pads_expert_rows(const std::vector<int32_t>& offsets);
+// How many calls of the experts' products (a layer's forward or backward) have run on padded rows so far.
+int64_t padded_expert_calls();
 
 // The pool's high-water mark: the most bytes allocated at once since the start or the last reset_peak_memory().
 size_t peak_memory_bytes();

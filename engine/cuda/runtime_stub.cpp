@@ -27,6 +27,7 @@ void set_tf32(bool) { not_built(); }
 void set_expert_gemm(ExpertGemm) { not_built(); }
 ExpertGemm expert_gemm() { not_built(); }
 bool pads_expert_rows(const std::vector<int32_t>&) { not_built(); }
+int64_t padded_expert_calls() { return 0; }
 size_t peak_memory_bytes() { not_built(); }
 void reset_peak_memory() { not_built(); }
 TimingEvent::TimingEvent() : event_(nullptr) { not_built(); }
