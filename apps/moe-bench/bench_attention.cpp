@@ -31,18 +31,6 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-struct AttentionBenchOptions {
-  std::string preset = "tiny";
-  int64_t batch = 0;  // 0: the preset's benchmark batch
-  int steps = 20;
-  int warmup = 3;
-  std::string device_name = "cpu";
-  bool torch = true;
-  std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
-  std::string torch_script;
-  int torch_timeout_s = 0;  // 0: none; else the script is stopped after this long
-};
-
 // One precision's run of our kernels: per timed step the forward's and the backward's ms, and the last results.
 struct OurRun {
   Precision precision;
@@ -60,7 +48,7 @@ double attention_flops(int64_t B, int64_t T, int64_t H, int64_t Dh) {
 }
 
 OurRun time_ours(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, Precision precision,
-                 const AttentionBenchOptions& opts) {
+                 const PartBenchOptions& opts) {
   const Device device = q.device();
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
   Tensor out = Tensor::empty(q.shape(), DType::F32, device), lse = Tensor::empty({B, H, T}, DType::F32, device);
@@ -77,24 +65,11 @@ OurRun time_ours(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
           to_device(dv, Device::CPU)};
 }
 
-// PyTorch's results ({"torch": version, "variants": [{"name", "precision", "forward_ms", ...} or {"skipped"}]}), or
-// why there are none.
-ScriptResult run_torch(const AttentionBenchOptions& opts, const fs::path& folder) {
-  const std::string command = fmt::format(
-      "env {}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={} {}{} {} {} --device {} --steps {} --warmup {} 2>&1",
-      python_env(opts.python), omp_get_max_threads(), timeout_prefix(opts.torch_timeout_s), shell_quote(opts.python),
-      shell_quote(opts.torch_script), shell_quote(folder.string()), opts.device_name, opts.steps, opts.warmup);
-  return run_json_script(command, opts.torch_timeout_s);
-}
-
-void run_attention_bench(const AttentionBenchOptions& opts) {
+void run_attention_bench(const PartBenchOptions& opts) {
   const nn::ModelConfig config = nn::model_preset(opts.preset);
   const int64_t B = opts.batch > 0 ? opts.batch : preset_batch(opts.preset), T = config.seq_len, H = config.n_heads,
                 Dh = config.head_dim();
-  const Device device = opts.device_name == "cuda" ? Device::CUDA : Device::CPU;
-  if (device == Device::CUDA && cuda::device_count() == 0)
-    fail("--device cuda: {}", cuda::built_with_cuda() ? "no CUDA device is visible"
-                                                      : "this build has no CUDA backend (MOELAB_CUDA=ON or SIM)");
+  const Device device = opts.device();
   const std::string device_name = device == Device::CUDA ? cuda::device_name() : "cpu";
   fmt::print("causal attention, config {}: B {}, T {}, H {}, Dh {}; forward and backward, median of {} after {} "
              "warm-ups, on {}{}\n",
@@ -135,7 +110,7 @@ void run_attention_bench(const AttentionBenchOptions& opts) {
            {std::pair<const char*, const Tensor&>{"out", run.out}, {"dq", run.dq}, {"dk", run.dk}, {"dv", run.dv}})
         tensors.push_back({fmt::format("{}_{}", name, enum_name(run.precision)), t});
     nn::save_safetensors(folder / "attention.safetensors", tensors, {});
-    torch = run_torch(opts, folder);
+    torch = run_part_torch(opts, folder);
     fs::remove_all(folder);
   }
   if (torch.result.is_object()) {
@@ -169,25 +144,11 @@ void run_attention_bench(const AttentionBenchOptions& opts) {
 }  // namespace
 
 void add_attention_command(CLI::App& app) {
-  auto opts = std::make_shared<AttentionBenchOptions>();
+  auto opts = std::make_shared<PartBenchOptions>();
   opts->torch_script = source_script("bench_torch_attention.py");
   CLI::App* cmd = app.add_subcommand("attention", "causal attention's forward and backward on a config's shapes, "
                                                   "fp32 and bf16, against PyTorch's scaled_dot_product_attention");
-  cmd->add_option("--preset", opts->preset, "the shapes of: tiny | S | M")
-      ->check(CLI::IsMember({"tiny", "S", "M"}))
-      ->capture_default_str();
-  cmd->add_option("--batch", opts->batch, "sequences (0: the preset's benchmark batch)")->capture_default_str();
-  cmd->add_option("--steps", opts->steps, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--warmup", opts->warmup, "untimed steps first")->capture_default_str();
-  cmd->add_option("--device", opts->device_name, "cpu | cuda")
-      ->check(CLI::IsMember({"cpu", "cuda"}))
-      ->capture_default_str();
-  cmd->add_flag("!--no-torch", opts->torch, "skip PyTorch");
-  cmd->add_option("--python", opts->python, "python with torch for the baseline")->capture_default_str();
-  cmd->add_option("--torch-script", opts->torch_script, "the baseline script")->capture_default_str();
-  cmd->add_option("--torch-timeout", opts->torch_timeout_s,
-                  "stop the PyTorch script after this many seconds (0: never)")
-      ->capture_default_str();
+  add_part_options(cmd, *opts);
   cmd->callback([opts] { run_attention_bench(*opts); });
 }
 

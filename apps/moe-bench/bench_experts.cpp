@@ -39,18 +39,6 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-struct ExpertsBenchOptions {
-  std::string preset = "tiny";
-  int64_t batch = 0;  // 0: the preset's benchmark batch
-  int steps = 20;
-  int warmup = 3;
-  std::string device_name = "cpu";
-  bool torch = true;
-  std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
-  std::string torch_script;
-  int torch_timeout_s = 0;  // 0: none; else the script is stopped after this long
-};
-
 // The op's inputs and the output gradient, on the CPU: x [N, d], ids and gates [N, k], w_gate and w_up [E, h, d],
 // w_down [E, d, h], dy [N, d].
 struct Inputs {
@@ -104,7 +92,7 @@ double experts_flops(int64_t slots, int64_t d, int64_t h) { return 18.0 * slots 
 
 // The op's forward, then its backward function called with dy directly (the gradients, no accumulation).
 OurRun time_ours(const Inputs& cpu_in, Device device, Precision precision, cuda::ExpertGemm expert_gemm,
-                 const ExpertsBenchOptions& opts) {
+                 const PartBenchOptions& opts) {
   std::optional<cuda::ExpertGemmScope> scope;  // the ways exist on a GPU only
   if (device == Device::CUDA) scope.emplace(expert_gemm);
   const PrecisionGuard guard(precision);
@@ -145,22 +133,11 @@ std::vector<int32_t> expert_offsets(const Tensor& ids, int64_t n_experts) {
   return offsets;
 }
 
-ScriptResult run_torch(const ExpertsBenchOptions& opts, const fs::path& folder) {
-  const std::string command = fmt::format(
-      "env {}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={} {}{} {} {} --device {} --steps {} --warmup {} 2>&1",
-      python_env(opts.python), omp_get_max_threads(), timeout_prefix(opts.torch_timeout_s), shell_quote(opts.python),
-      shell_quote(opts.torch_script), shell_quote(folder.string()), opts.device_name, opts.steps, opts.warmup);
-  return run_json_script(command, opts.torch_timeout_s);
-}
-
-void run_experts_bench(const ExpertsBenchOptions& opts) {
+void run_experts_bench(const PartBenchOptions& opts) {
   const nn::ModelConfig config = nn::model_preset(opts.preset);
   const int64_t B = opts.batch > 0 ? opts.batch : preset_batch(opts.preset), N = B * config.seq_len, d = config.d_model,
                 h = config.expert_hidden, E = config.n_experts, k = config.top_k;
-  const Device device = opts.device_name == "cuda" ? Device::CUDA : Device::CPU;
-  if (device == Device::CUDA && cuda::device_count() == 0)
-    fail("--device cuda: {}", cuda::built_with_cuda() ? "no CUDA device is visible"
-                                                      : "this build has no CUDA backend (MOELAB_CUDA=ON or SIM)");
+  const Device device = opts.device();
   const Inputs in = make_inputs(config, N);
   fmt::print("MoE experts, config {}: N {} tokens (B {} x T {}), d {}, {} experts of h {}, top-{}; forward and "
              "backward, median of {} after {} warm-ups, on {}{}\n",
@@ -224,7 +201,7 @@ void run_experts_bench(const ExpertsBenchOptions& opts) {
       for (size_t i = 0; i < std::size(kResultNames); ++i)
         tensors.push_back({fmt::format("{}_{}", kResultNames[i], precision), reference(precision).results[i]});
     nn::save_safetensors(folder / "experts.safetensors", tensors, {});
-    torch = run_torch(opts, folder);
+    torch = run_part_torch(opts, folder);
     fs::remove_all(folder);
   }
   if (torch.result.is_object()) {
@@ -260,25 +237,11 @@ void run_experts_bench(const ExpertsBenchOptions& opts) {
 }  // namespace
 
 void add_experts_command(CLI::App& app) {
-  auto opts = std::make_shared<ExpertsBenchOptions>();
+  auto opts = std::make_shared<PartBenchOptions>();
   opts->torch_script = source_script("bench_torch_experts.py");
   CLI::App* cmd = app.add_subcommand("experts", "one MoE layer's experts, forward and backward, on a config's shapes, "
                                                 "every way of running the products, against PyTorch");
-  cmd->add_option("--preset", opts->preset, "the shapes of: tiny | S | M")
-      ->check(CLI::IsMember({"tiny", "S", "M"}))
-      ->capture_default_str();
-  cmd->add_option("--batch", opts->batch, "sequences (0: the preset's benchmark batch)")->capture_default_str();
-  cmd->add_option("--steps", opts->steps, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--warmup", opts->warmup, "untimed steps first")->capture_default_str();
-  cmd->add_option("--device", opts->device_name, "cpu | cuda")
-      ->check(CLI::IsMember({"cpu", "cuda"}))
-      ->capture_default_str();
-  cmd->add_flag("!--no-torch", opts->torch, "skip PyTorch");
-  cmd->add_option("--python", opts->python, "python with torch for the baseline")->capture_default_str();
-  cmd->add_option("--torch-script", opts->torch_script, "the baseline script")->capture_default_str();
-  cmd->add_option("--torch-timeout", opts->torch_timeout_s,
-                  "stop the PyTorch script after this many seconds (0: never)")
-      ->capture_default_str();
+  add_part_options(cmd, *opts);
   cmd->callback([opts] { run_experts_bench(*opts); });
 }
 

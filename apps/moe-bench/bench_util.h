@@ -2,6 +2,7 @@
 // Helpers the moe-bench subcommands share: medians, the presets' batch sizes, a forward and backward's pass timer, and
 // running a PyTorch baseline script.
 #include <fmt/core.h>
+#include <omp.h>
 #include <sys/wait.h>
 
 #include <algorithm>
@@ -12,8 +13,11 @@
 #include <nlohmann/json.hpp>
 #include <source_location>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <CLI/CLI.hpp>
 
 #include "engine/cuda/runtime.h"
 #include "engine/tensor.h"
@@ -146,6 +150,55 @@ inline ScriptResult run_json_script(const std::string& command, int timeout_s) {
                             WIFEXITED(script.status) ? fmt::format("exit {}", WEXITSTATUS(script.status)) : "killed",
                             last, command, script.output);
   return run;
+}
+
+// The options of a benchmark of one part of a layer against a PyTorch script on the same inputs (moe-bench attention,
+// experts), registered by add_part_options.
+struct PartBenchOptions {
+  std::string preset = "tiny";
+  int64_t batch = 0;  // 0: the preset's benchmark batch
+  int steps = 20;
+  int warmup = 3;
+  std::string device_name = "cpu";
+  bool torch = true;
+  std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
+  std::string torch_script;
+  int torch_timeout_s = 0;  // 0: none; else the script is stopped after this long
+
+  // The device, checked: cuda needs a backend and a visible device.
+  Device device() const {
+    if (device_name != "cuda") return Device::CPU;
+    if (cuda::device_count() == 0)
+      throw std::invalid_argument(cuda::built_with_cuda()
+                                      ? "--device cuda: no CUDA device is visible"
+                                      : "--device cuda: this build has no CUDA backend (MOELAB_CUDA=ON or SIM)");
+    return Device::CUDA;
+  }
+};
+inline void add_part_options(CLI::App* cmd, PartBenchOptions& opts) {
+  cmd->add_option("--preset", opts.preset, "the shapes of: tiny | S | M")
+      ->check(CLI::IsMember({"tiny", "S", "M"}))
+      ->capture_default_str();
+  cmd->add_option("--batch", opts.batch, "sequences (0: the preset's benchmark batch)")->capture_default_str();
+  cmd->add_option("--steps", opts.steps, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
+  cmd->add_option("--warmup", opts.warmup, "untimed steps first")->capture_default_str();
+  cmd->add_option("--device", opts.device_name, "cpu | cuda")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
+  cmd->add_flag("!--no-torch", opts.torch, "skip PyTorch");
+  cmd->add_option("--python", opts.python, "python with torch for the baseline")->capture_default_str();
+  cmd->add_option("--torch-script", opts.torch_script, "the baseline script")->capture_default_str();
+  cmd->add_option("--torch-timeout", opts.torch_timeout_s, "stop the PyTorch script after this many seconds (0: never)")
+      ->capture_default_str();
+}
+
+// The PyTorch script of a part benchmark on the inputs in `folder`: {"torch": version, "variants": [...]}, or why not.
+inline ScriptResult run_part_torch(const PartBenchOptions& opts, const std::filesystem::path& folder) {
+  const std::string command = fmt::format(
+      "env {}PYTHONDONTWRITEBYTECODE=1 OMP_NUM_THREADS={} {}{} {} {} --device {} --steps {} --warmup {} 2>&1",
+      python_env(opts.python), omp_get_max_threads(), timeout_prefix(opts.torch_timeout_s), shell_quote(opts.python),
+      shell_quote(opts.torch_script), shell_quote(folder.string()), opts.device_name, opts.steps, opts.warmup);
+  return run_json_script(command, opts.torch_timeout_s);
 }
 
 }  // namespace moelab::bench
