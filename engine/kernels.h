@@ -28,7 +28,7 @@
 namespace moelab::detail {
 
 // KERNEL(name, device) is one of these: it calls the kernel with the kernel's own parameter types (so arguments
-// convert as in a plain call), timed while a KernelProfile is alive (engine/profile.h).
+// convert as in a plain call), timed and its tensors' bytes counted while a KernelProfile is alive (engine/profile.h).
 template <class Kernel> struct SeamCall;
 template <class... Params> struct SeamCall<void(Params...)> {
   const char* name;
@@ -36,7 +36,7 @@ template <class... Params> struct SeamCall<void(Params...)> {
   void (*kernel)(Params...);
   void operator()(Params... args) const {
     if (!kernel_profile_active.load(std::memory_order_relaxed)) return kernel(std::forward<Params>(args)...);
-    KernelTimer timer(name, device);
+    KernelTimer timer(name, device, (seam_bytes(args) + ... + 0.0));
     kernel(std::forward<Params>(args)...);
     timer.stop();
   }

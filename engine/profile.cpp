@@ -19,6 +19,7 @@ using Clock = std::chrono::steady_clock;
 
 struct PendingCall {  // a CUDA call whose events the device has not necessarily reached yet
   const char* name;
+  double bytes;
   std::unique_ptr<cuda::TimingEvent> start, end;
 };
 
@@ -33,10 +34,10 @@ ProfileState& state() {
   return s;
 }
 
-void add(ProfileState& s, const char* name, Device device, double ms) {
+void add(ProfileState& s, const char* name, Device device, double ms, double bytes) {
   KernelTime& t = s.totals[{name, device}];
   t.name = name, t.device = device;
-  t.calls += 1, t.ms += ms;
+  t.calls += 1, t.ms += ms, t.bytes += bytes;
 }
 
 }  // namespace
@@ -60,7 +61,8 @@ KernelProfile::~KernelProfile() {
 std::vector<KernelTime> KernelProfile::totals() const {
   ProfileState& s = state();
   std::lock_guard lock(s.mutex);
-  for (const PendingCall& call : s.pending) add(s, call.name, Device::CUDA, call.end->ms_since(*call.start));
+  for (const PendingCall& call : s.pending)
+    add(s, call.name, Device::CUDA, call.end->ms_since(*call.start), call.bytes);
   s.pending.clear();
   std::vector<KernelTime> out;
   for (const auto& [key, time] : s.totals) out.push_back(time);
@@ -70,7 +72,7 @@ std::vector<KernelTime> KernelProfile::totals() const {
 
 namespace detail {
 
-KernelTimer::KernelTimer(const char* name, Device device) : name_(name), device_(device) {
+KernelTimer::KernelTimer(const char* name, Device device, double bytes) : name_(name), device_(device), bytes_(bytes) {
   if (device == Device::CUDA) {
     device_start_ = std::make_unique<cuda::TimingEvent>();
     device_start_->record();
@@ -87,11 +89,11 @@ void KernelTimer::stop() {
     auto end = std::make_unique<cuda::TimingEvent>();
     end->record();
     std::lock_guard lock(s.mutex);
-    if (kernel_profile_active) s.pending.push_back({name_, std::move(device_start_), std::move(end)});
+    if (kernel_profile_active) s.pending.push_back({name_, bytes_, std::move(device_start_), std::move(end)});
   } else {
     const double ms = std::chrono::duration<double, std::milli>(Clock::now() - host_start_).count();
     std::lock_guard lock(s.mutex);
-    if (kernel_profile_active) add(s, name_, device_, ms);
+    if (kernel_profile_active) add(s, name_, device_, ms, bytes_);
   }
 }
 

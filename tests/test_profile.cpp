@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/kernels/optim.h"
 #include "engine/ops.h"
 #include "engine/profile.h"
 #include "tests/cuda_testing.h"
@@ -19,7 +20,8 @@ const KernelTime* find_kernel(const std::vector<KernelTime>& totals, const std::
   return nullptr;
 }
 
-// Two products and a sum on `device` under a profile: the seam's calls by name, nothing before or after it.
+// Two products, a sum and an AdamW update on `device` under a profile: the seam's calls by name with their tensors'
+// bytes, nothing before or after it.
 void check_profile_counts(Device device) {
   const Tensor a = on(random({64, 48}, 1, DType::F32), device), b = on(random({48, 32}, 2, DType::F32), device);
   const Tensor before = matmul(a, b);  // before the profile: not counted
@@ -28,6 +30,9 @@ void check_profile_counts(Device device) {
     KernelProfile profile;
     CHECK_THROWS_AS(KernelProfile(), std::logic_error);  // one at a time
     const Tensor c = matmul(a, b), d = matmul(a, b), total = sum(c);
+    const Tensor p = on(random({10}, 3, DType::F32), device), g = on(random({10}, 4, DType::F32), device);
+    const Tensor m = zeros_like(p), v = zeros_like(p);
+    KERNEL(adamw_update, device)({{p, g, m, v}}, AdamWScalars{0.9f, 0.999f, 1e-8f, 1.0f}, 1e-3f);
     totals = profile.totals();
   }
   const Tensor after = matmul(a, b);  // after: not counted either
@@ -36,9 +41,14 @@ void check_profile_counts(Device device) {
   CHECK(products->calls == 2);
   CHECK(products->device == device);
   CHECK(products->ms > 0);
+  CHECK(products->bytes == 2 * (64 * 48 + 48 * 32 + 64 * 32) * 4);  // a, b and the product, f32, per call
   const KernelTime* sums = find_kernel(totals, "sum_all");
   REQUIRE(sums != nullptr);
   CHECK(sums->calls == 1);
+  CHECK(sums->bytes == (64 * 32 + 1) * 4);
+  const KernelTime* update = find_kernel(totals, "adamw_update");
+  REQUIRE(update != nullptr);
+  CHECK(update->bytes == 4 * 10 * 4);  // parameter, gradient and moments, each once
   for (size_t i = 1; i < totals.size(); ++i) CHECK(totals[i - 1].ms >= totals[i].ms);  // the most time first
   KernelProfile fresh;                                                                 // a new profile starts empty
   CHECK(fresh.totals().empty());

@@ -64,7 +64,7 @@ struct TrainBenchOptions {
   bool breakdown = false;                   // time the phases of our step (forward, backward, clip, optimizer)
   std::string expert_gemm = "grouped";      // cuda: how the experts' products run (cuda::ExpertGemm's names)
   bool tf32 = false;                        // cuda: f32 products on TF32 tensor cores (cuda::set_tf32)
-  bool verbose = false;                     // print every timed step
+  bool verbose = false;                     // print every timed step, and every kernel of the breakdown
   std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
   std::string torch_script;
 };
@@ -103,6 +103,14 @@ double bf16_peak_flops(const std::string& device_name) {
   if (device_name.find("H100") != std::string::npos && device_name.find("PCIe") != std::string::npos) return 756e12;
   if (device_name.find("H100") != std::string::npos) return 989e12;  // SXM
   if (device_name.find("H200") != std::string::npos) return 989e12;
+  return 0;
+}
+
+// The device memory's peak bandwidth (bytes/s) by device name, the same way; 0 when not in the table.
+double memory_peak_bytes_per_s(const std::string& device_name) {
+  if (device_name.find("H100") != std::string::npos && device_name.find("PCIe") != std::string::npos) return 2.0e12;
+  if (device_name.find("H100") != std::string::npos) return 3.35e12;  // SXM, HBM3
+  if (device_name.find("H200") != std::string::npos) return 4.8e12;   // HBM3e
   return 0;
 }
 
@@ -313,11 +321,15 @@ void print_expert_load(const moe::MoEModel& model) {
                least, most);
 }
 
-// The kernel breakdown: per category, then the kernels that take the most time; ms per step.
-void print_kernel_breakdown(const KernelBreakdown& k, Device device) {
+// The kernel breakdown: per category, then the kernels that take the most time (all of them with every_kernel); ms
+// per step. GB: the bytes of the
+// calls' tensors (each once: the least the kernels move, engine/profile.h), and the rate that makes: a kind far below
+// the memory's peak (memory_peak, 0 if unknown) is slower than its traffic requires; one near it needs fewer bytes.
+void print_kernel_breakdown(const KernelBreakdown& k, Device device, double memory_peak, bool every_kernel) {
   const double steps = k.steps, wall = k.wall_ms / steps;
-  std::vector<double> category_ms(kernel_categories().size() + 1, 0.0);  // the last one: other kernels
-  std::vector<double> category_calls(category_ms.size(), 0.0);
+  const size_t n_categories = kernel_categories().size() + 1;  // the last one: other kernels
+  std::vector<double> category_ms(n_categories, 0.0), category_calls(n_categories, 0.0),
+      category_bytes(n_categories, 0.0);
   double kernels_ms = 0;
   for (const KernelTime& t : k.kernels) {
     size_t c = 0;
@@ -327,25 +339,34 @@ void print_kernel_breakdown(const KernelBreakdown& k, Device device) {
       ++c;
     category_ms[c] += t.ms / steps;
     category_calls[c] += static_cast<double>(t.calls) / steps;
+    category_bytes[c] += t.bytes / steps;
     kernels_ms += t.ms / steps;
   }
   fmt::print("\nkernel breakdown of our step ({} more steps, every kernel timed {}; per step)\n", k.steps,
              device == Device::CUDA ? "by events on the device" : "by the host clock");
-  fmt::print("  {:<40} {:>9} {:>6} {:>10}\n", "kind of kernel", "ms", "share", "calls");
-  auto row = [&](const std::string& name, double ms, double calls) {
-    fmt::print("  {:<40} {:>9.3f} {:>5.1f}% {:>10}\n", name, ms, 100 * ms / wall,
+  fmt::print("  {:<40} {:>9} {:>6} {:>10} {:>8} {:>8}\n", "kind of kernel", "ms", "share", "calls", "GB", "GB/s");
+  auto row = [&](const std::string& name, double ms, double calls, double bytes) {
+    fmt::print("  {:<40} {:>9.3f} {:>5.1f}% {:>10}", name, ms, 100 * ms / wall,
                calls >= 0 ? fmt::format("{:.0f}", calls) : "");
+    if (bytes >= 0) fmt::print(" {:>8.3f} {:>8.0f}", bytes / 1e9, ms > 0 ? bytes / 1e6 / ms : 0.0);
+    fmt::print("\n");
   };
-  for (size_t c = 0; c < category_ms.size(); ++c)
+  for (size_t c = 0; c < n_categories; ++c)
     row(c < kernel_categories().size() ? kernel_categories()[c].name : "other kernels", category_ms[c],
-        category_calls[c]);
-  row("outside the kernels (host gaps, copies)", wall - kernels_ms, -1);
-  row("step (wall, with the timers)", wall, -1);
-  fmt::print("  the most time:\n");
-  for (size_t i = 0; i < std::min<size_t>(k.kernels.size(), 12); ++i) {
+        category_calls[c], category_bytes[c]);
+  row("outside the kernels (host gaps, copies)", wall - kernels_ms, -1, -1);
+  row("step (wall, with the timers)", wall, -1, -1);
+  fmt::print("  {}:\n", every_kernel ? "every kernel" : "the most time");
+  for (size_t i = 0; i < (every_kernel ? k.kernels.size() : std::min<size_t>(k.kernels.size(), 12)); ++i) {
     const KernelTime& t = k.kernels[i];
-    row("    " + t.name, t.ms / steps, static_cast<double>(t.calls) / steps);
+    row("    " + t.name, t.ms / steps, static_cast<double>(t.calls) / steps, t.bytes / steps);
   }
+  const double total_bytes = std::accumulate(category_bytes.begin(), category_bytes.end(), 0.0);
+  fmt::print("  GB: the kernels' tensors, each once a call (the least they move): {:.2f} GB a step{}\n",
+             total_bytes / 1e9,
+             memory_peak > 0 ? fmt::format(", {:.2f} ms at the memory's peak of {:.0f} GB/s",
+                                           total_bytes / memory_peak * 1e3, memory_peak / 1e9)
+                             : "");
 }
 
 struct TorchResult {
@@ -631,7 +652,8 @@ void run_train_bench(const TrainBenchOptions& opts) {
                  100 * median(phase_ms[p]) / total);
     fmt::print("  {:<24} {:>9.2f} ms (the timed steps' median, without these synchronizations: {:.2f} ms)\n", "sum",
                total, ours_ms);
-    print_kernel_breakdown(kernels, opts.device);
+    print_kernel_breakdown(kernels, opts.device, opts.device == Device::CUDA ? memory_peak_bytes_per_s(device_name) : 0,
+                           opts.verbose);
   }
 }
 
@@ -685,7 +707,8 @@ void add_train_step_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--tf32", opts->tf32, "cuda: f32 products on TF32 tensor cores (our fp32 is strict f32 otherwise)");
   cmd->add_flag("!--no-torch", opts->torch, "time only our engine (e.g. under a profiler)");
-  cmd->add_flag("--verbose", opts->verbose, "print every timed step's ms (to see the noise of a loaded machine)");
+  cmd->add_flag("--verbose", opts->verbose,
+                "print every timed step's ms (to see the noise of a loaded machine), and every kernel of --breakdown");
   cmd->add_option("--python", opts->python, "python with torch for the baseline")->capture_default_str();
   cmd->add_option("--torch-script", opts->torch_script, "the baseline script")->capture_default_str();
   cmd->callback([opts] {

@@ -17,6 +17,10 @@ struct AdamWTensors {
   Tensor param, grad, m, v;
   float decay = 1.0f;
 };
+// Its bytes in a kernel profile (engine/profile.h): the four tensors, each once.
+inline double seam_bytes(const AdamWTensors& t) {
+  return detail::seam_bytes(t.param) + detail::seam_bytes(t.grad) + detail::seam_bytes(t.m) + detail::seam_bytes(t.v);
+}
 
 // The step's moment scalars: beta1, beta2, eps, and 1 / sqrt(1 - beta2^t).
 struct AdamWScalars {
