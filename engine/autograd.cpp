@@ -107,14 +107,19 @@ void Tensor::backward() const {
     for (size_t i = 0; i < node.inputs.size(); ++i) {
       const Tensor& input = node.inputs[i];
       if (i >= input_grads.size() || !input_grads[i].defined() || !input.defined() || !input.requires_grad()) continue;
-      const Tensor& g = input_grads[i];
+      Tensor& g = input_grads[i];
       if (g.shape() != input.shape())
         throw std::logic_error(fmt::format("op '{}': backward returned gradient {} for input {} (input {})", node.op,
                                            g.str(), i, input.str()));
       // Out of place: a backward may hand the same tensor (or views of it) to several inputs, e.g. add. A leaf keeps
-      // its gradient after backward and optimizers scale it in place, so a leaf's first gradient is its own copy.
+      // its gradient after backward and optimizers scale it in place, so a leaf's first gradient must be its own:
+      // the backward's tensor itself when nothing else holds it or its memory (a product's weight gradient, the
+      // usual case: no copy), else a copy.
       TensorImpl& in = *input.impl();
-      in.grad = in.grad.defined() ? add(in.grad, g) : (in.grad_fn ? g : clone(g));
+      if (in.grad.defined())
+        in.grad = add(in.grad, g);
+      else
+        in.grad = (in.grad_fn || g.sole_owner()) ? std::move(g) : clone(g);
     }
     // Free this part of the graph as soon as it is done: the gradient of an intermediate tensor and its node's
     // references to the inputs.

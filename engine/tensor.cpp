@@ -123,6 +123,7 @@ double Tensor::item() const {
 // ---- autograd hooks --------------------------------------------------------------------------------------------------
 
 bool Tensor::requires_grad() const { return checked(impl_).requires_grad; }
+bool Tensor::sole_owner() const { return impl_.use_count() == 1 && checked(impl_).storage.use_count() == 1; }
 
 Tensor& Tensor::set_requires_grad(bool on) {
   if (on && dtype() == DType::I32) throw std::invalid_argument("an i32 tensor cannot require a gradient");

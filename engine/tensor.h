@@ -84,6 +84,8 @@ class Tensor {
   void move_to(Device device);
 
   TensorImpl* impl() const { return impl_.get(); }
+  // True when this handle is the only way to its data: no other handle to this tensor, no view of its storage.
+  bool sole_owner() const;
   bool same(const Tensor& other) const { return impl_ == other.impl_; }
 
  private:

@@ -98,6 +98,26 @@ TEST_CASE("autograd: leaves never share gradient storage") {
   CHECK(c.grad().to_vector<double>() == std::vector<double>{1.0, 1.0});
 }
 
+TEST_CASE("autograd: a leaf keeps a gradient nothing else holds, and copies one that is held elsewhere") {
+  // A product's weight gradient is a fresh tensor that only the tape holds: copying it would move every weight
+  // gradient's bytes twice more each step. One that something else still holds must be copied, as above.
+  for (bool held_elsewhere : {false, true}) {
+    Tensor w = leaf({1.0, 2.0}, {2});
+    Tensor elsewhere;
+    const void* given = nullptr;
+    Tensor y = record("twice", mul(w.detach(), 2.0), {w}, [&](const Tensor& g) -> std::vector<Tensor> {
+      Tensor dw = mul(g, 2.0);
+      given = dw.raw_data();
+      if (held_elsewhere) elsewhere = dw;
+      return {dw};
+    });
+    sum(y).backward();
+    CHECK_MESSAGE((w.grad().raw_data() == given) == !held_elsewhere, "held elsewhere: ", held_elsewhere);
+    CHECK(w.grad().to_vector<double>() == std::vector<double>{2.0, 2.0});
+    if (held_elsewhere) CHECK(elsewhere.raw_data() == given);
+  }
+}
+
 TEST_CASE("autograd: backward from a leaf accumulates like from any other loss") {
   Tensor x = leaf({2.0}, {});
   x.backward();
