@@ -32,14 +32,18 @@ CausalSelfAttention::CausalSelfAttention(int64_t dim, int64_t heads, double rope
 }
 
 Tensor CausalSelfAttention::forward(const Tensor& x, int64_t batch, int64_t seq) const {
-  Tensor qkv = wqkv.forward(x);                                  // [B*T, 3d]
-  std::vector<Tensor> parts = split(qkv, {dim_, dim_, dim_}, 1);  // q, k, v: [B*T, d] each
+  // q, k and v are three products with row blocks of wqkv (views of the parameter, no copy). One product and a split
+  // of its [B*T, 3d] result would move far more: the split copies each part out, and its backward builds the
+  // gradient from a zero-filled [B*T, 3d] tensor per part and two adds (docs/performance.md, "Where the bytes go").
+  auto project = [&](int64_t part) {
+    return matmul(x, slice_rows(wqkv.weight, part * dim_, (part + 1) * dim_), false, true);  // [B*T, d]
+  };
   Shape heads_shape{batch, seq, heads_, dim_ / heads_};
-  Tensor q = rope(reshape(parts[0], heads_shape), rope_theta_);  // [B, T, H, Dh]
-  Tensor k = rope(reshape(parts[1], heads_shape), rope_theta_);
-  Tensor v = reshape(parts[2], heads_shape);
-  Tensor y = causal_attention(q, k, v);                          // [B, T, H, Dh]
-  return wo.forward(reshape(y, {batch * seq, dim_}));            // [B*T, d]
+  Tensor q = rope(reshape(project(0), heads_shape), rope_theta_);  // [B, T, H, Dh]
+  Tensor k = rope(reshape(project(1), heads_shape), rope_theta_);
+  Tensor v = reshape(project(2), heads_shape);
+  Tensor y = causal_attention(q, k, v);                // [B, T, H, Dh]
+  return wo.forward(reshape(y, {batch * seq, dim_}));  // [B*T, d]
 }
 
 }  // namespace moelab::nn

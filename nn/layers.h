@@ -50,7 +50,8 @@ class SwiGLU : public FeedForward {
   Tensor w_down;        // [d, h]
 };
 
-// Causal multi-head self-attention with RoPE: qkv = x W_qkv^T, rotate q and k, softmax(q k^T / sqrt(Dh)) v, W_o.
+// Causal multi-head self-attention with RoPE: q, k, v = x W_q^T, x W_k^T, x W_v^T (row blocks of W_qkv), rotate q and
+// k, softmax(q k^T / sqrt(Dh)) v, W_o.
 class CausalSelfAttention : public Module {
  public:
   CausalSelfAttention(int64_t dim, int64_t heads, double rope_theta, Generator& gen, double std, double out_std);
