@@ -21,9 +21,9 @@ AdamW::AdamW(std::vector<nn::NamedTensor> params, const AdamWConfig& config)
 }
 
 // The step's moment scalars, computed in double and rounded to float once (the kernels' float math starts there).
-static AdamWScalars moment_scalars(const AdamWConfig& c, int64_t step) {
+static AdamWScalars moment_scalars(const AdamWConfig& c, int64_t step, float grad_scale) {
   return {static_cast<float>(c.beta1), static_cast<float>(c.beta2), static_cast<float>(c.eps),
-          static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(c.beta2, step)))};
+          static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(c.beta2, step))), grad_scale};
 }
 
 AdamWTensors AdamW::tensors_of(size_t index, const Tensor& grad, double lr) const {
@@ -37,7 +37,7 @@ AdamWTensors AdamW::tensors_of(size_t index, const Tensor& grad, double lr) cons
   return {p, grad, m_[index], v_[index], decay};
 }
 
-void AdamW::update(const std::vector<std::pair<size_t, Tensor>>& grads, double lr) {
+void AdamW::update(const std::vector<std::pair<size_t, Tensor>>& grads, double lr, float grad_scale) {
   if (grads.empty()) return;
   const Device device = params_[grads[0].first].tensor.device();
   std::vector<AdamWTensors> tensors;
@@ -48,16 +48,16 @@ void AdamW::update(const std::vector<std::pair<size_t, Tensor>>& grads, double l
     tensors.push_back(tensors_of(index, grad, lr));
   }
   const float step_size = static_cast<float>(lr / (1.0 - std::pow(config_.beta1, step_)));
-  KERNEL(adamw_update, device)(tensors, moment_scalars(config_, step_), step_size);
+  KERNEL(adamw_update, device)(tensors, moment_scalars(config_, step_, grad_scale), step_size);
 }
 
 void AdamW::update_direction(size_t index, const Tensor& grad, double lr,
-                             const std::function<Tensor(const Tensor&)>& transform) {
+                             const std::function<Tensor(const Tensor&)>& transform, float grad_scale) {
   const AdamWTensors tensors = tensors_of(index, grad, lr);
   const Tensor& p = tensors.param;
   const float inv_bc1 = static_cast<float>(1.0 / (1.0 - std::pow(config_.beta1, step_)));
   Tensor direction = Tensor::empty(p.shape(), DType::F32, p.device());
-  KERNEL(adamw_direction, p.device())(tensors, moment_scalars(config_, step_), inv_bc1, direction);
+  KERNEL(adamw_direction, p.device())(tensors, moment_scalars(config_, step_, grad_scale), inv_bc1, direction);
   Tensor moved = transform(direction);
   if (moved.shape() != p.shape() || moved.dtype() != DType::F32 || moved.device() != p.device())
     throw std::invalid_argument("AdamW::update_direction: transform returned " + moved.str() + " for " +
@@ -65,14 +65,14 @@ void AdamW::update_direction(size_t index, const Tensor& grad, double lr,
   KERNEL(adamw_apply_direction, p.device())(p, moved, tensors.decay, static_cast<float>(lr));
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, float grad_scale) {
   begin_step();
   std::vector<std::pair<size_t, Tensor>> grads;
   for (size_t i = 0; i < params_.size(); ++i) {
     Tensor g = params_[i].tensor.grad();
     if (g.defined()) grads.emplace_back(i, g);
   }
-  update(grads, lr);
+  update(grads, lr, grad_scale);
 }
 
 void AdamW::zero_grad() {
@@ -103,27 +103,25 @@ void AdamW::load_state(const std::vector<nn::NamedTensor>& state, int64_t steps_
   step_ = steps_taken;
 }
 
-double clip_grad_norm(const std::vector<nn::NamedTensor>& params, double max_norm) {
+GradClip grad_clip(const std::vector<nn::NamedTensor>& params, double max_norm) {
   std::vector<Tensor> grads;
   for (const nn::NamedTensor& p : params) {
     Tensor g = p.tensor.grad();
     if (!g.defined()) continue;
     if (g.dtype() != DType::F32 || (!grads.empty() && g.device() != grads[0].device()))
-      throw std::invalid_argument(fmt::format("clip_grad_norm: the gradient {} of {} is not f32 on the first "
+      throw std::invalid_argument(fmt::format("grad_clip: the gradient {} of {} is not f32 on the first "
                                               "gradient's device",
                                               g.str(), p.name));
     grads.push_back(g);
   }
-  if (grads.empty()) return 0.0;
+  GradClip clip;
+  if (grads.empty()) return clip;
   const Device device = grads[0].device();
   Tensor total = Tensor::empty({}, DType::F64, device);  // the sum of squares
   KERNEL(sum_of_squares, device)(grads, total);
-  double norm = std::sqrt(total.item());
-  if (max_norm > 0 && norm > max_norm) {
-    float scale = static_cast<float>(max_norm / (norm + 1e-6));  // torch's clip_grad_norm_ coefficient
-    KERNEL(scale_in_place, device)(grads, scale);
-  }
-  return norm;
+  clip.norm = std::sqrt(total.item());
+  if (max_norm > 0 && clip.norm > max_norm) clip.scale = static_cast<float>(max_norm / (clip.norm + 1e-6));
+  return clip;
 }
 
 }  // namespace moelab::optim

@@ -28,8 +28,9 @@ class AdamW {
  public:
   AdamW(std::vector<nn::NamedTensor> params, const AdamWConfig& config);
 
-  // One update of every parameter that has a gradient, with learning rate lr.
-  void step(double lr);
+  // One update of every parameter that has a gradient, with learning rate lr, each gradient multiplied by grad_scale
+  // as it is read (gradient clipping's factor: grad_clip(...).scale).
+  void step(double lr, float grad_scale = 1.0f);
   void zero_grad();
   int64_t steps_taken() const { return step_; }
   const AdamWConfig& config() const { return config_; }
@@ -41,13 +42,15 @@ class AdamW {
 
   // The updates of several parameters given their (possibly modified) gradients, as (parameter index, gradient)
   // pairs: used by step() and by OMoE, which projects some gradients first. One kernel launch on the GPU for all of
-  // them (the parameters must share a device).
-  void update(const std::vector<std::pair<size_t, Tensor>>& grads, double lr);
-  void update(size_t index, const Tensor& grad, double lr) { update({{index, grad}}, lr); }
+  // them (the parameters must share a device). grad_scale as in step().
+  void update(const std::vector<std::pair<size_t, Tensor>>& grads, double lr, float grad_scale = 1.0f);
+  void update(size_t index, const Tensor& grad, double lr, float grad_scale = 1.0f) {
+    update({{index, grad}}, lr, grad_scale);
+  }
   // As update(), but the Adam direction m_hat / (sqrt(v_hat) + eps) passes through `transform` (same shape in and
   // out) before it is applied: p <- p * (1 - lr * wd) - lr * transform(direction). For OMoE's mode = direction.
   void update_direction(size_t index, const Tensor& grad, double lr,
-                        const std::function<Tensor(const Tensor&)>& transform);
+                        const std::function<Tensor(const Tensor&)>& transform, float grad_scale = 1.0f);
   // Advances the step counter (bias corrections use it); step() calls it first.
   void begin_step() { ++step_; }
 
@@ -62,8 +65,14 @@ class AdamW {
   int64_t step_ = 0;
 };
 
-// Scales all gradients so their global L2 norm is at most max_norm (when max_norm > 0); returns the norm before. The
-// sum of squares is computed where the gradients live (one device for all); only the one number reaches the host.
-double clip_grad_norm(const std::vector<nn::NamedTensor>& params, double max_norm);
+// Gradient clipping to a global L2 norm of max_norm: the norm of all gradients, and the factor that clips it. The
+// optimizers apply the factor as they read each gradient (step(lr, scale)), so the clipped gradients are never written
+// (torch's clip_grad_norm_ scales them in place: they would be read and written once more).
+struct GradClip {
+  double norm = 0;  // before clipping
+  float scale = 1;  // max_norm / (norm + 1e-6), torch's coefficient, when max_norm > 0 and norm > max_norm; else 1
+};
+// The sum of squares is computed where the gradients live (one device for all); only the one number reaches the host.
+GradClip grad_clip(const std::vector<nn::NamedTensor>& params, double max_norm);
 
 }  // namespace moelab::optim

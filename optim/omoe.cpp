@@ -264,7 +264,7 @@ void OMoE::reset_projectors() {
   }
 }
 
-OMoEReport OMoE::step(double lr) {
+OMoEReport OMoE::step(double lr, float grad_scale) {
   NoGradGuard no_grad;
   adamw_.begin_step();
   ++step_;
@@ -311,11 +311,11 @@ OMoEReport OMoE::step(double lr) {
       return moved;
     };
     if (config_.mode == OMoEMode::Grad)
-      adamw_.update(i, projected(g), lr);
+      adamw_.update(i, projected(g), lr, grad_scale);
     else
-      adamw_.update_direction(i, g, lr, projected);
+      adamw_.update_direction(i, g, lr, projected, grad_scale);
   }
-  adamw_.update(plain, lr);
+  adamw_.update(plain, lr, grad_scale);
   if (report.o_step) {
     for (size_t l = 0; l < layers_.size(); ++l)
       report.removed.push_back(total2[l] > 0 ? std::sqrt(removed2[l] / total2[l]) : 0.0);

@@ -75,7 +75,9 @@ class OMoE {
   // observe() for every layer from its last forward (MoELayer::last_routing, last_input).
   void observe_last_forward();
   // One optimizer step with learning rate lr: projection on O steps, then the shared AdamW update, then the reset.
-  OMoEReport step(double lr);
+  // grad_scale: gradient clipping's factor (optim::grad_clip), applied by the AdamW update as it reads each gradient;
+  // the projection is linear, so projecting the unclipped gradient first changes nothing but the rounding.
+  OMoEReport step(double lr, float grad_scale = 1.0f);
   void zero_grad() { adamw_.zero_grad(); }
 
   // G Pbar_i for every expert i: G [E, out, n] -> [E, out, n], n = d (down = false) or h (down = true).

@@ -80,7 +80,7 @@ TEST_CASE("autograd: backward calls accumulate into leaves until zero_grad") {
 }
 
 TEST_CASE("autograd: leaves never share gradient storage") {
-  // Optimizer code edits gradients in place (optim::clip_grad_norm scales each p.grad() in place). If two leaves'
+  // Optimizer code edits gradients in place (e.g. torch's clip_grad_norm_ scales each p.grad() in place). If two leaves'
   // gradients were one buffer, that buffer would be scaled twice. add hands the same tensor to both of its inputs,
   // and reshape/clone pass views of it along, so backward must give each leaf a buffer of its own.
   Tensor a = leaf({1.0, 2.0}, {2}), b = leaf({3.0, 4.0}, {2}), c = leaf({5.0, 6.0}, {1, 2});

@@ -404,6 +404,41 @@ TEST_CASE("omoe: AdamW matches torch.optim.AdamW over 10 steps") {
   CHECK(worst_rel_move < 1e-4);
 }
 
+TEST_CASE("omoe: gradient clipping: grad_clip's norm and factor, which AdamW applies as it reads each gradient") {
+  // Two copies of the same parameters: one steps with the clipping factor, the other on gradients scaled first (what
+  // torch's clip_grad_norm_ leaves in .grad): the same bits, and the gradients themselves stay unscaled.
+  auto make_params = [] {
+    return std::vector<nn::NamedTensor>{{"w", testing::random({6, 5}, 1, DType::F32)},
+                                        {"bias", testing::random({7}, 3, DType::F32)}};
+  };
+  std::vector<nn::NamedTensor> clipped = make_params(), prescaled = make_params();
+  optim::AdamW a(clipped, {0.9, 0.95, 1e-8, 0.1}), b(prescaled, {0.9, 0.95, 1e-8, 0.1});
+  for (int64_t t = 1; t <= 4; ++t) {
+    double squares = 0;
+    std::vector<Tensor> grads;
+    for (size_t i = 0; i < clipped.size(); ++i) {
+      grads.push_back(testing::random(clipped[i].tensor.shape(), 50 * t + i, DType::F32, 2.0));
+      for (float v : grads[i].to_vector<float>()) squares += static_cast<double>(v) * v;
+      clipped[i].tensor.set_grad(clone(grads[i]));
+    }
+    const double max_norm = t == 3 ? 1e9 : 1.0;  // step 3 is under the limit
+    const optim::GradClip clip = optim::grad_clip(clipped, max_norm);
+    CHECK(clip.norm == doctest::Approx(std::sqrt(squares)).epsilon(1e-12));
+    CHECK(clip.scale == (t == 3 ? 1.0f : static_cast<float>(1.0 / (clip.norm + 1e-6))));
+    CHECK(optim::grad_clip(clipped, 0.0).scale == 1.0f);  // no limit
+    for (size_t i = 0; i < clipped.size(); ++i) {
+      CHECK(testing::bitwise_equal(clipped[i].tensor.grad(), grads[i]));  // not scaled in place
+      prescaled[i].tensor.set_grad(mul(grads[i], static_cast<double>(clip.scale)));
+    }
+    a.step(1e-2, clip.scale);
+    b.step(1e-2);
+    a.zero_grad();
+    b.zero_grad();
+    for (size_t i = 0; i < clipped.size(); ++i)
+      CHECK_MESSAGE(testing::bitwise_equal(clipped[i].tensor, prescaled[i].tensor), "step ", t, " ", clipped[i].name);
+  }
+}
+
 // ---- through the Trainer -------------------------------------------------------------------------------------------
 
 apps::TrainConfig small_config(const std::string& out_dir) {

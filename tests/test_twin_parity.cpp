@@ -163,8 +163,9 @@ void run_parity(const ParityCase& c) {
       for (const nn::NamedTensor& p : params)
         first_grads.push_back(p.tensor.grad().defined() ? clone(p.tensor.grad()) : zeros_like(p.tensor));
     }
-    grad_norms.push_back(optim::clip_grad_norm(params, tp.grad_clip));
-    optimizer.step(tp.lr);
+    const optim::GradClip clip = optim::grad_clip(params, tp.grad_clip);
+    grad_norms.push_back(clip.norm);
+    optimizer.step(tp.lr, clip.scale);
     optimizer.zero_grad();
   }
 

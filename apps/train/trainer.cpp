@@ -205,16 +205,17 @@ moe::LossTerms Trainer::train_step() {
     }
     last_domains_ = t.domains;
   }
-  double grad_norm = optim::clip_grad_norm(optimizer_->params(), config_.grad_clip);
+  const optim::GradClip clip = optim::grad_clip(optimizer_->params(), config_.grad_clip);
+  const double grad_norm = clip.norm;
   check_finite_step(step_loss, grad_norm);
   double lr = schedule_.at(step_);
   if (omoe_) {
     // Projectors first, from the mean routed inputs of the whole step; then the (projected) step.
     for (size_t l = 0; l < layers.size(); ++l)
       omoe_->observe(l, concat(routed_ids[l], 0), concat(routed_inputs[l], 0));
-    last_omoe_ = omoe_->step(lr);
+    last_omoe_ = omoe_->step(lr, clip.scale);
   } else {
-    optimizer_->step(lr);
+    optimizer_->step(lr, clip.scale);
   }
   optimizer_->zero_grad();
   tokens_seen_ += micro_batches * config_.batch_size * config_.model.seq_len;

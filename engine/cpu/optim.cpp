@@ -13,6 +13,7 @@ namespace moelab::cpu {
 
 void adamw_update(const std::vector<AdamWTensors>& params, const AdamWScalars& scalars, float step_size) {
   const float fb1 = scalars.beta1, fb2 = scalars.beta2, eps = scalars.eps, inv_sqrt_bc2 = scalars.inv_sqrt_bc2;
+  const float grad_scale = scalars.grad_scale;
   for (const AdamWTensors& p : params) {
     float* w = p.param.data<float>();
     float* m = p.m.data<float>();
@@ -20,8 +21,9 @@ void adamw_update(const std::vector<AdamWTensors>& params, const AdamWScalars& s
     const float* g = p.grad.data<float>();
     const float decay = p.decay;
     parallel_for(p.param.numel(), 8, [&](int64_t i) {
-      m[i] = fb1 * m[i] + (1 - fb1) * g[i];
-      v[i] = fb2 * v[i] + (1 - fb2) * g[i] * g[i];
+      const float gi = g[i] * grad_scale;
+      m[i] = fb1 * m[i] + (1 - fb1) * gi;
+      v[i] = fb2 * v[i] + (1 - fb2) * gi * gi;
       w[i] = w[i] * decay - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
     });
   }
@@ -33,9 +35,11 @@ void adamw_direction(const AdamWTensors& tensors, const AdamWScalars& scalars, f
   float* v = tensors.v.data<float>();
   const float* g = tensors.grad.data<float>();
   float* dir = direction.data<float>();
+  const float grad_scale = scalars.grad_scale;
   parallel_for(direction.numel(), 8, [&](int64_t i) {
-    m[i] = fb1 * m[i] + (1 - fb1) * g[i];
-    v[i] = fb2 * v[i] + (1 - fb2) * g[i] * g[i];
+    const float gi = g[i] * grad_scale;
+    m[i] = fb1 * m[i] + (1 - fb1) * gi;
+    v[i] = fb2 * v[i] + (1 - fb2) * gi * gi;
     dir[i] = m[i] * inv_bc1 / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
   });
 }
@@ -55,13 +59,6 @@ void sum_of_squares(const std::vector<Tensor>& tensors, const Tensor& total) {
     sum += parallel_sum(t.numel(), [d](int64_t i) { return static_cast<double>(d[i]) * d[i]; });
   }
   *total.data<double>() = sum;
-}
-
-void scale_in_place(const std::vector<Tensor>& tensors, float scale) {
-  for (const Tensor& t : tensors) {
-    float* d = t.data<float>();
-    parallel_for(t.numel(), 1, [&](int64_t i) { d[i] *= scale; });
-  }
 }
 
 // ---- OMoE -------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ template <class Record> __device__ const Record& record_of(const Record* records
   return records[lo];
 }
 
-// One f32 tensor of a list. `start` counts elements (scale_in_place) or chunks of kChunk elements (sum_of_squares).
+// One f32 tensor of a list. `start` counts units of float_tensor_records' `unit` elements (sum_of_squares: chunks).
 struct FloatTensorRecord {
   float* data;
   int64_t numel;
@@ -61,8 +61,10 @@ static std::vector<FloatTensorRecord> float_tensor_records(const std::vector<Ten
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
 
-// m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g g, in place, rounded as on the CPU; returns sqrt(v) inv_sqrt_bc2 + eps.
-__device__ __forceinline__ float update_moments(float g, float& m, float& v, const AdamWScalars& s) {
+// m = b1 m + (1 - b1) g and v = b2 v + (1 - b2) g g with g = grad grad_scale, in place, rounded as on the CPU; returns
+// sqrt(v) inv_sqrt_bc2 + eps.
+__device__ __forceinline__ float update_moments(float grad, float& m, float& v, const AdamWScalars& s) {
+  const float g = mul_rn(grad, s.grad_scale);
   m = add_rn(mul_rn(s.beta1, m), mul_rn(1 - s.beta1, g));
   v = add_rn(mul_rn(s.beta2, v), mul_rn(mul_rn(1 - s.beta2, g), g));
   return add_rn(mul_rn(sqrtf(v), s.inv_sqrt_bc2), s.eps);
@@ -178,22 +180,6 @@ void sum_of_squares(const std::vector<Tensor>& tensors, const Tensor& total) {
          partial.data<double>(), tensor_sums.data<double>());
   launch("total_sum_of_squares", total_sum_of_squares_kernel, dim3(1), dim3(1), 0, tensor_sums.data<double>(), count,
          total.data<double>());
-}
-
-static __global__ void scale_in_place_kernel(const FloatTensorRecord* records, int count, int64_t total, float scale) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= total) return;
-  const FloatTensorRecord& r = record_of(records, count, i);
-  r.data[i - r.start] *= scale;
-}
-
-void scale_in_place(const std::vector<Tensor>& tensors, float scale) {
-  int64_t total = 0;
-  const std::vector<FloatTensorRecord> records = float_tensor_records(tensors, 1, total);
-  if (records.empty()) return;
-  const DeviceArray<FloatTensorRecord> device(records);
-  launch("scale_in_place", scale_in_place_kernel, dim3(blocks_for(total, kThreads)), dim3(kThreads), 0, device.get(),
-         static_cast<int>(records.size()), total, scale);
 }
 
 // ---- OMoE -------------------------------------------------------------------------------------------------------------

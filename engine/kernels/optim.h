@@ -22,13 +22,15 @@ inline double seam_bytes(const AdamWTensors& t) {
   return detail::seam_bytes(t.param) + detail::seam_bytes(t.grad) + detail::seam_bytes(t.m) + detail::seam_bytes(t.v);
 }
 
-// The step's moment scalars: beta1, beta2, eps, and 1 / sqrt(1 - beta2^t).
+// The step's moment scalars: beta1, beta2, eps, 1 / sqrt(1 - beta2^t), and the factor every gradient is multiplied by
+// as it is read, g = grad * grad_scale (gradient clipping's, optim::grad_clip; 1 without clipping), so that clipped
+// gradients are never written.
 struct AdamWScalars {
-  float beta1 = 0, beta2 = 0, eps = 0, inv_sqrt_bc2 = 0;
+  float beta1 = 0, beta2 = 0, eps = 0, inv_sqrt_bc2 = 0, grad_scale = 1;
 };
 
 // Every element of every listed parameter (one launch on the GPU, whatever the number of parameters), with
-// step_size = lr / (1 - beta1^t):
+// step_size = lr / (1 - beta1^t) and g = grad * grad_scale:
 //   m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g g;   p = p decay - step_size m / (sqrt(v) inv_sqrt_bc2 + eps)
 DECLARE_KERNEL(adamw_update, (const std::vector<AdamWTensors>& params, const AdamWScalars& scalars, float step_size))
 // The moments as adamw_update, and the Adam direction m_hat / (sqrt(v_hat) + eps) = m inv_bc1 / (sqrt(v) inv_sqrt_bc2
@@ -43,8 +45,6 @@ DECLARE_KERNEL(adamw_apply_direction, (const Tensor& param, const Tensor& direct
 // total f64 [] = the sum of the squares of every element of every listed tensor, in double: each tensor's sum in
 // fixed chunks of 4096 elements added in order, then the tensors' sums in list order (the same bits on every run).
 DECLARE_KERNEL(sum_of_squares, (const std::vector<Tensor>& tensors, const Tensor& total))
-// Every element of every listed tensor *= scale, in place (one launch on the GPU).
-DECLARE_KERNEL(scale_in_place, (const std::vector<Tensor>& tensors, float scale))
 
 // ---- OMoE -------------------------------------------------------------------------------------------------------------
 
