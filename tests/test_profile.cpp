@@ -1,13 +1,17 @@
 // Kernel timing (engine/profile.h): what a KernelProfile counts, on the CPU and on the CUDA backend.
 #include <doctest/doctest.h>
 
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "engine/kernels/optim.h"
 #include "engine/ops.h"
+#include "engine/precision.h"
 #include "engine/profile.h"
+#include "moe/model.h"
+#include "optim/adamw.h"
 #include "tests/cuda_testing.h"
 #include "tests/testing.h"
 
@@ -62,6 +66,39 @@ TEST_CASE("profile: a KernelProfile counts and times the seam's calls while it i
 
 TEST_CASE("profile: the same on the CUDA backend, timed by events on the stream" * cuda_only()) {
   check_profile_counts(Device::CUDA);
+}
+
+TEST_CASE("profile: a training step's kernel bytes are fixed plus per sequence (what moe-bench bytes extrapolates)") {
+  // moe-bench bytes measures S and M at batch 1 and 2 and extrapolates each kernel's bytes linearly to the config's
+  // batch: every tensor of a step is per token or fixed. Batch 3 must be exactly that line's value, kernel by kernel.
+  nn::ModelConfig config = nn::model_preset("tiny");
+  config.seq_len = 16;
+  auto step_bytes = [&](int64_t batch) {
+    moe::RouterLossConfig losses;
+    losses.alpha = 0.01, losses.z_coef = 0.001;
+    moe::MoEModel model(config, losses, 0);
+    optim::AdamW optimizer(model.lm().named_parameters(), optim::AdamWConfig{});
+    std::vector<int32_t> tokens(batch * config.seq_len);
+    for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = static_cast<int32_t>((7 * i + 3) % config.vocab_size);
+    const Tensor inputs = from_vector(tokens, {batch, config.seq_len}),
+                 targets = from_vector(tokens, {batch * config.seq_len});
+    std::map<std::string, double> bytes;
+    KernelProfile profile;
+    PrecisionGuard bf16(Precision::BF16);
+    moe::Loss loss = model.loss(inputs, targets, Tensor(), 0);
+    loss.value.backward();
+    optimizer.step(1e-3, optim::grad_clip(optimizer.params(), 1.0).scale);
+    for (const KernelTime& t : profile.totals()) bytes[t.name] = t.bytes;
+    return bytes;
+  };
+  const std::map<std::string, double> one = step_bytes(1), two = step_bytes(2), three = step_bytes(3);
+  REQUIRE(three.size() == two.size());
+  CHECK(three.count("batched_matmul") == 1);
+  CHECK(three.count("adamw_update") == 1);
+  for (const auto& [name, bytes] : three) {
+    CAPTURE(name);
+    CHECK(bytes == 2 * two.at(name) - one.at(name));
+  }
 }
 
 }  // namespace moelab::testing

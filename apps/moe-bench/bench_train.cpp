@@ -27,6 +27,7 @@
 #include <unistd.h>
 #include <vector>
 
+#include "apps/moe-bench/bench_step.h"
 #include "apps/moe-bench/bench_util.h"
 #include "apps/moe-bench/benches.h"
 #include "engine/cuda/runtime.h"
@@ -106,28 +107,6 @@ double bf16_peak_flops(const std::string& device_name) {
   return 0;
 }
 
-// The device memory's peak bandwidth (bytes/s) by device name, the same way; 0 when not in the table.
-double memory_peak_bytes_per_s(const std::string& device_name) {
-  if (device_name.find("H100") != std::string::npos && device_name.find("PCIe") != std::string::npos) return 2.0e12;
-  if (device_name.find("H100") != std::string::npos) return 3.35e12;  // SXM, HBM3
-  if (device_name.find("H200") != std::string::npos) return 4.8e12;   // HBM3e
-  return 0;
-}
-
-struct Batch {
-  Tensor inputs, targets, domains;  // i32 [B, T], [B*T] on the device; [B] on the host (the losses read it there)
-};
-
-// Seeded random tokens; sequence s has domain s % domains.
-Batch make_batch(int64_t batch, int64_t seq, int64_t vocab, int64_t domains, uint64_t seed) {
-  std::mt19937_64 rng(seed + 1);
-  std::vector<int32_t> inputs(batch * seq), targets(batch * seq), dom(batch);
-  for (int32_t& v : inputs) v = static_cast<int32_t>(rng() % vocab);
-  for (int32_t& v : targets) v = static_cast<int32_t>(rng() % vocab);
-  for (int64_t s = 0; s < batch; ++s) dom[s] = static_cast<int32_t>(s % domains);
-  return {from_vector(inputs, {batch, seq}), from_vector(targets, {batch * seq}), from_vector(dom, {batch})};
-}
-
 struct StepTimes {
   double first_loss = 0;
   std::vector<double> ms;      // wall clock per timed step
@@ -146,53 +125,6 @@ struct KernelBreakdown {
   double wall_ms = 0;
   std::vector<KernelTime> kernels;
 };
-
-// The kinds of kernel of the breakdown, by seam name (engine/kernels/*.h); a name in none of them is "other".
-struct KernelCategory {
-  const char* name;
-  std::vector<std::string> kernels;
-};
-const std::vector<KernelCategory>& kernel_categories() {
-  static const std::vector<KernelCategory> categories = {
-      {"expert FFN (GEMMs + SwiGLU)",
-       {"moe_grouped_swiglu_forward", "moe_grouped_swiglu_backward", "moe_swiglu_forward", "moe_swiglu_backward"}},
-      {"dense GEMMs (+ bf16 rounding)", {"batched_matmul", "round_to_bf16"}},
-      {"attention", {"attention_forward", "attention_backward"}},
-      {"norms, RoPE, pointwise, copies",
-       {"rms_norm_forward", "rms_norm_backward", "rope_forward", "rope_backward", "unary_forward", "unary_backward",
-        "binary_forward", "scalar_forward", "expand_forward", "permute_copy", "copy_columns", "convert_dtype",
-        "fill_value", "fill_arange"}},
-      {"routing and dispatch",
-       {"topk_rows",
-        "argsort_rows",
-        "count_ids",
-        "moe_count_experts",
-        "moe_expert_offsets",
-        "moe_sort_slots",
-        "moe_permute_rows",
-        "moe_unpermute_sum_rows",
-        "moe_weighted_unpermute",
-        "moe_weighted_unpermute_backward",
-        "route_gates_forward",
-        "route_gates_backward",
-        "softmax_forward",
-        "softmax_backward",
-        "log_softmax_forward",
-        "log_softmax_backward",
-        "select_slices",
-        "add_slices",
-        "gather_elements",
-        "scatter_add_elements",
-        "select_where",
-        "cumsum"}},
-      {"reductions (sum, max)", {"sum_all", "sum_dim", "max_forward", "max_backward"}},
-      {"losses (CE, z, ED)",
-       {"cross_entropy_forward", "cross_entropy_backward", "z_loss_forward", "z_loss_backward", "sequence_means",
-        "expert_divergence_forward", "expert_divergence_backward"}},
-      {"optimizer (clip, AdamW)", {"adamw_update", "adamw_direction", "adamw_apply_direction", "sum_of_squares"}},
-  };
-  return categories;
-}
 
 // The phases of our step, each timed between two device synchronizations (--breakdown).
 constexpr int kPhases = 4;
@@ -332,11 +264,7 @@ void print_kernel_breakdown(const KernelBreakdown& k, Device device, double memo
       category_bytes(n_categories, 0.0);
   double kernels_ms = 0;
   for (const KernelTime& t : k.kernels) {
-    size_t c = 0;
-    while (c < kernel_categories().size() &&
-           std::find(kernel_categories()[c].kernels.begin(), kernel_categories()[c].kernels.end(), t.name) ==
-               kernel_categories()[c].kernels.end())
-      ++c;
+    const size_t c = category_of(t.name);
     category_ms[c] += t.ms / steps;
     category_calls[c] += static_cast<double>(t.calls) / steps;
     category_bytes[c] += t.bytes / steps;

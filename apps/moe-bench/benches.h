@@ -13,6 +13,8 @@ void add_attention_command(CLI::App& app);
 // `moe-bench experts`: one MoE layer's experts, every way of running their products, against PyTorch
 // (bench_experts.cpp).
 void add_experts_command(CLI::App& app);
+// `moe-bench bytes`: the least bytes each kind of kernel moves in one training step of a config (bench_bytes.cpp).
+void add_bytes_command(CLI::App& app);
 // `moe-bench optim`: OMoE's optimizer step against AdamW, and its share of a training step (bench_optim.cpp).
 void add_optim_command(CLI::App& app);
 

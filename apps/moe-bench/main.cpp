@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   moelab::bench::add_optim_command(app);
   moelab::bench::add_attention_command(app);
   moelab::bench::add_experts_command(app);
+  moelab::bench::add_bytes_command(app);
   try {  // a benchmark's error (no GPU, a bad option value) ends the run with its message, not an abort
     CLI11_PARSE(app, argc, argv);
   } catch (const std::exception& e) {
