@@ -116,13 +116,8 @@ void add_bytes_command(CLI::App& app) {
   auto opts = std::make_shared<BytesOptions>();
   CLI::App* cmd = app.add_subcommand("bytes", "the least bytes each kind of kernel moves in one training step at a "
                                               "config's batch (counted on the CPU), and their time at a bandwidth");
-  cmd->add_option("--preset", opts->preset, "model config: tiny, S or M")
-      ->check(CLI::IsMember({"tiny", "S", "M"}))
-      ->capture_default_str();
-  cmd->add_option("--batch", opts->batch, "sequences per batch (default: the preset's, tiny 8, S 32, M 16)");
-  cmd->add_option("--precision", opts->precision_name, "our products: fp32, or bf16 operands with f32 accumulation")
-      ->check(CLI::IsMember({"fp32", "bf16"}))
-      ->capture_default_str();
+  add_preset_options(cmd, opts->preset, opts->batch);
+  add_precision_option(cmd, opts->precision_name);
   cmd->add_option("--bandwidth", opts->bandwidth_gb_s, "the memory's peak, GB/s (H200 4800, H100 SXM 3350)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();

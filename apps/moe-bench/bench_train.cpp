@@ -592,10 +592,7 @@ void add_train_step_command(CLI::App& app) {
   opts->torch_script = source_script("bench_torch_step.py");
   CLI::App* cmd = app.add_subcommand("train-step", "ms per training step (forward, loss, backward, clip, AdamW) "
                                                    "against the PyTorch twin, on the CPU or a GPU");
-  cmd->add_option("--preset", opts->preset, "model config: tiny, S or M")
-      ->check(CLI::IsMember({"tiny", "S", "M"}))
-      ->capture_default_str();
-  cmd->add_option("--batch", opts->batch, "sequences per batch (default: the preset's, tiny 8, S 32, M 16)");
+  add_preset_options(cmd, opts->preset, opts->batch);
   cmd->add_option("--steps", opts->steps, "timed steps (the median is reported)")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -614,9 +611,7 @@ void add_train_step_command(CLI::App& app) {
   cmd->add_option("--device", opts->device_name, "where our step runs: cpu or cuda (the torch side runs there too)")
       ->check(CLI::IsMember({"cpu", "cuda"}))
       ->capture_default_str();
-  cmd->add_option("--precision", opts->precision_name, "our products: fp32, or bf16 operands with f32 accumulation")
-      ->check(CLI::IsMember({"fp32", "bf16"}))
-      ->capture_default_str();
+  add_precision_option(cmd, opts->precision_name);
   cmd->add_option("--torch-variants", opts->torch_variants,
                   "PyTorch variants, comma-separated: eager_fp32, eager_bf16_loop, eager_bf16_grouped, "
                   "compile_bf16_grouped (default: eager_fp32 on the CPU, all four on cuda)")

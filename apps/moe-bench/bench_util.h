@@ -152,6 +152,21 @@ inline ScriptResult run_json_script(const std::string& command, int timeout_s) {
   return run;
 }
 
+// --preset and --batch: a named config, and its sequences per batch (0: the preset's benchmark batch, preset_batch).
+inline void add_preset_options(CLI::App* cmd, std::string& preset, int64_t& batch) {
+  cmd->add_option("--preset", preset, "model config: tiny, S or M")
+      ->check(CLI::IsMember({"tiny", "S", "M"}))
+      ->capture_default_str();
+  cmd->add_option("--batch", batch, "sequences per batch (default: the preset's, tiny 8, S 32, M 16)");
+}
+
+// --precision: our products in fp32, or bf16 operands with f32 accumulation (engine/precision.h's names).
+inline void add_precision_option(CLI::App* cmd, std::string& precision_name) {
+  cmd->add_option("--precision", precision_name, "our products: fp32, or bf16 operands with f32 accumulation")
+      ->check(CLI::IsMember({"fp32", "bf16"}))
+      ->capture_default_str();
+}
+
 // The options of a benchmark of one part of a layer against a PyTorch script on the same inputs (moe-bench attention,
 // experts), registered by add_part_options.
 struct PartBenchOptions {
@@ -176,10 +191,7 @@ struct PartBenchOptions {
   }
 };
 inline void add_part_options(CLI::App* cmd, PartBenchOptions& opts) {
-  cmd->add_option("--preset", opts.preset, "the shapes of: tiny | S | M")
-      ->check(CLI::IsMember({"tiny", "S", "M"}))
-      ->capture_default_str();
-  cmd->add_option("--batch", opts.batch, "sequences (0: the preset's benchmark batch)")->capture_default_str();
+  add_preset_options(cmd, opts.preset, opts.batch);
   cmd->add_option("--steps", opts.steps, "timed steps")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--warmup", opts.warmup, "untimed steps first")->capture_default_str();
   cmd->add_option("--device", opts.device_name, "cpu | cuda")

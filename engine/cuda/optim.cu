@@ -36,26 +36,6 @@ template <class Record> __device__ const Record& record_of(const Record* records
   return records[lo];
 }
 
-// One f32 tensor of a list. `start` counts units of float_tensor_records' `unit` elements (sum_of_squares: chunks).
-struct FloatTensorRecord {
-  float* data;
-  int64_t numel;
-  int64_t start;
-};
-
-// The non-empty tensors of a list, with their starts in units of `unit` elements; `total` gets the units in all.
-static std::vector<FloatTensorRecord> float_tensor_records(const std::vector<Tensor>& tensors, int64_t unit,
-                                                           int64_t& total) {
-  std::vector<FloatTensorRecord> records;
-  total = 0;
-  for (const Tensor& t : tensors) {
-    if (t.numel() == 0) continue;
-    records.push_back({t.data<float>(), t.numel(), total});
-    total += (t.numel() + unit - 1) / unit;
-  }
-  return records;
-}
-
 // ---- AdamW ------------------------------------------------------------------------------------------------------------
 
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
@@ -139,6 +119,25 @@ void adamw_apply_direction(const Tensor& param, const Tensor& direction, float d
 // The CPU's chunks (parallel_sum): each tensor's elements in chunks of kChunk, one block per chunk of every tensor.
 constexpr int64_t kChunk = 4096;
 
+// One f32 tensor of a list; `start` is the index of its first chunk among all the tensors' chunks.
+struct FloatTensorRecord {
+  float* data;
+  int64_t numel;
+  int64_t start;
+};
+
+// The non-empty tensors of a list, with their first chunks; `chunks` gets the chunks of all of them.
+static std::vector<FloatTensorRecord> float_tensor_records(const std::vector<Tensor>& tensors, int64_t& chunks) {
+  std::vector<FloatTensorRecord> records;
+  chunks = 0;
+  for (const Tensor& t : tensors) {
+    if (t.numel() == 0) continue;
+    records.push_back({t.data<float>(), t.numel(), chunks});
+    chunks += (t.numel() + kChunk - 1) / kChunk;
+  }
+  return records;
+}
+
 static __global__ void chunk_sum_of_squares_kernel(const FloatTensorRecord* records, int count, double* partial) {
   const FloatTensorRecord& r = record_of(records, count, blockIdx.x);
   const int64_t begin = (blockIdx.x - r.start) * kChunk;
@@ -169,7 +168,7 @@ static __global__ void total_sum_of_squares_kernel(const double* tensor_sums, in
 
 void sum_of_squares(const std::vector<Tensor>& tensors, const Tensor& total) {
   int64_t chunks = 0;
-  const std::vector<FloatTensorRecord> records = float_tensor_records(tensors, kChunk, chunks);
+  const std::vector<FloatTensorRecord> records = float_tensor_records(tensors, chunks);
   const int count = static_cast<int>(records.size());
   const DeviceArray<FloatTensorRecord> device(records);
   Tensor partial = Tensor::empty({chunks}, DType::F64, Device::CUDA);
