@@ -62,13 +62,14 @@ Loss MoEModel::loss(const Tensor& inputs, const Tensor& targets, const Tensor& d
     throw std::invalid_argument("MoEModel::loss: domains must be i32 [B], got " + domains.str());
   const RouterLossConfig& c = losses_;
   const EDGroups groups = ed_groups ? *ed_groups : EDGroups{domains, num_domains};
-  Tensor logits;  // [B*T, V]; every MoE layer keeps its routing
+  Tensor hidden;  // [B*T, d], the LM head's input; every MoE layer keeps its routing
   {
     DeferRouterChecks defer;  // checked below, in the one read
-    logits = lm_->forward(inputs);
+    hidden = lm_->hidden(inputs);
   }
-  Tensor token_ce;                       // f64 [B*T], for the per-domain sums
-  Tensor ce = cross_entropy(logits, targets, kIgnoreIndex, domains.defined() ? &token_ce : nullptr);
+  Tensor token_ce;  // f64 [B*T], for the per-domain sums
+  Tensor ce = linear_cross_entropy(hidden, lm_->output_weight(), targets, kIgnoreIndex,
+                                   domains.defined() ? &token_ce : nullptr);
 
   // The router losses of each MoE layer, from the routing its forward kept (still on the graph).
   std::vector<Tensor> lb, z, ed;
@@ -111,7 +112,7 @@ Loss MoEModel::loss(const Tensor& inputs, const Tensor& targets, const Tensor& d
 
 std::vector<DomainSums> MoEModel::routing_domain_sums(const Tensor& inputs, const Tensor& domains, int64_t num_domains) {
   NoGradGuard no_grad;
-  lm_->forward(inputs);
+  lm_->hidden(inputs);  // for the routing only: no LM head
   std::vector<DomainSums> out;
   for (const MoELayer* layer : moe_layers())
     out.push_back(moe::routing_domain_sums(layer->last_routing().probs, domains, num_domains));

@@ -46,13 +46,16 @@ TransformerLM::TransformerLM(const ModelConfig& config, uint64_t seed, const Fee
   }
 }
 
-Tensor TransformerLM::forward(const Tensor& ids) {
+Tensor TransformerLM::hidden(const Tensor& ids) {
   if (ids.dim() != 2 || ids.dtype() != DType::I32)
-    throw std::invalid_argument("TransformerLM::forward: ids must be i32 [B, T], got " + ids.str());
+    throw std::invalid_argument("TransformerLM: ids must be i32 [B, T], got " + ids.str());
   Tensor x = tok_emb.forward(reshape(ids, {-1}));  // [B*T, d]
   for (auto& block : layers) x = block->forward(x, ids.size(0), ids.size(1));
-  Tensor h = final_norm.forward(x);
-  return lm_head ? lm_head->forward(h) : matmul(h, tok_emb.weight, false, true);  // [B*T, V]
+  return final_norm.forward(x);
+}
+
+Tensor TransformerLM::forward(const Tensor& ids) {
+  return matmul(hidden(ids), output_weight(), false, true);  // [B*T, V]
 }
 
 }  // namespace moelab::nn

@@ -42,8 +42,13 @@ class TransformerLM : public Module {
   // Parameters are drawn from one seeded stream in construction order: the same seed gives the same model on every
   // backend.
   TransformerLM(const ModelConfig& config, uint64_t seed, const FeedForwardFactory& make_ffn = dense_feed_forward);
-  // ids: i32 [B, T] -> logits [B*T, V].
+  // ids: i32 [B, T] -> logits [B*T, V]: hidden(ids) @ output_weight()^T.
   Tensor forward(const Tensor& ids);
+  // ids: i32 [B, T] -> the final norm's output [B*T, d], the LM head's input: a loss takes it and output_weight()
+  // to linear_cross_entropy, which never makes the logits whole.
+  Tensor hidden(const Tensor& ids);
+  // The LM head's weight [V, d]: lm_head's, or with tie_embeddings the embedding table.
+  const Tensor& output_weight() const { return lm_head ? lm_head->weight : tok_emb.weight; }
   const ModelConfig& config() const { return config_; }
 
   Embedding tok_emb;

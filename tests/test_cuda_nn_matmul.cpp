@@ -155,6 +155,47 @@ TEST_CASE("cuda: nn: cross-entropy kernels with every row ignored give a zero lo
   }
 }
 
+TEST_CASE("cuda: nn: the cross-entropy kernel with the gradient matches the CPU: own dtype, in place, bf16, none" *
+          cuda_only()) {
+  for (DType dtype : kFloatTypes) {
+    const double rel = f32_or_f64(dtype, 1e-5, 1e-12);
+    for (auto [N, V] : {std::pair<int64_t, int64_t>{1, 1}, {7, 33}, {33, 4097}, {66, 300}}) {
+      const Tensor logits = random({N, V}, 10 + N, dtype, 3.0);
+      const std::vector<int32_t> t = some_ignored_targets(N, V);
+      int64_t count = 0;
+      for (int32_t target : t) count += target != kIgnoreIndex;
+      const Tensor targets = from_vector(t, {N});
+      const CrossEntropyOutputs separate = cross_entropy_kernels(logits, targets, count, Device::CPU);
+      for (int mode = 0; mode < 4; ++mode) {  // the gradient: in the logits' dtype, over them, in bf16, none
+        if (mode == 2 && dtype != DType::F32) continue;
+        const std::string what = fmt::format("{} [{}, {}] mode {}", dtype_name(dtype), N, V, mode);
+        auto run = [&](Device device) {
+          const Tensor x = to_device(clone(logits), device), row_loss = Tensor::empty({N}, DType::F64, device);
+          const Tensor d = mode == 0   ? empty_like_on(x, device)
+                           : mode == 1 ? x
+                           : mode == 2 ? Tensor::empty({N, V}, DType::BF16, device)
+                                       : Tensor();
+          KERNEL(cross_entropy_with_gradient, device)(x, on(targets, device), kIgnoreIndex, count, row_loss, d);
+          return std::pair{row_loss, d.defined() ? converted(to_cpu(d), dtype) : Tensor()};
+        };
+        const auto [cpu_rows, cpu_d] = run(Device::CPU);
+        const auto [gpu_rows, gpu_d] = run(Device::CUDA);
+        check_match(gpu_rows, cpu_rows, rel, 1e-9, what + " row_loss");
+        // On the CPU the row losses are the forward kernel's, the gradient the backward kernel's for g = 1 / 0.75
+        // (that test's upstream gradient), rounded to bf16 in mode 2.
+        CHECK(values_of(cpu_rows) == values_of(separate.row_loss));
+        if (mode == 3) continue;
+        const double d_rel = mode == 2 ? kBf16Step : rel;
+        check_values(values_of(gpu_d), values_of(cpu_d), d_rel, 1e-12, what + " dlogits");  // both copied to the CPU
+        Tensor expected = mul(separate.dlogits, 1 / 0.75);
+        if (mode == 2) expected = converted(converted(expected, DType::BF16), DType::F32);
+        check_values(values_of(cpu_d), values_of(expected), d_rel, 1e-12,
+                     what + " dlogits against the backward kernel");
+      }
+    }
+  }
+}
+
 TEST_CASE("cuda: nn: RMSNorm kernels match the CPU" * cuda_only()) {
   for (DType dtype : kFloatTypes) {
     const double rel = f32_or_f64(dtype, 1e-5, 1e-12);
@@ -360,6 +401,20 @@ TEST_CASE("cuda: nn: the ops and their backward on the GPU match the CPU" * cuda
                    random({2, 5, 33}, 53, DType::F32), 1e-5, 1.0, "rms_norm");
   check_op_matches([](const std::vector<Tensor>& x) { return rope(x[0], 10000.0, 3); },
                    {random({2, 7, 3, 20}, 54, DType::F32)}, random({2, 7, 3, 20}, 55, DType::F32), 1e-5, 1.0, "rope");
+  // The LM head's loss in chunks of 4 rows, with f32 and with bf16 products (a bf16 gradient of the logits: a
+  // rounding that flips between devices moves a sum by a bf16 step of one term).
+  for (Precision precision : {Precision::FP32, Precision::BF16}) {
+    const bool bf16 = precision == Precision::BF16;
+    check_op_matches(
+        [precision](const std::vector<Tensor>& x) {
+          PrecisionGuard mode(precision);
+          return linear_cross_entropy(x[0], x[1], x[2], kIgnoreIndex, nullptr, 4);
+        },
+        {random({11, 24}, 60, DType::F32), random({300, 24}, 61, DType::F32),
+         from_vector(some_ignored_targets(11, 300), {11})},
+        full({}, 0.5), bf16 ? 1e-3 : 1e-5, 1e-2,  // atol: the gradients' scale (sums of 300 terms that cancel)
+        fmt::format("linear_cross_entropy {}", enum_name(precision)));
+  }
   const Shape qkv{2, 33, 3, 32};
   check_op_matches([](const std::vector<Tensor>& x) { return causal_attention(x[0], x[1], x[2]); },
                    {random(qkv, 56, DType::F32), random(qkv, 57, DType::F32), random(qkv, 58, DType::F32)},
@@ -378,15 +433,23 @@ Shape operand_shape(const Shape& lead, int64_t rows, int64_t cols, bool trans) {
   return shape;
 }
 
-// The batched_matmul kernel on `device`, into a fresh output.
-Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, bool sum_batches, Device device) {
+// The shape of the batched_matmul kernel's output.
+Shape product_shape(const Tensor& a, const Tensor& b, bool ta, bool tb, bool sum_batches) {
   const MatmulShape s = matmul_shape(a, b, ta, tb);
   const Tensor& batched = a.dim() > 2 ? a : b;
   Shape shape = sum_batches ? Shape{} : Shape(batched.shape().begin(), batched.shape().end() - 2);
   shape.push_back(s.m);
   shape.push_back(s.n);
-  Tensor out = Tensor::empty(shape, a.dtype() == DType::BF16 ? DType::F32 : a.dtype(), device);
-  KERNEL(batched_matmul, device)(on(a, device), on(b, device), ta, tb, sum_batches, out);
+  return shape;
+}
+
+// The batched_matmul kernel on `device`, into a fresh output, or added to a copy of `start` (accumulate).
+Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, bool sum_batches, Device device,
+                     const Tensor& start = Tensor()) {
+  Tensor out = start.defined() ? to_device(clone(start), device)
+                               : Tensor::empty(product_shape(a, b, ta, tb, sum_batches),
+                                               a.dtype() == DType::BF16 ? DType::F32 : a.dtype(), device);
+  KERNEL(batched_matmul, device)(on(a, device), on(b, device), ta, tb, sum_batches, start.defined(), out);
   return out;
 }
 
@@ -397,24 +460,31 @@ constexpr Sizes kMatmulSizes[] = {{1, 1, 1}, {7, 33, 5}, {33, 17, 65}, {4, 3, 0}
 
 }  // namespace
 
-TEST_CASE("cuda: matmul: the batched kernel matches the CPU (transposes, batched, shared, summed over batches)" *
+TEST_CASE("cuda: matmul: the batched kernel matches the CPU (transposes, batched, shared, summed, accumulated)" *
           cuda_only()) {
   for (DType dtype : {DType::F32, DType::F64, DType::BF16}) {
     const double rel = f32_or_f64(dtype, 1e-5, 1e-12);  // bf16 operands: f32 products
+    const DType out_dtype = dtype == DType::BF16 ? DType::F32 : dtype;
     for (Sizes z : kMatmulSizes) {
       for (int layout = 0; layout < 4; ++layout) {  // 2-D; both batched; a shared; b shared
         const Shape lead{2, 3};
         const Shape a_lead = layout == 1 || layout == 3 ? lead : Shape{},
                     b_lead = layout == 1 || layout == 2 ? lead : Shape{};
-        for (int flags = 0; flags < 8; ++flags) {
-          const bool ta = flags & 1, tb = flags & 2, sum_batches = flags & 4;
+        for (int flags = 0; flags < 16; ++flags) {
+          const bool ta = flags & 1, tb = flags & 2, sum_batches = flags & 4, accumulate = flags & 8;
           const Tensor a = random_of(operand_shape(a_lead, z.m, z.k, ta), 60 + flags, dtype);
           const Tensor b = random_of(operand_shape(b_lead, z.k, z.n, tb), 70 + layout, dtype);
-          const std::string what = fmt::format("{} {}{} x {}{}{}", dtype_name(dtype), a.str(), ta ? "^T" : "", b.str(),
-                                               tb ? "^T" : "", sum_batches ? " summed" : "");
-          const int64_t terms = sum_batches && layout != 0 ? 6 * z.k : z.k;  // 6 batches
-          check_match(matmul_kernel(a, b, ta, tb, sum_batches, Device::CUDA),
-                      matmul_kernel(a, b, ta, tb, sum_batches, Device::CPU), rel, sum_scale(terms), what);
+          const Tensor start = accumulate ? random(product_shape(a, b, ta, tb, sum_batches), 75, out_dtype) : Tensor();
+          const std::string what =
+              fmt::format("{} {}{} x {}{}{}{}", dtype_name(dtype), a.str(), ta ? "^T" : "", b.str(), tb ? "^T" : "",
+                          sum_batches ? " summed" : "", accumulate ? " accumulated" : "");
+          const int64_t terms = (sum_batches && layout != 0 ? 6 * z.k : z.k) + 1;  // 6 batches, and start
+          const Tensor cpu = matmul_kernel(a, b, ta, tb, sum_batches, Device::CPU, start);
+          check_match(matmul_kernel(a, b, ta, tb, sum_batches, Device::CUDA, start), cpu, rel, sum_scale(terms), what);
+          // Accumulating adds the product to what the output held.
+          if (accumulate)
+            check_values(values_of(cpu), values_of(add(start, matmul_kernel(a, b, ta, tb, sum_batches, Device::CPU))),
+                         rel, sum_scale(terms), what + " against start + product");
         }
       }
     }

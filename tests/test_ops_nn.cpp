@@ -226,6 +226,115 @@ TEST_CASE("ops:nn cross_entropy bad use throws") {
   CHECK_THROWS_AS(cross_entropy(ids({1, 2, 3}), ids({0, 1, 2})), std::invalid_argument);      // integer logits
 }
 
+// ---- linear cross-entropy ------------------------------------------------------------------------------------------
+
+namespace {
+
+// The loss, row losses and gradients (x, weight) of linear_cross_entropy in chunks of chunk_rows, or with
+// chunk_rows < 0 of its reference: cross_entropy of the whole product. The upstream gradient is 0.5: not 1, and a
+// power of two, which bf16 rounding commutes with (the op rounds the logits' gradient before it is scaled, matmul's
+// backward after).
+struct LinearCE {
+  Tensor loss, row_losses, dx, dweight;
+};
+LinearCE run_linear_ce(const Tensor& x, const Tensor& weight, const Tensor& targets, int64_t chunk_rows,
+                       Precision precision = Precision::FP32) {
+  PrecisionGuard mode(precision);
+  Tensor xl = testing::leaf(x, x.dtype()), wl = testing::leaf(weight, weight.dtype());
+  LinearCE out;
+  out.loss = chunk_rows < 0 ? cross_entropy(matmul(xl, wl, false, true), targets, kIgnoreIndex, &out.row_losses)
+                            : linear_cross_entropy(xl, wl, targets, kIgnoreIndex, &out.row_losses, chunk_rows);
+  mul(out.loss, 0.5).backward();
+  out.dx = xl.grad(), out.dweight = wl.grad();
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("ops:nn linear_cross_entropy equals cross_entropy of the product, in any chunks of rows") {
+  const Tensor targets = random_targets(10, 37, 31, kIgnoreIndex, 4);  // rows 1, 5 and 9 ignored
+  for (DType dtype : {DType::F64, DType::F32}) {
+    const double rel = dtype == DType::F64 ? 1e-12 : 1e-5;
+    const Tensor x = random({10, 6}, 32, dtype, 2.0), weight = random({37, 6}, 33, dtype, 2.0);
+    const LinearCE expected = run_linear_ce(x, weight, targets, -1);
+    for (int64_t chunk_rows : {1, 3, 10, 0}) {  // 0: the default, one chunk here
+      const std::string what = fmt::format("{} chunks of {}", dtype_name(dtype), chunk_rows);
+      const LinearCE got = run_linear_ce(x, weight, targets, chunk_rows);
+      check_close(got.loss, expected.loss, rel, 1e-6, what + " loss");
+      check_close(got.row_losses, expected.row_losses, rel, 1e-6, what + " row losses");
+      check_close(got.dx, expected.dx, rel, 1e-6, what + " dx");
+      check_close(got.dweight, expected.dweight, rel, 1e-6, what + " dweight");
+    }
+  }
+  // The forward against the plain loop, and every gradient against central differences, across chunks of 4.
+  Tensor x = random({10, 6}, 34, DType::F64).set_requires_grad(),
+         w = random({37, 6}, 35, DType::F64).set_requires_grad();
+  CHECK(linear_cross_entropy(x, w, targets).item() ==
+        doctest::Approx(ref_cross_entropy(matmul(x, w, false, true), targets, kIgnoreIndex)).epsilon(1e-13));
+  auto loss = [&](const std::vector<Tensor>& in) {
+    return weighted_sum(linear_cross_entropy(in[0], in[1], targets, kIgnoreIndex, nullptr, 4));
+  };
+  // 1e-5: some gradients are ~1e-4, where the differences' rounding (~1e-16 * loss / eps) shows.
+  CHECK(gradcheck(loss, {x, w}, 1e-5, 1e-6, "linear_cross_entropy") < 1e-5);
+}
+
+TEST_CASE("ops:nn linear_cross_entropy under bf16 precision: bf16 products, as matmul's, and a bf16 gradient") {
+  const Tensor targets = random_targets(12, 40, 36, kIgnoreIndex, 5);
+  const Tensor x = random({12, 16}, 37, DType::F32, 2.0), weight = random({40, 16}, 38, DType::F32, 2.0);
+  const LinearCE expected = run_linear_ce(x, weight, targets, -1, Precision::BF16);
+  const LinearCE fp32 = run_linear_ce(x, weight, targets, 5, Precision::FP32);
+  const LinearCE got = run_linear_ce(x, weight, targets, 5, Precision::BF16);
+  // The reference rounds the logits' gradient to bf16 before its products (matmul's backward): so does the kernel,
+  // as it writes it. Only the order of dweight's sum over chunks differs.
+  check_close(got.loss, expected.loss, 1e-6, 1e-6, "loss");
+  check_close(got.dx, expected.dx, 1e-5, 1e-4, "dx");
+  check_close(got.dweight, expected.dweight, 1e-5, 1e-4, "dweight");
+  // And the precision is real: f32 products give another loss and other gradients.
+  CHECK(testing::max_relative_error(fp32.loss, got.loss) > 1e-5);
+  CHECK(testing::max_relative_error(fp32.dx, got.dx) > 1e-4);
+}
+
+TEST_CASE("ops:nn linear_cross_entropy without a gradient, with every row ignored, and with no rows") {
+  const Tensor x = random({6, 4}, 39, DType::F32), weight = random({9, 4}, 40, DType::F32);
+  const Tensor targets = random_targets(6, 9, 41, kIgnoreIndex, 0);
+  {
+    NoGradGuard no_grad;  // the loss only: no gradient is kept
+    Tensor xl = testing::leaf(x, DType::F32);
+    Tensor loss = linear_cross_entropy(xl, weight, targets, kIgnoreIndex, nullptr, 4);
+    CHECK(!loss.requires_grad());
+    check_close(loss, cross_entropy(matmul(x, weight, false, true), targets), 1e-6, 1e-6, "no grad");
+  }
+  Tensor xl = testing::leaf(x, DType::F32), wl = testing::leaf(weight, DType::F32);
+  Tensor all_ignored = from_vector(std::vector<int32_t>(6, kIgnoreIndex), {6});
+  Tensor loss = linear_cross_entropy(xl, wl, all_ignored, kIgnoreIndex, nullptr, 4);
+  CHECK(loss.item() == 0.0);
+  loss.backward();
+  for (const Tensor& g : {xl.grad(), wl.grad()})
+    for (double v : as_doubles(g)) CHECK(v == 0.0);
+  Tensor none = testing::leaf(zeros({0, 4}, DType::F32), DType::F32), w0 = testing::leaf(weight, DType::F32);
+  Tensor empty_loss = linear_cross_entropy(none, w0, from_vector(std::vector<int32_t>{}, {0}));
+  CHECK(empty_loss.item() == 0.0);
+  empty_loss.backward();
+  for (double v : as_doubles(w0.grad())) CHECK(v == 0.0);
+}
+
+TEST_CASE("ops:nn linear_cross_entropy bad use throws") {
+  const Tensor x = random({3, 4}, 1, DType::F32), weight = random({5, 4}, 2, DType::F32);
+  auto ids = [](std::vector<int32_t> v) { return from_vector(v, {static_cast<int64_t>(v.size())}); };
+  testing::check_error<std::invalid_argument>(
+      [&] {
+        linear_cross_entropy(x, weight, ids({0, 5, 1}));
+      },
+      {"target 5 of row 1", "outside [0, 5)", "weight f32[5, 4]"});
+  CHECK_THROWS_AS(linear_cross_entropy(x, weight, ids({0, 1})), std::invalid_argument);    // N mismatch
+  CHECK_THROWS_AS(linear_cross_entropy(x, random({5, 3}, 2, DType::F32), ids({0, 1, 2})),  // d mismatch
+                  std::invalid_argument);
+  CHECK_THROWS_AS(linear_cross_entropy(x, to_dtype(weight, DType::F64), ids({0, 1, 2})),  // dtypes differ
+                  std::invalid_argument);
+  CHECK_THROWS_AS(linear_cross_entropy(to_dtype(x, DType::BF16), to_dtype(weight, DType::BF16), ids({0, 1, 2})),
+                  std::invalid_argument);  // bf16 inputs: mixed precision takes f32 ones
+}
+
 // ---- RMSNorm --------------------------------------------------------------------------------------------------------
 
 TEST_CASE("ops:nn rms_norm forward matches a plain loop") {

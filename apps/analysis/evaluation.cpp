@@ -321,9 +321,8 @@ Scores score(moe::MoEModel& model, const EvalSet& set, int64_t num_domains) {
   for (const data::Batch& b : set.batches) {
     Tensor inputs = from_vector(b.inputs, {b.B, b.T}, dev);              // i32 [B, T]
     Tensor targets = from_vector(b.targets, {int64_t(b.B) * b.T}, dev);  // i32 [B*T]
-    Tensor logits = model.lm().forward(inputs);                          // [B*T, V]
     Tensor token_ce;                                                     // f64 [B*T]
-    cross_entropy(logits, targets, kIgnoreIndex, &token_ce);
+    linear_cross_entropy(model.lm().hidden(inputs), model.lm().output_weight(), targets, kIgnoreIndex, &token_ce);
     moe::accumulate_domain_ce(token_ce.to_vector<double>(), b.targets, b.domains, num_domains, ce_sum, tokens);
   }
   Scores s;

@@ -71,7 +71,7 @@ static RoutingTrace trace_text(moe::MoEModel& model, const data::Tokenizer& toke
     size_t end = std::min(ids.size(), start + static_cast<size_t>(seq_len));
     std::vector<int32_t> window(ids.begin() + static_cast<std::ptrdiff_t>(start),
                                 ids.begin() + static_cast<std::ptrdiff_t>(end));
-    model.lm().forward(
+    model.lm().hidden(
         from_vector(window, {1, static_cast<int64_t>(window.size())}, model.lm().tok_emb.weight.device()));
     for (size_t l = 0; l < layers.size(); ++l) {
       const moe::Routing& r = layers[l]->last_routing();
@@ -228,7 +228,7 @@ RunAnalysis analyze_run(const fs::path& run_dir, const AnalyzeOptions& options) 
     NoGradGuard no_grad;
     for (const data::Batch& b : set.batches) {
       Tensor inputs = from_vector(b.inputs, {b.B, b.T}, options.device), domains = from_vector(b.domains, {b.B});
-      model.lm().forward(inputs);
+      model.lm().hidden(inputs);  // for the routing: no LM head
       run.tokens += int64_t(b.B) * b.T;
       for (size_t l = 0; l < layers.size(); ++l) {
         counts[l].add(layers[l]->last_routing(), domains);

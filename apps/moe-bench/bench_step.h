@@ -65,8 +65,8 @@ inline const std::vector<KernelCategory>& kernel_categories() {
         "cumsum"}},
       {"reductions (sum, max)", {"sum_all", "sum_dim", "max_forward", "max_backward"}},
       {"losses (CE, z, ED)",
-       {"cross_entropy_forward", "cross_entropy_backward", "z_loss_forward", "z_loss_backward", "sequence_means",
-        "expert_divergence_forward", "expert_divergence_backward"}},
+       {"cross_entropy_forward", "cross_entropy_backward", "cross_entropy_with_gradient", "z_loss_forward",
+        "z_loss_backward", "sequence_means", "expert_divergence_forward", "expert_divergence_backward"}},
       {"optimizer (clip, AdamW)", {"adamw_update", "adamw_direction", "adamw_apply_direction", "sum_of_squares"}},
   };
   return categories;

@@ -32,9 +32,10 @@ Tensor widened_to_f32(const Tensor& x) {
 
 }  // namespace
 
-void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches, const Tensor& out) {
+void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches, bool accumulate,
+                    const Tensor& out) {
   if (a.dtype() == DType::BF16) {
-    batched_matmul(widened_to_f32(a), widened_to_f32(b), trans_a, trans_b, sum_batches, out);
+    batched_matmul(widened_to_f32(a), widened_to_f32(b), trans_a, trans_b, sum_batches, accumulate, out);
     return;
   }
   const MatmulShape s = matmul_shape(a, b, trans_a, trans_b);
@@ -45,8 +46,8 @@ void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b
     const T* pb = b.data<T>();
     T* pc = out.data<T>();
     if (sum_batches) {
-      // Summing starts from zeros and accumulates (beta = 1).
-      std::fill(pc, pc + out.numel(), T(0));
+      // Summing starts from zeros (or what out holds) and accumulates (beta = 1).
+      if (!accumulate) std::fill(pc, pc + out.numel(), T(0));
       if (trans_a && !trans_b && a_stride && b_stride) {
         // sum_i A_i^T B_i with A_i [k, m], B_i [k, n] stacked along k: one GEMM with k' = batch * k.
         dense_gemm(true, false, m, n, batch * k, pa, pb, T(1), pc);
@@ -61,7 +62,7 @@ void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b
     // Inside a parallel region sgemm runs single-threaded on its own thread-local buffers, so this nests safely.
 #pragma omp parallel for schedule(static) if (over_batches)
     for (int64_t i = 0; i < batch; ++i)
-      dense_gemm(trans_a, trans_b, m, n, k, pa + i * a_stride, pb + i * b_stride, T(0), pc + i * m * n);
+      dense_gemm(trans_a, trans_b, m, n, k, pa + i * a_stride, pb + i * b_stride, T(accumulate), pc + i * m * n);
   });
 }
 

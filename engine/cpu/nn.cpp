@@ -79,6 +79,45 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const T
   });
 }
 
+void cross_entropy_with_gradient(const Tensor& logits, const Tensor& targets, int32_t ignore_index, int64_t count,
+                                 const Tensor& row_loss, const Tensor& dlogits) {
+  const int64_t N = logits.size(0), V = logits.size(1);
+  const int32_t* tgt = targets.data<int32_t>();
+  double* rows = row_loss.data<double>();
+  dispatch_float("cross_entropy_with_gradient", logits.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    const F* px = logits.data<F>();
+    const F scale = static_cast<F>(count ? 1.0 / static_cast<double>(count) : 0.0);
+    // Row r's gradient into d, as the backward kernel computes it, converted to Out as it is stored.
+    auto write_gradient = [&](int64_t r, const F* xr, F l, auto* d) {
+      using Out = std::remove_pointer_t<decltype(d)>;
+      const int64_t t = tgt[r];
+      auto store = [](F v) {
+        if constexpr (std::is_same_v<Out, bf16>)
+          return to_bf16(static_cast<float>(v));
+        else
+          return v;
+      };
+      if (t == ignore_index) {
+        std::fill(d, d + V, store(F(0)));
+        return;
+      }
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) d[j] = store(exp_simd(xr[j] - l) * scale - (j == t ? scale : F(0)));
+    };
+    parallel_for(N, V * 4, [&](int64_t r) {
+      const F* xr = px + r * V;  // [V]
+      const double l = row_logsumexp(xr, V);
+      rows[r] = tgt[r] == ignore_index ? 0.0 : l - static_cast<double>(xr[tgt[r]]);  // read before any write
+      if (!dlogits.defined()) return;
+      if (dlogits.dtype() == DType::BF16)
+        write_gradient(r, xr, static_cast<F>(l), dlogits.data<bf16>() + r * V);
+      else
+        write_gradient(r, xr, static_cast<F>(l), dlogits.data<F>() + r * V);
+    });
+  });
+}
+
 // ---- RMSNorm --------------------------------------------------------------------------------------------------------
 
 void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, const Tensor& y, const Tensor& rstd) {

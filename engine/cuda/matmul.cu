@@ -9,24 +9,26 @@
 
 namespace moelab::cuda {
 
-void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches, const Tensor& out) {
+void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches, bool accumulate,
+                    const Tensor& out) {
   const MatmulShape s = matmul_shape(a, b, trans_a, trans_b);
   const DType ab = a.dtype(), c = out.dtype();
   const int64_t lda = trans_a ? s.m : s.k, ldb = trans_b ? s.k : s.n, element = dtype_size(ab);
   const char *pa = static_cast<const char*>(a.raw_data()), *pb = static_cast<const char*>(b.raw_data());
+  const float beta = accumulate ? 1.0f : 0.0f;
   if (!sum_batches) {
-    gemm_strided_batched(trans_a, trans_b, s.m, s.n, s.k, 1.0f, pa, lda, s.a_stride, pb, ldb, s.b_stride, 0.0f,
+    gemm_strided_batched(trans_a, trans_b, s.m, s.n, s.k, 1.0f, pa, lda, s.a_stride, pb, ldb, s.b_stride, beta,
                          out.raw_data(), s.n, s.m * s.n, s.batch, ab, c);
     return;
   }
   if (trans_a && !trans_b && s.a_stride && s.b_stride) {
     // sum_i A_i^T B_i with A_i [k, m], B_i [k, n] stacked along k: one product with k' = batch * k.
-    gemm(true, false, s.m, s.n, s.batch * s.k, 1.0f, pa, s.m, pb, s.n, 0.0f, out.raw_data(), s.n, ab, c);
+    gemm(true, false, s.m, s.n, s.batch * s.k, 1.0f, pa, s.m, pb, s.n, beta, out.raw_data(), s.n, ab, c);
     return;
   }
   // Otherwise one product per batch, each added to the sum (beta = 1) in batch order: stream-ordered, so no two
   // products write C at once.
-  set_zero(out.raw_data(), out.numel() * dtype_size(c));
+  if (!accumulate) set_zero(out.raw_data(), out.numel() * dtype_size(c));
   for (int64_t i = 0; i < s.batch; ++i)
     gemm(trans_a, trans_b, s.m, s.n, s.k, 1.0f, pa + i * s.a_stride * element, lda, pb + i * s.b_stride * element, ldb,
          1.0f, out.raw_data(), s.n, ab, c);

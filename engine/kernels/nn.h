@@ -15,6 +15,13 @@ DECLARE_KERNEL(cross_entropy_forward, (const Tensor& logits, const Tensor& targe
 // dlogits[r] = (softmax(x_r) - onehot(t_r)) * g / count; ignored rows get zero. g is the scalar upstream gradient [].
 DECLARE_KERNEL(cross_entropy_backward, (const Tensor& logits, const Tensor& targets, const Tensor& lse, const Tensor& g,
                                         int32_t ignore_index, int64_t count, const Tensor& dlogits))
+// Both in one kernel (one reader of the logits, not two), for a chunk of rows of the LM head (linear_cross_entropy):
+// row_loss as above and, unless dlogits is undefined, dlogits[r] = (softmax(x_r) - onehot(t_r)) / count, the gradient
+// of the mean for an upstream gradient of 1. dlogits has the logits' dtype or is bf16 (f32 logits: the operand of the
+// bf16 products that follow, rounded once as it is written); it may be the logits themselves (each row is read
+// before it is written).
+DECLARE_KERNEL(cross_entropy_with_gradient, (const Tensor& logits, const Tensor& targets, int32_t ignore_index,
+                                             int64_t count, const Tensor& row_loss, const Tensor& dlogits))
 
 // ---- RMSNorm ----------------------------------------------------------------------------------------------------------
 // x [rows, d], weight [d]: y = x * rstd * weight with rstd[r] = 1 / sqrt(mean(x_r^2) + eps).

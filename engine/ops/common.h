@@ -27,6 +27,9 @@ inline void check_index(const char* op, const Tensor& index) {
   if (index.dtype() != DType::I32) fail("{}: indices must be i32, got {}", op, index.str());
 }
 
+// A bf16 copy of an f32 tensor (round to nearest even): the operand of a product under mixed precision (matmul.cpp).
+Tensor rounded_to_bf16(const Tensor& x);
+
 inline int64_t normalize_dim(const char* op, int64_t dim, int64_t ndim) {
   if (dim < -ndim || dim >= ndim) fail("{}: dim {} out of range for a {}-d tensor", op, dim, ndim);
   return dim < 0 ? dim + ndim : dim;

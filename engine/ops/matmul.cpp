@@ -26,11 +26,11 @@ static Tensor product(const Tensor& a, const Tensor& b, bool ta, bool tb, bool s
   out_shape.push_back(s.m);
   out_shape.push_back(s.n);
   Tensor out = Tensor::empty(out_shape, a.dtype() == DType::BF16 ? DType::F32 : a.dtype(), a.device());
-  KERNEL(batched_matmul, a.device())(a, b, ta, tb, sum_batches, out);
+  KERNEL(batched_matmul, a.device())(a, b, ta, tb, sum_batches, /*accumulate=*/false, out);
   return out;
 }
 
-static Tensor rounded_to_bf16(const Tensor& x) {
+Tensor detail::rounded_to_bf16(const Tensor& x) {
   Tensor out = Tensor::empty(x.shape(), DType::BF16, x.device());
   KERNEL(round_to_bf16, x.device())(x, out);
   return out;

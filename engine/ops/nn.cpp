@@ -1,12 +1,15 @@
 // Fused neural-net ops: cross-entropy, RMSNorm, RoPE and causal attention. Each op checks its inputs, allocates its
 // outputs, runs its kernel (engine/kernels/nn.h: engine/cpu/nn.cpp, engine/cuda/nn.cu) and records a backward that
 // runs the paired backward kernel. A forward saves only the small per-row statistic its backward needs.
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <vector>
 
+#include "engine/kernels/matmul.h"
 #include "engine/kernels/nn.h"
 #include "engine/ops/common.h"
 
@@ -19,16 +22,16 @@ using namespace detail;
 // padding should not poison training).
 
 // The number of rows that count toward the mean; throws on a target outside [0, V) other than ignore_index. Reads
-// the targets on the host (a copy from the GPU).
-static int64_t counted_rows(const char* op, const Tensor& logits, const Tensor& targets, int32_t ignore_index) {
-  const int64_t V = logits.size(1);
+// the targets on the host (a copy from the GPU). `of` names the logits in the message.
+static int64_t counted_rows(const char* op, int64_t V, const Tensor& targets, int32_t ignore_index,
+                            const std::string& of) {
   const std::vector<int32_t> tgt = targets.to_vector<int32_t>();
   int64_t count = 0;
   for (size_t r = 0; r < tgt.size(); ++r) {
     if (tgt[r] == ignore_index) continue;
     if (tgt[r] < 0 || tgt[r] >= V)
-      fail("{}: target {} of row {} is outside [0, {}) and is not ignore_index ({}); logits {}", op, tgt[r], r, V,
-           ignore_index, logits.str());
+      fail("{}: target {} of row {} is outside [0, {}) and is not ignore_index ({}); {}", op, tgt[r], r, V,
+           ignore_index, of);
     ++count;
   }
   return count;
@@ -50,7 +53,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
   if (logits.dim() != 2 || targets.dim() != 1 || targets.size(0) != logits.size(0))
     fail("{}: needs logits [N, V] and targets [N], got {} and {}", op, logits.str(), targets.str());
   const int64_t N = logits.size(0);
-  const int64_t count = counted_rows(op, logits, targets, ignore_index);
+  const int64_t count = counted_rows(op, logits.size(1), targets, ignore_index, "logits " + logits.str());
   Tensor loss = Tensor::empty({}, logits.dtype(), logits.device());
   Tensor lse = Tensor::empty({N}, logits.dtype(), logits.device());   // [N], for the backward
   Tensor row_loss = Tensor::empty({N}, DType::F64, logits.device());  // [N]
@@ -61,6 +64,68 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
                  ignore_index](const Tensor& g) -> std::vector<Tensor> {
                   return {cross_entropy_backward(logits, targets, lse, g, ignore_index, count), Tensor()};
                 });
+}
+
+// ---- the LM head's cross-entropy ------------------------------------------------------------------------------------
+// cross_entropy(x @ weight^T, targets) without the logits [N, V] ever existing whole (for M: 2.1 GB in f32, and as
+// much again for their gradient). Chunks of rows: each chunk's logits are one product, the CE kernel reads them once
+// and writes their gradient (for an upstream gradient of 1; bf16 under mixed precision, else over the logits), and
+// the chunk's two gradient products follow at once: dx into the chunk's rows, dweight added up over the chunks (beta
+// = 1). So the forward computes the gradients, when one is needed; the backward scales them by the upstream gradient.
+
+// Logits of a chunk take at most this many bytes (f32): few enough chunks for large products, little memory.
+constexpr int64_t kLogitsChunkBytes = int64_t(256) << 20;
+
+Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor& targets, int32_t ignore_index,
+                            Tensor* row_losses, int64_t chunk_rows) {
+  const char* op = "linear_cross_entropy";
+  check_same_dtype_device(op, x, weight);
+  check_index(op, targets);
+  if (x.dtype() != DType::F32 && x.dtype() != DType::F64)
+    fail("{}: needs f32 or f64 x and weight, got {}", op, x.str());
+  if (x.device() != targets.device())
+    fail("{}: x {} and targets {} are on different devices", op, x.str(), targets.str());
+  if (x.dim() != 2 || weight.dim() != 2 || weight.size(1) != x.size(1) || targets.dim() != 1 ||
+      targets.size(0) != x.size(0))
+    fail("{}: needs x [N, d], weight [V, d] and targets [N], got {}, {} and {}", op, x.str(), weight.str(),
+         targets.str());
+  const int64_t N = x.size(0), V = weight.size(0), d = x.size(1);
+  const Device device = x.device();
+  const int64_t count = counted_rows(op, V, targets, ignore_index, "weight " + weight.str());
+  const bool need_dx = grad_enabled() && x.requires_grad(), need_dweight = grad_enabled() && weight.requires_grad();
+
+  // Under BF16 precision the products take bf16 copies of x, weight and the logits' gradient (as matmul's would).
+  const bool mixed = x.dtype() == DType::F32 && product_precision() == Precision::BF16;
+  const Tensor x_operand = mixed ? rounded_to_bf16(x) : x.detach();
+  const Tensor weight_operand = mixed ? rounded_to_bf16(weight) : weight.detach();
+
+  const int64_t rows = std::min(N, chunk_rows > 0 ? chunk_rows : std::max<int64_t>(1, kLogitsChunkBytes / (4 * V)));
+  const Tensor logits = Tensor::empty({rows, V}, x.dtype(), device);  // every chunk's, in turn
+  Tensor dlogits;  // the logits' gradient: written over them, or in bf16
+  if (need_dx || need_dweight) dlogits = mixed ? Tensor::empty({rows, V}, DType::BF16, device) : logits;
+  const Tensor row_loss = Tensor::empty({N}, DType::F64, device);
+  const Tensor dx = need_dx ? Tensor::empty({N, d}, x.dtype(), device) : Tensor();
+  Tensor dweight;  // the products add to it from the second chunk on: zeros when there is none (N = 0)
+  if (need_dweight) dweight = N ? Tensor::empty({V, d}, x.dtype(), device) : zeros({V, d}, x.dtype(), device);
+  const auto product = KERNEL(batched_matmul, device);
+  const auto cross_entropy_rows = KERNEL(cross_entropy_with_gradient, device);
+  for (int64_t begin = 0; begin < N; begin += rows) {
+    const int64_t end = std::min(N, begin + rows);
+    const Tensor chunk_x = slice_rows(x_operand, begin, end), chunk_logits = slice_rows(logits, 0, end - begin);
+    const Tensor chunk_dlogits = dlogits.defined() ? slice_rows(dlogits, 0, end - begin) : Tensor();
+    product(chunk_x, weight_operand, false, true, false, false, chunk_logits);  // [n, d] @ [V, d]^T
+    cross_entropy_rows(chunk_logits, slice_rows(targets, begin, end), ignore_index, count,
+                       slice_rows(row_loss, begin, end), chunk_dlogits);
+    // dx's rows [n, V] @ [V, d]; dweight += [n, V]^T @ [n, d], the first chunk's product written over it.
+    if (need_dx) product(chunk_dlogits, weight_operand, false, false, false, false, slice_rows(dx, begin, end));
+    if (need_dweight) product(chunk_dlogits, chunk_x, true, false, false, /*accumulate=*/begin > 0, dweight);
+  }
+  if (row_losses) *row_losses = row_loss;
+  const double inverse_count = count ? 1.0 / static_cast<double>(count) : 0.0;
+  Tensor loss = to_dtype(mul(sum(row_loss), inverse_count), x.dtype());
+  return record(op, loss, {x, weight, targets}, [dx, dweight](const Tensor& g) -> std::vector<Tensor> {
+    return {dx.defined() ? mul(dx, g) : Tensor(), dweight.defined() ? mul(dweight, g) : Tensor(), Tensor()};
+  });
 }
 
 // ---- RMSNorm --------------------------------------------------------------------------------------------------------
