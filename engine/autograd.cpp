@@ -48,16 +48,33 @@ static void check_finite(const char* op, const Tensor& t) {
 
 // ---- recording -------------------------------------------------------------------------------------------------------
 
-Tensor record(const char* op, Tensor out, std::vector<Tensor> inputs, BackwardFn backward) {
+// The node record() attaches, or none when out takes no gradient.
+static std::shared_ptr<Node> node_for(const char* op, const Tensor& out, std::vector<Tensor>& inputs) {
   if (nan_checks()) check_finite(op, out);
-  if (!grad_mode || out.dtype() == DType::I32) return out;  // integers carry no gradient
+  if (!grad_mode || out.dtype() == DType::I32) return nullptr;  // integers carry no gradient
   bool needs_grad = false;
   for (const Tensor& t : inputs) needs_grad = needs_grad || (t.defined() && t.requires_grad());
-  if (!needs_grad) return out;
+  if (!needs_grad) return nullptr;
   auto node = std::make_shared<Node>();
   node->op = op;
   node->inputs = std::move(inputs);
+  return node;
+}
+
+Tensor record(const char* op, Tensor out, std::vector<Tensor> inputs, BackwardFn backward) {
+  std::shared_ptr<Node> node = node_for(op, out, inputs);
+  if (!node) return out;
   node->backward = std::move(backward);
+  out.impl()->requires_grad = true;
+  out.impl()->grad_fn = std::move(node);
+  return out;
+}
+
+Tensor record_accumulating(const char* op, Tensor out, std::vector<Tensor> inputs, AccumulatingBackwardFn backward) {
+  std::shared_ptr<Node> node = node_for(op, out, inputs);
+  if (!node) return out;
+  node->backward = [backward](const Tensor& g) { return backward(g, {}); };
+  node->accumulating_backward = std::move(backward);
   out.impl()->requires_grad = true;
   out.impl()->grad_fn = std::move(node);
   return out;
@@ -103,7 +120,19 @@ void Tensor::backward() const {
     Node& node = *t.grad_fn;
     if (!node.backward) throw std::logic_error(fmt::format("backward through op '{}' whose graph was freed", node.op));
     if (!t.grad.defined()) continue;  // nothing flowed here
-    std::vector<Tensor> input_grads = node.backward(t.grad);
+    std::vector<Tensor> input_grads;
+    if (node.accumulating_backward) {
+      // The gradients the inputs hold that nothing else holds: the node may add to them.
+      std::vector<Tensor> held(node.inputs.size());
+      for (size_t i = 0; i < node.inputs.size(); ++i) {
+        const Tensor& input = node.inputs[i];
+        if (input.defined() && input.requires_grad() && input.impl()->grad.defined() && input.impl()->grad.sole_owner())
+          held[i] = input.impl()->grad;
+      }
+      input_grads = node.accumulating_backward(t.grad, held);
+    } else {
+      input_grads = node.backward(t.grad);
+    }
     for (size_t i = 0; i < node.inputs.size(); ++i) {
       const Tensor& input = node.inputs[i];
       if (i >= input_grads.size() || !input_grads[i].defined() || !input.defined() || !input.requires_grad()) continue;
@@ -116,6 +145,7 @@ void Tensor::backward() const {
       // the backward's tensor itself when nothing else holds it or its memory (a product's weight gradient, the
       // usual case: no copy), else a copy.
       TensorImpl& in = *input.impl();
+      if (in.grad.defined() && g.impl() == in.grad.impl()) continue;  // the node added to it
       if (in.grad.defined())
         in.grad = add(in.grad, g);
       else
@@ -126,6 +156,7 @@ void Tensor::backward() const {
     t.grad = Tensor();
     node.inputs.clear();
     node.backward = nullptr;
+    node.accumulating_backward = nullptr;
   }
 }
 

@@ -15,10 +15,19 @@ namespace moelab {
 // capture `out.detach()` (same storage) instead.
 using BackwardFn = std::function<std::vector<Tensor>(const Tensor& grad_out)>;
 
+// A backward that may add an input's gradient to the gradient that input already holds: held[i] is that gradient
+// when input i has one that nothing else holds (else undefined; held may also be empty), and returning held[i] itself
+// as input i's gradient says that it was added to, so backward() adds nothing. A product adds in its GEMM (beta = 1)
+// where an add would read both gradients and write a third tensor: x used by the q, k and v products, a weight's
+// gradient over micro-batches (engine/ops/matmul.cpp).
+using AccumulatingBackwardFn =
+    std::function<std::vector<Tensor>(const Tensor& grad_out, const std::vector<Tensor>& held)>;
+
 struct Node {
   const char* op = "";
   std::vector<Tensor> inputs;
-  BackwardFn backward;
+  BackwardFn backward;  // always set: for an accumulating op, its accumulating_backward with no gradient held
+  AccumulatingBackwardFn accumulating_backward;  // set by record_accumulating only
 };
 
 // Gradient recording is on by default; NoGradGuard turns it off in a scope (optimizer steps, evaluation, and the
@@ -38,6 +47,8 @@ class NoGradGuard {
 // Called by every differentiable op on its freshly computed output: when grad mode is on and some input requires a
 // gradient, attaches a Node so that backward() can reach the inputs. Returns `out`.
 Tensor record(const char* op, Tensor out, std::vector<Tensor> inputs, BackwardFn backward);
+// The same for an op whose backward can add into the gradients its inputs hold (AccumulatingBackwardFn).
+Tensor record_accumulating(const char* op, Tensor out, std::vector<Tensor> inputs, AccumulatingBackwardFn backward);
 
 // Debug aid: when on, every recorded op checks its output for NaN and throws naming the op.
 // Default: on when built with MOELAB_NAN_CHECKS or when the environment sets MOELAB_NAN_CHECKS=1.

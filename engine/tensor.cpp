@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -36,6 +37,12 @@ int64_t shape_bytes(const Shape& shape, DType dtype) {
 
 // ---- Storage ---------------------------------------------------------------------------------------------------------
 
+static std::atomic<size_t> cpu_live_bytes{0}, cpu_peak_bytes{0};
+
+size_t cpu_memory_bytes() { return cpu_live_bytes.load(); }
+size_t cpu_peak_memory_bytes() { return cpu_peak_bytes.load(); }
+void reset_cpu_peak_memory() { cpu_peak_bytes.store(cpu_live_bytes.load()); }
+
 Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
   if (device == Device::CUDA) {
     data_ = cuda::allocate(bytes);
@@ -43,14 +50,20 @@ Storage::Storage(size_t bytes, Device device) : bytes_(bytes), device_(device) {
     // 64-byte alignment: one AVX-512 register, one cache line.
     data_ = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!data_) throw std::bad_alloc();
+    const size_t live = cpu_live_bytes.fetch_add(bytes) + bytes;
+    size_t peak = cpu_peak_bytes.load();
+    while (live > peak && !cpu_peak_bytes.compare_exchange_weak(peak, live)) {
+    }
   }
 }
 
 Storage::~Storage() {
-  if (device_ == Device::CUDA)
+  if (device_ == Device::CUDA) {
     cuda::release(data_);
-  else
+  } else {
     std::free(data_);
+    cpu_live_bytes.fetch_sub(bytes_);
+  }
 }
 
 // ---- Tensor ----------------------------------------------------------------------------------------------------------

@@ -39,6 +39,12 @@ class Storage {
   Device device_;
 };
 
+// The bytes of CPU storage alive now, and the most alive at once since the start or the last reset_cpu_peak_memory():
+// a step's peak memory on the CPU (cuda::peak_memory_bytes() is the GPU pool's).
+size_t cpu_memory_bytes();
+size_t cpu_peak_memory_bytes();
+void reset_cpu_peak_memory();
+
 struct Node;        // autograd.h: how to send a gradient back to the inputs of the op that made a tensor
 struct TensorImpl;  // below
 

@@ -118,6 +118,36 @@ TEST_CASE("autograd: a leaf keeps a gradient nothing else holds, and copies one 
   }
 }
 
+TEST_CASE("autograd: an accumulating backward is offered the gradient an input holds alone, and may add to it") {
+  // y_i = 2 x for three uses of x; each use's backward adds 2 g into the gradient x holds when offered one.
+  Tensor x = leaf({1.0, 2.0}, {2});
+  std::vector<bool> offered;
+  auto use = [&](const Tensor& input) {
+    return record_accumulating("twice", mul(input.detach(), 2.0), {input},
+                               [&](const Tensor& g, const std::vector<Tensor>& held) -> std::vector<Tensor> {
+                                 offered.push_back(!held.empty() && held[0].defined());
+                                 if (offered.back()) {
+                                   Tensor into = held[0];
+                                   copy_(into, add(held[0], mul(g, 2.0)));  // the sum, written over it
+                                   return {into};
+                                 }
+                                 return {mul(g, 2.0)};
+                               });
+  };
+  Tensor h = mul(x, 1.0);  // an intermediate: its gradient is the sum of the three uses'
+  sum(add(add(use(h), mul(use(h), 3.0)), use(h))).backward();
+  // The first use to run (the last in the graph) makes h's gradient; the two after it are offered it and add to it.
+  CHECK(offered == std::vector<bool>{false, true, true});
+  CHECK(x.grad().to_vector<double>() == std::vector<double>{10.0, 10.0});  // 2 + 6 + 2
+  // A gradient that something else holds is not offered: add hands one tensor to both of its inputs.
+  offered.clear();
+  x.zero_grad();
+  Tensor y = mul(x, 1.0);
+  sum(add(y, use(y))).backward();
+  CHECK(offered == std::vector<bool>{false});
+  CHECK(x.grad().to_vector<double>() == std::vector<double>{3.0, 3.0});
+}
+
 TEST_CASE("autograd: backward from a leaf accumulates like from any other loss") {
   Tensor x = leaf({2.0}, {});
   x.backward();

@@ -449,7 +449,8 @@ Tensor matmul_kernel(const Tensor& a, const Tensor& b, bool ta, bool tb, bool su
   Tensor out = start.defined() ? to_device(clone(start), device)
                                : Tensor::empty(product_shape(a, b, ta, tb, sum_batches),
                                                a.dtype() == DType::BF16 ? DType::F32 : a.dtype(), device);
-  KERNEL(batched_matmul, device)(on(a, device), on(b, device), ta, tb, sum_batches, start.defined(), out);
+  KERNEL(batched_matmul, device)
+  (on(a, device), on(b, device), ta, tb, sum_batches, start.defined() ? out : Tensor(), out);
   return out;
 }
 

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "engine/precision.h"
+#include "engine/profile.h"
 #include "tests/testing.h"
 
 using namespace moelab;
@@ -226,6 +228,44 @@ TEST_CASE("ops: matmul computes only the gradients that are needed") {
   sum(mul(matmul(a, b), upstream)).backward();
   CHECK_FALSE(b.grad().defined());
   check_close(a.grad(), reference_matmul(upstream, b, false, true), 1e-12, 1.0, "da = G B^T");
+}
+
+TEST_CASE("ops: matmul adds a gradient into the one its operand holds, with no add kernel") {
+  // x used by three products, as attention's input is by q, k and v; w's gradient over two backward passes, as a
+  // weight's over micro-batches. Under bf16 precision too: the gradients of f32 operands stay f32.
+  for (Precision precision : {Precision::FP32, Precision::BF16}) {
+    PrecisionGuard mode(precision);
+    const double rel = precision == Precision::FP32 ? 1e-5 : 1e-4;
+    const Tensor x0 = random({6, 5}, 210, DType::F32), w0 = random({3, 5}, 211, DType::F32);
+    // Each use's loss is sum((x w^T) v_i): its backward runs products only (no pointwise kernel of its own).
+    const std::vector<Tensor> vs = {random({3, 1}, 212, DType::F32), random({3, 1}, 213, DType::F32),
+                                    random({3, 1}, 214, DType::F32)};
+    auto use = [](const Tensor& x, const Tensor& w, const Tensor& v) {
+      return sum(matmul(matmul(x, w, false, true), v));
+    };
+    Tensor x = testing::leaf(x0, DType::F32), w = testing::leaf(w0, DType::F32);
+    auto loss = [&] { return add(add(use(x, w, vs[0]), use(x, w, vs[1])), use(x, w, vs[2])); };
+    // Each product's gradients alone, summed here.
+    Tensor dx, dw;
+    for (const Tensor& v : vs) {
+      Tensor xi = testing::leaf(x0, DType::F32), wi = testing::leaf(w0, DType::F32);
+      use(xi, wi, v).backward();
+      dx = dx.defined() ? add(dx, xi.grad()) : xi.grad();
+      dw = dw.defined() ? add(dw, wi.grad()) : wi.grad();
+    }
+    std::vector<KernelTime> kernels;
+    {
+      Tensor l = loss();
+      KernelProfile profile;  // the backward only
+      l.backward();
+      kernels = profile.totals();
+    }
+    for (const KernelTime& k : kernels) CHECK_MESSAGE(k.name != "binary_forward", "an add ran in the backward");
+    check_close(x.grad(), dx, rel, 1e-3, "dx");
+    check_close(w.grad(), dw, rel, 1e-3, "dw");
+    loss().backward();  // a second pass: w's gradient adds the same again
+    check_close(w.grad(), mul(dw, 2.0), rel, 1e-3, "dw after two passes");
+  }
 }
 
 TEST_CASE("ops: matmul bad use throws naming both shapes") {

@@ -72,6 +72,27 @@ TEST_CASE("tensor: zeros, ones and full hold their value in every dtype") {
   CHECK(full({1}, 0.1, DType::F64).item() == 0.1);
 }
 
+TEST_CASE("tensor: the CPU memory counters follow storage alive and its peak") {
+  reset_cpu_peak_memory();
+  const size_t before = cpu_memory_bytes();
+  CHECK(cpu_peak_memory_bytes() == before);
+  {
+    const Tensor a = Tensor::empty({1000}, DType::F32);
+    const Tensor view = reshape(a, {10, 100});  // a view: no new storage
+    CHECK(cpu_memory_bytes() == before + 4000);
+    {
+      const Tensor b = Tensor::empty({500}, DType::F64);
+      CHECK(cpu_memory_bytes() == before + 8000);
+    }
+    CHECK(cpu_memory_bytes() == before + 4000);
+    CHECK(cpu_peak_memory_bytes() == before + 8000);
+  }
+  CHECK(cpu_memory_bytes() == before);
+  CHECK(cpu_peak_memory_bytes() == before + 8000);  // until a reset
+  reset_cpu_peak_memory();
+  CHECK(cpu_peak_memory_bytes() == before);
+}
+
 TEST_CASE("tensor: arange and from_vector") {
   CHECK(arange(5).dtype() == DType::I32);
   CHECK(arange(5).to_vector<int32_t>() == std::vector<int32_t>{0, 1, 2, 3, 4});

@@ -36,10 +36,14 @@ struct BytesOptions {
 struct KernelBytes {
   double calls = 0, bytes = 0;
 };
+struct StepBytes {
+  std::map<std::string, KernelBytes> kernels;
+  double peak_memory = 0;  // the step's tensors at most at once (the model's and the optimizer's included)
+};
 
 // The seam's calls and bytes per kernel in the second of two training steps at `batch` sequences (the first one makes
-// what is made once, such as RoPE's tables).
-std::map<std::string, KernelBytes> step_bytes(const nn::ModelConfig& config, int64_t batch, Precision precision) {
+// what is made once, such as RoPE's tables and AdamW's moments), and the peak memory of that step.
+StepBytes step_bytes(const nn::ModelConfig& config, int64_t batch, Precision precision) {
   moe::RouterLossConfig losses;
   losses.alpha = 0.01, losses.z_coef = 0.001;  // train-step's defaults
   moe::MoEModel model(config, losses, /*seed=*/0);
@@ -53,10 +57,12 @@ std::map<std::string, KernelBytes> step_bytes(const nn::ModelConfig& config, int
     optimizer.zero_grad();
   };
   step();
+  reset_cpu_peak_memory();
   KernelProfile profile;
   step();
-  std::map<std::string, KernelBytes> out;
-  for (const KernelTime& t : profile.totals()) out[t.name] = {static_cast<double>(t.calls), t.bytes};
+  StepBytes out;
+  out.peak_memory = static_cast<double>(cpu_peak_memory_bytes());
+  for (const KernelTime& t : profile.totals()) out.kernels[t.name] = {static_cast<double>(t.calls), t.bytes};
   return out;
 }
 
@@ -67,8 +73,8 @@ void run_bytes_bench(const BytesOptions& opts) {
   fmt::print("bytes of one training step, config {} at batch {} x {} tokens, products in {}: each kernel's tensors, "
              "each once a call (the least it moves), measured on the CPU at batch 1 and 2 and extrapolated\n",
              opts.preset, batch, config.seq_len, opts.precision_name);
-  const std::map<std::string, KernelBytes> one = step_bytes(config, 1, precision);
-  const std::map<std::string, KernelBytes> two = step_bytes(config, 2, precision);
+  const StepBytes at_one_sequence = step_bytes(config, 1, precision), at_two = step_bytes(config, 2, precision);
+  const std::map<std::string, KernelBytes>&one = at_one_sequence.kernels, &two = at_two.kernels;
 
   struct Row {
     std::string name;
@@ -108,6 +114,9 @@ void run_bytes_bench(const BytesOptions& opts) {
     r.name = "    " + r.name;
     print_row(r);
   }
+  // Not extrapolated: buffers of a fixed size (the LM head's chunk of logits) fill up over the first sequences.
+  fmt::print("peak tensor memory of the step (CPU): {:.2f} GB at batch 1, {:.2f} GB at batch 2\n",
+             at_one_sequence.peak_memory / 1e9, at_two.peak_memory / 1e9);
 }
 
 }  // namespace

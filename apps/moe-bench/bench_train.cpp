@@ -111,7 +111,7 @@ struct StepTimes {
   double first_loss = 0;
   std::vector<double> ms;      // wall clock per timed step
   std::vector<double> cpu_ms;  // CPU time of the process (all its threads) per timed step
-  double peak_mem_bytes = -1;  // the device memory's high-water mark (cuda); -1: not reported (the CPU)
+  double peak_mem_bytes = -1;  // the tensors' high-water mark: the device pool's (cuda) or the CPU's
   int64_t host_waits = -1;     // times a timed step waited for the device (cuda::host_waits); -1: the CPU
   int64_t padded_calls = -1;   // calls of the experts' products on padded rows in a timed step (cuda); -1: the CPU
   // cuda, per timed step: the host's own work (queueing kernels, its share of the engine), its time blocked in the
@@ -197,7 +197,8 @@ StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchO
     out.cpu_ms.push_back(process_cpu_ms() - cpu_start);
     out.ms.push_back(since(start));
   }
-  if (opts.device == Device::CUDA) out.peak_mem_bytes = static_cast<double>(cuda::peak_memory_bytes());
+  out.peak_mem_bytes =
+      static_cast<double>(opts.device == Device::CUDA ? cuda::peak_memory_bytes() : cpu_peak_memory_bytes());
   // The breakdown's synchronizations stop the host from queueing the next phase while the device runs this one, so
   // its steps are extra ones, after the timed steps.
   phase_ms.assign(kPhases, {});
@@ -496,7 +497,7 @@ void run_train_bench(const TrainBenchOptions& opts) {
     fmt::print("{:<27} {:>9.2f} {:>9.2f} {:>10.0f} {:>16.7f} {:>10} {:>8}\n",
                fmt::format("moelab {}", enum_name(opts.precision)), ours_ms,
                *std::min_element(ours.ms.begin(), ours.ms.end()), tokens / ours_ms * 1e3, ours.first_loss,
-               opts.device == Device::CUDA ? format_bytes(ours.peak_mem_bytes) : "", "1.00x");
+               format_bytes(ours.peak_mem_bytes), "1.00x");
     const TorchResult* fastest = nullptr;
     for (const TorchResult& t : torch) {
       const std::string who = "torch " + t.variant;
@@ -516,7 +517,7 @@ void run_train_bench(const TrainBenchOptions& opts) {
     }
     if (!torch.empty())
       fmt::print("(ours/it: our tokens/s over its tokens/s, above 1 we are faster; peak mem: torch.cuda's "
-                 "max_memory_allocated, ours the memory pool's high-water mark)\n");
+                 "max_memory_allocated, ours the memory pool's high-water mark, on the CPU its tensors')\n");
     if (fastest) {
       const double fastest_ms = median(fastest->times.ms);
       fmt::print("fastest PyTorch variant: {} ({:.2f} ms/step); moelab / fastest: {:.2f}x (tokens/s)\n",

@@ -32,13 +32,14 @@ Tensor widened_to_f32(const Tensor& x) {
 
 }  // namespace
 
-void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches, bool accumulate,
-                    const Tensor& out) {
+void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches,
+                    const Tensor& added_to, const Tensor& out) {
   if (a.dtype() == DType::BF16) {
-    batched_matmul(widened_to_f32(a), widened_to_f32(b), trans_a, trans_b, sum_batches, accumulate, out);
+    batched_matmul(widened_to_f32(a), widened_to_f32(b), trans_a, trans_b, sum_batches, added_to, out);
     return;
   }
   const MatmulShape s = matmul_shape(a, b, trans_a, trans_b);
+  const bool accumulate = added_to.defined();
   const int64_t batch = s.batch, m = s.m, n = s.n, k = s.k, a_stride = s.a_stride, b_stride = s.b_stride;
   dispatch_float("matmul", a.dtype(), [&](auto t) {
     using T = decltype(t);

@@ -9,12 +9,13 @@
 
 namespace moelab::cuda {
 
-void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches, bool accumulate,
-                    const Tensor& out) {
+void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches,
+                    const Tensor& added_to, const Tensor& out) {
   const MatmulShape s = matmul_shape(a, b, trans_a, trans_b);
   const DType ab = a.dtype(), c = out.dtype();
   const int64_t lda = trans_a ? s.m : s.k, ldb = trans_b ? s.k : s.n, element = dtype_size(ab);
   const char *pa = static_cast<const char*>(a.raw_data()), *pb = static_cast<const char*>(b.raw_data());
+  const bool accumulate = added_to.defined();
   const float beta = accumulate ? 1.0f : 0.0f;
   if (!sum_batches) {
     gemm_strided_batched(trans_a, trans_b, s.m, s.n, s.k, 1.0f, pa, lda, s.a_stride, pb, ldb, s.b_stride, beta,

@@ -24,12 +24,12 @@ inline MatmulShape matmul_shape(const Tensor& a, const Tensor& b, bool trans_a, 
 }
 
 // out = op(A_i) @ op(B_i) for every batch i: [..., m, n]; with sum_batches, out is the one [m, n] sum over the batch
-// (the gradient of a shared operand), summed in batch order. With accumulate the products are added to what out
-// holds (a GEMM's beta = 1: a gradient summed over chunks of rows without a temporary). a and b share a dtype: f32
-// or f64 (out the same), or bf16 (out f32: the products accumulate in f32; the CPU widens the operands to f32 and
-// runs its f32 GEMM).
+// (the gradient of a shared operand), summed in batch order. added_to is undefined, or out itself: then the products
+// are added to what out holds (a GEMM's beta = 1: a gradient added to without a temporary), and out is read as well
+// as written (an argument, so that the kernel profile counts its bytes). a and b share a dtype: f32 or f64 (out the
+// same), or bf16 (out f32: the products accumulate in f32; the CPU widens the operands to f32 and runs its f32 GEMM).
 DECLARE_KERNEL(batched_matmul, (const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches,
-                                bool accumulate, const Tensor& out))
+                                const Tensor& added_to, const Tensor& out))
 
 // out = x (f32) rounded to bf16, to nearest, ties to even: the bf16 copies a bf16 product's backward works on. out is
 // bf16, or f32 holding the bf16 values (the operands of the CUDA grouped products under mixed precision, moe.cu).

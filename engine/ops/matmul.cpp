@@ -18,15 +18,18 @@ static Shape batch_dims(const Tensor& x) { return Shape(x.shape().begin(), x.sha
 
 // op(A_i) @ op(B_i) for every batch i, on a's device (f32 for bf16 operands). Either operand may be 2-D: one matrix
 // shared by every batch. With sum_batches the result is the single [m, n] sum over the batch (the gradient of a
-// shared operand) instead of [..., m, n]. Shapes are trusted here: matmul() checks them, and the backward passes
-// only consistent ones.
-static Tensor product(const Tensor& a, const Tensor& b, bool ta, bool tb, bool sum_batches) {
+// shared operand) instead of [..., m, n]. Added to `into` and returned as it, when given (a gradient an input holds).
+// Shapes are trusted here: matmul() checks them, and the backward passes only consistent ones.
+static Tensor product(const Tensor& a, const Tensor& b, bool ta, bool tb, bool sum_batches,
+                      const Tensor& into = Tensor()) {
   const MatmulShape s = matmul_shape(a, b, ta, tb);
   Shape out_shape = sum_batches ? Shape{} : batch_dims(a.dim() > 2 ? a : b);
   out_shape.push_back(s.m);
   out_shape.push_back(s.n);
-  Tensor out = Tensor::empty(out_shape, a.dtype() == DType::BF16 ? DType::F32 : a.dtype(), a.device());
-  KERNEL(batched_matmul, a.device())(a, b, ta, tb, sum_batches, /*accumulate=*/false, out);
+  const DType dtype = a.dtype() == DType::BF16 ? DType::F32 : a.dtype();
+  const bool accumulate = into.defined() && into.dtype() == dtype && into.shape() == out_shape;
+  Tensor out = accumulate ? into : Tensor::empty(out_shape, dtype, a.device());
+  KERNEL(batched_matmul, a.device())(a, b, ta, tb, sum_batches, accumulate ? out : Tensor(), out);
   return out;
 }
 
@@ -38,20 +41,23 @@ Tensor detail::rounded_to_bf16(const Tensor& x) {
 
 // g: [..., m, n]. A shared b gets the sum of its per-batch gradients. For bf16 operands g is rounded to bf16 first,
 // and with bf16_gradients each gradient after (the operands are bf16 tensors; under mixed precision they are bf16
-// copies of f32 tensors, whose gradients stay f32).
+// copies of f32 tensors, whose gradients stay f32). held: the gradients a and b already hold (AccumulatingBackwardFn);
+// an f32 or f64 gradient is added to its own by the product.
 static std::vector<Tensor> matmul_backward(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool need_da,
-                                           bool need_db, bool bf16_gradients, const Tensor& g_out) {
+                                           bool need_db, bool bf16_gradients, const Tensor& g_out,
+                                           const std::vector<Tensor>& held) {
   const bool bf16 = a.dtype() == DType::BF16;
   const Tensor g = bf16 ? rounded_to_bf16(g_out) : g_out;
   const bool shared_b = b.dim() == 2 && a.dim() > 2;
+  auto held_by = [&](size_t input) { return !bf16_gradients && input < held.size() ? held[input] : Tensor(); };
   Tensor da, db;
   if (need_da)
-    da = trans_a ? product(b, g, trans_b, true, false)     // op(B) G^T  [..., k, m]
-                 : product(g, b, false, !trans_b, false);  // G op(B)^T  [..., m, k]
+    da = trans_a ? product(b, g, trans_b, true, false, held_by(0))     // op(B) G^T  [..., k, m]
+                 : product(g, b, false, !trans_b, false, held_by(0));  // G op(B)^T  [..., m, k]
   // db: [n, k] or [k, n], with the batch dims unless b is shared.
   if (need_db)
-    db = trans_b ? product(g, a, true, trans_a, shared_b)     // G^T op(A)
-                 : product(a, g, !trans_a, false, shared_b);  // op(A)^T G
+    db = trans_b ? product(g, a, true, trans_a, shared_b, held_by(1))     // G^T op(A)
+                 : product(a, g, !trans_a, false, shared_b, held_by(1));  // op(A)^T G
   if (bf16_gradients && da.defined()) da = rounded_to_bf16(da);
   if (bf16_gradients && db.defined()) db = rounded_to_bf16(db);
   return {da, db};
@@ -78,10 +84,12 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
   // Each gradient is a GEMM as large as the forward one: skip it for an operand that takes none (data, frozen weights).
   bool need_da = a.requires_grad(), need_db = b.requires_grad();
   const bool bf16_gradients = a.dtype() == DType::BF16;
-  return record("matmul", out, {a, b},
-                [a = a_operand, b = b_operand, trans_a, trans_b, need_da, need_db, bf16_gradients](const Tensor& g) {
-                  return matmul_backward(a, b, trans_a, trans_b, need_da, need_db, bf16_gradients, g);
-                });
+  return record_accumulating("matmul", out, {a, b},
+                             [a = a_operand, b = b_operand, trans_a, trans_b, need_da, need_db, bf16_gradients](
+                                 const Tensor& g, const std::vector<Tensor>& held) {
+                               return matmul_backward(a, b, trans_a, trans_b, need_da, need_db, bf16_gradients, g,
+                                                      held);
+                             });
 }
 
 }  // namespace moelab

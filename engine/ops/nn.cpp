@@ -113,12 +113,12 @@ Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor&
     const int64_t end = std::min(N, begin + rows);
     const Tensor chunk_x = slice_rows(x_operand, begin, end), chunk_logits = slice_rows(logits, 0, end - begin);
     const Tensor chunk_dlogits = dlogits.defined() ? slice_rows(dlogits, 0, end - begin) : Tensor();
-    product(chunk_x, weight_operand, false, true, false, false, chunk_logits);  // [n, d] @ [V, d]^T
+    product(chunk_x, weight_operand, false, true, false, Tensor(), chunk_logits);  // [n, d] @ [V, d]^T
     cross_entropy_rows(chunk_logits, slice_rows(targets, begin, end), ignore_index, count,
                        slice_rows(row_loss, begin, end), chunk_dlogits);
     // dx's rows [n, V] @ [V, d]; dweight += [n, V]^T @ [n, d], the first chunk's product written over it.
-    if (need_dx) product(chunk_dlogits, weight_operand, false, false, false, false, slice_rows(dx, begin, end));
-    if (need_dweight) product(chunk_dlogits, chunk_x, true, false, false, /*accumulate=*/begin > 0, dweight);
+    if (need_dx) product(chunk_dlogits, weight_operand, false, false, false, Tensor(), slice_rows(dx, begin, end));
+    if (need_dweight) product(chunk_dlogits, chunk_x, true, false, false, begin > 0 ? dweight : Tensor(), dweight);
   }
   if (row_losses) *row_losses = row_loss;
   const double inverse_count = count ? 1.0 / static_cast<double>(count) : 0.0;
