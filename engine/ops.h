@@ -103,8 +103,13 @@ Tensor cumsum(const Tensor& x);       // no grad; over the last dim; f32/f64/i32
 // f32 and f64 give their own type. Mixed precision: two bf16 operands give an f32 product (f32 accumulation; the CPU
 // widens the operands to f32 and runs its f32 GEMM, the GPU's reference). Their gradients come back in bf16, as under
 // PyTorch's autocast: g is rounded to bf16, each gradient is a bf16 product accumulated in f32, rounded to bf16.
-// Under Precision::BF16 (engine/precision.h) two f32 operands are multiplied as bf16 copies, gradients left in f32.
-Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false);
+// Under Precision::BF16 (engine/precision.h) two f32 operands are multiplied as bf16 copies, gradients left in f32;
+// a_rounded, when given, is a's copy made once by product_operand(a) for several products of the same a.
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false,
+              const Tensor& a_rounded = Tensor());
+// The bf16 copy of x that matmul multiplies under Precision::BF16 (undefined where it makes none: f32 precision, or x
+// not f32), for matmul's a_rounded: attention's q, k and v multiply one input, which is then rounded once, not thrice.
+Tensor product_operand(const Tensor& x);
 
 // ---- indexing (index.cpp) ------------------------------------------------------------------------------------------
 // Indices are i32. Out-of-range indices throw, naming the op, the index and the bound.

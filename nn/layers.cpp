@@ -35,8 +35,9 @@ Tensor CausalSelfAttention::forward(const Tensor& x, int64_t batch, int64_t seq)
   // q, k and v are three products with row blocks of wqkv (views of the parameter, no copy). One product and a split
   // of its [B*T, 3d] result would move far more: the split copies each part out, and its backward builds the
   // gradient from a zero-filled [B*T, 3d] tensor per part and two adds (docs/performance.md, "Where the bytes go").
+  const Tensor x_operand = product_operand(x);  // x's bf16 copy under mixed precision, made once for all three
   auto project = [&](int64_t part) {
-    return matmul(x, slice_rows(wqkv.weight, part * dim_, (part + 1) * dim_), false, true);  // [B*T, d]
+    return matmul(x, slice_rows(wqkv.weight, part * dim_, (part + 1) * dim_), false, true, x_operand);  // [B*T, d]
   };
   Shape heads_shape{batch, seq, heads_, dim_ / heads_};
   Tensor q = rope(reshape(project(0), heads_shape), rope_theta_);  // [B, T, H, Dh]

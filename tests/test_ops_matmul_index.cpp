@@ -268,6 +268,68 @@ TEST_CASE("ops: matmul adds a gradient into the one its operand holds, with no a
   }
 }
 
+TEST_CASE("ops: matmul multiplies product_operand's copy as its own, and the copy is made once for three products") {
+  const Tensor x0 = random({6, 5}, 220, DType::F32), w0 = random({9, 5}, 221, DType::F32);
+  auto three_products = [&](bool shared_copy, Tensor& x, Tensor& w) {
+    x = testing::leaf(x0, DType::F32), w = testing::leaf(w0, DType::F32);
+    const Tensor x_operand = shared_copy ? product_operand(x) : Tensor();
+    Tensor total;
+    for (int64_t part = 0; part < 3; ++part) {
+      Tensor y = matmul(x, slice_rows(w, 3 * part, 3 * part + 3), false, true, x_operand);
+      Tensor loss = weighted_sum(y, 230 + part);
+      total = total.defined() ? add(total, loss) : loss;
+    }
+    return total;
+  };
+  auto round_calls = [](const std::vector<KernelTime>& kernels) {
+    int64_t calls = 0;
+    for (const KernelTime& k : kernels) calls += k.name == "round_to_bf16" ? k.calls : 0;
+    return calls;
+  };
+  for (Precision precision : {Precision::FP32, Precision::BF16}) {
+    PrecisionGuard mode(precision);
+    CHECK(product_operand(x0).defined() == (precision == Precision::BF16));
+    Tensor x_own, w_own, x_shared, w_shared;
+    int64_t own_rounds = 0, shared_rounds = 0;
+    Tensor own, shared;
+    {
+      KernelProfile profile;
+      own = three_products(false, x_own, w_own);
+      own_rounds = round_calls(profile.totals());
+    }
+    {
+      KernelProfile profile;
+      shared = three_products(true, x_shared, w_shared);
+      shared_rounds = round_calls(profile.totals());
+    }
+    // Bf16: x and each slice of w rounded per product (6), or x once (4). Nothing is rounded in f32.
+    CHECK(own_rounds == (precision == Precision::BF16 ? 6 : 0));
+    CHECK(shared_rounds == (precision == Precision::BF16 ? 4 : 0));
+    check_equal(shared, own, "loss");
+    own.backward();
+    shared.backward();
+    check_equal(x_shared.grad(), x_own.grad(), "dx");
+    check_equal(w_shared.grad(), w_own.grad(), "dw");
+  }
+}
+
+TEST_CASE("ops: matmul's a_rounded must be product_operand(a)") {
+  const Tensor a = random({2, 3}, 1, DType::F32), b = random({4, 3}, 2, DType::F32);
+  {
+    PrecisionGuard mode(Precision::FP32);  // no copy is multiplied in f32
+    const Tensor copy = to_dtype(random({2, 3}, 3, DType::F32), DType::BF16);
+    check_error([&] { (void)matmul(a, b, false, true, copy); }, {"matmul", "a_rounded", "bf16[2, 3]", "f32[2, 3]"});
+  }
+  PrecisionGuard mode(Precision::BF16);
+  CHECK_NOTHROW(matmul(a, b, false, true, product_operand(a)));
+  check_error(
+      [&] {
+        (void)matmul(a, b, false, true, product_operand(random({3, 2}, 4, DType::F32)));
+      },
+      {"matmul", "a_rounded", "bf16[3, 2]"});
+  check_error([&] { (void)matmul(a, b, false, true, a); }, {"matmul", "a_rounded", "f32[2, 3]"});
+}
+
 TEST_CASE("ops: matmul bad use throws naming both shapes") {
   Tensor a = random({2, 3}, 1, DType::F32), b = random({4, 5}, 2, DType::F32);
   check_error([&] { (void)matmul(a, b); }, {"matmul", "f32[2, 3]", "f32[4, 5]"});

@@ -63,7 +63,17 @@ static std::vector<Tensor> matmul_backward(const Tensor& a, const Tensor& b, boo
   return {da, db};
 }
 
-Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
+// Under BF16 precision the product (and backward) works on bf16 copies of f32 operands; f64 is never rounded.
+static bool multiplied_in_bf16(const Tensor& x) {
+  return x.dtype() == DType::F32 && product_precision() == Precision::BF16;
+}
+
+Tensor product_operand(const Tensor& x) {
+  check_defined("product_operand", x);
+  return multiplied_in_bf16(x) ? rounded_to_bf16(x) : Tensor();
+}
+
+Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, const Tensor& a_rounded) {
   check_same_dtype_device("matmul", a, b);
   check_float("matmul", a);
   auto shapes = [&] {
@@ -75,9 +85,11 @@ Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b) {
   int64_t k_a = a.size(trans_a ? -2 : -1), k_b = b.size(trans_b ? -1 : -2);
   if (k_a != k_b) fail("matmul: inner dims differ ({} vs {}), got {}", k_a, k_b, shapes());
 
-  // Under BF16 precision the product (and backward) works on bf16 copies of f32 operands; f64 is never rounded.
-  const bool mixed = a.dtype() == DType::F32 && product_precision() == Precision::BF16;
-  const Tensor a_operand = mixed ? rounded_to_bf16(a) : a.detach();
+  const bool mixed = multiplied_in_bf16(a);
+  if (a_rounded.defined() && !(mixed && a_rounded.dtype() == DType::BF16 && a_rounded.shape() == a.shape() &&
+                               a_rounded.device() == a.device() && !a_rounded.requires_grad()))
+    fail("matmul: a_rounded must be product_operand(a) under bf16 precision, got {} for {}", a_rounded.str(), shapes());
+  const Tensor a_operand = !mixed ? a.detach() : a_rounded.defined() ? a_rounded : rounded_to_bf16(a);
   const Tensor b_operand = mixed ? rounded_to_bf16(b) : b.detach();
   Tensor out = product(a_operand, b_operand, trans_a, trans_b, /*sum_batches=*/false);  // [..., m, n]
 
