@@ -81,7 +81,7 @@ struct Saved {
   Precision precision;                    // of the products (engine/precision.h), read once in forward
 };
 
-// The steps in reverse; returns the gradients of (x, expert_ids, gates, w_gate, w_up, w_down).
+// The steps in reverse; returns the gradients of (x, expert_ids, gates, w_gate, w_up, w_down, residual).
 std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   const DispatchPlan& plan = saved.plan;
   const int64_t d = saved.x.size(1), h = saved.w_gate.size(1), slots = plan.tokens * plan.top_k;
@@ -111,7 +111,7 @@ std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   // (d) backward: each token sums its k slots' input gradients.
   Tensor dx = empty({plan.tokens, d});  // [N, d]
   KERNEL(moe_unpermute_sum_rows, device)(d_x_sorted, plan.position_of_slot, dx);
-  return {dx, Tensor(), d_gates, dw_gate, dw_up, dw_down};
+  return {dx, Tensor(), d_gates, dw_gate, dw_up, dw_down, dy};
 }
 
 }  // namespace
@@ -145,12 +145,15 @@ DispatchPlan plan_dispatch(const Tensor& expert_ids, int64_t n_experts) {
 Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gates, const Tensor& w_gate,
                    const Tensor& w_up, const Tensor& w_down) {
   Tensor expert_counts;
-  return moe_experts(x, expert_ids, gates, w_gate, w_up, w_down, expert_counts);
+  return moe_experts(x, expert_ids, gates, w_gate, w_up, w_down, Tensor(), expert_counts);
 }
 
 Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gates, const Tensor& w_gate,
-                   const Tensor& w_up, const Tensor& w_down, Tensor& expert_counts) {
+                   const Tensor& w_up, const Tensor& w_down, const Tensor& residual, Tensor& expert_counts) {
   const Dims dims = check_inputs(x, expert_ids, gates, w_gate, w_up, w_down);
+  if (residual.defined() &&
+      (residual.shape() != x.shape() || residual.dtype() != x.dtype() || residual.device() != x.device()))
+    fail("moe_experts: residual must be like x ({}), got {}", x.str(), residual.str());
   const int64_t d = dims.dim, h = dims.hidden, slots = dims.tokens * dims.top_k;
   const DType dtype = x.dtype();
   const Device device = x.device();
@@ -173,11 +176,11 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
     (x_sorted, plan.host_offsets, w_gate, w_up, w_down, saved.gate_pre, saved.up_pre, saved.act, saved.out_sorted,
      saved.precision);  // (e)
   }
-  KERNEL(moe_weighted_unpermute, device)(saved.out_sorted, gates, plan.position_of_slot, y);  // (f)
+  KERNEL(moe_weighted_unpermute, device)(saved.out_sorted, gates, plan.position_of_slot, residual, y);  // (f)
 
   saved.x = x.detach(), saved.gates = gates.detach();
   saved.w_gate = w_gate.detach(), saved.w_up = w_up.detach(), saved.w_down = w_down.detach();
-  return record("moe_experts", y, {x, expert_ids, gates, w_gate, w_up, w_down},
+  return record("moe_experts", y, {x, expert_ids, gates, w_gate, w_up, w_down, residual},
                 [saved = std::move(saved)](const Tensor& dy) { return moe_experts_backward(saved, dy); });
 }
 

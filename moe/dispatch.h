@@ -46,8 +46,10 @@ DispatchPlan plan_dispatch(const Tensor& expert_ids, int64_t n_experts);
 // multiply bf16 roundings of their operands with f32 accumulation, forward and backward.
 Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gates, const Tensor& w_gate,
                    const Tensor& w_up, const Tensor& w_down);
-// The same, and expert_counts receives the dispatch's histogram (DispatchPlan::counts, i32 [E]).
+// residual + the same, residual [N, d] (x's dtype and device; undefined: none) being the block's skip connection,
+// added in the un-permute's pass instead of by an add of its own; residual's gradient is dy. expert_counts receives
+// the dispatch's histogram (DispatchPlan::counts, i32 [E]).
 Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gates, const Tensor& w_gate,
-                   const Tensor& w_up, const Tensor& w_down, Tensor& expert_counts);
+                   const Tensor& w_up, const Tensor& w_down, const Tensor& residual, Tensor& expert_counts);
 
 }  // namespace moelab::moe

@@ -25,12 +25,14 @@ MoELayer::MoELayer(const nn::ModelConfig& c, int64_t layer, Generator& gen)
   }
 }
 
-Tensor MoELayer::forward(const Tensor& h) {
+Tensor MoELayer::forward(const Tensor& h) { return forward_plus(h, Tensor()); }
+
+Tensor MoELayer::forward_plus(const Tensor& h, const Tensor& residual) {
   last_routing_ = router.forward(h);
   last_input_ = h.detach();
   Routing& r = last_routing_;
-  Tensor y = moe_experts(h, r.expert_ids, r.gates, experts.w_gate, experts.w_up, experts.w_down,
-                         r.expert_counts);  // [N, d]
+  Tensor y = moe_experts(h, r.expert_ids, r.gates, experts.w_gate, experts.w_up, experts.w_down, residual,
+                         r.expert_counts);  // [N, d]: residual + the routed experts
   return shared ? y + shared->forward(h) : y;
 }
 

@@ -35,6 +35,8 @@ class MoELayer : public nn::FeedForward {
   // h [N, d] -> [N, d]. Keeps this forward's routing and input for what comes after the forward pass: the router
   // losses (MoEModel::loss), routing statistics and OMoE's projectors.
   Tensor forward(const Tensor& h) override;
+  // residual + forward(h), the residual added by the experts' weighted un-permute (then the shared experts' output).
+  Tensor forward_plus(const Tensor& h, const Tensor& residual) override;
 
   // The routing of the last forward (probs, expert_ids, ...), as computed: while that forward's graph lives (until
   // backward), a loss on it sends gradients into the router.

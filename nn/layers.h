@@ -12,6 +12,9 @@ namespace moelab::nn {
 class FeedForward : public Module {
  public:
   virtual Tensor forward(const Tensor& x) = 0;  // [N, d] -> [N, d]
+  // residual + forward(x), the block's skip connection: a layer that can add it in a pass of its own overrides this
+  // (the MoE layer, in its weighted un-permute), saving the add's reads and write.
+  virtual Tensor forward_plus(const Tensor& x, const Tensor& residual) { return residual + forward(x); }
 };
 
 // y = x W^T, W [out, in], no bias. Init normal(0, std).

@@ -21,7 +21,7 @@ Block::Block(const ModelConfig& c, int64_t layer, Generator& gen, const FeedForw
 
 Tensor Block::forward(const Tensor& x, int64_t batch, int64_t seq) {
   Tensor h = x + attn.forward(attn_norm.forward(x), batch, seq);
-  return h + ffn->forward(ffn_norm.forward(h));
+  return ffn->forward_plus(ffn_norm.forward(h), h);  // h + ffn(norm(h))
 }
 
 static const ModelConfig& validated(const ModelConfig& c) {

@@ -153,10 +153,15 @@ TEST_CASE("cuda: moe: permute, un-permute-sum and weighted un-permute kernels ma
       check_same_bits(dx_gpu, dx, what + " un-permute-sum");
 
       Tensor out_sorted = random({S, d}, ++seed, dtype), gates = random({s.N, s.k}, ++seed, dtype);
-      Tensor y = Tensor::empty({s.N, d}, dtype), y_gpu = empty_like_on(y, Device::CUDA);
-      cpu::moe_weighted_unpermute(out_sorted, gates, plan.position_of_slot, y);
-      cuda::moe_weighted_unpermute(to_gpu(out_sorted), to_gpu(gates), plan_gpu.position_of_slot, y_gpu);
-      check_scaled(y_gpu, y, float_bound(dtype), what + " weighted un-permute");
+      Tensor residual = random({s.N, d}, ++seed, dtype);
+      for (const Tensor& added : {Tensor(), residual}) {
+        Tensor y = Tensor::empty({s.N, d}, dtype), y_gpu = empty_like_on(y, Device::CUDA);
+        cpu::moe_weighted_unpermute(out_sorted, gates, plan.position_of_slot, added, y);
+        cuda::moe_weighted_unpermute(to_gpu(out_sorted), to_gpu(gates), plan_gpu.position_of_slot,
+                                     added.defined() ? to_gpu(added) : Tensor(), y_gpu);
+        check_scaled(y_gpu, y, float_bound(dtype),
+                     what + " weighted un-permute" + (added.defined() ? " + residual" : ""));
+      }
 
       Tensor dy = random({s.N, d}, ++seed, dtype);
       Tensor d_gates = Tensor::empty({s.N, s.k}, dtype), d_gates_gpu = empty_like_on(d_gates, Device::CUDA);

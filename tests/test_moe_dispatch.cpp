@@ -148,6 +148,33 @@ TEST_CASE("moe: moe_experts gradcheck in f64 (empty expert, and a token choosing
   CHECK(gradcheck(loss(dup), inputs, 1e-6, 1e-6, "moe_experts duplicates") < 1e-6);
 }
 
+TEST_CASE("moe: moe_experts adds a residual in its un-permute: the bits of a separate add, dy as its gradient") {
+  Problem p = make_problem(9, 6, 5, 4, 2, 31);
+  const Tensor r0 = random({9, 6}, 37, DType::F32);
+  for (DType dtype : {DType::F32, DType::F64}) {
+    std::vector<Tensor> separate = {leaf(p.x, dtype), leaf(p.gates, dtype), leaf(r0, dtype)};
+    std::vector<Tensor> fused = {leaf(p.x, dtype), leaf(p.gates, dtype), leaf(r0, dtype)};
+    const Tensor wg = to_dtype(p.w_gate, dtype), wu = to_dtype(p.w_up, dtype), wd = to_dtype(p.w_down, dtype);
+    Tensor counts;
+    Tensor y_separate = add(separate[2], moe::moe_experts(separate[0], p.ids, separate[1], wg, wu, wd));
+    Tensor y_fused = moe::moe_experts(fused[0], p.ids, fused[1], wg, wu, wd, fused[2], counts);
+    check_equal(y_fused, y_separate, "y");
+    weighted_sum(y_separate, 38).backward();
+    weighted_sum(y_fused, 38).backward();
+    for (size_t i = 0; i < fused.size(); ++i)
+      check_equal(fused[i].grad(), separate[i].grad(), fmt::format("gradient of input {}", i));
+  }
+  std::vector<Tensor> inputs = {leaf(p.x, DType::F64), leaf(p.gates, DType::F64), leaf(r0, DType::F64)};
+  auto loss = [&](const std::vector<Tensor>& in) {
+    Tensor counts;
+    return weighted_sum(moe::moe_experts(in[0], p.ids, in[1], p.w_gate, p.w_up, p.w_down, in[2], counts), 39);
+  };
+  CHECK(gradcheck(loss, inputs, 1e-5, 1e-6, "moe_experts with a residual") < 1e-5);
+  Tensor counts;
+  check_error([&] { moe::moe_experts(p.x, p.ids, p.gates, p.w_gate, p.w_up, p.w_down, p.gates, counts); },
+              {"moe_experts", "residual", "f64[9, 2]"});
+}
+
 TEST_CASE("moe: moe_experts with no tokens gives an empty output and zero weight gradients") {
   Problem p = make_problem(3, 6, 5, 3, 2, 13);
   std::vector<Tensor> w = {leaf(p.w_gate, DType::F32), leaf(p.w_up, DType::F32), leaf(p.w_down, DType::F32)};

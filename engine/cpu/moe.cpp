@@ -261,14 +261,15 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------
 
 void moe_weighted_unpermute(const Tensor& out_sorted, const Tensor& gates, const Tensor& position_of_slot,
-                            const Tensor& y) {
+                            const Tensor& residual, const Tensor& y) {
   const int64_t tokens = y.size(0), d = y.size(1), k = gates.size(1);
   const int32_t* position_of = position_of_slot.data<int32_t>();
   dispatch_float("moe_weighted_unpermute", y.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T *os = out_sorted.data<T>(), *pg = gates.data<T>();
+    const T* pr = residual.defined() ? residual.data<T>() : nullptr;
     T* py = y.data<T>();
-    parallel_for(tokens, k * d, [&](int64_t n) {
+    parallel_for(tokens, (k + 1) * d, [&](int64_t n) {
       T* out = py + n * d;
       std::fill(out, out + d, T(0));
       for (int64_t j = 0; j < k; ++j) {
@@ -276,6 +277,8 @@ void moe_weighted_unpermute(const Tensor& out_sorted, const Tensor& gates, const
         T g = pg[n * k + j];
         for (int64_t i = 0; i < d; ++i) out[i] += g * row[i];
       }
+      if (pr)
+        for (int64_t i = 0; i < d; ++i) out[i] = pr[n * d + i] + out[i];
     });
   });
 }

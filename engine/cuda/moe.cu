@@ -622,15 +622,16 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
 
 namespace {
 
-// One block per token n: y[n] = sum_j gates[n, j] * out_sorted[position_of_slot[n, j]], j in order.
+// One block per token n: y[n] = residual[n] + sum_j gates[n, j] * out_sorted[position_of_slot[n, j]], j in order
+// (residual null: none).
 template <class F>
 __global__ void weighted_unpermute_kernel(const F* out_sorted, const F* gates, const int32_t* position_of_slot,
-                                          int64_t k, int64_t d, F* y) {
+                                          const F* residual, int64_t k, int64_t d, F* y) {
   const int64_t n = blockIdx.x;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
     F total = 0;
     for (int64_t j = 0; j < k; ++j) total += gates[n * k + j] * out_sorted[position_of_slot[n * k + j] * d + i];
-    y[n * d + i] = total;
+    y[n * d + i] = residual ? residual[n * d + i] + total : total;
   }
 }
 
@@ -655,12 +656,12 @@ __global__ void weighted_unpermute_backward_kernel(const F* dy, const F* out_sor
 }  // namespace
 
 void moe_weighted_unpermute(const Tensor& out_sorted, const Tensor& gates, const Tensor& position_of_slot,
-                            const Tensor& y) {
+                            const Tensor& residual, const Tensor& y) {
   dispatch_float("moe_weighted_unpermute", y.dtype(), [&](auto tag) {
     using F = decltype(tag);
     launch("moe_weighted_unpermute", weighted_unpermute_kernel<F>, dim3(y.size(0)), dim3(kRowThreads), 0,
-           out_sorted.data<F>(), gates.data<F>(), position_of_slot.data<int32_t>(), gates.size(1), y.size(1),
-           y.data<F>());
+           out_sorted.data<F>(), gates.data<F>(), position_of_slot.data<int32_t>(),
+           residual.defined() ? residual.data<F>() : nullptr, gates.size(1), y.size(1), y.data<F>());
   });
 }
 

@@ -66,9 +66,10 @@ DECLARE_KERNEL(moe_grouped_swiglu_backward,
                 const Tensor& dw_gate, const Tensor& dw_up, const Tensor& dw_down, Precision precision))
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------
-// y [N, d]: y[n] = sum_j gates[n, j] * out_sorted[position_of_slot[n, j]], j in order.
-DECLARE_KERNEL(moe_weighted_unpermute,
-               (const Tensor& out_sorted, const Tensor& gates, const Tensor& position_of_slot, const Tensor& y))
+// y [N, d]: y[n] = residual[n] + sum_j gates[n, j] * out_sorted[position_of_slot[n, j]], j in order, the residual
+// (undefined: none, else [N, d]: the block's skip connection) added last, so y has the bits of a separate add.
+DECLARE_KERNEL(moe_weighted_unpermute, (const Tensor& out_sorted, const Tensor& gates, const Tensor& position_of_slot,
+                                        const Tensor& residual, const Tensor& y))
 // Per position pos, owned by slot s = slot_at_position[pos] of token n = s / k (k = gates.size(1)):
 //   d_out_sorted[pos] = gates[s] * dy[n]   (a gather)     d_gates[s] = <dy[n], out_sorted[pos]>
 // Each output element has one writer: no atomics, the same bits on every run.
