@@ -121,9 +121,9 @@ void Tensor::backward() const {
     if (!node.backward) throw std::logic_error(fmt::format("backward through op '{}' whose graph was freed", node.op));
     if (!t.grad.defined()) continue;  // nothing flowed here
     std::vector<Tensor> input_grads;
+    std::vector<Tensor> held;  // for an accumulating node: the gradients the inputs hold that nothing else holds
     if (node.accumulating_backward) {
-      // The gradients the inputs hold that nothing else holds: the node may add to them.
-      std::vector<Tensor> held(node.inputs.size());
+      held.resize(node.inputs.size());
       for (size_t i = 0; i < node.inputs.size(); ++i) {
         const Tensor& input = node.inputs[i];
         if (input.defined() && input.requires_grad() && input.impl()->grad.defined() && input.impl()->grad.sole_owner())
@@ -145,7 +145,7 @@ void Tensor::backward() const {
       // the backward's tensor itself when nothing else holds it or its memory (a product's weight gradient, the
       // usual case: no copy), else a copy.
       TensorImpl& in = *input.impl();
-      if (in.grad.defined() && g.impl() == in.grad.impl()) continue;  // the node added to it
+      if (i < held.size() && held[i].defined() && g.impl() == held[i].impl()) continue;  // the node added to it
       if (in.grad.defined())
         in.grad = add(in.grad, g);
       else

@@ -31,9 +31,13 @@ Tensor MoELayer::forward_plus(const Tensor& h, const Tensor& residual) {
   last_routing_ = router.forward(h);
   last_input_ = h.detach();
   Routing& r = last_routing_;
-  Tensor y = moe_experts(h, r.expert_ids, r.gates, experts.w_gate, experts.w_up, experts.w_down, residual,
-                         r.expert_counts);  // [N, d]: residual + the routed experts
-  return shared ? y + shared->forward(h) : y;
+  auto routed = [&](const Tensor& added) {  // [N, d]: added + the routed experts
+    return moe_experts(h, r.expert_ids, r.gates, experts.w_gate, experts.w_up, experts.w_down, added, r.expert_counts);
+  };
+  if (!shared) return routed(residual);
+  // The residual added last, as the block's add did: residual + (routed + shared), the same bits.
+  Tensor y = routed(Tensor()) + shared->forward(h);
+  return residual.defined() ? residual + y : y;
 }
 
 nn::NamedFeedForward moe_feed_forward(const nn::ModelConfig& config, int64_t layer, Generator& gen) {

@@ -26,7 +26,7 @@ class Experts : public nn::Module {
   Tensor w_down;  // [E, d, h]
 };
 
-class MoELayer : public nn::FeedForward {
+class MoELayer final : public nn::FeedForward {
  public:
   // Parameters are drawn from gen in this order: router.weight, experts.w_gate, w_up, w_down, then shared's
   // w_gate, w_up, w_down (the PyTorch twin must draw in the same order). `layer` only names the layer in errors.
@@ -35,7 +35,7 @@ class MoELayer : public nn::FeedForward {
   // h [N, d] -> [N, d]. Keeps this forward's routing and input for what comes after the forward pass: the router
   // losses (MoEModel::loss), routing statistics and OMoE's projectors.
   Tensor forward(const Tensor& h) override;
-  // residual + forward(h), the residual added by the experts' weighted un-permute (then the shared experts' output).
+  // residual + forward(h): without shared experts the residual is added by the experts' weighted un-permute.
   Tensor forward_plus(const Tensor& h, const Tensor& residual) override;
 
   // The routing of the last forward (probs, expert_ids, ...), as computed: while that forward's graph lives (until

@@ -148,6 +148,19 @@ TEST_CASE("autograd: an accumulating backward is offered the gradient an input h
   CHECK(x.grad().to_vector<double>() == std::vector<double>{3.0, 3.0});
 }
 
+TEST_CASE("autograd: one gradient tensor handed to two inputs that are one intermediate counts twice") {
+  // add's backward returns g itself for both of its inputs: h's gradient is 2 g, not g (nothing was added in place).
+  Tensor x = leaf({1.0, 2.0}, {2});
+  Tensor h = mul(x, 3.0);
+  sum(add(h, h)).backward();
+  CHECK(x.grad().to_vector<double>() == std::vector<double>{6.0, 6.0});
+  x.zero_grad();
+  Tensor c = leaf({5.0, 5.0}, {2});
+  Tensor k = mul(x, 1.0);
+  sum(add(k, add(k, c))).backward();
+  CHECK(x.grad().to_vector<double>() == std::vector<double>{2.0, 2.0});
+}
+
 TEST_CASE("autograd: backward from a leaf accumulates like from any other loss") {
   Tensor x = leaf({2.0}, {});
   x.backward();

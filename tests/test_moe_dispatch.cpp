@@ -280,6 +280,18 @@ TEST_CASE("moe: bad input: k > E and non-finite router logits give clear errors"
 
 // ---- the layer ------------------------------------------------------------------------------------------------------
 
+TEST_CASE("moe: MoELayer's forward_plus is residual + forward, bit for bit, with and without shared experts") {
+  for (int64_t shared_experts : {0, 2}) {
+    nn::ModelConfig c = small_moe_config();
+    c.shared_experts = shared_experts;
+    Generator gen(23);
+    moe::MoELayer layer(c, 0, gen);
+    const Tensor h = random({9, 10}, 24, DType::F32), residual = random({9, 10}, 25, DType::F32);
+    check_equal(layer.forward_plus(h, residual), add(residual, layer.forward(h)),
+                fmt::format("{} shared experts", shared_experts));
+  }
+}
+
 TEST_CASE("moe: MoELayer with shared experts == reference router + reference experts + shared SwiGLU (values, grads)") {
   nn::ModelConfig c = small_moe_config();
   Generator gen(21);

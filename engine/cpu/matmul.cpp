@@ -4,6 +4,7 @@
 #include "engine/kernels/matmul.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 #include "engine/cpu/gemm.h"
 #include "engine/cpu/parallel.h"
@@ -39,6 +40,8 @@ void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b
     return;
   }
   const MatmulShape s = matmul_shape(a, b, trans_a, trans_b);
+  if (added_to.defined() && added_to.impl() != out.impl())
+    throw std::logic_error("batched_matmul: added_to must be out itself");
   const bool accumulate = added_to.defined();
   const int64_t batch = s.batch, m = s.m, n = s.n, k = s.k, a_stride = s.a_stride, b_stride = s.b_stride;
   dispatch_float("matmul", a.dtype(), [&](auto t) {

@@ -3,6 +3,7 @@
 #include "engine/kernels/matmul.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 #include "engine/cuda/blas.cuh"
 #include "engine/cuda/device.cuh"
@@ -15,6 +16,8 @@ void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b
   const DType ab = a.dtype(), c = out.dtype();
   const int64_t lda = trans_a ? s.m : s.k, ldb = trans_b ? s.k : s.n, element = dtype_size(ab);
   const char *pa = static_cast<const char*>(a.raw_data()), *pb = static_cast<const char*>(b.raw_data());
+  if (added_to.defined() && added_to.impl() != out.impl())
+    throw std::logic_error("batched_matmul: added_to must be out itself");
   const bool accumulate = added_to.defined();
   const float beta = accumulate ? 1.0f : 0.0f;
   if (!sum_batches) {

@@ -18,7 +18,8 @@ static Shape batch_dims(const Tensor& x) { return Shape(x.shape().begin(), x.sha
 
 // op(A_i) @ op(B_i) for every batch i, on a's device (f32 for bf16 operands). Either operand may be 2-D: one matrix
 // shared by every batch. With sum_batches the result is the single [m, n] sum over the batch (the gradient of a
-// shared operand) instead of [..., m, n]. Added to `into` and returned as it, when given (a gradient an input holds).
+// shared operand) instead of [..., m, n]. Added to `into` and returned as it when `into` has the result's dtype and
+// shape (a gradient an input holds; else a new tensor, which backward then adds).
 // Shapes are trusted here: matmul() checks them, and the backward passes only consistent ones.
 static Tensor product(const Tensor& a, const Tensor& b, bool ta, bool tb, bool sum_batches,
                       const Tensor& into = Tensor()) {
