@@ -29,6 +29,8 @@ inline void check_index(const char* op, const Tensor& index) {
 
 // A bf16 copy of an f32 tensor (round to nearest even): the operand of a product under mixed precision (matmul.cpp).
 Tensor rounded_to_bf16(const Tensor& x);
+// Whether a product multiplies x as such a copy: x is f32 and the precision mode is BF16 (f64 is never rounded).
+bool multiplied_in_bf16(const Tensor& x);
 
 inline int64_t normalize_dim(const char* op, int64_t dim, int64_t ndim) {
   if (dim < -ndim || dim >= ndim) fail("{}: dim {} out of range for a {}-d tensor", op, dim, ndim);

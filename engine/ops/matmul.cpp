@@ -40,6 +40,10 @@ Tensor detail::rounded_to_bf16(const Tensor& x) {
   return out;
 }
 
+bool detail::multiplied_in_bf16(const Tensor& x) {
+  return x.dtype() == DType::F32 && product_precision() == Precision::BF16;
+}
+
 // g: [..., m, n]. A shared b gets the sum of its per-batch gradients. For bf16 operands g is rounded to bf16 first,
 // and with bf16_gradients each gradient after (the operands are bf16 tensors; under mixed precision they are bf16
 // copies of f32 tensors, whose gradients stay f32). held: the gradients a and b already hold (AccumulatingBackwardFn);
@@ -62,11 +66,6 @@ static std::vector<Tensor> matmul_backward(const Tensor& a, const Tensor& b, boo
   if (bf16_gradients && da.defined()) da = rounded_to_bf16(da);
   if (bf16_gradients && db.defined()) db = rounded_to_bf16(db);
   return {da, db};
-}
-
-// Under BF16 precision the product (and backward) works on bf16 copies of f32 operands; f64 is never rounded.
-static bool multiplied_in_bf16(const Tensor& x) {
-  return x.dtype() == DType::F32 && product_precision() == Precision::BF16;
 }
 
 Tensor product_operand(const Tensor& x) {

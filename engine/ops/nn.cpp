@@ -95,7 +95,7 @@ Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor&
   const bool need_dx = grad_enabled() && x.requires_grad(), need_dweight = grad_enabled() && weight.requires_grad();
 
   // Under BF16 precision the products take bf16 copies of x, weight and the logits' gradient (as matmul's would).
-  const bool mixed = x.dtype() == DType::F32 && product_precision() == Precision::BF16;
+  const bool mixed = multiplied_in_bf16(x);
   const Tensor x_operand = mixed ? rounded_to_bf16(x) : x.detach();
   const Tensor weight_operand = mixed ? rounded_to_bf16(weight) : weight.detach();
 
