@@ -3,13 +3,14 @@
 // the inputs' device, and records.
 //
 // Shapes: N tokens, k choices per token, S = N*k slots, d model width, h expert hidden size, E experts.
-// Saved for backward (S*(3h + d) floats, plus the plan's 2*S + 2*E + 1 integers):
+// Saved for backward (S*(3h + d) floats, the [S, h] ones bf16 under mixed precision, plus the plan's 2*S + 2*E + 1
+// integers):
 //   gate_pre, up_pre [S, h]   pre-activations W_gate x, W_up x in sorted order (silu' needs gate_pre, d(gate) needs up)
 //   act              [S, h]   silu(gate_pre) * up_pre, the input of W_down (dW_down = d(out)^T act)
 //   out_sorted       [S, d]   each slot's expert output before gating (d(gates) = <dy, out>)
 // x_sorted [S, d] is NOT saved: backward re-gathers it from x (a row copy, cheap next to the GEMMs).
-// Backward's own scratch, freed when it returns: x_sorted, d_out_sorted, d_x_sorted [S, d];
-// d_gate_pre, d_up_pre [S, h].
+// Backward's own scratch, freed when it returns: x_sorted, d_out_sorted, d_x_sorted [S, d]; d_act [S, h] (and the
+// kernel's d_gate_pre, d_up_pre).
 #include "moe/dispatch.h"
 
 #include <numeric>
@@ -95,18 +96,18 @@ std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   KERNEL(moe_weighted_unpermute_backward, device)
   (dy, saved.out_sorted, saved.gates, plan.slot_at_position, d_gates, d_out_sorted);
 
-  // (d) again: the expert inputs, re-gathered rather than saved.
-  Tensor x_sorted = empty({slots, d});  // [S, d]
+  // (d) again: the expert inputs, re-gathered rather than saved (bf16 under mixed precision, as in forward).
+  Tensor x_sorted = Tensor::empty({slots, d}, saved.gate_pre.dtype(), device);  // [S, d]
   KERNEL(moe_permute_rows, device)(saved.x, plan.slot_at_position, plan.top_k, x_sorted);
 
   // (e) backward: weight gradients per expert and the input gradient per slot.
   Tensor dw_gate = empty(saved.w_gate.shape()), dw_up = empty(saved.w_up.shape());
   Tensor dw_down = empty(saved.w_down.shape());
-  Tensor d_gate_pre = empty({slots, h}), d_up_pre = empty({slots, h});  // [S, h]
-  Tensor d_x_sorted = empty({slots, d});                                // [S, d]
+  Tensor d_act = empty({slots, h});       // [S, h]
+  Tensor d_x_sorted = empty({slots, d});  // [S, d]
   KERNEL(moe_grouped_swiglu_backward, device)
   (x_sorted, plan.host_offsets, saved.w_gate, saved.w_up, saved.w_down, saved.gate_pre, saved.up_pre, saved.act,
-   d_out_sorted, d_gate_pre, d_up_pre, d_x_sorted, dw_gate, dw_up, dw_down, saved.precision);
+   d_out_sorted, d_act, d_x_sorted, dw_gate, dw_up, dw_down, saved.precision);
 
   // (d) backward: each token sums its k slots' input gradients.
   Tensor dx = empty({plan.tokens, d});  // [N, d]
@@ -164,13 +165,16 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
   saved.plan = plan_dispatch(expert_ids, dims.experts);                           // (a)-(c)
   const DispatchPlan& plan = saved.plan;
   expert_counts = plan.counts;
-  saved.gate_pre = empty({slots, h});
-  saved.up_pre = empty({slots, h});
-  saved.act = empty({slots, h});
+  // The expert inputs and the activations backward reads: bf16 under mixed precision, where the products multiply
+  // them as bf16 anyway (half the bytes; moe_permute_rows, moe_grouped_swiglu_forward).
+  const DType kept = saved.precision == Precision::BF16 ? DType::BF16 : dtype;
+  saved.gate_pre = Tensor::empty({slots, h}, kept, device);
+  saved.up_pre = Tensor::empty({slots, h}, kept, device);
+  saved.act = Tensor::empty({slots, h}, kept, device);
   saved.out_sorted = empty({slots, d});
   Tensor y = empty({dims.tokens, d});  // [N, d]
   {
-    Tensor x_sorted = empty({slots, d});                                               // [S, d]
+    Tensor x_sorted = Tensor::empty({slots, d}, kept, device);                         // [S, d]
     KERNEL(moe_permute_rows, device)(x, plan.slot_at_position, plan.top_k, x_sorted);  // (d)
     KERNEL(moe_grouped_swiglu_forward, device)
     (x_sorted, plan.host_offsets, w_gate, w_up, w_down, saved.gate_pre, saved.up_pre, saved.act, saved.out_sorted,

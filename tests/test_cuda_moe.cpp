@@ -145,6 +145,13 @@ TEST_CASE("cuda: moe: permute, un-permute-sum and weighted un-permute kernels ma
       cpu::moe_permute_rows(x, plan.slot_at_position, s.k, x_sorted);
       cuda::moe_permute_rows(to_gpu(x), plan_gpu.slot_at_position, s.k, x_sorted_gpu);
       check_same_bits(x_sorted_gpu, x_sorted, what + " permute");
+      if (dtype == DType::F32) {  // rounded to bf16 as gathered (mixed precision): the rows' bf16 roundings
+        Tensor rounded = Tensor::empty({S, d}, DType::BF16), rounded_gpu = empty_like_on(rounded, Device::CUDA);
+        cpu::moe_permute_rows(x, plan.slot_at_position, s.k, rounded);
+        cuda::moe_permute_rows(to_gpu(x), plan_gpu.slot_at_position, s.k, rounded_gpu);
+        CHECK_MESSAGE(bitwise_equal(rounded, to_dtype(x_sorted, DType::BF16)), what << ": the bf16 permute's bits");
+        check_same_bits(rounded_gpu, rounded, what + " permute to bf16");
+      }
 
       Tensor dx_sorted = random({S, d}, ++seed, dtype);
       Tensor dx = Tensor::empty({s.N, d}, dtype), dx_gpu = empty_like_on(dx, Device::CUDA);
@@ -194,19 +201,56 @@ TEST_CASE("cuda: moe: SwiGLU activation kernels match the CPU" * cuda_only()) {
       cuda::moe_swiglu_backward(to_gpu(gate_pre), to_gpu(up_pre), to_gpu(d_act), d_gate_gpu, d_up_gpu);
       check_gpu_matches(d_up_gpu, d_up, float_bound(dtype), 1e-6, what + " d_up_pre");
       check_scaled(d_gate_gpu, d_gate, float_bound(dtype), what + " d_gate_pre");
-      // In place, as the grouped backward calls it: d_act's buffer becomes d_gate_pre.
+      // In place: d_act's buffer becomes d_gate_pre.
       Tensor in_place = to_gpu(d_act), d_up_again = empty_like_on(d_up, Device::CUDA);
       cuda::moe_swiglu_backward(to_gpu(gate_pre), to_gpu(up_pre), in_place, in_place, d_up_again);
       check_same_bits(in_place, to_cpu(d_gate_gpu), what + " d_gate_pre in place");
     }
 }
 
-// Under Precision::BF16 both devices multiply the same bf16 roundings of the inputs, with f32 accumulation. act,
-// d_gate_pre and d_up_pre are rounded after they are computed: where the two devices' f32 values differ in the last bit,
-// the rounding may go different ways and that one operand differs by a bf16 step (2^-8 relative). The products it
-// enters are checked against 2^-7 of their largest entry.
-// Every way of running the products (cuda::ExpertGemm): grouped calls (under BF16 TF32 calls on bf16 values kept in
-// f32), padded rows with strided-batched calls (bf16 operands), one call per expert (BF16 only: otherwise it is what
+// Under Precision::BF16 the grouped SwiGLU keeps gate_pre, up_pre and act in bf16 and writes d_gate_pre, d_up_pre
+// as bf16 operands: f32 math on bf16 inputs, rounded outputs. Where the devices' f32 values differ in the last bit
+// (exp), a rounding may go the other way: one bf16 step, at most 2^-7 relative. The f32-math rounding itself is checked
+// exactly: act is the bf16 rounding of the f32 kernel's act on the widened inputs.
+TEST_CASE("cuda: moe: SwiGLU activation kernels on bf16 activations match the CPU" * cuda_only()) {
+  uint64_t seed = 450;
+  const double bf16_step = 1.0 / 128;
+  for (Shape shape : {Shape{1, 1}, Shape{7, 11}, Shape{771, 37}}) {
+    const std::string what = shape_str(shape);
+    const Tensor gate_pre = to_dtype(random(shape, ++seed, DType::F32, 2.0), DType::BF16);
+    const Tensor up_pre = to_dtype(random(shape, ++seed, DType::F32, 2.0), DType::BF16);
+    Tensor act = Tensor::empty(shape, DType::BF16), act_gpu = empty_like_on(act, Device::CUDA);
+    cpu::moe_swiglu_forward(gate_pre, up_pre, act);
+    cuda::moe_swiglu_forward(to_gpu(gate_pre), to_gpu(up_pre), act_gpu);
+    check_gpu_matches(act_gpu, act, bf16_step, 1e-6, what + " act");
+    Tensor act_f32 = Tensor::empty(shape, DType::F32);
+    cpu::moe_swiglu_forward(to_dtype(gate_pre, DType::F32), to_dtype(up_pre, DType::F32), act_f32);
+    CHECK_MESSAGE(bitwise_equal(act, to_dtype(act_f32, DType::BF16)), what << ": act is not the rounded f32 act");
+
+    const Tensor d_act = random(shape, ++seed, DType::F32);
+    Tensor d_gate_f32 = Tensor::empty(shape, DType::F32), d_up_f32 = Tensor::empty(shape, DType::F32);
+    cpu::moe_swiglu_backward(to_dtype(gate_pre, DType::F32), to_dtype(up_pre, DType::F32), d_act, d_gate_f32, d_up_f32);
+    for (DType out : {DType::F32, DType::BF16}) {
+      const std::string which = what + " -> " + dtype_name(out);
+      Tensor d_gate = Tensor::empty(shape, out), d_up = Tensor::empty(shape, out);
+      cpu::moe_swiglu_backward(gate_pre, up_pre, d_act, d_gate, d_up);
+      CHECK_MESSAGE(bitwise_equal(d_gate, to_dtype(d_gate_f32, out)), which << ": d_gate_pre is not the f32 one");
+      CHECK_MESSAGE(bitwise_equal(d_up, to_dtype(d_up_f32, out)), which << ": d_up_pre is not the f32 one");
+      Tensor d_gate_gpu = empty_like_on(d_gate, Device::CUDA), d_up_gpu = empty_like_on(d_up, Device::CUDA);
+      cuda::moe_swiglu_backward(to_gpu(gate_pre), to_gpu(up_pre), to_gpu(d_act), d_gate_gpu, d_up_gpu);
+      const double bound = out == DType::BF16 ? bf16_step : float_bound(DType::F32);
+      check_scaled(d_up_gpu, d_up, bound, which + " d_up_pre");
+      check_scaled(d_gate_gpu, d_gate, bound, which + " d_gate_pre");
+    }
+  }
+}
+
+// Under Precision::BF16 both devices multiply the same bf16 roundings of the inputs, with f32 accumulation. The kept
+// gate_pre, up_pre and act, and d_gate_pre and d_up_pre, are rounded after they are computed: where the two devices'
+// f32 values differ in the last bit, the rounding may go different ways and that value differs by a bf16 step (at
+// most 2^-7 relative). They and the products they enter are checked against 2^-7 of their largest entry.
+// Every way of running the products (cuda::ExpertGemm): grouped calls (under BF16 the gate and up products bf16 ->
+// bf16, the others TF32 calls on bf16 values kept in f32), padded rows with strided-batched calls (bf16 operands), one call per expert (BF16 only: otherwise it is what
 // the grouped path does for f32 and f64 without TF32). Padded falls back to grouped calls where the padding would
 // add more than half the rows (cuda::pads_expert_rows): the sweep has cases of both kinds, counted. Two cases more:
 // no slots at all, and rows wider than a block's 128 threads (the padded kernels loop over the columns) whose experts
@@ -243,38 +287,41 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
           Tensor w_gate = random({s.E, h, d}, ++seed, dtype, 0.4), w_up = random({s.E, h, d}, ++seed, dtype, 0.4);
           Tensor w_down = random({s.E, d, h}, ++seed, dtype, 0.4);
 
-          // Forward: gate_pre, up_pre, act [S, h], out_sorted [S, d].
-          std::vector<Tensor> fwd = {Tensor::empty({S, h}, dtype), Tensor::empty({S, h}, dtype),
-                                     Tensor::empty({S, h}, dtype), Tensor::empty({S, d}, dtype)};
+          // Forward: gate_pre, up_pre, act [S, h] (kept: bf16 under BF16), out_sorted [S, d].
+          const DType kept = precision == Precision::BF16 ? DType::BF16 : dtype;
+          std::vector<Tensor> fwd = {Tensor::empty({S, h}, kept), Tensor::empty({S, h}, kept),
+                                     Tensor::empty({S, h}, kept), Tensor::empty({S, d}, dtype)};
           std::vector<Tensor> fwd_gpu;
           for (const Tensor& t : fwd) fwd_gpu.push_back(empty_like_on(t, Device::CUDA));
+          // Under BF16 the GPU gets x_sorted as the op gives it, rounded by the permute (bf16); the CPU the f32 rows.
+          const Tensor x_sorted_gpu = to_gpu(precision == Precision::BF16 ? to_dtype(x_sorted, kept) : x_sorted);
           cpu::moe_grouped_swiglu_forward(x_sorted, plan.host_offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2],
                                           fwd[3], precision);
-          cuda::moe_grouped_swiglu_forward(to_gpu(x_sorted), plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
+          cuda::moe_grouped_swiglu_forward(x_sorted_gpu, plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
                                            to_gpu(w_down), fwd_gpu[0], fwd_gpu[1], fwd_gpu[2], fwd_gpu[3], precision);
           const char* fwd_names[] = {"gate_pre", "up_pre", "act", "out_sorted"};
           for (size_t i = 0; i < fwd.size(); ++i)
-            check_scaled(fwd_gpu[i], fwd[i], i < 3 ? float_bound(dtype) : bound, what + " " + fwd_names[i]);
+            check_scaled(fwd_gpu[i], fwd[i], i < 3 && kept != DType::BF16 ? float_bound(dtype) : bound,
+                         what + " " + fwd_names[i]);
 
-          // Backward from the CPU's saved tensors on both devices: d_gate_pre, d_up_pre [S, h], d_x_sorted [S, d],
-          // dw_gate, dw_up [E, h, d], dw_down [E, d, h]. The GPU's outputs start as NaN: every element must be written.
-          std::vector<Tensor> bwd = {Tensor::empty({S, h}, dtype),       Tensor::empty({S, h}, dtype),
-                                     Tensor::empty({S, d}, dtype),       Tensor::empty(w_gate.shape(), dtype),
+          // Backward from the CPU's saved tensors on both devices: d_x_sorted [S, d], dw_gate, dw_up [E, h, d],
+          // dw_down [E, d, h]. The GPU's outputs start as NaN: every element must be written. d_act [S, h] is scratch.
+          std::vector<Tensor> bwd = {Tensor::empty({S, d}, dtype), Tensor::empty(w_gate.shape(), dtype),
                                      Tensor::empty(w_up.shape(), dtype), Tensor::empty(w_down.shape(), dtype)};
           std::vector<Tensor> bwd_gpu;
           for (const Tensor& t : bwd) bwd_gpu.push_back(to_gpu(full(t.shape(), NAN, dtype)));
+          const Tensor d_act = Tensor::empty({S, h}, dtype), d_act_gpu = empty_like_on(d_act, Device::CUDA);
           cpu::moe_grouped_swiglu_backward(x_sorted, plan.host_offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2],
-                                           d_out, bwd[0], bwd[1], bwd[2], bwd[3], bwd[4], bwd[5], precision);
-          cuda::moe_grouped_swiglu_backward(to_gpu(x_sorted), plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
+                                           d_out, d_act, bwd[0], bwd[1], bwd[2], bwd[3], precision);
+          cuda::moe_grouped_swiglu_backward(x_sorted_gpu, plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
                                             to_gpu(w_down), to_gpu(fwd[0]), to_gpu(fwd[1]), to_gpu(fwd[2]),
-                                            to_gpu(d_out), bwd_gpu[0], bwd_gpu[1], bwd_gpu[2], bwd_gpu[3], bwd_gpu[4],
-                                            bwd_gpu[5], precision);
-          const char* bwd_names[] = {"d_gate_pre", "d_up_pre", "d_x_sorted", "dw_gate", "dw_up", "dw_down"};
-          for (size_t i = 0; i < bwd.size(); ++i)
-            check_scaled(bwd_gpu[i], bwd[i], i < 2 ? float_bound(dtype) : bound, what + " " + bwd_names[i]);
+                                            to_gpu(d_out), d_act_gpu, bwd_gpu[0], bwd_gpu[1], bwd_gpu[2], bwd_gpu[3],
+                                            precision);
+          const char* bwd_names[] = {"d_x_sorted", "dw_gate", "dw_up", "dw_down"};
+          for (size_t i = 0; i < bwd.size(); ++i) check_scaled(bwd_gpu[i], bwd[i], bound, what + " " + bwd_names[i]);
 
           const std::vector<int32_t> counts = plan.counts.to_vector<int32_t>();
-          for (size_t i = 3; i < bwd.size(); ++i) {
+          for (size_t i = 1; i < bwd.size(); ++i) {
             const std::vector<double> dw = as_doubles(to_cpu(bwd_gpu[i]));
             const int64_t per_expert = h * d;
             for (int64_t e = 0; e < s.E; ++e)

@@ -10,14 +10,16 @@
 #include <string>
 #include <vector>
 
+#include "engine/kernels/moe.h"
 #include "moe/dispatch.h"
 #include "moe/moe_layer.h"
-#include "moe/router.h"
 #include "moe/reference.h"
+#include "moe/router.h"
 #include "tests/testing.h"
 
 using namespace moelab;
 using testing::as_doubles;
+using testing::bitwise_equal;
 using testing::check_equal;
 using testing::check_error;
 using testing::forced_ids;
@@ -197,6 +199,98 @@ TEST_CASE("moe: moe_experts is bit-identical for 1 and 2 threads (experts side b
     for (size_t i = 0; i < one.size(); ++i) check_equal(one[i], two[i], kNames[i]);
   }
   omp_set_num_threads(saved_threads);
+}
+
+// Under Precision::BF16 the grouped SwiGLU keeps its activations in bf16 (engine/kernels/moe.h): gate_pre and up_pre
+// are the products rounded, act is computed in f32 from those rounded values and rounded, and the backward's
+// d_gate_pre, d_up_pre are rounded before their products. Against a naive loop in double with the same roundings. The
+// inputs are multiples of 1/64 (bf16 values), so the products' sums are exact in f32 and double alike, and have more
+// bits than bf16 keeps: gate_pre and up_pre must have the reference's bits, and the rounding matters downstream. act and the roundings after it come from exp, whose last f32 bit
+// may differ from double's: one bf16 step (2^-7) at most, and rarely; the rest to a tolerance.
+TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive loop with the same roundings)") {
+  const int64_t d = 13, h = 11, E = 3;
+  const std::vector<int32_t> offsets = {0, 5, 5, 12};  // expert 1 has no rows
+  const int64_t S = offsets.back();
+  auto grid = [](const Shape& shape, uint64_t seed, double step,
+                 double limit) {  // multiples of step in [-limit, limit]
+    std::vector<double> v = as_doubles(random(shape, seed));
+    for (double& x : v) x = std::clamp(std::round(x * limit / step / 2) * step, -limit, limit);
+    return from_vector(std::vector<float>(v.begin(), v.end()), shape);
+  };
+  const Tensor x = grid({S, d}, 1, 1.0 / 64, 1.0), d_out = grid({S, d}, 2, 1.0 / 64, 1.0);
+  const Tensor wg = grid({E, h, d}, 3, 1.0 / 64, 0.5), wu = grid({E, h, d}, 4, 1.0 / 64, 0.5);
+  const Tensor wd = grid({E, d, h}, 5, 1.0 / 64, 0.5);
+  Tensor gate_pre = Tensor::empty({S, h}, DType::BF16), up_pre = Tensor::empty({S, h}, DType::BF16);
+  Tensor act = Tensor::empty({S, h}, DType::BF16), out = Tensor::empty({S, d}, DType::F32);
+  cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, out, Precision::BF16);
+  Tensor d_act = Tensor::empty({S, h}, DType::F32), dx = Tensor::empty({S, d}, DType::F32);
+  Tensor dwg = Tensor::empty(wg.shape(), DType::F32), dwu = Tensor::empty(wu.shape(), DType::F32);
+  Tensor dwd = Tensor::empty(wd.shape(), DType::F32);
+  cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act, dx, dwg, dwu, dwd,
+                                   Precision::BF16);
+
+  auto bf = [](double v) { return static_cast<double>(to_float(to_bf16(static_cast<float>(v)))); };
+  const std::vector<double> X = as_doubles(x), DO = as_doubles(d_out), WG = as_doubles(wg), WU = as_doubles(wu),
+                            WD = as_doubles(wd), G = as_doubles(gate_pre), U = as_doubles(up_pre), A = as_doubles(act);
+  std::vector<double> g_ref(S * h), u_ref(S * h), a_ref(S * h), out_ref(S * d, 0), dx_ref(S * d, 0);
+  std::vector<double> dwg_ref(E * h * d, 0), dwu_ref(E * h * d, 0), dwd_ref(E * d * h, 0);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r)
+      for (int64_t j = 0; j < h; ++j) {
+        double g = 0, u = 0, da = 0;
+        for (int64_t i = 0; i < d; ++i) {
+          g += X[r * d + i] * WG[(e * h + j) * d + i];
+          u += X[r * d + i] * WU[(e * h + j) * d + i];
+        }
+        for (int64_t c = 0; c < d; ++c) da += DO[r * d + c] * WD[(e * d + c) * h + j];
+        g_ref[r * h + j] = bf(g), u_ref[r * h + j] = bf(u);
+        const double z = g_ref[r * h + j], up = u_ref[r * h + j], s = 1 / (1 + std::exp(-z));
+        a_ref[r * h + j] = bf(z * s * up);
+        const double dg = bf(da * up * s * (1 + z * (1 - s))), du = bf(da * z * s);
+        for (int64_t i = 0; i < d; ++i) {
+          dwg_ref[(e * h + j) * d + i] += dg * X[r * d + i];
+          dwu_ref[(e * h + j) * d + i] += du * X[r * d + i];
+          dx_ref[r * d + i] += dg * WG[(e * h + j) * d + i] + du * WU[(e * h + j) * d + i];
+        }
+        for (int64_t c = 0; c < d; ++c) {  // from the kernel's act (checked above to one step)
+          out_ref[r * d + c] += A[r * h + j] * WD[(e * d + c) * h + j];
+          dwd_ref[(e * d + c) * h + j] += DO[r * d + c] * A[r * h + j];
+        }
+      }
+  CHECK(G == g_ref);
+  CHECK(U == u_ref);
+  int64_t act_off = 0;
+  for (int64_t i = 0; i < S * h; ++i)
+    if (A[i] != a_ref[i]) {
+      ++act_off;
+      CHECK_MESSAGE(std::abs(A[i] - a_ref[i]) <= std::abs(a_ref[i]) / 128,
+                    "act " << i << ": " << A[i] << " vs " << a_ref[i]);
+    }
+  CHECK(act_off <= 2);
+  auto tensor = [](const std::vector<double>& v, const Shape& shape) { return from_vector(v, shape); };
+  check_matches(out, tensor(out_ref, {S, d}), 1e-6, "out_sorted");
+  check_matches(dwd, tensor(dwd_ref, wd.shape()), 1e-6, "dw_down");
+  check_matches(dwg, tensor(dwg_ref, wg.shape()), 1e-4, "dw_gate");
+  check_matches(dwu, tensor(dwu_ref, wu.shape()), 1e-4, "dw_up");
+  check_matches(dx, tensor(dx_ref, {S, d}), 1e-4, "d_x_sorted");
+  // x_sorted as the permute gives it under mixed precision, bf16 (x's values are bf16 ones): the same bits.
+  Tensor gate_b = Tensor::empty({S, h}, DType::BF16), up_b = Tensor::empty({S, h}, DType::BF16);
+  Tensor act_b = Tensor::empty({S, h}, DType::BF16), out_b = Tensor::empty({S, d}, DType::F32);
+  const Tensor x_b = to_dtype(x, DType::BF16);
+  cpu::moe_grouped_swiglu_forward(x_b, offsets, wg, wu, wd, gate_b, up_b, act_b, out_b, Precision::BF16);
+  Tensor dx_b = Tensor::empty({S, d}, DType::F32), dwg_b = Tensor::empty(wg.shape(), DType::F32);
+  Tensor dwu_b = Tensor::empty(wu.shape(), DType::F32), dwd_b = Tensor::empty(wd.shape(), DType::F32);
+  cpu::moe_grouped_swiglu_backward(x_b, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act, dx_b, dwg_b, dwu_b,
+                                   dwd_b, Precision::BF16);
+  for (const auto& [got, want] : {std::pair{act_b, act}, {out_b, out}, {dx_b, dx}, {dwg_b, dwg}, {dwd_b, dwd}})
+    CHECK(bitwise_equal(got, want));
+  // The kept activations must be bf16 under BF16, and of the tensors' dtype under FP32.
+  check_error([&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, out, out, out, out, Precision::BF16); },
+              {"gate_pre, up_pre and act must be bf16", "bf16 precision", "f32"});
+  check_error([&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, act, act, act, out, Precision::FP32); },
+              {"must be f32 under fp32 precision, got bf16"});
+  check_error([&] { cpu::moe_grouped_swiglu_forward(x_b, offsets, wg, wu, wd, out, out, out, out, Precision::FP32); },
+              {"x_sorted must be f32 under fp32 precision, got bf16"});
 }
 
 TEST_CASE("moe: moe_experts bad use throws naming the bad value") {

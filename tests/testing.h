@@ -85,6 +85,11 @@ inline std::vector<double> as_doubles(const Tensor& t) {
     std::vector<float> v = t.to_vector<float>();
     return {v.begin(), v.end()};
   }
+  if (t.dtype() == DType::BF16) {
+    std::vector<double> out;
+    for (bf16 b : t.to_vector<bf16>()) out.push_back(to_float(b));
+    return out;
+  }
   std::vector<int32_t> v = t.to_vector<int32_t>();
   return {v.begin(), v.end()};
 }

@@ -14,6 +14,7 @@
 #include "engine/cpu/gemm.h"
 #include "engine/cpu/math.h"
 #include "engine/cpu/parallel.h"
+#include "engine/kernels/shape.h"
 
 namespace moelab::cpu {
 
@@ -56,14 +57,44 @@ template <class T> inline void round_span_to_bf16(const T* in, T* out, int64_t n
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_rounded(in[i]);
 }
 
-// A GEMM operand: t itself, or with `round` an f32 copy of t (f32) whose every element is rounded to bf16.
+// t as f32 values: a bf16 tensor widened (exact), any other t itself.
+Tensor as_f32(const Tensor& t) {
+  if (t.dtype() != DType::BF16) return t;
+  Tensor out = Tensor::empty(t.shape(), DType::F32);
+  convert_dtype(t, out);
+  return out;
+}
+
+// A GEMM operand: t itself, or with `round` an f32 copy of t whose every element is a bf16 value (t f32: rounded;
+// t bf16: widened).
 Tensor operand(const Tensor& t, bool round) {
   if (!round) return t;
+  if (t.dtype() == DType::BF16) return as_f32(t);
   Tensor out = Tensor::empty(t.shape(), DType::F32);
   const float* in = t.data<float>();
   float* o = out.data<float>();
   parallel_for(t.numel(), 1, [&](int64_t i) { o[i] = bf16_rounded(in[i]); });
   return out;
+}
+
+// Where a grouped SwiGLU computes the activation `kept`: an f32 tensor when it is kept in bf16, else kept itself.
+Tensor f32_scratch(const Tensor& kept, bool bf16) { return bf16 ? Tensor::empty(kept.shape(), DType::F32) : kept; }
+
+// Whether the grouped SwiGLU rounds to bf16: under Precision::BF16, whose tensors (dtype: the weights') must be f32
+// and whose kept activations (gate_pre, up_pre, act: `kept`) bf16; under FP32 those have the tensors' dtype. x_sorted
+// has the tensors' dtype, or under BF16 may be bf16 already (the permute's rounded gather).
+bool rounds_to_bf16(DType dtype, const Tensor& x_sorted, const Tensor& kept, Precision precision) {
+  const bool bf16 = precision == Precision::BF16;
+  if (bf16 && dtype != DType::F32)
+    fail("moe_grouped_swiglu: bf16 precision takes f32 tensors, got {}", dtype_name(dtype));
+  const DType want = bf16 ? DType::BF16 : dtype;
+  if (kept.dtype() != want)
+    fail("moe_grouped_swiglu: gate_pre, up_pre and act must be {} under {} precision, got {}", dtype_name(want),
+         enum_name(precision), dtype_name(kept.dtype()));
+  if (x_sorted.dtype() != dtype && !(bf16 && x_sorted.dtype() == DType::BF16))
+    fail("moe_grouped_swiglu: x_sorted must be {}{} under {} precision, got {}", dtype_name(dtype),
+         bf16 ? " or bf16" : "", enum_name(precision), dtype_name(x_sorted.dtype()));
+  return bf16;
 }
 
 // The k most probable of n experts, best first: larger p first, NaN above everything (as topk ranks it), ties -> lower
@@ -115,6 +146,15 @@ void moe_sort_slots(const Tensor& expert_ids, const Tensor& offsets, const Tenso
 void moe_permute_rows(const Tensor& x, const Tensor& slot_at_position, int64_t top_k, const Tensor& x_sorted) {
   const int64_t slots = x_sorted.size(0), d = x_sorted.size(1);
   const int32_t* slot_at = slot_at_position.data<int32_t>();
+  if (x_sorted.dtype() == DType::BF16) {  // rounded as gathered: mixed precision's expert inputs
+    const float* px = x.data<float>();
+    bf16* xs = x_sorted.data<bf16>();
+    parallel_for(slots, d, [&](int64_t pos) {
+      const float* src = px + (slot_at[pos] / top_k) * d;
+      for (int64_t i = 0; i < d; ++i) xs[pos * d + i] = to_bf16(src[i]);
+    });
+    return;
+  }
   dispatch_float("moe_permute_rows", x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* px = x.data<T>();
@@ -148,6 +188,15 @@ void moe_unpermute_sum_rows(const Tensor& dx_sorted, const Tensor& position_of_s
 
 void moe_swiglu_forward(const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act) {
   const int64_t rows = act.size(0), h = act.size(1);
+  if (act.dtype() == DType::BF16) {  // the kept expert activations under Precision::BF16
+    const bf16 *gp = gate_pre.data<bf16>(), *up = up_pre.data<bf16>();
+    bf16* a = act.data<bf16>();
+    parallel_for(rows * h, 8, [&](int64_t i) {
+      const float z = to_float(gp[i]);
+      a[i] = to_bf16(z * sigmoid(z) * to_float(up[i]));
+    });
+    return;
+  }
   dispatch_float("moe_swiglu_forward", act.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T *gp = gate_pre.data<T>(), *up = up_pre.data<T>();
@@ -159,6 +208,21 @@ void moe_swiglu_forward(const Tensor& gate_pre, const Tensor& up_pre, const Tens
 void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Tensor& d_act, const Tensor& d_gate_pre,
                          const Tensor& d_up_pre) {
   const int64_t rows = d_up_pre.size(0), h = d_up_pre.size(1);
+  if (gate_pre.dtype() == DType::BF16 || d_up_pre.dtype() == DType::BF16) {  // f32 math on bf16 inputs or outputs
+    // Widened to (or already) f32, the span computes; then the outputs are stored, rounded where they are bf16.
+    const Tensor gp = as_f32(gate_pre), up = as_f32(up_pre);
+    const Tensor d_gate = d_gate_pre.dtype() == DType::F32 ? d_gate_pre : Tensor::empty(d_gate_pre.shape(), DType::F32);
+    const Tensor d_up = d_up_pre.dtype() == DType::F32 ? d_up_pre : Tensor::empty(d_up_pre.shape(), DType::F32);
+    const float *pg = gp.data<float>(), *pu = up.data<float>(), *da = d_act.data<float>();
+    float *dg = d_gate.data<float>(), *du = d_up.data<float>();
+    parallel_for(rows, h * 8, [&](int64_t r) {
+      const int64_t o = r * h;
+      swiglu_backward_span(pg + o, pu + o, da + o, dg + o, du + o, h);
+    });
+    if (d_gate_pre.dtype() == DType::BF16) convert_dtype(d_gate, d_gate_pre);
+    if (d_up_pre.dtype() == DType::BF16) convert_dtype(d_up, d_up_pre);
+    return;
+  }
   dispatch_float("moe_swiglu_backward", d_up_pre.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T *gp = gate_pre.data<T>(), *up = up_pre.data<T>(), *da = d_act.data<T>();
@@ -172,60 +236,68 @@ void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Ten
 
 // ---- (e) grouped SwiGLU: per-expert GEMMs ---------------------------------------------------------------------------
 
-// Under Precision::BF16 the GEMMs read `operand` copies of their inputs, and bf16 roundings of act, d_gate_pre and
-// d_up_pre made per expert right after they are computed; under FP32 those are the tensors themselves, and the calls
-// are exactly the f32 ones.
+// Under Precision::BF16 the GEMMs read `operand` copies of their inputs: f32 holding bf16 values, made per expert
+// right after they are computed for act, d_gate_pre and d_up_pre. gate_pre, up_pre and act are computed into f32
+// scratch, rounded there, and stored in their bf16 tensors once every expert is done (an exact conversion). Under
+// FP32 the scratch is those tensors themselves, and the calls are exactly the f32 ones.
 
 void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
                                 const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const int32_t* o = offsets.data();
-  const bool bf16 = precision == Precision::BF16;
+  const bool bf16 = rounds_to_bf16(w_gate.dtype(), x_sorted, act, precision);
   const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
                wd_op = operand(w_down, bf16);
-  const Tensor act_op = bf16 ? Tensor::empty(act.shape(), DType::F32) : act;  // [S, h]
-  dispatch_float("moe_grouped_swiglu_forward", x_sorted.dtype(), [&](auto tag) {
+  const Tensor gate_f = f32_scratch(gate_pre, bf16), up_f = f32_scratch(up_pre, bf16), act_f = f32_scratch(act, bf16);
+  dispatch_float("moe_grouped_swiglu_forward", w_gate.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T *x = x_op.data<T>(), *wg = wg_op.data<T>(), *wu = wu_op.data<T>(), *wd = wd_op.data<T>();
-    T *gate = gate_pre.data<T>(), *upp = up_pre.data<T>(), *acts = act.data<T>(), *out = out_sorted.data<T>();
-    T* acts_op = act_op.data<T>();
+    T *gate = gate_f.data<T>(), *upp = up_f.data<T>(), *acts = act_f.data<T>(), *out = out_sorted.data<T>();
     for_each_expert(o, n_experts, [&](int64_t e) {
       int64_t begin = o[e], c = o[e + 1] - o[e];
       const T* xs = x + begin * d;  // [c, d]
       T* gp = gate + begin * h;     // [c, h]
       T* up = upp + begin * h;      // [c, h]
       T* a = acts + begin * h;      // [c, h]
-      T* a_op = acts_op + begin * h;
       gemm(false, true, c, h, d, xs, d, wg + e * h * d, d, T(0), gp, h);
       gemm(false, true, c, h, d, xs, d, wu + e * h * d, d, T(0), up, h);
+      if (bf16) {
+        round_span_to_bf16(gp, gp, c * h);
+        round_span_to_bf16(up, up, c * h);
+      }
       swiglu_forward_span(gp, up, a, c * h);
-      if (bf16) round_span_to_bf16(a, a_op, c * h);
-      gemm(false, true, c, d, h, a_op, h, wd + e * d * h, h, T(0), out + begin * d, d);
+      if (bf16) round_span_to_bf16(a, a, c * h);
+      gemm(false, true, c, d, h, a, h, wd + e * d * h, h, T(0), out + begin * d, d);
     });
   });
+  if (bf16) {
+    convert_dtype(gate_f, gate_pre);
+    convert_dtype(up_f, up_pre);
+    convert_dtype(act_f, act);
+  }
 }
 
 void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
                                  const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
-                                 const Tensor& act, const Tensor& d_out_sorted, const Tensor& d_gate_pre,
-                                 const Tensor& d_up_pre, const Tensor& d_x_sorted, const Tensor& dw_gate,
-                                 const Tensor& dw_up, const Tensor& dw_down, Precision precision) {
+                                 const Tensor& act, const Tensor& d_out_sorted, const Tensor& d_act,
+                                 const Tensor& d_x_sorted, const Tensor& dw_gate, const Tensor& dw_up,
+                                 const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const int32_t* o = offsets.data();
-  const bool bf16 = precision == Precision::BF16;
+  const bool bf16 = rounds_to_bf16(w_gate.dtype(), x_sorted, act, precision);
   const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
-               wd_op = operand(w_down, bf16), act_op = operand(act, bf16), d_out_op = operand(d_out_sorted, bf16);
-  const Tensor d_gate_op = bf16 ? Tensor::empty(d_gate_pre.shape(), DType::F32) : d_gate_pre;  // [S, h]
-  const Tensor d_up_op = bf16 ? Tensor::empty(d_up_pre.shape(), DType::F32) : d_up_pre;        // [S, h]
-  dispatch_float("moe_grouped_swiglu_backward", x_sorted.dtype(), [&](auto tag) {
+               wd_op = operand(w_down, bf16), d_out_op = operand(d_out_sorted, bf16);
+  const Tensor gate_f = as_f32(gate_pre), up_f = as_f32(up_pre), act_f = as_f32(act);  // the forward's values
+  const Tensor d_gate_pre = Tensor::empty(d_act.shape(), d_act.dtype());               // [S, h]
+  const Tensor d_up_pre = Tensor::empty(d_act.shape(), d_act.dtype());                 // [S, h]
+  dispatch_float("moe_grouped_swiglu_backward", w_gate.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T *x = x_op.data<T>(), *wg = wg_op.data<T>(), *wu = wu_op.data<T>(), *wd = wd_op.data<T>();
-    const T *gate = gate_pre.data<T>(), *upp = up_pre.data<T>(), *acts = act_op.data<T>();
+    const T *gate = gate_f.data<T>(), *upp = up_f.data<T>(), *acts = act_f.data<T>();
     const T* d_out = d_out_op.data<T>();
-    T *d_gates = d_gate_pre.data<T>(), *d_ups = d_up_pre.data<T>(), *d_x = d_x_sorted.data<T>();
-    T *d_gates_op = d_gate_op.data<T>(), *d_ups_op = d_up_op.data<T>();
-    T *dwg = dw_gate.data<T>(), *dwu = dw_up.data<T>(), *dwd = dw_down.data<T>();
+    T *d_acts = d_act.data<T>(), *d_gates = d_gate_pre.data<T>(), *d_ups = d_up_pre.data<T>();
+    T *d_x = d_x_sorted.data<T>(), *dwg = dw_gate.data<T>(), *dwu = dw_up.data<T>(), *dwd = dw_down.data<T>();
     for (int64_t e = 0; e < n_experts; ++e)  // an expert with no tokens has zero weight gradients
       if (o[e + 1] == o[e]) {
         std::fill(dwg + e * h * d, dwg + (e + 1) * h * d, T(0));
@@ -238,22 +310,21 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
       const T* dout = d_out + begin * d;  // [c, d]
       const T* gp = gate + begin * h;     // [c, h]
       const T* up = upp + begin * h;      // [c, h]
-      T* d_gate = d_gates + begin * h;    // [c, h], holds d_act first
+      T* da = d_acts + begin * h;         // [c, h]
+      T* d_gate = d_gates + begin * h;    // [c, h]
       T* d_up = d_ups + begin * h;        // [c, h]
-      T* d_gate_rounded = d_gates_op + begin * h;
-      T* d_up_rounded = d_ups_op + begin * h;
-      gemm(false, false, c, h, d, dout, d, wd + e * d * h, h, T(0), d_gate, h);
+      gemm(false, false, c, h, d, dout, d, wd + e * d * h, h, T(0), da, h);
       gemm(true, false, d, h, c, dout, d, acts + begin * h, h, T(0), dwd + e * d * h, h);
-      swiglu_backward_span(gp, up, d_gate, d_gate, d_up, c * h);
+      swiglu_backward_span(gp, up, da, d_gate, d_up, c * h);
       if (bf16) {
-        round_span_to_bf16(d_gate, d_gate_rounded, c * h);
-        round_span_to_bf16(d_up, d_up_rounded, c * h);
+        round_span_to_bf16(d_gate, d_gate, c * h);
+        round_span_to_bf16(d_up, d_up, c * h);
       }
-      gemm(true, false, h, d, c, d_gate_rounded, h, xs, d, T(0), dwg + e * h * d, d);
-      gemm(true, false, h, d, c, d_up_rounded, h, xs, d, T(0), dwu + e * h * d, d);
+      gemm(true, false, h, d, c, d_gate, h, xs, d, T(0), dwg + e * h * d, d);
+      gemm(true, false, h, d, c, d_up, h, xs, d, T(0), dwu + e * h * d, d);
       T* dxs = d_x + begin * d;
-      gemm(false, false, c, d, h, d_gate_rounded, h, wg + e * h * d, d, T(0), dxs, d);
-      gemm(false, false, c, d, h, d_up_rounded, h, wu + e * h * d, d, T(1), dxs, d);
+      gemm(false, false, c, d, h, d_gate, h, wg + e * h * d, d, T(0), dxs, d);
+      gemm(false, false, c, d, h, d_up, h, wu + e * h * d, d, T(1), dxs, d);
     });
   });
 }

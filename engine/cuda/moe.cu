@@ -20,6 +20,7 @@
 #include "engine/cuda/reduce.cuh"
 #include "engine/error.h"
 #include "engine/kernels/matmul.h"
+#include "engine/kernels/shape.h"
 
 namespace moelab::cuda {
 
@@ -33,6 +34,35 @@ namespace {
 // Blocks of kFlatThreads for an elementwise grid-stride loop over n items (capped: each thread loops).
 inline unsigned flat_blocks(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>(blocks_for(n, kFlatThreads), 1 << 16));
+}
+
+// A stored element's value in the math type F: bf16 widened (exact), f32 and f64 converted.
+template <class F, class S> __device__ F widened(S v) {
+  if constexpr (std::is_same_v<S, __nv_bfloat16>)
+    return static_cast<F>(__bfloat162float(v));
+  else
+    return static_cast<F>(v);
+}
+
+// v stored as type Out (a product's operand, a kept activation): to bf16 rounds to nearest even, else converts.
+template <class Out, class V> __device__ Out to_operand(V v) {
+  if constexpr (std::is_same_v<Out, V>)
+    return v;
+  else if constexpr (std::is_same_v<Out, __nv_bfloat16>)
+    return __float2bfloat16_rn(static_cast<float>(v));
+  else
+    return widened<Out>(v);
+}
+
+// A tensor's elements as stored, type S (bf16: CUDA's __nv_bfloat16, the same bits as moelab's bf16).
+template <class S> S* stored(const Tensor& t) { return static_cast<S*>(t.raw_data()); }
+
+// Calls f(S{}) with S the storage type of a `dtype` tensor beside math in F: F itself, or bf16 beside f32.
+template <class F, class Fn> void with_storage(const char* what, DType dtype, Fn&& f) {
+  if (dtype == dtype_of<F>()) return f(F{});
+  if constexpr (std::is_same_v<F, float>)
+    if (dtype == DType::BF16) return f(__nv_bfloat16{});
+  fail("{}: a {} tensor beside {} math", what, dtype_name(dtype), dtype_name(dtype_of<F>()));
 }
 
 // ---- the dispatch plan ----------------------------------------------------------------------------------------------
@@ -174,13 +204,13 @@ void moe_sort_slots(const Tensor& expert_ids, const Tensor& offsets, const Tenso
 
 namespace {
 
-// One block per position: x_sorted[pos] = x[slot_at_position[pos] / top_k].
-template <class F>
+// One block per position: x_sorted[pos] = x[slot_at_position[pos] / top_k], stored as Out.
+template <class F, class Out>
 __global__ void permute_rows_kernel(const F* x, const int32_t* slot_at_position, int64_t top_k, int64_t d,
-                                    F* x_sorted) {
+                                    Out* x_sorted) {
   const int64_t pos = blockIdx.x;
   const F* src = x + (slot_at_position[pos] / top_k) * d;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) x_sorted[pos * d + i] = src[i];
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) x_sorted[pos * d + i] = to_operand<Out>(src[i]);
 }
 
 // One block per token n: dx[n] = sum_j dx_sorted[position_of_slot[n, j]], j in order.
@@ -200,8 +230,11 @@ __global__ void unpermute_sum_rows_kernel(const F* dx_sorted, const int32_t* pos
 void moe_permute_rows(const Tensor& x, const Tensor& slot_at_position, int64_t top_k, const Tensor& x_sorted) {
   dispatch_float("moe_permute_rows", x.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    launch("moe_permute_rows", permute_rows_kernel<F>, dim3(x_sorted.size(0)), dim3(kRowThreads), 0, x.data<F>(),
-           slot_at_position.data<int32_t>(), top_k, x_sorted.size(1), x_sorted.data<F>());
+    with_storage<F>("moe_permute_rows", x_sorted.dtype(), [&](auto stored_as) {
+      using Out = decltype(stored_as);
+      launch("moe_permute_rows", permute_rows_kernel<F, Out>, dim3(x_sorted.size(0)), dim3(kRowThreads), 0, x.data<F>(),
+             slot_at_position.data<int32_t>(), top_k, x_sorted.size(1), stored<Out>(x_sorted));
+    });
   });
 }
 
@@ -229,50 +262,65 @@ template <class F> __device__ void swiglu_gradients(F z, F up, F d_act, F& d_gat
   d_gate = d_act * up * s * (1 + z * (1 - s));
 }
 
-// act = silu(gate_pre) * up_pre, elementwise.
-template <class F> __global__ void swiglu_forward_kernel(const F* gate_pre, const F* up_pre, int64_t n, F* act) {
+// act = silu(gate_pre) * up_pre, elementwise, computed in F and stored as S.
+template <class F, class S>
+__global__ void swiglu_forward_kernel(const S* gate_pre, const S* up_pre, int64_t n, S* act) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    act[i] = swiglu(gate_pre[i], up_pre[i]);
+    act[i] = to_operand<S>(swiglu(widened<F>(gate_pre[i]), widened<F>(up_pre[i])));
 }
 
-// d_act may be d_gate_pre: each thread reads its element before writing it.
-template <class F>
-__global__ void swiglu_backward_kernel(const F* gate_pre, const F* up_pre, const F* d_act, int64_t n, F* d_gate_pre,
-                                       F* d_up_pre) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    swiglu_gradients(gate_pre[i], up_pre[i], d_act[i], d_gate_pre[i], d_up_pre[i]);
+// d_act may be d_gate_pre (Out = F): each thread reads its element before writing it.
+template <class F, class S, class Out>
+__global__ void swiglu_backward_kernel(const S* gate_pre, const S* up_pre, const F* d_act, int64_t n, Out* d_gate_pre,
+                                       Out* d_up_pre) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    F d_gate, d_up;
+    swiglu_gradients(widened<F>(gate_pre[i]), widened<F>(up_pre[i]), d_act[i], d_gate, d_up);
+    d_gate_pre[i] = to_operand<Out>(d_gate), d_up_pre[i] = to_operand<Out>(d_up);
+  }
 }
 
 }  // namespace
 
 void moe_swiglu_forward(const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act) {
-  dispatch_float("moe_swiglu_forward", act.dtype(), [&](auto tag) {
+  const DType math = act.dtype() == DType::BF16 ? DType::F32 : act.dtype();
+  dispatch_float("moe_swiglu_forward", math, [&](auto tag) {
     using F = decltype(tag);
-    launch("moe_swiglu_forward", swiglu_forward_kernel<F>, dim3(flat_blocks(act.numel())), dim3(kFlatThreads), 0,
-           gate_pre.data<F>(), up_pre.data<F>(), act.numel(), act.data<F>());
+    with_storage<F>("moe_swiglu_forward", act.dtype(), [&](auto stored_as) {
+      using S = decltype(stored_as);
+      launch("moe_swiglu_forward", swiglu_forward_kernel<F, S>, dim3(flat_blocks(act.numel())), dim3(kFlatThreads), 0,
+             stored<const S>(gate_pre), stored<const S>(up_pre), act.numel(), stored<S>(act));
+    });
   });
 }
 
 void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Tensor& d_act, const Tensor& d_gate_pre,
                          const Tensor& d_up_pre) {
-  dispatch_float("moe_swiglu_backward", d_up_pre.dtype(), [&](auto tag) {
+  dispatch_float("moe_swiglu_backward", d_act.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    launch("moe_swiglu_backward", swiglu_backward_kernel<F>, dim3(flat_blocks(d_up_pre.numel())), dim3(kFlatThreads), 0,
-           gate_pre.data<F>(), up_pre.data<F>(), d_act.data<F>(), d_up_pre.numel(), d_gate_pre.data<F>(),
-           d_up_pre.data<F>());
+    with_storage<F>("moe_swiglu_backward", gate_pre.dtype(), [&](auto in_tag) {
+      with_storage<F>("moe_swiglu_backward", d_up_pre.dtype(), [&](auto out_tag) {
+        using S = decltype(in_tag);
+        using Out = decltype(out_tag);
+        launch("moe_swiglu_backward", swiglu_backward_kernel<F, S, Out>, dim3(flat_blocks(d_up_pre.numel())),
+               dim3(kFlatThreads), 0, stored<const S>(gate_pre), stored<const S>(up_pre), d_act.data<F>(),
+               d_up_pre.numel(), stored<Out>(d_gate_pre), stored<Out>(d_up_pre));
+      });
+    });
   });
 }
 
 // ---- (e) grouped SwiGLU: one grouped GEMM per product, one problem per expert ---------------------------------------
 // Expert e's problem has m or k = c_e, its number of rows; gemm_grouped skips the empty ones, and zeroes C where only
 // k = 0, which gives an expert with no tokens its zero weight gradient. The offsets are the plan's host copy.
-// Under Precision::BF16 the products read copies of their operands rounded to bf16 (act's, d_gate_pre's and
-// d_up_pre's made by one launch each, once every expert's rows are computed) and write f32: bf16 x bf16 -> f32 with
-// f32 accumulation. cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), and a bf16 output widened
-// afterwards would round every product to bf16 on top of the f32 sums the CPU keeps. So under ExpertGemm::Grouped
-// (runtime.h, the default) the rounded copies stay f32 tensors and each product is one grouped f32 -> f32 call on
-// TF32 tensor cores, exact for bf16 values (blas.cuh); under PerExpert the copies are bf16 and each expert's product
-// is one cublasGemmEx; under Padded (below) they are bf16 and each product is one strided-batched call.
+// Under Precision::BF16 the products multiply bf16 values with f32 accumulation. The gate and up products write the
+// kept bf16 activations (bf16 -> bf16: one grouped call at the bf16 rate); the others write f32, and
+// cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), while a bf16 output widened afterwards would round
+// every product to bf16 on top of the f32 sums the CPU keeps. So under ExpertGemm::Grouped (runtime.h, the default)
+// their operands are f32 tensors holding bf16 values (rounded copies, or the kept bf16 activations widened) and each
+// product is one grouped f32 -> f32 call on TF32 tensor cores, exact for bf16 values (blas.cuh); under PerExpert the
+// operands are bf16 and each expert's product is one cublasGemmEx; under Padded (below) they are bf16 and each
+// product is one strided-batched call.
 
 namespace {
 
@@ -281,21 +329,20 @@ inline char* row_of(const Tensor& t, int64_t row, int64_t cols) {
   return static_cast<char*>(t.raw_data()) + row * cols * static_cast<int64_t>(dtype_size(t.dtype()));
 }
 
-// The dtype of the rounded copies of the grouped path: f32 holding bf16 values for grouped calls, bf16 for one call
-// per expert.
+// The dtype of the operands of the grouped path's f32-output products: f32 holding bf16 values for grouped calls,
+// bf16 for one call per expert.
 inline DType rounded_dtype() { return expert_gemm() == ExpertGemm::PerExpert ? DType::BF16 : DType::F32; }
 
-// A GEMM operand: t itself, or with `round` a copy of t (f32) rounded to bf16 and stored as `rounded`.
+// A GEMM operand: t itself, or with `round` t's values as bf16 in a tensor of dtype `rounded`: an f32 t rounded, a
+// bf16 t as it is (or widened to f32, exact).
 inline Tensor operand(const Tensor& t, bool round, DType rounded = rounded_dtype()) {
-  if (!round) return t;
+  if (!round || (t.dtype() == DType::BF16 && rounded == DType::BF16)) return t;
   Tensor out = Tensor::empty(t.shape(), rounded, Device::CUDA);
-  round_to_bf16(t, out);
+  if (t.dtype() == DType::BF16)
+    convert_dtype(t, out);
+  else
+    round_to_bf16(t, out);
   return out;
-}
-
-// Where the rounded copy of t will be written once t is computed: a buffer, or t itself (no rounding).
-inline Tensor operand_buffer(const Tensor& t, bool round) {
-  return round ? Tensor::empty(t.shape(), rounded_dtype(), Device::CUDA) : t;
 }
 
 }  // namespace
@@ -306,8 +353,9 @@ inline Tensor operand_buffer(const Tensor& t, bool round) {
 // call over the E experts: zero rows of an operand give zero rows of the output where the rows are the product's m,
 // and add nothing where they are its k (the weight gradients, so an expert with no rows gets zero), so the results
 // are the grouped products'. The padded copies are the products' operands, under BF16 rounded to bf16 as they are
-// copied: bf16 x bf16 -> f32 at the bf16 rate, where the grouped call needs TF32. The price: E R - S rows of zeros
-// multiplied, at most S / 2 more (pads_expert_rows), and the outputs copied back to the sorted rows.
+// copied: bf16 x bf16 -> f32 (or -> bf16, the gate and up products) at the bf16 rate, where the grouped call needs
+// TF32. The price: E R - S rows of zeros multiplied, at most S / 2 more (pads_expert_rows), and the outputs copied
+// back to the sorted rows.
 
 // R: the most rows an expert has.
 static int64_t longest_expert(const std::vector<int32_t>& offsets) {
@@ -333,12 +381,24 @@ static bool runs_padded(const std::vector<int32_t>& offsets) {
   return true;
 }
 
-// Whether products of `dtype` tensors under `precision` round their operands to bf16: f32 tensors only, as on the
-// grouped path.
+// Whether products of `dtype` tensors under `precision` round their operands to bf16: f32 tensors only.
 static bool rounds_to_bf16(DType dtype, Precision precision) {
   if (precision != Precision::BF16) return false;
   if (dtype != DType::F32) fail("moe_grouped_swiglu: bf16 precision takes f32 tensors, got {}", dtype_name(dtype));
   return true;
+}
+
+// The kept activations (gate_pre, up_pre, act: `kept`) are bf16 under BF16, else of the tensors' dtype (the
+// weights'); x_sorted has the tensors' dtype, or under BF16 may be bf16 already (the permute's rounded gather).
+static void check_kept(const Tensor& x_sorted, const Tensor& kept, DType dtype, Precision precision) {
+  const bool bf16 = precision == Precision::BF16;
+  const DType want = bf16 ? DType::BF16 : dtype;
+  if (kept.dtype() != want)
+    fail("moe_grouped_swiglu: gate_pre, up_pre and act must be {} under {} precision, got {}", dtype_name(want),
+         enum_name(precision), dtype_name(kept.dtype()));
+  if (x_sorted.dtype() != dtype && !(bf16 && x_sorted.dtype() == DType::BF16))
+    fail("moe_grouped_swiglu: x_sorted must be {}{} under {} precision, got {}", dtype_name(dtype),
+         bf16 ? " or bf16" : "", enum_name(precision), dtype_name(x_sorted.dtype()));
 }
 
 namespace {
@@ -353,22 +413,14 @@ struct PaddedRows {
   }
 };
 
-// v as a product's operand of type Out: bf16 rounds to nearest even, f32 and f64 keep it.
-template <class Out, class F> __device__ Out to_operand(F v) {
-  if constexpr (std::is_same_v<Out, __nv_bfloat16>)
-    return __float2bfloat16_rn(static_cast<float>(v));
-  else
-    return static_cast<Out>(v);
-}
-
 // The kernels below: one block per padded row p (blockIdx.x), its threads over the row's columns.
 
 // padded[p] = sorted[sorted_row(p)] as an operand, 0 on padding.
-template <class F, class Out>
-__global__ void pad_rows_kernel(const F* sorted, PaddedRows layout, int64_t cols, Out* padded) {
+template <class S, class Out>
+__global__ void pad_rows_kernel(const S* sorted, PaddedRows layout, int64_t cols, Out* padded) {
   const int64_t p = blockIdx.x, row = layout.sorted_row(p);
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-    padded[p * cols + c] = to_operand<Out>(row < 0 ? F(0) : sorted[row * cols + c]);
+    padded[p * cols + c] = row < 0 ? to_operand<Out>(0.0f) : to_operand<Out>(sorted[row * cols + c]);
 }
 
 // sorted[sorted_row(p)] = padded[p], padding left out.
@@ -378,11 +430,12 @@ template <class F> __global__ void unpad_rows_kernel(const F* padded, PaddedRows
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) sorted[row * cols + c] = padded[p * cols + c];
 }
 
-// From the padded gate and up products: gate_pre, up_pre and act in the sorted rows (the backward's), and act in
-// the padded buffer act_operand as the down product's operand (0 on padding).
+// From the padded gate and up products (type Out: bf16 under BF16, the kept activations' type): gate_pre, up_pre and
+// act in the sorted rows (the backward's), act computed in F and stored as Out, and act again in the padded buffer
+// act_operand as the down product's operand (0 on padding).
 template <class F, class Out>
-__global__ void padded_swiglu_forward_kernel(const F* gate_padded, const F* up_padded, PaddedRows layout, int64_t h,
-                                             F* gate_pre, F* up_pre, F* act, Out* act_operand) {
+__global__ void padded_swiglu_forward_kernel(const Out* gate_padded, const Out* up_padded, PaddedRows layout, int64_t h,
+                                             Out* gate_pre, Out* up_pre, Out* act, Out* act_operand) {
   const int64_t p = blockIdx.x, row = layout.sorted_row(p);
   for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
     const int64_t i = p * h + c, at = row * h + c;
@@ -390,25 +443,23 @@ __global__ void padded_swiglu_forward_kernel(const F* gate_padded, const F* up_p
       act_operand[i] = to_operand<Out>(F(0));
       continue;
     }
-    const F z = gate_padded[i], up = up_padded[i], a = swiglu(z, up);
+    const Out z = gate_padded[i], up = up_padded[i];
+    const Out a = to_operand<Out>(swiglu(widened<F>(z), widened<F>(up)));
     gate_pre[at] = z, up_pre[at] = up, act[at] = a;
-    act_operand[i] = to_operand<Out>(a);
+    act_operand[i] = a;
   }
 }
 
-// From the padded d_act: d_gate_pre and d_up_pre in the sorted rows, and as operands in padded buffers (0 on padding).
+// From the padded d_act and the kept gate_pre, up_pre (type Out): d_gate_pre and d_up_pre as operands in padded
+// buffers (0 on padding).
 template <class F, class Out>
-__global__ void padded_swiglu_backward_kernel(const F* gate_pre, const F* up_pre, const F* d_act_padded,
-                                              PaddedRows layout, int64_t h, F* d_gate_pre, F* d_up_pre,
-                                              Out* d_gate_operand, Out* d_up_operand) {
+__global__ void padded_swiglu_backward_kernel(const Out* gate_pre, const Out* up_pre, const F* d_act_padded,
+                                              PaddedRows layout, int64_t h, Out* d_gate_operand, Out* d_up_operand) {
   const int64_t p = blockIdx.x, row = layout.sorted_row(p);
   for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
     const int64_t i = p * h + c, at = row * h + c;
     F d_gate = 0, d_up = 0;
-    if (row >= 0) {
-      swiglu_gradients(gate_pre[at], up_pre[at], d_act_padded[i], d_gate, d_up);
-      d_gate_pre[at] = d_gate, d_up_pre[at] = d_up;
-    }
+    if (row >= 0) swiglu_gradients(widened<F>(gate_pre[at]), widened<F>(up_pre[at]), d_act_padded[i], d_gate, d_up);
     d_gate_operand[i] = to_operand<Out>(d_gate);
     d_up_operand[i] = to_operand<Out>(d_up);
   }
@@ -439,20 +490,25 @@ class PaddedExperts {
     });
   }
 
-  // [E R, cols]: the sorted rows as operands, 0 on padding.
+  // [E R, cols]: the sorted rows (the tensors' dtype, or the operands') as operands, 0 on padding.
   Tensor pad(const Tensor& sorted) const {
     const int64_t cols = sorted.size(1);
     Tensor padded = Tensor::empty({experts_ * rows_, cols}, operand_dtype(), Device::CUDA);
     with_types("moe_pad_rows", [&](auto f, auto out) {
-      using F = decltype(f);
       using Out = decltype(out);
-      launch("moe_pad_rows", pad_rows_kernel<F, Out>, row_blocks(), dim3(kRowThreads), 0, sorted.data<F>(), layout(),
-             cols, reinterpret_cast<Out*>(padded.raw_data()));
+      with_storage<decltype(f)>("moe_pad_rows", sorted.dtype(), [&](auto stored_as) {
+        using S = decltype(stored_as);
+        launch("moe_pad_rows", pad_rows_kernel<S, Out>, row_blocks(), dim3(kRowThreads), 0, stored<const S>(sorted),
+               layout(), cols, stored<Out>(padded));
+      });
     });
     return padded;
   }
-  // An output [E R, cols] of the tensors' dtype, for a product.
-  Tensor output(int64_t cols) const { return Tensor::empty({experts_ * rows_, cols}, dtype_, Device::CUDA); }
+  // An output [E R, cols] of a product: of the tensors' dtype, or with `kept` the operands' (the gate and up
+  // products, whose outputs are kept as they are: bf16 under BF16).
+  Tensor output(int64_t cols, bool kept = false) const {
+    return Tensor::empty({experts_ * rows_, cols}, kept ? operand_dtype() : dtype_, Device::CUDA);
+  }
   // The rows of padded that are not padding, to sorted.
   void unpad(const Tensor& padded, const Tensor& sorted) const {
     dispatch_float("moe_unpad_rows", dtype_, [&](auto tag) {
@@ -463,12 +519,12 @@ class PaddedExperts {
   }
   // C_e = op(A_e) op(B_e) (+ C_e when accumulate) for every expert e, each matrix stored whole after the one of
   // expert e - 1 (A_e [m, k], or [k, m] when trans_a; B_e [k, n] or [n, k]; C_e [m, n]), with row strides lda, ldb,
-  // ldc.
+  // ldc. A and B are operands; C has its own dtype (output).
   void products(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const Tensor& A, int64_t lda,
                 const Tensor& B, int64_t ldb, bool accumulate, const Tensor& C, int64_t ldc) const {
     gemm_strided_batched(trans_a, trans_b, m, n, k, 1.0f, A.raw_data(), lda, (trans_a ? k : m) * lda, B.raw_data(), ldb,
                          (trans_b ? n : k) * ldb, accumulate ? 1.0f : 0.0f, C.raw_data(), ldc, m * ldc, experts_,
-                         operand_dtype(), dtype_);
+                         operand_dtype(), C.dtype());
   }
   PaddedRows layout() const { return {offsets_.get(), rows_}; }
   dim3 row_blocks() const { return dim3(static_cast<unsigned>(experts_ * rows_)); }  // one per padded row
@@ -489,8 +545,8 @@ static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted
   const DType rounded = p.operand_dtype();
   const Tensor x = p.pad(x_sorted), wg = operand(w_gate, p.rounds(), rounded), wu = operand(w_up, p.rounds(), rounded),
                wd = operand(w_down, p.rounds(), rounded);
-  // gate = x W_gate^T, up = x W_up^T: [R, d] x [h, d]^T -> [R, h] per expert
-  const Tensor gate = p.output(h), up = p.output(h);
+  // gate = x W_gate^T, up = x W_up^T: [R, d] x [h, d]^T -> [R, h] per expert, kept as they are written
+  const Tensor gate = p.output(h, true), up = p.output(h, true);
   p.products(false, true, R, h, d, x, d, wg, d, false, gate, h);
   p.products(false, true, R, h, d, x, d, wu, d, false, up, h);
   const Tensor act_operand = Tensor::empty(gate.shape(), rounded, Device::CUDA);
@@ -498,8 +554,8 @@ static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted
     using F = decltype(f);
     using Out = decltype(out);
     launch("moe_padded_swiglu_forward", padded_swiglu_forward_kernel<F, Out>, p.row_blocks(), dim3(kRowThreads), 0,
-           gate.data<F>(), up.data<F>(), p.layout(), h, gate_pre.data<F>(), up_pre.data<F>(), act.data<F>(),
-           reinterpret_cast<Out*>(act_operand.raw_data()));
+           stored<const Out>(gate), stored<const Out>(up), p.layout(), h, stored<Out>(gate_pre), stored<Out>(up_pre),
+           stored<Out>(act), stored<Out>(act_operand));
   });
   // out = act W_down^T: [R, h] x [d, h]^T -> [R, d] per expert
   const Tensor out = p.output(d);
@@ -507,11 +563,12 @@ static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted
   p.unpad(out, out_sorted);
 }
 
+// The padded path keeps its own d_act [E R, h]: the sorted one is the other paths' scratch.
 static void padded_swiglu_backward(const PaddedExperts& p, const Tensor& x_sorted, const Tensor& w_gate,
                                    const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre,
                                    const Tensor& up_pre, const Tensor& act, const Tensor& d_out_sorted,
-                                   const Tensor& d_gate_pre, const Tensor& d_up_pre, const Tensor& d_x_sorted,
-                                   const Tensor& dw_gate, const Tensor& dw_up, const Tensor& dw_down) {
+                                   const Tensor& d_x_sorted, const Tensor& dw_gate, const Tensor& dw_up,
+                                   const Tensor& dw_down) {
   const int64_t h = w_gate.size(1), d = w_gate.size(2), R = p.rows();
   const DType rounded = p.operand_dtype();
   const Tensor x = p.pad(x_sorted), act_operand = p.pad(act), d_out = p.pad(d_out_sorted);
@@ -527,8 +584,8 @@ static void padded_swiglu_backward(const PaddedExperts& p, const Tensor& x_sorte
     using F = decltype(f);
     using Out = decltype(out);
     launch("moe_padded_swiglu_backward", padded_swiglu_backward_kernel<F, Out>, p.row_blocks(), dim3(kRowThreads), 0,
-           gate_pre.data<F>(), up_pre.data<F>(), d_act.data<F>(), p.layout(), h, d_gate_pre.data<F>(),
-           d_up_pre.data<F>(), reinterpret_cast<Out*>(d_gate.raw_data()), reinterpret_cast<Out*>(d_up.raw_data()));
+           stored<const Out>(gate_pre), stored<const Out>(up_pre), d_act.data<F>(), p.layout(), h, stored<Out>(d_gate),
+           stored<Out>(d_up));
   });
   // dW_gate = d_gate^T x, dW_up = d_up^T x: [R, h]^T x [R, d] -> [h, d]
   p.products(true, false, h, d, R, d_gate, h, x, d, false, dw_gate, d);
@@ -544,15 +601,16 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
                                 const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const bool bf16 = precision == Precision::BF16;
+  check_kept(x_sorted, act, w_gate.dtype(), precision);
   if (runs_padded(offsets)) {
-    padded_swiglu_forward(PaddedExperts(offsets, x_sorted.dtype(), precision), x_sorted, w_gate, w_up, w_down, gate_pre,
+    padded_swiglu_forward(PaddedExperts(offsets, w_gate.dtype(), precision), x_sorted, w_gate, w_up, w_down, gate_pre,
                           up_pre, act, out_sorted);
     return;
   }
-  const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
-               wd = operand(w_down, bf16), act_op = operand_buffer(act, bf16);
-  const DType ab = x.dtype(), c_type = x_sorted.dtype();
+  const bool bf16 = rounds_to_bf16(w_gate.dtype(), precision);
+  // The gate and up products write the kept activations: under BF16 bf16 x bf16 -> bf16 in every mode.
+  const DType kept = gate_pre.dtype();
+  const Tensor x = operand(x_sorted, bf16, kept), wg = operand(w_gate, bf16, kept), wu = operand(w_up, bf16, kept);
   std::vector<GemmProblem> gate_and_up, down;
   for (int64_t e = 0; e < n_experts; ++e) {
     const int64_t begin = offsets[e], c = offsets[e + 1] - offsets[e];
@@ -560,43 +618,51 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
     // gate_pre = x W_gate^T, up_pre = x W_up^T: [c, d] x [h, d]^T -> [c, h]
     gate_and_up.push_back({c, h, d, xs, d, row_of(wg, e * h, d), d, row_of(gate_pre, begin, h), h});
     gate_and_up.push_back({c, h, d, xs, d, row_of(wu, e * h, d), d, row_of(up_pre, begin, h), h});
-    // out = act W_down^T: [c, h] x [d, h]^T -> [c, d]
+  }
+  gemm_grouped(false, true, gate_and_up, 1.0f, 0.0f, kept, kept, bf16);
+  moe_swiglu_forward(gate_pre, up_pre, act);  // every expert's rows in one launch
+  // out = act W_down^T: [c, h] x [d, h]^T -> [c, d]
+  const Tensor act_op = operand(act, bf16), wd = operand(w_down, bf16);
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t begin = offsets[e], c = offsets[e + 1] - offsets[e];
     down.push_back({c, d, h, row_of(act_op, begin, h), h, row_of(wd, e * d, h), h, row_of(out_sorted, begin, d), d});
   }
-  gemm_grouped(false, true, gate_and_up, 1.0f, 0.0f, ab, c_type, bf16);
-  moe_swiglu_forward(gate_pre, up_pre, act);  // every expert's rows in one launch
-  if (bf16) round_to_bf16(act, act_op);
-  gemm_grouped(false, true, down, 1.0f, 0.0f, ab, c_type, bf16);
+  gemm_grouped(false, true, down, 1.0f, 0.0f, act_op.dtype(), out_sorted.dtype(), bf16);
 }
 
 void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
                                  const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
-                                 const Tensor& act, const Tensor& d_out_sorted, const Tensor& d_gate_pre,
-                                 const Tensor& d_up_pre, const Tensor& d_x_sorted, const Tensor& dw_gate,
-                                 const Tensor& dw_up, const Tensor& dw_down, Precision precision) {
+                                 const Tensor& act, const Tensor& d_out_sorted, const Tensor& d_act,
+                                 const Tensor& d_x_sorted, const Tensor& dw_gate, const Tensor& dw_up,
+                                 const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const bool bf16 = precision == Precision::BF16;
+  check_kept(x_sorted, act, w_gate.dtype(), precision);
   if (runs_padded(offsets)) {
-    padded_swiglu_backward(PaddedExperts(offsets, x_sorted.dtype(), precision), x_sorted, w_gate, w_up, w_down,
-                           gate_pre, up_pre, act, d_out_sorted, d_gate_pre, d_up_pre, d_x_sorted, dw_gate, dw_up,
-                           dw_down);
+    padded_swiglu_backward(PaddedExperts(offsets, w_gate.dtype(), precision), x_sorted, w_gate, w_up, w_down, gate_pre,
+                           up_pre, act, d_out_sorted, d_x_sorted, dw_gate, dw_up, dw_down);
     return;
   }
+  const bool bf16 = rounds_to_bf16(w_gate.dtype(), precision);
   const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
                wd = operand(w_down, bf16), act_op = operand(act, bf16), d_out_op = operand(d_out_sorted, bf16);
-  const Tensor d_gate_op = operand_buffer(d_gate_pre, bf16), d_up_op = operand_buffer(d_up_pre, bf16);
-  const DType ab = x.dtype(), c_type = x_sorted.dtype();
-  std::vector<GemmProblem> d_act, dw_down_products, dw_gate_and_up, dx_from_gate, dx_from_up;
+  // d_gate_pre and d_up_pre: computed in f32 and stored rounded to bf16 under BF16, then (grouped calls) widened.
+  const DType d_type = bf16 ? DType::BF16 : w_gate.dtype();
+  const Tensor d_gate_pre = Tensor::empty(d_act.shape(), d_type, Device::CUDA);
+  const Tensor d_up_pre = Tensor::empty(d_act.shape(), d_type, Device::CUDA);
+  const bool widen = bf16 && rounded_dtype() != DType::BF16;
+  const Tensor d_gate_op = widen ? Tensor::empty(d_act.shape(), DType::F32, Device::CUDA) : d_gate_pre;
+  const Tensor d_up_op = widen ? Tensor::empty(d_act.shape(), DType::F32, Device::CUDA) : d_up_pre;
+  const DType ab = x.dtype(), c_type = w_gate.dtype();
+  std::vector<GemmProblem> d_act_products, dw_down_products, dw_gate_and_up, dx_from_gate, dx_from_up;
   for (int64_t e = 0; e < n_experts; ++e) {
     const int64_t begin = offsets[e], c = offsets[e + 1] - offsets[e];
     const char* xs = row_of(x, begin, d);              // [c, d]
     const char* d_out = row_of(d_out_op, begin, d);    // [c, d]
-    char* d_act_out = row_of(d_gate_pre, begin, h);    // [c, h]: d_gate_pre holds d_act first
     const char* d_gate = row_of(d_gate_op, begin, h);  // [c, h]
     const char* d_up = row_of(d_up_op, begin, h);      // [c, h]
     char* dxs = row_of(d_x_sorted, begin, d);          // [c, d]
     // d_act = d_out W_down: [c, d] x [d, h] -> [c, h]
-    d_act.push_back({c, h, d, d_out, d, row_of(wd, e * d, h), h, d_act_out, h});
+    d_act_products.push_back({c, h, d, d_out, d, row_of(wd, e * d, h), h, row_of(d_act, begin, h), h});
     // dW_down = d_out^T act: [c, d]^T x [c, h] -> [d, h]
     dw_down_products.push_back({d, h, c, d_out, d, row_of(act_op, begin, h), h, row_of(dw_down, e * d, h), h});
     // dW_gate = d_gate^T x, dW_up = d_up^T x: [c, h]^T x [c, d] -> [h, d]
@@ -606,12 +672,12 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
     dx_from_gate.push_back({c, d, h, d_gate, h, row_of(wg, e * h, d), d, dxs, d});
     dx_from_up.push_back({c, d, h, d_up, h, row_of(wu, e * h, d), d, dxs, d});
   }
-  gemm_grouped(false, false, d_act, 1.0f, 0.0f, ab, c_type, bf16);
+  gemm_grouped(false, false, d_act_products, 1.0f, 0.0f, ab, c_type, bf16);
   gemm_grouped(true, false, dw_down_products, 1.0f, 0.0f, ab, c_type, bf16);
-  moe_swiglu_backward(gate_pre, up_pre, d_gate_pre, d_gate_pre, d_up_pre);  // d_act, in place -> d_gate_pre
-  if (bf16) {
-    round_to_bf16(d_gate_pre, d_gate_op);
-    round_to_bf16(d_up_pre, d_up_op);
+  moe_swiglu_backward(gate_pre, up_pre, d_act, d_gate_pre, d_up_pre);  // every expert's rows in one launch
+  if (widen) {
+    convert_dtype(d_gate_pre, d_gate_op);
+    convert_dtype(d_up_pre, d_up_op);
   }
   gemm_grouped(true, false, dw_gate_and_up, 1.0f, 0.0f, ab, c_type, bf16);
   gemm_grouped(false, false, dx_from_gate, 1.0f, 0.0f, ab, c_type, bf16);

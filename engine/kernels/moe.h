@@ -22,7 +22,9 @@ DECLARE_KERNEL(moe_sort_slots, (const Tensor& expert_ids, const Tensor& offsets,
                                 const Tensor& position_of_slot))
 
 // ---- (d) permute and its backward -----------------------------------------------------------------------------------
-// x_sorted [S, d]: x_sorted[pos] = x[slot_at_position[pos] / top_k], the rows of x [N, d] in expert order.
+// x_sorted [S, d]: x_sorted[pos] = x[slot_at_position[pos] / top_k], the rows of x [N, d] in expert order. x_sorted
+// has x's dtype, or is bf16 (x f32): each element rounded as it is gathered, the experts' operand under mixed
+// precision, in half the bytes.
 DECLARE_KERNEL(moe_permute_rows,
                (const Tensor& x, const Tensor& slot_at_position, int64_t top_k, const Tensor& x_sorted))
 // dx [N, d]: dx[n] = sum_j dx_sorted[position_of_slot[n, j]], j in order (each token gathers its own k rows: one
@@ -30,10 +32,13 @@ DECLARE_KERNEL(moe_permute_rows,
 DECLARE_KERNEL(moe_unpermute_sum_rows, (const Tensor& dx_sorted, const Tensor& position_of_slot, const Tensor& dx))
 
 // ---- (e) the SwiGLU activation, elementwise on [S, h] ---------------------------------------------------------------
-// act = silu(gate_pre) * up_pre, silu(z) = z sigmoid(z).
+// act = silu(gate_pre) * up_pre, silu(z) = z sigmoid(z). The three share a dtype: f32 or f64, or bf16 (the expert
+// activations kept under Precision::BF16): then computed in f32 from the bf16 values and rounded to bf16.
 DECLARE_KERNEL(moe_swiglu_forward, (const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act))
 // With s = sigmoid(gate_pre): d_up_pre = d_act * silu(gate_pre), d_gate_pre = d_act * up_pre * silu'(gate_pre),
-// silu'(z) = s (1 + z (1 - s)). d_act may be d_gate_pre itself (in place: each element is read before it is written).
+// silu'(z) = s (1 + z (1 - s)). d_act is f32 or f64; gate_pre and up_pre have its dtype or bf16 (widened); d_gate_pre
+// and d_up_pre have its dtype, or bf16 (computed in f32 and rounded: the operands of the next products). d_act may be
+// d_gate_pre itself (in place: each element is read before it is written).
 DECLARE_KERNEL(moe_swiglu_backward, (const Tensor& gate_pre, const Tensor& up_pre, const Tensor& d_act,
                                      const Tensor& d_gate_pre, const Tensor& d_up_pre))
 
@@ -44,26 +49,31 @@ DECLARE_KERNEL(moe_swiglu_backward, (const Tensor& gate_pre, const Tensor& up_pr
 // Experts with no rows cost nothing. offsets [E+1] are on the host (DispatchPlan::host_offsets): the grouped GEMMs'
 // sizes, which the host needs to queue them.
 // precision BF16 (f32 tensors only): every GEMM operand (x_sorted, the weights, act) is rounded to bf16 and the
-// products accumulate in f32 into the f32 outputs; act itself stays f32. The GPU multiplies bf16 copies; the CPU, its
-// reference, multiplies f32 copies holding the bf16 values with its f32 GEMM (bf16 x bf16 products are exact in f32).
+// products accumulate in f32; x_sorted may be bf16 already (moe_permute_rows' rounded gather). gate_pre, up_pre and act, the activations the backward reads, are bf16 tensors: the
+// gate and up products rounded as they are stored, act computed in f32 from those rounded values (so the backward's
+// silu' sees the forward's inputs) and rounded, which is the down product's operand as it is. out_sorted stays f32.
+// The GPU multiplies bf16 copies; the CPU, its reference, multiplies f32 copies holding the bf16 values with its f32
+// GEMM (bf16 x bf16 products are exact in f32).
 DECLARE_KERNEL(moe_grouped_swiglu_forward,
                (const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate, const Tensor& w_up,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
                 const Tensor& out_sorted, Precision precision))
 // Backward of one segment, given d_out_sorted:
-//   d_act = d_out W_down,e                          dW_down,e = d_out^T act
+//   d_act = d_out W_down                            dW_down,e = d_out^T act
 //   d_gate_pre, d_up_pre from d_act (moe_swiglu_backward)
 //   dW_gate,e = d_gate_pre^T x_seg                  dW_up,e = d_up_pre^T x_seg
 //   d_x_sorted = d_gate_pre W_gate,e + d_up_pre W_up,e
-// Every element of dw_gate, dw_up, dw_down is written: an expert with no rows gets zero. offsets on the host, as in the
-// forward.
-// precision BF16, as the forward: the operands (x_sorted, the weights, act, d_out_sorted, and d_gate_pre, d_up_pre
-// once computed) rounded to bf16, f32 accumulation; d_act, d_gate_pre, d_up_pre and every gradient stay f32.
+// d_act [S, h] is scratch of the tensors' dtype (f32 under BF16 too); d_gate_pre and d_up_pre live only inside the
+// kernel, as the operands of the products that follow. Every element of dw_gate, dw_up, dw_down is written: an
+// expert with no rows gets zero. offsets on the host, as in the forward.
+// precision BF16, as the forward: gate_pre, up_pre and act are the forward's bf16 tensors; the operands (x_sorted,
+// the weights, act, d_out_sorted, and d_gate_pre, d_up_pre once computed in f32) are rounded to bf16, with f32
+// accumulation; d_act and every gradient stay f32.
 DECLARE_KERNEL(moe_grouped_swiglu_backward,
                (const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate, const Tensor& w_up,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
-                const Tensor& d_out_sorted, const Tensor& d_gate_pre, const Tensor& d_up_pre, const Tensor& d_x_sorted,
-                const Tensor& dw_gate, const Tensor& dw_up, const Tensor& dw_down, Precision precision))
+                const Tensor& d_out_sorted, const Tensor& d_act, const Tensor& d_x_sorted, const Tensor& dw_gate,
+                const Tensor& dw_up, const Tensor& dw_down, Precision precision))
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------
 // y [N, d]: y[n] = residual[n] + sum_j gates[n, j] * out_sorted[position_of_slot[n, j]], j in order, the residual
