@@ -43,7 +43,8 @@ DispatchPlan plan_dispatch(const Tensor& expert_ids, int64_t n_experts);
 // All on one device. Returns y [N, d]; gradients flow to x, gates and the three weight tensors. Every slot is computed
 // (dropless); experts with no tokens cost nothing and get a zero weight gradient. Same inputs -> bit-identical
 // outputs and gradients for any thread count. Under Precision::BF16 (engine/precision.h) the f32 experts' products
-// multiply bf16 roundings of their operands with f32 accumulation, forward and backward.
+// multiply bf16 roundings of their operands with f32 accumulation, forward and backward, and the experts' inputs and
+// the activations backward reads are kept in bf16 (the gate and up products rounded; docs/moe.md "Memory").
 Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gates, const Tensor& w_gate,
                    const Tensor& w_up, const Tensor& w_down);
 // residual + the same, residual [N, d] (x's dtype and device; undefined: none) being the block's skip connection,

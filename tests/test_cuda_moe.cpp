@@ -250,11 +250,12 @@ TEST_CASE("cuda: moe: SwiGLU activation kernels on bf16 activations match the CP
 // f32 values differ in the last bit, the rounding may go different ways and that value differs by a bf16 step (at
 // most 2^-7 relative). They and the products they enter are checked against 2^-7 of their largest entry.
 // Every way of running the products (cuda::ExpertGemm): grouped calls (under BF16 the gate and up products bf16 ->
-// bf16, the others TF32 calls on bf16 values kept in f32), padded rows with strided-batched calls (bf16 operands), one call per expert (BF16 only: otherwise it is what
-// the grouped path does for f32 and f64 without TF32). Padded falls back to grouped calls where the padding would
-// add more than half the rows (cuda::pads_expert_rows): the sweep has cases of both kinds, counted. Two cases more:
-// no slots at all, and rows wider than a block's 128 threads (the padded kernels loop over the columns) whose experts
-// must pad, some of them partly (forced_ids leaves expert 1 of 4 without rows: the other three share 600 slots).
+// bf16, the others TF32 calls on bf16 values kept in f32), padded rows with strided-batched calls (bf16 operands), one
+// call per expert (BF16 only: otherwise it is what the grouped path does for f32 and f64 without TF32). Padded falls
+// back to grouped calls where the padding would add more than half the rows (cuda::pads_expert_rows): the sweep has
+// cases of both kinds, counted. Two cases more: no slots at all, and rows wider than a block's 128 threads (the padded
+// kernels loop over the columns) whose experts must pad, some of them partly (forced_ids leaves expert 1 of 4 without
+// rows: the other three share 600 slots).
 TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get zero weight gradients" * cuda_only()) {
   uint64_t seed = 500;
   int padded_cases[2] = {0, 0};  // under Padded: [fell back to grouped, padded]
@@ -293,8 +294,10 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
                                      Tensor::empty({S, h}, kept), Tensor::empty({S, d}, dtype)};
           std::vector<Tensor> fwd_gpu;
           for (const Tensor& t : fwd) fwd_gpu.push_back(empty_like_on(t, Device::CUDA));
-          // Under BF16 the GPU gets x_sorted as the op gives it, rounded by the permute (bf16); the CPU the f32 rows.
-          const Tensor x_sorted_gpu = to_gpu(precision == Precision::BF16 ? to_dtype(x_sorted, kept) : x_sorted);
+          // Under BF16 the GPU gets x_sorted in every other case as the op gives it, rounded by the permute (bf16),
+          // else in f32, as the CPU always does.
+          const bool rounded_rows = precision == Precision::BF16 && seed % 2 == 0;
+          const Tensor x_sorted_gpu = to_gpu(rounded_rows ? to_dtype(x_sorted, DType::BF16) : x_sorted);
           cpu::moe_grouped_swiglu_forward(x_sorted, plan.host_offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2],
                                           fwd[3], precision);
           cuda::moe_grouped_swiglu_forward(x_sorted_gpu, plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
@@ -342,6 +345,29 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
   INFO("padded: ", padded_cases[1], " cases, fell back to grouped calls: ", padded_cases[0]);
   CHECK(padded_cases[0] > 0);
   CHECK(padded_cases[1] > 0);
+}
+
+// A dtype the kernels would misread is refused before a byte is read (the GPU's casts are unchecked otherwise): the
+// same checks as the CPU's, and the elementwise SwiGLU's shared dtypes.
+TEST_CASE("cuda: moe: the SwiGLU kernels refuse dtypes they would misread" * cuda_only()) {
+  const std::vector<int32_t> offsets = {0, 2, 3};
+  const Tensor x = to_gpu(random({3, 4}, 1, DType::F32)), w = to_gpu(random({2, 5, 4}, 2, DType::F32));
+  const Tensor wd = to_gpu(random({2, 4, 5}, 3, DType::F32));
+  const Tensor kept = Tensor::empty({3, 5}, DType::BF16, Device::CUDA),
+               f32 = Tensor::empty({3, 5}, DType::F32, Device::CUDA);
+  const Tensor out = Tensor::empty({3, 4}, DType::F32, Device::CUDA),
+               dw = Tensor::empty({2, 5, 4}, DType::F32, Device::CUDA);
+  const Tensor dwd = Tensor::empty({2, 4, 5}, DType::F32, Device::CUDA);
+  check_error([&] { cuda::moe_grouped_swiglu_forward(x, offsets, w, w, wd, kept, f32, kept, out, Precision::BF16); },
+              {"up_pre must be bf16 under bf16 precision, got f32"});
+  check_error(
+      [&] {
+        cuda::moe_grouped_swiglu_backward(x, offsets, w, w, wd, kept, kept, kept, out, kept, out, dw, dw, dwd,
+                                          Precision::BF16);
+      },
+      {"d_act must be f32 under bf16 precision, got bf16"});
+  check_error([&] { cuda::moe_swiglu_forward(kept, f32, kept); }, {"moe_swiglu_forward", "share a dtype"});
+  check_error([&] { cuda::moe_swiglu_backward(kept, kept, f32, kept, f32); }, {"moe_swiglu_backward", "share a dtype"});
 }
 
 // ---- routing: top-k + gates -----------------------------------------------------------------------------------------

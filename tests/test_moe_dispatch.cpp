@@ -205,8 +205,9 @@ TEST_CASE("moe: moe_experts is bit-identical for 1 and 2 threads (experts side b
 // are the products rounded, act is computed in f32 from those rounded values and rounded, and the backward's
 // d_gate_pre, d_up_pre are rounded before their products. Against a naive loop in double with the same roundings. The
 // inputs are multiples of 1/64 (bf16 values), so the products' sums are exact in f32 and double alike, and have more
-// bits than bf16 keeps: gate_pre and up_pre must have the reference's bits, and the rounding matters downstream. act and the roundings after it come from exp, whose last f32 bit
-// may differ from double's: one bf16 step (2^-7) at most, and rarely; the rest to a tolerance.
+// bits than bf16 keeps: gate_pre and up_pre must have the reference's bits, and the rounding matters downstream. act
+// and the roundings after it come from exp, whose last f32 bit may differ from double's: one bf16 step (2^-7) at most,
+// and rarely; the rest to a tolerance.
 TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive loop with the same roundings)") {
   const int64_t d = 13, h = 11, E = 3;
   const std::vector<int32_t> offsets = {0, 5, 5, 12};  // expert 1 has no rows
@@ -282,15 +283,22 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   Tensor dwu_b = Tensor::empty(wu.shape(), DType::F32), dwd_b = Tensor::empty(wd.shape(), DType::F32);
   cpu::moe_grouped_swiglu_backward(x_b, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act, dx_b, dwg_b, dwu_b,
                                    dwd_b, Precision::BF16);
-  for (const auto& [got, want] : {std::pair{act_b, act}, {out_b, out}, {dx_b, dx}, {dwg_b, dwg}, {dwd_b, dwd}})
+  for (const auto& [got, want] :
+       {std::pair{act_b, act}, {out_b, out}, {dx_b, dx}, {dwg_b, dwg}, {dwu_b, dwu}, {dwd_b, dwd}})
     CHECK(bitwise_equal(got, want));
   // The kept activations must be bf16 under BF16, and of the tensors' dtype under FP32.
   check_error([&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, out, out, out, out, Precision::BF16); },
-              {"gate_pre, up_pre and act must be bf16", "bf16 precision", "f32"});
+              {"gate_pre must be bf16 under bf16 precision, got f32"});
   check_error([&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, act, act, act, out, Precision::FP32); },
-              {"must be f32 under fp32 precision, got bf16"});
+              {"gate_pre must be f32 under fp32 precision, got bf16"});
   check_error([&] { cpu::moe_grouped_swiglu_forward(x_b, offsets, wg, wu, wd, out, out, out, out, Precision::FP32); },
               {"x_sorted must be f32 under fp32 precision, got bf16"});
+  check_error(
+      [&] {
+        cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, act, dx, dwg, dwu, dwd,
+                                         Precision::BF16);
+      },
+      {"d_act must be f32 under bf16 precision, got bf16"});
 }
 
 TEST_CASE("moe: moe_experts bad use throws naming the bad value") {

@@ -80,23 +80,6 @@ Tensor operand(const Tensor& t, bool round) {
 // Where a grouped SwiGLU computes the activation `kept`: an f32 tensor when it is kept in bf16, else kept itself.
 Tensor f32_scratch(const Tensor& kept, bool bf16) { return bf16 ? Tensor::empty(kept.shape(), DType::F32) : kept; }
 
-// Whether the grouped SwiGLU rounds to bf16: under Precision::BF16, whose tensors (dtype: the weights') must be f32
-// and whose kept activations (gate_pre, up_pre, act: `kept`) bf16; under FP32 those have the tensors' dtype. x_sorted
-// has the tensors' dtype, or under BF16 may be bf16 already (the permute's rounded gather).
-bool rounds_to_bf16(DType dtype, const Tensor& x_sorted, const Tensor& kept, Precision precision) {
-  const bool bf16 = precision == Precision::BF16;
-  if (bf16 && dtype != DType::F32)
-    fail("moe_grouped_swiglu: bf16 precision takes f32 tensors, got {}", dtype_name(dtype));
-  const DType want = bf16 ? DType::BF16 : dtype;
-  if (kept.dtype() != want)
-    fail("moe_grouped_swiglu: gate_pre, up_pre and act must be {} under {} precision, got {}", dtype_name(want),
-         enum_name(precision), dtype_name(kept.dtype()));
-  if (x_sorted.dtype() != dtype && !(bf16 && x_sorted.dtype() == DType::BF16))
-    fail("moe_grouped_swiglu: x_sorted must be {}{} under {} precision, got {}", dtype_name(dtype),
-         bf16 ? " or bf16" : "", enum_name(precision), dtype_name(x_sorted.dtype()));
-  return bf16;
-}
-
 // The k most probable of n experts, best first: larger p first, NaN above everything (as topk ranks it), ties -> lower
 // id. A total order, so the picks are exactly topk's.
 template <class T> inline bool ranks_before(T pa, int32_t a, T pb, int32_t b) {
@@ -246,7 +229,7 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const int32_t* o = offsets.data();
-  const bool bf16 = rounds_to_bf16(w_gate.dtype(), x_sorted, act, precision);
+  const bool bf16 = grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, Tensor(), Tensor(), precision);
   const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
                wd_op = operand(w_down, bf16);
   const Tensor gate_f = f32_scratch(gate_pre, bf16), up_f = f32_scratch(up_pre, bf16), act_f = f32_scratch(act, bf16);
@@ -285,7 +268,7 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                                  const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const int32_t* o = offsets.data();
-  const bool bf16 = rounds_to_bf16(w_gate.dtype(), x_sorted, act, precision);
+  const bool bf16 = grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, d_out_sorted, d_act, precision);
   const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
                wd_op = operand(w_down, bf16), d_out_op = operand(d_out_sorted, bf16);
   const Tensor gate_f = as_f32(gate_pre), up_f = as_f32(up_pre), act_f = as_f32(act);  // the forward's values

@@ -283,6 +283,9 @@ __global__ void swiglu_backward_kernel(const S* gate_pre, const S* up_pre, const
 }  // namespace
 
 void moe_swiglu_forward(const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act) {
+  if (gate_pre.dtype() != act.dtype() || up_pre.dtype() != act.dtype())  // read as act's type below
+    fail("moe_swiglu_forward: gate_pre, up_pre and act must share a dtype, got {}, {}, {}",
+         dtype_name(gate_pre.dtype()), dtype_name(up_pre.dtype()), dtype_name(act.dtype()));
   const DType math = act.dtype() == DType::BF16 ? DType::F32 : act.dtype();
   dispatch_float("moe_swiglu_forward", math, [&](auto tag) {
     using F = decltype(tag);
@@ -296,6 +299,11 @@ void moe_swiglu_forward(const Tensor& gate_pre, const Tensor& up_pre, const Tens
 
 void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Tensor& d_act, const Tensor& d_gate_pre,
                          const Tensor& d_up_pre) {
+  if (up_pre.dtype() != gate_pre.dtype() || d_gate_pre.dtype() != d_up_pre.dtype())  // read as one type each below
+    fail(
+        "moe_swiglu_backward: gate_pre and up_pre, and d_gate_pre and d_up_pre, must share a dtype, got {}, {}, {}, {}",
+        dtype_name(gate_pre.dtype()), dtype_name(up_pre.dtype()), dtype_name(d_gate_pre.dtype()),
+        dtype_name(d_up_pre.dtype()));
   dispatch_float("moe_swiglu_backward", d_act.dtype(), [&](auto tag) {
     using F = decltype(tag);
     with_storage<F>("moe_swiglu_backward", gate_pre.dtype(), [&](auto in_tag) {
@@ -381,26 +389,6 @@ static bool runs_padded(const std::vector<int32_t>& offsets) {
   return true;
 }
 
-// Whether products of `dtype` tensors under `precision` round their operands to bf16: f32 tensors only.
-static bool rounds_to_bf16(DType dtype, Precision precision) {
-  if (precision != Precision::BF16) return false;
-  if (dtype != DType::F32) fail("moe_grouped_swiglu: bf16 precision takes f32 tensors, got {}", dtype_name(dtype));
-  return true;
-}
-
-// The kept activations (gate_pre, up_pre, act: `kept`) are bf16 under BF16, else of the tensors' dtype (the
-// weights'); x_sorted has the tensors' dtype, or under BF16 may be bf16 already (the permute's rounded gather).
-static void check_kept(const Tensor& x_sorted, const Tensor& kept, DType dtype, Precision precision) {
-  const bool bf16 = precision == Precision::BF16;
-  const DType want = bf16 ? DType::BF16 : dtype;
-  if (kept.dtype() != want)
-    fail("moe_grouped_swiglu: gate_pre, up_pre and act must be {} under {} precision, got {}", dtype_name(want),
-         enum_name(precision), dtype_name(kept.dtype()));
-  if (x_sorted.dtype() != dtype && !(bf16 && x_sorted.dtype() == DType::BF16))
-    fail("moe_grouped_swiglu: x_sorted must be {}{} under {} precision, got {}", dtype_name(dtype),
-         bf16 ? " or bf16" : "", enum_name(precision), dtype_name(x_sorted.dtype()));
-}
-
 namespace {
 
 // Where padded row p = e R + r comes from: the sorted row offsets[e] + r when r < c_e, else nowhere (-1: padding).
@@ -469,11 +457,11 @@ __global__ void padded_swiglu_backward_kernel(const Out* gate_pre, const Out* up
 // the operands' dtype: bf16 under BF16, else the tensors'.
 class PaddedExperts {
  public:
-  PaddedExperts(const std::vector<int32_t>& offsets, DType dtype, Precision precision)
+  PaddedExperts(const std::vector<int32_t>& offsets, DType dtype, bool rounds)
       : experts_(static_cast<int64_t>(offsets.size()) - 1),
         rows_(longest_expert(offsets)),
         dtype_(dtype),
-        rounds_(rounds_to_bf16(dtype, precision)),  // may refuse: before offsets_ uploads anything
+        rounds_(rounds),
         offsets_(offsets) {}
 
   int64_t rows() const { return rows_; }
@@ -601,13 +589,12 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
                                 const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  check_kept(x_sorted, act, w_gate.dtype(), precision);
+  const bool bf16 = grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, Tensor(), Tensor(), precision);
   if (runs_padded(offsets)) {
-    padded_swiglu_forward(PaddedExperts(offsets, w_gate.dtype(), precision), x_sorted, w_gate, w_up, w_down, gate_pre,
+    padded_swiglu_forward(PaddedExperts(offsets, w_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
                           up_pre, act, out_sorted);
     return;
   }
-  const bool bf16 = rounds_to_bf16(w_gate.dtype(), precision);
   // The gate and up products write the kept activations: under BF16 bf16 x bf16 -> bf16 in every mode.
   const DType kept = gate_pre.dtype();
   const Tensor x = operand(x_sorted, bf16, kept), wg = operand(w_gate, bf16, kept), wu = operand(w_up, bf16, kept);
@@ -636,13 +623,12 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                                  const Tensor& d_x_sorted, const Tensor& dw_gate, const Tensor& dw_up,
                                  const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  check_kept(x_sorted, act, w_gate.dtype(), precision);
+  const bool bf16 = grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, d_out_sorted, d_act, precision);
   if (runs_padded(offsets)) {
-    padded_swiglu_backward(PaddedExperts(offsets, w_gate.dtype(), precision), x_sorted, w_gate, w_up, w_down, gate_pre,
+    padded_swiglu_backward(PaddedExperts(offsets, w_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
                            up_pre, act, d_out_sorted, d_x_sorted, dw_gate, dw_up, dw_down);
     return;
   }
-  const bool bf16 = rounds_to_bf16(w_gate.dtype(), precision);
   const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
                wd = operand(w_down, bf16), act_op = operand(act, bf16), d_out_op = operand(d_out_sorted, bf16);
   // d_gate_pre and d_up_pre: computed in f32 and stored rounded to bf16 under BF16, then (grouped calls) widened.

@@ -45,7 +45,8 @@ void set_tf32(bool on);
 //              layer whose padded rows would be more than 1.5 times its slots runs grouped instead
 //              (pads_expert_rows).
 //   PerExpert  one cuBLAS call per expert and product.
-// The results are the same up to the order of f32 sums; which is fastest is measured.
+// The results are the same up to the order of f32 sums (under bf16, a kept activation may then round a bf16 step
+// the other way); which is fastest is measured.
 enum class ExpertGemm : uint8_t { Grouped, Padded, PerExpert };
 constexpr EnumNames<ExpertGemm, 3> enum_names(ExpertGemm) {
   return {{{ExpertGemm::Grouped, "grouped"}, {ExpertGemm::Padded, "padded"}, {ExpertGemm::PerExpert, "per-expert"}}};

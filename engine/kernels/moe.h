@@ -3,6 +3,7 @@
 // CPU: engine/cpu/moe.cpp; CUDA: engine/cuda/moe.cu. The steps (a)-(f) and their names are those of docs/moe.md.
 // Sizes: N tokens, k choices per token, S = N*k slots (slot s = n*k + j), E experts, d model width, h expert hidden
 // size. Index tensors are i32; float tensors are F (f32 or f64) and share one dtype.
+#include "engine/error.h"
 #include "engine/kernels.h"
 #include "engine/precision.h"
 
@@ -49,11 +50,11 @@ DECLARE_KERNEL(moe_swiglu_backward, (const Tensor& gate_pre, const Tensor& up_pr
 // Experts with no rows cost nothing. offsets [E+1] are on the host (DispatchPlan::host_offsets): the grouped GEMMs'
 // sizes, which the host needs to queue them.
 // precision BF16 (f32 tensors only): every GEMM operand (x_sorted, the weights, act) is rounded to bf16 and the
-// products accumulate in f32; x_sorted may be bf16 already (moe_permute_rows' rounded gather). gate_pre, up_pre and act, the activations the backward reads, are bf16 tensors: the
-// gate and up products rounded as they are stored, act computed in f32 from those rounded values (so the backward's
-// silu' sees the forward's inputs) and rounded, which is the down product's operand as it is. out_sorted stays f32.
-// The GPU multiplies bf16 copies; the CPU, its reference, multiplies f32 copies holding the bf16 values with its f32
-// GEMM (bf16 x bf16 products are exact in f32).
+// products accumulate in f32; x_sorted may be bf16 already (moe_permute_rows' rounded gather). gate_pre, up_pre and
+// act, the activations the backward reads, are bf16 tensors: the gate and up products rounded as they are stored, act
+// computed in f32 from those rounded values (so the backward's silu' sees the forward's inputs) and rounded, which is
+// the down product's operand as it is. out_sorted stays f32. The GPU multiplies bf16 copies; the CPU, its reference,
+// multiplies f32 copies holding the bf16 values with its f32 GEMM (bf16 x bf16 products are exact in f32).
 DECLARE_KERNEL(moe_grouped_swiglu_forward,
                (const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate, const Tensor& w_up,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
@@ -74,6 +75,32 @@ DECLARE_KERNEL(moe_grouped_swiglu_backward,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
                 const Tensor& d_out_sorted, const Tensor& d_act, const Tensor& d_x_sorted, const Tensor& dw_gate,
                 const Tensor& dw_up, const Tensor& dw_down, Precision precision))
+
+// The dtypes the grouped SwiGLU takes, checked by both devices before they read a byte (a wrong one would be misread):
+// the tensors' dtype F is the weights'. Under BF16, F is f32, gate_pre, up_pre and act are bf16, and x_sorted and
+// d_out_sorted are f32 or bf16 (rounded already); under FP32 all of them are F. d_act, the backward's scratch, is F.
+// Tensors a direction does not take are passed undefined. Returns whether the products round to bf16.
+inline bool grouped_swiglu_rounds(const Tensor& x_sorted, const Tensor& w_gate, const Tensor& gate_pre,
+                                  const Tensor& up_pre, const Tensor& act, const Tensor& d_out_sorted,
+                                  const Tensor& d_act, Precision precision) {
+  const DType dtype = w_gate.dtype();
+  const bool bf16 = precision == Precision::BF16;
+  if (bf16 && dtype != DType::F32)
+    fail("moe_grouped_swiglu: bf16 precision takes f32 tensors, got {}", dtype_name(dtype));
+  auto require = [&](const Tensor& t, const char* name, DType want, bool or_bf16) {
+    if (!t.defined() || t.dtype() == want || (or_bf16 && t.dtype() == DType::BF16)) return;
+    fail("moe_grouped_swiglu: {} must be {}{} under {} precision, got {}", name, dtype_name(want),
+         or_bf16 ? " or bf16" : "", enum_name(precision), dtype_name(t.dtype()));
+  };
+  const DType kept = bf16 ? DType::BF16 : dtype;
+  require(x_sorted, "x_sorted", dtype, bf16);
+  require(gate_pre, "gate_pre", kept, false);
+  require(up_pre, "up_pre", kept, false);
+  require(act, "act", kept, false);
+  require(d_out_sorted, "d_out_sorted", dtype, bf16);
+  require(d_act, "d_act", dtype, false);
+  return bf16;
+}
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------
 // y [N, d]: y[n] = residual[n] + sum_j gates[n, j] * out_sorted[position_of_slot[n, j]], j in order, the residual
