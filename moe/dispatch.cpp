@@ -89,15 +89,17 @@ std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   const DType dtype = saved.x.dtype();
   const Device device = saved.x.device();
   auto empty = [&](const Shape& shape) { return Tensor::empty(shape, dtype, device); };
+  // The experts' operands: bf16 under mixed precision, as forward kept them.
+  auto empty_operand = [&](const Shape& shape) { return Tensor::empty(shape, saved.gate_pre.dtype(), device); };
 
   // (f) backward: gate gradients and the per-slot output gradient in sorted order.
   Tensor d_gates = empty({plan.tokens, plan.top_k});  // [N, k]
-  Tensor d_out_sorted = empty({slots, d});            // [S, d]
+  Tensor d_out_sorted = empty_operand({slots, d});    // [S, d]
   KERNEL(moe_weighted_unpermute_backward, device)
   (dy, saved.out_sorted, saved.gates, plan.slot_at_position, d_gates, d_out_sorted);
 
-  // (d) again: the expert inputs, re-gathered rather than saved (bf16 under mixed precision, as in forward).
-  Tensor x_sorted = Tensor::empty({slots, d}, saved.gate_pre.dtype(), device);  // [S, d]
+  // (d) again: the expert inputs, re-gathered rather than saved.
+  Tensor x_sorted = empty_operand({slots, d});  // [S, d]
   KERNEL(moe_permute_rows, device)(saved.x, plan.slot_at_position, plan.top_k, x_sorted);
 
   // (e) backward: weight gradients per expert and the input gradient per slot.

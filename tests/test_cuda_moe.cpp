@@ -178,6 +178,14 @@ TEST_CASE("cuda: moe: permute, un-permute-sum and weighted un-permute kernels ma
                                             d_gates_gpu, d_out_gpu);
       check_same_bits(d_out_gpu, d_out, what + " d_out_sorted");
       check_scaled(d_gates_gpu, d_gates, float_bound(dtype), what + " d_gates");
+      if (dtype == DType::F32) {  // d_out_sorted rounded to bf16 as it is written (mixed precision)
+        Tensor rounded = Tensor::empty({S, d}, DType::BF16), rounded_gpu = empty_like_on(rounded, Device::CUDA);
+        cpu::moe_weighted_unpermute_backward(dy, out_sorted, gates, plan.slot_at_position, d_gates, rounded);
+        cuda::moe_weighted_unpermute_backward(to_gpu(dy), to_gpu(out_sorted), to_gpu(gates), plan_gpu.slot_at_position,
+                                              d_gates_gpu, rounded_gpu);
+        CHECK_MESSAGE(bitwise_equal(rounded, to_dtype(d_out, DType::BF16)), what << ": the bf16 d_out_sorted's bits");
+        check_same_bits(rounded_gpu, rounded, what + " d_out_sorted in bf16");
+      }
     }
 }
 
@@ -294,10 +302,11 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
                                      Tensor::empty({S, h}, kept), Tensor::empty({S, d}, dtype)};
           std::vector<Tensor> fwd_gpu;
           for (const Tensor& t : fwd) fwd_gpu.push_back(empty_like_on(t, Device::CUDA));
-          // Under BF16 the GPU gets x_sorted in every other case as the op gives it, rounded by the permute (bf16),
-          // else in f32, as the CPU always does.
+          // Under BF16 the GPU gets x_sorted and d_out in every other case as the op gives them, rounded (bf16) by
+          // the permute and the un-permute's backward, else in f32, as the CPU always does.
           const bool rounded_rows = precision == Precision::BF16 && seed % 2 == 0;
           const Tensor x_sorted_gpu = to_gpu(rounded_rows ? to_dtype(x_sorted, DType::BF16) : x_sorted);
+          const Tensor d_out_gpu = to_gpu(rounded_rows ? to_dtype(d_out, DType::BF16) : d_out);
           cpu::moe_grouped_swiglu_forward(x_sorted, plan.host_offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2],
                                           fwd[3], precision);
           cuda::moe_grouped_swiglu_forward(x_sorted_gpu, plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
@@ -317,9 +326,8 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
           cpu::moe_grouped_swiglu_backward(x_sorted, plan.host_offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2],
                                            d_out, d_act, bwd[0], bwd[1], bwd[2], bwd[3], precision);
           cuda::moe_grouped_swiglu_backward(x_sorted_gpu, plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
-                                            to_gpu(w_down), to_gpu(fwd[0]), to_gpu(fwd[1]), to_gpu(fwd[2]),
-                                            to_gpu(d_out), d_act_gpu, bwd_gpu[0], bwd_gpu[1], bwd_gpu[2], bwd_gpu[3],
-                                            precision);
+                                            to_gpu(w_down), to_gpu(fwd[0]), to_gpu(fwd[1]), to_gpu(fwd[2]), d_out_gpu,
+                                            d_act_gpu, bwd_gpu[0], bwd_gpu[1], bwd_gpu[2], bwd_gpu[3], precision);
           const char* bwd_names[] = {"d_x_sorted", "dw_gate", "dw_up", "dw_down"};
           for (size_t i = 0; i < bwd.size(); ++i) check_scaled(bwd_gpu[i], bwd[i], bound, what + " " + bwd_names[i]);
 

@@ -274,15 +274,15 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   check_matches(dwg, tensor(dwg_ref, wg.shape()), 1e-4, "dw_gate");
   check_matches(dwu, tensor(dwu_ref, wu.shape()), 1e-4, "dw_up");
   check_matches(dx, tensor(dx_ref, {S, d}), 1e-4, "d_x_sorted");
-  // x_sorted as the permute gives it under mixed precision, bf16 (x's values are bf16 ones): the same bits.
+  // x_sorted and d_out as the op gives them under mixed precision, bf16 (their values are bf16 ones): the same bits.
   Tensor gate_b = Tensor::empty({S, h}, DType::BF16), up_b = Tensor::empty({S, h}, DType::BF16);
   Tensor act_b = Tensor::empty({S, h}, DType::BF16), out_b = Tensor::empty({S, d}, DType::F32);
   const Tensor x_b = to_dtype(x, DType::BF16);
   cpu::moe_grouped_swiglu_forward(x_b, offsets, wg, wu, wd, gate_b, up_b, act_b, out_b, Precision::BF16);
   Tensor dx_b = Tensor::empty({S, d}, DType::F32), dwg_b = Tensor::empty(wg.shape(), DType::F32);
   Tensor dwu_b = Tensor::empty(wu.shape(), DType::F32), dwd_b = Tensor::empty(wd.shape(), DType::F32);
-  cpu::moe_grouped_swiglu_backward(x_b, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act, dx_b, dwg_b, dwu_b,
-                                   dwd_b, Precision::BF16);
+  cpu::moe_grouped_swiglu_backward(x_b, offsets, wg, wu, wd, gate_pre, up_pre, act, to_dtype(d_out, DType::BF16), d_act,
+                                   dx_b, dwg_b, dwu_b, dwd_b, Precision::BF16);
   for (const auto& [got, want] :
        {std::pair{act_b, act}, {out_b, out}, {dx_b, dx}, {dwg_b, dwg}, {dwu_b, dwu}, {dwd_b, dwd}})
     CHECK(bitwise_equal(got, want));

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "engine/cpu/gemm.h"
@@ -52,6 +53,10 @@ inline void swiglu_backward_span(const T* gp, const T* up, const T* d_act, T* d_
 // v rounded to bf16 (nearest, ties to even) and held as T again: under Precision::BF16 the f32 GEMM then multiplies
 // bf16 values (their products are exact in f32), the reference of the GPU's bf16 GEMMs.
 template <class T> inline T bf16_rounded(T v) { return static_cast<T>(to_float(to_bf16(static_cast<float>(v)))); }
+
+// v stored as an element of type T, or of bf16 (rounded: an operand of a bf16 product).
+template <class T> inline void store(T v, T* out) { *out = v; }
+inline void store(float v, bf16* out) { *out = to_bf16(v); }
 
 template <class T> inline void round_span_to_bf16(const T* in, T* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_rounded(in[i]);
@@ -345,19 +350,24 @@ void moe_weighted_unpermute_backward(const Tensor& dy, const Tensor& out_sorted,
   dispatch_float("moe_weighted_unpermute_backward", dy.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T *pdy = dy.data<T>(), *os = out_sorted.data<T>(), *pg = gates.data<T>();
-    T *pdg = d_gates.data<T>(), *pdo = d_out_sorted.data<T>();
-    parallel_for(slots, 2 * d, [&](int64_t pos) {
-      int64_t s = slot_at[pos];
-      const T* dy_row = pdy + (s / k) * d;
-      const T* out_row = os + pos * d;
-      T* d_out_row = pdo + pos * d;
-      T g = pg[s], dot = 0;
-      for (int64_t i = 0; i < d; ++i) {
-        d_out_row[i] = g * dy_row[i];
-        dot += dy_row[i] * out_row[i];
-      }
-      pdg[s] = dot;
-    });
+    T* pdg = d_gates.data<T>();
+    auto run = [&](auto* pdo) {  // d_out_sorted's elements: T, or bf16 (rounded)
+      parallel_for(slots, 2 * d, [&](int64_t pos) {
+        int64_t s = slot_at[pos];
+        const T* dy_row = pdy + (s / k) * d;
+        const T* out_row = os + pos * d;
+        auto* d_out_row = pdo + pos * d;
+        T g = pg[s], dot = 0;
+        for (int64_t i = 0; i < d; ++i) {
+          store(g * dy_row[i], d_out_row + i);
+          dot += dy_row[i] * out_row[i];
+        }
+        pdg[s] = dot;
+      });
+    };
+    if constexpr (std::is_same_v<T, float>)
+      if (d_out_sorted.dtype() == DType::BF16) return run(d_out_sorted.data<bf16>());
+    run(d_out_sorted.data<T>());
   });
 }
 

@@ -687,18 +687,18 @@ __global__ void weighted_unpermute_kernel(const F* out_sorted, const F* gates, c
   }
 }
 
-// One block per position pos, of slot s and token n = s / k: d_out_sorted[pos] = gates[s] * dy[n], and
-// d_gates[s] = <dy[n], out_sorted[pos]> as a block reduction (fixed order: the same bits on every run).
-template <class F>
+// One block per position pos, of slot s and token n = s / k: d_out_sorted[pos] = gates[s] * dy[n] (stored as Out),
+// and d_gates[s] = <dy[n], out_sorted[pos]> as a block reduction (fixed order: the same bits on every run).
+template <class F, class Out>
 __global__ void weighted_unpermute_backward_kernel(const F* dy, const F* out_sorted, const F* gates,
                                                    const int32_t* slot_at_position, int64_t k, int64_t d, F* d_gates,
-                                                   F* d_out_sorted) {
+                                                   Out* d_out_sorted) {
   const int64_t pos = blockIdx.x, s = slot_at_position[pos];
   const F* dy_row = dy + (s / k) * d;
   const F g = gates[s];
   F dot = 0;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    d_out_sorted[pos * d + i] = g * dy_row[i];
+    d_out_sorted[pos * d + i] = to_operand<Out>(g * dy_row[i]);
     dot += dy_row[i] * out_sorted[pos * d + i];
   }
   dot = block_sum(dot);
@@ -722,9 +722,13 @@ void moe_weighted_unpermute_backward(const Tensor& dy, const Tensor& out_sorted,
                                      const Tensor& d_out_sorted) {
   dispatch_float("moe_weighted_unpermute_backward", dy.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    launch("moe_weighted_unpermute_backward", weighted_unpermute_backward_kernel<F>, dim3(d_out_sorted.size(0)),
-           dim3(kRowThreads), 0, dy.data<F>(), out_sorted.data<F>(), gates.data<F>(), slot_at_position.data<int32_t>(),
-           gates.size(1), d_out_sorted.size(1), d_gates.data<F>(), d_out_sorted.data<F>());
+    with_storage<F>("moe_weighted_unpermute_backward", d_out_sorted.dtype(), [&](auto stored_as) {
+      using Out = decltype(stored_as);
+      launch("moe_weighted_unpermute_backward", weighted_unpermute_backward_kernel<F, Out>, dim3(d_out_sorted.size(0)),
+             dim3(kRowThreads), 0, dy.data<F>(), out_sorted.data<F>(), gates.data<F>(),
+             slot_at_position.data<int32_t>(), gates.size(1), d_out_sorted.size(1), d_gates.data<F>(),
+             stored<Out>(d_out_sorted));
+    });
   });
 }
 

@@ -109,6 +109,8 @@ DECLARE_KERNEL(moe_weighted_unpermute, (const Tensor& out_sorted, const Tensor& 
                                         const Tensor& residual, const Tensor& y))
 // Per position pos, owned by slot s = slot_at_position[pos] of token n = s / k (k = gates.size(1)):
 //   d_out_sorted[pos] = gates[s] * dy[n]   (a gather)     d_gates[s] = <dy[n], out_sorted[pos]>
+// d_out_sorted has dy's dtype, or is bf16 (dy f32): the product rounded, the experts' backward operand under mixed
+// precision, in half the bytes.
 // Each output element has one writer: no atomics, the same bits on every run.
 DECLARE_KERNEL(moe_weighted_unpermute_backward,
                (const Tensor& dy, const Tensor& out_sorted, const Tensor& gates, const Tensor& slot_at_position,
