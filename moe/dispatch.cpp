@@ -3,8 +3,7 @@
 // the inputs' device, and records.
 //
 // Shapes: N tokens, k choices per token, S = N*k slots, d model width, h expert hidden size, E experts.
-// Saved for backward (S*(3h + d) floats, the [S, h] ones bf16 under mixed precision, plus the plan's 2*S + 2*E + 1
-// integers):
+// Saved for backward (S*(3h + d) floats, all bf16 under mixed precision, plus the plan's 2*S + 2*E + 1 integers):
 //   gate_pre, up_pre [S, h]   pre-activations W_gate x, W_up x in sorted order (silu' needs gate_pre, d(gate) needs up)
 //   act              [S, h]   silu(gate_pre) * up_pre, the input of W_down (dW_down = d(out)^T act)
 //   out_sorted       [S, d]   each slot's expert output before gating (d(gates) = <dy, out>)
@@ -167,13 +166,13 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
   saved.plan = plan_dispatch(expert_ids, dims.experts);                           // (a)-(c)
   const DispatchPlan& plan = saved.plan;
   expert_counts = plan.counts;
-  // The expert inputs and the activations backward reads: bf16 under mixed precision, where the products multiply
-  // them as bf16 anyway (half the bytes; moe_permute_rows, moe_grouped_swiglu_forward).
+  // The experts' inputs, the activations backward reads and the experts' outputs: bf16 under mixed precision (half
+  // the bytes; moe_permute_rows, moe_grouped_swiglu_forward).
   const DType kept = saved.precision == Precision::BF16 ? DType::BF16 : dtype;
   saved.gate_pre = Tensor::empty({slots, h}, kept, device);
   saved.up_pre = Tensor::empty({slots, h}, kept, device);
   saved.act = Tensor::empty({slots, h}, kept, device);
-  saved.out_sorted = empty({slots, d});
+  saved.out_sorted = Tensor::empty({slots, d}, kept, device);
   Tensor y = empty({dims.tokens, d});  // [N, d]
   {
     Tensor x_sorted = Tensor::empty({slots, d}, kept, device);                         // [S, d]

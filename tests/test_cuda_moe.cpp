@@ -169,6 +169,16 @@ TEST_CASE("cuda: moe: permute, un-permute-sum and weighted un-permute kernels ma
         check_scaled(y_gpu, y, float_bound(dtype),
                      what + " weighted un-permute" + (added.defined() ? " + residual" : ""));
       }
+      if (dtype == DType::F32) {  // the experts' output kept in bf16 (mixed precision), widened as it is read
+        const Tensor kept = to_dtype(out_sorted, DType::BF16);
+        Tensor y = Tensor::empty({s.N, d}, dtype), y_gpu = empty_like_on(y, Device::CUDA);
+        cpu::moe_weighted_unpermute(kept, gates, plan.position_of_slot, residual, y);
+        cuda::moe_weighted_unpermute(to_gpu(kept), to_gpu(gates), plan_gpu.position_of_slot, to_gpu(residual), y_gpu);
+        check_scaled(y_gpu, y, float_bound(dtype), what + " weighted un-permute of bf16 rows");
+        Tensor y_widened = Tensor::empty({s.N, d}, dtype);
+        cpu::moe_weighted_unpermute(to_dtype(kept, DType::F32), gates, plan.position_of_slot, residual, y_widened);
+        CHECK_MESSAGE(bitwise_equal(y, y_widened), what << ": the bf16 rows must weigh as their f32 values do");
+      }
 
       Tensor dy = random({s.N, d}, ++seed, dtype);
       Tensor d_gates = Tensor::empty({s.N, s.k}, dtype), d_gates_gpu = empty_like_on(d_gates, Device::CUDA);
@@ -185,6 +195,16 @@ TEST_CASE("cuda: moe: permute, un-permute-sum and weighted un-permute kernels ma
                                               d_gates_gpu, rounded_gpu);
         CHECK_MESSAGE(bitwise_equal(rounded, to_dtype(d_out, DType::BF16)), what << ": the bf16 d_out_sorted's bits");
         check_same_bits(rounded_gpu, rounded, what + " d_out_sorted in bf16");
+        // and the kept output in bf16 as the d_gates' other factor
+        const Tensor kept = to_dtype(out_sorted, DType::BF16);
+        cpu::moe_weighted_unpermute_backward(dy, kept, gates, plan.slot_at_position, d_gates, rounded);
+        cuda::moe_weighted_unpermute_backward(to_gpu(dy), to_gpu(kept), to_gpu(gates), plan_gpu.slot_at_position,
+                                              d_gates_gpu, rounded_gpu);
+        check_scaled(d_gates_gpu, d_gates, float_bound(dtype), what + " d_gates from bf16 rows");
+        Tensor d_gates_widened = Tensor::empty({s.N, s.k}, dtype);
+        cpu::moe_weighted_unpermute_backward(dy, to_dtype(kept, DType::F32), gates, plan.slot_at_position,
+                                             d_gates_widened, rounded);
+        CHECK_MESSAGE(bitwise_equal(d_gates, d_gates_widened), what << ": d_gates from bf16 rows as from their values");
       }
     }
 }
@@ -296,10 +316,10 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
           Tensor w_gate = random({s.E, h, d}, ++seed, dtype, 0.4), w_up = random({s.E, h, d}, ++seed, dtype, 0.4);
           Tensor w_down = random({s.E, d, h}, ++seed, dtype, 0.4);
 
-          // Forward: gate_pre, up_pre, act [S, h] (kept: bf16 under BF16), out_sorted [S, d].
+          // Forward: gate_pre, up_pre, act [S, h], out_sorted [S, d] (kept: bf16 under BF16).
           const DType kept = precision == Precision::BF16 ? DType::BF16 : dtype;
           std::vector<Tensor> fwd = {Tensor::empty({S, h}, kept), Tensor::empty({S, h}, kept),
-                                     Tensor::empty({S, h}, kept), Tensor::empty({S, d}, dtype)};
+                                     Tensor::empty({S, h}, kept), Tensor::empty({S, d}, kept)};
           std::vector<Tensor> fwd_gpu;
           for (const Tensor& t : fwd) fwd_gpu.push_back(empty_like_on(t, Device::CUDA));
           // Under BF16 the GPU gets x_sorted and d_out in every other case as the op gives them, rounded (bf16) by

@@ -201,19 +201,20 @@ TEST_CASE("moe: moe_experts is bit-identical for 1 and 2 threads (experts side b
   omp_set_num_threads(saved_threads);
 }
 
-// Under Precision::BF16 the grouped SwiGLU keeps its activations in bf16 (engine/kernels/moe.h): gate_pre and up_pre
-// are the products rounded, act is computed in f32 from those rounded values and rounded, and the backward's
-// d_gate_pre, d_up_pre are rounded before their products. Against a naive loop in double with the same roundings. The
-// inputs are multiples of 1/64 (bf16 values), so the products' sums are exact in f32 and double alike, and have more
-// bits than bf16 keeps: gate_pre and up_pre must have the reference's bits, and the rounding matters downstream. act
-// and the roundings after it come from exp, whose last f32 bit may differ from double's: one bf16 step (2^-7) at most,
-// and rarely; the rest to a tolerance.
+// Under Precision::BF16 the grouped SwiGLU keeps its activations and output in bf16 (engine/kernels/moe.h): gate_pre
+// and up_pre are the products rounded, act is computed in f32 from those rounded values and rounded, out_sorted is
+// the down product rounded, and the backward's d_gate_pre, d_up_pre are rounded before their products. Against a naive
+// loop in double with the same roundings. The inputs are multiples of 1/64 (bf16 values), so the products' sums are
+// exact in f32 and double alike, and have more bits than bf16 keeps: gate_pre and up_pre must have the reference's
+// bits, and the rounding matters downstream. act and the roundings after it come from exp, whose last f32 bit may
+// differ from double's, and out_sorted from a sum f32 may round: one bf16 step (2^-7) at most, and rarely; the rest to
+// a tolerance.
 TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive loop with the same roundings)") {
   const int64_t d = 13, h = 11, E = 3;
   const std::vector<int32_t> offsets = {0, 5, 5, 12};  // expert 1 has no rows
   const int64_t S = offsets.back();
-  auto grid = [](const Shape& shape, uint64_t seed, double step,
-                 double limit) {  // multiples of step in [-limit, limit]
+  // Multiples of step in [-limit, limit].
+  auto grid = [](const Shape& shape, uint64_t seed, double step, double limit) {
     std::vector<double> v = as_doubles(random(shape, seed));
     for (double& x : v) x = std::clamp(std::round(x * limit / step / 2) * step, -limit, limit);
     return from_vector(std::vector<float>(v.begin(), v.end()), shape);
@@ -222,7 +223,7 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   const Tensor wg = grid({E, h, d}, 3, 1.0 / 64, 0.5), wu = grid({E, h, d}, 4, 1.0 / 64, 0.5);
   const Tensor wd = grid({E, d, h}, 5, 1.0 / 64, 0.5);
   Tensor gate_pre = Tensor::empty({S, h}, DType::BF16), up_pre = Tensor::empty({S, h}, DType::BF16);
-  Tensor act = Tensor::empty({S, h}, DType::BF16), out = Tensor::empty({S, d}, DType::F32);
+  Tensor act = Tensor::empty({S, h}, DType::BF16), out = Tensor::empty({S, d}, DType::BF16);
   cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, out, Precision::BF16);
   Tensor d_act = Tensor::empty({S, h}, DType::F32), dx = Tensor::empty({S, d}, DType::F32);
   Tensor dwg = Tensor::empty(wg.shape(), DType::F32), dwu = Tensor::empty(wu.shape(), DType::F32);
@@ -246,7 +247,7 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
         for (int64_t c = 0; c < d; ++c) da += DO[r * d + c] * WD[(e * d + c) * h + j];
         g_ref[r * h + j] = bf(g), u_ref[r * h + j] = bf(u);
         const double z = g_ref[r * h + j], up = u_ref[r * h + j], s = 1 / (1 + std::exp(-z));
-        a_ref[r * h + j] = bf(z * s * up);
+        a_ref[r * h + j] = z * s * up;  // before its rounding
         const double dg = bf(da * up * s * (1 + z * (1 - s))), du = bf(da * z * s);
         for (int64_t i = 0; i < d; ++i) {
           dwg_ref[(e * h + j) * d + i] += dg * X[r * d + i];
@@ -260,23 +261,27 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
       }
   CHECK(G == g_ref);
   CHECK(U == u_ref);
-  int64_t act_off = 0;
-  for (int64_t i = 0; i < S * h; ++i)
-    if (A[i] != a_ref[i]) {
-      ++act_off;
-      CHECK_MESSAGE(std::abs(A[i] - a_ref[i]) <= std::abs(a_ref[i]) / 128,
-                    "act " << i << ": " << A[i] << " vs " << a_ref[i]);
-    }
-  CHECK(act_off <= 2);
+  // The values computed in f32 and rounded: each the reference's rounding, or one bf16 step from it in at most 2.
+  auto check_rounded = [&](const std::vector<double>& got, const std::vector<double>& exact, const char* what) {
+    int64_t off = 0;
+    for (size_t i = 0; i < got.size(); ++i)
+      if (got[i] != bf(exact[i])) {
+        ++off;
+        CHECK_MESSAGE(std::abs(got[i] - exact[i]) <= std::abs(exact[i]) / 128,
+                      what << " " << i << ": " << got[i] << " vs " << exact[i]);
+      }
+    CHECK_MESSAGE(off <= 2, what << ": " << off << " values off the reference's rounding");
+  };
+  check_rounded(A, a_ref, "act");
+  check_rounded(as_doubles(out), out_ref, "out_sorted");
   auto tensor = [](const std::vector<double>& v, const Shape& shape) { return from_vector(v, shape); };
-  check_matches(out, tensor(out_ref, {S, d}), 1e-6, "out_sorted");
   check_matches(dwd, tensor(dwd_ref, wd.shape()), 1e-6, "dw_down");
   check_matches(dwg, tensor(dwg_ref, wg.shape()), 1e-4, "dw_gate");
   check_matches(dwu, tensor(dwu_ref, wu.shape()), 1e-4, "dw_up");
   check_matches(dx, tensor(dx_ref, {S, d}), 1e-4, "d_x_sorted");
   // x_sorted and d_out as the op gives them under mixed precision, bf16 (their values are bf16 ones): the same bits.
   Tensor gate_b = Tensor::empty({S, h}, DType::BF16), up_b = Tensor::empty({S, h}, DType::BF16);
-  Tensor act_b = Tensor::empty({S, h}, DType::BF16), out_b = Tensor::empty({S, d}, DType::F32);
+  Tensor act_b = Tensor::empty({S, h}, DType::BF16), out_b = Tensor::empty({S, d}, DType::BF16);
   const Tensor x_b = to_dtype(x, DType::BF16);
   cpu::moe_grouped_swiglu_forward(x_b, offsets, wg, wu, wd, gate_b, up_b, act_b, out_b, Precision::BF16);
   Tensor dx_b = Tensor::empty({S, d}, DType::F32), dwg_b = Tensor::empty(wg.shape(), DType::F32);
@@ -287,8 +292,9 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
        {std::pair{act_b, act}, {out_b, out}, {dx_b, dx}, {dwg_b, dwg}, {dwu_b, dwu}, {dwd_b, dwd}})
     CHECK(bitwise_equal(got, want));
   // The kept activations must be bf16 under BF16, and of the tensors' dtype under FP32.
-  check_error([&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, out, out, out, out, Precision::BF16); },
-              {"gate_pre must be bf16 under bf16 precision, got f32"});
+  check_error(
+      [&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, d_act, d_act, d_act, d_act, Precision::BF16); },
+      {"gate_pre must be bf16 under bf16 precision, got f32"});
   check_error([&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, act, act, act, out, Precision::FP32); },
               {"gate_pre must be f32 under fp32 precision, got bf16"});
   check_error([&] { cpu::moe_grouped_swiglu_forward(x_b, offsets, wg, wu, wd, out, out, out, out, Precision::FP32); },

@@ -58,6 +58,17 @@ template <class T> inline T bf16_rounded(T v) { return static_cast<T>(to_float(t
 template <class T> inline void store(T v, T* out) { *out = v; }
 inline void store(float v, bf16* out) { *out = to_bf16(v); }
 
+// A stored element's value: bf16 widened (exact), else itself.
+template <class T> inline T value(T v) { return v; }
+inline float value(bf16 v) { return to_float(v); }
+
+// Calls f(p) with p the elements of t: T*, or bf16* where T is float (t bf16: kept under mixed precision).
+template <class T, class Fn> void with_elements(const Tensor& t, Fn&& f) {
+  if constexpr (std::is_same_v<T, float>)
+    if (t.dtype() == DType::BF16) return f(t.data<bf16>());
+  f(t.data<T>());
+}
+
 template <class T> inline void round_span_to_bf16(const T* in, T* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_rounded(in[i]);
 }
@@ -234,14 +245,16 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const int32_t* o = offsets.data();
-  const bool bf16 = grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, Tensor(), Tensor(), precision);
+  const bool bf16 =
+      grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, out_sorted, Tensor(), Tensor(), precision);
   const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
                wd_op = operand(w_down, bf16);
-  const Tensor gate_f = f32_scratch(gate_pre, bf16), up_f = f32_scratch(up_pre, bf16), act_f = f32_scratch(act, bf16);
+  const Tensor gate_f = f32_scratch(gate_pre, bf16), up_f = f32_scratch(up_pre, bf16), act_f = f32_scratch(act, bf16),
+               out_f = f32_scratch(out_sorted, bf16);
   dispatch_float("moe_grouped_swiglu_forward", w_gate.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T *x = x_op.data<T>(), *wg = wg_op.data<T>(), *wu = wu_op.data<T>(), *wd = wd_op.data<T>();
-    T *gate = gate_f.data<T>(), *upp = up_f.data<T>(), *acts = act_f.data<T>(), *out = out_sorted.data<T>();
+    T *gate = gate_f.data<T>(), *upp = up_f.data<T>(), *acts = act_f.data<T>(), *out = out_f.data<T>();
     for_each_expert(o, n_experts, [&](int64_t e) {
       int64_t begin = o[e], c = o[e + 1] - o[e];
       const T* xs = x + begin * d;  // [c, d]
@@ -263,6 +276,7 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
     convert_dtype(gate_f, gate_pre);
     convert_dtype(up_f, up_pre);
     convert_dtype(act_f, act);
+    convert_dtype(out_f, out_sorted);
   }
 }
 
@@ -273,7 +287,8 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                                  const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const int32_t* o = offsets.data();
-  const bool bf16 = grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, d_out_sorted, d_act, precision);
+  const bool bf16 =
+      grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, Tensor(), d_out_sorted, d_act, precision);
   const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
                wd_op = operand(w_down, bf16), d_out_op = operand(d_out_sorted, bf16);
   const Tensor gate_f = as_f32(gate_pre), up_f = as_f32(up_pre), act_f = as_f32(act);  // the forward's values
@@ -325,19 +340,21 @@ void moe_weighted_unpermute(const Tensor& out_sorted, const Tensor& gates, const
   const int32_t* position_of = position_of_slot.data<int32_t>();
   dispatch_float("moe_weighted_unpermute", y.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    const T *os = out_sorted.data<T>(), *pg = gates.data<T>();
+    const T* pg = gates.data<T>();
     const T* pr = residual.defined() ? residual.data<T>() : nullptr;
     T* py = y.data<T>();
-    parallel_for(tokens, (k + 1) * d, [&](int64_t n) {
-      T* out = py + n * d;
-      std::fill(out, out + d, T(0));
-      for (int64_t j = 0; j < k; ++j) {
-        const T* row = os + position_of[n * k + j] * d;
-        T g = pg[n * k + j];
-        for (int64_t i = 0; i < d; ++i) out[i] += g * row[i];
-      }
-      if (pr)
-        for (int64_t i = 0; i < d; ++i) out[i] = pr[n * d + i] + out[i];
+    with_elements<T>(out_sorted, [&](const auto* os) {
+      parallel_for(tokens, (k + 1) * d, [&](int64_t n) {
+        T* out = py + n * d;
+        std::fill(out, out + d, T(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const auto* row = os + position_of[n * k + j] * d;
+          T g = pg[n * k + j];
+          for (int64_t i = 0; i < d; ++i) out[i] += g * value(row[i]);
+        }
+        if (pr)
+          for (int64_t i = 0; i < d; ++i) out[i] = pr[n * d + i] + out[i];
+      });
     });
   });
 }
@@ -349,25 +366,24 @@ void moe_weighted_unpermute_backward(const Tensor& dy, const Tensor& out_sorted,
   const int32_t* slot_at = slot_at_position.data<int32_t>();
   dispatch_float("moe_weighted_unpermute_backward", dy.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    const T *pdy = dy.data<T>(), *os = out_sorted.data<T>(), *pg = gates.data<T>();
+    const T *pdy = dy.data<T>(), *pg = gates.data<T>();
     T* pdg = d_gates.data<T>();
-    auto run = [&](auto* pdo) {  // d_out_sorted's elements: T, or bf16 (rounded)
-      parallel_for(slots, 2 * d, [&](int64_t pos) {
-        int64_t s = slot_at[pos];
-        const T* dy_row = pdy + (s / k) * d;
-        const T* out_row = os + pos * d;
-        auto* d_out_row = pdo + pos * d;
-        T g = pg[s], dot = 0;
-        for (int64_t i = 0; i < d; ++i) {
-          store(g * dy_row[i], d_out_row + i);
-          dot += dy_row[i] * out_row[i];
-        }
-        pdg[s] = dot;
+    with_elements<T>(out_sorted, [&](const auto* os) {  // T, or bf16 (kept)
+      with_elements<T>(d_out_sorted, [&](auto* pdo) {   // T, or bf16 (rounded: the experts' operand)
+        parallel_for(slots, 2 * d, [&](int64_t pos) {
+          int64_t s = slot_at[pos];
+          const T* dy_row = pdy + (s / k) * d;
+          const auto* out_row = os + pos * d;
+          auto* d_out_row = pdo + pos * d;
+          T g = pg[s], dot = 0;
+          for (int64_t i = 0; i < d; ++i) {
+            store(g * dy_row[i], d_out_row + i);
+            dot += dy_row[i] * value(out_row[i]);
+          }
+          pdg[s] = dot;
+        });
       });
-    };
-    if constexpr (std::is_same_v<T, float>)
-      if (d_out_sorted.dtype() == DType::BF16) return run(d_out_sorted.data<bf16>());
-    run(d_out_sorted.data<T>());
+    });
   });
 }
 

@@ -411,8 +411,8 @@ __global__ void pad_rows_kernel(const S* sorted, PaddedRows layout, int64_t cols
     padded[p * cols + c] = row < 0 ? to_operand<Out>(0.0f) : to_operand<Out>(sorted[row * cols + c]);
 }
 
-// sorted[sorted_row(p)] = padded[p], padding left out.
-template <class F> __global__ void unpad_rows_kernel(const F* padded, PaddedRows layout, int64_t cols, F* sorted) {
+// sorted[sorted_row(p)] = padded[p], padding left out (elements of type S, copied).
+template <class S> __global__ void unpad_rows_kernel(const S* padded, PaddedRows layout, int64_t cols, S* sorted) {
   const int64_t p = blockIdx.x, row = layout.sorted_row(p);
   if (row < 0) return;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) sorted[row * cols + c] = padded[p * cols + c];
@@ -492,17 +492,19 @@ class PaddedExperts {
     });
     return padded;
   }
-  // An output [E R, cols] of a product: of the tensors' dtype, or with `kept` the operands' (the gate and up
-  // products, whose outputs are kept as they are: bf16 under BF16).
+  // An output [E R, cols] of a product: of the tensors' dtype, or with `kept` the operands' (the forward's products,
+  // whose outputs are kept as they are: bf16 under BF16).
   Tensor output(int64_t cols, bool kept = false) const {
     return Tensor::empty({experts_ * rows_, cols}, kept ? operand_dtype() : dtype_, Device::CUDA);
   }
-  // The rows of padded that are not padding, to sorted.
+  // The rows of padded that are not padding, to sorted (one dtype: the tensors', or the operands').
   void unpad(const Tensor& padded, const Tensor& sorted) const {
-    dispatch_float("moe_unpad_rows", dtype_, [&](auto tag) {
-      using F = decltype(tag);
-      launch("moe_unpad_rows", unpad_rows_kernel<F>, row_blocks(), dim3(kRowThreads), 0, padded.data<F>(), layout(),
-             padded.size(1), sorted.data<F>());
+    with_types("moe_unpad_rows", [&](auto f, auto) {
+      with_storage<decltype(f)>("moe_unpad_rows", sorted.dtype(), [&](auto stored_as) {
+        using S = decltype(stored_as);
+        launch("moe_unpad_rows", unpad_rows_kernel<S>, row_blocks(), dim3(kRowThreads), 0, stored<const S>(padded),
+               layout(), padded.size(1), stored<S>(sorted));
+      });
     });
   }
   // C_e = op(A_e) op(B_e) (+ C_e when accumulate) for every expert e, each matrix stored whole after the one of
@@ -545,8 +547,8 @@ static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted
            stored<const Out>(gate), stored<const Out>(up), p.layout(), h, stored<Out>(gate_pre), stored<Out>(up_pre),
            stored<Out>(act), stored<Out>(act_operand));
   });
-  // out = act W_down^T: [R, h] x [d, h]^T -> [R, d] per expert
-  const Tensor out = p.output(d);
+  // out = act W_down^T: [R, h] x [d, h]^T -> [R, d] per expert, kept as it is written
+  const Tensor out = p.output(d, true);
   p.products(false, true, R, d, h, act_operand, h, wd, h, false, out, d);
   p.unpad(out, out_sorted);
 }
@@ -589,15 +591,17 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
                                 const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const bool bf16 = grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, Tensor(), Tensor(), precision);
+  const bool bf16 =
+      grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, out_sorted, Tensor(), Tensor(), precision);
   if (runs_padded(offsets)) {
     padded_swiglu_forward(PaddedExperts(offsets, w_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
                           up_pre, act, out_sorted);
     return;
   }
-  // The gate and up products write the kept activations: under BF16 bf16 x bf16 -> bf16 in every mode.
+  // The three products write the kept activations and output: under BF16 bf16 x bf16 -> bf16 in every mode.
   const DType kept = gate_pre.dtype();
-  const Tensor x = operand(x_sorted, bf16, kept), wg = operand(w_gate, bf16, kept), wu = operand(w_up, bf16, kept);
+  const Tensor x = operand(x_sorted, bf16, kept), wg = operand(w_gate, bf16, kept), wu = operand(w_up, bf16, kept),
+               wd = operand(w_down, bf16, kept);
   std::vector<GemmProblem> gate_and_up, down;
   for (int64_t e = 0; e < n_experts; ++e) {
     const int64_t begin = offsets[e], c = offsets[e + 1] - offsets[e];
@@ -609,12 +613,11 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
   gemm_grouped(false, true, gate_and_up, 1.0f, 0.0f, kept, kept, bf16);
   moe_swiglu_forward(gate_pre, up_pre, act);  // every expert's rows in one launch
   // out = act W_down^T: [c, h] x [d, h]^T -> [c, d]
-  const Tensor act_op = operand(act, bf16), wd = operand(w_down, bf16);
   for (int64_t e = 0; e < n_experts; ++e) {
     const int64_t begin = offsets[e], c = offsets[e + 1] - offsets[e];
-    down.push_back({c, d, h, row_of(act_op, begin, h), h, row_of(wd, e * d, h), h, row_of(out_sorted, begin, d), d});
+    down.push_back({c, d, h, row_of(act, begin, h), h, row_of(wd, e * d, h), h, row_of(out_sorted, begin, d), d});
   }
-  gemm_grouped(false, true, down, 1.0f, 0.0f, act_op.dtype(), out_sorted.dtype(), bf16);
+  gemm_grouped(false, true, down, 1.0f, 0.0f, kept, kept, bf16);
 }
 
 void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
@@ -623,7 +626,8 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                                  const Tensor& d_x_sorted, const Tensor& dw_gate, const Tensor& dw_up,
                                  const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const bool bf16 = grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, d_out_sorted, d_act, precision);
+  const bool bf16 =
+      grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, Tensor(), d_out_sorted, d_act, precision);
   if (runs_padded(offsets)) {
     padded_swiglu_backward(PaddedExperts(offsets, w_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
                            up_pre, act, d_out_sorted, d_x_sorted, dw_gate, dw_up, dw_down);
@@ -675,22 +679,23 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
 namespace {
 
 // One block per token n: y[n] = residual[n] + sum_j gates[n, j] * out_sorted[position_of_slot[n, j]], j in order
-// (residual null: none).
-template <class F>
-__global__ void weighted_unpermute_kernel(const F* out_sorted, const F* gates, const int32_t* position_of_slot,
+// (residual null: none), out_sorted's elements (type S) widened to F.
+template <class F, class S>
+__global__ void weighted_unpermute_kernel(const S* out_sorted, const F* gates, const int32_t* position_of_slot,
                                           const F* residual, int64_t k, int64_t d, F* y) {
   const int64_t n = blockIdx.x;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
     F total = 0;
-    for (int64_t j = 0; j < k; ++j) total += gates[n * k + j] * out_sorted[position_of_slot[n * k + j] * d + i];
+    for (int64_t j = 0; j < k; ++j)
+      total += gates[n * k + j] * widened<F>(out_sorted[position_of_slot[n * k + j] * d + i]);
     y[n * d + i] = residual ? residual[n * d + i] + total : total;
   }
 }
 
 // One block per position pos, of slot s and token n = s / k: d_out_sorted[pos] = gates[s] * dy[n] (stored as Out),
 // and d_gates[s] = <dy[n], out_sorted[pos]> as a block reduction (fixed order: the same bits on every run).
-template <class F, class Out>
-__global__ void weighted_unpermute_backward_kernel(const F* dy, const F* out_sorted, const F* gates,
+template <class F, class S, class Out>
+__global__ void weighted_unpermute_backward_kernel(const F* dy, const S* out_sorted, const F* gates,
                                                    const int32_t* slot_at_position, int64_t k, int64_t d, F* d_gates,
                                                    Out* d_out_sorted) {
   const int64_t pos = blockIdx.x, s = slot_at_position[pos];
@@ -699,7 +704,7 @@ __global__ void weighted_unpermute_backward_kernel(const F* dy, const F* out_sor
   F dot = 0;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
     d_out_sorted[pos * d + i] = to_operand<Out>(g * dy_row[i]);
-    dot += dy_row[i] * out_sorted[pos * d + i];
+    dot += dy_row[i] * widened<F>(out_sorted[pos * d + i]);
   }
   dot = block_sum(dot);
   if (threadIdx.x == 0) d_gates[s] = dot;
@@ -711,9 +716,12 @@ void moe_weighted_unpermute(const Tensor& out_sorted, const Tensor& gates, const
                             const Tensor& residual, const Tensor& y) {
   dispatch_float("moe_weighted_unpermute", y.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    launch("moe_weighted_unpermute", weighted_unpermute_kernel<F>, dim3(y.size(0)), dim3(kRowThreads), 0,
-           out_sorted.data<F>(), gates.data<F>(), position_of_slot.data<int32_t>(),
-           residual.defined() ? residual.data<F>() : nullptr, gates.size(1), y.size(1), y.data<F>());
+    with_storage<F>("moe_weighted_unpermute", out_sorted.dtype(), [&](auto stored_as) {
+      using S = decltype(stored_as);
+      launch("moe_weighted_unpermute", weighted_unpermute_kernel<F, S>, dim3(y.size(0)), dim3(kRowThreads), 0,
+             stored<const S>(out_sorted), gates.data<F>(), position_of_slot.data<int32_t>(),
+             residual.defined() ? residual.data<F>() : nullptr, gates.size(1), y.size(1), y.data<F>());
+    });
   });
 }
 
@@ -722,12 +730,15 @@ void moe_weighted_unpermute_backward(const Tensor& dy, const Tensor& out_sorted,
                                      const Tensor& d_out_sorted) {
   dispatch_float("moe_weighted_unpermute_backward", dy.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    with_storage<F>("moe_weighted_unpermute_backward", d_out_sorted.dtype(), [&](auto stored_as) {
-      using Out = decltype(stored_as);
-      launch("moe_weighted_unpermute_backward", weighted_unpermute_backward_kernel<F, Out>, dim3(d_out_sorted.size(0)),
-             dim3(kRowThreads), 0, dy.data<F>(), out_sorted.data<F>(), gates.data<F>(),
-             slot_at_position.data<int32_t>(), gates.size(1), d_out_sorted.size(1), d_gates.data<F>(),
-             stored<Out>(d_out_sorted));
+    with_storage<F>("moe_weighted_unpermute_backward", out_sorted.dtype(), [&](auto in_tag) {
+      with_storage<F>("moe_weighted_unpermute_backward", d_out_sorted.dtype(), [&](auto out_tag) {
+        using S = decltype(in_tag);
+        using Out = decltype(out_tag);
+        launch("moe_weighted_unpermute_backward", weighted_unpermute_backward_kernel<F, S, Out>,
+               dim3(d_out_sorted.size(0)), dim3(kRowThreads), 0, dy.data<F>(), stored<const S>(out_sorted),
+               gates.data<F>(), slot_at_position.data<int32_t>(), gates.size(1), d_out_sorted.size(1),
+               d_gates.data<F>(), stored<Out>(d_out_sorted));
+      });
     });
   });
 }

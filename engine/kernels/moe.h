@@ -53,8 +53,9 @@ DECLARE_KERNEL(moe_swiglu_backward, (const Tensor& gate_pre, const Tensor& up_pr
 // products accumulate in f32; x_sorted may be bf16 already (moe_permute_rows' rounded gather). gate_pre, up_pre and
 // act, the activations the backward reads, are bf16 tensors: the gate and up products rounded as they are stored, act
 // computed in f32 from those rounded values (so the backward's silu' sees the forward's inputs) and rounded, which is
-// the down product's operand as it is. out_sorted stays f32. The GPU multiplies bf16 copies; the CPU, its reference,
-// multiplies f32 copies holding the bf16 values with its f32 GEMM (bf16 x bf16 products are exact in f32).
+// the down product's operand as it is; out_sorted is bf16 too, the down product rounded as it is stored (what the
+// un-permute weights and its backward reads). The GPU multiplies bf16 copies; the CPU, its reference, multiplies f32
+// copies holding the bf16 values with its f32 GEMM (bf16 x bf16 products are exact in f32).
 DECLARE_KERNEL(moe_grouped_swiglu_forward,
                (const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate, const Tensor& w_up,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
@@ -77,12 +78,13 @@ DECLARE_KERNEL(moe_grouped_swiglu_backward,
                 const Tensor& dw_up, const Tensor& dw_down, Precision precision))
 
 // The dtypes the grouped SwiGLU takes, checked by both devices before they read a byte (a wrong one would be misread):
-// the tensors' dtype F is the weights'. Under BF16, F is f32, gate_pre, up_pre and act are bf16, and x_sorted and
-// d_out_sorted are f32 or bf16 (rounded already); under FP32 all of them are F. d_act, the backward's scratch, is F.
+// the tensors' dtype F is the weights'. Under BF16, F is f32, gate_pre, up_pre, act and out_sorted are bf16, and
+// x_sorted and d_out_sorted are f32 or bf16 (rounded already); under FP32 all of them are F. d_act, the backward's
+// scratch, is F.
 // Tensors a direction does not take are passed undefined. Returns whether the products round to bf16.
 inline bool grouped_swiglu_rounds(const Tensor& x_sorted, const Tensor& w_gate, const Tensor& gate_pre,
-                                  const Tensor& up_pre, const Tensor& act, const Tensor& d_out_sorted,
-                                  const Tensor& d_act, Precision precision) {
+                                  const Tensor& up_pre, const Tensor& act, const Tensor& out_sorted,
+                                  const Tensor& d_out_sorted, const Tensor& d_act, Precision precision) {
   const DType dtype = w_gate.dtype();
   const bool bf16 = precision == Precision::BF16;
   if (bf16 && dtype != DType::F32)
@@ -97,6 +99,7 @@ inline bool grouped_swiglu_rounds(const Tensor& x_sorted, const Tensor& w_gate, 
   require(gate_pre, "gate_pre", kept, false);
   require(up_pre, "up_pre", kept, false);
   require(act, "act", kept, false);
+  require(out_sorted, "out_sorted", kept, false);
   require(d_out_sorted, "d_out_sorted", dtype, bf16);
   require(d_act, "d_act", dtype, false);
   return bf16;
@@ -105,6 +108,8 @@ inline bool grouped_swiglu_rounds(const Tensor& x_sorted, const Tensor& w_gate, 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------
 // y [N, d]: y[n] = residual[n] + sum_j gates[n, j] * out_sorted[position_of_slot[n, j]], j in order, the residual
 // (undefined: none, else [N, d]: the block's skip connection) added last, so y has the bits of a separate add.
+// out_sorted has y's dtype, or is bf16 (y f32: the experts' kept output under mixed precision, widened as it is read;
+// so too in the backward).
 DECLARE_KERNEL(moe_weighted_unpermute, (const Tensor& out_sorted, const Tensor& gates, const Tensor& position_of_slot,
                                         const Tensor& residual, const Tensor& y))
 // Per position pos, owned by slot s = slot_at_position[pos] of token n = s / k (k = gates.size(1)):
