@@ -277,8 +277,8 @@ TEST_CASE("cuda: moe: SwiGLU activation kernels on bf16 activations match the CP
 // gate_pre, up_pre and act, and d_gate_pre and d_up_pre, are rounded after they are computed: where the two devices'
 // f32 values differ in the last bit, the rounding may go different ways and that value differs by a bf16 step (at
 // most 2^-7 relative). They and the products they enter are checked against 2^-7 of their largest entry.
-// Every way of running the products (cuda::ExpertGemm): grouped calls (under BF16 the gate and up products bf16 ->
-// bf16, the others TF32 calls on bf16 values kept in f32), padded rows with strided-batched calls (bf16 operands), one
+// Every way of running the products (cuda::ExpertGemm): grouped calls (under BF16 the forward's products bf16 ->
+// bf16, the backward's TF32 calls on bf16 values kept in f32), padded rows with strided-batched calls (bf16 operands), one
 // call per expert (BF16 only: otherwise it is what the grouped path does for f32 and f64 without TF32). Padded falls
 // back to grouped calls where the padding would add more than half the rows (cuda::pads_expert_rows): the sweep has
 // cases of both kinds, counted. Two cases more: no slots at all, and rows wider than a block's 128 threads (the padded
@@ -394,6 +394,12 @@ TEST_CASE("cuda: moe: the SwiGLU kernels refuse dtypes they would misread" * cud
                                           Precision::BF16);
       },
       {"d_act must be f32 under bf16 precision, got bf16"});
+  check_error(
+      [&] {
+        cuda::moe_grouped_swiglu_backward(x, offsets, w, w, wd, kept, kept, kept, out, f32, kept, dw, dw, dwd,
+                                          Precision::BF16);
+      },
+      {"d_x_sorted must be f32 under bf16 precision, got bf16"});
   check_error([&] { cuda::moe_swiglu_forward(kept, f32, kept); }, {"moe_swiglu_forward", "share a dtype"});
   check_error([&] { cuda::moe_swiglu_backward(kept, kept, f32, kept, f32); }, {"moe_swiglu_backward", "share a dtype"});
 }
@@ -479,36 +485,44 @@ TEST_CASE("cuda: moe: route_gates op on the GPU: ids, gates and the gradient of 
     }
 }
 
-// With the experts' products as grouped calls and on padded rows (cuda::ExpertGemm).
+// With the experts' products as grouped calls and on padded rows (cuda::ExpertGemm), and under mixed precision (f32
+// tensors, the kept ones bf16: where the devices' f32 sums differ in the last bit a kept value may round a bf16 step
+// the other way, so 2^-7 of the largest entry).
 TEST_CASE("cuda: moe: moe_experts forward and every gradient on the GPU match the CPU" * cuda_only()) {
   const char* names[] = {"y", "dx", "dgates", "dw_gate", "dw_up", "dw_down"};
   uint64_t seed = 900;
   for (DType dtype : kFloatTypes)
-    for (cuda::ExpertGemm mode : {cuda::ExpertGemm::Grouped, cuda::ExpertGemm::Padded})
-      for (const Sizes& s : sweep()) {
-        const cuda::ExpertGemmScope scope(mode);
-        const std::string what = fmt::format("{} {} {}", name_of(s), dtype_name(dtype), enum_name(mode));
-        const int64_t d = 13, h = 11;
-        Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
-        std::vector<Tensor> values = {random({s.N, d}, ++seed, dtype), random({s.N, s.k}, ++seed, dtype),
-                                      random({s.E, h, d}, ++seed, dtype, 0.4), random({s.E, h, d}, ++seed, dtype, 0.4),
-                                      random({s.E, d, h}, ++seed, dtype, 0.4)};
-        Tensor probe = random({s.N, d}, ++seed, dtype);
-        std::vector<Tensor> results[2];  // y and the gradients of (x, gates, w_gate, w_up, w_down), CPU then GPU
-        for (Device device : {Device::CPU, Device::CUDA}) {
-          std::vector<Tensor> in;
-          for (const Tensor& v : values) in.push_back(leaf_on(v, device));
-          Tensor y = moe::moe_experts(in[0], to_device(ids, device), in[1], in[2], in[3], in[4]);
-          CHECK(y.device() == device);
-          sum(mul(y, to_device(probe, device))).backward();
-          std::vector<Tensor>& out = results[device == Device::CUDA];
-          out.push_back(y.detach());
-          for (const Tensor& t : in) out.push_back(t.grad());
+    for (Precision precision : {Precision::FP32, Precision::BF16})
+      for (cuda::ExpertGemm mode : {cuda::ExpertGemm::Grouped, cuda::ExpertGemm::Padded})
+        for (const Sizes& s : sweep()) {
+          if (precision == Precision::BF16 && dtype != DType::F32) continue;
+          const cuda::ExpertGemmScope scope(mode);
+          const PrecisionGuard products(precision);
+          const double bound = precision == Precision::BF16 ? 1.0 / 128 : float_bound(dtype);
+          const std::string what =
+              fmt::format("{} {} {} {}", name_of(s), dtype_name(dtype), enum_name(precision), enum_name(mode));
+          const int64_t d = 13, h = 11;
+          Tensor ids = forced_ids(s.N, s.k, s.E, ++seed);
+          std::vector<Tensor> values = {random({s.N, d}, ++seed, dtype), random({s.N, s.k}, ++seed, dtype),
+                                        random({s.E, h, d}, ++seed, dtype, 0.4),
+                                        random({s.E, h, d}, ++seed, dtype, 0.4),
+                                        random({s.E, d, h}, ++seed, dtype, 0.4)};
+          Tensor probe = random({s.N, d}, ++seed, dtype);
+          std::vector<Tensor> results[2];  // y and the gradients of (x, gates, w_gate, w_up, w_down), CPU then GPU
+          for (Device device : {Device::CPU, Device::CUDA}) {
+            std::vector<Tensor> in;
+            for (const Tensor& v : values) in.push_back(leaf_on(v, device));
+            Tensor y = moe::moe_experts(in[0], to_device(ids, device), in[1], in[2], in[3], in[4]);
+            CHECK(y.device() == device);
+            sum(mul(y, to_device(probe, device))).backward();
+            std::vector<Tensor>& out = results[device == Device::CUDA];
+            out.push_back(y.detach());
+            for (const Tensor& t : in) out.push_back(t.grad());
+          }
+          for (size_t i = 0; i < results[0].size(); ++i) {
+            REQUIRE_MESSAGE(results[1][i].defined(), what << " " << names[i] << ": missing on the GPU");
+            CHECK(results[1][i].is_cuda());
+            check_scaled(results[1][i], results[0][i], bound, what + " " + names[i]);
+          }
         }
-        for (size_t i = 0; i < results[0].size(); ++i) {
-          REQUIRE_MESSAGE(results[1][i].defined(), what << " " << names[i] << ": missing on the GPU");
-          CHECK(results[1][i].is_cuda());
-          check_scaled(results[1][i], results[0][i], float_bound(dtype), what + " " + names[i]);
-        }
-      }
 }

@@ -300,6 +300,9 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   check_error([&] { cpu::moe_grouped_swiglu_forward(x_b, offsets, wg, wu, wd, out, out, out, out, Precision::FP32); },
               {"x_sorted must be f32 under fp32 precision, got bf16"});
   check_error(
+      [&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, dx, Precision::BF16); },
+      {"out_sorted must be bf16 under bf16 precision, got f32"});
+  check_error(
       [&] {
         cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, act, dx, dwg, dwu, dwd,
                                          Precision::BF16);

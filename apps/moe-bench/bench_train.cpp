@@ -624,8 +624,8 @@ void add_train_step_command(CLI::App& app) {
   cmd->add_flag("--breakdown", opts->breakdown,
                 "then time our step's phases (a synchronization after each), and every kernel (extra steps)");
   cmd->add_option("--expert-gemm", opts->expert_gemm,
-                  "cuda: the experts' products as one grouped cuBLAS call per product (bf16: gate and up bf16, the "
-                  "others TF32 calls on bf16 values), as one strided-batched call on rows padded to the longest "
+                  "cuda: the experts' products as one grouped cuBLAS call per product (bf16: forward bf16, backward "
+                  "TF32 calls on bf16 values), as one strided-batched call on rows padded to the longest "
                   "expert's, or one call per "
                   "expert")
       ->check(CLI::IsMember({"grouped", "padded", "per-expert"}))

@@ -321,14 +321,14 @@ void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Ten
 // ---- (e) grouped SwiGLU: one grouped GEMM per product, one problem per expert ---------------------------------------
 // Expert e's problem has m or k = c_e, its number of rows; gemm_grouped skips the empty ones, and zeroes C where only
 // k = 0, which gives an expert with no tokens its zero weight gradient. The offsets are the plan's host copy.
-// Under Precision::BF16 the products multiply bf16 values with f32 accumulation. The gate and up products write the
-// kept bf16 activations (bf16 -> bf16: one grouped call at the bf16 rate); the others write f32, and
-// cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), while a bf16 output widened afterwards would round
-// every product to bf16 on top of the f32 sums the CPU keeps. So under ExpertGemm::Grouped (runtime.h, the default)
-// their operands are f32 tensors holding bf16 values (rounded copies, or the kept bf16 activations widened) and each
-// product is one grouped f32 -> f32 call on TF32 tensor cores, exact for bf16 values (blas.cuh); under PerExpert the
-// operands are bf16 and each expert's product is one cublasGemmEx; under Padded (below) they are bf16 and each
-// product is one strided-batched call.
+// Under Precision::BF16 the products multiply bf16 values with f32 accumulation. The forward's three products write
+// the kept bf16 activations and output (bf16 -> bf16: one grouped call each at the bf16 rate); the backward's five
+// write f32, and cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), while a bf16 output widened
+// afterwards would round every product to bf16 on top of the f32 sums the CPU keeps. So under ExpertGemm::Grouped
+// (runtime.h, the default) their operands are f32 tensors holding bf16 values (rounded copies, or the kept bf16
+// tensors widened) and each is one grouped f32 -> f32 call on TF32 tensor cores, exact for bf16 values (blas.cuh);
+// under PerExpert the operands are bf16 and each expert's product is one cublasGemmEx; under Padded (below) they are
+// bf16 and each product is one strided-batched call.
 
 namespace {
 
@@ -361,8 +361,8 @@ inline Tensor operand(const Tensor& t, bool round, DType rounded = rounded_dtype
 // call over the E experts: zero rows of an operand give zero rows of the output where the rows are the product's m,
 // and add nothing where they are its k (the weight gradients, so an expert with no rows gets zero), so the results
 // are the grouped products'. The padded copies are the products' operands, under BF16 rounded to bf16 as they are
-// copied: bf16 x bf16 -> f32 (or -> bf16, the gate and up products) at the bf16 rate, where the grouped call needs
-// TF32. The price: E R - S rows of zeros multiplied, at most S / 2 more (pads_expert_rows), and the outputs copied
+// copied: bf16 x bf16 -> f32 (or -> bf16, the forward's products) at the bf16 rate, where the grouped call needs
+// TF32 for f32 outputs. The price: E R - S rows of zeros multiplied, at most S / 2 more (pads_expert_rows), and the outputs copied
 // back to the sorted rows.
 
 // R: the most rows an expert has.
@@ -499,6 +499,9 @@ class PaddedExperts {
   }
   // The rows of padded that are not padding, to sorted (one dtype: the tensors', or the operands').
   void unpad(const Tensor& padded, const Tensor& sorted) const {
+    if (padded.dtype() != sorted.dtype())  // copied as sorted's type below
+      fail("moe_unpad_rows: padded rows of {} into sorted rows of {}", dtype_name(padded.dtype()),
+           dtype_name(sorted.dtype()));
     with_types("moe_unpad_rows", [&](auto f, auto) {
       with_storage<decltype(f)>("moe_unpad_rows", sorted.dtype(), [&](auto stored_as) {
         using S = decltype(stored_as);
@@ -591,8 +594,9 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
                                 const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const bool bf16 =
-      grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, out_sorted, Tensor(), Tensor(), precision);
+  const bool bf16 = grouped_swiglu_rounds(
+      precision, w_gate, {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}, {"out_sorted", out_sorted}},
+      {{"x_sorted", x_sorted}}, {{"w_up", w_up}, {"w_down", w_down}});
   if (runs_padded(offsets)) {
     padded_swiglu_forward(PaddedExperts(offsets, w_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
                           up_pre, act, out_sorted);
@@ -626,8 +630,15 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                                  const Tensor& d_x_sorted, const Tensor& dw_gate, const Tensor& dw_up,
                                  const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const bool bf16 =
-      grouped_swiglu_rounds(x_sorted, w_gate, gate_pre, up_pre, act, Tensor(), d_out_sorted, d_act, precision);
+  const bool bf16 = grouped_swiglu_rounds(precision, w_gate, {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}},
+                                          {{"x_sorted", x_sorted}, {"d_out_sorted", d_out_sorted}},
+                                          {{"w_up", w_up},
+                                           {"w_down", w_down},
+                                           {"d_act", d_act},
+                                           {"d_x_sorted", d_x_sorted},
+                                           {"dw_gate", dw_gate},
+                                           {"dw_up", dw_up},
+                                           {"dw_down", dw_down}});
   if (runs_padded(offsets)) {
     padded_swiglu_backward(PaddedExperts(offsets, w_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
                            up_pre, act, d_out_sorted, d_x_sorted, dw_gate, dw_up, dw_down);

@@ -3,6 +3,8 @@
 // CPU: engine/cpu/moe.cpp; CUDA: engine/cuda/moe.cu. The steps (a)-(f) and their names are those of docs/moe.md.
 // Sizes: N tokens, k choices per token, S = N*k slots (slot s = n*k + j), E experts, d model width, h expert hidden
 // size. Index tensors are i32; float tensors are F (f32 or f64) and share one dtype.
+#include <initializer_list>
+
 #include "engine/error.h"
 #include "engine/kernels.h"
 #include "engine/precision.h"
@@ -77,31 +79,30 @@ DECLARE_KERNEL(moe_grouped_swiglu_backward,
                 const Tensor& d_out_sorted, const Tensor& d_act, const Tensor& d_x_sorted, const Tensor& dw_gate,
                 const Tensor& dw_up, const Tensor& dw_down, Precision precision))
 
-// The dtypes the grouped SwiGLU takes, checked by both devices before they read a byte (a wrong one would be misread):
-// the tensors' dtype F is the weights'. Under BF16, F is f32, gate_pre, up_pre, act and out_sorted are bf16, and
-// x_sorted and d_out_sorted are f32 or bf16 (rounded already); under FP32 all of them are F. d_act, the backward's
-// scratch, is F.
-// Tensors a direction does not take are passed undefined. Returns whether the products round to bf16.
-inline bool grouped_swiglu_rounds(const Tensor& x_sorted, const Tensor& w_gate, const Tensor& gate_pre,
-                                  const Tensor& up_pre, const Tensor& act, const Tensor& out_sorted,
-                                  const Tensor& d_out_sorted, const Tensor& d_act, Precision precision) {
+// The dtypes the grouped SwiGLU takes, checked by both devices before they read or write a byte (a wrong one would be
+// misread): the tensors' dtype F is w_gate's. Under BF16, F is f32, the `kept` tensors (gate_pre, up_pre, act,
+// out_sorted) are bf16 and the `inputs` (x_sorted, d_out_sorted) f32 or bf16 (rounded already); under FP32 all of them
+// are F. The `others` (the other weights, d_act, the gradients) are F. Returns whether the products round to bf16.
+struct NamedTensor {
+  const char* name;
+  const Tensor& tensor;
+};
+inline bool grouped_swiglu_rounds(Precision precision, const Tensor& w_gate, std::initializer_list<NamedTensor> kept,
+                                  std::initializer_list<NamedTensor> inputs,
+                                  std::initializer_list<NamedTensor> others) {
   const DType dtype = w_gate.dtype();
   const bool bf16 = precision == Precision::BF16;
   if (bf16 && dtype != DType::F32)
     fail("moe_grouped_swiglu: bf16 precision takes f32 tensors, got {}", dtype_name(dtype));
-  auto require = [&](const Tensor& t, const char* name, DType want, bool or_bf16) {
-    if (!t.defined() || t.dtype() == want || (or_bf16 && t.dtype() == DType::BF16)) return;
-    fail("moe_grouped_swiglu: {} must be {}{} under {} precision, got {}", name, dtype_name(want),
-         or_bf16 ? " or bf16" : "", enum_name(precision), dtype_name(t.dtype()));
+  auto require = [&](const NamedTensor& t, DType want, bool or_bf16) {
+    const DType got = t.tensor.dtype();
+    if (got == want || (or_bf16 && got == DType::BF16)) return;
+    fail("moe_grouped_swiglu: {} must be {}{} under {} precision, got {}", t.name, dtype_name(want),
+         or_bf16 ? " or bf16" : "", enum_name(precision), dtype_name(got));
   };
-  const DType kept = bf16 ? DType::BF16 : dtype;
-  require(x_sorted, "x_sorted", dtype, bf16);
-  require(gate_pre, "gate_pre", kept, false);
-  require(up_pre, "up_pre", kept, false);
-  require(act, "act", kept, false);
-  require(out_sorted, "out_sorted", kept, false);
-  require(d_out_sorted, "d_out_sorted", dtype, bf16);
-  require(d_act, "d_act", dtype, false);
+  for (const NamedTensor& t : inputs) require(t, dtype, bf16);
+  for (const NamedTensor& t : kept) require(t, bf16 ? DType::BF16 : dtype, false);
+  for (const NamedTensor& t : others) require(t, dtype, false);
   return bf16;
 }
 
