@@ -277,8 +277,8 @@ TEST_CASE("cuda: moe: SwiGLU activation kernels on bf16 activations match the CP
 // gate_pre, up_pre and act, and d_gate_pre and d_up_pre, are rounded after they are computed: where the two devices'
 // f32 values differ in the last bit, the rounding may go different ways and that value differs by a bf16 step (at
 // most 2^-7 relative). They and the products they enter are checked against 2^-7 of their largest entry.
-// Every way of running the products (cuda::ExpertGemm): grouped calls (under BF16 the forward's products bf16 ->
-// bf16, the backward's TF32 calls on bf16 values kept in f32), padded rows with strided-batched calls (bf16 operands), one
+// Every way of running the products (cuda::ExpertGemm): grouped calls (under BF16 the forward's products bf16 -> bf16,
+// the backward's TF32 calls on bf16 values kept in f32), padded rows with strided-batched calls (bf16 operands), one
 // call per expert (BF16 only: otherwise it is what the grouped path does for f32 and f64 without TF32). Padded falls
 // back to grouped calls where the padding would add more than half the rows (cuda::pads_expert_rows): the sweep has
 // cases of both kinds, counted. Two cases more: no slots at all, and rows wider than a block's 128 threads (the padded

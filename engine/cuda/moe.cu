@@ -356,13 +356,13 @@ inline Tensor operand(const Tensor& t, bool round, DType rounded = rounded_dtype
 }  // namespace
 
 // ---- (e) with padded rows (ExpertGemm::Padded) ----------------------------------------------------------------------
-// Expert e's sorted rows [offsets[e], offsets[e+1]) are copied to the rows [e R, e R + c_e) of a padded buffer
-// [E R, cols], R the longest expert's count, and its other rows are zero. Every product is then one strided-batched
-// call over the E experts: zero rows of an operand give zero rows of the output where the rows are the product's m,
-// and add nothing where they are its k (the weight gradients, so an expert with no rows gets zero), so the results
-// are the grouped products'. The padded copies are the products' operands, under BF16 rounded to bf16 as they are
-// copied: bf16 x bf16 -> f32 (or -> bf16, the forward's products) at the bf16 rate, where the grouped call needs
-// TF32 for f32 outputs. The price: E R - S rows of zeros multiplied, at most S / 2 more (pads_expert_rows), and the outputs copied
+// Expert e's sorted rows [offsets[e], offsets[e+1]) are copied to the rows [e R, e R + c_e) of a padded buffer [E R,
+// cols], R the longest expert's count, and its other rows are zero. Every product is then one strided-batched call over
+// the E experts: zero rows of an operand give zero rows of the output where the rows are the product's m, and add
+// nothing where they are its k (the weight gradients, so an expert with no rows gets zero), so the results are the
+// grouped products'. The padded copies are the products' operands, under BF16 rounded to bf16 as they are copied: bf16
+// x bf16 -> f32 (or -> bf16, the forward's products) at the bf16 rate, where the grouped call needs TF32 for f32
+// outputs. The price: E R - S rows of zeros multiplied, at most S / 2 more (pads_expert_rows), and the outputs copied
 // back to the sorted rows.
 
 // R: the most rows an expert has.
