@@ -3,13 +3,13 @@
 // the inputs' device, and records.
 //
 // Shapes: N tokens, k choices per token, S = N*k slots, d model width, h expert hidden size, E experts.
-// Saved for backward (S*(3h + d) floats, all bf16 under mixed precision, plus the plan's 2*S + 2*E + 1 integers):
+// Saved for backward (S*(3h + 2d) floats, all bf16 under mixed precision, plus the plan's 2*S + 2*E + 1 integers):
+//   x_sorted         [S, d]   the experts' inputs in sorted order (dW_gate = d(gate)^T x, dW_up = d(up)^T x)
 //   gate_pre, up_pre [S, h]   pre-activations W_gate x, W_up x in sorted order (silu' needs gate_pre, d(gate) needs up)
 //   act              [S, h]   silu(gate_pre) * up_pre, the input of W_down (dW_down = d(out)^T act)
 //   out_sorted       [S, d]   each slot's expert output before gating (d(gates) = <dy, out>)
-// x_sorted [S, d] is NOT saved: backward re-gathers it from x (a row copy, cheap next to the GEMMs).
-// Backward's own scratch, freed when it returns: x_sorted, d_out_sorted, d_x_sorted [S, d]; d_act [S, h] (and the
-// kernel's d_gate_pre, d_up_pre).
+// Backward's own scratch, freed when it returns: d_out_sorted, d_x_sorted [S, d]; d_act [S, h] (and the kernel's
+// d_gate_pre, d_up_pre).
 #include "moe/dispatch.h"
 
 #include <numeric>
@@ -76,8 +76,8 @@ void check_expert_ids(const Tensor& expert_ids, const std::vector<int32_t>& coun
 struct Saved {
   DispatchPlan plan;
   Tensor x, gates, w_gate, w_up, w_down;  // detached inputs (the caller holds them anyway)
+  Tensor x_sorted, out_sorted;            // [S, d]
   Tensor gate_pre, up_pre, act;           // [S, h]
-  Tensor out_sorted;                      // [S, d]
   Precision precision;                    // of the products (engine/precision.h), read once in forward
 };
 
@@ -88,18 +88,12 @@ std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   const DType dtype = saved.x.dtype();
   const Device device = saved.x.device();
   auto empty = [&](const Shape& shape) { return Tensor::empty(shape, dtype, device); };
-  // The experts' operands: bf16 under mixed precision, as forward kept them.
-  auto empty_operand = [&](const Shape& shape) { return Tensor::empty(shape, saved.gate_pre.dtype(), device); };
 
   // (f) backward: gate gradients and the per-slot output gradient in sorted order.
   Tensor d_gates = empty({plan.tokens, plan.top_k});  // [N, k]
-  Tensor d_out_sorted = empty_operand({slots, d});    // [S, d]
+  Tensor d_out_sorted = Tensor::empty({slots, d}, saved.x_sorted.dtype(), device);  // [S, d], an operand as x_sorted
   KERNEL(moe_weighted_unpermute_backward, device)
   (dy, saved.out_sorted, saved.gates, plan.slot_at_position, d_gates, d_out_sorted);
-
-  // (d) again: the expert inputs, re-gathered rather than saved.
-  Tensor x_sorted = empty_operand({slots, d});  // [S, d]
-  KERNEL(moe_permute_rows, device)(saved.x, plan.slot_at_position, plan.top_k, x_sorted);
 
   // (e) backward: weight gradients per expert and the input gradient per slot.
   Tensor dw_gate = empty(saved.w_gate.shape()), dw_up = empty(saved.w_up.shape());
@@ -107,7 +101,7 @@ std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   Tensor d_act = empty({slots, h});       // [S, h]
   Tensor d_x_sorted = empty({slots, d});  // [S, d]
   KERNEL(moe_grouped_swiglu_backward, device)
-  (x_sorted, plan.host_offsets, saved.w_gate, saved.w_up, saved.w_down, saved.gate_pre, saved.up_pre, saved.act,
+  (saved.x_sorted, plan.host_offsets, saved.w_gate, saved.w_up, saved.w_down, saved.gate_pre, saved.up_pre, saved.act,
    d_out_sorted, d_act, d_x_sorted, dw_gate, dw_up, dw_down, saved.precision);
 
   // (d) backward: each token sums its k slots' input gradients.
@@ -173,14 +167,13 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
   saved.up_pre = Tensor::empty({slots, h}, kept, device);
   saved.act = Tensor::empty({slots, h}, kept, device);
   saved.out_sorted = Tensor::empty({slots, d}, kept, device);
-  Tensor y = empty({dims.tokens, d});  // [N, d]
-  {
-    Tensor x_sorted = Tensor::empty({slots, d}, kept, device);                         // [S, d]
-    KERNEL(moe_permute_rows, device)(x, plan.slot_at_position, plan.top_k, x_sorted);  // (d)
-    KERNEL(moe_grouped_swiglu_forward, device)
-    (x_sorted, plan.host_offsets, w_gate, w_up, w_down, saved.gate_pre, saved.up_pre, saved.act, saved.out_sorted,
-     saved.precision);  // (e)
-  }
+  // Kept rather than gathered again in backward: a bf16 copy held costs less than reading x and writing it again.
+  saved.x_sorted = Tensor::empty({slots, d}, kept, device);
+  Tensor y = empty({dims.tokens, d});                                                      // [N, d]
+  KERNEL(moe_permute_rows, device)(x, plan.slot_at_position, plan.top_k, saved.x_sorted);  // (d)
+  KERNEL(moe_grouped_swiglu_forward, device)
+  (saved.x_sorted, plan.host_offsets, w_gate, w_up, w_down, saved.gate_pre, saved.up_pre, saved.act, saved.out_sorted,
+   saved.precision);                                                                                    // (e)
   KERNEL(moe_weighted_unpermute, device)(saved.out_sorted, gates, plan.position_of_slot, residual, y);  // (f)
 
   saved.x = x.detach(), saved.gates = gates.detach();
