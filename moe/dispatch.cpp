@@ -75,7 +75,7 @@ void check_expert_ids(const Tensor& expert_ids, const std::vector<int32_t>& coun
 // What forward keeps for backward (see the top of this file).
 struct Saved {
   DispatchPlan plan;
-  Tensor x, gates, w_gate, w_up, w_down;  // detached inputs (the caller holds them anyway)
+  Tensor gates, w_gate, w_up, w_down;     // detached inputs (the caller holds them anyway)
   Tensor x_sorted, out_sorted;            // [S, d]
   Tensor gate_pre, up_pre, act;           // [S, h]
   Precision precision;                    // of the products (engine/precision.h), read once in forward
@@ -84,9 +84,9 @@ struct Saved {
 // The steps in reverse; returns the gradients of (x, expert_ids, gates, w_gate, w_up, w_down, residual).
 std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   const DispatchPlan& plan = saved.plan;
-  const int64_t d = saved.x.size(1), h = saved.w_gate.size(1), slots = plan.tokens * plan.top_k;
-  const DType dtype = saved.x.dtype();
-  const Device device = saved.x.device();
+  const int64_t h = saved.w_gate.size(1), d = saved.w_gate.size(2), slots = plan.tokens * plan.top_k;
+  const DType dtype = saved.w_gate.dtype();  // every input's (check_inputs)
+  const Device device = saved.w_gate.device();
   auto empty = [&](const Shape& shape) { return Tensor::empty(shape, dtype, device); };
 
   // (f) backward: gate gradients and the per-slot output gradient in sorted order.
@@ -176,7 +176,7 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
    saved.precision);                                                                                    // (e)
   KERNEL(moe_weighted_unpermute, device)(saved.out_sorted, gates, plan.position_of_slot, residual, y);  // (f)
 
-  saved.x = x.detach(), saved.gates = gates.detach();
+  saved.gates = gates.detach();
   saved.w_gate = w_gate.detach(), saved.w_up = w_up.detach(), saved.w_down = w_down.detach();
   return record("moe_experts", y, {x, expert_ids, gates, w_gate, w_up, w_down, residual},
                 [saved = std::move(saved)](const Tensor& dy) { return moe_experts_backward(saved, dy); });

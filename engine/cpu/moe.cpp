@@ -245,9 +245,8 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const int32_t* o = offsets.data();
-  const bool bf16 = grouped_swiglu_rounds(
-      precision, w_gate, {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}, {"out_sorted", out_sorted}},
-      {{"x_sorted", x_sorted}}, {{"w_up", w_up}, {"w_down", w_down}});
+  const bool bf16 =
+      grouped_swiglu_forward_rounds(x_sorted, w_gate, w_up, w_down, gate_pre, up_pre, act, out_sorted, precision);
   const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
                wd_op = operand(w_down, bf16);
   const Tensor gate_f = f32_scratch(gate_pre, bf16), up_f = f32_scratch(up_pre, bf16), act_f = f32_scratch(act, bf16),
@@ -288,15 +287,8 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                                  const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
   const int32_t* o = offsets.data();
-  const bool bf16 = grouped_swiglu_rounds(precision, w_gate, {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}},
-                                          {{"x_sorted", x_sorted}, {"d_out_sorted", d_out_sorted}},
-                                          {{"w_up", w_up},
-                                           {"w_down", w_down},
-                                           {"d_act", d_act},
-                                           {"d_x_sorted", d_x_sorted},
-                                           {"dw_gate", dw_gate},
-                                           {"dw_up", dw_up},
-                                           {"dw_down", dw_down}});
+  const bool bf16 = grouped_swiglu_backward_rounds(x_sorted, w_gate, w_up, w_down, gate_pre, up_pre, act, d_out_sorted,
+                                                   d_act, d_x_sorted, dw_gate, dw_up, dw_down, precision);
   const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
                wd_op = operand(w_down, bf16), d_out_op = operand(d_out_sorted, bf16);
   const Tensor gate_f = as_f32(gate_pre), up_f = as_f32(up_pre), act_f = as_f32(act);  // the forward's values

@@ -594,9 +594,8 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
                                 const Tensor& w_up, const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
                                 const Tensor& act, const Tensor& out_sorted, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const bool bf16 = grouped_swiglu_rounds(
-      precision, w_gate, {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}, {"out_sorted", out_sorted}},
-      {{"x_sorted", x_sorted}}, {{"w_up", w_up}, {"w_down", w_down}});
+  const bool bf16 =
+      grouped_swiglu_forward_rounds(x_sorted, w_gate, w_up, w_down, gate_pre, up_pre, act, out_sorted, precision);
   if (runs_padded(offsets)) {
     padded_swiglu_forward(PaddedExperts(offsets, w_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
                           up_pre, act, out_sorted);
@@ -630,15 +629,8 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                                  const Tensor& d_x_sorted, const Tensor& dw_gate, const Tensor& dw_up,
                                  const Tensor& dw_down, Precision precision) {
   const int64_t n_experts = w_gate.size(0), h = w_gate.size(1), d = w_gate.size(2);
-  const bool bf16 = grouped_swiglu_rounds(precision, w_gate, {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}},
-                                          {{"x_sorted", x_sorted}, {"d_out_sorted", d_out_sorted}},
-                                          {{"w_up", w_up},
-                                           {"w_down", w_down},
-                                           {"d_act", d_act},
-                                           {"d_x_sorted", d_x_sorted},
-                                           {"dw_gate", dw_gate},
-                                           {"dw_up", dw_up},
-                                           {"dw_down", dw_down}});
+  const bool bf16 = grouped_swiglu_backward_rounds(x_sorted, w_gate, w_up, w_down, gate_pre, up_pre, act, d_out_sorted,
+                                                   d_act, d_x_sorted, dw_gate, dw_up, dw_down, precision);
   if (runs_padded(offsets)) {
     padded_swiglu_backward(PaddedExperts(offsets, w_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
                            up_pre, act, d_out_sorted, d_x_sorted, dw_gate, dw_up, dw_down);

@@ -105,6 +105,29 @@ inline bool grouped_swiglu_rounds(Precision precision, const Tensor& w_gate, std
   for (const NamedTensor& t : others) require(t, dtype, false);
   return bf16;
 }
+// That check for each direction, in its kernel's arguments.
+inline bool grouped_swiglu_forward_rounds(const Tensor& x_sorted, const Tensor& w_gate, const Tensor& w_up,
+                                          const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
+                                          const Tensor& act, const Tensor& out_sorted, Precision precision) {
+  return grouped_swiglu_rounds(precision, w_gate,
+                               {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}, {"out_sorted", out_sorted}},
+                               {{"x_sorted", x_sorted}}, {{"w_up", w_up}, {"w_down", w_down}});
+}
+inline bool grouped_swiglu_backward_rounds(const Tensor& x_sorted, const Tensor& w_gate, const Tensor& w_up,
+                                           const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
+                                           const Tensor& act, const Tensor& d_out_sorted, const Tensor& d_act,
+                                           const Tensor& d_x_sorted, const Tensor& dw_gate, const Tensor& dw_up,
+                                           const Tensor& dw_down, Precision precision) {
+  return grouped_swiglu_rounds(precision, w_gate, {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}},
+                               {{"x_sorted", x_sorted}, {"d_out_sorted", d_out_sorted}},
+                               {{"w_up", w_up},
+                                {"w_down", w_down},
+                                {"d_act", d_act},
+                                {"d_x_sorted", d_x_sorted},
+                                {"dw_gate", dw_gate},
+                                {"dw_up", dw_up},
+                                {"dw_down", dw_down}});
+}
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------
 // y [N, d]: y[n] = residual[n] + sum_j gates[n, j] * out_sorted[position_of_slot[n, j]], j in order, the residual
