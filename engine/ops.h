@@ -100,13 +100,18 @@ Tensor cumsum(const Tensor& x);       // no grad; over the last dim; f32/f64/i32
 // ---- matrix products (matmul.cpp) ----------------------------------------------------------------------------------
 // op(a) @ op(b) with op(x) = x or x^T (the last two dims). 2-D: [m,k] @ [k,n] -> [m,n].
 // Batched: a [..., m, k] and b [..., k, n] with the same leading dims, or b 2-D (shared by every batch).
-// f32 and f64 give their own type. Mixed precision: two bf16 operands give an f32 product (f32 accumulation; the CPU
-// widens the operands to f32 and runs its f32 GEMM, the GPU's reference). Their gradients come back in bf16, as under
-// PyTorch's autocast: g is rounded to bf16, each gradient is a bf16 product accumulated in f32, rounded to bf16.
-// Under Precision::BF16 (engine/precision.h) two f32 operands are multiplied as bf16 copies, gradients left in f32;
+// f32 and f64 give their own type. A bf16 product (an operand in bf16, or f32 operands under Precision::BF16,
+// engine/precision.h) multiplies bf16 copies of its f32 operands (round to nearest even) with f32 accumulation into an
+// f32 result (the CPU widens the operands to f32 and runs its f32 GEMM, the GPU's reference); bf16 and f32 operands
+// mix only so. Its gradients are bf16 products of G's bf16 copy, each in its operand's dtype: a bf16 operand gets a
+// bf16 gradient, as under PyTorch's autocast, an f32 one (a master weight) an f32 gradient.
 // a_rounded, when given, is a's copy made once by product_operand(a) for several products of the same a.
 Tensor matmul(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false,
               const Tensor& a_rounded = Tensor());
+// matmul's bf16 product with its result rounded to bf16 as it is written (autocast's bf16 activations: attention's
+// q, k and v under mixed precision, nn/layers.cpp). Anything but a bf16 product throws.
+Tensor matmul_to_bf16(const Tensor& a, const Tensor& b, bool trans_a = false, bool trans_b = false,
+                      const Tensor& a_rounded = Tensor());
 // The bf16 copy of x that matmul multiplies under Precision::BF16 (undefined where it makes none: f32 precision, or x
 // not f32), for matmul's a_rounded: attention's q, k and v multiply one input, which is then rounded once, not thrice.
 Tensor product_operand(const Tensor& x);
@@ -149,9 +154,12 @@ Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor&
 // y = x / sqrt(mean(x^2 over the last dim) + eps) * weight, weight [d].
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps = 1e-5);
 // Rotary embedding on x [B, T, H, Dh] (Dh even): pairs (2i, 2i+1) of each head rotate by angle
-// (pos_offset + t) * theta^(-2i/Dh).
+// (pos_offset + t) * theta^(-2i/Dh). A bf16 x rotates in f32 and is rounded back (its gradient too).
 Tensor rope(const Tensor& x, double theta = 10000.0, int64_t pos_offset = 0);
-// Causal softmax(q k^T / sqrt(Dh)) v for q, k, v [B, T, H, Dh] -> [B, T, H, Dh].
+// Causal softmax(q k^T / sqrt(Dh)) v for q, k, v [B, T, H, Dh] -> [B, T, H, Dh]. Under Precision::BF16 its two
+// products take bf16 operands (f32 heads of up to kMaxBf16HeadDim dims; engine/kernels/nn.h). bf16 q, k, v (heads of
+// up to kMaxBf16HeadDim dims) always multiply so and give a bf16 output, and bf16 gradients.
+constexpr int64_t kMaxBf16HeadDim = 128;
 Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v);
 
 }  // namespace moelab

@@ -36,8 +36,14 @@ Tensor CausalSelfAttention::forward(const Tensor& x, int64_t batch, int64_t seq)
   // of its [B*T, 3d] result would move far more: the split copies each part out, and its backward builds the
   // gradient from a zero-filled [B*T, 3d] tensor per part and two adds (docs/performance.md, "Where the bytes go").
   const Tensor x_operand = product_operand(x);  // x's bf16 copy under mixed precision, made once for all three
-  auto project = [&](int64_t part) {
-    return matmul(x, slice_rows(wqkv.weight, part * dim_, (part + 1) * dim_), false, true, x_operand);  // [B*T, d]
+  // Under mixed precision q, k, v and the attention's output are bf16 tensors, as autocast's: the products write them
+  // rounded, RoPE and attention read and write bf16 (computing in f32), their gradients are bf16, and wo multiplies y
+  // as it is. That halves the bytes of this block's activations (docs/performance.md). Heads longer than the bf16
+  // attention takes stay f32.
+  const bool bf16_activations = x_operand.defined() && dim_ / heads_ <= kMaxBf16HeadDim;
+  auto project = [&](int64_t part) {  // [B*T, d]
+    const Tensor w = slice_rows(wqkv.weight, part * dim_, (part + 1) * dim_);
+    return bf16_activations ? matmul_to_bf16(x, w, false, true, x_operand) : matmul(x, w, false, true, x_operand);
   };
   Shape heads_shape{batch, seq, heads_, dim_ / heads_};
   Tensor q = rope(reshape(project(0), heads_shape), rope_theta_);  // [B, T, H, Dh]

@@ -257,6 +257,24 @@ TEST_CASE("cuda: nn: RoPE kernels match the CPU" * cuda_only()) {
   }
 }
 
+TEST_CASE("cuda: nn: RoPE kernels on bf16 tensors match the CPU (f32 table, results rounded once)" * cuda_only()) {
+  for (const Shape& shape : {Shape{1, 1, 1, 2}, Shape{2, 7, 3, 20}, Shape{1, 65, 5, 32}}) {
+    const Tensor x = random_of(shape, 32, DType::BF16), g = random_of(shape, 33, DType::BF16);
+    const Tensor table = rope_table(shape[1], shape[3], DType::F32);
+    auto run = [&](Device device) {
+      const Tensor xd = on(x, device), gd = on(g, device), td = on(table, device);
+      std::vector<Tensor> o{empty_like_on(xd, device), empty_like_on(xd, device)};
+      KERNEL(rope_forward, device)(xd, td, o[0]);
+      KERNEL(rope_backward, device)(gd, td, o[1]);
+      return o;
+    };
+    const std::vector<Tensor> cpu = run(Device::CPU), gpu = run(Device::CUDA);
+    // One bf16 step apart at most, where the two f32 rotations straddle a rounding boundary.
+    check_match(gpu[0], cpu[0], kBf16Step, 1e-2, shape_str(shape) + " y");
+    check_match(gpu[1], cpu[1], kBf16Step, 1e-2, shape_str(shape) + " dx");
+  }
+}
+
 // The tiled kernels: 1 to 3 tiles of 64 query and key rows (T = 130: a partial third), each tiling (head dims up to
 // 64: 64-row tiles; up to 128: 64 rows in f32, 32 in f64; up to 256: 32 rows, f32 only).
 TEST_CASE("cuda: nn: causal attention kernels match the CPU" * cuda_only()) {
@@ -371,6 +389,55 @@ TEST_CASE("cuda: nn: bf16 causal attention on the tensor cores matches the CPU's
   const auto forward = [&] { KERNEL(attention_forward, Device::CUDA)(q, q, q, out, lse, Precision::BF16); };
   CHECK(testing::error_of(forward).find("bf16 attention on the tensor cores takes head dims up to 128, got 136") !=
         std::string::npos);
+}
+
+namespace {
+
+// x's bf16 values on the GPU in a view that starts 2 bytes past the start of its memory (no longer 4-byte aligned).
+Tensor misaligned_bf16_on_gpu(const Tensor& x) {
+  Tensor padded = Tensor::empty({x.numel() + 1}, DType::BF16);
+  padded.data<bf16>()[0] = to_bf16(0.0f);
+  std::copy_n(x.data<bf16>(), x.numel(), padded.data<bf16>() + 1);
+  return reshape(slice_rows(to_gpu(padded), 1, x.numel() + 1), x.shape());
+}
+
+}  // namespace
+
+// bf16 tensors (mixed precision's q, k, v): the tiles copy them, two values a load (head dims even, 4-byte aligned)
+// or one (odd head dims, misaligned views), and out, dq, dk, dv are rounded as they are stored; lse stays f32.
+TEST_CASE("cuda: nn: causal attention on bf16 tensors matches the CPU's, loaded two or one values at a time" *
+          cuda_only()) {
+  for (int64_t T : {1, 33, 130}) {
+    for (int64_t Dh : {9, 16, 18, 64}) {
+      const Shape shape{2, T, 3, Dh};
+      const Tensor q = random_of(shape, 70 + T, DType::BF16), k = random_of(shape, 71, DType::BF16),
+                   v = random_of(shape, 72, DType::BF16), g = random_of(shape, 73, DType::BF16);
+      const std::vector<Tensor> cpu = attention_results(q, k, v, g, Device::CPU, Precision::BF16),
+                                gpu = attention_results(q, k, v, g, Device::CUDA, Precision::BF16);
+      const char* names[] = {" out", " lse", " dq", " dk", " dv"};
+      for (size_t i = 0; i < cpu.size(); ++i) {
+        const std::string what = shape_str(shape) + names[i];
+        REQUIRE(gpu[i].dtype() == (i == 1 ? DType::F32 : DType::BF16));
+        if (T == 1 && (i == 2 || i == 3)) {  // one key: dq and dk are 0 but for rounding, as in the f32 test above
+          double largest = 0;
+          for (double x : values_of(gpu[i])) largest = std::max(largest, std::isnan(x) ? INFINITY : std::abs(x));
+          CHECK_MESSAGE(largest < 1e-5, what << ": largest |value| " << largest);
+          continue;
+        }
+        // The f32 test's flips of p and ds (up to 9e-5), and results one bf16 step apart where the devices' f32
+        // values straddle a rounding boundary (2^-8 relative each, in few elements).
+        const double error = testing::relative_norm_error(gpu[i], cpu[i]);
+        CHECK_MESSAGE(error < 3e-3, what << ": relative error " << error);
+      }
+      if (T == 33 && (Dh == 16 || Dh == 64)) {  // the one-at-a-time loads give the same bits
+        const std::vector<Tensor> one_at_a_time =
+            attention_results(misaligned_bf16_on_gpu(q), misaligned_bf16_on_gpu(k), misaligned_bf16_on_gpu(v),
+                              misaligned_bf16_on_gpu(g), Device::CUDA, Precision::BF16);
+        for (size_t i = 0; i < gpu.size(); ++i)
+          CHECK_MESSAGE(testing::bitwise_equal(to_cpu(one_at_a_time[i]), to_cpu(gpu[i])), shape_str(shape) << names[i]);
+      }
+    }
+  }
 }
 
 // ---- the ops through autograd ---------------------------------------------------------------------------------------
@@ -488,6 +555,85 @@ TEST_CASE("cuda: matmul: the batched kernel matches the CPU (transposes, batched
                          rel, sum_scale(terms), what + " against start + product");
         }
       }
+    }
+  }
+}
+
+TEST_CASE("cuda: matmul: a bf16 result is the f32 product rounded once, summed batches included" * cuda_only()) {
+  for (Sizes z : kMatmulSizes) {
+    for (int layout = 0; layout < 4; ++layout) {  // 2-D; both batched; a shared; b shared
+      const Shape lead{2, 3};
+      const Shape a_lead = layout == 1 || layout == 3 ? lead : Shape{},
+                  b_lead = layout == 1 || layout == 2 ? lead : Shape{};
+      for (int flags = 0; flags < 8; ++flags) {
+        const bool ta = flags & 1, tb = flags & 2, sum_batches = flags & 4;
+        const Tensor a = random_of(operand_shape(a_lead, z.m, z.k, ta), 160 + flags, DType::BF16);
+        const Tensor b = random_of(operand_shape(b_lead, z.k, z.n, tb), 170 + layout, DType::BF16);
+        const std::string what = fmt::format("{}{} x {}{}{}", a.str(), ta ? "^T" : "", b.str(), tb ? "^T" : "",
+                                             sum_batches ? " summed" : "");
+        auto bf16_result = [&](Device device) {
+          const Tensor out = Tensor::empty(product_shape(a, b, ta, tb, sum_batches), DType::BF16, device);
+          KERNEL(batched_matmul, device)(on(a, device), on(b, device), ta, tb, sum_batches, Tensor(), out);
+          return out;
+        };
+        const Tensor cpu = bf16_result(Device::CPU);
+        const int64_t terms = (sum_batches && layout != 0 ? 6 * z.k : z.k) + 1;
+        check_match(bf16_result(Device::CUDA), cpu, kBf16Step, sum_scale(terms), what);
+        CHECK_MESSAGE(
+            values_of(cpu) == values_of(converted(matmul_kernel(a, b, ta, tb, sum_batches, Device::CPU), DType::BF16)),
+            what);
+      }
+    }
+  }
+  for (Device device : {Device::CPU, Device::CUDA}) {  // a bf16 result is rounded once, never added to
+    const Tensor a = on(random_of({3, 4}, 180, DType::BF16), device), out = Tensor::empty({3, 3}, DType::BF16, device);
+    const auto added = [&] { KERNEL(batched_matmul, device)(a, a, false, true, false, out, out); };
+    CHECK(testing::error_of(added).find("a bf16 result is not added to") != std::string::npos);
+  }
+}
+
+// Mixed precision's attention block on both devices through autograd: matmul_to_bf16's bf16 q (f32 gradients for its
+// f32 operands), RoPE and attention on bf16 tensors with bf16 gradients, and wo's product of the bf16 output with an
+// f32 weight (a bf16 gradient for the output, an f32 one for the weight).
+TEST_CASE("cuda: nn: the bf16 activations of attention through the ops on the GPU match the CPU" * cuda_only()) {
+  PrecisionGuard mode(Precision::BF16);
+  const Op project = [](const std::vector<Tensor>& x) { return matmul_to_bf16(x[0], x[1], false, true); };
+  const Op rotate = [](const std::vector<Tensor>& x) { return rope(x[0], 10000.0); };
+  const Op attend = [](const std::vector<Tensor>& x) { return causal_attention(x[0], x[1], x[2]); };
+  const Op output = [](const std::vector<Tensor>& x) { return matmul(x[0], x[1], false, true); };
+  const Shape heads{2, 33, 3, 20};
+  const Tensor x = random({66, 60}, 190, DType::F32), w = random({60, 60}, 191, DType::F32);
+  const Tensor q = random_of(heads, 192, DType::BF16), k = random_of(heads, 193, DType::BF16),
+               v = random_of(heads, 194, DType::BF16), y = random_of({66, 60}, 195, DType::BF16);
+  struct Case {
+    const char* name;
+    Op op;
+    std::vector<Tensor> inputs;
+    Tensor g;
+    std::vector<DType> dtypes;  // the output's, then each gradient's
+  };
+  const Case cases[] = {
+      {"matmul_to_bf16", project, {x, w}, random_of({66, 60}, 196, DType::BF16), {DType::BF16, DType::F32, DType::F32}},
+      {"rope", rotate, {q}, random_of(heads, 197, DType::BF16), {DType::BF16, DType::BF16}},
+      {"causal_attention",
+       attend,
+       {q, k, v},
+       random_of(heads, 198, DType::BF16),
+       {DType::BF16, DType::BF16, DType::BF16, DType::BF16}},
+      {"matmul of bf16 y", output, {y, w}, random({66, 60}, 199, DType::F32), {DType::F32, DType::BF16, DType::F32}},
+  };
+  for (const Case& c : cases) {
+    const std::vector<Tensor> cpu = op_and_gradients(c.op, c.inputs, c.g, Device::CPU),
+                              gpu = op_and_gradients(c.op, c.inputs, c.g, Device::CUDA);
+    REQUIRE(cpu.size() == c.dtypes.size());
+    for (size_t i = 0; i < cpu.size(); ++i) {
+      const std::string what = fmt::format("{} {}", c.name, i == 0 ? "forward" : fmt::format("gradient {}", i - 1));
+      CHECK_MESSAGE(cpu[i].dtype() == c.dtypes[i], what);
+      CHECK_MESSAGE(gpu[i].dtype() == c.dtypes[i], what);
+      // bf16 results one bf16 step apart where the devices' f32 sums straddle a rounding boundary; f32 ones as in
+      // the other bf16 tests (a p or ds rounded the other way inside attention: up to 1e-4).
+      const double error = testing::relative_norm_error(gpu[i], cpu[i]);
+      CHECK_MESSAGE(error < 3e-3, what << ": relative error " << error);
     }
   }
 }

@@ -330,6 +330,56 @@ TEST_CASE("ops: matmul's a_rounded must be product_operand(a)") {
   check_error([&] { (void)matmul(a, b, false, true, a); }, {"matmul", "a_rounded", "f32[2, 3]"});
 }
 
+TEST_CASE("ops: matmul_to_bf16 is matmul's bf16 product rounded once; a bf16 operand mixes with an f32 one") {
+  using testing::bitwise_equal;
+  using testing::leaf;
+  using testing::node_gradients;
+  const Tensor a0 = random({2, 5, 7}, 240, DType::F32), w0 = random({6, 7}, 241, DType::F32);
+  const Tensor w2 = random({3, 6}, 243, DType::F32);
+  const Tensor g16 = to_dtype(random({2, 5, 6}, 242, DType::F32), DType::BF16);
+  const Tensor g32 = random({2, 5, 3}, 244, DType::F32);
+  Tensor y16;
+  {
+    PrecisionGuard mode(Precision::BF16);
+    // The forward: matmul's f32 result rounded once. The backward: matmul's, for the gradient's values (a bf16 g is
+    // multiplied as it is, an f32 g rounded first, the same bits here), each gradient f32 as its operand.
+    const Tensor a = leaf(a0, DType::F32), w = leaf(w0, DType::F32);
+    y16 = matmul_to_bf16(a, w, false, true);
+    const Tensor y32 = matmul(leaf(a0, DType::F32), leaf(w0, DType::F32), false, true);
+    CHECK(y16.dtype() == DType::BF16);
+    CHECK(bitwise_equal(y16, to_dtype(y32, DType::BF16)));
+    const std::vector<Tensor> ours = node_gradients(y16, g16), plain = node_gradients(y32, to_dtype(g16, DType::F32));
+    for (size_t i = 0; i < 2; ++i) {
+      CHECK(ours[i].dtype() == DType::F32);
+      CHECK_MESSAGE(bitwise_equal(ours[i], plain[i]), "gradient " << i);
+    }
+  }
+  // A bf16 operand beside an f32 one, whatever the mode: a bf16 product, as of f32 operands holding the bf16 values
+  // under bf16 precision; the bf16 operand's gradient is bf16 (that product rounded), the f32 one's f32.
+  const Tensor y_values = to_dtype(y16, DType::F32);
+  for (Precision precision : {Precision::FP32, Precision::BF16}) {
+    PrecisionGuard mode(precision);
+    const Tensor y = y16.detach().set_requires_grad(), w = leaf(w2, DType::F32);
+    const Tensor z = matmul(y, w, false, true);
+    Tensor z_ref;
+    {
+      PrecisionGuard bf16(Precision::BF16);
+      z_ref = matmul(leaf(y_values, DType::F32), leaf(w2, DType::F32), false, true);
+    }
+    CHECK(z.dtype() == DType::F32);
+    CHECK(bitwise_equal(z, z_ref));
+    const std::vector<Tensor> ours = node_gradients(z, g32), plain = node_gradients(z_ref, g32);
+    CHECK(ours[0].dtype() == DType::BF16);
+    CHECK(bitwise_equal(ours[0], to_dtype(plain[0], DType::BF16)));
+    CHECK(bitwise_equal(ours[1], plain[1]));
+  }
+  // Only a bf16 product can give a bf16 result, and f64 mixes with nothing.
+  check_error([&] { (void)matmul_to_bf16(a0, w0, false, true); },
+              {"matmul_to_bf16", "needs a bf16 product", "f32[2, 5, 7]"});
+  check_error([&] { (void)matmul(y16, to_dtype(w2, DType::F64), false, true); },
+              {"matmul", "share a dtype", "bf16[2, 5, 6]", "f64[3, 6]"});
+}
+
 TEST_CASE("ops: matmul bad use throws naming both shapes") {
   Tensor a = random({2, 3}, 1, DType::F32), b = random({4, 5}, 2, DType::F32);
   check_error([&] { (void)matmul(a, b); }, {"matmul", "f32[2, 3]", "f32[4, 5]"});

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <stdexcept>
 
+#include "engine/kernels/nn.h"
 #include "engine/precision.h"
 #include "tests/testing.h"
 
@@ -613,6 +614,61 @@ TEST_CASE("ops:nn causal_attention under bf16 precision rounds the operands of i
     PrecisionGuard bf16(Precision::BF16);
     CHECK_MESSAGE(testing::bitwise_equal(causal_attention(q, k, q), plain), q.str());
   }
+}
+
+// bf16 tensors through RoPE and attention (mixed precision's q, k, v): computed in f32 from their values, each result
+// rounded once as it is stored, the gradients too (engine/cpu/bf16.h). The GPU's bf16 kernels are checked against
+// these in tests/test_cuda_nn_matmul.cpp.
+TEST_CASE("ops:nn rope of a bf16 x: the rotation of its values rounded once, and a bf16 gradient likewise") {
+  using testing::bitwise_equal;
+  using testing::node_gradients;
+  const Tensor x16 = to_dtype(random({2, 7, 3, 8}, 14, DType::F32), DType::BF16);
+  const Tensor g16 = to_dtype(random({2, 7, 3, 8}, 15, DType::F32), DType::BF16);
+  const Tensor x = x16.detach().set_requires_grad(), x32 = to_dtype(x16, DType::F32).set_requires_grad();
+  const Tensor y = rope(x, 500.0, 3), y32 = rope(x32, 500.0, 3);
+  CHECK(y.dtype() == DType::BF16);
+  CHECK(bitwise_equal(y, to_dtype(y32, DType::BF16)));
+  // Within half a bf16 step of the exact rotation (at most 2^-8 relative), plus the f32 rotation's own error.
+  CHECK(testing::max_relative_error(to_dtype(y, DType::F64), ref_rope(x32, 500.0, 3), 1e-6) < 1.001 / 256);
+  const Tensor dx = node_gradients(y, g16)[0], dx32 = node_gradients(y32, to_dtype(g16, DType::F32))[0];
+  CHECK(dx.dtype() == DType::BF16);
+  CHECK(bitwise_equal(dx, to_dtype(dx32, DType::BF16)));
+}
+
+TEST_CASE("ops:nn causal_attention of bf16 q, k, v: bf16 products as under bf16 precision, results rounded once") {
+  using testing::bitwise_equal;
+  using testing::node_gradients;
+  for (Shape shape : {Shape{2, 33, 3, 20}, Shape{1, 64, 2, 16}}) {
+    auto bf16_random = [&](uint64_t seed) { return to_dtype(random(shape, seed, DType::F32), DType::BF16); };
+    const Tensor q16 = bf16_random(70), k16 = bf16_random(71), v16 = bf16_random(72), g16 = bf16_random(73);
+    auto widened = [](const Tensor& t) { return to_dtype(t, DType::F32); };
+    // In f32 mode too: bf16 tensors always multiply as bf16.
+    const Tensor out = causal_attention(q16.detach().set_requires_grad(), k16.detach().set_requires_grad(),
+                                        v16.detach().set_requires_grad());
+    CHECK(out.dtype() == DType::BF16);
+    // The kernels on the widened values under Precision::BF16: out rounded, and the backward reading that rounded out
+    // (its D_i = g_i . out_i) with lse in f32, each gradient rounded.
+    const Tensor q = widened(q16), k = widened(k16), v = widened(v16), g = widened(g16);
+    const Tensor out32 = Tensor::empty(shape, DType::F32), lse = Tensor::empty({shape[0], shape[2], shape[1]});
+    KERNEL(attention_forward, Device::CPU)(q, k, v, out32, lse, Precision::BF16);
+    CHECK_MESSAGE(bitwise_equal(out, to_dtype(out32, DType::BF16)), shape_str(shape));
+    const Tensor dq = Tensor::empty(shape, DType::F32), dk = Tensor::empty(shape, DType::F32),
+                 dv = Tensor::empty(shape, DType::F32);
+    KERNEL(attention_backward, Device::CPU)(q, k, v, widened(out), lse, g, dq, dk, dv, Precision::BF16);
+    const std::vector<Tensor> ours = node_gradients(out, g16), expected = {dq, dk, dv};
+    const std::vector<Tensor> reference = ref_attention_and_gradients(q, k, v, g, true, true);
+    const char* names[] = {"dq", "dk", "dv"};
+    for (size_t i = 0; i < 3; ++i) {
+      CHECK(ours[i].dtype() == DType::BF16);
+      CHECK_MESSAGE(bitwise_equal(ours[i], to_dtype(expected[i], DType::BF16)), shape_str(shape) << names[i]);
+      // Against the reference in double: bf16's rounding of the results (and of out in D_i). Measured: 1e-3 to 3e-3.
+      CHECK_MESSAGE(testing::relative_norm_error(widened(ours[i]), reference[i + 1]) < 1e-2, names[i]);
+    }
+    CHECK(testing::relative_norm_error(widened(out), reference[0]) < 1e-2);
+  }
+  const Tensor long_heads = to_dtype(random({1, 3, 1, 136}, 74, DType::F32), DType::BF16);
+  CHECK_THROWS_WITH_AS(causal_attention(long_heads, long_heads, long_heads),
+                       doctest::Contains("bf16 q, k, v take head dims up to 128"), std::invalid_argument);
 }
 
 TEST_CASE("ops:nn causal_attention bad use throws") {

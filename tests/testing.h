@@ -48,6 +48,13 @@ inline Tensor leaf(const Tensor& t, DType dtype) {
   return out;
 }
 
+// The gradients the node of an op's output returns for the gradient g of that output: its backward function itself,
+// so that g may be bf16, which no loss gives.
+inline std::vector<Tensor> node_gradients(const Tensor& out, const Tensor& g) {
+  NoGradGuard no_grad;
+  return out.grad_fn()->backward(g);
+}
+
 // i32 [N, k]: per token k distinct experts drawn from those with e % 3 != 1 (so some experts get no token at all),
 // or from all experts when that leaves fewer than k.
 inline Tensor forced_ids(int64_t N, int64_t k, int64_t E, uint64_t seed) {

@@ -35,13 +35,20 @@ Tensor widened_to_f32(const Tensor& x) {
 
 void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches,
                     const Tensor& added_to, const Tensor& out) {
+  if (added_to.defined() && added_to.impl() != out.impl())
+    throw std::logic_error("batched_matmul: added_to must be out itself");
+  if (out.dtype() == DType::BF16) {  // the f32 product, rounded once
+    if (added_to.defined()) throw std::logic_error("batched_matmul: a bf16 result is not added to");
+    Tensor product = Tensor::empty(out.shape(), DType::F32);
+    batched_matmul(a, b, trans_a, trans_b, sum_batches, Tensor(), product);
+    round_to_bf16(product, out);
+    return;
+  }
   if (a.dtype() == DType::BF16) {
     batched_matmul(widened_to_f32(a), widened_to_f32(b), trans_a, trans_b, sum_batches, added_to, out);
     return;
   }
   const MatmulShape s = matmul_shape(a, b, trans_a, trans_b);
-  if (added_to.defined() && added_to.impl() != out.impl())
-    throw std::logic_error("batched_matmul: added_to must be out itself");
   const bool accumulate = added_to.defined();
   const int64_t batch = s.batch, m = s.m, n = s.n, k = s.k, a_stride = s.a_stride, b_stride = s.b_stride;
   dispatch_float("matmul", a.dtype(), [&](auto t) {

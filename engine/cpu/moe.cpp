@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "engine/cpu/bf16.h"
 #include "engine/cpu/gemm.h"
 #include "engine/cpu/math.h"
 #include "engine/cpu/parallel.h"
@@ -73,14 +74,6 @@ template <class T> inline void round_span_to_bf16(const T* in, T* out, int64_t n
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_rounded(in[i]);
 }
 
-// t as f32 values: a bf16 tensor widened (exact), any other t itself.
-Tensor as_f32(const Tensor& t) {
-  if (t.dtype() != DType::BF16) return t;
-  Tensor out = Tensor::empty(t.shape(), DType::F32);
-  convert_dtype(t, out);
-  return out;
-}
-
 // A GEMM operand: t itself, or with `round` an f32 copy of t whose every element is a bf16 value (t f32: rounded;
 // t bf16: widened).
 Tensor operand(const Tensor& t, bool round) {
@@ -92,9 +85,6 @@ Tensor operand(const Tensor& t, bool round) {
   parallel_for(t.numel(), 1, [&](int64_t i) { o[i] = bf16_rounded(in[i]); });
   return out;
 }
-
-// Where a grouped SwiGLU computes the activation `kept`: an f32 tensor when it is kept in bf16, else kept itself.
-Tensor f32_scratch(const Tensor& kept, bool bf16) { return bf16 ? Tensor::empty(kept.shape(), DType::F32) : kept; }
 
 // The k most probable of n experts, best first: larger p first, NaN above everything (as topk ranks it), ties -> lower
 // id. A total order, so the picks are exactly topk's.
@@ -249,8 +239,8 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
       grouped_swiglu_forward_rounds(x_sorted, w_gate, w_up, w_down, gate_pre, up_pre, act, out_sorted, precision);
   const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
                wd_op = operand(w_down, bf16);
-  const Tensor gate_f = f32_scratch(gate_pre, bf16), up_f = f32_scratch(up_pre, bf16), act_f = f32_scratch(act, bf16),
-               out_f = f32_scratch(out_sorted, bf16);
+  const Tensor gate_f = f32_scratch(gate_pre), up_f = f32_scratch(up_pre), act_f = f32_scratch(act),
+               out_f = f32_scratch(out_sorted);
   dispatch_float("moe_grouped_swiglu_forward", w_gate.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T *x = x_op.data<T>(), *wg = wg_op.data<T>(), *wu = wu_op.data<T>(), *wd = wd_op.data<T>();
@@ -272,12 +262,10 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
       gemm(false, true, c, d, h, a, h, wd + e * d * h, h, T(0), out + begin * d, d);
     });
   });
-  if (bf16) {
-    convert_dtype(gate_f, gate_pre);
-    convert_dtype(up_f, up_pre);
-    convert_dtype(act_f, act);
-    convert_dtype(out_f, out_sorted);
-  }
+  store_rounded(gate_f, gate_pre);
+  store_rounded(up_f, up_pre);
+  store_rounded(act_f, act);
+  store_rounded(out_f, out_sorted);
 }
 
 void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,

@@ -1,6 +1,7 @@
 // CPU kernels of engine/kernels/nn.h: cross-entropy, RMSNorm, RoPE and causal attention. A forward saves only the
 // small per-row statistic its backward needs (logsumexp, 1/rms); the backward recomputes the rest.
 // In this file F is the element type (float or double); B, T, H, Dh, V, d are sizes named as in docs/model.md.
+// RoPE and attention compute bf16 tensors in f32 (engine/cpu/bf16.h).
 #include "engine/kernels/nn.h"
 
 #include <algorithm>
@@ -9,6 +10,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "engine/cpu/bf16.h"
 #include "engine/cpu/math.h"
 #include "engine/cpu/parallel.h"
 #include "engine/kernels/matmul.h"
@@ -200,12 +202,17 @@ template <class F> void rope_rotate(const Tensor& in_t, const Tensor& table_t, c
 }  // namespace
 
 void rope_forward(const Tensor& x, const Tensor& table, const Tensor& y) {
-  dispatch_float("rope", x.dtype(), [&](auto tag) { rope_rotate<decltype(tag)>(x, table, y, /*inverse=*/false); });
+  const Tensor x_f = as_f32(x), y_f = f32_scratch(y);
+  dispatch_float("rope", x_f.dtype(),
+                 [&](auto tag) { rope_rotate<decltype(tag)>(x_f, table, y_f, /*inverse=*/false); });
+  store_rounded(y_f, y);
 }
 
 void rope_backward(const Tensor& g, const Tensor& table, const Tensor& dx) {
-  dispatch_float("rope_backward", g.dtype(),
-                 [&](auto tag) { rope_rotate<decltype(tag)>(g, table, dx, /*inverse=*/true); });
+  const Tensor g_f = as_f32(g), dx_f = f32_scratch(dx);
+  dispatch_float("rope_backward", g_f.dtype(),
+                 [&](auto tag) { rope_rotate<decltype(tag)>(g_f, table, dx_f, /*inverse=*/true); });
+  store_rounded(dx_f, dx);
 }
 
 // ---- causal attention -----------------------------------------------------------------------------------------------
@@ -366,8 +373,9 @@ const bool kAttentionAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu
 const bool kAttentionAvx512 = false;
 #endif
 
-// x, or under Precision::BF16 a copy rounded to bf16 values (kept in f32): a product's operand.
+// x, or under Precision::BF16 a copy rounded to bf16 values (kept in f32): a product's operand. A bf16 x is widened.
 Tensor operand(const Tensor& x, bool bf16) {
+  if (x.dtype() == DType::BF16) return as_f32(x);
   if (!bf16) return x;
   Tensor rounded = Tensor::empty(x.shape(), DType::F32, Device::CPU);
   round_to_bf16(x, rounded);
@@ -381,11 +389,11 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
   const HeadLayout layout{T, H, Dh};
   const bool parallel = B * H * T * T * Dh > 2 * kParallelGrain, bf16 = precision == Precision::BF16;
-  const Tensor qo = operand(q, bf16), ko = operand(k, bf16), vo = operand(v, bf16);
-  dispatch_float("causal_attention", q.dtype(), [&](auto tag) {
+  const Tensor qo = operand(q, bf16), ko = operand(k, bf16), vo = operand(v, bf16), out_f = f32_scratch(out);
+  dispatch_float("causal_attention", qo.dtype(), [&](auto tag) {
     using F = decltype(tag);
     const F *pq = qo.data<F>(), *pk = ko.data<F>(), *pv = vo.data<F>();
-    F *po = out.data<F>(), *plse = lse.data<F>();
+    F *po = out_f.data<F>(), *plse = lse.data<F>();
 #pragma omp parallel if (parallel)
     {
       std::vector<F> kt(Dh * T + kTransposedPad), p(T);  // per thread
@@ -402,6 +410,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
       }
     }
   });
+  store_rounded(out_f, out);
 }
 
 // Parallel over heads (b, h): a thread owns that head's rows of dk and dv, so the sums over query rows i need no
@@ -411,12 +420,13 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3), BH = B * H;
   const HeadLayout layout{T, H, Dh};
   const bool parallel = B * H * T * T * Dh > 2 * kParallelGrain, bf16 = precision == Precision::BF16;
-  const Tensor qo = operand(q, bf16), ko = operand(k, bf16), vo = operand(v, bf16), go = operand(g, bf16);
-  dispatch_float("causal_attention_backward", q.dtype(), [&](auto tag) {
+  const Tensor qo = operand(q, bf16), ko = operand(k, bf16), vo = operand(v, bf16), go = operand(g, bf16),
+               out_f = as_f32(out), dq_f = f32_scratch(dq), dk_f = f32_scratch(dk), dv_f = f32_scratch(dv);
+  dispatch_float("causal_attention_backward", qo.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    const F *pq = qo.data<F>(), *pk = ko.data<F>(), *pv = vo.data<F>(), *po = out.data<F>(), *plse = lse.data<F>(),
+    const F *pq = qo.data<F>(), *pk = ko.data<F>(), *pv = vo.data<F>(), *po = out_f.data<F>(), *plse = lse.data<F>(),
             *pg = go.data<F>();
-    F *pdq = dq.data<F>(), *pdk = dk.data<F>(), *pdv = dv.data<F>();
+    F *pdq = dq_f.data<F>(), *pdk = dk_f.data<F>(), *pdv = dv_f.data<F>();
 #pragma omp parallel if (parallel)
     {
       std::vector<F> kt(Dh * T + kTransposedPad), vt(Dh * T + kTransposedPad), p(T), ds(T);
@@ -435,6 +445,9 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
       }
     }
   });
+  store_rounded(dq_f, dq);
+  store_rounded(dk_f, dk);
+  store_rounded(dv_f, dv);
 }
 
 }  // namespace moelab::cpu

@@ -9,6 +9,7 @@
 #include <cuda_bf16.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "engine/cuda/runtime.h"
@@ -62,6 +63,38 @@ template <class T> class DeviceArray {
  private:
   T* data_;
 };
+
+// ---- element types: bf16 beside f32 and f64 -------------------------------------------------------------------------
+
+// A stored element's value in the math type F: bf16 widened (exact), f32 and f64 converted.
+template <class F, class S> __device__ F widened(S v) {
+  if constexpr (std::is_same_v<S, __nv_bfloat16>)
+    return static_cast<F>(__bfloat162float(v));
+  else
+    return static_cast<F>(v);
+}
+
+// v stored as type Out (a product's operand, a kept activation, a bf16 result): to bf16 rounds to nearest even, else
+// converts.
+template <class Out, class V> __device__ Out converted(V v) {
+  if constexpr (std::is_same_v<Out, V>)
+    return v;
+  else if constexpr (std::is_same_v<Out, __nv_bfloat16>)
+    return __float2bfloat16_rn(static_cast<float>(v));
+  else
+    return widened<Out>(v);
+}
+
+// A tensor's elements as stored, type S (bf16: CUDA's __nv_bfloat16, the same bits as moelab's bf16).
+template <class S> S* stored(const Tensor& t) { return static_cast<S*>(t.raw_data()); }
+
+// Calls f(S{}) with S the storage type of a `dtype` tensor beside math in F: F itself, or bf16 beside f32.
+template <class F, class Fn> void with_storage(const char* what, DType dtype, Fn&& f) {
+  if (dtype == dtype_of<F>()) return f(F{});
+  if constexpr (std::is_same_v<F, float>)
+    if (dtype == DType::BF16) return f(__nv_bfloat16{});
+  fail("{}: a {} tensor beside {} math", what, dtype_name(dtype), dtype_name(dtype_of<F>()));
+}
 
 }  // namespace moelab::cuda
 

@@ -36,35 +36,6 @@ inline unsigned flat_blocks(int64_t n) {
   return static_cast<unsigned>(std::min<int64_t>(blocks_for(n, kFlatThreads), 1 << 16));
 }
 
-// A stored element's value in the math type F: bf16 widened (exact), f32 and f64 converted.
-template <class F, class S> __device__ F widened(S v) {
-  if constexpr (std::is_same_v<S, __nv_bfloat16>)
-    return static_cast<F>(__bfloat162float(v));
-  else
-    return static_cast<F>(v);
-}
-
-// v stored as type Out (a product's operand, a kept activation): to bf16 rounds to nearest even, else converts.
-template <class Out, class V> __device__ Out to_operand(V v) {
-  if constexpr (std::is_same_v<Out, V>)
-    return v;
-  else if constexpr (std::is_same_v<Out, __nv_bfloat16>)
-    return __float2bfloat16_rn(static_cast<float>(v));
-  else
-    return widened<Out>(v);
-}
-
-// A tensor's elements as stored, type S (bf16: CUDA's __nv_bfloat16, the same bits as moelab's bf16).
-template <class S> S* stored(const Tensor& t) { return static_cast<S*>(t.raw_data()); }
-
-// Calls f(S{}) with S the storage type of a `dtype` tensor beside math in F: F itself, or bf16 beside f32.
-template <class F, class Fn> void with_storage(const char* what, DType dtype, Fn&& f) {
-  if (dtype == dtype_of<F>()) return f(F{});
-  if constexpr (std::is_same_v<F, float>)
-    if (dtype == DType::BF16) return f(__nv_bfloat16{});
-  fail("{}: a {} tensor beside {} math", what, dtype_name(dtype), dtype_name(dtype_of<F>()));
-}
-
 // ---- the dispatch plan ----------------------------------------------------------------------------------------------
 
 // The slots are cut into chunks of kSlotChunk, one block per (expert, chunk): one block per expert walking all the
@@ -210,7 +181,7 @@ __global__ void permute_rows_kernel(const F* x, const int32_t* slot_at_position,
                                     Out* x_sorted) {
   const int64_t pos = blockIdx.x;
   const F* src = x + (slot_at_position[pos] / top_k) * d;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) x_sorted[pos * d + i] = to_operand<Out>(src[i]);
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) x_sorted[pos * d + i] = converted<Out>(src[i]);
 }
 
 // One block per token n: dx[n] = sum_j dx_sorted[position_of_slot[n, j]], j in order.
@@ -266,7 +237,7 @@ template <class F> __device__ void swiglu_gradients(F z, F up, F d_act, F& d_gat
 template <class F, class S>
 __global__ void swiglu_forward_kernel(const S* gate_pre, const S* up_pre, int64_t n, S* act) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    act[i] = to_operand<S>(swiglu(widened<F>(gate_pre[i]), widened<F>(up_pre[i])));
+    act[i] = converted<S>(swiglu(widened<F>(gate_pre[i]), widened<F>(up_pre[i])));
 }
 
 // d_act may be d_gate_pre (Out = F): each thread reads its element before writing it.
@@ -276,7 +247,7 @@ __global__ void swiglu_backward_kernel(const S* gate_pre, const S* up_pre, const
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     F d_gate, d_up;
     swiglu_gradients(widened<F>(gate_pre[i]), widened<F>(up_pre[i]), d_act[i], d_gate, d_up);
-    d_gate_pre[i] = to_operand<Out>(d_gate), d_up_pre[i] = to_operand<Out>(d_up);
+    d_gate_pre[i] = converted<Out>(d_gate), d_up_pre[i] = converted<Out>(d_up);
   }
 }
 
@@ -408,7 +379,7 @@ template <class S, class Out>
 __global__ void pad_rows_kernel(const S* sorted, PaddedRows layout, int64_t cols, Out* padded) {
   const int64_t p = blockIdx.x, row = layout.sorted_row(p);
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x)
-    padded[p * cols + c] = row < 0 ? to_operand<Out>(0.0f) : to_operand<Out>(sorted[row * cols + c]);
+    padded[p * cols + c] = row < 0 ? converted<Out>(0.0f) : converted<Out>(sorted[row * cols + c]);
 }
 
 // sorted[sorted_row(p)] = padded[p], padding left out (elements of type S, copied).
@@ -428,11 +399,11 @@ __global__ void padded_swiglu_forward_kernel(const Out* gate_padded, const Out* 
   for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
     const int64_t i = p * h + c, at = row * h + c;
     if (row < 0) {
-      act_operand[i] = to_operand<Out>(F(0));
+      act_operand[i] = converted<Out>(F(0));
       continue;
     }
     const Out z = gate_padded[i], up = up_padded[i];
-    const Out a = to_operand<Out>(swiglu(widened<F>(z), widened<F>(up)));
+    const Out a = converted<Out>(swiglu(widened<F>(z), widened<F>(up)));
     gate_pre[at] = z, up_pre[at] = up, act[at] = a;
     act_operand[i] = a;
   }
@@ -448,8 +419,8 @@ __global__ void padded_swiglu_backward_kernel(const Out* gate_pre, const Out* up
     const int64_t i = p * h + c, at = row * h + c;
     F d_gate = 0, d_up = 0;
     if (row >= 0) swiglu_gradients(widened<F>(gate_pre[at]), widened<F>(up_pre[at]), d_act_padded[i], d_gate, d_up);
-    d_gate_operand[i] = to_operand<Out>(d_gate);
-    d_up_operand[i] = to_operand<Out>(d_up);
+    d_gate_operand[i] = converted<Out>(d_gate);
+    d_up_operand[i] = converted<Out>(d_up);
   }
 }
 
@@ -706,7 +677,7 @@ __global__ void weighted_unpermute_backward_kernel(const F* dy, const S* out_sor
   const F g = gates[s];
   F dot = 0;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    d_out_sorted[pos * d + i] = to_operand<Out>(g * dy_row[i]);
+    d_out_sorted[pos * d + i] = converted<Out>(g * dy_row[i]);
     dot += dy_row[i] * widened<F>(out_sorted[pos * d + i]);
   }
   dot = block_sum(dot);

@@ -214,25 +214,29 @@ void rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd
 
 // ---- RoPE -----------------------------------------------------------------------------------------------------------
 
-// One thread per pair (2i, 2i+1) of x [B, T, H, Dh]; sign -1 rotates by the opposite angle (the backward).
-template <class F>
-__global__ void rope_kernel(const F* in, const F* table, int64_t pairs, int64_t T, int64_t H, int64_t Dh, F sign,
-                            F* out) {
+// One thread per pair (2i, 2i+1) of x [B, T, H, Dh], stored as S (F, or bf16 beside an f32 table) and rotated in F;
+// sign -1 rotates by the opposite angle (the backward).
+template <class F, class S>
+__global__ void rope_kernel(const S* in, const F* table, int64_t pairs, int64_t T, int64_t H, int64_t Dh, F sign,
+                            S* out) {
   const int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (p >= pairs) return;
   const int64_t half = Dh / 2, i = p % half, t = (p / half / H) % T;
   const F c = table[(t * half + i) * 2], s = sign * table[(t * half + i) * 2 + 1];
-  const F x0 = in[2 * p], x1 = in[2 * p + 1];
-  out[2 * p] = x0 * c - x1 * s;
-  out[2 * p + 1] = x0 * s + x1 * c;
+  const F x0 = widened<F>(in[2 * p]), x1 = widened<F>(in[2 * p + 1]);
+  out[2 * p] = converted<S>(x0 * c - x1 * s);
+  out[2 * p + 1] = converted<S>(x0 * s + x1 * c);
 }
 
 static void rope_rotate(const Tensor& in, const Tensor& table, const Tensor& out, double sign) {
   const int64_t T = in.size(1), H = in.size(2), Dh = in.size(3), pairs = in.numel() / 2;
-  dispatch_float("rope", in.dtype(), [&](auto tag) {
+  dispatch_float("rope", table.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    launch("rope", rope_kernel<F>, dim3(blocks_for(pairs, 256)), dim3(256), 0, in.data<F>(), table.data<F>(), pairs, T,
-           H, Dh, static_cast<F>(sign), out.data<F>());
+    with_storage<F>("rope", in.dtype(), [&](auto stored_as) {
+      using S = decltype(stored_as);
+      launch("rope", rope_kernel<F, S>, dim3(blocks_for(pairs, 256)), dim3(256), 0, stored<const S>(in),
+             table.data<F>(), pairs, T, H, Dh, static_cast<F>(sign), stored<S>(out));
+    });
   });
 }
 
@@ -512,18 +516,18 @@ __global__ void attention_backward_dkdv_kernel(const F* q, const F* k, const F* 
 // The same loop order, with both products of each step as nvcuda::wmma tiles: bf16 operands, f32 accumulators. A
 // block of 4 warps takes 64 rows (query rows for the forward and dq, key rows for dk and dv), and warp w owns rows
 // 16 w .. 16 w + 15 with their accumulators, one 16 x 16 fragment per 16 head dims. Tiles of 64 rows live in shared
-// memory as bf16, rounded as they are loaded from the f32 tensors, as [64][D + 8]: D is the head dim padded with
-// zeros to 16, 32, 64 or 128, and the 8 extra columns move each row 16 bytes further across the banks. A warp's
-// 16 x 64 block of scores goes through its own f32 scratch, where its lanes apply the mask and the softmax (two lanes
-// a row, every other column each, so that the two read neighbouring banks), and comes back as bf16 for the next
-// product.
+// memory as bf16 (rounded as they are loaded from f32 tensors, copied from bf16 ones), as [64][D + 8]: D is the head
+// dim padded with zeros to 16, 32, 64 or 128, and the 8 extra columns move each row 16 bytes further across the
+// banks. A warp's 16 x 64 block of scores goes through its own f32 scratch, where its lanes apply the mask and the
+// softmax (two lanes a row, every other column each, so that the two read neighbouring banks), and comes back as bf16
+// for the next product. T is the element type of q, k, v, out and their gradients (float, or __nv_bfloat16: results
+// rounded as they are stored); lse is f32.
 //
 // The forward makes two passes over the key tiles: the first finds each row's max and sum (lse), the second forms
 // p = exp(s - lse), already final, rounds it to bf16 and adds p v to the accumulators. That is one q k^T more than
 // FlashAttention-2's single pass with a rescaled accumulator, but p is then the final probability before it is
 // rounded, as in the CPU kernel and the backward's recomputation (the same numbers up to f32 rounding, whatever the
-// tiling). Within a tile on the diagonal, the 16-row
-// blocks that the mask hides entirely are skipped.
+// tiling). Within a tile on the diagonal, the 16-row blocks that the mask hides entirely are skipped.
 
 // bf16 wmma fragments need sm_80 or later (Ampere); moelab's `gpu` preset builds for sm_90.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
@@ -575,25 +579,38 @@ template <int D> struct MmaShared {
   }
 };
 
-// Rows t0 .. t0 + 63 of head (b, h), rounded to bf16, into tile [64][D + 8]; rows past T and dims past Dh are zeros.
-// Four dims a load (16 bytes) where the rows allow it: Dh a multiple of 4 and x 16-byte aligned.
-template <int D>
-__device__ void load_bf16_tile(const float* x, const HeadRows& L, int64_t b, int64_t h, int64_t t0,
-                               __nv_bfloat16* tile) {
-  if (L.Dh % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
-    for (int idx = threadIdx.x; idx < kMmaTile * D / 4; idx += blockDim.x) {
-      const int r = idx / (D / 4), e = 4 * (idx % (D / 4));
-      float4 four = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (t0 + r < L.T && e < L.Dh) four = *reinterpret_cast<const float4*>(x + L.row(b, t0 + r, h) + e);
-      auto* pairs = reinterpret_cast<__nv_bfloat162*>(tile + r * (D + 8) + e);  // 8-byte aligned: e % 4 == 0
-      pairs[0] = __floats2bfloat162_rn(four.x, four.y);
-      pairs[1] = __floats2bfloat162_rn(four.z, four.w);
+// Rows t0 .. t0 + 63 of head (b, h), as bf16, into tile [64][D + 8]; rows past T and dims past Dh are zeros. Four
+// f32 dims a load (16 bytes) where the rows allow it (Dh a multiple of 4, x 16-byte aligned), two bf16 ones (4 bytes:
+// Dh even, x 4-byte aligned).
+template <int D, class T>
+__device__ void load_bf16_tile(const T* x, const HeadRows& L, int64_t b, int64_t h, int64_t t0, __nv_bfloat16* tile) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (L.Dh % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+      for (int idx = threadIdx.x; idx < kMmaTile * D / 4; idx += blockDim.x) {
+        const int r = idx / (D / 4), e = 4 * (idx % (D / 4));
+        float4 four = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (t0 + r < L.T && e < L.Dh) four = *reinterpret_cast<const float4*>(x + L.row(b, t0 + r, h) + e);
+        auto* pairs = reinterpret_cast<__nv_bfloat162*>(tile + r * (D + 8) + e);  // 8-byte aligned: e % 4 == 0
+        pairs[0] = __floats2bfloat162_rn(four.x, four.y);
+        pairs[1] = __floats2bfloat162_rn(four.z, four.w);
+      }
+      return;
     }
-    return;
+  } else {
+    if (L.Dh % 2 == 0 && reinterpret_cast<uintptr_t>(x) % 4 == 0) {
+      for (int idx = threadIdx.x; idx < kMmaTile * D / 2; idx += blockDim.x) {
+        const int r = idx / (D / 2), e = 2 * (idx % (D / 2));
+        __nv_bfloat162 two = __floats2bfloat162_rn(0.0f, 0.0f);
+        if (t0 + r < L.T && e < L.Dh) two = *reinterpret_cast<const __nv_bfloat162*>(x + L.row(b, t0 + r, h) + e);
+        *reinterpret_cast<__nv_bfloat162*>(tile + r * (D + 8) + e) = two;
+      }
+      return;
+    }
   }
   for (int idx = threadIdx.x; idx < kMmaTile * D; idx += blockDim.x) {
     const int r = idx / D, e = idx % D;
-    tile[r * (D + 8) + e] = __float2bfloat16_rn(t0 + r < L.T && e < L.Dh ? x[L.row(b, t0 + r, h) + e] : 0.0f);
+    tile[r * (D + 8) + e] =
+        __float2bfloat16_rn(t0 + r < L.T && e < L.Dh ? widened<float>(x[L.row(b, t0 + r, h) + e]) : 0.0f);
   }
 }
 
@@ -636,16 +653,17 @@ __device__ void add_weighted_tile(const __nv_bfloat16* weights, int first, int l
 }
 
 // Writes the warp's 16 rows t0 .. t0 + 15 of accumulators to x (rows before T, dims before Dh), through its scratch.
-template <int D>
+template <int D, class T>
 __device__ void store_warp_rows(const Scores (&acc)[D / 16], const HeadRows& L, int64_t b, int64_t h, int64_t t0,
-                                float* scratch, float* x) {
+                                float* scratch, T* x) {
   const int lane = threadIdx.x % 32;
   for (int d = 0; d < D / 16; ++d) {
     wmma::store_matrix_sync(scratch, acc[d], kScratchLd, wmma::mem_row_major);
     __syncwarp();
     for (int e = lane; e < 256; e += 32) {
       const int r = e / 16, c = e % 16;
-      if (t0 + r < L.T && 16 * d + c < L.Dh) x[L.row(b, t0 + r, h) + 16 * d + c] = scratch[r * kScratchLd + c];
+      if (t0 + r < L.T && 16 * d + c < L.Dh)
+        x[L.row(b, t0 + r, h) + 16 * d + c] = converted<T>(scratch[r * kScratchLd + c]);
     }
     __syncwarp();  // the scratch is rewritten next
   }
@@ -653,9 +671,9 @@ __device__ void store_warp_rows(const Scores (&acc)[D / 16], const HeadRows& L, 
 
 // A block per query tile of a head (query_tile_of_block): out and lse of the tile's query rows. Lane (row, half) of
 // warp w handles query row i = q0 + 16 w + row and the tile's columns c = half, half + 2, ...
-template <int D>
-__global__ void attention_forward_mma_kernel(const float* q, const float* k, const float* v, HeadRows L, float scale,
-                                             float* out, float* lse) {
+template <int D, class T>
+__global__ void attention_forward_mma_kernel(const T* q, const T* k, const T* v, HeadRows L, float scale, T* out,
+                                             float* lse) {
   DYNAMIC_SHARED(unsigned char, shared);
   SharedCarve carve{reinterpret_cast<uintptr_t>(shared)};
   const MmaShared<D> sm(carve, kForwardArrays);
@@ -668,7 +686,7 @@ __global__ void attention_forward_mma_kernel(const float* q, const float* k, con
   float* s = sm.scratch[0] + 16 * warp * kScratchLd;
   __nv_bfloat16* p = sm.weights[0] + 16 * warp * kWeightsLd;
   const __nv_bfloat16* q_rows = q_tile + 16 * warp * (D + 8);
-  load_bf16_tile<D>(q, L, b, h, q0, q_tile);
+  load_bf16_tile<D, T>(q, L, b, h, q0, q_tile);
 
   // Pass 1: the running max and sum of the lane's half row, then the row's lse.
   float m = -INFINITY, z = 0;
@@ -676,7 +694,7 @@ __global__ void attention_forward_mma_kernel(const float* q, const float* k, con
     const int64_t k0 = kt * kMmaTile;
     const int blocks = kt == qt ? warp + 1 : kMmaBlocks;  // on the diagonal, key blocks past the warp's rows are masked
     __syncthreads();                                     // the previous key tile is no longer read
-    load_bf16_tile<D>(k, L, b, h, k0, k_tile);
+    load_bf16_tile<D, T>(k, L, b, h, k0, k_tile);
     __syncthreads();
     warp_scores<D>(q_rows, k_tile, 0, blocks, s);
     __syncwarp();
@@ -707,8 +725,8 @@ __global__ void attention_forward_mma_kernel(const float* q, const float* k, con
     const int64_t k0 = kt * kMmaTile;
     const int blocks = kt == qt ? warp + 1 : kMmaBlocks;
     __syncthreads();
-    load_bf16_tile<D>(k, L, b, h, k0, k_tile);
-    load_bf16_tile<D>(v, L, b, h, k0, v_tile);
+    load_bf16_tile<D, T>(k, L, b, h, k0, k_tile);
+    load_bf16_tile<D, T>(v, L, b, h, k0, v_tile);
     __syncthreads();
     warp_scores<D>(q_rows, k_tile, 0, blocks, s);
     __syncwarp();
@@ -718,15 +736,14 @@ __global__ void attention_forward_mma_kernel(const float* q, const float* k, con
     __syncwarp();  // a row's weights come from two lanes, the product reads all of them
     add_weighted_tile<D>(p, 0, blocks, v_tile, acc);
   }
-  store_warp_rows<D>(acc, L, b, h, q0 + 16 * warp, s, out);
+  store_warp_rows<D, T>(acc, L, b, h, q0 + 16 * warp, s, out);
 }
 
 // A block per query tile of a head, lanes as in the forward: D_i = bf16(g_i) . out_i (written for the dk/dv
 // kernel), then over the key tiles, with p_ij = exp(s_ij - lse_i): dq_i = sum_j bf16(p_ij (g_i . v_j - D_i) scale) k_j.
-template <int D>
-__global__ void attention_backward_dq_mma_kernel(const float* q, const float* k, const float* v, const float* out,
-                                                 const float* lse, const float* g, HeadRows L, float scale, float* dq,
-                                                 float* D_rows) {
+template <int D, class T>
+__global__ void attention_backward_dq_mma_kernel(const T* q, const T* k, const T* v, const T* out, const float* lse,
+                                                 const T* g, HeadRows L, float scale, T* dq, float* D_rows) {
   DYNAMIC_SHARED(unsigned char, shared);
   SharedCarve carve{reinterpret_cast<uintptr_t>(shared)};
   const MmaShared<D> sm(carve, kDqArrays);
@@ -739,12 +756,12 @@ __global__ void attention_backward_dq_mma_kernel(const float* q, const float* k,
   float *s = sm.scratch[0] + 16 * warp * kScratchLd, *gv = sm.scratch[1] + 16 * warp * kScratchLd;
   __nv_bfloat16* ds = sm.weights[0] + 16 * warp * kWeightsLd;
   const __nv_bfloat16 *q_rows = q_tile + 16 * warp * (D + 8), *g_rows = g_tile + 16 * warp * (D + 8);
-  load_bf16_tile<D>(q, L, b, h, q0, q_tile);
-  load_bf16_tile<D>(g, L, b, h, q0, g_tile);
+  load_bf16_tile<D, T>(q, L, b, h, q0, q_tile);
+  load_bf16_tile<D, T>(g, L, b, h, q0, g_tile);
   __syncthreads();
   float partial = 0;  // the lane's half of D_i: every other head dim
   for (int64_t e = half; e < L.Dh && i < L.T; e += 2)
-    partial += __bfloat162float(g_rows[row * (D + 8) + e]) * out[L.row(b, i, h) + e];
+    partial += __bfloat162float(g_rows[row * (D + 8) + e]) * widened<float>(out[L.row(b, i, h) + e]);
   const float row_D = partial + __shfl_xor_sync(kFullMask, partial, 1);
   const float row_lse = i < L.T ? lse[bh * L.T + i] : 0.0f;
   if (half == 0 && i < L.T) D_rows[bh * L.T + i] = row_D;
@@ -755,8 +772,8 @@ __global__ void attention_backward_dq_mma_kernel(const float* q, const float* k,
     const int64_t k0 = kt * kMmaTile;
     const int blocks = kt == qt ? warp + 1 : kMmaBlocks;
     __syncthreads();  // the previous key tile is no longer read
-    load_bf16_tile<D>(k, L, b, h, k0, k_tile);
-    load_bf16_tile<D>(v, L, b, h, k0, v_tile);
+    load_bf16_tile<D, T>(k, L, b, h, k0, k_tile);
+    load_bf16_tile<D, T>(v, L, b, h, k0, v_tile);
     __syncthreads();
     warp_scores<D>(q_rows, k_tile, 0, blocks, s);
     warp_scores<D>(g_rows, v_tile, 0, blocks, gv);
@@ -772,16 +789,15 @@ __global__ void attention_backward_dq_mma_kernel(const float* q, const float* k,
     __syncwarp();
     add_weighted_tile<D>(ds, 0, blocks, k_tile, acc);
   }
-  store_warp_rows<D>(acc, L, b, h, q0 + 16 * warp, s, dq);
+  store_warp_rows<D, T>(acc, L, b, h, q0 + 16 * warp, s, dq);
 }
 
 // A block per key tile of a head (key_tile_of_block): lane (row, half) of warp w handles key row j = k0 + 16 w + row
 // and the query tile's columns c = half, half + 2, ... Over the query tiles i >= j: dv_j = sum_i bf16(p_ij) g_i and
 // dk_j = sum_i bf16(ds_ij) q_i (ds_ij as in the dq kernel).
-template <int D>
-__global__ void attention_backward_dkdv_mma_kernel(const float* q, const float* k, const float* v, const float* lse,
-                                                   const float* g, const float* D_rows, HeadRows L, float scale,
-                                                   float* dk, float* dv) {
+template <int D, class T>
+__global__ void attention_backward_dkdv_mma_kernel(const T* q, const T* k, const T* v, const float* lse, const T* g,
+                                                   const float* D_rows, HeadRows L, float scale, T* dk, T* dv) {
   DYNAMIC_SHARED(unsigned char, shared);
   SharedCarve carve{reinterpret_cast<uintptr_t>(shared)};
   const MmaShared<D> sm(carve, kDkdvArrays);
@@ -795,8 +811,8 @@ __global__ void attention_backward_dkdv_mma_kernel(const float* q, const float* 
   float *s = sm.scratch[0] + 16 * warp * kScratchLd, *vg = sm.scratch[1] + 16 * warp * kScratchLd;
   __nv_bfloat16 *p = sm.weights[0] + 16 * warp * kWeightsLd, *ds = sm.weights[1] + 16 * warp * kWeightsLd;
   const __nv_bfloat16 *k_rows = k_tile + 16 * warp * (D + 8), *v_rows = v_tile + 16 * warp * (D + 8);
-  load_bf16_tile<D>(k, L, b, h, k0, k_tile);
-  load_bf16_tile<D>(v, L, b, h, k0, v_tile);
+  load_bf16_tile<D, T>(k, L, b, h, k0, k_tile);
+  load_bf16_tile<D, T>(v, L, b, h, k0, v_tile);
 
   Scores acc_k[D / 16], acc_v[D / 16];
   for (Scores& a : acc_k) wmma::fill_fragment(a, 0.0f);
@@ -805,8 +821,8 @@ __global__ void attention_backward_dkdv_mma_kernel(const float* q, const float* 
     const int64_t q0 = qt * kMmaTile;
     const int first = qt == kt ? warp : 0;  // on the diagonal, query blocks before the warp's key rows are masked
     __syncthreads();                        // the previous query tile is no longer read
-    load_bf16_tile<D>(q, L, b, h, q0, q_tile);
-    load_bf16_tile<D>(g, L, b, h, q0, g_tile);
+    load_bf16_tile<D, T>(q, L, b, h, q0, q_tile);
+    load_bf16_tile<D, T>(g, L, b, h, q0, g_tile);
     for (int r = threadIdx.x; r < kMmaTile; r += blockDim.x) {
       lse_tile[r] = q0 + r < L.T ? lse[bh * L.T + q0 + r] : 0.0f;
       D_tile[r] = q0 + r < L.T ? D_rows[bh * L.T + q0 + r] : 0.0f;
@@ -828,8 +844,8 @@ __global__ void attention_backward_dkdv_mma_kernel(const float* q, const float* 
     add_weighted_tile<D>(p, first, kMmaBlocks, g_tile, acc_v);
     add_weighted_tile<D>(ds, first, kMmaBlocks, q_tile, acc_k);
   }
-  store_warp_rows<D>(acc_k, L, b, h, k0 + 16 * warp, s, dk);
-  store_warp_rows<D>(acc_v, L, b, h, k0 + 16 * warp, s, dv);
+  store_warp_rows<D, T>(acc_k, L, b, h, k0 + 16 * warp, s, dk);
+  store_warp_rows<D, T>(acc_v, L, b, h, k0 + 16 * warp, s, dv);
 }
 
 // Calls run(std::integral_constant<int, D>{}) with the padded head dim D for Dh: 16, 32, 64 or 128.
@@ -887,11 +903,15 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
     const int64_t tiles = (T + kMmaTile - 1) / kMmaTile;
     return with_mma_head_dim("causal_attention", Dh, [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
-      const size_t shared = mma_shared_bytes<D>(kForwardArrays);
-      allow_shared_bytes(attention_forward_mma_kernel<D>, shared);
-      launch("attention_forward_mma", attention_forward_mma_kernel<D>, dim3(B * H * tiles), dim3(kMmaThreads), shared,
-             q.data<float>(), k.data<float>(), v.data<float>(), HeadRows{T, H, Dh}, static_cast<float>(scale),
-             out.data<float>(), lse.data<float>());
+      with_storage<float>("causal_attention", q.dtype(), [&](auto stored_as) {
+        using S = decltype(stored_as);
+        const auto kernel = attention_forward_mma_kernel<D, S>;
+        const size_t shared = mma_shared_bytes<D>(kForwardArrays);
+        allow_shared_bytes(kernel, shared);
+        launch("attention_forward_mma", kernel, dim3(B * H * tiles), dim3(kMmaThreads), shared, stored<const S>(q),
+               stored<const S>(k), stored<const S>(v), HeadRows{T, H, Dh}, static_cast<float>(scale), stored<S>(out),
+               lse.data<float>());
+      });
     });
   }
   dispatch_float("causal_attention", q.dtype(), [&](auto tag) {
@@ -913,20 +933,25 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
   const double scale = 1.0 / std::sqrt(static_cast<double>(Dh));
   const HeadRows L{T, H, Dh};
-  Tensor D_rows = Tensor::empty({B, H, T}, q.dtype(), Device::CUDA);  // D_i = g_i . out_i, for the dk/dv kernel
+  Tensor D_rows = Tensor::empty({B, H, T}, lse.dtype(), Device::CUDA);  // D_i = g_i . out_i, for the dk/dv kernel
   if (precision == Precision::BF16) {
     const int64_t tiles = (T + kMmaTile - 1) / kMmaTile;
     return with_mma_head_dim("causal_attention_backward", Dh, [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
-      const size_t dq_shared = mma_shared_bytes<D>(kDqArrays), dkdv_shared = mma_shared_bytes<D>(kDkdvArrays);
-      allow_shared_bytes(attention_backward_dq_mma_kernel<D>, dq_shared);
-      launch("attention_backward_dq_mma", attention_backward_dq_mma_kernel<D>, dim3(B * H * tiles), dim3(kMmaThreads),
-             dq_shared, q.data<float>(), k.data<float>(), v.data<float>(), out.data<float>(), lse.data<float>(),
-             g.data<float>(), L, static_cast<float>(scale), dq.data<float>(), D_rows.data<float>());
-      allow_shared_bytes(attention_backward_dkdv_mma_kernel<D>, dkdv_shared);
-      launch("attention_backward_dkdv_mma", attention_backward_dkdv_mma_kernel<D>, dim3(B * H * tiles),
-             dim3(kMmaThreads), dkdv_shared, q.data<float>(), k.data<float>(), v.data<float>(), lse.data<float>(),
-             g.data<float>(), D_rows.data<float>(), L, static_cast<float>(scale), dk.data<float>(), dv.data<float>());
+      with_storage<float>("causal_attention_backward", q.dtype(), [&](auto stored_as) {
+        using S = decltype(stored_as);
+        const auto dq_kernel = attention_backward_dq_mma_kernel<D, S>;
+        const auto dkdv_kernel = attention_backward_dkdv_mma_kernel<D, S>;
+        const size_t dq_shared = mma_shared_bytes<D>(kDqArrays), dkdv_shared = mma_shared_bytes<D>(kDkdvArrays);
+        allow_shared_bytes(dq_kernel, dq_shared);
+        launch("attention_backward_dq_mma", dq_kernel, dim3(B * H * tiles), dim3(kMmaThreads), dq_shared,
+               stored<const S>(q), stored<const S>(k), stored<const S>(v), stored<const S>(out), lse.data<float>(),
+               stored<const S>(g), L, static_cast<float>(scale), stored<S>(dq), D_rows.data<float>());
+        allow_shared_bytes(dkdv_kernel, dkdv_shared);
+        launch("attention_backward_dkdv_mma", dkdv_kernel, dim3(B * H * tiles), dim3(kMmaThreads), dkdv_shared,
+               stored<const S>(q), stored<const S>(k), stored<const S>(v), lse.data<float>(), stored<const S>(g),
+               D_rows.data<float>(), L, static_cast<float>(scale), stored<S>(dk), stored<S>(dv));
+      });
     });
   }
   dispatch_float("causal_attention_backward", q.dtype(), [&](auto tag) {

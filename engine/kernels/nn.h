@@ -35,6 +35,8 @@ DECLARE_KERNEL(rms_norm_backward, (const Tensor& x, const Tensor& weight, const 
 // ---- RoPE -------------------------------------------------------------------------------------------------------------
 // x [B, T, H, Dh] and the (cos, sin) table [T, Dh/2, 2]: pair (2i, 2i+1) of each head rotates by the table's angle:
 //   y0 = x0 cos - x1 sin,  y1 = x0 sin + x1 cos.
+// x and y share a dtype, the table's too, except bf16 x and y: an f32 table, the rotation computed in f32 and rounded
+// to bf16 as it is stored (the backward's g and dx likewise).
 DECLARE_KERNEL(rope_forward, (const Tensor& x, const Tensor& table, const Tensor& y))
 // The rotation is orthogonal: the backward rotates g by the opposite angle.
 DECLARE_KERNEL(rope_backward, (const Tensor& g, const Tensor& table, const Tensor& dx))
@@ -44,7 +46,8 @@ DECLARE_KERNEL(rope_backward, (const Tensor& g, const Tensor& table, const Tenso
 //   s_j = q_i . k_j / sqrt(Dh) for j <= i,  p = softmax(s),  out_i = sum_j p_j v_j,  lse_i = logsumexp_j s_j.
 // Precision::BF16 (f32 tensors; engine/precision.h): both products take bf16 operands and accumulate in f32, so q, k
 // and v are rounded to bf16, and so is each p_j after the softmax: out_i = sum_j bf16(p_j) v_j. The softmax, lse and
-// out stay f32.
+// out stay f32. bf16 q, k, v (precision BF16; heads of up to 128 dims): the same products, out rounded to bf16 as it is
+// stored, lse f32.
 DECLARE_KERNEL(attention_forward, (const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                    const Tensor& lse, Precision precision))
 // With p_ij = exp(s_ij - lse_i), g = dL/dout and D_i = g_i . out_i:
@@ -52,6 +55,7 @@ DECLARE_KERNEL(attention_forward, (const Tensor& q, const Tensor& k, const Tenso
 //   dq_i = sum_j ds_ij k_j,  dk_j = sum_i ds_ij q_i.
 // Precision::BF16: q, k, v and g are rounded to bf16 (D_i too is bf16(g_i) . out_i), and so are p_ij where it
 // multiplies g_i and ds_ij where it multiplies k_j and q_i; the gradients stay f32 (as the matmul op's under BF16).
+// bf16 q, k, v: out and g are bf16 too, and dq, dk, dv are rounded to bf16 as they are stored.
 DECLARE_KERNEL(attention_backward,
                (const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                 const Tensor& g, const Tensor& dq, const Tensor& dk, const Tensor& dv, Precision precision))

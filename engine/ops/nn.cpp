@@ -194,12 +194,15 @@ Tensor rope(const Tensor& x, double theta, int64_t pos_offset) {
   if (x.size(3) % 2 != 0) fail("{}: head size Dh must be even to form pairs (2i, 2i+1), got x {}", op, x.str());
   if (!(theta > 0)) fail("{}: theta must be > 0, got {}", op, theta);
   if (pos_offset < 0) fail("{}: pos_offset must be >= 0, got {}", op, pos_offset);
-  Tensor table = rope_table(x.size(1), x.size(3), theta, pos_offset, x.dtype(), x.device());
-  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  // A bf16 x rotates in f32 (its table f32) and is rounded as it is stored, as its gradient.
+  const DType dtype = x.dtype(), math = dtype == DType::BF16 ? DType::F32 : dtype;
+  Tensor table = rope_table(x.size(1), x.size(3), theta, pos_offset, math, x.device());
+  Tensor y = Tensor::empty(x.shape(), dtype, x.device());
   KERNEL(rope_forward, x.device())(x, table, y);
-  return record(op, y, {x}, [table](const Tensor& g) -> std::vector<Tensor> {
-    Tensor dx = Tensor::empty(g.shape(), g.dtype(), g.device());
-    KERNEL(rope_backward, g.device())(g, table, dx);
+  return record(op, y, {x}, [table, dtype](const Tensor& g) -> std::vector<Tensor> {
+    const Tensor g_x = g.dtype() == dtype ? g : to_dtype(g, dtype);  // x's gradient has x's dtype
+    Tensor dx = Tensor::empty(g.shape(), dtype, g.device());
+    KERNEL(rope_backward, g.device())(g_x, table, dx);
     return {dx};
   });
 }
@@ -209,14 +212,15 @@ Tensor rope(const Tensor& x, double theta, int64_t pos_offset) {
 // probabilities from it rather than storing the T x T matrix. Under Precision::BF16 its two products take bf16
 // operands (engine/kernels/nn.h says which values are rounded) for heads of up to 128 dims, what the GPU's
 // tensor-core kernels take; longer heads, and f64, are not rounded (on either device, so that the CPU stays the
-// GPU's reference).
-constexpr int64_t kMaxBf16HeadDim = 128;
+// GPU's reference). bf16 tensors (q, k, v, out and their gradients; lse stays f32) always multiply so, and take heads
+// of up to kMaxBf16HeadDim dims only.
 
 static std::vector<Tensor> attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                                               const Tensor& lse, const Tensor& g, Precision precision) {
   Tensor dq = Tensor::empty(q.shape(), q.dtype(), q.device()), dk = Tensor::empty(q.shape(), q.dtype(), q.device()),
          dv = Tensor::empty(q.shape(), q.dtype(), q.device());
-  KERNEL(attention_backward, q.device())(q, k, v, out, lse, g, dq, dk, dv, precision);
+  const Tensor g_out = g.dtype() == q.dtype() ? g : to_dtype(g, q.dtype());  // out's gradient has out's dtype
+  KERNEL(attention_backward, q.device())(q, k, v, out, lse, g_out, dq, dk, dv, precision);
   return {dq, dk, dv};
 }
 
@@ -228,10 +232,13 @@ Tensor causal_attention(const Tensor& q, const Tensor& k, const Tensor& v) {
   if (q.dim() != 4 || k.shape() != q.shape() || v.shape() != q.shape() || q.size(3) == 0)
     fail("{}: needs q, k, v of one shape [B, T, H, Dh] with Dh > 0, got {}, {}, {}", op, q.str(), k.str(), v.str());
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
+  const bool bf16_tensors = q.dtype() == DType::BF16;
+  if (bf16_tensors && q.size(3) > kMaxBf16HeadDim)
+    fail("{}: bf16 q, k, v take head dims up to {}, got {}", op, kMaxBf16HeadDim, q.str());
   const bool may_round = q.dtype() == DType::F32 && q.size(3) <= kMaxBf16HeadDim;
-  const Precision precision = may_round ? product_precision() : Precision::FP32;
-  Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());  // [B, T, H, Dh]
-  Tensor lse = Tensor::empty({B, H, T}, q.dtype(), q.device());  // [B, H, T]
+  const Precision precision = bf16_tensors ? Precision::BF16 : may_round ? product_precision() : Precision::FP32;
+  Tensor out = Tensor::empty(q.shape(), q.dtype(), q.device());                              // [B, T, H, Dh]
+  Tensor lse = Tensor::empty({B, H, T}, bf16_tensors ? DType::F32 : q.dtype(), q.device());  // [B, H, T]
   KERNEL(attention_forward, q.device())(q, k, v, out, lse, precision);
   return record(op, out, {q, k, v},
                 [q = q.detach(), k = k.detach(), v = v.detach(), out = out.detach(), lse, precision](const Tensor& g) {

@@ -1,0 +1,25 @@
+#pragma once
+// bf16 tensors in the CPU kernels, which compute them in f32: values widened as they are read (exact) and results
+// rounded once as they are stored (to nearest even), so that they are the reference of the GPU's bf16 kernels.
+#include "engine/kernels/shape.h"
+
+namespace moelab::cpu {
+
+// t as f32 values: a bf16 tensor widened, any other t itself.
+inline Tensor as_f32(const Tensor& t) {
+  if (t.dtype() != DType::BF16) return t;
+  Tensor out = Tensor::empty(t.shape(), DType::F32);
+  convert_dtype(t, out);
+  return out;
+}
+
+// Where an f32 computation writes the result `out`: out itself, or an f32 scratch for a bf16 out, which
+// store_rounded then rounds into it.
+inline Tensor f32_scratch(const Tensor& out) {
+  return out.dtype() == DType::BF16 ? Tensor::empty(out.shape(), DType::F32) : out;
+}
+inline void store_rounded(const Tensor& scratch, const Tensor& out) {
+  if (scratch.impl() != out.impl()) convert_dtype(scratch, out);
+}
+
+}  // namespace moelab::cpu
