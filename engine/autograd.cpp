@@ -33,8 +33,8 @@ static bool nan_checks_on = nan_checks_default();
 void set_nan_checks(bool on) { nan_checks_on = on; }
 bool nan_checks() { return nan_checks_on; }
 
-template <class T> static void check_finite_as(const char* op, const Tensor& t) {
-  std::vector<T> values = t.to_vector<T>();
+// Throws at the first NaN among t's values (its elements, as T), naming the op and t.
+template <class T> static void check_no_nan(const char* op, const std::vector<T>& values, const Tensor& t) {
   for (size_t i = 0; i < values.size(); ++i)
     if (std::isnan(values[i]))
       throw std::runtime_error(fmt::format("NaN check: op '{}' produced {} at flat index {} of its output {}", op,
@@ -42,8 +42,13 @@ template <class T> static void check_finite_as(const char* op, const Tensor& t) 
 }
 
 static void check_finite(const char* op, const Tensor& t) {
-  if (t.dtype() == DType::F32) check_finite_as<float>(op, t);
-  if (t.dtype() == DType::F64) check_finite_as<double>(op, t);
+  if (t.dtype() == DType::F32) check_no_nan(op, t.to_vector<float>(), t);
+  if (t.dtype() == DType::F64) check_no_nan(op, t.to_vector<double>(), t);
+  if (t.dtype() == DType::BF16) {
+    std::vector<float> values;
+    for (bf16 v : t.to_vector<bf16>()) values.push_back(to_float(v));
+    check_no_nan(op, values, t);
+  }
 }
 
 // ---- recording -------------------------------------------------------------------------------------------------------

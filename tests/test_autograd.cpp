@@ -313,6 +313,9 @@ TEST_CASE("autograd: NaN checks name the op that produced a NaN and let infiniti
   check_mentions(msg, {"NaN check", "'log'", "flat index 1", "f64[2]"});
   CHECK_THROWS_AS(log(neg_one), std::runtime_error);
   check_mentions(error_of([] { div(zeros({2}), zeros({2})); }), {"'div'", "nan", "f32[2]"});  // 0/0
+  // bf16 outputs too (mixed precision's q, k, v): the bf16 copy of a NaN.
+  const Tensor with_nan = from_vector(std::vector<float>{0.f, std::nanf("")}, {2});
+  check_mentions(error_of([&] { to_dtype(with_nan, DType::BF16); }), {"'to_dtype'", "flat index 1", "bf16[2]"});
   // Infinities are legitimate values (an attention mask is -inf; exp overflows): only NaN is an error.
   CHECK(std::isinf(exp(from_vector(std::vector<float>{1000.f}, {1})).item()));
   CHECK(std::isinf(div(ones({2}), zeros({2})).to_vector<float>()[0]));

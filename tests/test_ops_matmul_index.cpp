@@ -373,6 +373,22 @@ TEST_CASE("ops: matmul_to_bf16 is matmul's bf16 product rounded once; a bf16 ope
     CHECK(bitwise_equal(ours[0], to_dtype(plain[0], DType::BF16)));
     CHECK(bitwise_equal(ours[1], plain[1]));
   }
+  // The other way round: an f32 a beside a bf16 b.
+  {
+    const Tensor w = leaf(w2, DType::F32), y = reshape(y16, {10, 6}).detach().set_requires_grad();
+    const Tensor z = matmul(w, y, false, true);  // [3, 10]
+    Tensor z_ref;
+    {
+      PrecisionGuard bf16(Precision::BF16);
+      z_ref = matmul(leaf(w2, DType::F32), leaf(reshape(y_values, {10, 6}), DType::F32), false, true);
+    }
+    CHECK(bitwise_equal(z, z_ref));
+    const Tensor g = random({3, 10}, 245, DType::F32);
+    const std::vector<Tensor> ours = node_gradients(z, g), plain = node_gradients(z_ref, g);
+    CHECK(bitwise_equal(ours[0], plain[0]));
+    CHECK(ours[1].dtype() == DType::BF16);
+    CHECK(bitwise_equal(ours[1], to_dtype(plain[1], DType::BF16)));
+  }
   // Only a bf16 product can give a bf16 result, and f64 mixes with nothing.
   check_error([&] { (void)matmul_to_bf16(a0, w0, false, true); },
               {"matmul_to_bf16", "needs a bf16 product", "f32[2, 5, 7]"});

@@ -8,6 +8,7 @@
 
 #include "engine/kernels/nn.h"
 #include "engine/precision.h"
+#include "nn/layers.h"
 #include "tests/testing.h"
 
 namespace moelab {
@@ -669,6 +670,35 @@ TEST_CASE("ops:nn causal_attention of bf16 q, k, v: bf16 products as under bf16 
   const Tensor long_heads = to_dtype(random({1, 3, 1, 136}, 74, DType::F32), DType::BF16);
   CHECK_THROWS_WITH_AS(causal_attention(long_heads, long_heads, long_heads),
                        doctest::Contains("bf16 q, k, v take head dims up to 128"), std::invalid_argument);
+}
+
+// The attention block (nn/layers.cpp) under bf16 precision: q, k, v and the attention output in bf16 for heads of up
+// to kMaxBf16HeadDim dims (then the same bits as the block written out with matmul_to_bf16, and not those of f32
+// activations), f32 for longer ones.
+TEST_CASE("nn: the attention block keeps q, k, v and its output in bf16 under bf16 precision, heads up to 128 dims") {
+  using testing::bitwise_equal;
+  const int64_t dim = 136, B = 2, T = 5;
+  const Tensor x = random({B * T, dim}, 80, DType::F32);
+  for (int64_t heads : {2, 1}) {  // head dims 68 and 136
+    Generator gen(81);
+    const nn::CausalSelfAttention block(dim, heads, 10000.0, gen, 0.05, 0.05);
+    PrecisionGuard mode(Precision::BF16);
+    auto written_out = [&](bool bf16) {
+      const Tensor x_operand = product_operand(x);
+      auto project = [&](int64_t part) {
+        const Tensor w = slice_rows(block.wqkv.weight, part * dim, (part + 1) * dim);
+        return bf16 ? matmul_to_bf16(x, w, false, true, x_operand) : matmul(x, w, false, true, x_operand);
+      };
+      const Shape heads_shape{B, T, heads, dim / heads};
+      const Tensor q = rope(reshape(project(0), heads_shape)), k = rope(reshape(project(1), heads_shape)),
+                   v = reshape(project(2), heads_shape);
+      return matmul(reshape(causal_attention(q, k, v), {B * T, dim}), block.wo.weight, false, true);
+    };
+    const Tensor y = block.forward(x, B, T);
+    const bool bf16 = dim / heads <= kMaxBf16HeadDim;
+    CHECK_MESSAGE(bitwise_equal(y, written_out(bf16)), "heads " << heads);
+    if (bf16) CHECK(!bitwise_equal(y, written_out(false)));
+  }
 }
 
 TEST_CASE("ops:nn causal_attention bad use throws") {

@@ -228,8 +228,16 @@ __global__ void rope_kernel(const S* in, const F* table, int64_t pairs, int64_t 
   out[2 * p + 1] = converted<S>(x0 * s + x1 * c);
 }
 
+// The kernels read a call's tensors as one element type, the first's (`stored`): the ops make them share it.
+static void require_one_dtype(const char* kernel, const std::vector<Tensor>& tensors) {
+  for (const Tensor& t : tensors)
+    if (t.dtype() != tensors.front().dtype())
+      fail("{}: needs tensors of one dtype, got {} beside {}", kernel, t.str(), tensors.front().str());
+}
+
 static void rope_rotate(const Tensor& in, const Tensor& table, const Tensor& out, double sign) {
   const int64_t T = in.size(1), H = in.size(2), Dh = in.size(3), pairs = in.numel() / 2;
+  require_one_dtype("rope", {in, out});
   dispatch_float("rope", table.dtype(), [&](auto tag) {
     using F = decltype(tag);
     with_storage<F>("rope", in.dtype(), [&](auto stored_as) {
@@ -903,6 +911,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
     const int64_t tiles = (T + kMmaTile - 1) / kMmaTile;
     return with_mma_head_dim("causal_attention", Dh, [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
+      require_one_dtype("causal_attention", {q, k, v, out});
       with_storage<float>("causal_attention", q.dtype(), [&](auto stored_as) {
         using S = decltype(stored_as);
         const auto kernel = attention_forward_mma_kernel<D, S>;
@@ -938,6 +947,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
     const int64_t tiles = (T + kMmaTile - 1) / kMmaTile;
     return with_mma_head_dim("causal_attention_backward", Dh, [&](auto head_dim) {
       constexpr int D = decltype(head_dim)::value;
+      require_one_dtype("causal_attention_backward", {q, k, v, out, g, dq, dk, dv});
       with_storage<float>("causal_attention_backward", q.dtype(), [&](auto stored_as) {
         using S = decltype(stored_as);
         const auto dq_kernel = attention_backward_dq_mma_kernel<D, S>;

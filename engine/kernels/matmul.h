@@ -28,7 +28,8 @@ inline MatmulShape matmul_shape(const Tensor& a, const Tensor& b, bool trans_a, 
 // are added to what out holds (a GEMM's beta = 1: a gradient added to without a temporary), and out is read as well
 // as written (an argument, so that the kernel profile counts its bytes). a and b share a dtype: f32 or f64 (out the
 // same), or bf16 (the products accumulate in f32; the CPU widens the operands to f32 and runs its f32 GEMM), out f32
-// or bf16 (the f32 result rounded once, to nearest even; never added to).
+// or bf16 (the f32 result rounded to nearest even as it is written: once on the CPU, by cuBLAS on the GPU; never
+// added to).
 DECLARE_KERNEL(batched_matmul, (const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches,
                                 const Tensor& added_to, const Tensor& out))
 

@@ -54,7 +54,8 @@ DECLARE_KERNEL(attention_forward, (const Tensor& q, const Tensor& k, const Tenso
 //   dv_j = sum_i p_ij g_i,  ds_ij = p_ij (g_i . v_j - D_i) / sqrt(Dh),
 //   dq_i = sum_j ds_ij k_j,  dk_j = sum_i ds_ij q_i.
 // Precision::BF16: q, k, v and g are rounded to bf16 (D_i too is bf16(g_i) . out_i), and so are p_ij where it
-// multiplies g_i and ds_ij where it multiplies k_j and q_i; the gradients stay f32 (as the matmul op's under BF16).
+// multiplies g_i and ds_ij where it multiplies k_j and q_i; the gradients stay f32 (as the matmul op's of f32
+// operands under BF16).
 // bf16 q, k, v: out and g are bf16 too, and dq, dk, dv are rounded to bf16 as they are stored.
 DECLARE_KERNEL(attention_backward,
                (const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
