@@ -194,6 +194,30 @@ TEST_CASE("cuda: nn: the cross-entropy kernel with the gradient matches the CPU:
       }
     }
   }
+  // bf16 logits (mixed precision's), their gradient written over them: on the CPU the results of the same values in
+  // f32 with a bf16 gradient, bit for bit.
+  for (auto [N, V] : {std::pair<int64_t, int64_t>{7, 33}, {33, 4097}}) {
+    const Tensor logits = random_of({N, V}, 20 + N, DType::BF16, 3.0);
+    const std::vector<int32_t> t = some_ignored_targets(N, V);
+    int64_t count = 0;
+    for (int32_t target : t) count += target != kIgnoreIndex;
+    const Tensor targets = from_vector(t, {N});
+    const std::string what = fmt::format("bf16 logits [{}, {}]", N, V);
+    auto run = [&](Device device, DType logits_dtype) {
+      const Tensor x = to_device(converted(logits, logits_dtype), device);
+      const Tensor row_loss = Tensor::empty({N}, DType::F64, device);
+      const Tensor d = logits_dtype == DType::BF16 ? x : Tensor::empty({N, V}, DType::BF16, device);
+      KERNEL(cross_entropy_with_gradient, device)(x, on(targets, device), kIgnoreIndex, count, row_loss, d);
+      return std::pair{row_loss, d};
+    };
+    const auto [cpu_rows, cpu_d] = run(Device::CPU, DType::BF16);
+    const auto [gpu_rows, gpu_d] = run(Device::CUDA, DType::BF16);
+    const auto [f32_rows, f32_d] = run(Device::CPU, DType::F32);
+    CHECK_MESSAGE(values_of(cpu_rows) == values_of(f32_rows), what);
+    CHECK_MESSAGE(values_of(cpu_d) == values_of(f32_d), what);
+    check_match(gpu_rows, cpu_rows, 1e-5, 1e-9, what + " row_loss");
+    check_values(values_of(gpu_d), values_of(cpu_d), kBf16Step, 1e-12, what + " dlogits");
+  }
 }
 
 TEST_CASE("cuda: nn: RMSNorm kernels match the CPU" * cuda_only()) {

@@ -244,7 +244,12 @@ LinearCE run_linear_ce(const Tensor& x, const Tensor& weight, const Tensor& targ
   PrecisionGuard mode(precision);
   Tensor xl = testing::leaf(x, x.dtype()), wl = testing::leaf(weight, weight.dtype());
   LinearCE out;
-  out.loss = chunk_rows < 0 ? cross_entropy(matmul(xl, wl, false, true), targets, kIgnoreIndex, &out.row_losses)
+  // The reference: the product, under bf16 precision rounded to bf16 and widened (the logits' values there).
+  auto logits = [&] {
+    if (precision == Precision::FP32) return matmul(xl, wl, false, true);
+    return to_dtype(matmul_to_bf16(xl, wl, false, true), DType::F32);
+  };
+  out.loss = chunk_rows < 0 ? cross_entropy(logits(), targets, kIgnoreIndex, &out.row_losses)
                             : linear_cross_entropy(xl, wl, targets, kIgnoreIndex, &out.row_losses, chunk_rows);
   mul(out.loss, 0.5).backward();
   out.dx = xl.grad(), out.dweight = wl.grad();
@@ -280,14 +285,15 @@ TEST_CASE("ops:nn linear_cross_entropy equals cross_entropy of the product, in a
   CHECK(gradcheck(loss, {x, w}, 1e-5, 1e-6, "linear_cross_entropy") < 1e-5);
 }
 
-TEST_CASE("ops:nn linear_cross_entropy under bf16 precision: bf16 products, as matmul's, and a bf16 gradient") {
+TEST_CASE("ops:nn linear_cross_entropy under bf16 precision: bf16 products, as matmul's, bf16 logits and gradient") {
   const Tensor targets = random_targets(12, 40, 36, kIgnoreIndex, 5);
   const Tensor x = random({12, 16}, 37, DType::F32, 2.0), weight = random({40, 16}, 38, DType::F32, 2.0);
   const LinearCE expected = run_linear_ce(x, weight, targets, -1, Precision::BF16);
   const LinearCE fp32 = run_linear_ce(x, weight, targets, 5, Precision::FP32);
   const LinearCE got = run_linear_ce(x, weight, targets, 5, Precision::BF16);
-  // The reference rounds the logits' gradient to bf16 before its products (matmul's backward): so does the kernel,
-  // as it writes it. Only the order of dweight's sum over chunks differs.
+  // The reference rounds the logits to bf16 as the product writes them, and their gradient to bf16 before its
+  // products (matmul's backward): so does the kernel, as it writes it. Only the order of dweight's sum over chunks
+  // differs.
   check_close(got.loss, expected.loss, 1e-6, 1e-6, "loss");
   check_close(got.dx, expected.dx, 1e-5, 1e-4, "dx");
   check_close(got.dweight, expected.dweight, 1e-5, 1e-4, "dweight");

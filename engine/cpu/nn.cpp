@@ -86,9 +86,10 @@ void cross_entropy_with_gradient(const Tensor& logits, const Tensor& targets, in
   const int64_t N = logits.size(0), V = logits.size(1);
   const int32_t* tgt = targets.data<int32_t>();
   double* rows = row_loss.data<double>();
-  dispatch_float("cross_entropy_with_gradient", logits.dtype(), [&](auto tag) {
+  const Tensor logits_f = as_f32(logits);  // bf16 logits widened (dlogits may be them: it is read from the copy)
+  dispatch_float("cross_entropy_with_gradient", logits_f.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    const F* px = logits.data<F>();
+    const F* px = logits_f.data<F>();
     const F scale = static_cast<F>(count ? 1.0 / static_cast<double>(count) : 0.0);
     // Row r's gradient into d, as the backward kernel computes it, converted to Out as it is stored.
     auto write_gradient = [&](int64_t r, const F* xr, F l, auto* d) {

@@ -86,19 +86,20 @@ void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const T
 // One block per row: row_loss[r] as cross_entropy_rows_kernel, and with d, the row's gradient for an upstream
 // gradient of 1, converted to Out as it is stored. d may be the logits: thread 0 reads the target's logit, and every
 // thread its part of the row, before the barriers of the sums, so before any thread writes.
-template <class F, class Out>
-__global__ void cross_entropy_with_gradient_kernel(const F* logits, const int32_t* targets, int64_t V,
+// The logits are stored as L: F, or bf16 beside f32 math.
+template <class F, class L, class Out>
+__global__ void cross_entropy_with_gradient_kernel(const L* logits, const int32_t* targets, int64_t V,
                                                    int32_t ignore_index, int64_t count, double* row_loss, Out* d) {
   const int64_t r = blockIdx.x;
-  const F* x = logits + r * V;
+  const L* x = logits + r * V;
   const int32_t t = targets[r];
   const bool ignored = t == ignore_index;
-  const double x_target = threadIdx.x == 0 && !ignored ? static_cast<double>(x[t]) : 0.0;
+  const double x_target = threadIdx.x == 0 && !ignored ? widened<double>(x[t]) : 0.0;
   double m = -INFINITY;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) m = fmax(m, static_cast<double>(x[j]));
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) m = fmax(m, widened<double>(x[j]));
   m = block_max(m);
   double z = 0;
-  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) z += exp(static_cast<double>(x[j]) - m);
+  for (int64_t j = threadIdx.x; j < V; j += blockDim.x) z += exp(widened<double>(x[j]) - m);
   z = block_sum(z);
   const double l = m + log(z);
   if (threadIdx.x == 0) row_loss[r] = ignored ? 0.0 : l - x_target;
@@ -107,7 +108,7 @@ __global__ void cross_entropy_with_gradient_kernel(const F* logits, const int32_
   const F lse = static_cast<F>(l);
   const F scale = static_cast<F>(count ? 1.0 / static_cast<double>(count) : 0.0);
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) {
-    F value = ignored ? F(0) : exp(x[j] - lse) * scale;
+    F value = ignored ? F(0) : exp(widened<F>(x[j]) - lse) * scale;
     if (!ignored && j == t) value -= scale;
     if constexpr (std::is_same_v<Out, __nv_bfloat16>)
       dr[j] = __float2bfloat16_rn(static_cast<float>(value));
@@ -119,19 +120,23 @@ __global__ void cross_entropy_with_gradient_kernel(const F* logits, const int32_
 void cross_entropy_with_gradient(const Tensor& logits, const Tensor& targets, int32_t ignore_index, int64_t count,
                                  const Tensor& row_loss, const Tensor& dlogits) {
   const int64_t N = logits.size(0), V = logits.size(1);
-  dispatch_float("cross_entropy_with_gradient", logits.dtype(), [&](auto tag) {
+  const DType math = logits.dtype() == DType::BF16 ? DType::F32 : logits.dtype();
+  dispatch_float("cross_entropy_with_gradient", math, [&](auto tag) {
     using F = decltype(tag);
-    auto run = [&](auto* d) {
-      using Out = std::remove_pointer_t<decltype(d)>;
-      launch("cross_entropy_with_gradient", cross_entropy_with_gradient_kernel<F, Out>, dim3(N), dim3(kRowThreads), 0,
-             logits.data<F>(), targets.data<int32_t>(), V, ignore_index, count, row_loss.data<double>(), d);
-    };
-    if (!dlogits.defined())
-      run(static_cast<F*>(nullptr));
-    else if (dlogits.dtype() == DType::BF16)
-      run(reinterpret_cast<__nv_bfloat16*>(dlogits.data<bf16>()));
-    else
-      run(dlogits.data<F>());
+    with_storage<F>("cross_entropy_with_gradient", logits.dtype(), [&](auto stored_as) {
+      using L = decltype(stored_as);
+      auto run = [&](auto* d) {
+        using Out = std::remove_pointer_t<decltype(d)>;
+        launch("cross_entropy_with_gradient", cross_entropy_with_gradient_kernel<F, L, Out>, dim3(N), dim3(kRowThreads),
+               0, stored<const L>(logits), targets.data<int32_t>(), V, ignore_index, count, row_loss.data<double>(), d);
+      };
+      if (!dlogits.defined())
+        run(static_cast<F*>(nullptr));
+      else if (dlogits.dtype() == DType::BF16)
+        run(stored<__nv_bfloat16>(dlogits));
+      else
+        run(dlogits.data<F>());
+    });
   });
 }
 

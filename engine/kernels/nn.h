@@ -17,9 +17,9 @@ DECLARE_KERNEL(cross_entropy_backward, (const Tensor& logits, const Tensor& targ
                                         int32_t ignore_index, int64_t count, const Tensor& dlogits))
 // Both in one kernel (one reader of the logits, not two), for a chunk of rows of the LM head (linear_cross_entropy):
 // row_loss as above and, unless dlogits is undefined, dlogits[r] = (softmax(x_r) - onehot(t_r)) / count, the gradient
-// of the mean for an upstream gradient of 1. dlogits has the logits' dtype or is bf16 (f32 logits: the operand of the
-// bf16 products that follow, rounded once as it is written); it may be the logits themselves (each row is read
-// before it is written).
+// of the mean for an upstream gradient of 1. The logits may also be bf16 (mixed precision's: computed in f32).
+// dlogits has the logits' dtype or is bf16 (the operand of the bf16 products that follow, rounded once as it is
+// written); it may be the logits themselves (each row is read before it is written).
 DECLARE_KERNEL(cross_entropy_with_gradient, (const Tensor& logits, const Tensor& targets, int32_t ignore_index,
                                              int64_t count, const Tensor& row_loss, const Tensor& dlogits))
 

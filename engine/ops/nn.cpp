@@ -69,7 +69,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
 // ---- the LM head's cross-entropy ------------------------------------------------------------------------------------
 // cross_entropy(x @ weight^T, targets) without the logits [N, V] ever existing whole (for M: 2.1 GB in f32, and as
 // much again for their gradient). Chunks of rows: each chunk's logits are one product, the CE kernel reads them once
-// and writes their gradient (for an upstream gradient of 1; bf16 under mixed precision, else over the logits), and
+// and writes their gradient over them (for an upstream gradient of 1; both bf16 under mixed precision), and
 // the chunk's two gradient products follow at once: dx into the chunk's rows, dweight added up over the chunks (beta
 // = 1). So the forward computes the gradients, when one is needed; the backward scales them by the upstream gradient.
 
@@ -99,10 +99,11 @@ Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor&
   const Tensor x_operand = mixed ? rounded_to_bf16(x) : x.detach();
   const Tensor weight_operand = mixed ? rounded_to_bf16(weight) : weight.detach();
 
+  // Every chunk's logits in turn, bf16 under mixed precision (the product rounded as it is written, autocast's bf16
+  // logits), and their gradient written over them.
   const int64_t rows = std::min(N, chunk_rows > 0 ? chunk_rows : std::max<int64_t>(1, kLogitsChunkBytes / (4 * V)));
-  const Tensor logits = Tensor::empty({rows, V}, x.dtype(), device);  // every chunk's, in turn
-  Tensor dlogits;  // the logits' gradient: written over them, or in bf16
-  if (need_dx || need_dweight) dlogits = mixed ? Tensor::empty({rows, V}, DType::BF16, device) : logits;
+  const Tensor logits = Tensor::empty({rows, V}, mixed ? DType::BF16 : x.dtype(), device);
+  const Tensor dlogits = need_dx || need_dweight ? logits : Tensor();
   const Tensor row_loss = Tensor::empty({N}, DType::F64, device);
   const Tensor dx = need_dx ? Tensor::empty({N, d}, x.dtype(), device) : Tensor();
   Tensor dweight;  // the products add to it from the second chunk on: zeros when there is none (N = 0)
