@@ -1,6 +1,7 @@
 // `moe-bench attention`: causal attention's forward and backward alone, on a named config's shapes (its benchmark
-// batch of seq_len tokens, n_heads heads of d_model / n_heads dims), ours in fp32 and in bf16 (Precision::BF16: on a
-// GPU the tensor-core kernels, the tiled CUDA-core ones in fp32) against PyTorch's F.scaled_dot_product_attention on
+// batch of seq_len tokens, n_heads heads of d_model / n_heads dims), ours in fp32 and in bf16 (bf16 tensors, as the
+// training step's under mixed precision: on a GPU the tensor-core kernels, the tiled CUDA-core ones in fp32) against
+// PyTorch's F.scaled_dot_product_attention on
 // the same inputs in the same run (scripts/bench_torch_attention.py): the median ms of each pass, TFLOP/s, and how far
 // PyTorch's output and gradients lie from ours in the same precision (relative norm error: a wrong kernel shows as
 // ~1, bf16 rounding as ~1e-3).
@@ -47,22 +48,22 @@ double attention_flops(int64_t B, int64_t T, int64_t H, int64_t Dh) {
   return forward * 3.5;
 }
 
-OurRun time_ours(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, Precision precision,
+// bf16: q, k, v, g and the results in bf16 (lse f32), what the training step's attention takes and gives under
+// mixed precision (nn/layers.cpp).
+OurRun time_ours(const Tensor& q32, const Tensor& k32, const Tensor& v32, const Tensor& g32, Precision precision,
                  const PartBenchOptions& opts) {
-  const Device device = q.device();
+  const Device device = q32.device();
+  const DType dtype = precision == Precision::BF16 ? DType::BF16 : DType::F32;
+  const Tensor q = to_dtype(q32, dtype), k = to_dtype(k32, dtype), v = to_dtype(v32, dtype), g = to_dtype(g32, dtype);
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2);
-  Tensor out = Tensor::empty(q.shape(), DType::F32, device), lse = Tensor::empty({B, H, T}, DType::F32, device);
-  Tensor dq = Tensor::empty(q.shape(), DType::F32, device), dk = Tensor::empty(q.shape(), DType::F32, device),
-         dv = Tensor::empty(q.shape(), DType::F32, device);
+  Tensor out = Tensor::empty(q.shape(), dtype, device), lse = Tensor::empty({B, H, T}, DType::F32, device);
+  Tensor dq = Tensor::empty(q.shape(), dtype, device), dk = Tensor::empty(q.shape(), dtype, device),
+         dv = Tensor::empty(q.shape(), dtype, device);
   const auto forward = [&] { KERNEL(attention_forward, device)(q, k, v, out, lse, precision); };
   const auto backward = [&] { KERNEL(attention_backward, device)(q, k, v, out, lse, g, dq, dk, dv, precision); };
   const PassTimes times = time_passes(device, opts.warmup, opts.steps, forward, backward);
-  return {precision,
-          times,
-          to_device(out, Device::CPU),
-          to_device(dq, Device::CPU),
-          to_device(dk, Device::CPU),
-          to_device(dv, Device::CPU)};
+  auto on_cpu = [](const Tensor& t) { return to_dtype(to_device(t, Device::CPU), DType::F32); };
+  return {precision, times, on_cpu(out), on_cpu(dq), on_cpu(dk), on_cpu(dv)};
 }
 
 void run_attention_bench(const PartBenchOptions& opts) {
