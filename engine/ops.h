@@ -145,7 +145,7 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
                      Tensor* row_losses = nullptr);
 // cross_entropy(matmul(x, weight, false, true), targets, ignore_index, row_losses) for x [N, d] and weight [V, d]
 // (the LM head), f32 or f64, without the logits [N, V]: chunks of chunk_rows rows (0: as many as fit in 256 MB of
-// logits), each chunk's gradients computed in the forward when x or weight needs one (a backward then only scales
+// f32 logits), each chunk's gradients computed in the forward when x or weight needs one (a backward then only scales
 // them). Under mixed precision (engine/precision.h) its products are bf16 products, like matmul's, and the logits
 // are bf16 (the product rounded as it is written, as autocast's); the logits' gradient is rounded to bf16 before the
 // upstream gradient scales it (matmul's backward: after), the same bits when that is a power of two (the trainer's

@@ -7,8 +7,8 @@
 //         and causal attention's q k^T and p v for heads of up to 128 dims (engine/ops/nn.cpp; its softmax stays
 //         f32). Their gradients are f32 too (the output gradient is rounded to bf16 as an operand, the products are
 //         not). Some activations are kept in bf16 in this mode, as under autocast: attention's q, k, v and output,
-//         whose gradients are bf16 too (nn/layers.cpp, matmul_to_bf16), and the experts' inside their op
-//         (moe/dispatch.cpp).
+//         whose gradients are bf16 too (nn/layers.cpp, matmul_to_bf16), and inside their ops the experts'
+//         (moe/dispatch.cpp) and the LM head's logits with their gradient (linear_cross_entropy).
 // Whatever the mode: f64 (gradient checks) and bf16 tensors multiply as their dtype says; everything that is not a
 // product (norms, softmax, losses, optimizer) is f32; the router's logits are an f32 product (moe/router.cpp asks
 // for FP32). An op reads the mode when it runs forward and its backward follows that choice.

@@ -194,8 +194,8 @@ TEST_CASE("cuda: nn: the cross-entropy kernel with the gradient matches the CPU:
       }
     }
   }
-  // bf16 logits (mixed precision's), their gradient written over them: on the CPU the results of the same values in
-  // f32 with a bf16 gradient, bit for bit.
+  // bf16 logits (mixed precision's): their gradient written over them, into a separate f32 tensor, or none (the loss
+  // alone, as in validation); on the CPU the results of the same values in f32, bit for bit.
   for (auto [N, V] : {std::pair<int64_t, int64_t>{7, 33}, {33, 4097}}) {
     const Tensor logits = random_of({N, V}, 20 + N, DType::BF16, 3.0);
     const std::vector<int32_t> t = some_ignored_targets(N, V);
@@ -203,20 +203,27 @@ TEST_CASE("cuda: nn: the cross-entropy kernel with the gradient matches the CPU:
     for (int32_t target : t) count += target != kIgnoreIndex;
     const Tensor targets = from_vector(t, {N});
     const std::string what = fmt::format("bf16 logits [{}, {}]", N, V);
-    auto run = [&](Device device, DType logits_dtype) {
+    // mode 0: over the logits (bf16), 1: into f32, 2: none. The f32 values' runs write a bf16 gradient in mode 0.
+    auto run = [&](Device device, DType logits_dtype, int mode) {
       const Tensor x = to_device(converted(logits, logits_dtype), device);
       const Tensor row_loss = Tensor::empty({N}, DType::F64, device);
-      const Tensor d = logits_dtype == DType::BF16 ? x : Tensor::empty({N, V}, DType::BF16, device);
+      const Tensor d = mode == 0   ? (logits_dtype == DType::BF16 ? x : Tensor::empty({N, V}, DType::BF16, device))
+                       : mode == 1 ? Tensor::empty({N, V}, DType::F32, device)
+                                   : Tensor();
       KERNEL(cross_entropy_with_gradient, device)(x, on(targets, device), kIgnoreIndex, count, row_loss, d);
       return std::pair{row_loss, d};
     };
-    const auto [cpu_rows, cpu_d] = run(Device::CPU, DType::BF16);
-    const auto [gpu_rows, gpu_d] = run(Device::CUDA, DType::BF16);
-    const auto [f32_rows, f32_d] = run(Device::CPU, DType::F32);
-    CHECK_MESSAGE(values_of(cpu_rows) == values_of(f32_rows), what);
-    CHECK_MESSAGE(values_of(cpu_d) == values_of(f32_d), what);
-    check_match(gpu_rows, cpu_rows, 1e-5, 1e-9, what + " row_loss");
-    check_values(values_of(gpu_d), values_of(cpu_d), kBf16Step, 1e-12, what + " dlogits");
+    for (int mode = 0; mode < 3; ++mode) {
+      const std::string case_name = fmt::format("{} mode {}", what, mode);
+      const auto [cpu_rows, cpu_d] = run(Device::CPU, DType::BF16, mode);
+      const auto [gpu_rows, gpu_d] = run(Device::CUDA, DType::BF16, mode);
+      const auto [f32_rows, f32_d] = run(Device::CPU, DType::F32, mode);
+      CHECK_MESSAGE(values_of(cpu_rows) == values_of(f32_rows), case_name);
+      check_match(gpu_rows, cpu_rows, 1e-5, 1e-9, case_name + " row_loss");
+      if (mode == 2) continue;
+      CHECK_MESSAGE(values_of(cpu_d) == values_of(f32_d), case_name);
+      check_values(values_of(gpu_d), values_of(cpu_d), mode == 0 ? kBf16Step : 1e-5, 1e-12, case_name + " dlogits");
+    }
   }
 }
 
@@ -297,13 +304,13 @@ TEST_CASE("cuda: nn: RoPE kernels on bf16 tensors match the CPU (f32 table, resu
     check_match(gpu[0], cpu[0], kBf16Step, 1e-2, shape_str(shape) + " y");
     check_match(gpu[1], cpu[1], kBf16Step, 1e-2, shape_str(shape) + " dx");
   }
-  // The kernel reads both tensors as the input's type: another dtype for the output is refused.
-  const Tensor x = on(random_of({1, 2, 1, 4}, 34, DType::BF16), Device::CUDA);
-  const Tensor table = on(rope_table(2, 4, DType::F32), Device::CUDA);
-  const auto mixed = [&] {
-    KERNEL(rope_forward, Device::CUDA)(x, table, Tensor::empty(x.shape(), DType::F32, Device::CUDA));
-  };
-  CHECK(testing::error_of(mixed).find("rope: needs tensors of one dtype") != std::string::npos);
+  // The kernels read both tensors as the input's type: another dtype for the output is refused (the CPU's too).
+  for (Device device : {Device::CPU, Device::CUDA}) {
+    const Tensor x = on(random_of({1, 2, 1, 4}, 34, DType::BF16), device);
+    const Tensor table = on(rope_table(2, 4, DType::F32), device), y = Tensor::empty(x.shape(), DType::F32, device);
+    const auto mixed = [&] { KERNEL(rope_forward, device)(x, table, y); };
+    CHECK(testing::error_of(mixed).find("rope: needs tensors of one dtype") != std::string::npos);
+  }
 }
 
 // The tiled kernels: 1 to 3 tiles of 64 query and key rows (T = 130: a partial third), each tiling (head dims up to

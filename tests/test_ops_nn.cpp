@@ -295,8 +295,15 @@ TEST_CASE("ops:nn linear_cross_entropy under bf16 precision: bf16 products, as m
   // products (matmul's backward): so does the kernel, as it writes it. Only the order of dweight's sum over chunks
   // differs.
   check_close(got.loss, expected.loss, 1e-6, 1e-6, "loss");
+  check_close(got.row_losses, expected.row_losses, 1e-6, 1e-6, "row losses");
   check_close(got.dx, expected.dx, 1e-5, 1e-4, "dx");
   check_close(got.dweight, expected.dweight, 1e-5, 1e-4, "dweight");
+  {  // The loss alone (validation, no gradient kept): the same.
+    NoGradGuard no_grad;
+    PrecisionGuard bf16(Precision::BF16);
+    check_close(linear_cross_entropy(x, weight, targets, kIgnoreIndex, nullptr, 5), expected.loss, 1e-6, 1e-6,
+                "loss without a gradient");
+  }
   // And the precision is real: f32 products give another loss and other gradients.
   CHECK(testing::max_relative_error(fp32.loss, got.loss) > 1e-5);
   CHECK(testing::max_relative_error(fp32.dx, got.dx) > 1e-4);

@@ -1,7 +1,7 @@
 // CPU kernels of engine/kernels/nn.h: cross-entropy, RMSNorm, RoPE and causal attention. A forward saves only the
 // small per-row statistic its backward needs (logsumexp, 1/rms); the backward recomputes the rest.
 // In this file F is the element type (float or double); B, T, H, Dh, V, d are sizes named as in docs/model.md.
-// RoPE and attention compute bf16 tensors in f32 (engine/cpu/bf16.h).
+// RoPE, attention and the LM head's cross-entropy compute bf16 tensors in f32 (engine/cpu/bf16.h).
 #include "engine/kernels/nn.h"
 
 #include <algorithm>
@@ -203,6 +203,7 @@ template <class F> void rope_rotate(const Tensor& in_t, const Tensor& table_t, c
 }  // namespace
 
 void rope_forward(const Tensor& x, const Tensor& table, const Tensor& y) {
+  require_one_dtype("rope", {x, y});
   const Tensor x_f = as_f32(x), y_f = f32_scratch(y);
   dispatch_float("rope", x_f.dtype(),
                  [&](auto tag) { rope_rotate<decltype(tag)>(x_f, table, y_f, /*inverse=*/false); });
@@ -210,6 +211,7 @@ void rope_forward(const Tensor& x, const Tensor& table, const Tensor& y) {
 }
 
 void rope_backward(const Tensor& g, const Tensor& table, const Tensor& dx) {
+  require_one_dtype("rope", {g, dx});
   const Tensor g_f = as_f32(g), dx_f = f32_scratch(dx);
   dispatch_float("rope_backward", g_f.dtype(),
                  [&](auto tag) { rope_rotate<decltype(tag)>(g_f, table, dx_f, /*inverse=*/true); });
@@ -390,6 +392,7 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3);
   const HeadLayout layout{T, H, Dh};
   const bool parallel = B * H * T * T * Dh > 2 * kParallelGrain, bf16 = precision == Precision::BF16;
+  require_one_dtype("causal_attention", {q, k, v, out});
   const Tensor qo = operand(q, bf16), ko = operand(k, bf16), vo = operand(v, bf16), out_f = f32_scratch(out);
   dispatch_float("causal_attention", qo.dtype(), [&](auto tag) {
     using F = decltype(tag);
@@ -421,6 +424,7 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   const int64_t B = q.size(0), T = q.size(1), H = q.size(2), Dh = q.size(3), BH = B * H;
   const HeadLayout layout{T, H, Dh};
   const bool parallel = B * H * T * T * Dh > 2 * kParallelGrain, bf16 = precision == Precision::BF16;
+  require_one_dtype("causal_attention_backward", {q, k, v, out, g, dq, dk, dv});
   const Tensor qo = operand(q, bf16), ko = operand(k, bf16), vo = operand(v, bf16), go = operand(g, bf16),
                out_f = as_f32(out), dq_f = f32_scratch(dq), dk_f = f32_scratch(dk), dv_f = f32_scratch(dv);
   dispatch_float("causal_attention_backward", qo.dtype(), [&](auto tag) {

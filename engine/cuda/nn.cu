@@ -1,7 +1,7 @@
 // CUDA kernels of engine/kernels/nn.h: cross-entropy, RMSNorm, RoPE and causal attention. Each row-wise kernel gives
 // one row to one block, so every sum over a row is a block reduction in a fixed order (reduce.cuh). The CPU kernels
-// (engine/cpu/nn.cpp) are their reference in the tests. F is the element type (float or double), A the type sums are
-// accumulated in (double for the losses, as on the CPU).
+// (engine/cpu/nn.cpp) are their reference in the tests. F is the element type (float or double; bf16 tensors are
+// stored beside float math: S, T, L), A the type sums are accumulated in (double for the losses, as on the CPU).
 #include "engine/kernels/nn.h"
 
 #include <cmath>
@@ -231,13 +231,6 @@ __global__ void rope_kernel(const S* in, const F* table, int64_t pairs, int64_t 
   const F x0 = widened<F>(in[2 * p]), x1 = widened<F>(in[2 * p + 1]);
   out[2 * p] = converted<S>(x0 * c - x1 * s);
   out[2 * p + 1] = converted<S>(x0 * s + x1 * c);
-}
-
-// The kernels read a call's tensors as one element type, the first's (`stored`): the ops make them share it.
-static void require_one_dtype(const char* kernel, const std::vector<Tensor>& tensors) {
-  for (const Tensor& t : tensors)
-    if (t.dtype() != tensors.front().dtype())
-      fail("{}: needs tensors of one dtype, got {} beside {}", kernel, t.str(), tensors.front().str());
 }
 
 static void rope_rotate(const Tensor& in, const Tensor& table, const Tensor& out, double sign) {

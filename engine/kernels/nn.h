@@ -32,6 +32,14 @@ DECLARE_KERNEL(rms_norm_forward,
 DECLARE_KERNEL(rms_norm_backward, (const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& g,
                                    const Tensor& dx, const Tensor& dweight))
 
+// The RoPE and attention kernels read a call's tensors (but the table and lse) as one element type: the ops make them
+// share it, and the kernels of both devices refuse tensors that do not.
+inline void require_one_dtype(const char* kernel, const std::vector<Tensor>& tensors) {
+  for (const Tensor& t : tensors)
+    if (t.dtype() != tensors.front().dtype())
+      fail("{}: needs tensors of one dtype, got {} beside {}", kernel, t.str(), tensors.front().str());
+}
+
 // ---- RoPE -------------------------------------------------------------------------------------------------------------
 // x [B, T, H, Dh] and the (cos, sin) table [T, Dh/2, 2]: pair (2i, 2i+1) of each head rotates by the table's angle:
 //   y0 = x0 cos - x1 sin,  y1 = x0 sin + x1 cos.

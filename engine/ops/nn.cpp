@@ -73,7 +73,8 @@ Tensor cross_entropy(const Tensor& logits, const Tensor& targets, int32_t ignore
 // the chunk's two gradient products follow at once: dx into the chunk's rows, dweight added up over the chunks (beta
 // = 1). So the forward computes the gradients, when one is needed; the backward scales them by the upstream gradient.
 
-// Logits of a chunk take at most this many bytes (f32): few enough chunks for large products, little memory.
+// A chunk has as many rows as this many bytes of f32 logits hold (bf16 ones take half): few enough chunks for large
+// products, little memory.
 constexpr int64_t kLogitsChunkBytes = int64_t(256) << 20;
 
 Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor& targets, int32_t ignore_index,
@@ -94,7 +95,8 @@ Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor&
   const int64_t count = counted_rows(op, V, targets, ignore_index, "weight " + weight.str());
   const bool need_dx = grad_enabled() && x.requires_grad(), need_dweight = grad_enabled() && weight.requires_grad();
 
-  // Under BF16 precision the products take bf16 copies of x, weight and the logits' gradient (as matmul's would).
+  // Under BF16 precision the products take bf16 copies of x and weight (as matmul's would) and the logits and their
+  // gradient are bf16 tensors.
   const bool mixed = multiplied_in_bf16(x);
   const Tensor x_operand = mixed ? rounded_to_bf16(x) : x.detach();
   const Tensor weight_operand = mixed ? rounded_to_bf16(weight) : weight.detach();
