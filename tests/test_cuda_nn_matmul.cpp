@@ -265,6 +265,15 @@ Tensor rope_table(int64_t T, int64_t Dh, DType dtype) {
   return from_vector(values, {T, Dh / 2, 2}, dtype);
 }
 
+// The RoPE kernels' y (forward of x) and dx (backward of g) on `device`.
+std::vector<Tensor> rope_results(const Tensor& x, const Tensor& g, const Tensor& table, Device device) {
+  const Tensor xd = on(x, device), gd = on(g, device), td = on(table, device);
+  std::vector<Tensor> o{empty_like_on(xd, device), empty_like_on(xd, device)};
+  KERNEL(rope_forward, device)(xd, td, o[0]);
+  KERNEL(rope_backward, device)(gd, td, o[1]);
+  return o;
+}
+
 }  // namespace
 
 TEST_CASE("cuda: nn: RoPE kernels match the CPU" * cuda_only()) {
@@ -274,14 +283,8 @@ TEST_CASE("cuda: nn: RoPE kernels match the CPU" * cuda_only()) {
       const std::string what = fmt::format("{} {}", dtype_name(dtype), shape_str(shape));
       const Tensor x = random(shape, 30, dtype), g = random(shape, 31, dtype);
       const Tensor table = rope_table(shape[1], shape[3], dtype);
-      auto run = [&](Device device) {
-        const Tensor xd = on(x, device), gd = on(g, device), td = on(table, device);
-        std::vector<Tensor> o{empty_like_on(xd, device), empty_like_on(xd, device)};
-        KERNEL(rope_forward, device)(xd, td, o[0]);
-        KERNEL(rope_backward, device)(gd, td, o[1]);
-        return o;
-      };
-      const std::vector<Tensor> cpu = run(Device::CPU), gpu = run(Device::CUDA);
+      const std::vector<Tensor> cpu = rope_results(x, g, table, Device::CPU),
+                                gpu = rope_results(x, g, table, Device::CUDA);
       check_match(gpu[0], cpu[0], rel, 1.0, what + " y");
       check_match(gpu[1], cpu[1], rel, 1.0, what + " dx");
     }
@@ -292,14 +295,8 @@ TEST_CASE("cuda: nn: RoPE kernels on bf16 tensors match the CPU (f32 table, resu
   for (const Shape& shape : {Shape{1, 1, 1, 2}, Shape{2, 7, 3, 20}, Shape{1, 65, 5, 32}}) {
     const Tensor x = random_of(shape, 32, DType::BF16), g = random_of(shape, 33, DType::BF16);
     const Tensor table = rope_table(shape[1], shape[3], DType::F32);
-    auto run = [&](Device device) {
-      const Tensor xd = on(x, device), gd = on(g, device), td = on(table, device);
-      std::vector<Tensor> o{empty_like_on(xd, device), empty_like_on(xd, device)};
-      KERNEL(rope_forward, device)(xd, td, o[0]);
-      KERNEL(rope_backward, device)(gd, td, o[1]);
-      return o;
-    };
-    const std::vector<Tensor> cpu = run(Device::CPU), gpu = run(Device::CUDA);
+    const std::vector<Tensor> cpu = rope_results(x, g, table, Device::CPU),
+                              gpu = rope_results(x, g, table, Device::CUDA);
     // One bf16 step apart at most, where the two f32 rotations straddle a rounding boundary.
     check_match(gpu[0], cpu[0], kBf16Step, 1e-2, shape_str(shape) + " y");
     check_match(gpu[1], cpu[1], kBf16Step, 1e-2, shape_str(shape) + " dx");
@@ -373,6 +370,13 @@ Tensor misaligned_on_gpu(const Tensor& x) {
   return reshape(slice_rows(flat, 1, x.numel() + 1), x.shape());
 }
 
+// The largest |value| of x (infinity if one is NaN).
+double largest_magnitude(const Tensor& x) {
+  double largest = 0;
+  for (double v : values_of(x)) largest = std::max(largest, std::isnan(v) ? INFINITY : std::abs(v));
+  return largest;
+}
+
 // Where a few elements (rounded the other way) or all of them are off: the count of those off by more than 1e-5 of
 // the largest |expected| (NaN counts as off).
 std::string elements_off(const Tensor& actual, const Tensor& expected) {
@@ -399,9 +403,7 @@ TEST_CASE("cuda: nn: bf16 causal attention on the tensor cores matches the CPU's
         const std::string what = shape_str(shape) + names[i];
         if (T == 1 && (i == 2 || i == 3)) {  // one key: ds = p (g . v - g . out) is 0 but for rounding, so are dq, dk
           // (measured here: up to 5e-7; the sums of ~96 products of size ~1 carry ~1e-6 of f32 rounding)
-          double largest = 0;
-          for (double x : testing::as_doubles(gpu[i]))
-            largest = std::max(largest, std::isnan(x) ? INFINITY : std::abs(x));
+          const double largest = largest_magnitude(gpu[i]);
           CHECK_MESSAGE(largest < 1e-5, what << ": largest |value| " << largest);
           continue;
         }
@@ -456,8 +458,7 @@ TEST_CASE("cuda: nn: causal attention on bf16 tensors matches the CPU's, loaded 
       for (size_t i = 0; i < cpu.size(); ++i) {
         const std::string what = shape_str(shape) + names[i];
         if (T == 1 && (i == 2 || i == 3)) {  // one key: dq and dk are 0 but for rounding, as in the f32 test above
-          double largest = 0;
-          for (double x : values_of(gpu[i])) largest = std::max(largest, std::isnan(x) ? INFINITY : std::abs(x));
+          const double largest = largest_magnitude(gpu[i]);
           CHECK_MESSAGE(largest < 1e-5, what << ": largest |value| " << largest);
           continue;
         }

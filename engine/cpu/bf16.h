@@ -1,6 +1,7 @@
 #pragma once
 // bf16 tensors in the CPU kernels, which compute them in f32: values widened as they are read (exact) and results
 // rounded once as they are stored (to nearest even), so that they are the reference of the GPU's bf16 kernels.
+#include "engine/kernels/matmul.h"
 #include "engine/kernels/shape.h"
 
 namespace moelab::cpu {
@@ -11,6 +12,16 @@ inline Tensor as_f32(const Tensor& t) {
   Tensor out = Tensor::empty(t.shape(), DType::F32);
   convert_dtype(t, out);
   return out;
+}
+
+// An operand of a product as the f32 GEMM multiplies it: t itself, or an f32 copy whose every element is a bf16 value
+// (a bf16 t widened; with `round`, the operands of a bf16 product, an f32 t rounded to nearest even).
+inline Tensor bf16_operand(const Tensor& t, bool round) {
+  if (t.dtype() == DType::BF16) return as_f32(t);
+  if (!round) return t;
+  Tensor rounded = Tensor::empty(t.shape(), DType::F32);
+  round_to_bf16(t, rounded);
+  return rounded;
 }
 
 // Where an f32 computation writes the result `out`: out itself, or an f32 scratch for a bf16 out, which

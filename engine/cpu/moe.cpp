@@ -74,18 +74,6 @@ template <class T> inline void round_span_to_bf16(const T* in, T* out, int64_t n
   for (int64_t i = 0; i < n; ++i) out[i] = bf16_rounded(in[i]);
 }
 
-// A GEMM operand: t itself, or with `round` an f32 copy of t whose every element is a bf16 value (t f32: rounded;
-// t bf16: widened).
-Tensor operand(const Tensor& t, bool round) {
-  if (!round) return t;
-  if (t.dtype() == DType::BF16) return as_f32(t);
-  Tensor out = Tensor::empty(t.shape(), DType::F32);
-  const float* in = t.data<float>();
-  float* o = out.data<float>();
-  parallel_for(t.numel(), 1, [&](int64_t i) { o[i] = bf16_rounded(in[i]); });
-  return out;
-}
-
 // The k most probable of n experts, best first: larger p first, NaN above everything (as topk ranks it), ties -> lower
 // id. A total order, so the picks are exactly topk's.
 template <class T> inline bool ranks_before(T pa, int32_t a, T pb, int32_t b) {
@@ -225,7 +213,7 @@ void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Ten
 
 // ---- (e) grouped SwiGLU: per-expert GEMMs ---------------------------------------------------------------------------
 
-// Under Precision::BF16 the GEMMs read `operand` copies of their inputs: f32 holding bf16 values, made per expert
+// Under Precision::BF16 the GEMMs read `bf16_operand` copies of their inputs: f32 holding bf16 values, made per expert
 // right after they are computed for act, d_gate_pre and d_up_pre. gate_pre, up_pre, act and out_sorted are computed
 // into f32 scratch, rounded there, and stored in their bf16 tensors once every expert is done (an exact conversion).
 // Under FP32 the scratch is those tensors themselves, and the calls are exactly the f32 ones.
@@ -237,8 +225,8 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
   const int32_t* o = offsets.data();
   const bool bf16 =
       grouped_swiglu_forward_rounds(x_sorted, w_gate, w_up, w_down, gate_pre, up_pre, act, out_sorted, precision);
-  const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
-               wd_op = operand(w_down, bf16);
+  const Tensor x_op = bf16_operand(x_sorted, bf16), wg_op = bf16_operand(w_gate, bf16),
+               wu_op = bf16_operand(w_up, bf16), wd_op = bf16_operand(w_down, bf16);
   const Tensor gate_f = f32_scratch(gate_pre), up_f = f32_scratch(up_pre), act_f = f32_scratch(act),
                out_f = f32_scratch(out_sorted);
   dispatch_float("moe_grouped_swiglu_forward", w_gate.dtype(), [&](auto tag) {
@@ -277,8 +265,9 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
   const int32_t* o = offsets.data();
   const bool bf16 = grouped_swiglu_backward_rounds(x_sorted, w_gate, w_up, w_down, gate_pre, up_pre, act, d_out_sorted,
                                                    d_act, d_x_sorted, dw_gate, dw_up, dw_down, precision);
-  const Tensor x_op = operand(x_sorted, bf16), wg_op = operand(w_gate, bf16), wu_op = operand(w_up, bf16),
-               wd_op = operand(w_down, bf16), d_out_op = operand(d_out_sorted, bf16);
+  const Tensor x_op = bf16_operand(x_sorted, bf16), wg_op = bf16_operand(w_gate, bf16),
+               wu_op = bf16_operand(w_up, bf16), wd_op = bf16_operand(w_down, bf16),
+               d_out_op = bf16_operand(d_out_sorted, bf16);
   const Tensor gate_f = as_f32(gate_pre), up_f = as_f32(up_pre), act_f = as_f32(act);  // the forward's values
   const Tensor d_gate_pre = Tensor::empty(d_act.shape(), d_act.dtype());               // [S, h]
   const Tensor d_up_pre = Tensor::empty(d_act.shape(), d_act.dtype());                 // [S, h]

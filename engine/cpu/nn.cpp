@@ -13,7 +13,6 @@
 #include "engine/cpu/bf16.h"
 #include "engine/cpu/math.h"
 #include "engine/cpu/parallel.h"
-#include "engine/kernels/matmul.h"
 
 namespace moelab::cpu {
 
@@ -376,15 +375,6 @@ const bool kAttentionAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu
 const bool kAttentionAvx512 = false;
 #endif
 
-// x, or under Precision::BF16 a copy rounded to bf16 values (kept in f32): a product's operand. A bf16 x is widened.
-Tensor operand(const Tensor& x, bool bf16) {
-  if (x.dtype() == DType::BF16) return as_f32(x);
-  if (!bf16) return x;
-  Tensor rounded = Tensor::empty(x.shape(), DType::F32, Device::CPU);
-  round_to_bf16(x, rounded);
-  return rounded;
-}
-
 }  // namespace
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
@@ -393,7 +383,8 @@ void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const 
   const HeadLayout layout{T, H, Dh};
   const bool parallel = B * H * T * T * Dh > 2 * kParallelGrain, bf16 = precision == Precision::BF16;
   require_one_dtype("causal_attention", {q, k, v, out});
-  const Tensor qo = operand(q, bf16), ko = operand(k, bf16), vo = operand(v, bf16), out_f = f32_scratch(out);
+  const Tensor qo = bf16_operand(q, bf16), ko = bf16_operand(k, bf16), vo = bf16_operand(v, bf16),
+               out_f = f32_scratch(out);
   dispatch_float("causal_attention", qo.dtype(), [&](auto tag) {
     using F = decltype(tag);
     const F *pq = qo.data<F>(), *pk = ko.data<F>(), *pv = vo.data<F>();
@@ -425,8 +416,9 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
   const HeadLayout layout{T, H, Dh};
   const bool parallel = B * H * T * T * Dh > 2 * kParallelGrain, bf16 = precision == Precision::BF16;
   require_one_dtype("causal_attention_backward", {q, k, v, out, g, dq, dk, dv});
-  const Tensor qo = operand(q, bf16), ko = operand(k, bf16), vo = operand(v, bf16), go = operand(g, bf16),
-               out_f = as_f32(out), dq_f = f32_scratch(dq), dk_f = f32_scratch(dk), dv_f = f32_scratch(dv);
+  const Tensor qo = bf16_operand(q, bf16), ko = bf16_operand(k, bf16), vo = bf16_operand(v, bf16),
+               go = bf16_operand(g, bf16), out_f = as_f32(out), dq_f = f32_scratch(dq), dk_f = f32_scratch(dk),
+               dv_f = f32_scratch(dv);
   dispatch_float("causal_attention_backward", qo.dtype(), [&](auto tag) {
     using F = decltype(tag);
     const F *pq = qo.data<F>(), *pk = ko.data<F>(), *pv = vo.data<F>(), *po = out_f.data<F>(), *plse = lse.data<F>(),
