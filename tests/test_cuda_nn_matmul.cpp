@@ -230,16 +230,20 @@ TEST_CASE("cuda: nn: the cross-entropy kernel with the gradient matches the CPU:
 TEST_CASE("cuda: nn: RMSNorm kernels match the CPU" * cuda_only()) {
   for (DType dtype : kFloatTypes) {
     const double rel = f32_or_f64(dtype, 1e-5, 1e-12);
-    // 130 rows: three chunks of the GPU's dweight sum (64 rows each), the last one partial.
-    for (auto [rows, d] : {std::pair<int64_t, int64_t>{1, 1}, {7, 33}, {130, 65}, {33, 4097}}) {
+    // 65 rows: three chunks of the GPU's backward (32 rows each), the last one partial; d past a block's 256 threads;
+    // d = 7000 takes more than the 48 KB of shared memory a kernel has without opting in.
+    for (auto [rows, d] : {std::pair<int64_t, int64_t>{1, 1}, {7, 33}, {65, 257}, {33, 4097}, {3, 7000}}) {
       const std::string what = fmt::format("{} [{}, {}]", dtype_name(dtype), rows, d);
       const Tensor x = random({rows, d}, 20 + d, dtype), w = random({d}, 21, dtype), g = random({rows, d}, 22, dtype);
+      const Tensor held = random({rows, d}, 23, dtype);  // a gradient x holds already
       auto run = [&](Device device) {
         const Tensor xd = on(x, device), wd = on(w, device), gd = on(g, device);
         std::vector<Tensor> o{empty_like_on(xd, device), Tensor::empty({rows}, dtype, device),
-                              empty_like_on(xd, device), empty_like_on(wd, device)};
+                              empty_like_on(xd, device), empty_like_on(wd, device),
+                              on(clone(held), device),   empty_like_on(wd, device)};
         KERNEL(rms_norm_forward, device)(xd, wd, 1e-5, o[0], o[1]);
-        KERNEL(rms_norm_backward, device)(xd, wd, o[1], gd, o[2], o[3]);
+        KERNEL(rms_norm_backward, device)(xd, wd, o[1], gd, Tensor(), o[2], o[3]);
+        KERNEL(rms_norm_backward, device)(xd, wd, o[1], gd, o[4], o[4], o[5]);  // added to held
         return o;
       };
       const std::vector<Tensor> cpu = run(Device::CPU), gpu = run(Device::CUDA);
@@ -247,6 +251,12 @@ TEST_CASE("cuda: nn: RMSNorm kernels match the CPU" * cuda_only()) {
       check_match(gpu[1], cpu[1], rel, 1e-9, what + " rstd");
       check_match(gpu[2], cpu[2], rel, 1.0, what + " dx");
       check_match(gpu[3], cpu[3], rel, 1.0, what + " dweight");
+      check_match(gpu[4], cpu[4], rel, 1.0, what + " held + dx");
+      // Added to, dx is the add's bits: held + dx, on both devices; dweight does not change.
+      for (const std::vector<Tensor>* o : {&cpu, &gpu}) {
+        CHECK_MESSAGE(values_of((*o)[4]) == values_of(add(on(held, (*o)[2].device()), (*o)[2])), what);
+        CHECK_MESSAGE(values_of((*o)[5]) == values_of((*o)[3]), what);
+      }
     }
   }
 }

@@ -8,6 +8,7 @@
 
 #include "engine/kernels/nn.h"
 #include "engine/precision.h"
+#include "engine/profile.h"
 #include "nn/layers.h"
 #include "tests/testing.h"
 
@@ -376,6 +377,31 @@ TEST_CASE("ops:nn rms_norm gradients: gradcheck of x and weight and f32 vs f64")
   auto loss = [](const std::vector<Tensor>& in) { return weighted_sum(rms_norm(in[0], in[1])); };
   CHECK(gradcheck(loss, {x, w}, 1e-6, 1e-6, "rms_norm") < 1e-6);
   check_f32_grads_match_f64(loss, {random({37, 64}, 6, DType::F64), random({64}, 7, DType::F64)}, 1e-4, "rms_norm");
+}
+
+TEST_CASE("ops:nn rms_norm adds x's gradient to the one x holds, as a block's residual stream, with no add kernel") {
+  // h = x + norm(x) w_o, x itself a computed tensor (as a block's input is), and a loss of products only (sum(h v)):
+  // the residual add's gradient reaches x first, then the norm's backward adds its own to it. The bits are those of
+  // the two paths' gradients added.
+  for (DType dtype : {DType::F32, DType::F64}) {
+    const Tensor x0 = random({6, 5}, 300, dtype), w0 = random({5}, 301, dtype), wo = random({5, 5}, 302, dtype);
+    const Tensor v = random({5, 1}, 303, dtype);
+    Tensor leaf = testing::leaf(x0, dtype);
+    const Tensor x = mul(leaf, 1.0);
+    const Tensor l = sum(matmul(add(x, matmul(rms_norm(x, w0), wo)), v));
+    std::vector<KernelTime> kernels;
+    {
+      KernelProfile profile;  // the backward only
+      l.backward();
+      kernels = profile.totals();
+    }
+    for (const KernelTime& k : kernels) CHECK_MESSAGE(k.name != "binary_forward", "an add ran in the backward");
+    // Each path alone.
+    Tensor xr = testing::leaf(x0, dtype), xn = testing::leaf(x0, dtype);
+    sum(matmul(xr, v)).backward();
+    sum(matmul(matmul(rms_norm(xn, w0), wo), v)).backward();
+    CHECK(as_doubles(leaf.grad()) == as_doubles(add(xr.grad(), xn.grad())));
+  }
 }
 
 TEST_CASE("ops:nn rms_norm weight gradient is the same for any thread count") {

@@ -143,9 +143,10 @@ void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, const T
 
 // dweight is summed per fixed block of rows (blocks depend on `rows` only), then the blocks in order: the result is
 // the same bits for any thread count.
-void rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& g, const Tensor& dx,
-                       const Tensor& dweight) {
+void rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& g,
+                       const Tensor& dx_added_to, const Tensor& dx, const Tensor& dweight) {
   const int64_t d = x.size(-1), rows = x.numel() / d;
+  const bool added = dx_added_to.defined();
   dispatch_float("rms_norm_backward", x.dtype(), [&](auto tag) {
     using F = decltype(tag);
     const F *px = x.data<F>(), *pw = weight.data<F>(), *prstd = rstd.data<F>(), *pg = g.data<F>();
@@ -163,7 +164,10 @@ void rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd
 #pragma omp simd reduction(+ : gwx)
         for (int64_t j = 0; j < d; ++j) gwx += static_cast<double>(gr[j]) * pw[j] * xr[j];
         const F c = static_cast<F>(gwx / static_cast<double>(d)) * s * s * s;
-        for (int64_t j = 0; j < d; ++j) dxr[j] = s * gr[j] * pw[j] - c * xr[j];
+        for (int64_t j = 0; j < d; ++j) {
+          const F term = s * gr[j] * pw[j] - c * xr[j];
+          dxr[j] = added ? dxr[j] + term : term;
+        }
         for (int64_t j = 0; j < d; ++j) dw_part[j] += static_cast<double>(gr[j] * xr[j] * s);
       }
     });

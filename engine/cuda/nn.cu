@@ -164,33 +164,35 @@ void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, const T
   });
 }
 
-// One block per row: dx = s * g * w - x * s^3 * mean(g * w * x).
-template <class F>
-__global__ void rms_norm_backward_dx_kernel(const F* x, const F* w, const F* rstd, const F* g, int64_t d, F* dx) {
-  const int64_t r = blockIdx.x;
-  const F *xr = x + r * d, *gr = g + r * d;
-  double gwx = 0;
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) gwx += static_cast<double>(gr[j]) * w[j] * xr[j];
-  gwx = block_sum(gwx);
-  const F s = rstd[r];
-  const F c = static_cast<F>(gwx / static_cast<double>(d)) * s * s * s;
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) dx[r * d + j] = s * gr[j] * w[j] - c * xr[j];
-}
-
-// dweight[j] = sum over rows of g * x * rstd, in two deterministic stages: each block sums a fixed chunk of rows per
-// column j (partial [blocks, d]), then one thread per column adds the chunks in order.
-constexpr int64_t kRowsPerChunk = 64;
+// dx and dweight in one pass over x and g. One block per chunk of kRowsPerChunk rows, the rows in order: per row the
+// block's sum of g * w * x, then dx = s * g * w - x * s^3 * mean(g * w * x) (added to what dx holds when added), while
+// the thread that owns column j adds g * x * s to the chunk's dweight partial for j in shared memory ([d] doubles,
+// rows in order). Then partial [chunks, d] holds each chunk's sums, which a second kernel adds up in chunk order: the
+// same bits on every run. Chunks of 32 rows are a guess for the GPU to tune: smaller ones give more blocks for a few
+// rows, larger ones a smaller partial.
+constexpr int64_t kRowsPerChunk = 32;
 
 template <class F>
-__global__ void rms_norm_dweight_partial_kernel(const F* x, const F* rstd, const F* g, int64_t rows, int64_t d,
-                                                double* partial) {
-  const int64_t chunk = blockIdx.y, j = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= d) return;
-  const int64_t end = (chunk + 1) * kRowsPerChunk < rows ? (chunk + 1) * kRowsPerChunk : rows;
-  double acc = 0;
-  for (int64_t r = chunk * kRowsPerChunk; r < end; ++r)
-    acc += static_cast<double>(g[r * d + j] * x[r * d + j] * rstd[r]);
-  partial[chunk * d + j] = acc;
+__global__ void rms_norm_backward_kernel(const F* x, const F* w, const F* rstd, const F* g, int64_t rows, int64_t d,
+                                         bool added, F* dx, double* partial) {
+  SHARED_ARRAY(double, row_sum_scratch, 32);  // block_sum's, once for every row
+  DYNAMIC_SHARED(double, dweight_part);       // [d]
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) dweight_part[j] = 0;
+  const int64_t begin = blockIdx.x * kRowsPerChunk, end = begin + kRowsPerChunk < rows ? begin + kRowsPerChunk : rows;
+  for (int64_t r = begin; r < end; ++r) {
+    const F *xr = x + r * d, *gr = g + r * d;
+    double gwx = 0;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) gwx += static_cast<double>(gr[j]) * w[j] * xr[j];
+    gwx = block_sum(gwx, row_sum_scratch);
+    const F s = rstd[r];
+    const F c = static_cast<F>(gwx / static_cast<double>(d)) * s * s * s;
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+      const F term = s * gr[j] * w[j] - c * xr[j];
+      dx[r * d + j] = added ? dx[r * d + j] + term : term;
+      dweight_part[j] += static_cast<double>(gr[j] * xr[j] * s);
+    }
+  }
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) partial[blockIdx.x * d + j] = dweight_part[j];
 }
 
 template <class F>
@@ -202,16 +204,17 @@ __global__ void rms_norm_dweight_total_kernel(const double* partial, int64_t chu
   dweight[j] = static_cast<F>(total);
 }
 
-void rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& g, const Tensor& dx,
-                       const Tensor& dweight) {
+void rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& g,
+                       const Tensor& dx_added_to, const Tensor& dx, const Tensor& dweight) {
   const int64_t d = x.size(-1), rows = x.numel() / d, chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
   Tensor partial = Tensor::empty({chunks, d}, DType::F64, Device::CUDA);
+  const size_t shared = sizeof(double) * static_cast<size_t>(d);
   dispatch_float("rms_norm_backward", x.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    launch("rms_norm_backward_dx", rms_norm_backward_dx_kernel<F>, dim3(rows), dim3(kRowThreads), 0, x.data<F>(),
-           weight.data<F>(), rstd.data<F>(), g.data<F>(), d, dx.data<F>());
-    launch("rms_norm_dweight_partial", rms_norm_dweight_partial_kernel<F>, dim3(blocks_for(d, 128), chunks), dim3(128),
-           0, x.data<F>(), rstd.data<F>(), g.data<F>(), rows, d, partial.data<double>());
+    const auto kernel = rms_norm_backward_kernel<F>;
+    allow_shared_bytes(kernel, shared);  // d past 6144 takes more than 48 KB
+    launch("rms_norm_backward", kernel, dim3(chunks), dim3(kRowThreads), shared, x.data<F>(), weight.data<F>(),
+           rstd.data<F>(), g.data<F>(), rows, d, dx_added_to.defined(), dx.data<F>(), partial.data<double>());
     launch("rms_norm_dweight_total", rms_norm_dweight_total_kernel<F>, dim3(blocks_for(d, 128)), dim3(128), 0,
            partial.data<double>(), chunks, d, dweight.data<F>());
   });
@@ -893,12 +896,6 @@ template <class F, class Run> void with_attention_tiling(const char* op, int64_t
     if (Dh <= 128) return run(Tiling<32, 16>{});
   }
   fail("{}: the CUDA kernels take head dims up to 256 (f32) or 128 (f64), got {}", op, Dh);
-}
-
-// Kernels past 48 KB of dynamic shared memory must opt in (cudaFuncSetAttribute) before they launch.
-template <class... Params> void allow_shared_bytes(void (*kernel)(Params...), size_t bytes) {
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
 }
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,

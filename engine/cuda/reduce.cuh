@@ -24,8 +24,9 @@ template <class T> __device__ __forceinline__ T warp_max(T v) {
 
 // The sum (or max) of v over the block's threads, returned to every thread. blockDim.x must be a multiple of 32 (at
 // most 1024) and every thread of the block must call it.
-template <class T> __device__ T block_sum(T v) {
-  SHARED_ARRAY(T, partial, 32);
+// block_sum on a given scratch array of 32 shared values: for a kernel that sums in a loop, which declares the array
+// once at its top (the emulator takes each shared array's declaration once per thread, kernel and block).
+template <class T> __device__ T block_sum(T v, T* partial) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
   v = warp_sum(v);
   if (lane == 0) partial[warp] = v;
@@ -33,6 +34,10 @@ template <class T> __device__ T block_sum(T v) {
   T total = warp_sum(lane < warps ? partial[lane] : T(0));
   __syncthreads();  // partial is free again for the next call
   return total;
+}
+template <class T> __device__ T block_sum(T v) {
+  SHARED_ARRAY(T, partial, 32);
+  return block_sum(v, partial);
 }
 
 template <class T> __device__ T block_max(T v) {

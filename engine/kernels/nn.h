@@ -28,9 +28,11 @@ DECLARE_KERNEL(cross_entropy_with_gradient, (const Tensor& logits, const Tensor&
 DECLARE_KERNEL(rms_norm_forward,
                (const Tensor& x, const Tensor& weight, double eps, const Tensor& y, const Tensor& rstd))
 // With s = rstd and gw = g * w: dx = s * gw - x * s^3 * mean(gw * x); dweight = sum over rows of g * x * s, summed in
-// a fixed order (the same bits for any thread count or launch).
+// a fixed order (the same bits for any thread count or launch). dx_added_to is undefined, or dx itself: then dx is
+// added to what dx holds (x's gradient from its other uses, the residual stream's: no add kernel after), and read as
+// well as written (an argument, so that the kernel profile counts its bytes).
 DECLARE_KERNEL(rms_norm_backward, (const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& g,
-                                   const Tensor& dx, const Tensor& dweight))
+                                   const Tensor& dx_added_to, const Tensor& dx, const Tensor& dweight))
 
 // The RoPE and attention kernels read a call's tensors (but the table and lse) as one element type: the ops make them
 // share it, and the kernels of both devices refuse tensors that do not.

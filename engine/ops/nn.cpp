@@ -133,12 +133,16 @@ Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor&
 
 // ---- RMSNorm --------------------------------------------------------------------------------------------------------
 // y = x * rstd * w per row of the last dim, rstd = 1 / sqrt(mean(x^2) + eps). The forward saves rstd [rows].
+// The backward adds dx to the gradient x holds when it holds one alone (AccumulatingBackwardFn): a block's input is
+// also the residual add's, whose gradient is there first, so no add kernel reads both and writes a third tensor.
 
-static std::vector<Tensor> rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd,
-                                             const Tensor& g) {
-  Tensor dx = Tensor::empty(x.shape(), x.dtype(), x.device());
+static std::vector<Tensor> rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& g,
+                                             const std::vector<Tensor>& held) {
+  const Tensor held_dx = held.empty() ? Tensor() : held[0];
+  const bool add_to_held = held_dx.defined() && held_dx.dtype() == x.dtype();
+  Tensor dx = add_to_held ? held_dx : Tensor::empty(x.shape(), x.dtype(), x.device());
   Tensor dweight = Tensor::empty(weight.shape(), x.dtype(), x.device());
-  KERNEL(rms_norm_backward, x.device())(x, weight, rstd, g, dx, dweight);
+  KERNEL(rms_norm_backward, x.device())(x, weight, rstd, g, add_to_held ? dx : Tensor(), dx, dweight);
   return {dx, dweight};
 }
 
@@ -153,9 +157,11 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
   Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
   Tensor rstd = Tensor::empty({rows}, x.dtype(), x.device());  // [rows]
   KERNEL(rms_norm_forward, x.device())(x, weight, eps, y, rstd);
-  return record(op, y, {x, weight}, [x = x.detach(), weight = weight.detach(), rstd](const Tensor& g) {
-    return rms_norm_backward(x, weight, rstd, g);
-  });
+  return record_accumulating(
+      op, y, {x, weight},
+      [x = x.detach(), weight = weight.detach(), rstd](const Tensor& g, const std::vector<Tensor>& held) {
+        return rms_norm_backward(x, weight, rstd, g, held);
+      });
 }
 
 // ---- RoPE -----------------------------------------------------------------------------------------------------------
