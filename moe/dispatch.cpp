@@ -8,8 +8,8 @@
 //   gate_pre, up_pre [S, h]   pre-activations W_gate x, W_up x in sorted order (silu' needs gate_pre, d(gate) needs up)
 //   act              [S, h]   silu(gate_pre) * up_pre, the input of W_down (dW_down = d(out)^T act)
 //   out_sorted       [S, d]   each slot's expert output before gating (d(gates) = <dy, out>)
-// Backward's own scratch, freed when it returns: d_out_sorted, d_x_sorted [S, d]; d_act [S, h] (and the kernel's
-// d_gate_pre, d_up_pre).
+// Backward's own scratch, freed when it returns: d_out_sorted, d_x_sorted [S, d] (bf16 under mixed precision, as
+// x_sorted); d_act [S, h] (and the kernel's d_gate_pre, d_up_pre).
 #include "moe/dispatch.h"
 
 #include <numeric>
@@ -99,7 +99,7 @@ std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   Tensor dw_gate = empty(saved.w_gate.shape()), dw_up = empty(saved.w_up.shape());
   Tensor dw_down = empty(saved.w_down.shape());
   Tensor d_act = empty({slots, h});       // [S, h]
-  Tensor d_x_sorted = empty({slots, d});  // [S, d]
+  Tensor d_x_sorted = Tensor::empty({slots, d}, saved.x_sorted.dtype(), device);  // [S, d], bf16 as x_sorted
   KERNEL(moe_grouped_swiglu_backward, device)
   (saved.x_sorted, plan.host_offsets, saved.w_gate, saved.w_up, saved.w_down, saved.gate_pre, saved.up_pre, saved.act,
    d_out_sorted, d_act, d_x_sorted, dw_gate, dw_up, dw_down, saved.precision);

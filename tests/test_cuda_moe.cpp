@@ -336,12 +336,13 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
             check_scaled(fwd_gpu[i], fwd[i], i < 3 && kept != DType::BF16 ? float_bound(dtype) : bound,
                          what + " " + fwd_names[i]);
 
-          // Backward from the CPU's saved tensors on both devices: d_x_sorted [S, d], dw_gate, dw_up [E, h, d],
-          // dw_down [E, d, h]. The GPU's outputs start as NaN: every element must be written. d_act [S, h] is scratch.
-          std::vector<Tensor> bwd = {Tensor::empty({S, d}, dtype), Tensor::empty(w_gate.shape(), dtype),
+          // Backward from the CPU's saved tensors on both devices: d_x_sorted [S, d] (kept: bf16 under BF16),
+          // dw_gate, dw_up [E, h, d], dw_down [E, d, h]. The GPU's outputs start as NaN: every element must be written.
+          // d_act [S, h] is scratch.
+          std::vector<Tensor> bwd = {Tensor::empty({S, d}, kept), Tensor::empty(w_gate.shape(), dtype),
                                      Tensor::empty(w_up.shape(), dtype), Tensor::empty(w_down.shape(), dtype)};
           std::vector<Tensor> bwd_gpu;
-          for (const Tensor& t : bwd) bwd_gpu.push_back(to_gpu(full(t.shape(), NAN, dtype)));
+          for (const Tensor& t : bwd) bwd_gpu.push_back(to_gpu(to_dtype(full(t.shape(), NAN, dtype), t.dtype())));
           const Tensor d_act = Tensor::empty({S, h}, dtype), d_act_gpu = empty_like_on(d_act, Device::CUDA);
           cpu::moe_grouped_swiglu_backward(x_sorted, plan.host_offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2],
                                            d_out, d_act, bwd[0], bwd[1], bwd[2], bwd[3], precision);
@@ -383,6 +384,7 @@ TEST_CASE("cuda: moe: the SwiGLU kernels refuse dtypes they would misread" * cud
   const Tensor wd = to_gpu(random({2, 4, 5}, 3, DType::F32));
   const Tensor kept = Tensor::empty({3, 5}, DType::BF16, Device::CUDA),
                f32 = Tensor::empty({3, 5}, DType::F32, Device::CUDA);
+  const Tensor out_bf16 = Tensor::empty({3, 4}, DType::BF16, Device::CUDA);
   const Tensor out = Tensor::empty({3, 4}, DType::F32, Device::CUDA),
                dw = Tensor::empty({2, 5, 4}, DType::F32, Device::CUDA);
   const Tensor dwd = Tensor::empty({2, 4, 5}, DType::F32, Device::CUDA);
@@ -390,16 +392,16 @@ TEST_CASE("cuda: moe: the SwiGLU kernels refuse dtypes they would misread" * cud
               {"up_pre must be bf16 under bf16 precision, got f32"});
   check_error(
       [&] {
-        cuda::moe_grouped_swiglu_backward(x, offsets, w, w, wd, kept, kept, kept, out, kept, out, dw, dw, dwd,
+        cuda::moe_grouped_swiglu_backward(x, offsets, w, w, wd, kept, kept, kept, out, kept, out_bf16, dw, dw, dwd,
                                           Precision::BF16);
       },
       {"d_act must be f32 under bf16 precision, got bf16"});
   check_error(
       [&] {
-        cuda::moe_grouped_swiglu_backward(x, offsets, w, w, wd, kept, kept, kept, out, f32, kept, dw, dw, dwd,
+        cuda::moe_grouped_swiglu_backward(x, offsets, w, w, wd, kept, kept, kept, out, f32, out, dw, dw, dwd,
                                           Precision::BF16);
       },
-      {"d_x_sorted must be f32 under bf16 precision, got bf16"});
+      {"d_x_sorted must be bf16 under bf16 precision, got f32"});
   check_error([&] { cuda::moe_swiglu_forward(kept, f32, kept); }, {"moe_swiglu_forward", "share a dtype"});
   check_error([&] { cuda::moe_swiglu_backward(kept, kept, f32, kept, f32); }, {"moe_swiglu_backward", "share a dtype"});
 }

@@ -203,7 +203,8 @@ TEST_CASE("moe: moe_experts is bit-identical for 1 and 2 threads (experts side b
 
 // Under Precision::BF16 the grouped SwiGLU keeps its activations and output in bf16 (engine/kernels/moe.h): gate_pre
 // and up_pre are the products rounded, act is computed in f32 from those rounded values and rounded, out_sorted is
-// the down product rounded, and the backward's d_gate_pre, d_up_pre are rounded before their products. Against a naive
+// the down product rounded, the backward's d_gate_pre, d_up_pre are rounded before their products, and d_x_sorted is
+// their products' sum rounded. Against a naive
 // loop in double with the same roundings. The inputs are multiples of 1/64 (bf16 values), so the products' sums are
 // exact in f32 and double alike, and have more bits than bf16 keeps: gate_pre and up_pre must have the reference's
 // bits, and the rounding matters downstream. act and the roundings after it come from exp, whose last f32 bit may
@@ -225,7 +226,7 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   Tensor gate_pre = Tensor::empty({S, h}, DType::BF16), up_pre = Tensor::empty({S, h}, DType::BF16);
   Tensor act = Tensor::empty({S, h}, DType::BF16), out = Tensor::empty({S, d}, DType::BF16);
   cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, out, Precision::BF16);
-  Tensor d_act = Tensor::empty({S, h}, DType::F32), dx = Tensor::empty({S, d}, DType::F32);
+  Tensor d_act = Tensor::empty({S, h}, DType::F32), dx = Tensor::empty({S, d}, DType::BF16);
   Tensor dwg = Tensor::empty(wg.shape(), DType::F32), dwu = Tensor::empty(wu.shape(), DType::F32);
   Tensor dwd = Tensor::empty(wd.shape(), DType::F32);
   cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act, dx, dwg, dwu, dwd,
@@ -278,13 +279,13 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   check_matches(dwd, tensor(dwd_ref, wd.shape()), 1e-6, "dw_down");
   check_matches(dwg, tensor(dwg_ref, wg.shape()), 1e-4, "dw_gate");
   check_matches(dwu, tensor(dwu_ref, wu.shape()), 1e-4, "dw_up");
-  check_matches(dx, tensor(dx_ref, {S, d}), 1e-4, "d_x_sorted");
+  check_rounded(as_doubles(dx), dx_ref, "d_x_sorted");
   // x_sorted and d_out as the op gives them under mixed precision, bf16 (their values are bf16 ones): the same bits.
   Tensor gate_b = Tensor::empty({S, h}, DType::BF16), up_b = Tensor::empty({S, h}, DType::BF16);
   Tensor act_b = Tensor::empty({S, h}, DType::BF16), out_b = Tensor::empty({S, d}, DType::BF16);
   const Tensor x_b = to_dtype(x, DType::BF16);
   cpu::moe_grouped_swiglu_forward(x_b, offsets, wg, wu, wd, gate_b, up_b, act_b, out_b, Precision::BF16);
-  Tensor dx_b = Tensor::empty({S, d}, DType::F32), dwg_b = Tensor::empty(wg.shape(), DType::F32);
+  Tensor dx_b = Tensor::empty({S, d}, DType::BF16), dwg_b = Tensor::empty(wg.shape(), DType::F32);
   Tensor dwu_b = Tensor::empty(wu.shape(), DType::F32), dwd_b = Tensor::empty(wd.shape(), DType::F32);
   cpu::moe_grouped_swiglu_backward(x_b, offsets, wg, wu, wd, gate_pre, up_pre, act, to_dtype(d_out, DType::BF16), d_act,
                                    dx_b, dwg_b, dwu_b, dwd_b, Precision::BF16);
@@ -300,7 +301,7 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   check_error([&] { cpu::moe_grouped_swiglu_forward(x_b, offsets, wg, wu, wd, out, out, out, out, Precision::FP32); },
               {"x_sorted must be f32 under fp32 precision, got bf16"});
   check_error(
-      [&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, dx, Precision::BF16); },
+      [&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_act, Precision::BF16); },
       {"out_sorted must be bf16 under bf16 precision, got f32"});
   check_error(
       [&] {
@@ -308,6 +309,12 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
                                          Precision::BF16);
       },
       {"d_act must be f32 under bf16 precision, got bf16"});
+  check_error(
+      [&] {
+        cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act, dwd, dwg, dwu,
+                                         dwd, Precision::BF16);
+      },
+      {"d_x_sorted must be bf16 under bf16 precision, got f32"});
 }
 
 TEST_CASE("moe: moe_experts bad use throws naming the bad value") {

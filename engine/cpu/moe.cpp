@@ -148,15 +148,16 @@ void moe_unpermute_sum_rows(const Tensor& dx_sorted, const Tensor& position_of_s
   const int32_t* position_of = position_of_slot.data<int32_t>();
   dispatch_float("moe_unpermute_sum_rows", dx.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    const T* pds = dx_sorted.data<T>();
     T* pdx = dx.data<T>();
-    parallel_for(tokens, k * d, [&](int64_t n) {
-      T* out = pdx + n * d;
-      std::fill(out, out + d, T(0));
-      for (int64_t j = 0; j < k; ++j) {
-        const T* row = pds + position_of[n * k + j] * d;
-        for (int64_t i = 0; i < d; ++i) out[i] += row[i];
-      }
+    with_elements<T>(dx_sorted, [&](const auto* pds) {  // T, or bf16 (the experts' input gradient)
+      parallel_for(tokens, k * d, [&](int64_t n) {
+        T* out = pdx + n * d;
+        std::fill(out, out + d, T(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const auto* row = pds + position_of[n * k + j] * d;
+          for (int64_t i = 0; i < d; ++i) out[i] += value(row[i]);
+        }
+      });
     });
   });
 }
@@ -271,13 +272,14 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
   const Tensor gate_f = as_f32(gate_pre), up_f = as_f32(up_pre), act_f = as_f32(act);  // the forward's values
   const Tensor d_gate_pre = Tensor::empty(d_act.shape(), d_act.dtype());               // [S, h]
   const Tensor d_up_pre = Tensor::empty(d_act.shape(), d_act.dtype());                 // [S, h]
+  const Tensor d_x_f32 = f32_scratch(d_x_sorted);  // the two products' f32 sum, rounded once into a bf16 d_x_sorted
   dispatch_float("moe_grouped_swiglu_backward", w_gate.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T *x = x_op.data<T>(), *wg = wg_op.data<T>(), *wu = wu_op.data<T>(), *wd = wd_op.data<T>();
     const T *gate = gate_f.data<T>(), *upp = up_f.data<T>(), *acts = act_f.data<T>();
     const T* d_out = d_out_op.data<T>();
     T *d_acts = d_act.data<T>(), *d_gates = d_gate_pre.data<T>(), *d_ups = d_up_pre.data<T>();
-    T *d_x = d_x_sorted.data<T>(), *dwg = dw_gate.data<T>(), *dwu = dw_up.data<T>(), *dwd = dw_down.data<T>();
+    T *d_x = d_x_f32.data<T>(), *dwg = dw_gate.data<T>(), *dwu = dw_up.data<T>(), *dwd = dw_down.data<T>();
     for (int64_t e = 0; e < n_experts; ++e)  // an expert with no tokens has zero weight gradients
       if (o[e + 1] == o[e]) {
         std::fill(dwg + e * h * d, dwg + (e + 1) * h * d, T(0));
@@ -307,6 +309,7 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
       gemm(false, false, c, d, h, d_up, h, wu + e * h * d, d, T(1), dxs, d);
     });
   });
+  store_rounded(d_x_f32, d_x_sorted);
 }
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------

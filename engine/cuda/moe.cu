@@ -184,14 +184,15 @@ __global__ void permute_rows_kernel(const F* x, const int32_t* slot_at_position,
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) x_sorted[pos * d + i] = converted<Out>(src[i]);
 }
 
-// One block per token n: dx[n] = sum_j dx_sorted[position_of_slot[n, j]], j in order.
-template <class F>
-__global__ void unpermute_sum_rows_kernel(const F* dx_sorted, const int32_t* position_of_slot, int64_t k, int64_t d,
+// One block per token n: dx[n] = sum_j dx_sorted[position_of_slot[n, j]], j in order, dx_sorted's elements (type S)
+// widened to F.
+template <class F, class S>
+__global__ void unpermute_sum_rows_kernel(const S* dx_sorted, const int32_t* position_of_slot, int64_t k, int64_t d,
                                           F* dx) {
   const int64_t n = blockIdx.x;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
     F total = 0;
-    for (int64_t j = 0; j < k; ++j) total += dx_sorted[position_of_slot[n * k + j] * d + i];
+    for (int64_t j = 0; j < k; ++j) total += widened<F>(dx_sorted[position_of_slot[n * k + j] * d + i]);
     dx[n * d + i] = total;
   }
 }
@@ -212,8 +213,12 @@ void moe_permute_rows(const Tensor& x, const Tensor& slot_at_position, int64_t t
 void moe_unpermute_sum_rows(const Tensor& dx_sorted, const Tensor& position_of_slot, const Tensor& dx) {
   dispatch_float("moe_unpermute_sum_rows", dx.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    launch("moe_unpermute_sum_rows", unpermute_sum_rows_kernel<F>, dim3(dx.size(0)), dim3(kRowThreads), 0,
-           dx_sorted.data<F>(), position_of_slot.data<int32_t>(), position_of_slot.size(1), dx.size(1), dx.data<F>());
+    with_storage<F>("moe_unpermute_sum_rows", dx_sorted.dtype(), [&](auto stored_as) {
+      using S = decltype(stored_as);
+      launch("moe_unpermute_sum_rows", unpermute_sum_rows_kernel<F, S>, dim3(dx.size(0)), dim3(kRowThreads), 0,
+             stored<const S>(dx_sorted), position_of_slot.data<int32_t>(), position_of_slot.size(1), dx.size(1),
+             dx.data<F>());
+    });
   });
 }
 
@@ -240,14 +245,17 @@ __global__ void swiglu_forward_kernel(const S* gate_pre, const S* up_pre, int64_
     act[i] = converted<S>(swiglu(widened<F>(gate_pre[i]), widened<F>(up_pre[i])));
 }
 
-// d_act may be d_gate_pre (Out = F): each thread reads its element before writing it.
+// Over the n elements of [n / h, h] inputs; element (r, c) of each output is at r * ld + c (ld = h: the outputs are
+// as the inputs; ld = 2h with d_up_pre = d_gate_pre + h: the rows of one [n / h, 2h] tensor, [d_gate | d_up]). d_act
+// may be d_gate_pre (Out = F, ld = h): each thread reads its element before writing it.
 template <class F, class S, class Out>
-__global__ void swiglu_backward_kernel(const S* gate_pre, const S* up_pre, const F* d_act, int64_t n, Out* d_gate_pre,
-                                       Out* d_up_pre) {
+__global__ void swiglu_backward_kernel(const S* gate_pre, const S* up_pre, const F* d_act, int64_t n, int64_t h,
+                                       int64_t ld, Out* d_gate_pre, Out* d_up_pre) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     F d_gate, d_up;
     swiglu_gradients(widened<F>(gate_pre[i]), widened<F>(up_pre[i]), d_act[i], d_gate, d_up);
-    d_gate_pre[i] = converted<Out>(d_gate), d_up_pre[i] = converted<Out>(d_up);
+    const int64_t at = (i / h) * ld + i % h;
+    d_gate_pre[at] = converted<Out>(d_gate), d_up_pre[at] = converted<Out>(d_up);
   }
 }
 
@@ -268,6 +276,23 @@ void moe_swiglu_forward(const Tensor& gate_pre, const Tensor& up_pre, const Tens
   });
 }
 
+// swiglu_backward_kernel over d_act's elements, in rows of h, the gradients (of dtype `out`) written in rows of ld.
+static void swiglu_backward_rows(const Tensor& gate_pre, const Tensor& up_pre, const Tensor& d_act, int64_t h,
+                                 int64_t ld, DType out, void* d_gate_pre, void* d_up_pre) {
+  dispatch_float("moe_swiglu_backward", d_act.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    with_storage<F>("moe_swiglu_backward", gate_pre.dtype(), [&](auto in_tag) {
+      with_storage<F>("moe_swiglu_backward", out, [&](auto out_tag) {
+        using S = decltype(in_tag);
+        using Out = decltype(out_tag);
+        launch("moe_swiglu_backward", swiglu_backward_kernel<F, S, Out>, dim3(flat_blocks(d_act.numel())),
+               dim3(kFlatThreads), 0, stored<const S>(gate_pre), stored<const S>(up_pre), d_act.data<F>(),
+               d_act.numel(), h, ld, static_cast<Out*>(d_gate_pre), static_cast<Out*>(d_up_pre));
+      });
+    });
+  });
+}
+
 void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Tensor& d_act, const Tensor& d_gate_pre,
                          const Tensor& d_up_pre) {
   if (up_pre.dtype() != gate_pre.dtype() || d_gate_pre.dtype() != d_up_pre.dtype())  // read as one type each below
@@ -275,26 +300,19 @@ void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Ten
         "moe_swiglu_backward: gate_pre and up_pre, and d_gate_pre and d_up_pre, must share a dtype, got {}, {}, {}, {}",
         dtype_name(gate_pre.dtype()), dtype_name(up_pre.dtype()), dtype_name(d_gate_pre.dtype()),
         dtype_name(d_up_pre.dtype()));
-  dispatch_float("moe_swiglu_backward", d_act.dtype(), [&](auto tag) {
-    using F = decltype(tag);
-    with_storage<F>("moe_swiglu_backward", gate_pre.dtype(), [&](auto in_tag) {
-      with_storage<F>("moe_swiglu_backward", d_up_pre.dtype(), [&](auto out_tag) {
-        using S = decltype(in_tag);
-        using Out = decltype(out_tag);
-        launch("moe_swiglu_backward", swiglu_backward_kernel<F, S, Out>, dim3(flat_blocks(d_up_pre.numel())),
-               dim3(kFlatThreads), 0, stored<const S>(gate_pre), stored<const S>(up_pre), d_act.data<F>(),
-               d_up_pre.numel(), stored<Out>(d_gate_pre), stored<Out>(d_up_pre));
-      });
-    });
-  });
+  const int64_t n = std::max<int64_t>(d_act.numel(), 1);  // one row: the outputs are laid out as the inputs
+  swiglu_backward_rows(gate_pre, up_pre, d_act, n, n, d_up_pre.dtype(), d_gate_pre.raw_data(), d_up_pre.raw_data());
 }
 
 // ---- (e) grouped SwiGLU: one grouped GEMM per product, one problem per expert ---------------------------------------
 // Expert e's problem has m or k = c_e, its number of rows; gemm_grouped skips the empty ones, and zeroes C where only
 // k = 0, which gives an expert with no tokens its zero weight gradient. The offsets are the plan's host copy.
 // Under Precision::BF16 the products multiply bf16 values with f32 accumulation. The forward's three products write
-// the kept bf16 activations and output (bf16 -> bf16: one grouped call each at the bf16 rate); the backward's five
-// write f32, and cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), while a bf16 output widened
+// the kept bf16 activations and output, and the backward's d_x_sorted is bf16 too: bf16 -> bf16, one grouped call
+// each at the bf16 rate. d_x = d_gate W_gate + d_up W_up is one product with k = 2h, of [d_gate | d_up] (the SwiGLU
+// backward writes both into the rows of one [S, 2h] tensor) and the weights stacked per expert, [W_gate,e ; W_up,e]
+// [2h, d], so that its sum is rounded once, as the CPU's. The backward's four other products write f32 (d_act and the
+// weight gradients), and cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), while a bf16 output widened
 // afterwards would round every product to bf16 on top of the f32 sums the CPU keeps. So under ExpertGemm::Grouped
 // (runtime.h, the default) their operands are f32 tensors holding bf16 values (rounded copies, or the kept bf16
 // tensors widened) and each is one grouped f32 -> f32 call on TF32 tensor cores, exact for bf16 values (blas.cuh);
@@ -322,6 +340,37 @@ inline Tensor operand(const Tensor& t, bool round, DType rounded = rounded_dtype
   else
     round_to_bf16(t, out);
   return out;
+}
+
+// Column `col` of t's first row, t seen as a row-major matrix (any dtype): a GEMM operand of t's columns from col on,
+// whose rows are t's (lda: t's row length).
+inline char* column_of(const Tensor& t, int64_t col) {
+  return static_cast<char*>(t.raw_data()) + col * static_cast<int64_t>(dtype_size(t.dtype()));
+}
+
+// stacked [E, 2h, d]: expert e's W_gate rows, then its W_up rows, the elements (type F) stored as Out.
+template <class F, class Out>
+__global__ void stack_gate_up_kernel(const F* w_gate, const F* w_up, int64_t n, int64_t h, int64_t d, Out* stacked) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t e = i / (2 * h * d), row = (i / d) % (2 * h), col = i % d;
+    const F* w = row < h ? w_gate + (e * h + row) * d : w_up + (e * h + row - h) * d;
+    stacked[i] = converted<Out>(w[col]);
+  }
+}
+
+// The backward's operand [W_gate,e ; W_up,e] [E, 2h, d] of dtype `type`: the weights' own, or bf16 (rounded).
+inline Tensor stacked_gate_up(const Tensor& w_gate, const Tensor& w_up, DType type) {
+  const int64_t h = w_gate.size(1), d = w_gate.size(2);
+  Tensor stacked = Tensor::empty({w_gate.size(0), 2 * h, d}, type, Device::CUDA);
+  dispatch_float("moe_stack_gate_up", w_gate.dtype(), [&](auto tag) {
+    using F = decltype(tag);
+    with_storage<F>("moe_stack_gate_up", type, [&](auto stored_as) {
+      using Out = decltype(stored_as);
+      launch("moe_stack_gate_up", stack_gate_up_kernel<F, Out>, dim3(flat_blocks(stacked.numel())), dim3(kFlatThreads),
+             0, w_gate.data<F>(), w_up.data<F>(), stacked.numel(), h, d, stored<Out>(stacked));
+    });
+  });
+  return stacked;
 }
 
 }  // namespace
@@ -409,18 +458,18 @@ __global__ void padded_swiglu_forward_kernel(const Out* gate_padded, const Out* 
   }
 }
 
-// From the padded d_act and the kept gate_pre, up_pre (type Out): d_gate_pre and d_up_pre as operands in padded
-// buffers (0 on padding).
+// From the padded d_act and the kept gate_pre, up_pre (type Out): d_gate_pre and d_up_pre as operands in the padded
+// rows [d_gate | d_up] of d_gate_up [E R, 2h] (0 on padding).
 template <class F, class Out>
 __global__ void padded_swiglu_backward_kernel(const Out* gate_pre, const Out* up_pre, const F* d_act_padded,
-                                              PaddedRows layout, int64_t h, Out* d_gate_operand, Out* d_up_operand) {
+                                              PaddedRows layout, int64_t h, Out* d_gate_up) {
   const int64_t p = blockIdx.x, row = layout.sorted_row(p);
   for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
     const int64_t i = p * h + c, at = row * h + c;
     F d_gate = 0, d_up = 0;
     if (row >= 0) swiglu_gradients(widened<F>(gate_pre[at]), widened<F>(up_pre[at]), d_act_padded[i], d_gate, d_up);
-    d_gate_operand[i] = converted<Out>(d_gate);
-    d_up_operand[i] = converted<Out>(d_up);
+    d_gate_up[p * 2 * h + c] = converted<Out>(d_gate);
+    d_gate_up[p * 2 * h + h + c] = converted<Out>(d_up);
   }
 }
 
@@ -481,14 +530,14 @@ class PaddedExperts {
       });
     });
   }
-  // C_e = op(A_e) op(B_e) (+ C_e when accumulate) for every expert e, each matrix stored whole after the one of
-  // expert e - 1 (A_e [m, k], or [k, m] when trans_a; B_e [k, n] or [n, k]; C_e [m, n]), with row strides lda, ldb,
-  // ldc. A and B are operands; C has its own dtype (output).
-  void products(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const Tensor& A, int64_t lda,
-                const Tensor& B, int64_t ldb, bool accumulate, const Tensor& C, int64_t ldc) const {
-    gemm_strided_batched(trans_a, trans_b, m, n, k, 1.0f, A.raw_data(), lda, (trans_a ? k : m) * lda, B.raw_data(), ldb,
-                         (trans_b ? n : k) * ldb, accumulate ? 1.0f : 0.0f, C.raw_data(), ldc, m * ldc, experts_,
-                         operand_dtype(), C.dtype());
+  // C_e = op(A_e) op(B_e) for every expert e, each matrix stored whole after the one of expert e - 1 (A_e [m, k], or
+  // [k, m] when trans_a; B_e [k, n] or [n, k]; C_e [m, n]), with row strides lda, ldb, ldc. A and B are operands
+  // (operand_dtype(), from their first elements: a tensor, or the columns of one, column_of); C has its own dtype.
+  void products(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* A, int64_t lda, const void* B,
+                int64_t ldb, const Tensor& C, int64_t ldc) const {
+    gemm_strided_batched(trans_a, trans_b, m, n, k, 1.0f, A, lda, (trans_a ? k : m) * lda, B, ldb,
+                         (trans_b ? n : k) * ldb, 0.0f, C.raw_data(), ldc, m * ldc, experts_, operand_dtype(),
+                         C.dtype());
   }
   PaddedRows layout() const { return {offsets_.get(), rows_}; }
   dim3 row_blocks() const { return dim3(static_cast<unsigned>(experts_ * rows_)); }  // one per padded row
@@ -511,8 +560,8 @@ static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted
                wd = operand(w_down, p.rounds(), rounded);
   // gate = x W_gate^T, up = x W_up^T: [R, d] x [h, d]^T -> [R, h] per expert, kept as they are written
   const Tensor gate = p.output(h, true), up = p.output(h, true);
-  p.products(false, true, R, h, d, x, d, wg, d, false, gate, h);
-  p.products(false, true, R, h, d, x, d, wu, d, false, up, h);
+  p.products(false, true, R, h, d, x.raw_data(), d, wg.raw_data(), d, gate, h);
+  p.products(false, true, R, h, d, x.raw_data(), d, wu.raw_data(), d, up, h);
   const Tensor act_operand = Tensor::empty(gate.shape(), rounded, Device::CUDA);
   p.with_types("moe_padded_swiglu_forward", [&](auto f, auto out) {
     using F = decltype(f);
@@ -523,7 +572,7 @@ static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted
   });
   // out = act W_down^T: [R, h] x [d, h]^T -> [R, d] per expert, kept as it is written
   const Tensor out = p.output(d, true);
-  p.products(false, true, R, d, h, act_operand, h, wd, h, false, out, d);
+  p.products(false, true, R, d, h, act_operand.raw_data(), h, wd.raw_data(), h, out, d);
   p.unpad(out, out_sorted);
 }
 
@@ -536,28 +585,25 @@ static void padded_swiglu_backward(const PaddedExperts& p, const Tensor& x_sorte
   const int64_t h = w_gate.size(1), d = w_gate.size(2), R = p.rows();
   const DType rounded = p.operand_dtype();
   const Tensor x = p.pad(x_sorted), act_operand = p.pad(act), d_out = p.pad(d_out_sorted);
-  const Tensor wg = operand(w_gate, p.rounds(), rounded), wu = operand(w_up, p.rounds(), rounded),
-               wd = operand(w_down, p.rounds(), rounded);
+  const Tensor wd = operand(w_down, p.rounds(), rounded), w_gate_up = stacked_gate_up(w_gate, w_up, rounded);
   // d_act = d_out W_down: [R, d] x [d, h] -> [R, h];  dW_down = d_out^T act: [R, d]^T x [R, h] -> [d, h]
   const Tensor d_act = p.output(h);
-  p.products(false, false, R, h, d, d_out, d, wd, h, false, d_act, h);
-  p.products(true, false, d, h, R, d_out, d, act_operand, h, false, dw_down, h);
-  const Tensor d_gate = Tensor::empty(d_act.shape(), rounded, Device::CUDA);
-  const Tensor d_up = Tensor::empty(d_act.shape(), rounded, Device::CUDA);
+  p.products(false, false, R, h, d, d_out.raw_data(), d, wd.raw_data(), h, d_act, h);
+  p.products(true, false, d, h, R, d_out.raw_data(), d, act_operand.raw_data(), h, dw_down, h);
+  const Tensor d_gate_up = Tensor::empty({d_act.size(0), 2 * h}, rounded, Device::CUDA);  // [d_gate | d_up]
   p.with_types("moe_padded_swiglu_backward", [&](auto f, auto out) {
     using F = decltype(f);
     using Out = decltype(out);
     launch("moe_padded_swiglu_backward", padded_swiglu_backward_kernel<F, Out>, p.row_blocks(), dim3(kRowThreads), 0,
-           stored<const Out>(gate_pre), stored<const Out>(up_pre), d_act.data<F>(), p.layout(), h, stored<Out>(d_gate),
-           stored<Out>(d_up));
+           stored<const Out>(gate_pre), stored<const Out>(up_pre), d_act.data<F>(), p.layout(), h,
+           stored<Out>(d_gate_up));
   });
-  // dW_gate = d_gate^T x, dW_up = d_up^T x: [R, h]^T x [R, d] -> [h, d]
-  p.products(true, false, h, d, R, d_gate, h, x, d, false, dw_gate, d);
-  p.products(true, false, h, d, R, d_up, h, x, d, false, dw_up, d);
-  // d_x = d_gate W_gate + d_up W_up: [R, h] x [h, d] -> [R, d], the second added onto the first
-  const Tensor dx = p.output(d);
-  p.products(false, false, R, d, h, d_gate, h, wg, d, false, dx, d);
-  p.products(false, false, R, d, h, d_up, h, wu, d, true, dx, d);
+  // dW_gate = d_gate^T x, dW_up = d_up^T x: [R, h]^T x [R, d] -> [h, d], from the halves of d_gate_up's rows
+  p.products(true, false, h, d, R, column_of(d_gate_up, 0), 2 * h, x.raw_data(), d, dw_gate, d);
+  p.products(true, false, h, d, R, column_of(d_gate_up, h), 2 * h, x.raw_data(), d, dw_up, d);
+  // d_x = [d_gate | d_up] [W_gate ; W_up]: [R, 2h] x [2h, d] -> [R, d], of d_x_sorted's dtype (bf16 under BF16)
+  const Tensor dx = p.output(d, true);
+  p.products(false, false, R, d, 2 * h, d_gate_up.raw_data(), 2 * h, w_gate_up.raw_data(), d, dx, d);
   p.unpad(dx, d_x_sorted);
 }
 
@@ -607,45 +653,42 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                            up_pre, act, d_out_sorted, d_x_sorted, dw_gate, dw_up, dw_down);
     return;
   }
-  const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
-               wd = operand(w_down, bf16), act_op = operand(act, bf16), d_out_op = operand(d_out_sorted, bf16);
-  // d_gate_pre and d_up_pre: computed in f32 and stored rounded to bf16 under BF16, then (grouped calls) widened.
-  const DType d_type = bf16 ? DType::BF16 : w_gate.dtype();
-  const Tensor d_gate_pre = Tensor::empty(d_act.shape(), d_type, Device::CUDA);
-  const Tensor d_up_pre = Tensor::empty(d_act.shape(), d_type, Device::CUDA);
+  const Tensor x = operand(x_sorted, bf16), wd = operand(w_down, bf16), act_op = operand(act, bf16),
+               d_out_op = operand(d_out_sorted, bf16);
+  // d_x's operands have d_x_sorted's dtype (bf16 under BF16: bf16 x bf16 -> bf16 in every mode): the stacked weights,
+  // and d_gate_up [S, 2h], the rows [d_gate | d_up] as the SwiGLU backward writes them (rounded under BF16). The
+  // weight gradients multiply d_gate_up, widened for grouped calls under BF16.
+  const DType dx_type = d_x_sorted.dtype();
+  const Tensor w_gate_up = stacked_gate_up(w_gate, w_up, dx_type);
+  const Tensor d_gate_up = Tensor::empty({d_act.size(0), 2 * h}, dx_type, Device::CUDA);
   const bool widen = bf16 && rounded_dtype() != DType::BF16;
-  const Tensor d_gate_op = widen ? Tensor::empty(d_act.shape(), DType::F32, Device::CUDA) : d_gate_pre;
-  const Tensor d_up_op = widen ? Tensor::empty(d_act.shape(), DType::F32, Device::CUDA) : d_up_pre;
+  const Tensor d_gate_up_op = widen ? Tensor::empty(d_gate_up.shape(), DType::F32, Device::CUDA) : d_gate_up;
   const DType ab = x.dtype(), c_type = w_gate.dtype();
-  std::vector<GemmProblem> d_act_products, dw_down_products, dw_gate_and_up, dx_from_gate, dx_from_up;
+  std::vector<GemmProblem> d_act_products, dw_down_products, dw_gate_and_up, dx_products;
   for (int64_t e = 0; e < n_experts; ++e) {
     const int64_t begin = offsets[e], c = offsets[e + 1] - offsets[e];
-    const char* xs = row_of(x, begin, d);              // [c, d]
-    const char* d_out = row_of(d_out_op, begin, d);    // [c, d]
-    const char* d_gate = row_of(d_gate_op, begin, h);  // [c, h]
-    const char* d_up = row_of(d_up_op, begin, h);      // [c, h]
-    char* dxs = row_of(d_x_sorted, begin, d);          // [c, d]
+    const char* xs = row_of(x, begin, d);                                                    // [c, d]
+    const char* d_out = row_of(d_out_op, begin, d);                                          // [c, d]
+    const char* d_gate = row_of(d_gate_up_op, begin, 2 * h);                                 // [c, h], rows 2h apart
+    const char* d_up = d_gate + h * static_cast<int64_t>(dtype_size(d_gate_up_op.dtype()));  // [c, h], the same
     // d_act = d_out W_down: [c, d] x [d, h] -> [c, h]
     d_act_products.push_back({c, h, d, d_out, d, row_of(wd, e * d, h), h, row_of(d_act, begin, h), h});
     // dW_down = d_out^T act: [c, d]^T x [c, h] -> [d, h]
     dw_down_products.push_back({d, h, c, d_out, d, row_of(act_op, begin, h), h, row_of(dw_down, e * d, h), h});
     // dW_gate = d_gate^T x, dW_up = d_up^T x: [c, h]^T x [c, d] -> [h, d]
-    dw_gate_and_up.push_back({h, d, c, d_gate, h, xs, d, row_of(dw_gate, e * h, d), d});
-    dw_gate_and_up.push_back({h, d, c, d_up, h, xs, d, row_of(dw_up, e * h, d), d});
-    // d_x = d_gate W_gate + d_up W_up: [c, h] x [h, d] -> [c, d], the second added onto the first
-    dx_from_gate.push_back({c, d, h, d_gate, h, row_of(wg, e * h, d), d, dxs, d});
-    dx_from_up.push_back({c, d, h, d_up, h, row_of(wu, e * h, d), d, dxs, d});
+    dw_gate_and_up.push_back({h, d, c, d_gate, 2 * h, xs, d, row_of(dw_gate, e * h, d), d});
+    dw_gate_and_up.push_back({h, d, c, d_up, 2 * h, xs, d, row_of(dw_up, e * h, d), d});
+    // d_x = [d_gate | d_up] [W_gate,e ; W_up,e]: [c, 2h] x [2h, d] -> [c, d]
+    dx_products.push_back({c, d, 2 * h, row_of(d_gate_up, begin, 2 * h), 2 * h, row_of(w_gate_up, e * 2 * h, d), d,
+                           row_of(d_x_sorted, begin, d), d});
   }
   gemm_grouped(false, false, d_act_products, 1.0f, 0.0f, ab, c_type, bf16);
   gemm_grouped(true, false, dw_down_products, 1.0f, 0.0f, ab, c_type, bf16);
-  moe_swiglu_backward(gate_pre, up_pre, d_act, d_gate_pre, d_up_pre);  // every expert's rows in one launch
-  if (widen) {
-    convert_dtype(d_gate_pre, d_gate_op);
-    convert_dtype(d_up_pre, d_up_op);
-  }
+  // every expert's rows in one launch, into the two halves of d_gate_up's rows
+  swiglu_backward_rows(gate_pre, up_pre, d_act, h, 2 * h, dx_type, d_gate_up.raw_data(), column_of(d_gate_up, h));
+  if (widen) convert_dtype(d_gate_up, d_gate_up_op);
   gemm_grouped(true, false, dw_gate_and_up, 1.0f, 0.0f, ab, c_type, bf16);
-  gemm_grouped(false, false, dx_from_gate, 1.0f, 0.0f, ab, c_type, bf16);
-  gemm_grouped(false, false, dx_from_up, 1.0f, 1.0f, ab, c_type, bf16);
+  gemm_grouped(false, false, dx_products, 1.0f, 0.0f, dx_type, dx_type);
 }
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------

@@ -31,7 +31,8 @@ DECLARE_KERNEL(moe_sort_slots, (const Tensor& expert_ids, const Tensor& offsets,
 DECLARE_KERNEL(moe_permute_rows,
                (const Tensor& x, const Tensor& slot_at_position, int64_t top_k, const Tensor& x_sorted))
 // dx [N, d]: dx[n] = sum_j dx_sorted[position_of_slot[n, j]], j in order (each token gathers its own k rows: one
-// writer per row, no atomics).
+// writer per row, no atomics). dx_sorted has dx's dtype, or is bf16 (dx f32: the experts' input gradient under mixed
+// precision, widened as it is read).
 DECLARE_KERNEL(moe_unpermute_sum_rows, (const Tensor& dx_sorted, const Tensor& position_of_slot, const Tensor& dx))
 
 // ---- (e) the SwiGLU activation, elementwise on [S, h] ---------------------------------------------------------------
@@ -72,7 +73,8 @@ DECLARE_KERNEL(moe_grouped_swiglu_forward,
 // expert with no rows gets zero. offsets on the host, as in the forward.
 // precision BF16, as the forward: gate_pre, up_pre and act are the forward's bf16 tensors; the operands (x_sorted,
 // the weights, act, d_out_sorted, and d_gate_pre, d_up_pre once computed in f32) are rounded to bf16, with f32
-// accumulation; d_act and every gradient stay f32.
+// accumulation; d_act and the weight gradients stay f32, and d_x_sorted is bf16, the sum of its two products rounded
+// once (autocast's bf16 gradient of a bf16 activation: the un-permute's operand, in half the bytes).
 DECLARE_KERNEL(moe_grouped_swiglu_backward,
                (const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate, const Tensor& w_up,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
@@ -81,8 +83,9 @@ DECLARE_KERNEL(moe_grouped_swiglu_backward,
 
 // The dtypes the grouped SwiGLU takes, checked by both devices before they read or write a byte (a wrong one would be
 // misread): the tensors' dtype F is w_gate's. Under BF16, F is f32, the `kept` tensors (gate_pre, up_pre, act,
-// out_sorted) are bf16 and the `inputs` (x_sorted, d_out_sorted) f32 or bf16 (rounded already); under FP32 all of them
-// are F. The `others` (the other weights, d_act, the gradients) are F. Returns whether the products round to bf16.
+// out_sorted, and the backward's d_x_sorted) are bf16 and the `inputs` (x_sorted, d_out_sorted) f32 or bf16 (rounded
+// already); under FP32 all of them are F. The `others` (the other weights, d_act, the weight gradients) are F.
+// Returns whether the products round to bf16.
 struct NamedTensor {
   const char* name;
   const Tensor& tensor;
@@ -118,12 +121,12 @@ inline bool grouped_swiglu_backward_rounds(const Tensor& x_sorted, const Tensor&
                                            const Tensor& act, const Tensor& d_out_sorted, const Tensor& d_act,
                                            const Tensor& d_x_sorted, const Tensor& dw_gate, const Tensor& dw_up,
                                            const Tensor& dw_down, Precision precision) {
-  return grouped_swiglu_rounds(precision, w_gate, {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}},
+  return grouped_swiglu_rounds(precision, w_gate,
+                               {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}, {"d_x_sorted", d_x_sorted}},
                                {{"x_sorted", x_sorted}, {"d_out_sorted", d_out_sorted}},
                                {{"w_up", w_up},
                                 {"w_down", w_down},
                                 {"d_act", d_act},
-                                {"d_x_sorted", d_x_sorted},
                                 {"dw_gate", dw_gate},
                                 {"dw_up", dw_up},
                                 {"dw_down", dw_down}});
