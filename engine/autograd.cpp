@@ -87,6 +87,13 @@ Tensor record_accumulating(const char* op, Tensor out, std::vector<Tensor> input
 
 // ---- backward --------------------------------------------------------------------------------------------------------
 
+// held + g, a tensor's gradients from two of its uses. `add` takes no bf16: the gradients of a bf16 activation are
+// added in f32 and rounded once, as a product adds into one (engine/ops/matmul.cpp).
+static Tensor sum_of_gradients(const Tensor& held, const Tensor& g) {
+  if (held.dtype() != DType::BF16 && g.dtype() != DType::BF16) return add(held, g);
+  return to_dtype(add(to_dtype(held, DType::F32), to_dtype(g, DType::F32)), held.dtype());
+}
+
 // Tensors reachable from root through grad_fn inputs, each after all tensors it depends on (iterative DFS, so deep
 // graphs cannot overflow the stack).
 static std::vector<Tensor> topological_order(const Tensor& root) {
@@ -152,7 +159,7 @@ void Tensor::backward() const {
       TensorImpl& in = *input.impl();
       if (i < held.size() && held[i].defined() && g.impl() == held[i].impl()) continue;  // the node added to it
       if (in.grad.defined())
-        in.grad = add(in.grad, g);
+        in.grad = sum_of_gradients(in.grad, g);
       else
         in.grad = (in.grad_fn || g.sole_owner()) ? std::move(g) : clone(g);
     }

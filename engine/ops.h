@@ -154,6 +154,10 @@ Tensor linear_cross_entropy(const Tensor& x, const Tensor& weight, const Tensor&
                             int32_t ignore_index = kIgnoreIndex, Tensor* row_losses = nullptr, int64_t chunk_rows = 0);
 // y = x / sqrt(mean(x^2 over the last dim) + eps) * weight, weight [d].
 Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps = 1e-5);
+// rms_norm of an f32 x with y rounded to bf16 as it is written: the operand of bf16 products (attention's input under
+// mixed precision, nn/layers.cpp), in the bits product_operand(rms_norm(x, weight, eps)) has. Its gradient is bf16
+// (the products' sum, rounded once each time one is added) and x's is f32.
+Tensor rms_norm_to_bf16(const Tensor& x, const Tensor& weight, double eps = 1e-5);
 // Rotary embedding on x [B, T, H, Dh] (Dh even): pairs (2i, 2i+1) of each head rotate by angle
 // (pos_offset + t) * theta^(-2i/Dh). A bf16 x rotates in f32 and is rounded back (its gradient too).
 Tensor rope(const Tensor& x, double theta = 10000.0, int64_t pos_offset = 0);

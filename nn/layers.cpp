@@ -1,5 +1,7 @@
 #include "nn/layers.h"
 
+#include "engine/precision.h"
+
 namespace moelab::nn {
 
 Linear::Linear(int64_t in_features, int64_t out_features, Generator& gen, double std) {
@@ -11,6 +13,11 @@ Embedding::Embedding(int64_t vocab_size, int64_t dim, Generator& gen, double std
 }
 
 RMSNorm::RMSNorm(int64_t dim, double eps) : eps_(eps) { weight = add_parameter("weight", ones({dim})); }
+
+Tensor RMSNorm::forward_operand(const Tensor& x) const {
+  const bool bf16 = product_precision() == Precision::BF16 && x.dtype() == DType::F32;
+  return bf16 ? rms_norm_to_bf16(x, weight, eps_) : forward(x);
+}
 
 SwiGLU::SwiGLU(int64_t dim, int64_t hidden, Generator& gen, double std, double down_std) {
   w_gate = add_parameter("w_gate", randn({hidden, dim}, gen, 0.0, std));
@@ -35,12 +42,14 @@ Tensor CausalSelfAttention::forward(const Tensor& x, int64_t batch, int64_t seq)
   // q, k and v are three products with row blocks of wqkv (views of the parameter, no copy). One product and a split
   // of its [B*T, 3d] result would move far more: the split copies each part out, and its backward builds the
   // gradient from a zero-filled [B*T, 3d] tensor per part and two adds (docs/performance.md, "Where the bytes go").
-  const Tensor x_operand = product_operand(x);  // x's bf16 copy under mixed precision, made once for all three
+  // An f32 x's bf16 copy under mixed precision, made once for all three (a bf16 x is multiplied as it is).
+  const Tensor x_operand = product_operand(x);
   // Under mixed precision q, k, v and the attention's output are bf16 tensors, as autocast's: the products write them
   // rounded, RoPE and attention read and write bf16 (computing in f32), their gradients are bf16, and wo multiplies y
   // as it is. That halves the bytes of this block's activations (docs/performance.md). Heads longer than the bf16
   // attention takes stay f32.
-  const bool bf16_activations = x_operand.defined() && dim_ / heads_ <= kMaxBf16HeadDim;
+  const bool bf16_products = x.dtype() == DType::BF16 || x_operand.defined();
+  const bool bf16_activations = bf16_products && dim_ / heads_ <= kMaxBf16HeadDim;
   auto project = [&](int64_t part) {  // [B*T, d]
     const Tensor w = slice_rows(wqkv.weight, part * dim_, (part + 1) * dim_);
     return bf16_activations ? matmul_to_bf16(x, w, false, true, x_operand) : matmul(x, w, false, true, x_operand);

@@ -38,6 +38,9 @@ class RMSNorm : public Module {
  public:
   RMSNorm(int64_t dim, double eps);
   Tensor forward(const Tensor& x) const { return rms_norm(x, weight, eps_); }
+  // forward(x) as the input of products: under mixed precision (Precision::BF16, f32 x) rounded to bf16 as it is
+  // written, the operand they would round it to (rms_norm_to_bf16), else forward(x).
+  Tensor forward_operand(const Tensor& x) const;
   Tensor weight;  // [d]
 
  private:
@@ -54,7 +57,7 @@ class SwiGLU : public FeedForward {
 };
 
 // Causal multi-head self-attention with RoPE: q, k, v = x W_q^T, x W_k^T, x W_v^T (row blocks of W_qkv), rotate q and
-// k, softmax(q k^T / sqrt(Dh)) v, W_o.
+// k, softmax(q k^T / sqrt(Dh)) v, W_o. x is f32, or bf16 (the block's norm output under mixed precision).
 class CausalSelfAttention : public Module {
  public:
   CausalSelfAttention(int64_t dim, int64_t heads, double rope_theta, Generator& gen, double std, double out_std);

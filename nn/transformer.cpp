@@ -20,7 +20,8 @@ Block::Block(const ModelConfig& c, int64_t layer, Generator& gen, const FeedForw
 }
 
 Tensor Block::forward(const Tensor& x, int64_t batch, int64_t seq) {
-  Tensor h = x + attn.forward(attn_norm.forward(x), batch, seq);
+  // Attention's input in bf16 under mixed precision: its only use is as the q, k and v products' operand.
+  Tensor h = x + attn.forward(attn_norm.forward_operand(x), batch, seq);
   return ffn->forward_plus(ffn_norm.forward(h), h);  // h + ffn(norm(h))
 }
 

@@ -161,6 +161,25 @@ TEST_CASE("autograd: one gradient tensor handed to two inputs that are one inter
   CHECK(x.grad().to_vector<double>() == std::vector<double>{2.0, 2.0});
 }
 
+TEST_CASE("autograd: a bf16 tensor's gradients from two uses are added in f32 and rounded once") {
+  // t bf16 feeds two RoPEs (bf16 gradients, not added in place): the second gradient is added to the first by
+  // backward itself, which `add` could not do on bf16 tensors.
+  const Tensor x0 = random({1, 4, 2, 8}, 40, DType::F32);
+  const Tensor c1 = random({1, 4, 2, 8}, 41, DType::F32), c2 = random({1, 4, 2, 8}, 42, DType::F32);
+  auto path = [](const Tensor& t, double theta, const Tensor& c) {
+    return sum(mul(to_dtype(rope(t, theta), DType::F32), c));
+  };
+  Tensor x = testing::leaf(x0, DType::F32);
+  const Tensor t = to_dtype(x, DType::BF16);
+  add(path(t, 10000.0, c1), path(t, 500.0, c2)).backward();
+  // Each path alone gives its bf16 gradient (widened in x's).
+  Tensor x1 = testing::leaf(x0, DType::F32), x2 = testing::leaf(x0, DType::F32);
+  path(to_dtype(x1, DType::BF16), 10000.0, c1).backward();
+  path(to_dtype(x2, DType::BF16), 500.0, c2).backward();
+  const Tensor want = to_dtype(to_dtype(add(x1.grad(), x2.grad()), DType::BF16), DType::F32);
+  CHECK(testing::bitwise_equal(x.grad(), want));
+}
+
 TEST_CASE("autograd: backward from a leaf accumulates like from any other loss") {
   Tensor x = leaf({2.0}, {});
   x.backward();

@@ -257,6 +257,31 @@ TEST_CASE("cuda: nn: RMSNorm kernels match the CPU" * cuda_only()) {
         CHECK_MESSAGE(values_of((*o)[4]) == values_of(add(on(held, (*o)[2].device()), (*o)[2])), what);
         CHECK_MESSAGE(values_of((*o)[5]) == values_of((*o)[3]), what);
       }
+      if (dtype != DType::F32) continue;
+      // rms_norm_to_bf16's kernels: y rounded as it is stored, and its bf16 gradient widened as it is read.
+      const Tensor g16 = converted(g, DType::BF16);
+      auto run_bf16 = [&](Device device) {
+        const Tensor xd = on(x, device), wd = on(w, device);
+        std::vector<Tensor> o{Tensor::empty({rows, d}, DType::BF16, device),
+                              Tensor::empty({rows}, dtype, device),
+                              empty_like_on(xd, device),
+                              empty_like_on(wd, device),
+                              empty_like_on(xd, device),
+                              empty_like_on(wd, device)};
+        KERNEL(rms_norm_forward, device)(xd, wd, 1e-5, o[0], o[1]);
+        KERNEL(rms_norm_backward, device)(xd, wd, o[1], on(g16, device), Tensor(), o[2], o[3]);
+        KERNEL(rms_norm_backward, device)(xd, wd, o[1], on(converted(g16, DType::F32), device), Tensor(), o[4], o[5]);
+        return o;
+      };
+      const std::vector<Tensor> cpu16 = run_bf16(Device::CPU), gpu16 = run_bf16(Device::CUDA);
+      CHECK_MESSAGE(values_of(cpu16[0]) == values_of(converted(cpu[0], DType::BF16)), what << ": bf16 y");
+      check_match(gpu16[0], cpu16[0], kBf16Step, 1e-9, what + " bf16 y");
+      check_match(gpu16[2], cpu16[2], rel, 1.0, what + " dx from a bf16 g");
+      check_match(gpu16[3], cpu16[3], rel, 1.0, what + " dweight from a bf16 g");
+      for (const std::vector<Tensor>* o : {&cpu16, &gpu16}) {  // a bf16 g is its values in f32
+        CHECK_MESSAGE(values_of((*o)[2]) == values_of((*o)[4]), what << ": dx from a bf16 g");
+        CHECK_MESSAGE(values_of((*o)[3]) == values_of((*o)[5]), what << ": dweight from a bf16 g");
+      }
     }
   }
 }
@@ -607,36 +632,37 @@ TEST_CASE("cuda: matmul: the batched kernel matches the CPU (transposes, batched
   }
 }
 
-TEST_CASE("cuda: matmul: a bf16 result is the f32 product rounded once, summed batches included" * cuda_only()) {
+TEST_CASE("cuda: matmul: a bf16 result is the f32 product rounded once, summed batches and added to included" *
+          cuda_only()) {
   for (Sizes z : kMatmulSizes) {
     for (int layout = 0; layout < 4; ++layout) {  // 2-D; both batched; a shared; b shared
       const Shape lead{2, 3};
       const Shape a_lead = layout == 1 || layout == 3 ? lead : Shape{},
                   b_lead = layout == 1 || layout == 2 ? lead : Shape{};
-      for (int flags = 0; flags < 8; ++flags) {
-        const bool ta = flags & 1, tb = flags & 2, sum_batches = flags & 4;
+      for (int flags = 0; flags < 16; ++flags) {
+        const bool ta = flags & 1, tb = flags & 2, sum_batches = flags & 4, added = flags & 8;
         const Tensor a = random_of(operand_shape(a_lead, z.m, z.k, ta), 160 + flags, DType::BF16);
         const Tensor b = random_of(operand_shape(b_lead, z.k, z.n, tb), 170 + layout, DType::BF16);
-        const std::string what = fmt::format("{}{} x {}{}{}", a.str(), ta ? "^T" : "", b.str(), tb ? "^T" : "",
-                                             sum_batches ? " summed" : "");
+        // What a bf16 gradient holds before a product adds to it (its sum with the product is rounded once).
+        const Tensor held = random_of(product_shape(a, b, ta, tb, sum_batches), 175 + flags, DType::BF16);
+        const std::string what = fmt::format("{}{} x {}{}{}{}", a.str(), ta ? "^T" : "", b.str(), tb ? "^T" : "",
+                                             sum_batches ? " summed" : "", added ? " added to" : "");
         auto bf16_result = [&](Device device) {
-          const Tensor out = Tensor::empty(product_shape(a, b, ta, tb, sum_batches), DType::BF16, device);
-          KERNEL(batched_matmul, device)(on(a, device), on(b, device), ta, tb, sum_batches, Tensor(), out);
+          const Tensor out = added ? on(clone(held), device)
+                                   : Tensor::empty(product_shape(a, b, ta, tb, sum_batches), DType::BF16, device);
+          KERNEL(batched_matmul, device)
+          (on(a, device), on(b, device), ta, tb, sum_batches, added ? out : Tensor(), out);
           return out;
         };
         const Tensor cpu = bf16_result(Device::CPU);
         const int64_t terms = (sum_batches && layout != 0 ? 6 * z.k : z.k) + 1;
-        check_match(bf16_result(Device::CUDA), cpu, kBf16Step, sum_scale(terms), what);
-        CHECK_MESSAGE(
-            values_of(cpu) == values_of(converted(matmul_kernel(a, b, ta, tb, sum_batches, Device::CPU), DType::BF16)),
-            what);
+        check_match(bf16_result(Device::CUDA), cpu, kBf16Step, sum_scale(terms) + (added ? 2.0 : 0.0), what);
+        // The CPU's: the f32 kernel's result (from what out held, widened), rounded.
+        const Tensor f32 =
+            matmul_kernel(a, b, ta, tb, sum_batches, Device::CPU, added ? converted(held, DType::F32) : Tensor());
+        CHECK_MESSAGE(values_of(cpu) == values_of(converted(f32, DType::BF16)), what);
       }
     }
-  }
-  for (Device device : {Device::CPU, Device::CUDA}) {  // a bf16 result is rounded once, never added to
-    const Tensor a = on(random_of({3, 4}, 180, DType::BF16), device), out = Tensor::empty({3, 3}, DType::BF16, device);
-    const auto added = [&] { KERNEL(batched_matmul, device)(a, a, false, true, false, out, out); };
-    CHECK(testing::error_of(added).find("a bf16 result is not added to") != std::string::npos);
   }
 }
 

@@ -1,6 +1,7 @@
 // matmul and the indexing ops: forward against naive loops on odd shapes, gradients by central differences, exact
 // orderings and counts for the no-grad ops, and the errors of bad use.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -266,6 +267,53 @@ TEST_CASE("ops: matmul adds a gradient into the one its operand holds, with no a
     loss().backward();  // a second pass: w's gradient adds the same again
     check_close(w.grad(), mul(dw, 2.0), rel, 1e-3, "dw after two passes");
   }
+}
+
+TEST_CASE("ops: a bf16 operand's gradient from three products is added up in bf16 by the products, no add kernel") {
+  // x bf16 used by three products (attention's input under mixed precision): the first product writes its gradient,
+  // the next two add to it (GEMM beta = 1), each sum rounded once. Against the products' f32 gradients, rounded after
+  // each add in the order backward ran them (one of the six).
+  const Tensor x0 = to_dtype(random({6, 5}, 220, DType::F32), DType::BF16);
+  const std::vector<Tensor> ws = {random({3, 5}, 221, DType::F32), random({3, 5}, 222, DType::F32),
+                                  random({3, 5}, 223, DType::F32)};
+  const Tensor v = random({3, 1}, 224, DType::F32);
+  Tensor leaf = testing::leaf(to_dtype(x0, DType::F32), DType::F32);
+  const Tensor x = to_dtype(leaf, DType::BF16);
+  Tensor loss;
+  for (const Tensor& w : ws) {
+    const Tensor use = sum(matmul(matmul(x, w, false, true), v));
+    loss = loss.defined() ? add(loss, use) : use;
+  }
+  std::vector<KernelTime> kernels;
+  {
+    KernelProfile profile;  // the backward only
+    loss.backward();
+    kernels = profile.totals();
+  }
+  for (const KernelTime& k : kernels) CHECK_MESSAGE(k.name != "binary_forward", "an add ran in the backward");
+  // Each product's gradient of x in f32: G w with G = v^T per row, the bf16 product's operands (v and w rounded).
+  std::vector<std::vector<double>> parts;
+  for (const Tensor& w : ws) {
+    Tensor xi = testing::leaf(to_dtype(x0, DType::F32), DType::F32);
+    PrecisionGuard mode(Precision::BF16);  // the products' operands rounded as the bf16 x's are
+    sum(matmul(matmul(xi, w, false, true), v)).backward();
+    parts.push_back(as_doubles(xi.grad()));
+  }
+  auto bf = [](double value) { return static_cast<double>(to_float(to_bf16(static_cast<float>(value)))); };
+  const std::vector<double> got = as_doubles(leaf.grad());
+  bool matched = false;
+  for (const auto& order :
+       std::vector<std::array<int, 3>>{{0, 1, 2}, {0, 2, 1}, {1, 0, 2}, {1, 2, 0}, {2, 0, 1}, {2, 1, 0}}) {
+    std::vector<double> want(got.size());
+    for (size_t i = 0; i < got.size(); ++i) {
+      const auto& [p, q, r] = order;
+      const float first = static_cast<float>(bf(parts[p][i]));
+      const float second = static_cast<float>(bf(static_cast<float>(first + static_cast<float>(parts[q][i]))));
+      want[i] = bf(static_cast<float>(second + static_cast<float>(parts[r][i])));
+    }
+    matched = matched || want == got;
+  }
+  CHECK_MESSAGE(matched, "x's gradient is not the three products' sum, rounded after each add");
 }
 
 TEST_CASE("ops: matmul multiplies product_operand's copy as its own, and the copy is made once for three products") {

@@ -404,6 +404,24 @@ TEST_CASE("ops:nn rms_norm adds x's gradient to the one x holds, as a block's re
   }
 }
 
+TEST_CASE("ops:nn rms_norm_to_bf16 is rms_norm rounded once, and its bf16 gradient gives x's as f32 values would") {
+  using testing::bitwise_equal;
+  const Tensor x0 = random({37, 64}, 310, DType::F32), w0 = random({64}, 311, DType::F32);
+  // An upstream gradient of bf16 values: the rounded output's gradient holds them exactly.
+  const Tensor c = to_dtype(to_dtype(random({37, 64}, 312, DType::F32), DType::BF16), DType::F32);
+  Tensor x = testing::leaf(x0, DType::F32), w = testing::leaf(w0, DType::F32);
+  const Tensor y = rms_norm_to_bf16(x, w);
+  CHECK(y.dtype() == DType::BF16);
+  CHECK(bitwise_equal(y, to_dtype(rms_norm(x0, w0), DType::BF16)));
+  sum(mul(to_dtype(y, DType::F32), c)).backward();  // y's gradient: c, as bf16
+  Tensor x_ref = testing::leaf(x0, DType::F32), w_ref = testing::leaf(w0, DType::F32);
+  sum(mul(rms_norm(x_ref, w_ref), c)).backward();
+  CHECK(bitwise_equal(x.grad(), x_ref.grad()));
+  CHECK(bitwise_equal(w.grad(), w_ref.grad()));
+  CHECK_THROWS_WITH_AS(rms_norm_to_bf16(random({3, 4}, 1, DType::F64), random({4}, 1, DType::F64)),
+                       doctest::Contains("needs an f32 x"), std::invalid_argument);
+}
+
 TEST_CASE("ops:nn rms_norm weight gradient is the same for any thread count") {
   // Enough rows that the backward runs in parallel blocks; the block sums are added in a fixed order.
   Tensor x = random({4096, 16}, 8, DType::F32), w = random({16}, 9, DType::F32);
@@ -737,6 +755,9 @@ TEST_CASE("nn: the attention block keeps q, k, v and its output in bf16 under bf
     const bool bf16 = dim / heads <= kMaxBf16HeadDim;
     CHECK_MESSAGE(bitwise_equal(y, written_out(bf16)), "heads " << heads);
     if (bf16) CHECK(!bitwise_equal(y, written_out(false)));
+    // A bf16 x (the block's norm output under mixed precision, nn::RMSNorm::forward_operand) is the operand the
+    // products made of the f32 one: the same bits.
+    CHECK_MESSAGE(bitwise_equal(block.forward(product_operand(x), B, T), y), "heads " << heads << ", bf16 x");
   }
 }
 

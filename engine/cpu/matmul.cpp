@@ -37,12 +37,11 @@ void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b
                     const Tensor& added_to, const Tensor& out) {
   if (added_to.defined() && added_to.impl() != out.impl())
     throw std::logic_error("batched_matmul: added_to must be out itself");
-  if (out.dtype() == DType::BF16) {  // the f32 product, rounded once
-    if (added_to.defined()) throw std::logic_error("batched_matmul: a bf16 result is not added to");
+  if (out.dtype() == DType::BF16) {  // the f32 product (added to what out holds, widened), rounded once
     if (a.dtype() != DType::BF16) throw std::logic_error("batched_matmul: a bf16 result needs bf16 operands");
-    Tensor product = Tensor::empty(out.shape(), DType::F32);
-    batched_matmul(a, b, trans_a, trans_b, sum_batches, Tensor(), product);
-    round_to_bf16(product, out);
+    Tensor sum = added_to.defined() ? widened_to_f32(out) : Tensor::empty(out.shape(), DType::F32);
+    batched_matmul(a, b, trans_a, trans_b, sum_batches, added_to.defined() ? sum : Tensor(), sum);
+    round_to_bf16(sum, out);
     return;
   }
   if (a.dtype() == DType::BF16) {

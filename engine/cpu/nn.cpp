@@ -124,10 +124,11 @@ void cross_entropy_with_gradient(const Tensor& logits, const Tensor& targets, in
 
 void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, const Tensor& y, const Tensor& rstd) {
   const int64_t d = x.size(-1), rows = x.numel() / d;
+  const Tensor y_f32 = f32_scratch(y);
   dispatch_float("rms_norm", x.dtype(), [&](auto tag) {
     using F = decltype(tag);
     const F *px = x.data<F>(), *pw = weight.data<F>();
-    F *py = y.data<F>(), *prstd = rstd.data<F>();
+    F *py = y_f32.data<F>(), *prstd = rstd.data<F>();
     parallel_for(rows, d * 2, [&](int64_t r) {
       const F* xr = px + r * d;  // [d]
       F* yr = py + r * d;
@@ -139,6 +140,7 @@ void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, const T
       for (int64_t j = 0; j < d; ++j) yr[j] = xr[j] * s * pw[j];
     });
   });
+  store_rounded(y_f32, y);
 }
 
 // dweight is summed per fixed block of rows (blocks depend on `rows` only), then the blocks in order: the result is
@@ -147,9 +149,10 @@ void rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd
                        const Tensor& dx_added_to, const Tensor& dx, const Tensor& dweight) {
   const int64_t d = x.size(-1), rows = x.numel() / d;
   const bool added = dx_added_to.defined();
+  const Tensor g_f32 = as_f32(g);
   dispatch_float("rms_norm_backward", x.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    const F *px = x.data<F>(), *pw = weight.data<F>(), *prstd = rstd.data<F>(), *pg = g.data<F>();
+    const F *px = x.data<F>(), *pw = weight.data<F>(), *prstd = rstd.data<F>(), *pg = g_f32.data<F>();
     F* pdx = dx.data<F>();
     const int64_t block = std::max<int64_t>(32, (rows + 255) / 256);  // at most 256 blocks
     const int64_t blocks = (rows + block - 1) / block;

@@ -7,6 +7,7 @@
 
 #include "engine/cuda/blas.cuh"
 #include "engine/cuda/device.cuh"
+#include "engine/kernels/shape.h"
 
 namespace moelab::cuda {
 
@@ -18,13 +19,14 @@ void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b
   const char *pa = static_cast<const char*>(a.raw_data()), *pb = static_cast<const char*>(b.raw_data());
   if (added_to.defined() && added_to.impl() != out.impl())
     throw std::logic_error("batched_matmul: added_to must be out itself");
-  if (c == DType::BF16 && (added_to.defined() || sum_batches)) {
-    // cuBLAS rounds C to bf16 at the end of each call: a sum of several calls, or a sum with what C holds, would be
-    // rounded more than once. Such results are summed in f32 and rounded once (the CPU kernel's order).
-    if (added_to.defined()) throw std::logic_error("batched_matmul: a bf16 result is not added to");
-    Tensor product = Tensor::empty(out.shape(), DType::F32, Device::CUDA);
-    batched_matmul(a, b, trans_a, trans_b, sum_batches, Tensor(), product);
-    round_to_bf16(product, out);
+  if (c == DType::BF16 && sum_batches) {
+    // cuBLAS rounds C to bf16 at the end of each call: a sum of several calls would be rounded more than once. It is
+    // summed in f32 (from what out holds, widened, when added to) and rounded once (the CPU kernel's order). One call
+    // that adds to a bf16 C (beta = 1, below) rounds once: C + the product, in f32.
+    Tensor sum = Tensor::empty(out.shape(), DType::F32, Device::CUDA);
+    if (added_to.defined()) convert_dtype(out, sum);
+    batched_matmul(a, b, trans_a, trans_b, sum_batches, added_to.defined() ? sum : Tensor(), sum);
+    round_to_bf16(sum, out);
     return;
   }
   const bool accumulate = added_to.defined();

@@ -142,9 +142,9 @@ void cross_entropy_with_gradient(const Tensor& logits, const Tensor& targets, in
 
 // ---- RMSNorm --------------------------------------------------------------------------------------------------------
 
-// One block per row: rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * w.
-template <class F>
-__global__ void rms_norm_forward_kernel(const F* x, const F* w, int64_t d, double eps, F* y, F* rstd) {
+// One block per row: rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * w (computed in F, stored as Y).
+template <class F, class Y>
+__global__ void rms_norm_forward_kernel(const F* x, const F* w, int64_t d, double eps, Y* y, F* rstd) {
   const int64_t r = blockIdx.x;
   const F* xr = x + r * d;
   double ss = 0;
@@ -152,15 +152,18 @@ __global__ void rms_norm_forward_kernel(const F* x, const F* w, int64_t d, doubl
   ss = block_sum(ss);
   const F s = static_cast<F>(1.0 / sqrt(ss / static_cast<double>(d) + eps));
   if (threadIdx.x == 0) rstd[r] = s;
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) y[r * d + j] = xr[j] * s * w[j];
+  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) y[r * d + j] = converted<Y>(xr[j] * s * w[j]);
 }
 
 void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, const Tensor& y, const Tensor& rstd) {
   const int64_t d = x.size(-1), rows = x.numel() / d;
   dispatch_float("rms_norm", x.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    launch("rms_norm_forward", rms_norm_forward_kernel<F>, dim3(rows), dim3(kRowThreads), 0, x.data<F>(),
-           weight.data<F>(), d, eps, y.data<F>(), rstd.data<F>());
+    with_storage<F>("rms_norm", y.dtype(), [&](auto stored_as) {
+      using Y = decltype(stored_as);
+      launch("rms_norm_forward", rms_norm_forward_kernel<F, Y>, dim3(rows), dim3(kRowThreads), 0, x.data<F>(),
+             weight.data<F>(), d, eps, stored<Y>(y), rstd.data<F>());
+    });
   });
 }
 
@@ -172,24 +175,26 @@ void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, const T
 // rows, larger ones a smaller partial.
 constexpr int64_t kRowsPerChunk = 32;
 
-template <class F>
-__global__ void rms_norm_backward_kernel(const F* x, const F* w, const F* rstd, const F* g, int64_t rows, int64_t d,
-                                         bool added, F* dx, double* partial) {
+template <class F, class G>
+__global__ void rms_norm_backward_kernel(const F* x, const F* w, const F* rstd, const G* g_stored, int64_t rows,
+                                         int64_t d, bool added, F* dx, double* partial) {
   SHARED_ARRAY(double, row_sum_scratch, 32);  // block_sum's, once for every row
   DYNAMIC_SHARED(double, dweight_part);       // [d]
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) dweight_part[j] = 0;
   const int64_t begin = blockIdx.x * kRowsPerChunk, end = begin + kRowsPerChunk < rows ? begin + kRowsPerChunk : rows;
   for (int64_t r = begin; r < end; ++r) {
-    const F *xr = x + r * d, *gr = g + r * d;
+    const F* xr = x + r * d;
+    const G* gr = g_stored + r * d;
     double gwx = 0;
-    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) gwx += static_cast<double>(gr[j]) * w[j] * xr[j];
+    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) gwx += static_cast<double>(widened<F>(gr[j])) * w[j] * xr[j];
     gwx = block_sum(gwx, row_sum_scratch);
     const F s = rstd[r];
     const F c = static_cast<F>(gwx / static_cast<double>(d)) * s * s * s;
     for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
-      const F term = s * gr[j] * w[j] - c * xr[j];
+      const F g = widened<F>(gr[j]);
+      const F term = s * g * w[j] - c * xr[j];
       dx[r * d + j] = added ? dx[r * d + j] + term : term;
-      dweight_part[j] += static_cast<double>(gr[j] * xr[j] * s);
+      dweight_part[j] += static_cast<double>(g * xr[j] * s);
     }
   }
   for (int64_t j = threadIdx.x; j < d; j += blockDim.x) partial[blockIdx.x * d + j] = dweight_part[j];
@@ -211,10 +216,13 @@ void rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd
   const size_t shared = sizeof(double) * static_cast<size_t>(d);
   dispatch_float("rms_norm_backward", x.dtype(), [&](auto tag) {
     using F = decltype(tag);
-    const auto kernel = rms_norm_backward_kernel<F>;
-    allow_shared_bytes(kernel, shared);  // d past 6144 takes more than 48 KB
-    launch("rms_norm_backward", kernel, dim3(chunks), dim3(kRowThreads), shared, x.data<F>(), weight.data<F>(),
-           rstd.data<F>(), g.data<F>(), rows, d, dx_added_to.defined(), dx.data<F>(), partial.data<double>());
+    with_storage<F>("rms_norm_backward", g.dtype(), [&](auto stored_as) {
+      using G = decltype(stored_as);
+      const auto kernel = rms_norm_backward_kernel<F, G>;
+      allow_shared_bytes(kernel, shared);  // d past 6144 takes more than 48 KB
+      launch("rms_norm_backward", kernel, dim3(chunks), dim3(kRowThreads), shared, x.data<F>(), weight.data<F>(),
+             rstd.data<F>(), stored<const G>(g), rows, d, dx_added_to.defined(), dx.data<F>(), partial.data<double>());
+    });
     launch("rms_norm_dweight_total", rms_norm_dweight_total_kernel<F>, dim3(blocks_for(d, 128)), dim3(128), 0,
            partial.data<double>(), chunks, d, dweight.data<F>());
   });

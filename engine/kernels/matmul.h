@@ -28,8 +28,9 @@ inline MatmulShape matmul_shape(const Tensor& a, const Tensor& b, bool trans_a, 
 // are added to what out holds (a GEMM's beta = 1: a gradient added to without a temporary), and out is read as well
 // as written (an argument, so that the kernel profile counts its bytes). a and b share a dtype: f32 or f64 (out the
 // same), or bf16 (the products accumulate in f32; the CPU widens the operands to f32 and runs its f32 GEMM), out f32
-// or bf16 (the f32 result rounded to nearest even as it is written: once on the CPU, by cuBLAS on the GPU; never
-// added to).
+// or bf16 (the f32 result rounded to nearest even as it is written: once on the CPU, by cuBLAS on the GPU; a bf16 out
+// added to is rounded once, after the f32 sum of what it held and the products: a bf16 activation's gradient from
+// several products).
 DECLARE_KERNEL(batched_matmul, (const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches,
                                 const Tensor& added_to, const Tensor& out))
 

@@ -24,7 +24,8 @@ DECLARE_KERNEL(cross_entropy_with_gradient, (const Tensor& logits, const Tensor&
                                              int64_t count, const Tensor& row_loss, const Tensor& dlogits))
 
 // ---- RMSNorm ----------------------------------------------------------------------------------------------------------
-// x [rows, d], weight [d]: y = x * rstd * weight with rstd[r] = 1 / sqrt(mean(x_r^2) + eps).
+// x [rows, d], weight [d]: y = x * rstd * weight with rstd[r] = 1 / sqrt(mean(x_r^2) + eps). y has x's dtype, or is
+// bf16 (x f32: computed in f32, rounded as it is stored; rms_norm_to_bf16), and g in the backward likewise (widened).
 DECLARE_KERNEL(rms_norm_forward,
                (const Tensor& x, const Tensor& weight, double eps, const Tensor& y, const Tensor& rstd))
 // With s = rstd and gw = g * w: dx = s * gw - x * s^3 * mean(gw * x); dweight = sum over rows of g * x * s, summed in

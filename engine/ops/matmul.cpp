@@ -19,8 +19,8 @@ static Shape batch_dims(const Tensor& x) { return Shape(x.shape().begin(), x.sha
 // op(A_i) @ op(B_i) for every batch i, on a's device, as a `dtype` tensor: the operands' own for f32 and f64, f32 or
 // bf16 for bf16 operands. Either operand may be 2-D: one matrix shared by every batch. With sum_batches the result is
 // the single [m, n] sum over the batch (the gradient of a shared operand) instead of [..., m, n]. Added to `into` and
-// returned as it when `into` has the result's shape and an f32 or f64 dtype that is the result's (a gradient an input
-// holds; else a new tensor, which backward then adds; a bf16 result is rounded once, never added to).
+// returned as it when `into` has the result's shape and dtype (a gradient an input holds; a bf16 one is rounded once,
+// after the sum), else a new tensor, which backward then adds.
 // Shapes are trusted here: matmul() checks them, and the backward passes only consistent ones.
 static Tensor product(const Tensor& a, const Tensor& b, bool ta, bool tb, bool sum_batches, DType dtype,
                       const Tensor& into = Tensor()) {
@@ -28,7 +28,7 @@ static Tensor product(const Tensor& a, const Tensor& b, bool ta, bool tb, bool s
   Shape out_shape = sum_batches ? Shape{} : batch_dims(a.dim() > 2 ? a : b);
   out_shape.push_back(s.m);
   out_shape.push_back(s.n);
-  const bool accumulate = into.defined() && dtype != DType::BF16 && into.dtype() == dtype && into.shape() == out_shape;
+  const bool accumulate = into.defined() && into.dtype() == dtype && into.shape() == out_shape;
   Tensor out = accumulate ? into : Tensor::empty(out_shape, dtype, a.device());
   KERNEL(batched_matmul, a.device())(a, b, ta, tb, sum_batches, accumulate ? out : Tensor(), out);
   return out;
@@ -47,7 +47,7 @@ bool detail::multiplied_in_bf16(const Tensor& x) {
 // g: [..., m, n]. a and b are the operands the forward multiplied (bf16 copies of f32 inputs in a bf16 product), and
 // each gradient is written in the dtype of the input it belongs to (da_dtype, db_dtype). In a bf16 product g is
 // rounded to bf16 first, unless it is bf16. A shared b gets the sum of its per-batch gradients. held: the gradients a
-// and b already hold (AccumulatingBackwardFn); an f32 or f64 gradient is added to its own by the product.
+// and b already hold (AccumulatingBackwardFn), which the products add to (a bf16 one: the sum rounded once).
 static std::vector<Tensor> matmul_backward(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, DType da_dtype,
                                            DType db_dtype, bool need_da, bool need_db, const Tensor& g_out,
                                            const std::vector<Tensor>& held) {

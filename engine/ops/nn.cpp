@@ -146,15 +146,16 @@ static std::vector<Tensor> rms_norm_backward(const Tensor& x, const Tensor& weig
   return {dx, dweight};
 }
 
-Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
-  const char* op = "rms_norm";
+// rms_norm (y in x's dtype) and rms_norm_to_bf16 (y bf16).
+static Tensor rms_norm_op(const char* op, const Tensor& x, const Tensor& weight, double eps, DType y_dtype) {
   check_same_dtype_device(op, x, weight);
   check_float(op, x);
   if (x.dim() < 1 || weight.dim() != 1 || x.size(-1) == 0 || weight.size(0) != x.size(-1))
     fail("{}: needs x [..., d] and weight [d] with d > 0, got {} and {}", op, x.str(), weight.str());
   if (!(eps >= 0)) fail("{}: eps must be >= 0, got {}", op, eps);
+  if (y_dtype == DType::BF16 && x.dtype() != DType::F32) fail("{}: needs an f32 x, got {}", op, x.str());
   const int64_t rows = x.numel() / x.size(-1);
-  Tensor y = Tensor::empty(x.shape(), x.dtype(), x.device());
+  Tensor y = Tensor::empty(x.shape(), y_dtype, x.device());
   Tensor rstd = Tensor::empty({rows}, x.dtype(), x.device());  // [rows]
   KERNEL(rms_norm_forward, x.device())(x, weight, eps, y, rstd);
   return record_accumulating(
@@ -162,6 +163,14 @@ Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
       [x = x.detach(), weight = weight.detach(), rstd](const Tensor& g, const std::vector<Tensor>& held) {
         return rms_norm_backward(x, weight, rstd, g, held);
       });
+}
+
+Tensor rms_norm(const Tensor& x, const Tensor& weight, double eps) {
+  return rms_norm_op("rms_norm", x, weight, eps, x.dtype());
+}
+
+Tensor rms_norm_to_bf16(const Tensor& x, const Tensor& weight, double eps) {
+  return rms_norm_op("rms_norm_to_bf16", x, weight, eps, DType::BF16);
 }
 
 // ---- RoPE -----------------------------------------------------------------------------------------------------------
