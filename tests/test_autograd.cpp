@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/profile.h"
 #include "tests/testing.h"
 
 using namespace moelab;
@@ -357,6 +358,34 @@ TEST_CASE("autograd: NaN checks name the op that produced a NaN and let infiniti
 }
 
 // ---- gradients of the shape ops -------------------------------------------------------------------------------------
+
+TEST_CASE("autograd: row blocks of one weight used apart get their gradients in its rows, with no full-size add") {
+  // w [6, 4] as three blocks of 2 rows, one per product (attention's wqkv and its q, k and v products).
+  const Tensor w0 = random({6, 4}, 820), x = random({5, 4}, 821), v = random({2, 1}, 822);
+  Tensor w = testing::leaf(w0, DType::F64);
+  auto use = [&](const Tensor& weight, int64_t block) {
+    return sum(matmul(matmul(x, slice_rows(weight, 2 * block, 2 * block + 2), false, true), v));
+  };
+  const Tensor loss = add(add(use(w, 0), use(w, 1)), use(w, 2));
+  std::vector<KernelTime> kernels;
+  {
+    KernelProfile profile;  // the backward only
+    loss.backward();
+    kernels = profile.totals();
+  }
+  const double full_add_bytes = 3.0 * w0.numel() * 8;  // two reads and a write of a [6, 4] f64 tensor
+  double add_bytes = 0;
+  for (const KernelTime& k : kernels)
+    if (k.name == "binary_forward") add_bytes += k.bytes;
+  CHECK_MESSAGE(add_bytes < full_add_bytes, "the blocks' gradients were added full-size: " << add_bytes << " bytes");
+  // Each block's rows hold its own product's gradient, bit for bit.
+  for (int64_t block = 0; block < 3; ++block) {
+    Tensor alone = testing::leaf(w0, DType::F64);
+    use(alone, block).backward();
+    CHECK(testing::bitwise_equal(slice_rows(w.grad(), 2 * block, 2 * block + 2),
+                                 slice_rows(alone.grad(), 2 * block, 2 * block + 2)));
+  }
+}
 
 TEST_CASE("autograd: shape ops route gradients back (reshape, slice_rows, transpose, permute, concat, split, clone)") {
   uint64_t seed = 800;

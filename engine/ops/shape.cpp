@@ -45,12 +45,22 @@ Tensor reshape(const Tensor& x, Shape shape) {
                 [in_shape](const Tensor& g) -> std::vector<Tensor> { return {reshape(g, in_shape)}; });
 }
 
-// ---- slice_rows: a view of x[start:end]; the gradient lands in those rows of a zero tensor ---------------------------
-static Tensor slice_rows_backward(const Tensor& g, const Shape& in_shape, int64_t start, int64_t end) {
+// ---- slice_rows: a view of x[start:end] -----------------------------------------------------------------------------
+// The gradient lands in those rows of the gradient x holds when it holds one alone (AccumulatingBackwardFn: a weight
+// whose row blocks are used apart, as attention's wqkv by the q, k and v products, gets each block's gradient added in
+// its rows, not a full-size add per block), else of a zero tensor.
+static std::vector<Tensor> slice_rows_backward(const Tensor& g, const Shape& in_shape, int64_t start, int64_t end,
+                                               const std::vector<Tensor>& held) {
+  const Tensor held_dx = held.empty() ? Tensor() : held[0];
+  if (held_dx.defined() && held_dx.dtype() == g.dtype()) {
+    Tensor rows = slice_rows(held_dx, start, end);
+    copy_(rows, add(rows, g));
+    return {held_dx};
+  }
   Tensor dx = zeros(in_shape, g.dtype(), g.device());
   Tensor rows = slice_rows(dx, start, end);
   copy_(rows, g);
-  return dx;
+  return {dx};
 }
 
 Tensor slice_rows(const Tensor& x, int64_t start, int64_t end) {
@@ -60,10 +70,10 @@ Tensor slice_rows(const Tensor& x, int64_t start, int64_t end) {
   Shape shape = x.shape();
   shape[0] = end - start;
   int64_t row = x.size(0) ? x.numel() / x.size(0) : 0;
-  return record("slice_rows", make_view(x, shape, x.impl()->offset + start * row), {x},
-                [in_shape = x.shape(), start, end](const Tensor& g) -> std::vector<Tensor> {
-                  return {slice_rows_backward(g, in_shape, start, end)};
-                });
+  return record_accumulating("slice_rows", make_view(x, shape, x.impl()->offset + start * row), {x},
+                             [in_shape = x.shape(), start, end](const Tensor& g, const std::vector<Tensor>& held) {
+                               return slice_rows_backward(g, in_shape, start, end, held);
+                             });
 }
 
 // ---- permute / transpose: copies into the new dim order; the gradient is permuted back -------------------------------
