@@ -3,7 +3,7 @@
 // the inputs' device, and records.
 //
 // Shapes: N tokens, k choices per token, S = N*k slots, d model width, h expert hidden size, E experts.
-// Saved for backward (S*(3h + 2d) floats, all bf16 under mixed precision, plus the plan's 2*S + 2*E + 1 integers):
+// Saved for backward (S*(3h + 2d) floats, all bf16 under mixed precision, plus the plan's S + 2*E + 1 integers):
 //   x_sorted         [S, d]   the experts' inputs in sorted order (dW_gate = d(gate)^T x, dW_up = d(up)^T x)
 //   gate_pre, up_pre [S, h]   pre-activations W_gate x, W_up x in sorted order (silu' needs gate_pre, d(gate) needs up)
 //   act              [S, h]   silu(gate_pre) * up_pre, the input of W_down (dW_down = d(out)^T act)
@@ -93,7 +93,7 @@ std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   Tensor d_gates = empty({plan.tokens, plan.top_k});  // [N, k]
   Tensor d_out_sorted = Tensor::empty({slots, d}, saved.x_sorted.dtype(), device);  // [S, d], an operand as x_sorted
   KERNEL(moe_weighted_unpermute_backward, device)
-  (dy, saved.out_sorted, saved.gates, plan.slot_at_position, d_gates, d_out_sorted);
+  (dy, saved.out_sorted, saved.gates, plan.position_of_slot, d_gates, d_out_sorted);
 
   // (e) backward: weight gradients per expert and the input gradient per slot.
   Tensor dw_gate = empty(saved.w_gate.shape()), dw_up = empty(saved.w_up.shape());
@@ -132,9 +132,8 @@ DispatchPlan plan_dispatch(const Tensor& expert_ids, int64_t n_experts) {
   for (int32_t c : counts) plan.host_offsets.push_back(plan.host_offsets.back() + c);
   plan.offsets = Tensor::empty({n_experts + 1}, DType::I32, device);
   KERNEL(moe_expert_offsets, device)(plan.counts, plan.offsets);  // (b)
-  plan.slot_at_position = Tensor::empty({expert_ids.numel()}, DType::I32, device);
   plan.position_of_slot = Tensor::empty(expert_ids.shape(), DType::I32, device);
-  KERNEL(moe_sort_slots, device)(expert_ids, plan.offsets, plan.slot_at_position, plan.position_of_slot);  // (c)
+  KERNEL(moe_sort_slots, device)(expert_ids, plan.offsets, plan.position_of_slot);  // (c)
   return plan;
 }
 
@@ -170,7 +169,7 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
   // Kept rather than gathered again in backward: a bf16 copy held costs less than reading x and writing it again.
   saved.x_sorted = Tensor::empty({slots, d}, kept, device);
   Tensor y = empty({dims.tokens, d});                                                      // [N, d]
-  KERNEL(moe_permute_rows, device)(x, plan.slot_at_position, plan.top_k, saved.x_sorted);  // (d)
+  KERNEL(moe_permute_rows, device)(x, plan.position_of_slot, saved.x_sorted);              // (d)
   KERNEL(moe_grouped_swiglu_forward, device)
   (saved.x_sorted, plan.host_offsets, w_gate, w_up, w_down, saved.gate_pre, saved.up_pre, saved.act, saved.out_sorted,
    saved.precision);                                                                                    // (e)

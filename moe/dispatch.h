@@ -25,8 +25,7 @@ struct DispatchPlan {
   Tensor counts;            // i32 [E]    slots routed to each expert
   Tensor offsets;           // i32 [E+1]  expert e owns positions [offsets[e], offsets[e+1])
   std::vector<int32_t> host_offsets;  // the same on the host: the grouped products' sizes, for forward and backward
-  Tensor slot_at_position;  // i32 [S]    the sorted order: position -> slot (token = slot / k)
-  Tensor position_of_slot;  // i32 [N, k] its inverse: slot n*k + j -> position
+  Tensor position_of_slot;            // i32 [N, k] the sorted order: slot n*k + j -> its position
 };
 
 // Builds the plan from expert_ids (i32 [N, k], each in [0, n_experts); throws naming a bad id and its place).

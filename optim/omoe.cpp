@@ -208,7 +208,7 @@ void OMoE::observe(size_t index, const Tensor& expert_ids, const Tensor& h) {
   const std::vector<int32_t>& offsets = plan.host_offsets;
   Tensor x = to_dtype(h.detach(), DType::F32);
   Tensor x_sorted = Tensor::empty({plan.tokens * plan.top_k, d}, DType::F32, x.device());  // [N*k, d]
-  KERNEL(moe_permute_rows, x.device())(x, plan.slot_at_position, plan.top_k, x_sorted);
+  KERNEL(moe_permute_rows, x.device())(x, plan.position_of_slot, x_sorted);
   std::vector<bool> routed(E);
   std::vector<Tensor> rows(E);  // each expert's slice of x_sorted (undefined: no tokens)
   std::vector<Tensor> means(E);

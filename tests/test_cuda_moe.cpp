@@ -56,17 +56,16 @@ moe::DispatchPlan plan_with_kernels(const Tensor& ids, int64_t E, Device device)
   plan.tokens = ids.size(0), plan.top_k = ids.size(1), plan.experts = E;
   plan.counts = Tensor::empty({E}, DType::I32, device);
   plan.offsets = Tensor::empty({E + 1}, DType::I32, device);
-  plan.slot_at_position = Tensor::empty({ids.numel()}, DType::I32, device);
   plan.position_of_slot = Tensor::empty(ids.shape(), DType::I32, device);
   if (device == Device::CPU) {
     cpu::moe_count_experts(ids, plan.counts);
     cpu::moe_expert_offsets(plan.counts, plan.offsets);
-    cpu::moe_sort_slots(ids, plan.offsets, plan.slot_at_position, plan.position_of_slot);
+    cpu::moe_sort_slots(ids, plan.offsets, plan.position_of_slot);
   } else {
     Tensor ids_gpu = to_gpu(ids);
     cuda::moe_count_experts(ids_gpu, plan.counts);
     cuda::moe_expert_offsets(plan.counts, plan.offsets);
-    cuda::moe_sort_slots(ids_gpu, plan.offsets, plan.slot_at_position, plan.position_of_slot);
+    cuda::moe_sort_slots(ids_gpu, plan.offsets, plan.position_of_slot);
   }
   return plan;
 }
@@ -74,7 +73,6 @@ moe::DispatchPlan plan_with_kernels(const Tensor& ids, int64_t E, Device device)
 void check_same_plan(const moe::DispatchPlan& gpu, const moe::DispatchPlan& cpu, const std::string& what) {
   check_same_bits(gpu.counts, cpu.counts, what + " counts");
   check_same_bits(gpu.offsets, cpu.offsets, what + " offsets");
-  check_same_bits(gpu.slot_at_position, cpu.slot_at_position, what + " slot_at_position");
   check_same_bits(gpu.position_of_slot, cpu.position_of_slot, what + " position_of_slot");
 }
 
@@ -142,13 +140,13 @@ TEST_CASE("cuda: moe: permute, un-permute-sum and weighted un-permute kernels ma
 
       Tensor x = random({s.N, d}, ++seed, dtype);
       Tensor x_sorted = Tensor::empty({S, d}, dtype), x_sorted_gpu = empty_like_on(x_sorted, Device::CUDA);
-      cpu::moe_permute_rows(x, plan.slot_at_position, s.k, x_sorted);
-      cuda::moe_permute_rows(to_gpu(x), plan_gpu.slot_at_position, s.k, x_sorted_gpu);
+      cpu::moe_permute_rows(x, plan.position_of_slot, x_sorted);
+      cuda::moe_permute_rows(to_gpu(x), plan_gpu.position_of_slot, x_sorted_gpu);
       check_same_bits(x_sorted_gpu, x_sorted, what + " permute");
       if (dtype == DType::F32) {  // rounded to bf16 as gathered (mixed precision): the rows' bf16 roundings
         Tensor rounded = Tensor::empty({S, d}, DType::BF16), rounded_gpu = empty_like_on(rounded, Device::CUDA);
-        cpu::moe_permute_rows(x, plan.slot_at_position, s.k, rounded);
-        cuda::moe_permute_rows(to_gpu(x), plan_gpu.slot_at_position, s.k, rounded_gpu);
+        cpu::moe_permute_rows(x, plan.position_of_slot, rounded);
+        cuda::moe_permute_rows(to_gpu(x), plan_gpu.position_of_slot, rounded_gpu);
         CHECK_MESSAGE(bitwise_equal(rounded, to_dtype(x_sorted, DType::BF16)), what << ": the bf16 permute's bits");
         check_same_bits(rounded_gpu, rounded, what + " permute to bf16");
       }
@@ -183,26 +181,26 @@ TEST_CASE("cuda: moe: permute, un-permute-sum and weighted un-permute kernels ma
       Tensor dy = random({s.N, d}, ++seed, dtype);
       Tensor d_gates = Tensor::empty({s.N, s.k}, dtype), d_gates_gpu = empty_like_on(d_gates, Device::CUDA);
       Tensor d_out = Tensor::empty({S, d}, dtype), d_out_gpu = empty_like_on(d_out, Device::CUDA);
-      cpu::moe_weighted_unpermute_backward(dy, out_sorted, gates, plan.slot_at_position, d_gates, d_out);
-      cuda::moe_weighted_unpermute_backward(to_gpu(dy), to_gpu(out_sorted), to_gpu(gates), plan_gpu.slot_at_position,
+      cpu::moe_weighted_unpermute_backward(dy, out_sorted, gates, plan.position_of_slot, d_gates, d_out);
+      cuda::moe_weighted_unpermute_backward(to_gpu(dy), to_gpu(out_sorted), to_gpu(gates), plan_gpu.position_of_slot,
                                             d_gates_gpu, d_out_gpu);
       check_same_bits(d_out_gpu, d_out, what + " d_out_sorted");
       check_scaled(d_gates_gpu, d_gates, float_bound(dtype), what + " d_gates");
       if (dtype == DType::F32) {  // d_out_sorted rounded to bf16 as it is written (mixed precision)
         Tensor rounded = Tensor::empty({S, d}, DType::BF16), rounded_gpu = empty_like_on(rounded, Device::CUDA);
-        cpu::moe_weighted_unpermute_backward(dy, out_sorted, gates, plan.slot_at_position, d_gates, rounded);
-        cuda::moe_weighted_unpermute_backward(to_gpu(dy), to_gpu(out_sorted), to_gpu(gates), plan_gpu.slot_at_position,
+        cpu::moe_weighted_unpermute_backward(dy, out_sorted, gates, plan.position_of_slot, d_gates, rounded);
+        cuda::moe_weighted_unpermute_backward(to_gpu(dy), to_gpu(out_sorted), to_gpu(gates), plan_gpu.position_of_slot,
                                               d_gates_gpu, rounded_gpu);
         CHECK_MESSAGE(bitwise_equal(rounded, to_dtype(d_out, DType::BF16)), what << ": the bf16 d_out_sorted's bits");
         check_same_bits(rounded_gpu, rounded, what + " d_out_sorted in bf16");
         // and the kept output in bf16 as the d_gates' other factor
         const Tensor kept = to_dtype(out_sorted, DType::BF16);
-        cpu::moe_weighted_unpermute_backward(dy, kept, gates, plan.slot_at_position, d_gates, rounded);
-        cuda::moe_weighted_unpermute_backward(to_gpu(dy), to_gpu(kept), to_gpu(gates), plan_gpu.slot_at_position,
+        cpu::moe_weighted_unpermute_backward(dy, kept, gates, plan.position_of_slot, d_gates, rounded);
+        cuda::moe_weighted_unpermute_backward(to_gpu(dy), to_gpu(kept), to_gpu(gates), plan_gpu.position_of_slot,
                                               d_gates_gpu, rounded_gpu);
         check_scaled(d_gates_gpu, d_gates, float_bound(dtype), what + " d_gates from bf16 rows");
         Tensor d_gates_widened = Tensor::empty({s.N, s.k}, dtype);
-        cpu::moe_weighted_unpermute_backward(dy, to_dtype(kept, DType::F32), gates, plan.slot_at_position,
+        cpu::moe_weighted_unpermute_backward(dy, to_dtype(kept, DType::F32), gates, plan.position_of_slot,
                                              d_gates_widened, rounded);
         CHECK_MESSAGE(bitwise_equal(d_gates, d_gates_widened), what << ": d_gates from bf16 rows as from their values");
       }

@@ -103,42 +103,30 @@ void moe_expert_offsets(const Tensor& counts, const Tensor& offsets) {
   for (int64_t e = 0; e < n_experts; ++e) o[e + 1] = o[e] + c[e];
 }
 
-void moe_sort_slots(const Tensor& expert_ids, const Tensor& offsets, const Tensor& slot_at_position,
-                    const Tensor& position_of_slot) {
+void moe_sort_slots(const Tensor& expert_ids, const Tensor& offsets, const Tensor& position_of_slot) {
   const int64_t slots = expert_ids.numel();
   const int32_t* ids = expert_ids.data<int32_t>();
   const int32_t* o = offsets.data<int32_t>();
-  int32_t* slot_at = slot_at_position.data<int32_t>();
   int32_t* position_of = position_of_slot.data<int32_t>();
   std::vector<int32_t> next(o, o + offsets.numel() - 1);  // each expert's next free position
-  for (int64_t s = 0; s < slots; ++s) {
-    int32_t pos = next[ids[s]]++;
-    slot_at[pos] = static_cast<int32_t>(s);
-    position_of[s] = pos;
-  }
+  for (int64_t s = 0; s < slots; ++s) position_of[s] = next[ids[s]]++;
 }
 
 // ---- (d) permute and its backward, the segmented reduction ----------------------------------------------------------
 
-void moe_permute_rows(const Tensor& x, const Tensor& slot_at_position, int64_t top_k, const Tensor& x_sorted) {
-  const int64_t slots = x_sorted.size(0), d = x_sorted.size(1);
-  const int32_t* slot_at = slot_at_position.data<int32_t>();
-  if (x_sorted.dtype() == DType::BF16) {  // rounded as gathered: mixed precision's expert inputs
-    const float* px = x.data<float>();
-    bf16* xs = x_sorted.data<bf16>();
-    parallel_for(slots, d, [&](int64_t pos) {
-      const float* src = px + (slot_at[pos] / top_k) * d;
-      for (int64_t i = 0; i < d; ++i) xs[pos * d + i] = to_bf16(src[i]);
-    });
-    return;
-  }
+void moe_permute_rows(const Tensor& x, const Tensor& position_of_slot, const Tensor& x_sorted) {
+  const int64_t tokens = x.size(0), d = x.size(1), k = position_of_slot.size(1);
+  const int32_t* position_of = position_of_slot.data<int32_t>();
   dispatch_float("moe_permute_rows", x.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T* px = x.data<T>();
-    T* xs = x_sorted.data<T>();
-    parallel_for(slots, d, [&](int64_t pos) {
-      const T* src = px + (slot_at[pos] / top_k) * d;
-      std::copy(src, src + d, xs + pos * d);
+    with_elements<T>(x_sorted, [&](auto* xs) {  // T, or bf16 (rounded as copied: mixed precision's expert inputs)
+      parallel_for(tokens, k * d, [&](int64_t n) {
+        for (int64_t j = 0; j < k; ++j) {
+          auto* row = xs + position_of[n * k + j] * d;
+          for (int64_t i = 0; i < d; ++i) store(px[n * d + i], row + i);
+        }
+      });
     });
   });
 }
@@ -340,27 +328,29 @@ void moe_weighted_unpermute(const Tensor& out_sorted, const Tensor& gates, const
 }
 
 void moe_weighted_unpermute_backward(const Tensor& dy, const Tensor& out_sorted, const Tensor& gates,
-                                     const Tensor& slot_at_position, const Tensor& d_gates,
+                                     const Tensor& position_of_slot, const Tensor& d_gates,
                                      const Tensor& d_out_sorted) {
-  const int64_t slots = d_out_sorted.size(0), d = d_out_sorted.size(1), k = gates.size(1);
-  const int32_t* slot_at = slot_at_position.data<int32_t>();
+  const int64_t tokens = dy.size(0), d = d_out_sorted.size(1), k = gates.size(1);
+  const int32_t* position_of = position_of_slot.data<int32_t>();
   dispatch_float("moe_weighted_unpermute_backward", dy.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T *pdy = dy.data<T>(), *pg = gates.data<T>();
     T* pdg = d_gates.data<T>();
     with_elements<T>(out_sorted, [&](const auto* os) {  // T, or bf16 (kept)
       with_elements<T>(d_out_sorted, [&](auto* pdo) {   // T, or bf16 (rounded: the experts' operand)
-        parallel_for(slots, 2 * d, [&](int64_t pos) {
-          int64_t s = slot_at[pos];
-          const T* dy_row = pdy + (s / k) * d;
-          const auto* out_row = os + pos * d;
-          auto* d_out_row = pdo + pos * d;
-          T g = pg[s], dot = 0;
-          for (int64_t i = 0; i < d; ++i) {
-            store(g * dy_row[i], d_out_row + i);
-            dot += dy_row[i] * value(out_row[i]);
+        parallel_for(tokens, 2 * k * d, [&](int64_t n) {
+          const T* dy_row = pdy + n * d;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t s = n * k + j, pos = position_of[s];
+            const auto* out_row = os + pos * d;
+            auto* d_out_row = pdo + pos * d;
+            T g = pg[s], dot = 0;
+            for (int64_t i = 0; i < d; ++i) {
+              store(g * dy_row[i], d_out_row + i);
+              dot += dy_row[i] * value(out_row[i]);
+            }
+            pdg[s] = dot;
           }
-          pdg[s] = dot;
         });
       });
     });

@@ -104,7 +104,7 @@ __global__ void expert_offsets_kernel(const int32_t* counts, int64_t n_experts, 
 // number of e's slots before it in this chunk (a ballot per warp, then the counts of the warps before). Exactly the
 // CPU's stable order.
 __global__ void sort_chunk_kernel(const int32_t* ids, int64_t slots, const int32_t* offsets,
-                                  const int32_t* chunk_counts, int32_t* slot_at_position, int32_t* position_of_slot) {
+                                  const int32_t* chunk_counts, int32_t* position_of_slot) {
   SHARED_ARRAY(int32_t, warp_counts, 32);
   const int32_t e = static_cast<int32_t>(blockIdx.x);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
@@ -123,9 +123,7 @@ __global__ void sort_chunk_kernel(const int32_t* ids, int64_t slots, const int32
       total += warp_counts[w];
     }
     if (mine) {
-      const int32_t pos = next + before + __popc(ballot & ((1u << lane) - 1u));
-      slot_at_position[pos] = static_cast<int32_t>(s);
-      position_of_slot[s] = pos;
+      position_of_slot[s] = next + before + __popc(ballot & ((1u << lane) - 1u));
     }
     next += total;
     __syncthreads();  // warp_counts is rewritten by the next step
@@ -161,27 +159,28 @@ void moe_expert_offsets(const Tensor& counts, const Tensor& offsets) {
          offsets.data<int32_t>());
 }
 
-void moe_sort_slots(const Tensor& expert_ids, const Tensor& offsets, const Tensor& slot_at_position,
-                    const Tensor& position_of_slot) {
+void moe_sort_slots(const Tensor& expert_ids, const Tensor& offsets, const Tensor& position_of_slot) {
   const int64_t n_experts = offsets.numel() - 1, slots = expert_ids.numel();
   if (slots == 0) return;
   const Tensor chunk_counts = expert_chunk_counts(expert_ids, n_experts);
   launch("moe_sort_slots", sort_chunk_kernel, dim3(n_experts, slot_chunks(slots)), dim3(kScanThreads), 0,
          expert_ids.data<int32_t>(), slots, offsets.data<int32_t>(), chunk_counts.data<int32_t>(),
-         slot_at_position.data<int32_t>(), position_of_slot.data<int32_t>());
+         position_of_slot.data<int32_t>());
 }
 
 // ---- (d) permute and its backward -----------------------------------------------------------------------------------
 
 namespace {
 
-// One block per position: x_sorted[pos] = x[slot_at_position[pos] / top_k], stored as Out.
+// One block per token n: x_sorted[position_of_slot[n, j]] = x[n] for each j, stored as Out. The token's row is read
+// from memory once (its k copies from the cache), where a block per position would read it k times, far apart.
 template <class F, class Out>
-__global__ void permute_rows_kernel(const F* x, const int32_t* slot_at_position, int64_t top_k, int64_t d,
-                                    Out* x_sorted) {
-  const int64_t pos = blockIdx.x;
-  const F* src = x + (slot_at_position[pos] / top_k) * d;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) x_sorted[pos * d + i] = converted<Out>(src[i]);
+__global__ void permute_rows_kernel(const F* x, const int32_t* position_of_slot, int64_t k, int64_t d, Out* x_sorted) {
+  const int64_t n = blockIdx.x;
+  for (int64_t j = 0; j < k; ++j) {
+    Out* row = x_sorted + position_of_slot[n * k + j] * d;
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) row[i] = converted<Out>(x[n * d + i]);
+  }
 }
 
 // One block per token n: dx[n] = sum_j dx_sorted[position_of_slot[n, j]], j in order, dx_sorted's elements (type S)
@@ -199,13 +198,13 @@ __global__ void unpermute_sum_rows_kernel(const S* dx_sorted, const int32_t* pos
 
 }  // namespace
 
-void moe_permute_rows(const Tensor& x, const Tensor& slot_at_position, int64_t top_k, const Tensor& x_sorted) {
+void moe_permute_rows(const Tensor& x, const Tensor& position_of_slot, const Tensor& x_sorted) {
   dispatch_float("moe_permute_rows", x.dtype(), [&](auto tag) {
     using F = decltype(tag);
     with_storage<F>("moe_permute_rows", x_sorted.dtype(), [&](auto stored_as) {
       using Out = decltype(stored_as);
-      launch("moe_permute_rows", permute_rows_kernel<F, Out>, dim3(x_sorted.size(0)), dim3(kRowThreads), 0, x.data<F>(),
-             slot_at_position.data<int32_t>(), top_k, x_sorted.size(1), stored<Out>(x_sorted));
+      launch("moe_permute_rows", permute_rows_kernel<F, Out>, dim3(x.size(0)), dim3(kRowThreads), 0, x.data<F>(),
+             position_of_slot.data<int32_t>(), position_of_slot.size(1), x.size(1), stored<Out>(x_sorted));
     });
   });
 }
@@ -709,22 +708,27 @@ __global__ void weighted_unpermute_kernel(const S* out_sorted, const F* gates, c
   }
 }
 
-// One block per position pos, of slot s and token n = s / k: d_out_sorted[pos] = gates[s] * dy[n] (stored as Out),
-// and d_gates[s] = <dy[n], out_sorted[pos]> as a block reduction (fixed order: the same bits on every run).
+// One block per token n, its k slots s = n k + j in turn, at positions pos = position_of_slot[s]: d_out_sorted[pos] =
+// gates[s] * dy[n] (stored as Out), and d_gates[s] = <dy[n], out_sorted[pos]> as a block reduction (fixed order: the
+// same bits on every run). The token's dy row is read from memory once (again from the cache for each slot).
 template <class F, class S, class Out>
 __global__ void weighted_unpermute_backward_kernel(const F* dy, const S* out_sorted, const F* gates,
-                                                   const int32_t* slot_at_position, int64_t k, int64_t d, F* d_gates,
+                                                   const int32_t* position_of_slot, int64_t k, int64_t d, F* d_gates,
                                                    Out* d_out_sorted) {
-  const int64_t pos = blockIdx.x, s = slot_at_position[pos];
-  const F* dy_row = dy + (s / k) * d;
-  const F g = gates[s];
-  F dot = 0;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    d_out_sorted[pos * d + i] = converted<Out>(g * dy_row[i]);
-    dot += dy_row[i] * widened<F>(out_sorted[pos * d + i]);
+  SHARED_ARRAY(F, dot_scratch, 32);  // block_sum's, once for every slot
+  const int64_t n = blockIdx.x;
+  const F* dy_row = dy + n * d;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t s = n * k + j, pos = position_of_slot[s];
+    const F g = gates[s];
+    F dot = 0;
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      d_out_sorted[pos * d + i] = converted<Out>(g * dy_row[i]);
+      dot += dy_row[i] * widened<F>(out_sorted[pos * d + i]);
+    }
+    dot = block_sum(dot, dot_scratch);
+    if (threadIdx.x == 0) d_gates[s] = dot;
   }
-  dot = block_sum(dot);
-  if (threadIdx.x == 0) d_gates[s] = dot;
 }
 
 }  // namespace
@@ -743,7 +747,7 @@ void moe_weighted_unpermute(const Tensor& out_sorted, const Tensor& gates, const
 }
 
 void moe_weighted_unpermute_backward(const Tensor& dy, const Tensor& out_sorted, const Tensor& gates,
-                                     const Tensor& slot_at_position, const Tensor& d_gates,
+                                     const Tensor& position_of_slot, const Tensor& d_gates,
                                      const Tensor& d_out_sorted) {
   dispatch_float("moe_weighted_unpermute_backward", dy.dtype(), [&](auto tag) {
     using F = decltype(tag);
@@ -751,10 +755,10 @@ void moe_weighted_unpermute_backward(const Tensor& dy, const Tensor& out_sorted,
       with_storage<F>("moe_weighted_unpermute_backward", d_out_sorted.dtype(), [&](auto out_tag) {
         using S = decltype(in_tag);
         using Out = decltype(out_tag);
-        launch("moe_weighted_unpermute_backward", weighted_unpermute_backward_kernel<F, S, Out>,
-               dim3(d_out_sorted.size(0)), dim3(kRowThreads), 0, dy.data<F>(), stored<const S>(out_sorted),
-               gates.data<F>(), slot_at_position.data<int32_t>(), gates.size(1), d_out_sorted.size(1),
-               d_gates.data<F>(), stored<Out>(d_out_sorted));
+        launch("moe_weighted_unpermute_backward", weighted_unpermute_backward_kernel<F, S, Out>, dim3(dy.size(0)),
+               dim3(kRowThreads), 0, dy.data<F>(), stored<const S>(out_sorted), gates.data<F>(),
+               position_of_slot.data<int32_t>(), gates.size(1), d_out_sorted.size(1), d_gates.data<F>(),
+               stored<Out>(d_out_sorted));
       });
     });
   });

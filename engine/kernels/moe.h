@@ -19,17 +19,14 @@ DECLARE_KERNEL(moe_count_experts, (const Tensor& expert_ids, const Tensor& count
 // [offsets[e], offsets[e+1]).
 DECLARE_KERNEL(moe_expert_offsets, (const Tensor& counts, const Tensor& offsets))
 // (c) Each slot goes to the next free position of its expert's segment, slots visited in order (stable: within an
-// expert, slots keep their token-major order). slot_at_position [S] is the sorted order, position_of_slot [N, k] its
-// inverse. Needs every id in [0, E).
-DECLARE_KERNEL(moe_sort_slots, (const Tensor& expert_ids, const Tensor& offsets, const Tensor& slot_at_position,
-                                const Tensor& position_of_slot))
+// expert, slots keep their token-major order): position_of_slot [N, k]. Needs every id in [0, E).
+DECLARE_KERNEL(moe_sort_slots, (const Tensor& expert_ids, const Tensor& offsets, const Tensor& position_of_slot))
 
 // ---- (d) permute and its backward -----------------------------------------------------------------------------------
-// x_sorted [S, d]: x_sorted[pos] = x[slot_at_position[pos] / top_k], the rows of x [N, d] in expert order. x_sorted
-// has x's dtype, or is bf16 (x f32): each element rounded as it is gathered, the experts' operand under mixed
-// precision, in half the bytes.
-DECLARE_KERNEL(moe_permute_rows,
-               (const Tensor& x, const Tensor& slot_at_position, int64_t top_k, const Tensor& x_sorted))
+// x_sorted [S, d]: x_sorted[position_of_slot[n, j]] = x[n] for every token n and choice j, the rows of x [N, d] in
+// expert order (each token's row read once, for its k positions). x_sorted has x's dtype, or is bf16 (x f32: each
+// element rounded as it is copied, the experts' operand under mixed precision, in half the bytes).
+DECLARE_KERNEL(moe_permute_rows, (const Tensor& x, const Tensor& position_of_slot, const Tensor& x_sorted))
 // dx [N, d]: dx[n] = sum_j dx_sorted[position_of_slot[n, j]], j in order (each token gathers its own k rows: one
 // writer per row, no atomics). dx_sorted has dx's dtype, or is bf16 (dx f32: the experts' input gradient under mixed
 // precision, widened as it is read).
@@ -139,13 +136,14 @@ inline bool grouped_swiglu_backward_rounds(const Tensor& x_sorted, const Tensor&
 // so too in the backward).
 DECLARE_KERNEL(moe_weighted_unpermute, (const Tensor& out_sorted, const Tensor& gates, const Tensor& position_of_slot,
                                         const Tensor& residual, const Tensor& y))
-// Per position pos, owned by slot s = slot_at_position[pos] of token n = s / k (k = gates.size(1)):
-//   d_out_sorted[pos] = gates[s] * dy[n]   (a gather)     d_gates[s] = <dy[n], out_sorted[pos]>
+// Per token n and choice j, slot s = n k + j at position pos = position_of_slot[n, j] (each token's dy row read once,
+// for its k slots):
+//   d_out_sorted[pos] = gates[s] * dy[n]                  d_gates[s] = <dy[n], out_sorted[pos]>
 // d_out_sorted has dy's dtype, or is bf16 (dy f32): the product rounded, the experts' backward operand under mixed
 // precision, in half the bytes.
 // Each output element has one writer: no atomics, the same bits on every run.
 DECLARE_KERNEL(moe_weighted_unpermute_backward,
-               (const Tensor& dy, const Tensor& out_sorted, const Tensor& gates, const Tensor& slot_at_position,
+               (const Tensor& dy, const Tensor& out_sorted, const Tensor& gates, const Tensor& position_of_slot,
                 const Tensor& d_gates, const Tensor& d_out_sorted))
 
 // ---- routing: top-k + gates -----------------------------------------------------------------------------------------
