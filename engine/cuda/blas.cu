@@ -27,7 +27,12 @@ static void check_blas(cublasStatus_t status, const char* call, const std::strin
   if (status != CUBLAS_STATUS_SUCCESS) blas_failed(status, call, sizes);
 }
 
-static cublasMath_t math_mode() { return tf32_products ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH; }
+// Split-K reductions in f32, never in a bf16 output's type (cuBLAS may otherwise reduce in it): a bf16 result is the
+// f32 sum rounded once, as the CPU's.
+static cublasMath_t math_mode() {
+  const int base = tf32_products ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH;
+  return static_cast<cublasMath_t>(base | CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION);
+}
 
 // The one handle, created on first use: it runs on moelab's stream, and in the math mode set_tf32 picked (with
 // CUBLAS_COMPUTE_32F, TF32_TENSOR_OP_MATH lets cuBLAS round f32 inputs to TF32 on tensor cores).

@@ -34,12 +34,6 @@ void launch(const char* name, void (*kernel)(Params...), dim3 grid, dim3 block, 
   after_launch(name);
 }
 
-// Kernels past 48 KB of dynamic shared memory must opt in (cudaFuncSetAttribute) before they launch.
-template <class... Params> void allow_shared_bytes(void (*kernel)(Params...), size_t bytes) {
-  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
-        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
-}
-
 // Blocks of `threads` that cover n items (one item per thread).
 inline unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + threads - 1) / threads); }
 

@@ -167,21 +167,24 @@ void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, const T
   });
 }
 
-// dx and dweight in one pass over x and g. One block per chunk of kRowsPerChunk rows, the rows in order: per row the
-// block's sum of g * w * x, then dx = s * g * w - x * s^3 * mean(g * w * x) (added to what dx holds when added), while
-// the thread that owns column j adds g * x * s to the chunk's dweight partial for j in shared memory ([d] doubles,
-// rows in order). Then partial [chunks, d] holds each chunk's sums, which a second kernel adds up in chunk order: the
-// same bits on every run. Chunks of 32 rows are a guess for the GPU to tune: smaller ones give more blocks for a few
-// rows, larger ones a smaller partial.
+// dx and dweight in one pass over x and g. Block (c, t) takes chunk c of kRowsPerChunk rows, in order, and tile t of
+// kColumnsPerTile columns: per row the block's sum of g * w * x over the whole row, then on its columns dx = s * g *
+// w - x * s^3 * mean(g * w * x) (added to what dx holds when added), while the thread that owns column j adds g * x *
+// s to the chunk's dweight partial for j in shared memory (rows in order). Then partial [chunks, d] holds each chunk's
+// sums, which a second kernel adds up in chunk order: the same bits on every run. A row wider than a tile is read
+// once more for each further tile's sum (none up to 4096 columns). Chunks of 32 rows are a guess for the GPU to tune:
+// smaller ones give more blocks for a few rows, larger ones a smaller partial.
 constexpr int64_t kRowsPerChunk = 32;
+constexpr int64_t kColumnsPerTile = 4096;  // 32 KB of doubles: under the 48 KB of static shared memory
 
 template <class F, class G>
 __global__ void rms_norm_backward_kernel(const F* x, const F* w, const F* rstd, const G* g_stored, int64_t rows,
                                          int64_t d, bool added, F* dx, double* partial) {
-  SHARED_ARRAY(double, row_sum_scratch, 32);  // block_sum's, once for every row
-  DYNAMIC_SHARED(double, dweight_part);       // [d]
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) dweight_part[j] = 0;
+  SHARED_ARRAY(double, row_sum_scratch, 32);            // block_sum's, once for every row
+  SHARED_ARRAY(double, dweight_part, kColumnsPerTile);  // this tile's columns
   const int64_t begin = blockIdx.x * kRowsPerChunk, end = begin + kRowsPerChunk < rows ? begin + kRowsPerChunk : rows;
+  const int64_t first = blockIdx.y * kColumnsPerTile, last = first + kColumnsPerTile < d ? first + kColumnsPerTile : d;
+  for (int64_t j = first + threadIdx.x; j < last; j += blockDim.x) dweight_part[j - first] = 0;
   for (int64_t r = begin; r < end; ++r) {
     const F* xr = x + r * d;
     const G* gr = g_stored + r * d;
@@ -190,14 +193,15 @@ __global__ void rms_norm_backward_kernel(const F* x, const F* w, const F* rstd, 
     gwx = block_sum(gwx, row_sum_scratch);
     const F s = rstd[r];
     const F c = static_cast<F>(gwx / static_cast<double>(d)) * s * s * s;
-    for (int64_t j = threadIdx.x; j < d; j += blockDim.x) {
+    for (int64_t j = first + threadIdx.x; j < last; j += blockDim.x) {
       const F g = widened<F>(gr[j]);
       const F term = s * g * w[j] - c * xr[j];
       dx[r * d + j] = added ? dx[r * d + j] + term : term;
-      dweight_part[j] += static_cast<double>(g * xr[j] * s);
+      dweight_part[j - first] += static_cast<double>(g * xr[j] * s);
     }
   }
-  for (int64_t j = threadIdx.x; j < d; j += blockDim.x) partial[blockIdx.x * d + j] = dweight_part[j];
+  for (int64_t j = first + threadIdx.x; j < last; j += blockDim.x)
+    partial[blockIdx.x * d + j] = dweight_part[j - first];
 }
 
 template <class F>
@@ -212,16 +216,15 @@ __global__ void rms_norm_dweight_total_kernel(const double* partial, int64_t chu
 void rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd, const Tensor& g,
                        const Tensor& dx_added_to, const Tensor& dx, const Tensor& dweight) {
   const int64_t d = x.size(-1), rows = x.numel() / d, chunks = (rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  const int64_t tiles = (d + kColumnsPerTile - 1) / kColumnsPerTile;
   Tensor partial = Tensor::empty({chunks, d}, DType::F64, Device::CUDA);
-  const size_t shared = sizeof(double) * static_cast<size_t>(d);
   dispatch_float("rms_norm_backward", x.dtype(), [&](auto tag) {
     using F = decltype(tag);
     with_storage<F>("rms_norm_backward", g.dtype(), [&](auto stored_as) {
       using G = decltype(stored_as);
-      const auto kernel = rms_norm_backward_kernel<F, G>;
-      allow_shared_bytes(kernel, shared);  // d past 6144 takes more than 48 KB
-      launch("rms_norm_backward", kernel, dim3(chunks), dim3(kRowThreads), shared, x.data<F>(), weight.data<F>(),
-             rstd.data<F>(), stored<const G>(g), rows, d, dx_added_to.defined(), dx.data<F>(), partial.data<double>());
+      launch("rms_norm_backward", rms_norm_backward_kernel<F, G>, dim3(chunks, tiles), dim3(kRowThreads), 0,
+             x.data<F>(), weight.data<F>(), rstd.data<F>(), stored<const G>(g), rows, d, dx_added_to.defined(),
+             dx.data<F>(), partial.data<double>());
     });
     launch("rms_norm_dweight_total", rms_norm_dweight_total_kernel<F>, dim3(blocks_for(d, 128)), dim3(128), 0,
            partial.data<double>(), chunks, d, dweight.data<F>());
@@ -904,6 +907,12 @@ template <class F, class Run> void with_attention_tiling(const char* op, int64_t
     if (Dh <= 128) return run(Tiling<32, 16>{});
   }
   fail("{}: the CUDA kernels take head dims up to 256 (f32) or 128 (f64), got {}", op, Dh);
+}
+
+// Kernels past 48 KB of dynamic shared memory must opt in (cudaFuncSetAttribute) before they launch.
+template <class... Params> void allow_shared_bytes(void (*kernel)(Params...), size_t bytes) {
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)),
+        "cudaFuncSetAttribute(MaxDynamicSharedMemorySize)");
 }
 
 void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,

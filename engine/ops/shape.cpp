@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "engine/cuda/runtime.h"
+#include "engine/kernels/pointwise.h"
 #include "engine/kernels/shape.h"
 #include "engine/ops/common.h"
 
@@ -53,8 +54,8 @@ static std::vector<Tensor> slice_rows_backward(const Tensor& g, const Shape& in_
                                                const std::vector<Tensor>& held) {
   const Tensor held_dx = held.empty() ? Tensor() : held[0];
   if (held_dx.defined() && held_dx.dtype() == g.dtype()) {
-    Tensor rows = slice_rows(held_dx, start, end);
-    copy_(rows, add(rows, g));
+    const Tensor rows = slice_rows(held_dx, start, end);
+    KERNEL(binary_forward, g.device())(BinaryOp::add, rows, g, rows);  // in place: each element read, then written
     return {held_dx};
   }
   Tensor dx = zeros(in_shape, g.dtype(), g.device());
