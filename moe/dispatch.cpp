@@ -98,7 +98,7 @@ std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   // (e) backward: weight gradients per expert and the input gradient per slot.
   Tensor dw_gate = empty(saved.w_gate.shape()), dw_up = empty(saved.w_up.shape());
   Tensor dw_down = empty(saved.w_down.shape());
-  Tensor d_act = empty({slots, h});       // [S, h]
+  Tensor d_act = Tensor::empty({slots, h}, saved.act.dtype(), device);            // [S, h], bf16 as act
   Tensor d_x_sorted = Tensor::empty({slots, d}, saved.x_sorted.dtype(), device);  // [S, d], bf16 as x_sorted
   KERNEL(moe_grouped_swiglu_backward, device)
   (saved.x_sorted, plan.host_offsets, saved.w_gate, saved.w_up, saved.w_down, saved.gate_pre, saved.up_pre, saved.act,

@@ -341,7 +341,7 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
                                      Tensor::empty(w_up.shape(), dtype), Tensor::empty(w_down.shape(), dtype)};
           std::vector<Tensor> bwd_gpu;
           for (const Tensor& t : bwd) bwd_gpu.push_back(to_gpu(to_dtype(full(t.shape(), NAN, dtype), t.dtype())));
-          const Tensor d_act = Tensor::empty({S, h}, dtype), d_act_gpu = empty_like_on(d_act, Device::CUDA);
+          const Tensor d_act = Tensor::empty({S, h}, kept), d_act_gpu = empty_like_on(d_act, Device::CUDA);
           cpu::moe_grouped_swiglu_backward(x_sorted, plan.host_offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2],
                                            d_out, d_act, bwd[0], bwd[1], bwd[2], bwd[3], precision);
           cuda::moe_grouped_swiglu_backward(x_sorted_gpu, plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
@@ -390,13 +390,13 @@ TEST_CASE("cuda: moe: the SwiGLU kernels refuse dtypes they would misread" * cud
               {"up_pre must be bf16 under bf16 precision, got f32"});
   check_error(
       [&] {
-        cuda::moe_grouped_swiglu_backward(x, offsets, w, w, wd, kept, kept, kept, out, kept, out_bf16, dw, dw, dwd,
+        cuda::moe_grouped_swiglu_backward(x, offsets, w, w, wd, kept, kept, kept, out, f32, out_bf16, dw, dw, dwd,
                                           Precision::BF16);
       },
-      {"d_act must be f32 under bf16 precision, got bf16"});
+      {"d_act must be bf16 under bf16 precision, got f32"});
   check_error(
       [&] {
-        cuda::moe_grouped_swiglu_backward(x, offsets, w, w, wd, kept, kept, kept, out, f32, out, dw, dw, dwd,
+        cuda::moe_grouped_swiglu_backward(x, offsets, w, w, wd, kept, kept, kept, out, kept, out, dw, dw, dwd,
                                           Precision::BF16);
       },
       {"d_x_sorted must be bf16 under bf16 precision, got f32"});

@@ -202,8 +202,9 @@ TEST_CASE("moe: moe_experts is bit-identical for 1 and 2 threads (experts side b
 
 // Under Precision::BF16 the grouped SwiGLU keeps its activations and output in bf16 (engine/kernels/moe.h): gate_pre
 // and up_pre are the products rounded, act is computed in f32 from those rounded values and rounded, out_sorted is
-// the down product rounded, the backward's d_gate_pre, d_up_pre are rounded before their products, and d_x_sorted is
-// their products' sum rounded. Against a naive
+// the down product rounded, and in the backward every product is rounded as autocast's: d_act (then d_gate_pre and
+// d_up_pre, computed from it, before their products), the weight gradients (f32 tensors of bf16 values) and
+// d_x_sorted, its two products' sum. Against a naive
 // loop in double with the same roundings. The inputs are multiples of 1/64 (bf16 values), so the products' sums are
 // exact in f32 and double alike, and have more bits than bf16 keeps: gate_pre and up_pre must have the reference's
 // bits, and the rounding matters downstream. act and the roundings after it come from exp, whose last f32 bit may
@@ -225,7 +226,8 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   Tensor gate_pre = Tensor::empty({S, h}, DType::BF16), up_pre = Tensor::empty({S, h}, DType::BF16);
   Tensor act = Tensor::empty({S, h}, DType::BF16), out = Tensor::empty({S, d}, DType::BF16);
   cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, out, Precision::BF16);
-  Tensor d_act = Tensor::empty({S, h}, DType::F32), dx = Tensor::empty({S, d}, DType::BF16);
+  Tensor d_act = Tensor::empty({S, h}, DType::BF16), dx = Tensor::empty({S, d}, DType::BF16);
+  const Tensor f32_rows = Tensor::empty({S, h}, DType::F32);  // for the dtype errors below
   Tensor dwg = Tensor::empty(wg.shape(), DType::F32), dwu = Tensor::empty(wu.shape(), DType::F32);
   Tensor dwd = Tensor::empty(wd.shape(), DType::F32);
   cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act, dx, dwg, dwu, dwd,
@@ -235,7 +237,7 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   const std::vector<double> X = as_doubles(x), DO = as_doubles(d_out), WG = as_doubles(wg), WU = as_doubles(wu),
                             WD = as_doubles(wd), G = as_doubles(gate_pre), U = as_doubles(up_pre), A = as_doubles(act);
   std::vector<double> g_ref(S * h), u_ref(S * h), a_ref(S * h), out_ref(S * d, 0), dx_ref(S * d, 0);
-  std::vector<double> dwg_ref(E * h * d, 0), dwu_ref(E * h * d, 0), dwd_ref(E * d * h, 0);
+  std::vector<double> dwg_ref(E * h * d, 0), dwu_ref(E * h * d, 0), dwd_ref(E * d * h, 0), da_ref(S * h);
   for (int64_t e = 0; e < E; ++e)
     for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r)
       for (int64_t j = 0; j < h; ++j) {
@@ -245,6 +247,7 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
           u += X[r * d + i] * WU[(e * h + j) * d + i];
         }
         for (int64_t c = 0; c < d; ++c) da += DO[r * d + c] * WD[(e * d + c) * h + j];
+        da = da_ref[r * h + j] = bf(da);
         g_ref[r * h + j] = bf(g), u_ref[r * h + j] = bf(u);
         const double z = g_ref[r * h + j], up = u_ref[r * h + j], s = 1 / (1 + std::exp(-z));
         a_ref[r * h + j] = z * s * up;  // before its rounding
@@ -261,6 +264,7 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
       }
   CHECK(G == g_ref);
   CHECK(U == u_ref);
+  CHECK(as_doubles(d_act) == da_ref);
   // The values computed in f32 and rounded: each the reference's rounding, or one bf16 step from it in at most 2.
   auto check_rounded = [&](const std::vector<double>& got, const std::vector<double>& exact, const char* what) {
     int64_t off = 0;
@@ -274,10 +278,9 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   };
   check_rounded(A, a_ref, "act");
   check_rounded(as_doubles(out), out_ref, "out_sorted");
-  auto tensor = [](const std::vector<double>& v, const Shape& shape) { return from_vector(v, shape); };
-  check_matches(dwd, tensor(dwd_ref, wd.shape()), 1e-6, "dw_down");
-  check_matches(dwg, tensor(dwg_ref, wg.shape()), 1e-4, "dw_gate");
-  check_matches(dwu, tensor(dwu_ref, wu.shape()), 1e-4, "dw_up");
+  check_rounded(as_doubles(dwd), dwd_ref, "dw_down");
+  check_rounded(as_doubles(dwg), dwg_ref, "dw_gate");
+  check_rounded(as_doubles(dwu), dwu_ref, "dw_up");
   check_rounded(as_doubles(dx), dx_ref, "d_x_sorted");
   // x_sorted and d_out as the op gives them under mixed precision, bf16 (their values are bf16 ones): the same bits.
   Tensor gate_b = Tensor::empty({S, h}, DType::BF16), up_b = Tensor::empty({S, h}, DType::BF16);
@@ -293,21 +296,26 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
     CHECK(bitwise_equal(got, want));
   // The kept activations must be bf16 under BF16, and of the tensors' dtype under FP32.
   check_error(
-      [&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, d_act, d_act, d_act, d_act, Precision::BF16); },
+      [&] {
+        cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, f32_rows, f32_rows, f32_rows, f32_rows,
+                                        Precision::BF16);
+      },
       {"gate_pre must be bf16 under bf16 precision, got f32"});
   check_error([&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, act, act, act, out, Precision::FP32); },
               {"gate_pre must be f32 under fp32 precision, got bf16"});
   check_error([&] { cpu::moe_grouped_swiglu_forward(x_b, offsets, wg, wu, wd, out, out, out, out, Precision::FP32); },
               {"x_sorted must be f32 under fp32 precision, got bf16"});
   check_error(
-      [&] { cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_act, Precision::BF16); },
+      [&] {
+        cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, f32_rows, Precision::BF16);
+      },
       {"out_sorted must be bf16 under bf16 precision, got f32"});
   check_error(
       [&] {
-        cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, act, dx, dwg, dwu, dwd,
-                                         Precision::BF16);
+        cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, f32_rows, dx, dwg, dwu,
+                                         dwd, Precision::BF16);
       },
-      {"d_act must be f32 under bf16 precision, got bf16"});
+      {"d_act must be bf16 under bf16 precision, got f32"});
   check_error(
       [&] {
         cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act, dwd, dwg, dwu,

@@ -159,15 +159,14 @@ void gemm_strided_batched(bool trans_a, bool trans_b, int64_t m, int64_t n, int6
 }
 
 // cublasGemmGroupedBatchedEx takes bf16 -> bf16, and f32 -> f32 with TF32 compute only (its type table). Other types,
-// and f32 while set_tf32 is off (the grouped call would round the inputs to TF32) unless they are bf16 values, run
-// one call per problem.
-static bool grouped_call_takes(const BlasTypes& types, bool bf16_values) {
+// and f32 while set_tf32 is off (the grouped call would round the inputs to TF32), run one call per problem.
+static bool grouped_call_takes(const BlasTypes& types) {
   if (types.ab == CUDA_R_16BF) return types.c == CUDA_R_16BF;
-  return types.ab == CUDA_R_32F && (tf32_products || bf16_values);
+  return types.ab == CUDA_R_32F && tf32_products;
 }
 
 void gemm_grouped(bool trans_a, bool trans_b, const std::vector<GemmProblem>& problems, float alpha, float beta,
-                  DType ab_type, DType c_type, bool bf16_values) {
+                  DType ab_type, DType c_type) {
   const BlasTypes types = blas_types(ab_type, c_type, "gemm_grouped");
   std::vector<const GemmProblem*> products;  // those with something to multiply
   for (const GemmProblem& p : problems) {
@@ -179,7 +178,7 @@ void gemm_grouped(bool trans_a, bool trans_b, const std::vector<GemmProblem>& pr
     products.push_back(&p);
   }
   if (products.empty()) return;
-  if (expert_gemm_mode == ExpertGemm::PerExpert || !grouped_call_takes(types, bf16_values)) {
+  if (expert_gemm_mode == ExpertGemm::PerExpert || !grouped_call_takes(types)) {
     for (const GemmProblem* p : products)
       gemm(trans_a, trans_b, p->m, p->n, p->k, alpha, p->A, p->lda, p->B, p->ldb, beta, p->C, p->ldc, ab_type, c_type);
     return;

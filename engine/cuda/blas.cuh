@@ -26,9 +26,8 @@ void gemm_strided_batched(bool trans_a, bool trans_b, int64_t m, int64_t n, int6
 // or k is the number of tokens routed to it). Problems with m, n or k = 0 are skipped (with k = 0 and beta = 0, C is
 // set to zero). Run as one cublasGemmGroupedBatchedEx, or as one cublasGemmEx per problem under
 // ExpertGemm::PerExpert (runtime.h): the same results, which is faster is measured (docs/performance.md). The grouped
-// call takes bf16 -> bf16, and f32 -> f32 on TF32 tensor cores only: with bf16_values the f32 operands hold bf16
-// values, for which TF32's products are exact (8 significant bits fit its 11), so the grouped call gives
-// bf16 x bf16 -> f32 results.
+// call takes bf16 -> bf16, and f32 -> f32 on TF32 tensor cores only (set_tf32); other types run one call per
+// problem.
 struct GemmProblem {
   int64_t m, n, k;
   const void* A;
@@ -39,6 +38,6 @@ struct GemmProblem {
   int64_t ldc;
 };
 void gemm_grouped(bool trans_a, bool trans_b, const std::vector<GemmProblem>& problems, float alpha, float beta,
-                  DType ab_type, DType c_type, bool bf16_values = false);
+                  DType ab_type, DType c_type);
 
 }  // namespace moelab::cuda

@@ -244,15 +244,16 @@ __global__ void swiglu_forward_kernel(const S* gate_pre, const S* up_pre, int64_
     act[i] = converted<S>(swiglu(widened<F>(gate_pre[i]), widened<F>(up_pre[i])));
 }
 
-// Over the n elements of [n / h, h] inputs; element (r, c) of each output is at r * ld + c (ld = h: the outputs are
-// as the inputs; ld = 2h with d_up_pre = d_gate_pre + h: the rows of one [n / h, 2h] tensor, [d_gate | d_up]). d_act
-// may be d_gate_pre (Out = F, ld = h): each thread reads its element before writing it.
-template <class F, class S, class Out>
-__global__ void swiglu_backward_kernel(const S* gate_pre, const S* up_pre, const F* d_act, int64_t n, int64_t h,
+// Over the n elements of [n / h, h] inputs (gate_pre, up_pre stored as S, d_act as D, computed in F); element (r, c)
+// of each output is at r * ld + c (ld = h: the outputs are as the inputs; ld = 2h with d_up_pre = d_gate_pre + h: the
+// rows of one [n / h, 2h] tensor, [d_gate | d_up]). d_act may be d_gate_pre (D = Out, ld = h): each thread reads its
+// element before writing it.
+template <class F, class S, class D, class Out>
+__global__ void swiglu_backward_kernel(const S* gate_pre, const S* up_pre, const D* d_act, int64_t n, int64_t h,
                                        int64_t ld, Out* d_gate_pre, Out* d_up_pre) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     F d_gate, d_up;
-    swiglu_gradients(widened<F>(gate_pre[i]), widened<F>(up_pre[i]), d_act[i], d_gate, d_up);
+    swiglu_gradients(widened<F>(gate_pre[i]), widened<F>(up_pre[i]), widened<F>(d_act[i]), d_gate, d_up);
     const int64_t at = (i / h) * ld + i % h;
     d_gate_pre[at] = converted<Out>(d_gate), d_up_pre[at] = converted<Out>(d_up);
   }
@@ -278,15 +279,19 @@ void moe_swiglu_forward(const Tensor& gate_pre, const Tensor& up_pre, const Tens
 // swiglu_backward_kernel over d_act's elements, in rows of h, the gradients (of dtype `out`) written in rows of ld.
 static void swiglu_backward_rows(const Tensor& gate_pre, const Tensor& up_pre, const Tensor& d_act, int64_t h,
                                  int64_t ld, DType out, void* d_gate_pre, void* d_up_pre) {
-  dispatch_float("moe_swiglu_backward", d_act.dtype(), [&](auto tag) {
+  const DType math = d_act.dtype() == DType::BF16 ? DType::F32 : d_act.dtype();
+  dispatch_float("moe_swiglu_backward", math, [&](auto tag) {
     using F = decltype(tag);
     with_storage<F>("moe_swiglu_backward", gate_pre.dtype(), [&](auto in_tag) {
-      with_storage<F>("moe_swiglu_backward", out, [&](auto out_tag) {
-        using S = decltype(in_tag);
-        using Out = decltype(out_tag);
-        launch("moe_swiglu_backward", swiglu_backward_kernel<F, S, Out>, dim3(flat_blocks(d_act.numel())),
-               dim3(kFlatThreads), 0, stored<const S>(gate_pre), stored<const S>(up_pre), d_act.data<F>(),
-               d_act.numel(), h, ld, static_cast<Out*>(d_gate_pre), static_cast<Out*>(d_up_pre));
+      with_storage<F>("moe_swiglu_backward", d_act.dtype(), [&](auto d_act_tag) {
+        with_storage<F>("moe_swiglu_backward", out, [&](auto out_tag) {
+          using S = decltype(in_tag);
+          using D = decltype(d_act_tag);
+          using Out = decltype(out_tag);
+          launch("moe_swiglu_backward", swiglu_backward_kernel<F, S, D, Out>, dim3(flat_blocks(d_act.numel())),
+                 dim3(kFlatThreads), 0, stored<const S>(gate_pre), stored<const S>(up_pre), stored<const D>(d_act),
+                 d_act.numel(), h, ld, static_cast<Out*>(d_gate_pre), static_cast<Out*>(d_up_pre));
+        });
       });
     });
   });
@@ -306,17 +311,15 @@ void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Ten
 // ---- (e) grouped SwiGLU: one grouped GEMM per product, one problem per expert ---------------------------------------
 // Expert e's problem has m or k = c_e, its number of rows; gemm_grouped skips the empty ones, and zeroes C where only
 // k = 0, which gives an expert with no tokens its zero weight gradient. The offsets are the plan's host copy.
-// Under Precision::BF16 the products multiply bf16 values with f32 accumulation. The forward's three products write
-// the kept bf16 activations and output, and the backward's d_x_sorted is bf16 too: bf16 -> bf16, one grouped call
-// each at the bf16 rate. d_x = d_gate W_gate + d_up W_up is one product with k = 2h, of [d_gate | d_up] (the SwiGLU
-// backward writes both into the rows of one [S, 2h] tensor) and the weights stacked per expert, [W_gate,e ; W_up,e]
-// [2h, d], so that its sum is rounded once, as the CPU's. The backward's four other products write f32 (d_act and the
-// weight gradients), and cublasGemmGroupedBatchedEx has no bf16 -> f32 (its type table), while a bf16 output widened
-// afterwards would round every product to bf16 on top of the f32 sums the CPU keeps. So under ExpertGemm::Grouped
-// (runtime.h, the default) their operands are f32 tensors holding bf16 values (rounded copies, or the kept bf16
-// tensors widened) and each is one grouped f32 -> f32 call on TF32 tensor cores, exact for bf16 values (blas.cuh);
-// under PerExpert the operands are bf16 and each expert's product is one cublasGemmEx; under Padded (below) they are
-// bf16 and each product is one strided-batched call.
+// Under Precision::BF16 every product multiplies bf16 operands with f32 accumulation and writes bf16, as autocast's
+// grouped products do: one grouped bf16 -> bf16 call each at the bf16 rate (cublasGemmGroupedBatchedEx has no bf16 ->
+// f32), on the kept bf16 tensors as they are. The forward's three write the kept activations and output; the
+// backward's d_act and d_x_sorted are bf16 tensors, and the weight gradients are written in bf16 and widened into the
+// f32 gradients (each the f32 sum rounded once, as on the CPU). d_x = d_gate W_gate + d_up W_up is one product with
+// k = 2h, of [d_gate | d_up] (the SwiGLU backward writes both into the rows of one [S, 2h] tensor) and the weights
+// stacked per expert, [W_gate,e ; W_up,e] [2h, d], so that its sum too is rounded once. Under ExpertGemm::PerExpert
+// (runtime.h) each expert's product is one cublasGemmEx of the same types, under Padded (below) each product one
+// strided-batched call.
 
 namespace {
 
@@ -325,20 +328,21 @@ inline char* row_of(const Tensor& t, int64_t row, int64_t cols) {
   return static_cast<char*>(t.raw_data()) + row * cols * static_cast<int64_t>(dtype_size(t.dtype()));
 }
 
-// The dtype of the operands of the grouped path's f32-output products: f32 holding bf16 values for grouped calls,
-// bf16 for one call per expert.
-inline DType rounded_dtype() { return expert_gemm() == ExpertGemm::PerExpert ? DType::BF16 : DType::F32; }
-
-// A GEMM operand: t itself, or with `round` t's values as bf16 in a tensor of dtype `rounded`: an f32 t rounded, a
-// bf16 t as it is (or widened to f32, exact).
-inline Tensor operand(const Tensor& t, bool round, DType rounded = rounded_dtype()) {
-  if (!round || (t.dtype() == DType::BF16 && rounded == DType::BF16)) return t;
-  Tensor out = Tensor::empty(t.shape(), rounded, Device::CUDA);
-  if (t.dtype() == DType::BF16)
-    convert_dtype(t, out);
-  else
-    round_to_bf16(t, out);
+// A GEMM operand: t itself, or with `round` its bf16 copy (an f32 t rounded; a bf16 t as it is).
+inline Tensor operand(const Tensor& t, bool round) {
+  if (!round || t.dtype() == DType::BF16) return t;
+  Tensor out = Tensor::empty(t.shape(), DType::BF16, Device::CUDA);
+  round_to_bf16(t, out);
   return out;
+}
+
+// Where the products write a weight gradient: dw itself, or with `bf16` a bf16 tensor of its shape, which
+// store_weight_gradient then widens into dw (exact).
+inline Tensor weight_gradient_target(const Tensor& dw, bool bf16) {
+  return bf16 ? Tensor::empty(dw.shape(), DType::BF16, Device::CUDA) : dw;
+}
+inline void store_weight_gradient(const Tensor& target, const Tensor& dw) {
+  if (target.impl() != dw.impl()) convert_dtype(target, dw);
 }
 
 // Column `col` of t's first row, t seen as a row-major matrix (any dtype): a GEMM operand of t's columns from col on,
@@ -457,16 +461,17 @@ __global__ void padded_swiglu_forward_kernel(const Out* gate_padded, const Out* 
   }
 }
 
-// From the padded d_act and the kept gate_pre, up_pre (type Out): d_gate_pre and d_up_pre as operands in the padded
-// rows [d_gate | d_up] of d_gate_up [E R, 2h] (0 on padding).
+// From the padded d_act and the kept gate_pre, up_pre (all type Out): d_gate_pre and d_up_pre as operands in the
+// padded rows [d_gate | d_up] of d_gate_up [E R, 2h] (0 on padding).
 template <class F, class Out>
-__global__ void padded_swiglu_backward_kernel(const Out* gate_pre, const Out* up_pre, const F* d_act_padded,
+__global__ void padded_swiglu_backward_kernel(const Out* gate_pre, const Out* up_pre, const Out* d_act_padded,
                                               PaddedRows layout, int64_t h, Out* d_gate_up) {
   const int64_t p = blockIdx.x, row = layout.sorted_row(p);
   for (int64_t c = threadIdx.x; c < h; c += blockDim.x) {
     const int64_t i = p * h + c, at = row * h + c;
     F d_gate = 0, d_up = 0;
-    if (row >= 0) swiglu_gradients(widened<F>(gate_pre[at]), widened<F>(up_pre[at]), d_act_padded[i], d_gate, d_up);
+    if (row >= 0)
+      swiglu_gradients(widened<F>(gate_pre[at]), widened<F>(up_pre[at]), widened<F>(d_act_padded[i]), d_gate, d_up);
     d_gate_up[p * 2 * h + c] = converted<Out>(d_gate);
     d_gate_up[p * 2 * h + h + c] = converted<Out>(d_up);
   }
@@ -555,8 +560,8 @@ static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted
                                   const Tensor& up_pre, const Tensor& act, const Tensor& out_sorted) {
   const int64_t h = w_gate.size(1), d = w_gate.size(2), R = p.rows();
   const DType rounded = p.operand_dtype();
-  const Tensor x = p.pad(x_sorted), wg = operand(w_gate, p.rounds(), rounded), wu = operand(w_up, p.rounds(), rounded),
-               wd = operand(w_down, p.rounds(), rounded);
+  const Tensor x = p.pad(x_sorted), wg = operand(w_gate, p.rounds()), wu = operand(w_up, p.rounds()),
+               wd = operand(w_down, p.rounds());
   // gate = x W_gate^T, up = x W_up^T: [R, d] x [h, d]^T -> [R, h] per expert, kept as they are written
   const Tensor gate = p.output(h, true), up = p.output(h, true);
   p.products(false, true, R, h, d, x.raw_data(), d, wg.raw_data(), d, gate, h);
@@ -584,26 +589,29 @@ static void padded_swiglu_backward(const PaddedExperts& p, const Tensor& x_sorte
   const int64_t h = w_gate.size(1), d = w_gate.size(2), R = p.rows();
   const DType rounded = p.operand_dtype();
   const Tensor x = p.pad(x_sorted), act_operand = p.pad(act), d_out = p.pad(d_out_sorted);
-  const Tensor wd = operand(w_down, p.rounds(), rounded), w_gate_up = stacked_gate_up(w_gate, w_up, rounded);
+  const Tensor wd = operand(w_down, p.rounds()), w_gate_up = stacked_gate_up(w_gate, w_up, rounded);
+  const Tensor dwg = weight_gradient_target(dw_gate, p.rounds()), dwu = weight_gradient_target(dw_up, p.rounds()),
+               dwd = weight_gradient_target(dw_down, p.rounds());
   // d_act = d_out W_down: [R, d] x [d, h] -> [R, h];  dW_down = d_out^T act: [R, d]^T x [R, h] -> [d, h]
-  const Tensor d_act = p.output(h);
+  const Tensor d_act = p.output(h, true);
   p.products(false, false, R, h, d, d_out.raw_data(), d, wd.raw_data(), h, d_act, h);
-  p.products(true, false, d, h, R, d_out.raw_data(), d, act_operand.raw_data(), h, dw_down, h);
+  p.products(true, false, d, h, R, d_out.raw_data(), d, act_operand.raw_data(), h, dwd, h);
   const Tensor d_gate_up = Tensor::empty({d_act.size(0), 2 * h}, rounded, Device::CUDA);  // [d_gate | d_up]
   p.with_types("moe_padded_swiglu_backward", [&](auto f, auto out) {
     using F = decltype(f);
     using Out = decltype(out);
     launch("moe_padded_swiglu_backward", padded_swiglu_backward_kernel<F, Out>, p.row_blocks(), dim3(kRowThreads), 0,
-           stored<const Out>(gate_pre), stored<const Out>(up_pre), d_act.data<F>(), p.layout(), h,
+           stored<const Out>(gate_pre), stored<const Out>(up_pre), stored<const Out>(d_act), p.layout(), h,
            stored<Out>(d_gate_up));
   });
   // dW_gate = d_gate^T x, dW_up = d_up^T x: [R, h]^T x [R, d] -> [h, d], from the halves of d_gate_up's rows
-  p.products(true, false, h, d, R, column_of(d_gate_up, 0), 2 * h, x.raw_data(), d, dw_gate, d);
-  p.products(true, false, h, d, R, column_of(d_gate_up, h), 2 * h, x.raw_data(), d, dw_up, d);
+  p.products(true, false, h, d, R, column_of(d_gate_up, 0), 2 * h, x.raw_data(), d, dwg, d);
+  p.products(true, false, h, d, R, column_of(d_gate_up, h), 2 * h, x.raw_data(), d, dwu, d);
   // d_x = [d_gate | d_up] [W_gate ; W_up]: [R, 2h] x [2h, d] -> [R, d], of d_x_sorted's dtype (bf16 under BF16)
   const Tensor dx = p.output(d, true);
   p.products(false, false, R, d, 2 * h, d_gate_up.raw_data(), 2 * h, w_gate_up.raw_data(), d, dx, d);
   p.unpad(dx, d_x_sorted);
+  store_weight_gradient(dwd, dw_down), store_weight_gradient(dwg, dw_gate), store_weight_gradient(dwu, dw_up);
 }
 
 void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
@@ -619,8 +627,8 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
   }
   // The three products write the kept activations and output: under BF16 bf16 x bf16 -> bf16 in every mode.
   const DType kept = gate_pre.dtype();
-  const Tensor x = operand(x_sorted, bf16, kept), wg = operand(w_gate, bf16, kept), wu = operand(w_up, bf16, kept),
-               wd = operand(w_down, bf16, kept);
+  const Tensor x = operand(x_sorted, bf16), wg = operand(w_gate, bf16), wu = operand(w_up, bf16),
+               wd = operand(w_down, bf16);
   std::vector<GemmProblem> gate_and_up, down;
   for (int64_t e = 0; e < n_experts; ++e) {
     const int64_t begin = offsets[e], c = offsets[e + 1] - offsets[e];
@@ -629,14 +637,14 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
     gate_and_up.push_back({c, h, d, xs, d, row_of(wg, e * h, d), d, row_of(gate_pre, begin, h), h});
     gate_and_up.push_back({c, h, d, xs, d, row_of(wu, e * h, d), d, row_of(up_pre, begin, h), h});
   }
-  gemm_grouped(false, true, gate_and_up, 1.0f, 0.0f, kept, kept, bf16);
+  gemm_grouped(false, true, gate_and_up, 1.0f, 0.0f, kept, kept);
   moe_swiglu_forward(gate_pre, up_pre, act);  // every expert's rows in one launch
   // out = act W_down^T: [c, h] x [d, h]^T -> [c, d]
   for (int64_t e = 0; e < n_experts; ++e) {
     const int64_t begin = offsets[e], c = offsets[e + 1] - offsets[e];
     down.push_back({c, d, h, row_of(act, begin, h), h, row_of(wd, e * d, h), h, row_of(out_sorted, begin, d), d});
   }
-  gemm_grouped(false, true, down, 1.0f, 0.0f, kept, kept, bf16);
+  gemm_grouped(false, true, down, 1.0f, 0.0f, kept, kept);
 }
 
 void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
@@ -652,42 +660,41 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                            up_pre, act, d_out_sorted, d_x_sorted, dw_gate, dw_up, dw_down);
     return;
   }
-  const Tensor x = operand(x_sorted, bf16), wd = operand(w_down, bf16), act_op = operand(act, bf16),
-               d_out_op = operand(d_out_sorted, bf16);
-  // d_x's operands have d_x_sorted's dtype (bf16 under BF16: bf16 x bf16 -> bf16 in every mode): the stacked weights,
-  // and d_gate_up [S, 2h], the rows [d_gate | d_up] as the SwiGLU backward writes them (rounded under BF16). The
-  // weight gradients multiply d_gate_up, widened for grouped calls under BF16.
-  const DType dx_type = d_x_sorted.dtype();
-  const Tensor w_gate_up = stacked_gate_up(w_gate, w_up, dx_type);
-  const Tensor d_gate_up = Tensor::empty({d_act.size(0), 2 * h}, dx_type, Device::CUDA);
-  const bool widen = bf16 && rounded_dtype() != DType::BF16;
-  const Tensor d_gate_up_op = widen ? Tensor::empty(d_gate_up.shape(), DType::F32, Device::CUDA) : d_gate_up;
-  const DType ab = x.dtype(), c_type = w_gate.dtype();
+  // Every operand and output has the kept tensors' dtype (bf16 under BF16, else the tensors'): x_sorted, d_out_sorted
+  // and W_down as they are or rounded, act as the forward kept it, the stacked weights, d_gate_up [S, 2h] (the rows
+  // [d_gate | d_up] as the SwiGLU backward writes them), d_act, d_x_sorted, and the weight gradients' targets.
+  const DType kept = act.dtype();
+  const Tensor x = operand(x_sorted, bf16), wd = operand(w_down, bf16), d_out = operand(d_out_sorted, bf16);
+  const Tensor w_gate_up = stacked_gate_up(w_gate, w_up, kept);
+  const Tensor d_gate_up = Tensor::empty({d_act.size(0), 2 * h}, kept, Device::CUDA);
+  const Tensor dwg = weight_gradient_target(dw_gate, bf16), dwu = weight_gradient_target(dw_up, bf16),
+               dwd = weight_gradient_target(dw_down, bf16);
+  const int64_t element = static_cast<int64_t>(dtype_size(kept));
   std::vector<GemmProblem> d_act_products, dw_down_products, dw_gate_and_up, dx_products;
   for (int64_t e = 0; e < n_experts; ++e) {
     const int64_t begin = offsets[e], c = offsets[e + 1] - offsets[e];
-    const char* xs = row_of(x, begin, d);                                                    // [c, d]
-    const char* d_out = row_of(d_out_op, begin, d);                                          // [c, d]
-    const char* d_gate = row_of(d_gate_up_op, begin, 2 * h);                                 // [c, h], rows 2h apart
-    const char* d_up = d_gate + h * static_cast<int64_t>(dtype_size(d_gate_up_op.dtype()));  // [c, h], the same
+    const char* xs = row_of(x, begin, d);                  // [c, d]
+    const char* d_outs = row_of(d_out, begin, d);          // [c, d]
+    const char* d_gate = row_of(d_gate_up, begin, 2 * h);  // [c, h], rows 2h apart
+    const char* d_up = d_gate + h * element;               // [c, h], the same
     // d_act = d_out W_down: [c, d] x [d, h] -> [c, h]
-    d_act_products.push_back({c, h, d, d_out, d, row_of(wd, e * d, h), h, row_of(d_act, begin, h), h});
+    d_act_products.push_back({c, h, d, d_outs, d, row_of(wd, e * d, h), h, row_of(d_act, begin, h), h});
     // dW_down = d_out^T act: [c, d]^T x [c, h] -> [d, h]
-    dw_down_products.push_back({d, h, c, d_out, d, row_of(act_op, begin, h), h, row_of(dw_down, e * d, h), h});
+    dw_down_products.push_back({d, h, c, d_outs, d, row_of(act, begin, h), h, row_of(dwd, e * d, h), h});
     // dW_gate = d_gate^T x, dW_up = d_up^T x: [c, h]^T x [c, d] -> [h, d]
-    dw_gate_and_up.push_back({h, d, c, d_gate, 2 * h, xs, d, row_of(dw_gate, e * h, d), d});
-    dw_gate_and_up.push_back({h, d, c, d_up, 2 * h, xs, d, row_of(dw_up, e * h, d), d});
+    dw_gate_and_up.push_back({h, d, c, d_gate, 2 * h, xs, d, row_of(dwg, e * h, d), d});
+    dw_gate_and_up.push_back({h, d, c, d_up, 2 * h, xs, d, row_of(dwu, e * h, d), d});
     // d_x = [d_gate | d_up] [W_gate,e ; W_up,e]: [c, 2h] x [2h, d] -> [c, d]
-    dx_products.push_back({c, d, 2 * h, row_of(d_gate_up, begin, 2 * h), 2 * h, row_of(w_gate_up, e * 2 * h, d), d,
-                           row_of(d_x_sorted, begin, d), d});
+    dx_products.push_back(
+        {c, d, 2 * h, d_gate, 2 * h, row_of(w_gate_up, e * 2 * h, d), d, row_of(d_x_sorted, begin, d), d});
   }
-  gemm_grouped(false, false, d_act_products, 1.0f, 0.0f, ab, c_type, bf16);
-  gemm_grouped(true, false, dw_down_products, 1.0f, 0.0f, ab, c_type, bf16);
+  gemm_grouped(false, false, d_act_products, 1.0f, 0.0f, kept, kept);
+  gemm_grouped(true, false, dw_down_products, 1.0f, 0.0f, kept, kept);
   // every expert's rows in one launch, into the two halves of d_gate_up's rows
-  swiglu_backward_rows(gate_pre, up_pre, d_act, h, 2 * h, dx_type, d_gate_up.raw_data(), column_of(d_gate_up, h));
-  if (widen) convert_dtype(d_gate_up, d_gate_up_op);
-  gemm_grouped(true, false, dw_gate_and_up, 1.0f, 0.0f, ab, c_type, bf16);
-  gemm_grouped(false, false, dx_products, 1.0f, 0.0f, dx_type, dx_type);
+  swiglu_backward_rows(gate_pre, up_pre, d_act, h, 2 * h, kept, d_gate_up.raw_data(), column_of(d_gate_up, h));
+  gemm_grouped(true, false, dw_gate_and_up, 1.0f, 0.0f, kept, kept);
+  gemm_grouped(false, false, dx_products, 1.0f, 0.0f, kept, kept);
+  store_weight_gradient(dwd, dw_down), store_weight_gradient(dwg, dw_gate), store_weight_gradient(dwu, dw_up);
 }
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------

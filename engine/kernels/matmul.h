@@ -35,7 +35,7 @@ DECLARE_KERNEL(batched_matmul, (const Tensor& a, const Tensor& b, bool trans_a, 
                                 const Tensor& added_to, const Tensor& out))
 
 // out = x (f32) rounded to bf16, to nearest, ties to even: the bf16 copies a bf16 product's backward works on. out is
-// bf16, or f32 holding the bf16 values (the operands of the CUDA grouped products under mixed precision, moe.cu).
+// bf16, or f32 holding the bf16 values (the operands the CPU kernels multiply with their f32 GEMM, cpu/bf16.h).
 DECLARE_KERNEL(round_to_bf16, (const Tensor& x, const Tensor& out))
 
 }  // namespace moelab

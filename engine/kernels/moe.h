@@ -65,13 +65,15 @@ DECLARE_KERNEL(moe_grouped_swiglu_forward,
 //   d_gate_pre, d_up_pre from d_act (moe_swiglu_backward)
 //   dW_gate,e = d_gate_pre^T x_seg                  dW_up,e = d_up_pre^T x_seg
 //   d_x_sorted = d_gate_pre W_gate,e + d_up_pre W_up,e
-// d_act [S, h] is scratch of the tensors' dtype (f32 under BF16 too); d_gate_pre and d_up_pre live only inside the
-// kernel, as the operands of the products that follow. Every element of dw_gate, dw_up, dw_down is written: an
-// expert with no rows gets zero. offsets on the host, as in the forward.
+// d_act [S, h] is scratch of the kept dtype; d_gate_pre and d_up_pre live only inside the kernel, as the operands of
+// the products that follow. Every element of dw_gate, dw_up, dw_down is written: an expert with no rows gets zero.
+// offsets on the host, as in the forward.
 // precision BF16, as the forward: gate_pre, up_pre and act are the forward's bf16 tensors; the operands (x_sorted,
-// the weights, act, d_out_sorted, and d_gate_pre, d_up_pre once computed in f32) are rounded to bf16, with f32
-// accumulation; d_act and the weight gradients stay f32, and d_x_sorted is bf16, the sum of its two products rounded
-// once (autocast's bf16 gradient of a bf16 activation: the un-permute's operand, in half the bytes).
+// the weights, act, d_out_sorted, d_act, and d_gate_pre, d_up_pre once computed in f32) are bf16, with f32
+// accumulation, and every product's f32 sum is rounded to bf16 once, as autocast's bf16 products round theirs: d_act
+// and d_x_sorted are bf16 tensors (d_x_sorted's two products summed before the rounding), and the weight gradients
+// are f32 tensors holding bf16 values. One bf16 -> bf16 type for every product is what lets the GPU run each as one
+// grouped call at the bf16 rate (engine/cuda/moe.cu).
 DECLARE_KERNEL(moe_grouped_swiglu_backward,
                (const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate, const Tensor& w_up,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
@@ -80,8 +82,8 @@ DECLARE_KERNEL(moe_grouped_swiglu_backward,
 
 // The dtypes the grouped SwiGLU takes, checked by both devices before they read or write a byte (a wrong one would be
 // misread): the tensors' dtype F is w_gate's. Under BF16, F is f32, the `kept` tensors (gate_pre, up_pre, act,
-// out_sorted, and the backward's d_x_sorted) are bf16 and the `inputs` (x_sorted, d_out_sorted) f32 or bf16 (rounded
-// already); under FP32 all of them are F. The `others` (the other weights, d_act, the weight gradients) are F.
+// out_sorted, and the backward's d_act and d_x_sorted) are bf16 and the `inputs` (x_sorted, d_out_sorted) f32 or
+// bf16 (rounded already); under FP32 all of them are F. The `others` (the other weights, the weight gradients) are F.
 // Returns whether the products round to bf16.
 struct NamedTensor {
   const char* name;
@@ -118,15 +120,11 @@ inline bool grouped_swiglu_backward_rounds(const Tensor& x_sorted, const Tensor&
                                            const Tensor& act, const Tensor& d_out_sorted, const Tensor& d_act,
                                            const Tensor& d_x_sorted, const Tensor& dw_gate, const Tensor& dw_up,
                                            const Tensor& dw_down, Precision precision) {
-  return grouped_swiglu_rounds(precision, w_gate,
-                               {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}, {"d_x_sorted", d_x_sorted}},
-                               {{"x_sorted", x_sorted}, {"d_out_sorted", d_out_sorted}},
-                               {{"w_up", w_up},
-                                {"w_down", w_down},
-                                {"d_act", d_act},
-                                {"dw_gate", dw_gate},
-                                {"dw_up", dw_up},
-                                {"dw_down", dw_down}});
+  return grouped_swiglu_rounds(
+      precision, w_gate,
+      {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}, {"d_act", d_act}, {"d_x_sorted", d_x_sorted}},
+      {{"x_sorted", x_sorted}, {"d_out_sorted", d_out_sorted}},
+      {{"w_up", w_up}, {"w_down", w_down}, {"dw_gate", dw_gate}, {"dw_up", dw_up}, {"dw_down", dw_down}});
 }
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------
