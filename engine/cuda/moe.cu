@@ -304,6 +304,8 @@ void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Ten
         "moe_swiglu_backward: gate_pre and up_pre, and d_gate_pre and d_up_pre, must share a dtype, got {}, {}, {}, {}",
         dtype_name(gate_pre.dtype()), dtype_name(up_pre.dtype()), dtype_name(d_gate_pre.dtype()),
         dtype_name(d_up_pre.dtype()));
+  if (d_act.dtype() == DType::BF16)  // the CPU's kernel takes none either (engine/kernels/moe.h)
+    fail("moe_swiglu_backward: d_act must be f32 or f64, got {}", dtype_name(d_act.dtype()));
   const int64_t n = std::max<int64_t>(d_act.numel(), 1);  // one row: the outputs are laid out as the inputs
   swiglu_backward_rows(gate_pre, up_pre, d_act, n, n, d_up_pre.dtype(), d_gate_pre.raw_data(), d_up_pre.raw_data());
 }
@@ -383,10 +385,10 @@ inline Tensor stacked_gate_up(const Tensor& w_gate, const Tensor& w_up, DType ty
 // cols], R the longest expert's count, and its other rows are zero. Every product is then one strided-batched call over
 // the E experts: zero rows of an operand give zero rows of the output where the rows are the product's m, and add
 // nothing where they are its k (the weight gradients, so an expert with no rows gets zero), so the results are the
-// grouped products'. The padded copies are the products' operands, under BF16 rounded to bf16 as they are copied: bf16
-// x bf16 -> f32 (or -> bf16, the forward's products) at the bf16 rate, where the grouped call needs TF32 for f32
-// outputs. The price: E R - S rows of zeros multiplied, at most S / 2 more (pads_expert_rows), and the outputs copied
-// back to the sorted rows.
+// grouped products'. The padded copies are the products' operands, under BF16 rounded to bf16 as they are copied, and
+// every product is bf16 -> bf16 as the grouped calls are: what padding buys is one uniform strided batch in place of
+// a grouped call over problems of different sizes, which is faster is for the GPU to say. The price: E R - S rows of
+// zeros multiplied, at most S / 2 more (pads_expert_rows), and the outputs copied back to the sorted rows.
 
 // R: the most rows an expert has.
 static int64_t longest_expert(const std::vector<int32_t>& offsets) {
@@ -395,8 +397,9 @@ static int64_t longest_expert(const std::vector<int32_t>& offsets) {
   return rows;
 }
 
-// At twice the rate padding pays up to E R = 2 S less the copies: 1.5 S is a guess, for the GPU to tune. A grid has
-// at most 2^31 - 1 blocks, one per padded row.
+// At most half the slots again in rows of zeros: 1.5 S is a guess, for the GPU to tune (it was set when the grouped
+// backward ran on TF32 at half the rate, which the padded one did not). A grid has at most 2^31 - 1 blocks, one per
+// padded row.
 bool pads_expert_rows(const std::vector<int32_t>& offsets) {
   const int64_t padded_rows = (static_cast<int64_t>(offsets.size()) - 1) * longest_expert(offsets);
   return 2 * padded_rows <= 3 * static_cast<int64_t>(offsets.back()) && padded_rows <= INT32_MAX;
@@ -516,11 +519,8 @@ class PaddedExperts {
     });
     return padded;
   }
-  // An output [E R, cols] of a product: of the tensors' dtype, or with `kept` the operands' (the forward's products,
-  // whose outputs are kept as they are: bf16 under BF16).
-  Tensor output(int64_t cols, bool kept = false) const {
-    return Tensor::empty({experts_ * rows_, cols}, kept ? operand_dtype() : dtype_, Device::CUDA);
-  }
+  // An output [E R, cols] of a product, of the operands' dtype (bf16 under BF16: every product's output is).
+  Tensor output(int64_t cols) const { return Tensor::empty({experts_ * rows_, cols}, operand_dtype(), Device::CUDA); }
   // The rows of padded that are not padding, to sorted (one dtype: the tensors', or the operands').
   void unpad(const Tensor& padded, const Tensor& sorted) const {
     if (padded.dtype() != sorted.dtype())  // copied as sorted's type below
@@ -563,7 +563,7 @@ static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted
   const Tensor x = p.pad(x_sorted), wg = operand(w_gate, p.rounds()), wu = operand(w_up, p.rounds()),
                wd = operand(w_down, p.rounds());
   // gate = x W_gate^T, up = x W_up^T: [R, d] x [h, d]^T -> [R, h] per expert, kept as they are written
-  const Tensor gate = p.output(h, true), up = p.output(h, true);
+  const Tensor gate = p.output(h), up = p.output(h);
   p.products(false, true, R, h, d, x.raw_data(), d, wg.raw_data(), d, gate, h);
   p.products(false, true, R, h, d, x.raw_data(), d, wu.raw_data(), d, up, h);
   const Tensor act_operand = Tensor::empty(gate.shape(), rounded, Device::CUDA);
@@ -575,7 +575,7 @@ static void padded_swiglu_forward(const PaddedExperts& p, const Tensor& x_sorted
            stored<Out>(act), stored<Out>(act_operand));
   });
   // out = act W_down^T: [R, h] x [d, h]^T -> [R, d] per expert, kept as it is written
-  const Tensor out = p.output(d, true);
+  const Tensor out = p.output(d);
   p.products(false, true, R, d, h, act_operand.raw_data(), h, wd.raw_data(), h, out, d);
   p.unpad(out, out_sorted);
 }
@@ -593,7 +593,7 @@ static void padded_swiglu_backward(const PaddedExperts& p, const Tensor& x_sorte
   const Tensor dwg = weight_gradient_target(dw_gate, p.rounds()), dwu = weight_gradient_target(dw_up, p.rounds()),
                dwd = weight_gradient_target(dw_down, p.rounds());
   // d_act = d_out W_down: [R, d] x [d, h] -> [R, h];  dW_down = d_out^T act: [R, d]^T x [R, h] -> [d, h]
-  const Tensor d_act = p.output(h, true);
+  const Tensor d_act = p.output(h);
   p.products(false, false, R, h, d, d_out.raw_data(), d, wd.raw_data(), h, d_act, h);
   p.products(true, false, d, h, R, d_out.raw_data(), d, act_operand.raw_data(), h, dwd, h);
   const Tensor d_gate_up = Tensor::empty({d_act.size(0), 2 * h}, rounded, Device::CUDA);  // [d_gate | d_up]
@@ -608,7 +608,7 @@ static void padded_swiglu_backward(const PaddedExperts& p, const Tensor& x_sorte
   p.products(true, false, h, d, R, column_of(d_gate_up, 0), 2 * h, x.raw_data(), d, dwg, d);
   p.products(true, false, h, d, R, column_of(d_gate_up, h), 2 * h, x.raw_data(), d, dwu, d);
   // d_x = [d_gate | d_up] [W_gate ; W_up]: [R, 2h] x [2h, d] -> [R, d], of d_x_sorted's dtype (bf16 under BF16)
-  const Tensor dx = p.output(d, true);
+  const Tensor dx = p.output(d);
   p.products(false, false, R, d, 2 * h, d_gate_up.raw_data(), 2 * h, w_gate_up.raw_data(), d, dx, d);
   p.unpad(dx, d_x_sorted);
   store_weight_gradient(dwd, dw_down), store_weight_gradient(dwg, dw_gate), store_weight_gradient(dwu, dw_up);

@@ -4,6 +4,7 @@
 // stored beside float math: S, T, L), A the type sums are accumulated in (double for the losses, as on the CPU).
 #include "engine/kernels/nn.h"
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -175,13 +176,13 @@ void rms_norm_forward(const Tensor& x, const Tensor& weight, double eps, const T
 // once more for each further tile's sum (none up to 4096 columns). Chunks of 32 rows are a guess for the GPU to tune:
 // smaller ones give more blocks for a few rows, larger ones a smaller partial.
 constexpr int64_t kRowsPerChunk = 32;
-constexpr int64_t kColumnsPerTile = 4096;  // 32 KB of doubles: under the 48 KB of static shared memory
+constexpr int64_t kColumnsPerTile = 4096;  // at most 32 KB of doubles: no opt-in past 48 KB needed
 
 template <class F, class G>
 __global__ void rms_norm_backward_kernel(const F* x, const F* w, const F* rstd, const G* g_stored, int64_t rows,
                                          int64_t d, bool added, F* dx, double* partial) {
-  SHARED_ARRAY(double, row_sum_scratch, 32);            // block_sum's, once for every row
-  SHARED_ARRAY(double, dweight_part, kColumnsPerTile);  // this tile's columns
+  SHARED_ARRAY(double, row_sum_scratch, 32);  // block_sum's, once for every row
+  DYNAMIC_SHARED(double, dweight_part);       // this tile's columns, min(d, kColumnsPerTile) of them
   const int64_t begin = blockIdx.x * kRowsPerChunk, end = begin + kRowsPerChunk < rows ? begin + kRowsPerChunk : rows;
   const int64_t first = blockIdx.y * kColumnsPerTile, last = first + kColumnsPerTile < d ? first + kColumnsPerTile : d;
   for (int64_t j = first + threadIdx.x; j < last; j += blockDim.x) dweight_part[j - first] = 0;
@@ -222,9 +223,9 @@ void rms_norm_backward(const Tensor& x, const Tensor& weight, const Tensor& rstd
     using F = decltype(tag);
     with_storage<F>("rms_norm_backward", g.dtype(), [&](auto stored_as) {
       using G = decltype(stored_as);
-      launch("rms_norm_backward", rms_norm_backward_kernel<F, G>, dim3(chunks, tiles), dim3(kRowThreads), 0,
-             x.data<F>(), weight.data<F>(), rstd.data<F>(), stored<const G>(g), rows, d, dx_added_to.defined(),
-             dx.data<F>(), partial.data<double>());
+      launch("rms_norm_backward", rms_norm_backward_kernel<F, G>, dim3(chunks, tiles), dim3(kRowThreads),
+             sizeof(double) * static_cast<size_t>(std::min(d, kColumnsPerTile)), x.data<F>(), weight.data<F>(),
+             rstd.data<F>(), stored<const G>(g), rows, d, dx_added_to.defined(), dx.data<F>(), partial.data<double>());
     });
     launch("rms_norm_dweight_total", rms_norm_dweight_total_kernel<F>, dim3(blocks_for(d, 128)), dim3(128), 0,
            partial.data<double>(), chunks, d, dweight.data<F>());

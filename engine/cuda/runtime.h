@@ -37,11 +37,10 @@ double host_wait_ms();
 void set_tf32(bool on);
 
 // How the MoE experts' products run (engine/cuda/moe.cu, docs/performance.md; moe-bench train-step --expert-gemm):
-//   Grouped    one grouped cuBLAS call per product, one problem per expert (the default). Under bf16 precision the
-//              forward's products are bf16 -> bf16 (the kept activations and output); the grouped API has no
-//              bf16 -> f32 types, so the backward's multiply bf16 values kept in f32 on TF32 tensor cores.
+//   Grouped    one grouped cuBLAS call per product, one problem per expert (the default). Under bf16 precision
+//              every product, forward and backward, is bf16 -> bf16 (the grouped API has no bf16 -> f32).
 //   Padded     every expert's rows copied into a buffer padded with zero rows to the longest expert's count, and one
-//              strided-batched call per product: bf16 operands at the bf16 rate, for the price of the padding. A
+//              strided-batched call per product, of the same types: one uniform batch, for the price of the padding. A
 //              layer whose padded rows would be more than 1.5 times its slots runs grouped instead
 //              (pads_expert_rows).
 //   PerExpert  one cuBLAS call per expert and product.
