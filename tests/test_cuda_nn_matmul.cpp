@@ -11,6 +11,7 @@
 // relative), so 2^-7.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <string>
@@ -345,6 +346,24 @@ TEST_CASE("cuda: nn: RoPE kernels on bf16 tensors match the CPU (f32 table, resu
   }
 }
 
+namespace {
+
+// The attention kernels' out, lse (f64 for f64 inputs, else f32), dq, dk, dv for these inputs on `device`.
+std::vector<Tensor> attention_results(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, Device device,
+                                      Precision precision) {
+  const Tensor qd = on(q, device), kd = on(k, device), vd = on(v, device), gd = on(g, device);
+  const DType lse_dtype = q.dtype() == DType::F64 ? DType::F64 : DType::F32;
+  std::vector<Tensor> o{empty_like_on(qd, device), Tensor::empty({q.size(0), q.size(2), q.size(1)}, lse_dtype, device),
+                        empty_like_on(qd, device), empty_like_on(qd, device), empty_like_on(qd, device)};
+  KERNEL(attention_forward, device)(qd, kd, vd, o[0], o[1], precision);
+  KERNEL(attention_backward, device)(qd, kd, vd, o[0], o[1], gd, o[2], o[3], o[4], precision);
+  return o;
+}
+
+const char* const kAttentionNames[] = {" out", " lse", " dq", " dk", " dv"};  // attention_results' order
+
+}  // namespace
+
 // The tiled kernels: 1 to 3 tiles of 64 query and key rows (T = 130: a partial third), each tiling (head dims up to
 // 64: 64-row tiles; up to 128: 64 rows in f32, 32 in f64; up to 256: 32 rows, f32 only).
 TEST_CASE("cuda: nn: causal attention kernels match the CPU" * cuda_only()) {
@@ -357,17 +376,9 @@ TEST_CASE("cuda: nn: causal attention kernels match the CPU" * cuda_only()) {
         const std::string what = fmt::format("{} {}", dtype_name(dtype), shape_str(shape));
         const Tensor q = random(shape, 40 + T, dtype), k = random(shape, 41, dtype), v = random(shape, 42, dtype),
                      g = random(shape, 43, dtype);
-        auto run = [&](Device device) {
-          const Tensor qd = on(q, device), kd = on(k, device), vd = on(v, device), gd = on(g, device);
-          std::vector<Tensor> o{empty_like_on(qd, device), Tensor::empty({2, 3, T}, dtype, device),
-                                empty_like_on(qd, device), empty_like_on(qd, device), empty_like_on(qd, device)};
-          KERNEL(attention_forward, device)(qd, kd, vd, o[0], o[1], Precision::FP32);
-          KERNEL(attention_backward, device)(qd, kd, vd, o[0], o[1], gd, o[2], o[3], o[4], Precision::FP32);
-          return o;
-        };
-        const std::vector<Tensor> cpu = run(Device::CPU), gpu = run(Device::CUDA);
-        const char* names[] = {" out", " lse", " dq", " dk", " dv"};
-        for (size_t i = 0; i < cpu.size(); ++i) check_match(gpu[i], cpu[i], rel, 1.0, what + names[i]);
+        const std::vector<Tensor> cpu = attention_results(q, k, v, g, Device::CPU, Precision::FP32),
+                                  gpu = attention_results(q, k, v, g, Device::CUDA, Precision::FP32);
+        for (size_t i = 0; i < cpu.size(); ++i) check_match(gpu[i], cpu[i], rel, 1.0, what + kAttentionNames[i]);
       }
     }
   }
@@ -386,23 +397,14 @@ TEST_CASE("cuda: nn: causal attention kernels match the CPU" * cuda_only()) {
 // aligned), else one at a time: head dim 18, and views 4 bytes past an aligned start, which must give the same bits.
 namespace {
 
-// The attention kernels' out, lse, dq, dk, dv for these inputs on `device`.
-std::vector<Tensor> attention_results(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g, Device device,
-                                      Precision precision) {
-  const Tensor qd = on(q, device), kd = on(k, device), vd = on(v, device), gd = on(g, device);
-  std::vector<Tensor> o{empty_like_on(qd, device), Tensor::empty({q.size(0), q.size(2), q.size(1)}, DType::F32, device),
-                        empty_like_on(qd, device), empty_like_on(qd, device), empty_like_on(qd, device)};
-  KERNEL(attention_forward, device)(qd, kd, vd, o[0], o[1], precision);
-  KERNEL(attention_backward, device)(qd, kd, vd, o[0], o[1], gd, o[2], o[3], o[4], precision);
-  return o;
-}
-
-// x's values on the GPU in a view that starts 4 bytes past the start of its memory (no longer 16-byte aligned).
+// x (a CPU tensor) on the GPU in a view that starts one element past the start of its memory: 4 bytes for f32 (no
+// longer 16-byte aligned), 2 for bf16 (no longer 4-byte aligned).
 Tensor misaligned_on_gpu(const Tensor& x) {
-  std::vector<float> values = x.to_vector<float>();
-  values.insert(values.begin(), 0.0f);
-  const Tensor flat = to_gpu(from_vector(values, {x.numel() + 1}));
-  return reshape(slice_rows(flat, 1, x.numel() + 1), x.shape());
+  const size_t element = dtype_size(x.dtype());
+  Tensor padded = Tensor::empty({x.numel() + 1}, x.dtype());
+  std::memset(padded.raw_data(), 0, element);
+  std::memcpy(static_cast<char*>(padded.raw_data()) + element, x.raw_data(), element * static_cast<size_t>(x.numel()));
+  return reshape(slice_rows(to_gpu(padded), 1, x.numel() + 1), x.shape());
 }
 
 // The largest |value| of x (infinity if one is NaN).
@@ -423,6 +425,35 @@ std::string elements_off(const Tensor& actual, const Tensor& expected) {
   return fmt::format("{} of {} elements off by more than 1e-5 of the largest", off, a.size());
 }
 
+// The GPU's attention results against the CPU's, each within `bound` of relative norm error. With one key (T = 1),
+// ds = p (g . v - g . out) is 0 but for rounding, and so are dq and dk: they are checked to be near 0 (measured here:
+// up to 5e-7; the sums of ~96 products of size ~1 carry ~1e-6 of f32 rounding).
+void check_attention_matches(const std::vector<Tensor>& gpu, const std::vector<Tensor>& cpu, const Shape& shape,
+                             double bound) {
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    const std::string what = shape_str(shape) + kAttentionNames[i];
+    if (shape[1] == 1 && (i == 2 || i == 3)) {
+      const double largest = largest_magnitude(gpu[i]);
+      CHECK_MESSAGE(largest < 1e-5, what << ": largest |value| " << largest);
+      continue;
+    }
+    const double error = testing::relative_norm_error(gpu[i], cpu[i]);
+    CHECK_MESSAGE(error < bound, what << ": relative error " << error << ", " << elements_off(gpu[i], cpu[i]));
+  }
+}
+
+// The tensor-core kernels' one-value-at-a-time loads (misaligned views of q, k, v, g) give the bits of their wider
+// loads (`gpu`, from aligned ones).
+void check_one_at_a_time_loads(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& g,
+                               const std::vector<Tensor>& gpu, const Shape& shape) {
+  const std::vector<Tensor> one_at_a_time =
+      attention_results(misaligned_on_gpu(q), misaligned_on_gpu(k), misaligned_on_gpu(v), misaligned_on_gpu(g),
+                        Device::CUDA, Precision::BF16);
+  for (size_t i = 0; i < gpu.size(); ++i)
+    CHECK_MESSAGE(testing::bitwise_equal(to_cpu(one_at_a_time[i]), to_cpu(gpu[i])), shape_str(shape)
+                                                                                        << kAttentionNames[i]);
+}
+
 }  // namespace
 
 TEST_CASE("cuda: nn: bf16 causal attention on the tensor cores matches the CPU's bf16 kernels" * cuda_only()) {
@@ -433,30 +464,13 @@ TEST_CASE("cuda: nn: bf16 causal attention on the tensor cores matches the CPU's
                    v = random(shape, 62, DType::F32), g = random(shape, 63, DType::F32);
       const std::vector<Tensor> cpu = attention_results(q, k, v, g, Device::CPU, Precision::BF16),
                                 gpu = attention_results(q, k, v, g, Device::CUDA, Precision::BF16);
-      const char* names[] = {" out", " lse", " dq", " dk", " dv"};
-      for (size_t i = 0; i < cpu.size(); ++i) {
-        const std::string what = shape_str(shape) + names[i];
-        if (T == 1 && (i == 2 || i == 3)) {  // one key: ds = p (g . v - g . out) is 0 but for rounding, so are dq, dk
-          // (measured here: up to 5e-7; the sums of ~96 products of size ~1 carry ~1e-6 of f32 rounding)
-          const double largest = largest_magnitude(gpu[i]);
-          CHECK_MESSAGE(largest < 1e-5, what << ": largest |value| " << largest);
-          continue;
-        }
-        // Measured: up to 9e-5 (dq and dk at Dh 96, where g . v - D cancels most), in the few rows where a p or ds
-        // rounded the other way; elsewhere ~1e-7. Without the rounding of p and ds the error would be ~2e-3.
-        const double error = testing::relative_norm_error(gpu[i], cpu[i]);
-        CHECK_MESSAGE(error < 3e-4, what << ": relative error " << error << ", " << elements_off(gpu[i], cpu[i]));
-      }
+      // Measured: up to 9e-5 (dq and dk at Dh 96, where g . v - D cancels most), in the few rows where a p or ds
+      // rounded the other way; elsewhere ~1e-7. Without the rounding of p and ds the error would be ~2e-3.
+      check_attention_matches(gpu, cpu, shape, 3e-4);
       // The rounding is there: f32 attention gives another output.
       CHECK(testing::relative_norm_error(gpu[0], attention_results(q, k, v, g, Device::CPU, Precision::FP32)[0]) >
             5e-4);
-      if (T == 33 && (Dh == 16 || Dh == 64)) {  // the one-at-a-time loads give the same bits
-        const std::vector<Tensor> one_at_a_time =
-            attention_results(misaligned_on_gpu(q), misaligned_on_gpu(k), misaligned_on_gpu(v), misaligned_on_gpu(g),
-                              Device::CUDA, Precision::BF16);
-        for (size_t i = 0; i < gpu.size(); ++i)
-          CHECK_MESSAGE(testing::bitwise_equal(to_cpu(one_at_a_time[i]), to_cpu(gpu[i])), shape_str(shape) << names[i]);
-      }
+      if (T == 33 && (Dh == 16 || Dh == 64)) check_one_at_a_time_loads(q, k, v, g, gpu, shape);
     }
   }
   const Tensor q = on(random({1, 3, 1, 136}, 64, DType::F32), Device::CUDA);
@@ -465,18 +479,6 @@ TEST_CASE("cuda: nn: bf16 causal attention on the tensor cores matches the CPU's
   CHECK(testing::error_of(forward).find("bf16 attention on the tensor cores takes head dims up to 128, got 136") !=
         std::string::npos);
 }
-
-namespace {
-
-// x's bf16 values on the GPU in a view that starts 2 bytes past the start of its memory (no longer 4-byte aligned).
-Tensor misaligned_bf16_on_gpu(const Tensor& x) {
-  Tensor padded = Tensor::empty({x.numel() + 1}, DType::BF16);
-  padded.data<bf16>()[0] = to_bf16(0.0f);
-  std::copy_n(x.data<bf16>(), x.numel(), padded.data<bf16>() + 1);
-  return reshape(slice_rows(to_gpu(padded), 1, x.numel() + 1), x.shape());
-}
-
-}  // namespace
 
 // bf16 tensors (mixed precision's q, k, v): the tiles copy them, two values a load (head dims even, 4-byte aligned)
 // or one (odd head dims, misaligned views), and out, dq, dk, dv are rounded as they are stored; lse stays f32.
@@ -489,26 +491,10 @@ TEST_CASE("cuda: nn: causal attention on bf16 tensors matches the CPU's, loaded 
                    v = random_of(shape, 72, DType::BF16), g = random_of(shape, 73, DType::BF16);
       const std::vector<Tensor> cpu = attention_results(q, k, v, g, Device::CPU, Precision::BF16),
                                 gpu = attention_results(q, k, v, g, Device::CUDA, Precision::BF16);
-      const char* names[] = {" out", " lse", " dq", " dk", " dv"};
-      for (size_t i = 0; i < cpu.size(); ++i) {
-        const std::string what = shape_str(shape) + names[i];
-        if (T == 1 && (i == 2 || i == 3)) {  // one key: dq and dk are 0 but for rounding, as in the f32 test above
-          const double largest = largest_magnitude(gpu[i]);
-          CHECK_MESSAGE(largest < 1e-5, what << ": largest |value| " << largest);
-          continue;
-        }
-        // The f32 test's flips of p and ds (up to 9e-5), and results one bf16 step apart where the devices' f32
-        // values straddle a rounding boundary (2^-8 relative each, in few elements).
-        const double error = testing::relative_norm_error(gpu[i], cpu[i]);
-        CHECK_MESSAGE(error < 3e-3, what << ": relative error " << error);
-      }
-      if (T == 33 && (Dh == 16 || Dh == 64)) {  // the one-at-a-time loads give the same bits
-        const std::vector<Tensor> one_at_a_time =
-            attention_results(misaligned_bf16_on_gpu(q), misaligned_bf16_on_gpu(k), misaligned_bf16_on_gpu(v),
-                              misaligned_bf16_on_gpu(g), Device::CUDA, Precision::BF16);
-        for (size_t i = 0; i < gpu.size(); ++i)
-          CHECK_MESSAGE(testing::bitwise_equal(to_cpu(one_at_a_time[i]), to_cpu(gpu[i])), shape_str(shape) << names[i]);
-      }
+      // The f32 test's flips of p and ds (up to 9e-5), and results one bf16 step apart where the devices' f32
+      // values straddle a rounding boundary (2^-8 relative each, in few elements).
+      check_attention_matches(gpu, cpu, shape, 3e-3);
+      if (T == 33 && (Dh == 16 || Dh == 64)) check_one_at_a_time_loads(q, k, v, g, gpu, shape);
     }
   }
 }
