@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "engine/cpu/bf16.h"
 #include "engine/cpu/gemm.h"
 #include "engine/cpu/parallel.h"
 
@@ -23,14 +24,6 @@ void dense_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, c
 // batch of such products is better spread over threads one product each.
 constexpr int64_t kSmallGemmFlops = int64_t(1) << 21;
 
-Tensor widened_to_f32(const Tensor& x) {
-  Tensor out = Tensor::empty(x.shape(), DType::F32);
-  const bf16* in = x.data<bf16>();
-  float* o = out.data<float>();
-  parallel_for(x.numel(), 1, [&](int64_t i) { o[i] = to_float(in[i]); });
-  return out;
-}
-
 }  // namespace
 
 void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b, bool sum_batches,
@@ -39,13 +32,13 @@ void batched_matmul(const Tensor& a, const Tensor& b, bool trans_a, bool trans_b
     throw std::logic_error("batched_matmul: added_to must be out itself");
   if (out.dtype() == DType::BF16) {  // the f32 product (added to what out holds, widened), rounded once
     if (a.dtype() != DType::BF16) throw std::logic_error("batched_matmul: a bf16 result needs bf16 operands");
-    Tensor sum = added_to.defined() ? widened_to_f32(out) : Tensor::empty(out.shape(), DType::F32);
+    Tensor sum = added_to.defined() ? as_f32(out) : Tensor::empty(out.shape(), DType::F32);
     batched_matmul(a, b, trans_a, trans_b, sum_batches, added_to.defined() ? sum : Tensor(), sum);
     round_to_bf16(sum, out);
     return;
   }
   if (a.dtype() == DType::BF16) {
-    batched_matmul(widened_to_f32(a), widened_to_f32(b), trans_a, trans_b, sum_batches, added_to, out);
+    batched_matmul(as_f32(a), as_f32(b), trans_a, trans_b, sum_batches, added_to, out);
     return;
   }
   const MatmulShape s = matmul_shape(a, b, trans_a, trans_b);
