@@ -114,6 +114,7 @@ Tensor matmul_to_bf16(const Tensor& a, const Tensor& b, bool trans_a = false, bo
                       const Tensor& a_rounded = Tensor());
 // The bf16 copy of x that matmul multiplies under Precision::BF16 (undefined where it makes none: f32 precision, or x
 // not f32), for matmul's a_rounded: attention's q, k and v multiply one input, which is then rounded once, not thrice.
+// A parameter's is the copy the precision guard holds, when it holds the parameters' (engine/bf16_weights.h).
 Tensor product_operand(const Tensor& x);
 
 // ---- indexing (index.cpp) ------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@
 //   gate_pre, up_pre [S, h]   pre-activations W_gate x, W_up x in sorted order (silu' needs gate_pre, d(gate) needs up)
 //   act              [S, h]   silu(gate_pre) * up_pre, the input of W_down (dW_down = d(out)^T act)
 //   out_sorted       [S, d]   each slot's expert output before gating (d(gates) = <dy, out>)
+//   the weights as the products multiply them: under mixed precision bf16 copies, which are the parameters' own
+//   (engine/bf16_weights.h) when the precision guard holds them, else made here once for forward and backward
 // Backward's own scratch, freed when it returns: d_out_sorted, d_x_sorted [S, d] (bf16 under mixed precision, as
 // x_sorted); d_act [S, h] (and the kernel's d_gate_pre, d_up_pre).
 #include "moe/dispatch.h"
@@ -75,7 +77,9 @@ void check_expert_ids(const Tensor& expert_ids, const std::vector<int32_t>& coun
 // What forward keeps for backward (see the top of this file).
 struct Saved {
   DispatchPlan plan;
-  Tensor gates, w_gate, w_up, w_down;     // detached inputs (the caller holds them anyway)
+  Tensor gates;                           // detached (the caller holds it anyway)
+  Tensor w_gate, w_up, w_down;            // the products' weights: the inputs detached, or under BF16 bf16 copies
+  DType dtype;                            // x's and the inputs' (check_inputs), f32 or f64: the gradients'
   Tensor x_sorted, out_sorted;            // [S, d]
   Tensor gate_pre, up_pre, act;           // [S, h]
   Precision precision;                    // of the products (engine/precision.h), read once in forward
@@ -85,7 +89,7 @@ struct Saved {
 std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   const DispatchPlan& plan = saved.plan;
   const int64_t h = saved.w_gate.size(1), d = saved.w_gate.size(2), slots = plan.tokens * plan.top_k;
-  const DType dtype = saved.w_gate.dtype();  // every input's (check_inputs)
+  const DType dtype = saved.dtype;
   const Device device = saved.w_gate.device();
   auto empty = [&](const Shape& shape) { return Tensor::empty(shape, dtype, device); };
 
@@ -155,6 +159,7 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
   auto empty = [&](const Shape& shape) { return Tensor::empty(shape, dtype, device); };
 
   Saved saved;
+  saved.dtype = dtype;
   saved.precision = dtype == DType::F32 ? product_precision() : Precision::FP32;  // f64 is never rounded
   saved.plan = plan_dispatch(expert_ids, dims.experts);                           // (a)-(c)
   const DispatchPlan& plan = saved.plan;
@@ -169,14 +174,19 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
   // Kept rather than gathered again in backward: a bf16 copy held costs less than reading x and writing it again.
   saved.x_sorted = Tensor::empty({slots, d}, kept, device);
   Tensor y = empty({dims.tokens, d});                                                      // [N, d]
-  KERNEL(moe_permute_rows, device)(x, plan.position_of_slot, saved.x_sorted);              // (d)
+  // The weights as the products multiply them, for the forward and the backward: under BF16 their bf16 copies, the
+  // parameters' own where the precision guard holds them (rounded by the optimizer's update, not here).
+  auto weight_operand = [&](const Tensor& w) {
+    return saved.precision == Precision::BF16 ? product_operand(w) : w.detach();
+  };
+  saved.w_gate = weight_operand(w_gate), saved.w_up = weight_operand(w_up), saved.w_down = weight_operand(w_down);
+  KERNEL(moe_permute_rows, device)(x, plan.position_of_slot, saved.x_sorted);  // (d)
   KERNEL(moe_grouped_swiglu_forward, device)
-  (saved.x_sorted, plan.host_offsets, w_gate, w_up, w_down, saved.gate_pre, saved.up_pre, saved.act, saved.out_sorted,
-   saved.precision);                                                                                    // (e)
+  (saved.x_sorted, plan.host_offsets, saved.w_gate, saved.w_up, saved.w_down, saved.gate_pre, saved.up_pre, saved.act,
+   saved.out_sorted, saved.precision);                                                                  // (e)
   KERNEL(moe_weighted_unpermute, device)(saved.out_sorted, gates, plan.position_of_slot, residual, y);  // (f)
 
   saved.gates = gates.detach();
-  saved.w_gate = w_gate.detach(), saved.w_up = w_up.detach(), saved.w_down = w_down.detach();
   return record("moe_experts", y, {x, expert_ids, gates, w_gate, w_up, w_down, residual},
                 [saved = std::move(saved)](const Tensor& dy) { return moe_experts_backward(saved, dy); });
 }

@@ -34,7 +34,13 @@ AdamWTensors AdamW::tensors_of(size_t index, const Tensor& grad, double lr) cons
     throw std::invalid_argument(fmt::format("AdamW: the gradient {} of {} {} must be f32 on its device", grad.str(),
                                             params_[index].name, p.str()));
   const float decay = decay_[index] ? static_cast<float>(1.0 - lr * config_.weight_decay) : 1.0f;
-  return {p, grad, m_[index], v_[index], decay};
+  return {p, grad, m_[index], v_[index], decay, bf16_weights_ ? bf16_weights_->copy_of(p) : Tensor()};
+}
+
+void AdamW::keep_bf16_weights() {
+  std::vector<Tensor> params;
+  for (const nn::NamedTensor& p : params_) params.push_back(p.tensor);
+  bf16_weights_ = std::make_unique<Bf16Weights>(std::move(params));
 }
 
 void AdamW::update(const std::vector<std::pair<size_t, Tensor>>& grads, double lr, float grad_scale) {
@@ -62,7 +68,7 @@ void AdamW::update_direction(size_t index, const Tensor& grad, double lr,
   if (moved.shape() != p.shape() || moved.dtype() != DType::F32 || moved.device() != p.device())
     throw std::invalid_argument("AdamW::update_direction: transform returned " + moved.str() + " for " +
                                 params_[index].name + " " + p.str());
-  KERNEL(adamw_apply_direction, p.device())(p, moved, tensors.decay, static_cast<float>(lr));
+  KERNEL(adamw_apply_direction, p.device())(p, moved, tensors.decay, static_cast<float>(lr), tensors.bf16_copy);
 }
 
 void AdamW::step(double lr, float grad_scale) {

@@ -5,10 +5,12 @@
 //   m <- b1 m + (1 - b1) g;   v <- b2 v + (1 - b2) g^2
 //   p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "engine/bf16_weights.h"
 #include "nn/module.h"
 
 namespace moelab {
@@ -54,6 +56,14 @@ class AdamW {
   // Advances the step counter (bias corrections use it); step() calls it first.
   void begin_step() { ++step_; }
 
+  // Mixed precision's bf16 copies of the parameters (engine/bf16_weights.h), from now on: rounded now, then rewritten
+  // by every update in the pass that writes the parameter, so that the products of a step read them and round no
+  // weight. Call it once the parameters hold their values, and again after writing them otherwise (a checkpoint's
+  // load).
+  void keep_bf16_weights();
+  // The copies, for the precision guard of the steps' forwards and backwards (PrecisionGuard), or null.
+  const Bf16Weights* bf16_weights() const { return bf16_weights_.get(); }
+
  private:
   // Parameter `index` with its moments, gradient and decay, checked (the kernels' view of one parameter).
   AdamWTensors tensors_of(size_t index, const Tensor& grad, double lr) const;
@@ -63,6 +73,7 @@ class AdamW {
   std::vector<bool> decay_;
   AdamWConfig config_;
   int64_t step_ = 0;
+  std::unique_ptr<Bf16Weights> bf16_weights_;
 };
 
 // Gradient clipping to a global L2 norm of max_norm: the norm of all gradients, and the factor that clips it. The

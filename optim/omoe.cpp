@@ -10,6 +10,7 @@
 #include "engine/kernels/moe.h"
 #include "engine/kernels/optim.h"
 #include "engine/ops.h"
+#include "engine/precision.h"
 #include "moe/dispatch.h"
 
 namespace moelab::optim {
@@ -35,6 +36,7 @@ bool is_o_step(int64_t t, int64_t every, int64_t warmup) { return t > warmup && 
 
 Tensor owm_update(const Tensor& P, const Tensor& a, const std::vector<double>& alpha, const std::vector<bool>& active) {
   NoGradGuard no_grad;
+  const PrecisionGuard fp32(Precision::FP32);  // the optimizer's products are f32 under mixed precision too
   if (P.dim() != 3 || P.size(1) != P.size(2) || a.dim() != 2 || a.size(0) != P.size(0) || a.size(1) != P.size(1))
     throw std::invalid_argument(
         fmt::format("owm_update: needs P [B, n, n] and a [B, n], got P {} and a {}", P.str(), a.str()));
@@ -195,6 +197,7 @@ void OMoE::update_projectors(Tensor& P, const Tensor& a, const std::vector<bool>
 
 void OMoE::observe(size_t index, const Tensor& expert_ids, const Tensor& h) {
   NoGradGuard no_grad;
+  const PrecisionGuard fp32(Precision::FP32);  // the optimizer's products are f32 under mixed precision too
   Layer& L = layers_.at(index);
   const int64_t E = L.P_in.size(0), d = L.P_in.size(1);
   if (h.dim() != 2 || h.size(1) != d || expert_ids.dim() != 2 || expert_ids.size(0) != h.size(0) ||
@@ -254,6 +257,7 @@ Tensor OMoE::average_projectors(size_t layer, bool down) const {
 
 Tensor OMoE::project(size_t layer, const Tensor& G, bool down) const {
   NoGradGuard no_grad;
+  const PrecisionGuard fp32(Precision::FP32);         // the optimizer's products are f32 under mixed precision too
   return matmul(G, average_projectors(layer, down));  // [E, out, n] @ [E, n, n]
 }
 
@@ -266,6 +270,7 @@ void OMoE::reset_projectors() {
 
 OMoEReport OMoE::step(double lr, float grad_scale) {
   NoGradGuard no_grad;
+  const PrecisionGuard fp32(Precision::FP32);  // the optimizer's products are f32 under mixed precision too
   adamw_.begin_step();
   ++step_;
   OMoEReport report;

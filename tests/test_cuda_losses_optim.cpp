@@ -279,14 +279,19 @@ Tensor step_gradient(const Shape& shape, int64_t t, size_t i) {
 
 }  // namespace
 
+// With the parameters' bf16 copies (mixed precision's, engine/bf16_weights.h), which the update writes too.
 TEST_CASE("cuda: optim: AdamW on the GPU, one launch over every parameter, is the CPU's bits" * cuda_only()) {
   const std::vector<nn::NamedTensor> cpu_params = random_params(kParamShapes, 1, Device::CPU);
   const std::vector<nn::NamedTensor> gpu_params = random_params(kParamShapes, 1, Device::CUDA);
   optim::AdamW cpu(cpu_params, {0.9, 0.95, 1e-8, 0.1}), gpu(gpu_params, {0.9, 0.95, 1e-8, 0.1});
+  cpu.keep_bf16_weights();
+  gpu.keep_bf16_weights();
   auto check_all = [&](const std::string& when) {
     for (size_t i = 0; i < cpu_params.size(); ++i) {
       REQUIRE(gpu_params[i].tensor.is_cuda());
       check_same_bits(gpu_params[i].tensor, cpu_params[i].tensor, when + " " + cpu_params[i].name);
+      check_same_bits(gpu.bf16_weights()->copy_of(gpu_params[i].tensor),
+                      cpu.bf16_weights()->copy_of(cpu_params[i].tensor), when + " bf16 copy of " + cpu_params[i].name);
     }
     const std::vector<nn::NamedTensor> sc = cpu.state(), sg = gpu.state();
     for (size_t i = 0; i < sc.size(); ++i) check_same_bits(sg[i].tensor, sc[i].tensor, when + " " + sc[i].name);

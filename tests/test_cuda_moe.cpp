@@ -321,14 +321,16 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
           std::vector<Tensor> fwd_gpu;
           for (const Tensor& t : fwd) fwd_gpu.push_back(empty_like_on(t, Device::CUDA));
           // Under BF16 the GPU gets x_sorted and d_out in every other case as the op gives them, rounded (bf16) by
-          // the permute and the un-permute's backward, else in f32, as the CPU always does.
+          // the permute and the un-permute's backward, and the weights as the parameters' bf16 copies, else in f32,
+          // as the CPU always does.
           const bool rounded_rows = precision == Precision::BF16 && seed % 2 == 0;
-          const Tensor x_sorted_gpu = to_gpu(rounded_rows ? to_dtype(x_sorted, DType::BF16) : x_sorted);
-          const Tensor d_out_gpu = to_gpu(rounded_rows ? to_dtype(d_out, DType::BF16) : d_out);
+          auto as_given = [&](const Tensor& t) { return to_gpu(rounded_rows ? to_dtype(t, DType::BF16) : t); };
+          const Tensor x_sorted_gpu = as_given(x_sorted), d_out_gpu = as_given(d_out);
+          const Tensor w_gate_gpu = as_given(w_gate), w_up_gpu = as_given(w_up), w_down_gpu = as_given(w_down);
           cpu::moe_grouped_swiglu_forward(x_sorted, plan.host_offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2],
                                           fwd[3], precision);
-          cuda::moe_grouped_swiglu_forward(x_sorted_gpu, plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
-                                           to_gpu(w_down), fwd_gpu[0], fwd_gpu[1], fwd_gpu[2], fwd_gpu[3], precision);
+          cuda::moe_grouped_swiglu_forward(x_sorted_gpu, plan.host_offsets, w_gate_gpu, w_up_gpu, w_down_gpu,
+                                           fwd_gpu[0], fwd_gpu[1], fwd_gpu[2], fwd_gpu[3], precision);
           const char* fwd_names[] = {"gate_pre", "up_pre", "act", "out_sorted"};
           for (size_t i = 0; i < fwd.size(); ++i)
             check_scaled(fwd_gpu[i], fwd[i], i < 3 && kept != DType::BF16 ? float_bound(dtype) : bound,
@@ -344,9 +346,9 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
           const Tensor d_act = Tensor::empty({S, h}, kept), d_act_gpu = empty_like_on(d_act, Device::CUDA);
           cpu::moe_grouped_swiglu_backward(x_sorted, plan.host_offsets, w_gate, w_up, w_down, fwd[0], fwd[1], fwd[2],
                                            d_out, d_act, bwd[0], bwd[1], bwd[2], bwd[3], precision);
-          cuda::moe_grouped_swiglu_backward(x_sorted_gpu, plan.host_offsets, to_gpu(w_gate), to_gpu(w_up),
-                                            to_gpu(w_down), to_gpu(fwd[0]), to_gpu(fwd[1]), to_gpu(fwd[2]), d_out_gpu,
-                                            d_act_gpu, bwd_gpu[0], bwd_gpu[1], bwd_gpu[2], bwd_gpu[3], precision);
+          cuda::moe_grouped_swiglu_backward(x_sorted_gpu, plan.host_offsets, w_gate_gpu, w_up_gpu, w_down_gpu,
+                                            to_gpu(fwd[0]), to_gpu(fwd[1]), to_gpu(fwd[2]), d_out_gpu, d_act_gpu,
+                                            bwd_gpu[0], bwd_gpu[1], bwd_gpu[2], bwd_gpu[3], precision);
           const char* bwd_names[] = {"d_x_sorted", "dw_gate", "dw_up", "dw_down"};
           for (size_t i = 0; i < bwd.size(); ++i) check_scaled(bwd_gpu[i], bwd[i], bound, what + " " + bwd_names[i]);
 

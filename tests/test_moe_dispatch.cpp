@@ -294,6 +294,40 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   for (const auto& [got, want] :
        {std::pair{act_b, act}, {out_b, out}, {dx_b, dx}, {dwg_b, dwg}, {dwu_b, dwu}, {dwd_b, dwd}})
     CHECK(bitwise_equal(got, want));
+  // The weights as moe_experts passes them under mixed precision, bf16 copies (engine/bf16_weights.h): the same bits as
+  // f32 weights rounded inside, on weights that are not bf16 values.
+  {
+    const Tensor rwg = random({E, h, d}, 6, DType::F32, 0.4), rwu = random({E, h, d}, 7, DType::F32, 0.4);
+    const Tensor rwd = random({E, d, h}, 8, DType::F32, 0.4);
+    auto run = [&](const Tensor& w_gate, const Tensor& w_up, const Tensor& w_down) {
+      std::vector<Tensor> t = {Tensor::empty({S, h}, DType::BF16),    Tensor::empty({S, h}, DType::BF16),
+                               Tensor::empty({S, h}, DType::BF16),    Tensor::empty({S, d}, DType::BF16),
+                               Tensor::empty({S, h}, DType::BF16),    Tensor::empty({S, d}, DType::BF16),
+                               Tensor::empty(wg.shape(), DType::F32), Tensor::empty(wu.shape(), DType::F32),
+                               Tensor::empty(wd.shape(), DType::F32)};
+      cpu::moe_grouped_swiglu_forward(x, offsets, w_gate, w_up, w_down, t[0], t[1], t[2], t[3], Precision::BF16);
+      cpu::moe_grouped_swiglu_backward(x, offsets, w_gate, w_up, w_down, t[0], t[1], t[2], d_out, t[4], t[5], t[6],
+                                       t[7], t[8], Precision::BF16);
+      return t;
+    };
+    const std::vector<Tensor> f32_weights = run(rwg, rwu, rwd);
+    const std::vector<Tensor> copies =
+        run(to_dtype(rwg, DType::BF16), to_dtype(rwu, DType::BF16), to_dtype(rwd, DType::BF16));
+    for (size_t i = 0; i < copies.size(); ++i) CHECK_MESSAGE(bitwise_equal(copies[i], f32_weights[i]), "tensor " << i);
+    check_error(
+        [&] {
+          cpu::moe_grouped_swiglu_forward(x, offsets, to_dtype(rwg, DType::BF16), rwu, rwd, gate_b, up_b, act_b, out_b,
+                                          Precision::BF16);
+        },
+        {"w_up must be bf16 under bf16 precision, got f32"});
+    check_error(
+        [&] {
+          cpu::moe_grouped_swiglu_forward(x, offsets, to_dtype(rwg, DType::BF16), to_dtype(rwu, DType::BF16),
+                                          to_dtype(rwd, DType::BF16), f32_rows, f32_rows, f32_rows, f32_rows,
+                                          Precision::FP32);
+        },
+        {"the weights must be f32 or f64 under fp32 precision, got bf16"});
+  }
   // The kept activations must be bf16 under BF16, and of the tensors' dtype under FP32.
   check_error(
       [&] {

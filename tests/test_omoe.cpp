@@ -17,6 +17,7 @@
 #include "apps/train/train_config.h"
 #include "apps/train/trainer.h"
 #include "engine/ops.h"
+#include "engine/precision.h"
 #include "moe/analysis/expert_metrics.h"
 #include "optim/omoe.h"
 #include "tests/python_runner.h"
@@ -347,6 +348,46 @@ TEST_CASE("omoe: mode = direction with an identity Pbar equals AdamW") {
   CHECK(err < 1e-5);
 }
 
+// The trainer runs the optimizer inside its step's BF16 scope: OMoE's products (the projectors' updates, the hidden
+// activations of project_down, the projections) stay f32 there, and its updates write the weights' bf16 copies.
+TEST_CASE("omoe: under mixed precision the projectors and projections are f32, and the weights' copies follow") {
+  const int64_t d = 12, hidden = 6, E = 3, N = 10;
+  for (optim::OMoEMode mode : {optim::OMoEMode::Grad, optim::OMoEMode::Direction}) {
+    CAPTURE(enum_name(mode));
+    Generator gen_a(4), gen_b(4);
+    moe::MoELayer la(testing::moe_layer_config(d, E, hidden, 2), 0, gen_a),
+        lb(testing::moe_layer_config(d, E, hidden, 2), 0, gen_b);
+    optim::AdamW adam_a(la.named_parameters(), {}), adam_b(lb.named_parameters(), {});
+    adam_b.keep_bf16_weights();
+    optim::OMoEConfig config;
+    config.every = 2, config.mode = mode, config.project_down = true;
+    optim::OMoE fp32(adam_a, {&la}, config), mixed(adam_b, {&lb}, config);
+    for (int64_t t = 1; t <= 4; ++t) {
+      std::vector<nn::NamedTensor> pa = la.named_parameters(), pb = lb.named_parameters();
+      for (size_t i = 0; i < pa.size(); ++i) {
+        const Tensor g = testing::random(pa[i].tensor.shape(), 700 * t + i, DType::F32);
+        pa[i].tensor.set_grad(g), pb[i].tensor.set_grad(clone(g));
+      }
+      std::vector<int32_t> ids;
+      for (int64_t n = 0; n < N; ++n) ids.push_back(int32_t((n + t) % 3)), ids.push_back(int32_t((n + t + 1) % 3));
+      const Tensor expert_ids = from_vector(ids, {N, 2}), h = testing::random({N, d}, 800 + t, DType::F32);
+      fp32.observe(0, expert_ids, h);
+      fp32.step(0.01);
+      {
+        PrecisionGuard bf16(Precision::BF16, adam_b.bf16_weights());
+        mixed.observe(0, expert_ids, h);
+        mixed.step(0.01);
+      }
+      for (size_t i = 0; i < pa.size(); ++i) {
+        CHECK_MESSAGE(bitwise_equal(pb[i].tensor, pa[i].tensor), "step " << t << ": " << pa[i].name);
+        CHECK_MESSAGE(bitwise_equal(adam_b.bf16_weights()->copy_of(pb[i].tensor), to_dtype(pb[i].tensor, DType::BF16)),
+                      "step " << t << ": the copy of " << pb[i].name);
+      }
+      adam_a.zero_grad(), adam_b.zero_grad();
+    }
+  }
+}
+
 // ---- AdamW against PyTorch -------------------------------------------------------------------------------------------
 
 TEST_CASE("omoe: AdamW matches torch.optim.AdamW over 10 steps") {
@@ -402,6 +443,45 @@ TEST_CASE("omoe: AdamW matches torch.optim.AdamW over 10 steps") {
                       "total move {:.2e}", result["torch_version"].get<std::string>(), steps, worst_abs, worst_rel_move));
   CHECK(worst_abs < 1e-6);
   CHECK(worst_rel_move < 1e-4);
+}
+
+TEST_CASE("omoe: AdamW's bf16 copies are its parameters rounded after every update, and change none of its bits") {
+  auto make_params = [] {
+    return std::vector<nn::NamedTensor>{{"w", testing::random({6, 5}, 1, DType::F32)},
+                                        {"bias", testing::random({7}, 3, DType::F32)}};
+  };
+  std::vector<nn::NamedTensor> plain_params = make_params(), kept_params = make_params();
+  optim::AdamW plain(plain_params, {0.9, 0.95, 1e-8, 0.1}), kept(kept_params, {0.9, 0.95, 1e-8, 0.1});
+  CHECK(kept.bf16_weights() == nullptr);
+  kept.keep_bf16_weights();
+  REQUIRE(kept.bf16_weights() != nullptr);
+  auto check_step = [&](const std::string& when) {
+    for (size_t i = 0; i < kept_params.size(); ++i) {
+      const Tensor& p = kept_params[i].tensor;
+      CHECK_MESSAGE(bitwise_equal(p, plain_params[i].tensor), when << ": " << kept_params[i].name);
+      CHECK_MESSAGE(bitwise_equal(kept.bf16_weights()->copy_of(p), to_dtype(p, DType::BF16)),
+                    when << ": the copy of " << kept_params[i].name);
+    }
+  };
+  const Tensor first_copy = clone(kept.bf16_weights()->copy_of(kept_params[0].tensor));
+  for (int64_t t = 1; t <= 3; ++t) {  // step(): every parameter, one kernel
+    for (size_t i = 0; i < kept_params.size(); ++i) {
+      const Tensor g = testing::random(kept_params[i].tensor.shape(), 10 * t + i, DType::F32);
+      plain_params[i].tensor.set_grad(g), kept_params[i].tensor.set_grad(g);
+    }
+    plain.step(1e-2, 0.5f), kept.step(1e-2, 0.5f);
+    plain.zero_grad(), kept.zero_grad();
+    check_step(fmt::format("step {}", t));
+  }
+  CHECK_FALSE(bitwise_equal(kept.bf16_weights()->copy_of(kept_params[0].tensor), first_copy));
+  // update_direction (OMoE's mode = direction): the direction, a transform of it, the step.
+  plain.begin_step(), kept.begin_step();
+  auto half = [](const Tensor& d) { return mul(d, 0.5); };
+  for (size_t i = 0; i < kept_params.size(); ++i) {
+    const Tensor g = testing::random(kept_params[i].tensor.shape(), 90 + i, DType::F32);
+    plain.update_direction(i, g, 1e-2, half), kept.update_direction(i, g, 1e-2, half);
+  }
+  check_step("direction step");
 }
 
 TEST_CASE("omoe: gradient clipping: grad_clip's norm and factor, which AdamW applies as it reads each gradient") {

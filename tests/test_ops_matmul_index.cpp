@@ -8,12 +8,14 @@
 #include <string>
 #include <vector>
 
+#include "engine/bf16_weights.h"
 #include "engine/precision.h"
 #include "engine/profile.h"
 #include "tests/testing.h"
 
 using namespace moelab;
 using testing::as_doubles;
+using testing::bitwise_equal;
 using testing::check_close;
 using testing::check_equal;
 using testing::check_error;
@@ -358,6 +360,78 @@ TEST_CASE("ops: matmul multiplies product_operand's copy as its own, and the cop
     shared.backward();
     check_equal(x_shared.grad(), x_own.grad(), "dx");
     check_equal(w_shared.grad(), w_own.grad(), "dw");
+  }
+}
+
+// Bf16Weights (engine/bf16_weights.h): the products of a BF16 scope that holds them multiply a parameter's copy (and a
+// view's range of it) instead of rounding the weight, with the same bits; the copy stays as it was made until
+// refresh().
+TEST_CASE("ops: under a guard with the parameters' bf16 copies, products multiply them and round no weight") {
+  const Tensor w = testing::leaf(random({9, 5}, 241, DType::F32), DType::F32);
+  const Tensor x0 = random({6, 5}, 240, DType::F32);
+  Bf16Weights copies({w});
+  const Tensor copy = copies.copy_of(w);
+  REQUIRE(copy.defined());
+  CHECK(bitwise_equal(copy, to_dtype(w, DType::BF16)));
+  // A view's range of the copy: a slice of rows, a reshape. Other tensors have none.
+  const Tensor rows = slice_rows(w, 3, 6), rows_copy = copies.copy_of(rows);
+  REQUIRE(rows_copy.defined());
+  CHECK(bitwise_equal(rows_copy, to_dtype(rows, DType::BF16)));
+  CHECK(rows_copy.raw_data() == static_cast<const char*>(copy.raw_data()) + 3 * 5 * 2);  // no new copy
+  CHECK(bitwise_equal(copies.copy_of(reshape(w, {45})), to_dtype(reshape(w, {45}), DType::BF16)));
+  CHECK_FALSE(copies.copy_of(x0).defined());
+  CHECK_FALSE(copies.copy_of(clone(w)).defined());
+  check_error([] { Bf16Weights({random({2}, 1, DType::F64)}); }, {"Bf16Weights", "f32", "f64[2]"});
+
+  // Three products of x with the row blocks of w, and their gradients: the same bits with and without the copies.
+  auto round_calls = [](const std::vector<KernelTime>& kernels) {
+    int64_t calls = 0;
+    for (const KernelTime& k : kernels) calls += k.name == "round_to_bf16" ? k.calls : 0;
+    return calls;
+  };
+  auto three_products = [&](const Bf16Weights* weights, int64_t& rounds) {
+    PrecisionGuard mode(Precision::BF16, weights);
+    w.zero_grad();
+    const Tensor x = testing::leaf(x0, DType::F32);
+    KernelProfile profile;
+    Tensor total;
+    for (int64_t part = 0; part < 3; ++part) {
+      Tensor loss = weighted_sum(matmul(x, slice_rows(w, 3 * part, 3 * part + 3), false, true), 250 + part);
+      total = total.defined() ? add(total, loss) : loss;
+    }
+    total.backward();
+    rounds = round_calls(profile.totals());
+    return std::vector<Tensor>{total.detach(), x.grad(), w.grad()};
+  };
+  int64_t own_rounds = 0, copied_rounds = 0;
+  const std::vector<Tensor> own = three_products(nullptr, own_rounds), copied = three_products(&copies, copied_rounds);
+  // Each product rounds x and its block of w, and its backward the output gradient (once for both gradient products):
+  // with the copies, the blocks of w are not rounded.
+  CHECK(own_rounds == 9);
+  CHECK(copied_rounds == 6);
+  for (size_t i = 0; i < own.size(); ++i) CHECK_MESSAGE(bitwise_equal(copied[i], own[i]), "result " << i);
+
+  // A nested guard without copies keeps the enclosing one's (the router's FP32 scope); each guard restores its own.
+  {
+    PrecisionGuard outer(Precision::BF16, &copies);
+    {
+      PrecisionGuard inner(Precision::FP32);
+      CHECK(product_bf16_weights() == &copies);
+    }
+    CHECK(product_bf16_weights() == &copies);
+    CHECK(product_precision() == Precision::BF16);
+  }
+  CHECK(product_bf16_weights() == nullptr);
+
+  // A write the copies did not see: products multiply the old copy until refresh() rounds the new values.
+  Tensor target = w.detach();
+  copy_(target, random({9, 5}, 242, DType::F32));
+  {
+    PrecisionGuard mode(Precision::BF16, &copies);
+    CHECK(bitwise_equal(product_operand(w), copy));
+    copies.refresh();
+    CHECK(bitwise_equal(product_operand(w), to_dtype(w, DType::BF16)));
+    CHECK_FALSE(bitwise_equal(product_operand(w), copy));
   }
 }
 

@@ -36,7 +36,7 @@ void check_profile_counts(Device device) {
     const Tensor c = matmul(a, b), d = matmul(a, b), total = sum(c);
     const Tensor p = on(random({10}, 3, DType::F32), device), g = on(random({10}, 4, DType::F32), device);
     const Tensor m = zeros_like(p), v = zeros_like(p);
-    KERNEL(adamw_update, device)({{p, g, m, v}}, AdamWScalars{0.9f, 0.999f, 1e-8f, 1.0f}, 1e-3f);
+    KERNEL(adamw_update, device)({{p, g, m, v, 1.0f, Tensor()}}, AdamWScalars{0.9f, 0.999f, 1e-8f, 1.0f}, 1e-3f);
     totals = profile.totals();
   }
   const Tensor after = matmul(a, b);  // after: not counted either

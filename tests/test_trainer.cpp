@@ -30,15 +30,19 @@ std::vector<std::vector<float>> parameters_of(Trainer& t) {
 
 TEST_CASE("train: resume is bit-exact (20 steps == 10, stop, resume, 10)") {
   fs::path dir = scratch("resume");
-  // Plain, and with 2 micro-batches per step, ED over the step and OMoE (whose projectors are training state too).
-  for (bool accumulate : {false, true}) {
+  // Plain; with 2 micro-batches per step, ED over the step and OMoE (whose projectors are training state too); and that
+  // under bf16 mixed precision, whose weights' bf16 copies a resume makes again from the loaded weights.
+  for (int variant : {0, 1, 2}) {
+    const bool accumulate = variant > 0, bf16 = variant == 2;
     CAPTURE(accumulate);
+    CAPTURE(bf16);
     auto config = [&](const fs::path& out) {
       TrainConfig c = small_train_config(out, 20);
       if (accumulate) {
         c.batch_size = 4, c.grad_accum = 2, c.losses.beta = 0.05, c.losses.ed_scope = moe::EDScope::Step;
         c.optimizer = OptimizerKind::OMoE, c.omoe.every = 3, c.omoe.reset = false;
       }
+      if (bf16) c.precision = Precision::BF16;
       return c;
     };
     std::ostringstream quiet;

@@ -48,9 +48,10 @@ StepBytes step_bytes(const nn::ModelConfig& config, int64_t batch, Precision pre
   losses.alpha = 0.01, losses.z_coef = 0.001;  // train-step's defaults
   moe::MoEModel model(config, losses, /*seed=*/0);
   optim::AdamW optimizer(model.lm().named_parameters(), optim::AdamWConfig{});
+  if (precision == Precision::BF16) optimizer.keep_bf16_weights();  // as the trainer
   const Batch b = make_batch(batch, config.seq_len, config.vocab_size, /*domains=*/4, /*seed=*/0);
   auto step = [&] {
-    PrecisionGuard guard(precision);
+    PrecisionGuard guard(precision, optimizer.bf16_weights());
     moe::Loss loss = model.loss(b.inputs, b.targets, b.domains, 4);
     loss.value.backward();
     optimizer.step(1e-3, optim::grad_clip(optimizer.params(), 1.0).scale);

@@ -144,6 +144,7 @@ double process_cpu_ms() {
 StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchOptions& opts,
                          std::vector<std::vector<double>>& phase_ms, KernelBreakdown& kernels) {
   optim::AdamW optimizer(model.lm().named_parameters(), optim::AdamWConfig{});
+  if (opts.precision == Precision::BF16) optimizer.keep_bf16_weights();  // as the trainer
   auto sync = [&] {
     if (opts.device == Device::CUDA) cuda::synchronize();
   };
@@ -153,7 +154,8 @@ StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchO
   };
   // phases: when non-null, each phase's ms (with a synchronization after it)
   auto step = [&](double* phases) {
-    PrecisionGuard precision(opts.precision);  // as Trainer::train_step: the products of the forward and backward
+    // as Trainer::train_step: the products of the forward and backward, with the weights' bf16 copies under BF16
+    PrecisionGuard precision(opts.precision, optimizer.bf16_weights());
     Clock::time_point start = Clock::now();
     auto lap = [&](int phase) {
       if (!phases) return;

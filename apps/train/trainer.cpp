@@ -109,6 +109,8 @@ Trainer::Trainer(TrainConfig config, std::ostream& out) : config_(std::move(conf
     restore(resume.dir);
     metrics_bytes_ = truncate_metrics_log(metrics_path(), step_, out_);
   }
+  // The weights' bf16 copies, made once the weights are loaded; from here only the optimizer writes the weights.
+  if (config_.precision == Precision::BF16) optimizer_->keep_bf16_weights();
   metrics_.open(metrics_path(), resume.dir.empty() ? std::ios::trunc : std::ios::app);
   if (!metrics_) throw std::runtime_error("cannot write the metrics log " + metrics_path().string());
   on_terminal_ = &out_ == &std::cout && isatty(STDOUT_FILENO);
@@ -164,7 +166,8 @@ static moe::EDGroups ed_groups(moe::EDGroupBy by, const BatchTensors& batch, int
 
 moe::LossTerms Trainer::train_step() {
   ++step_;
-  PrecisionGuard precision(config_.precision);  // the products of this step's forwards and backwards
+  // The products of this step's forwards and backwards, and the weights' copies they multiply under BF16.
+  PrecisionGuard precision(config_.precision, optimizer_->bf16_weights());
   const int64_t micro_batches = config_.grad_accum;
   std::vector<BatchTensors> micro;
   for (int64_t m = 0; m < micro_batches; ++m) micro.push_back(to_tensors(train_loader_->next(), config_.device));
@@ -226,7 +229,7 @@ moe::LossTerms Trainer::train_step() {
 
 Validation Trainer::validate() {
   NoGradGuard no_grad;
-  PrecisionGuard precision(config_.precision);
+  PrecisionGuard precision(config_.precision, optimizer_->bf16_weights());
   data::LoaderOptions options;
   options.batch_size = static_cast<int>(std::min<int64_t>(config_.batch_size, data_.validation->size()));
   options.seed = 0;  // a fixed, shuffled sample: every domain is represented, and every evaluation sees the same one

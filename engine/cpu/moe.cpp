@@ -218,7 +218,7 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
                wu_op = bf16_operand(w_up, bf16), wd_op = bf16_operand(w_down, bf16);
   const Tensor gate_f = f32_scratch(gate_pre), up_f = f32_scratch(up_pre), act_f = f32_scratch(act),
                out_f = f32_scratch(out_sorted);
-  dispatch_float("moe_grouped_swiglu_forward", w_gate.dtype(), [&](auto tag) {
+  dispatch_float("moe_grouped_swiglu_forward", grouped_swiglu_dtype(bf16, w_gate), [&](auto tag) {
     using T = decltype(tag);
     const T *x = x_op.data<T>(), *wg = wg_op.data<T>(), *wu = wu_op.data<T>(), *wd = wd_op.data<T>();
     T *gate = gate_f.data<T>(), *upp = up_f.data<T>(), *acts = act_f.data<T>(), *out = out_f.data<T>();
@@ -263,7 +263,7 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
   const Tensor d_act_f32 = f32_scratch(d_act), d_x_f32 = f32_scratch(d_x_sorted);
   const Tensor d_gate_pre = Tensor::empty(d_act.shape(), d_act_f32.dtype());  // [S, h]
   const Tensor d_up_pre = Tensor::empty(d_act.shape(), d_act_f32.dtype());    // [S, h]
-  dispatch_float("moe_grouped_swiglu_backward", w_gate.dtype(), [&](auto tag) {
+  dispatch_float("moe_grouped_swiglu_backward", dw_gate.dtype(), [&](auto tag) {
     using T = decltype(tag);
     const T *x = x_op.data<T>(), *wg = wg_op.data<T>(), *wu = wu_op.data<T>(), *wd = wd_op.data<T>();
     const T *gate = gate_f.data<T>(), *upp = up_f.data<T>(), *acts = act_f.data<T>();

@@ -19,12 +19,14 @@ void adamw_update(const std::vector<AdamWTensors>& params, const AdamWScalars& s
     float* m = p.m.data<float>();
     float* v = p.v.data<float>();
     const float* g = p.grad.data<float>();
+    bf16* copy = p.bf16_copy.defined() ? p.bf16_copy.data<bf16>() : nullptr;
     const float decay = p.decay;
     parallel_for(p.param.numel(), 8, [&](int64_t i) {
       const float gi = g[i] * grad_scale;
       m[i] = fb1 * m[i] + (1 - fb1) * gi;
       v[i] = fb2 * v[i] + (1 - fb2) * gi * gi;
       w[i] = w[i] * decay - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
+      if (copy) copy[i] = to_bf16(w[i]);
     });
   }
 }
@@ -44,10 +46,15 @@ void adamw_direction(const AdamWTensors& tensors, const AdamWScalars& scalars, f
   });
 }
 
-void adamw_apply_direction(const Tensor& param, const Tensor& direction, float decay, float lr) {
+void adamw_apply_direction(const Tensor& param, const Tensor& direction, float decay, float lr,
+                           const Tensor& bf16_copy) {
   float* w = param.data<float>();
   const float* d = direction.data<float>();
-  parallel_for(param.numel(), 4, [&](int64_t i) { w[i] = w[i] * decay - lr * d[i]; });
+  bf16* copy = bf16_copy.defined() ? bf16_copy.data<bf16>() : nullptr;
+  parallel_for(param.numel(), 4, [&](int64_t i) {
+    w[i] = w[i] * decay - lr * d[i];
+    if (copy) copy[i] = to_bf16(w[i]);
+  });
 }
 
 // ---- gradient clipping ------------------------------------------------------------------------------------------------

@@ -353,26 +353,31 @@ inline char* column_of(const Tensor& t, int64_t col) {
   return static_cast<char*>(t.raw_data()) + col * static_cast<int64_t>(dtype_size(t.dtype()));
 }
 
-// stacked [E, 2h, d]: expert e's W_gate rows, then its W_up rows, the elements (type F) stored as Out.
-template <class F, class Out>
-__global__ void stack_gate_up_kernel(const F* w_gate, const F* w_up, int64_t n, int64_t h, int64_t d, Out* stacked) {
+// stacked [E, 2h, d]: expert e's W_gate rows, then its W_up rows, the elements (stored as In) stored as Out.
+template <class In, class Out>
+__global__ void stack_gate_up_kernel(const In* w_gate, const In* w_up, int64_t n, int64_t h, int64_t d, Out* stacked) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t e = i / (2 * h * d), row = (i / d) % (2 * h), col = i % d;
-    const F* w = row < h ? w_gate + (e * h + row) * d : w_up + (e * h + row - h) * d;
+    const In* w = row < h ? w_gate + (e * h + row) * d : w_up + (e * h + row - h) * d;
     stacked[i] = converted<Out>(w[col]);
   }
 }
 
-// The backward's operand [W_gate,e ; W_up,e] [E, 2h, d] of dtype `type`: the weights' own, or bf16 (rounded).
+// The backward's operand [W_gate,e ; W_up,e] [E, 2h, d] of dtype `type`: the weights' own, or bf16 (f32 weights
+// rounded, bf16 ones copied).
 inline Tensor stacked_gate_up(const Tensor& w_gate, const Tensor& w_up, DType type) {
   const int64_t h = w_gate.size(1), d = w_gate.size(2);
   Tensor stacked = Tensor::empty({w_gate.size(0), 2 * h, d}, type, Device::CUDA);
-  dispatch_float("moe_stack_gate_up", w_gate.dtype(), [&](auto tag) {
+  dispatch_float("moe_stack_gate_up", type == DType::BF16 ? DType::F32 : type, [&](auto tag) {
     using F = decltype(tag);
-    with_storage<F>("moe_stack_gate_up", type, [&](auto stored_as) {
-      using Out = decltype(stored_as);
-      launch("moe_stack_gate_up", stack_gate_up_kernel<F, Out>, dim3(flat_blocks(stacked.numel())), dim3(kFlatThreads),
-             0, w_gate.data<F>(), w_up.data<F>(), stacked.numel(), h, d, stored<Out>(stacked));
+    with_storage<F>("moe_stack_gate_up", w_gate.dtype(), [&](auto weights_as) {
+      using In = decltype(weights_as);
+      with_storage<F>("moe_stack_gate_up", type, [&](auto stored_as) {
+        using Out = decltype(stored_as);
+        launch("moe_stack_gate_up", stack_gate_up_kernel<In, Out>, dim3(flat_blocks(stacked.numel())),
+               dim3(kFlatThreads), 0, stored<const In>(w_gate), stored<const In>(w_up), stacked.numel(), h, d,
+               stored<Out>(stacked));
+      });
     });
   });
   return stacked;
@@ -621,8 +626,8 @@ void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_
   const bool bf16 =
       grouped_swiglu_forward_rounds(x_sorted, w_gate, w_up, w_down, gate_pre, up_pre, act, out_sorted, precision);
   if (runs_padded(offsets)) {
-    padded_swiglu_forward(PaddedExperts(offsets, w_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
-                          up_pre, act, out_sorted);
+    padded_swiglu_forward(PaddedExperts(offsets, grouped_swiglu_dtype(bf16, w_gate), bf16), x_sorted, w_gate, w_up,
+                          w_down, gate_pre, up_pre, act, out_sorted);
     return;
   }
   // The three products write the kept activations and output: under BF16 bf16 x bf16 -> bf16 in every mode.
@@ -656,7 +661,7 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
   const bool bf16 = grouped_swiglu_backward_rounds(x_sorted, w_gate, w_up, w_down, gate_pre, up_pre, act, d_out_sorted,
                                                    d_act, d_x_sorted, dw_gate, dw_up, dw_down, precision);
   if (runs_padded(offsets)) {
-    padded_swiglu_backward(PaddedExperts(offsets, w_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
+    padded_swiglu_backward(PaddedExperts(offsets, dw_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
                            up_pre, act, d_out_sorted, d_x_sorted, dw_gate, dw_up, dw_down);
     return;
   }

@@ -21,6 +21,9 @@ namespace moelab::cuda {
 
 constexpr int kThreads = 256;
 
+// A bf16 copy's elements, or null for an undefined tensor (none).
+inline __nv_bfloat16* bf16_data(const Tensor& t) { return t.defined() ? stored<__nv_bfloat16>(t) : nullptr; }
+
 // ---- the tensor lists of a multi-tensor launch ------------------------------------------------------------------------
 
 // The record that holds flat index i: the last one with start <= i (records in increasing start, none empty).
@@ -55,7 +58,13 @@ struct AdamWRecord {
   const float* grad;
   int64_t numel, start;  // start: the first element's index in the concatenation of all parameters
   float decay;
+  __nv_bfloat16* bf16_copy;  // null: none
 };
+
+// The parameter's bf16 copy, where it has one, rounded as round_to_bf16 rounds.
+__device__ __forceinline__ void store_copy(__nv_bfloat16* bf16_copy, int64_t k, float param) {
+  if (bf16_copy) bf16_copy[k] = __float2bfloat16_rn(param);
+}
 
 // One thread per element of all the parameters.
 static __global__ void adamw_update_kernel(const AdamWRecord* records, int count, int64_t total, AdamWScalars scalars,
@@ -67,7 +76,9 @@ static __global__ void adamw_update_kernel(const AdamWRecord* records, int count
   float m = r.m[k], v = r.v[k];
   const float denominator = update_moments(r.grad[k], m, v, scalars);
   r.m[k] = m, r.v[k] = v;
-  r.param[k] = add_rn(mul_rn(r.param[k], r.decay), -(mul_rn(step_size, m) / denominator));
+  const float param = add_rn(mul_rn(r.param[k], r.decay), -(mul_rn(step_size, m) / denominator));
+  r.param[k] = param;
+  store_copy(r.bf16_copy, k, param);
 }
 
 void adamw_update(const std::vector<AdamWTensors>& params, const AdamWScalars& scalars, float step_size) {
@@ -76,7 +87,7 @@ void adamw_update(const std::vector<AdamWTensors>& params, const AdamWScalars& s
   for (const AdamWTensors& p : params) {
     if (p.param.numel() == 0) continue;
     records.push_back({p.param.data<float>(), p.m.data<float>(), p.v.data<float>(), p.grad.data<float>(),
-                       p.param.numel(), total, p.decay});
+                       p.param.numel(), total, p.decay, bf16_data(p.bf16_copy)});
     total += p.param.numel();
   }
   if (records.empty()) return;
@@ -103,15 +114,18 @@ void adamw_direction(const AdamWTensors& tensors, const AdamWScalars& scalars, f
 }
 
 static __global__ void adamw_apply_direction_kernel(float* param, const float* direction, int64_t n, float decay,
-                                                    float lr) {
+                                                    float lr, __nv_bfloat16* bf16_copy) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) param[i] = add_rn(mul_rn(param[i], decay), -mul_rn(lr, direction[i]));
+  if (i >= n) return;
+  param[i] = add_rn(mul_rn(param[i], decay), -mul_rn(lr, direction[i]));
+  store_copy(bf16_copy, i, param[i]);
 }
 
-void adamw_apply_direction(const Tensor& param, const Tensor& direction, float decay, float lr) {
+void adamw_apply_direction(const Tensor& param, const Tensor& direction, float decay, float lr,
+                           const Tensor& bf16_copy) {
   const int64_t n = param.numel();
   launch("adamw_apply_direction", adamw_apply_direction_kernel, dim3(blocks_for(n, kThreads)), dim3(kThreads), 0,
-         param.data<float>(), direction.data<float>(), n, decay, lr);
+         param.data<float>(), direction.data<float>(), n, decay, lr, bf16_data(bf16_copy));
 }
 
 // ---- gradient clipping ------------------------------------------------------------------------------------------------

@@ -49,13 +49,14 @@ DECLARE_KERNEL(moe_swiglu_backward, (const Tensor& gate_pre, const Tensor& up_pr
 //   out_sorted = act W_down,e^T                                                            [c_e, d]
 // Experts with no rows cost nothing. offsets [E+1] are on the host (DispatchPlan::host_offsets): the grouped GEMMs'
 // sizes, which the host needs to queue them.
-// precision BF16 (f32 tensors only): every GEMM operand (x_sorted, the weights, act) is rounded to bf16 and the
-// products accumulate in f32; x_sorted may be bf16 already (moe_permute_rows' rounded gather). gate_pre, up_pre and
-// act, the activations the backward reads, are bf16 tensors: the gate and up products rounded as they are stored, act
-// computed in f32 from those rounded values (so the backward's silu' sees the forward's inputs) and rounded, which is
-// the down product's operand as it is; out_sorted is bf16 too, the down product rounded as it is stored (what the
-// un-permute weights and its backward reads). The GPU multiplies bf16 copies; the CPU, its reference, multiplies f32
-// copies holding the bf16 values with its f32 GEMM (bf16 x bf16 products are exact in f32).
+// precision BF16 (f32 math only): every GEMM operand (x_sorted, the weights, act) is rounded to bf16 and the
+// products accumulate in f32; x_sorted may be bf16 already (moe_permute_rows' rounded gather), and so may the weights
+// (the parameters' bf16 copies, which moe_experts passes). gate_pre, up_pre and act, the activations the backward
+// reads, are bf16 tensors: the gate and up products rounded as they are stored, act computed in f32 from those rounded
+// values (so the backward's silu' sees the forward's inputs) and rounded, which is the down product's operand as it is;
+// out_sorted is bf16 too, the down product rounded as it is stored (what the un-permute weights and its backward
+// reads). The GPU multiplies bf16 copies; the CPU, its reference, multiplies f32 copies holding the bf16 values with
+// its f32 GEMM (bf16 x bf16 products are exact in f32).
 DECLARE_KERNEL(moe_grouped_swiglu_forward,
                (const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate, const Tensor& w_up,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
@@ -81,39 +82,47 @@ DECLARE_KERNEL(moe_grouped_swiglu_backward,
                 const Tensor& dw_up, const Tensor& dw_down, Precision precision))
 
 // The dtypes the grouped SwiGLU takes, checked by both devices before they read or write a byte (a wrong one would be
-// misread): the tensors' dtype F is w_gate's. Under BF16, F is f32, the `kept` tensors (gate_pre, up_pre, act,
-// out_sorted, and the backward's d_act and d_x_sorted) are bf16 and the `inputs` (x_sorted, d_out_sorted) f32 or
-// bf16 (rounded already); under FP32 all of them are F. The `others` (the other weights, the weight gradients) are F.
+// misread). Under FP32 every tensor has the weights' dtype, f32 or f64. Under BF16 the math is f32: the `kept` tensors
+// (gate_pre, up_pre, act, out_sorted, and the backward's d_act and d_x_sorted) are bf16, the `inputs` (x_sorted,
+// d_out_sorted) f32 or bf16 (rounded already), the three weights f32 or bf16 (the parameters' bf16 copies,
+// engine/bf16_weights.h), one dtype for the three, and the `others` (the weight gradients) f32.
 // Returns whether the products round to bf16.
 struct NamedTensor {
   const char* name;
   const Tensor& tensor;
 };
-inline bool grouped_swiglu_rounds(Precision precision, const Tensor& w_gate, std::initializer_list<NamedTensor> kept,
-                                  std::initializer_list<NamedTensor> inputs,
+inline bool grouped_swiglu_rounds(Precision precision, std::initializer_list<NamedTensor> weights,
+                                  std::initializer_list<NamedTensor> kept, std::initializer_list<NamedTensor> inputs,
                                   std::initializer_list<NamedTensor> others) {
-  const DType dtype = w_gate.dtype();
   const bool bf16 = precision == Precision::BF16;
-  if (bf16 && dtype != DType::F32)
-    fail("moe_grouped_swiglu: bf16 precision takes f32 tensors, got {}", dtype_name(dtype));
+  const DType weight_dtype = weights.begin()->tensor.dtype();
+  const bool weights_ok = bf16 ? weight_dtype == DType::F32 || weight_dtype == DType::BF16
+                               : weight_dtype == DType::F32 || weight_dtype == DType::F64;
+  if (!weights_ok)
+    fail("moe_grouped_swiglu: the weights must be {} under {} precision, got {}", bf16 ? "f32 or bf16" : "f32 or f64",
+         enum_name(precision), dtype_name(weight_dtype));
+  const DType dtype = bf16 ? DType::F32 : weight_dtype;
   auto require = [&](const NamedTensor& t, DType want, bool or_bf16) {
     const DType got = t.tensor.dtype();
     if (got == want || (or_bf16 && got == DType::BF16)) return;
     fail("moe_grouped_swiglu: {} must be {}{} under {} precision, got {}", t.name, dtype_name(want),
          or_bf16 ? " or bf16" : "", enum_name(precision), dtype_name(got));
   };
+  for (const NamedTensor& t : weights) require(t, weight_dtype, false);
   for (const NamedTensor& t : inputs) require(t, dtype, bf16);
   for (const NamedTensor& t : kept) require(t, bf16 ? DType::BF16 : dtype, false);
   for (const NamedTensor& t : others) require(t, dtype, false);
   return bf16;
 }
+// The dtype of the grouped SwiGLU's math and of its f32 or f64 tensors: f32 when it rounds, else the weights'.
+inline DType grouped_swiglu_dtype(bool rounds, const Tensor& w_gate) { return rounds ? DType::F32 : w_gate.dtype(); }
 // That check for each direction, in its kernel's arguments.
 inline bool grouped_swiglu_forward_rounds(const Tensor& x_sorted, const Tensor& w_gate, const Tensor& w_up,
                                           const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
                                           const Tensor& act, const Tensor& out_sorted, Precision precision) {
-  return grouped_swiglu_rounds(precision, w_gate,
+  return grouped_swiglu_rounds(precision, {{"w_gate", w_gate}, {"w_up", w_up}, {"w_down", w_down}},
                                {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}, {"out_sorted", out_sorted}},
-                               {{"x_sorted", x_sorted}}, {{"w_up", w_up}, {"w_down", w_down}});
+                               {{"x_sorted", x_sorted}}, {});
 }
 inline bool grouped_swiglu_backward_rounds(const Tensor& x_sorted, const Tensor& w_gate, const Tensor& w_up,
                                            const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre,
@@ -121,10 +130,10 @@ inline bool grouped_swiglu_backward_rounds(const Tensor& x_sorted, const Tensor&
                                            const Tensor& d_x_sorted, const Tensor& dw_gate, const Tensor& dw_up,
                                            const Tensor& dw_down, Precision precision) {
   return grouped_swiglu_rounds(
-      precision, w_gate,
+      precision, {{"w_gate", w_gate}, {"w_up", w_up}, {"w_down", w_down}},
       {{"gate_pre", gate_pre}, {"up_pre", up_pre}, {"act", act}, {"d_act", d_act}, {"d_x_sorted", d_x_sorted}},
       {{"x_sorted", x_sorted}, {"d_out_sorted", d_out_sorted}},
-      {{"w_up", w_up}, {"w_down", w_down}, {"dw_gate", dw_gate}, {"dw_up", dw_up}, {"dw_down", dw_down}});
+      {{"dw_gate", dw_gate}, {"dw_up", dw_up}, {"dw_down", dw_down}});
 }
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------

@@ -11,15 +11,18 @@ namespace moelab {
 
 // ---- AdamW ------------------------------------------------------------------------------------------------------------
 
-// One parameter of an AdamW update: the parameter, its gradient and its two moments (f32, one shape, one device), and
-// its decay factor (1 - lr * weight_decay for a matrix, 1 otherwise).
+// One parameter of an AdamW update: the parameter, its gradient and its two moments (f32, one shape, one device), its
+// decay factor (1 - lr * weight_decay for a matrix, 1 otherwise), and its bf16 copy or an undefined tensor (bf16, the
+// parameter's shape: the copy mixed precision's products read, engine/bf16_weights.h, written with the parameter).
 struct AdamWTensors {
   Tensor param, grad, m, v;
   float decay = 1.0f;
+  Tensor bf16_copy;
 };
-// Its bytes in a kernel profile (engine/profile.h): the four tensors, each once.
+// Its bytes in a kernel profile (engine/profile.h): the tensors, each once.
 inline double seam_bytes(const AdamWTensors& t) {
-  return detail::seam_bytes(t.param) + detail::seam_bytes(t.grad) + detail::seam_bytes(t.m) + detail::seam_bytes(t.v);
+  return detail::seam_bytes(t.param) + detail::seam_bytes(t.grad) + detail::seam_bytes(t.m) + detail::seam_bytes(t.v) +
+         detail::seam_bytes(t.bf16_copy);
 }
 
 // The step's moment scalars: beta1, beta2, eps, 1 / sqrt(1 - beta2^t), and the factor every gradient is multiplied by
@@ -32,13 +35,15 @@ struct AdamWScalars {
 // Every element of every listed parameter (one launch on the GPU, whatever the number of parameters), with
 // step_size = lr / (1 - beta1^t) and g = grad * grad_scale:
 //   m = b1 m + (1 - b1) g;   v = b2 v + (1 - b2) g g;   p = p decay - step_size m / (sqrt(v) inv_sqrt_bc2 + eps)
+// and, where a parameter has a bf16 copy, copy = p rounded to nearest even (round_to_bf16's bits).
 DECLARE_KERNEL(adamw_update, (const std::vector<AdamWTensors>& params, const AdamWScalars& scalars, float step_size))
 // The moments as adamw_update, and the Adam direction m_hat / (sqrt(v_hat) + eps) = m inv_bc1 / (sqrt(v) inv_sqrt_bc2
 // + eps) into `direction`, inv_bc1 = 1 / (1 - beta1^t). The parameter is not touched (its decay is unused).
 DECLARE_KERNEL(adamw_direction,
                (const AdamWTensors& tensors, const AdamWScalars& scalars, float inv_bc1, const Tensor& direction))
-// p = p decay - lr direction.
-DECLARE_KERNEL(adamw_apply_direction, (const Tensor& param, const Tensor& direction, float decay, float lr))
+// p = p decay - lr direction, and bf16_copy (undefined: none) = p rounded as in adamw_update.
+DECLARE_KERNEL(adamw_apply_direction,
+               (const Tensor& param, const Tensor& direction, float decay, float lr, const Tensor& bf16_copy))
 
 // ---- gradient clipping ------------------------------------------------------------------------------------------------
 

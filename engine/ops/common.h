@@ -28,6 +28,7 @@ inline void check_index(const char* op, const Tensor& index) {
 }
 
 // A bf16 copy of an f32 tensor (round to nearest even): the operand of a product under mixed precision (matmul.cpp).
+// A parameter's (or a view's of one) is the copy the precision guard holds, when it holds the parameters' copies.
 Tensor rounded_to_bf16(const Tensor& x);
 // Whether a product multiplies x as such a copy: x is f32 and the precision mode is BF16 (f64 is never rounded).
 bool multiplied_in_bf16(const Tensor& x);

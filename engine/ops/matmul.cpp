@@ -7,6 +7,7 @@
 // f32 accumulation, into an f32 result (or a bf16 one: matmul_to_bf16). Its gradients are bf16 products of G's bf16
 // copy, each written in its operand's dtype (ops.h).
 #include "engine/kernels/matmul.h"
+#include "engine/bf16_weights.h"
 #include "engine/ops/common.h"
 #include "engine/precision.h"
 
@@ -35,6 +36,8 @@ static Tensor product(const Tensor& a, const Tensor& b, bool ta, bool tb, bool s
 }
 
 Tensor detail::rounded_to_bf16(const Tensor& x) {
+  if (const Bf16Weights* weights = product_bf16_weights())
+    if (Tensor copy = weights->copy_of(x); copy.defined()) return copy;  // a parameter's, rounded already
   Tensor out = Tensor::empty(x.shape(), DType::BF16, x.device());
   KERNEL(round_to_bf16, x.device())(x, out);
   return out;
