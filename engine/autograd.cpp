@@ -87,11 +87,12 @@ Tensor record_accumulating(const char* op, Tensor out, std::vector<Tensor> input
 
 // ---- backward --------------------------------------------------------------------------------------------------------
 
-// held + g, a tensor's gradients from two of its uses. `add` takes no bf16: the gradients of a bf16 activation are
-// added in f32 and rounded once, as a product adds into one (engine/ops/matmul.cpp).
-static Tensor sum_of_gradients(const Tensor& held, const Tensor& g) {
+// held + g, a tensor's gradients from two of its uses, in the tensor's dtype. `add` takes no bf16: bf16 gradients are
+// added in f32, and the sum rounded once for a bf16 activation (as a product adds into one, engine/ops/matmul.cpp) or
+// kept in f32 for an f32 weight (the experts' bf16 weight gradients over micro-batches: moe/dispatch.cpp).
+static Tensor sum_of_gradients(const Tensor& held, const Tensor& g, DType dtype) {
   if (held.dtype() != DType::BF16 && g.dtype() != DType::BF16) return add(held, g);
-  return to_dtype(add(to_dtype(held, DType::F32), to_dtype(g, DType::F32)), held.dtype());
+  return to_dtype(add(to_dtype(held, DType::F32), to_dtype(g, DType::F32)), dtype);
 }
 
 // Tensors reachable from root through grad_fn inputs, each after all tensors it depends on (iterative DFS, so deep
@@ -159,7 +160,7 @@ void Tensor::backward() const {
       TensorImpl& in = *input.impl();
       if (i < held.size() && held[i].defined() && g.impl() == held[i].impl()) continue;  // the node added to it
       if (in.grad.defined())
-        in.grad = sum_of_gradients(in.grad, g);
+        in.grad = sum_of_gradients(in.grad, g, input.dtype());
       else
         in.grad = (in.grad_fn || g.sole_owner()) ? std::move(g) : clone(g);
     }

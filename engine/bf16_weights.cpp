@@ -15,28 +15,42 @@ void Bf16Weights::refresh() {
   copies_.clear();
   for (const Tensor& p : params_) {
     const TensorImpl& impl = *p.impl();
-    Copy copy{impl.storage, impl.offset, p.numel(), Tensor::empty(p.shape(), DType::BF16, p.device())};
-    KERNEL(round_to_bf16, p.device())(p, copy.bf16);
-    if (!copies_.emplace(impl.storage.get(), std::move(copy)).second)
+    if (!copies_.emplace(impl.storage.get(), Copy{p, impl.storage, impl.offset, Tensor()}).second)
       fail("Bf16Weights: two parameters share one storage ({})", p.str());
   }
 }
 
-Tensor Bf16Weights::copy_of(const Tensor& x) const {
-  if (!x.defined() || x.dtype() != DType::F32) return Tensor();
+const Bf16Weights::Copy* Bf16Weights::find(const Tensor& x, int64_t& begin) const {
+  if (!x.defined() || x.dtype() != DType::F32) return nullptr;
   const TensorImpl& impl = *x.impl();
   const auto it = copies_.find(impl.storage.get());
-  if (it == copies_.end()) return Tensor();
+  if (it == copies_.end()) return nullptr;
   const Copy& copy = it->second;
-  const int64_t begin = impl.offset - copy.offset;  // x's first element in the parameter
-  if (begin < 0 || begin + x.numel() > copy.numel) return Tensor();
+  begin = impl.offset - copy.offset;
+  return begin >= 0 && begin + x.numel() <= copy.param.numel() ? &copy : nullptr;
+}
+
+Tensor Bf16Weights::copy_of(const Tensor& x) const {
+  int64_t begin = 0;
+  const Copy* copy = find(x, begin);
+  if (!copy) return Tensor();
+  if (!copy->bf16.defined()) {
+    copy->bf16 = Tensor::empty(copy->param.shape(), DType::BF16, copy->param.device());
+    KERNEL(round_to_bf16, copy->param.device())(copy->param, copy->bf16);
+  }
   // The same range of the copy, in x's shape: a view of the copy's storage.
   auto view = std::make_shared<TensorImpl>();
   view->shape = x.shape();
   view->dtype = DType::BF16;
-  view->storage = copy.bf16.impl()->storage;
-  view->offset = copy.bf16.impl()->offset + begin;
+  view->storage = copy->bf16.impl()->storage;
+  view->offset = copy->bf16.impl()->offset + begin;
   return Tensor(std::move(view));
+}
+
+Tensor Bf16Weights::made_copy_of(const Tensor& param) const {
+  int64_t begin = 0;
+  const Copy* copy = find(param, begin);
+  return copy && begin == 0 && param.numel() == copy->param.numel() ? copy->bf16 : Tensor();
 }
 
 }  // namespace moelab

@@ -1,16 +1,17 @@
 #pragma once
 // Mixed precision: the precision of matrix products, a per-thread mode (like grad mode) that the trainer sets around
-// each micro-batch's forward and backward (train.precision, docs/training.md "Mixed precision").
+// each step (its forwards, backwards and update) and validation (train.precision, docs/training.md "Mixed precision").
 //   FP32: products of f32 tensors are f32 GEMMs (the default).
-//   BF16: the operands of the products of f32 tensors are rounded to bf16 and multiplied with f32 accumulation into
-//         f32 results: the matmul op (engine/ops/matmul.cpp), the MoE experts' grouped SwiGLU (moe/dispatch.cpp)
-//         and causal attention's q k^T and p v for heads of up to 128 dims (engine/ops/nn.cpp; its softmax stays
-//         f32). Their gradients are f32 too (the output gradient is rounded to bf16 as an operand, the products are
-//         not). Some activations are kept in bf16 in this mode, as under autocast: attention's q, k, v and output,
-//         whose gradients are bf16 too (nn/layers.cpp, matmul_to_bf16), and inside their ops the experts'
-//         (moe/dispatch.cpp) and the LM head's logits with their gradient (linear_cross_entropy). A weight is
-//         rounded by each product that multiplies it, unless the guard holds the parameters' bf16 copies, made once
-//         and rewritten by the optimizer's update (engine/bf16_weights.h): the trainer's steps.
+//   BF16: the operands of the products of f32 tensors are rounded to bf16 and multiplied with f32 accumulation into f32
+//         results: the matmul op (engine/ops/matmul.cpp), the MoE experts' grouped SwiGLU (moe/dispatch.cpp) and causal
+//         attention's q k^T and p v for heads of up to 128 dims (engine/ops/nn.cpp; its softmax stays f32). The
+//         gradients of f32 weights are f32 too, but for the experts' (below); the output gradient is rounded to bf16 as
+//         an operand. Some activations are kept in bf16 in this mode, as under autocast: attention's q, k, v and
+//         output, whose gradients are bf16 too (nn/layers.cpp, matmul_to_bf16), and inside their ops the experts'
+//         (moe/dispatch.cpp, whose weight gradients are bf16 too) and the LM head's logits with their gradient
+//         (linear_cross_entropy). A weight is rounded by each product that multiplies it, unless the guard holds the
+//         parameters' bf16 copies, made once and rewritten by the optimizer's update (engine/bf16_weights.h): the
+//         trainer's steps.
 // Whatever the mode: f64 (gradient checks) and bf16 tensors multiply as their dtype says; everything that is not a
 // product (norms, softmax, losses, optimizer) is f32; the router's logits and OMoE's projectors and projections are f32
 // products (moe/router.cpp and optim/omoe.cpp ask for FP32). An op reads the mode when it runs forward and its backward

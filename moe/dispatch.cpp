@@ -79,7 +79,7 @@ struct Saved {
   DispatchPlan plan;
   Tensor gates;                           // detached (the caller holds it anyway)
   Tensor w_gate, w_up, w_down;            // the products' weights: the inputs detached, or under BF16 bf16 copies
-  DType dtype;                            // x's and the inputs' (check_inputs), f32 or f64: the gradients'
+  DType dtype;                            // x's and the inputs' (check_inputs), f32 or f64: x's and the gates' grads'
   Tensor x_sorted, out_sorted;            // [S, d]
   Tensor gate_pre, up_pre, act;           // [S, h]
   Precision precision;                    // of the products (engine/precision.h), read once in forward
@@ -99,9 +99,12 @@ std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   KERNEL(moe_weighted_unpermute_backward, device)
   (dy, saved.out_sorted, saved.gates, plan.position_of_slot, d_gates, d_out_sorted);
 
-  // (e) backward: weight gradients per expert and the input gradient per slot.
-  Tensor dw_gate = empty(saved.w_gate.shape()), dw_up = empty(saved.w_up.shape());
-  Tensor dw_down = empty(saved.w_down.shape());
+  // (e) backward: weight gradients per expert (bf16 under BF16, the products' sums rounded once, as autocast's) and the
+  // input gradient per slot.
+  const DType dw_dtype = saved.precision == Precision::BF16 ? DType::BF16 : dtype;
+  Tensor dw_gate = Tensor::empty(saved.w_gate.shape(), dw_dtype, device);
+  Tensor dw_up = Tensor::empty(saved.w_up.shape(), dw_dtype, device);
+  Tensor dw_down = Tensor::empty(saved.w_down.shape(), dw_dtype, device);
   Tensor d_act = Tensor::empty({slots, h}, saved.act.dtype(), device);            // [S, h], bf16 as act
   Tensor d_x_sorted = Tensor::empty({slots, d}, saved.x_sorted.dtype(), device);  // [S, d], bf16 as x_sorted
   KERNEL(moe_grouped_swiglu_backward, device)

@@ -30,14 +30,15 @@ AdamWTensors AdamW::tensors_of(size_t index, const Tensor& grad, double lr) cons
   const Tensor& p = params_[index].tensor;
   if (grad.shape() != p.shape())
     throw std::invalid_argument("AdamW: gradient shape mismatch for " + params_[index].name);
-  if (grad.dtype() != DType::F32 || grad.device() != p.device())
-    throw std::invalid_argument(fmt::format("AdamW: the gradient {} of {} {} must be f32 on its device", grad.str(),
-                                            params_[index].name, p.str()));
+  if ((grad.dtype() != DType::F32 && grad.dtype() != DType::BF16) || grad.device() != p.device())
+    throw std::invalid_argument(fmt::format("AdamW: the gradient {} of {} {} must be f32 or bf16 on its device",
+                                            grad.str(), params_[index].name, p.str()));
   const float decay = decay_[index] ? static_cast<float>(1.0 - lr * config_.weight_decay) : 1.0f;
-  return {p, grad, m_[index], v_[index], decay, bf16_weights_ ? bf16_weights_->copy_of(p) : Tensor()};
+  return {p, grad, m_[index], v_[index], decay, bf16_weights_ ? bf16_weights_->made_copy_of(p) : Tensor()};
 }
 
 void AdamW::keep_bf16_weights() {
+  if (bf16_weights_) return bf16_weights_->refresh();  // the same object: a guard may hold it
   std::vector<Tensor> params;
   for (const nn::NamedTensor& p : params_) params.push_back(p.tensor);
   bf16_weights_ = std::make_unique<Bf16Weights>(std::move(params));
@@ -59,6 +60,9 @@ void AdamW::update(const std::vector<std::pair<size_t, Tensor>>& grads, double l
 
 void AdamW::update_direction(size_t index, const Tensor& grad, double lr,
                              const std::function<Tensor(const Tensor&)>& transform, float grad_scale) {
+  if (grad.dtype() != DType::F32)
+    throw std::invalid_argument(
+        fmt::format("AdamW::update_direction: the gradient {} of {} must be f32", grad.str(), params_[index].name));
   const AdamWTensors tensors = tensors_of(index, grad, lr);
   const Tensor& p = tensors.param;
   const float inv_bc1 = static_cast<float>(1.0 / (1.0 - std::pow(config_.beta1, step_)));
@@ -114,8 +118,8 @@ GradClip grad_clip(const std::vector<nn::NamedTensor>& params, double max_norm) 
   for (const nn::NamedTensor& p : params) {
     Tensor g = p.tensor.grad();
     if (!g.defined()) continue;
-    if (g.dtype() != DType::F32 || (!grads.empty() && g.device() != grads[0].device()))
-      throw std::invalid_argument(fmt::format("grad_clip: the gradient {} of {} is not f32 on the first "
+    if ((g.dtype() != DType::F32 && g.dtype() != DType::BF16) || (!grads.empty() && g.device() != grads[0].device()))
+      throw std::invalid_argument(fmt::format("grad_clip: the gradient {} of {} is not f32 or bf16 on the first "
                                               "gradient's device",
                                               g.str(), p.name));
     grads.push_back(g);

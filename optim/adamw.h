@@ -44,22 +44,24 @@ class AdamW {
 
   // The updates of several parameters given their (possibly modified) gradients, as (parameter index, gradient)
   // pairs: used by step() and by OMoE, which projects some gradients first. One kernel launch on the GPU for all of
-  // them (the parameters must share a device). grad_scale as in step().
+  // them (the parameters must share a device). grad_scale as in step(). A gradient is f32, or bf16 (read widened: the
+  // experts' weight gradients under mixed precision, moe/dispatch.cpp).
   void update(const std::vector<std::pair<size_t, Tensor>>& grads, double lr, float grad_scale = 1.0f);
   void update(size_t index, const Tensor& grad, double lr, float grad_scale = 1.0f) {
     update({{index, grad}}, lr, grad_scale);
   }
   // As update(), but the Adam direction m_hat / (sqrt(v_hat) + eps) passes through `transform` (same shape in and
-  // out) before it is applied: p <- p * (1 - lr * wd) - lr * transform(direction). For OMoE's mode = direction.
+  // out) before it is applied: p <- p * (1 - lr * wd) - lr * transform(direction). For OMoE's mode = direction; the
+  // gradient is f32.
   void update_direction(size_t index, const Tensor& grad, double lr,
                         const std::function<Tensor(const Tensor&)>& transform, float grad_scale = 1.0f);
   // Advances the step counter (bias corrections use it); step() calls it first.
   void begin_step() { ++step_; }
 
-  // Mixed precision's bf16 copies of the parameters (engine/bf16_weights.h), from now on: rounded now, then rewritten
-  // by every update in the pass that writes the parameter, so that the products of a step read them and round no
-  // weight. Call it once the parameters hold their values, and again after writing them otherwise (a checkpoint's
-  // load).
+  // Mixed precision's bf16 copies of the parameters (engine/bf16_weights.h), from now on: each made when a product
+  // first multiplies its parameter, then rewritten by every update in the pass that writes the parameter, so that the
+  // products of a step round no weight. Called again (after writing the parameters otherwise: a checkpoint's load),
+  // it drops the copies, which are then made again from the new values.
   void keep_bf16_weights();
   // The copies, for the precision guard of the steps' forwards and backwards (PrecisionGuard), or null.
   const Bf16Weights* bf16_weights() const { return bf16_weights_.get(); }

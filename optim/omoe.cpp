@@ -309,6 +309,7 @@ OMoEReport OMoE::step(double lr, float grad_scale) {
       plain.emplace_back(i, g);
       continue;
     }
+    g = to_dtype(g, DType::F32);             // a bf16 expert weight gradient (mixed precision) projected in f32
     auto projected = [&](const Tensor& G) {  // G [E, out, n] -> G Pbar, and the removed share's parts
       Tensor moved = matmul(G, *pbar_of[i]);
       removed2[layer_of[i]] += sum(square(sub(moved, G))).item();

@@ -286,12 +286,19 @@ TEST_CASE("cuda: optim: AdamW on the GPU, one launch over every parameter, is th
   optim::AdamW cpu(cpu_params, {0.9, 0.95, 1e-8, 0.1}), gpu(gpu_params, {0.9, 0.95, 1e-8, 0.1});
   cpu.keep_bf16_weights();
   gpu.keep_bf16_weights();
+  for (size_t i = 0; i < cpu_params.size(); ++i) {  // made as a product would make them
+    (void)cpu.bf16_weights()->copy_of(cpu_params[i].tensor);
+    (void)gpu.bf16_weights()->copy_of(gpu_params[i].tensor);
+  }
   auto check_all = [&](const std::string& when) {
     for (size_t i = 0; i < cpu_params.size(); ++i) {
       REQUIRE(gpu_params[i].tensor.is_cuda());
       check_same_bits(gpu_params[i].tensor, cpu_params[i].tensor, when + " " + cpu_params[i].name);
-      check_same_bits(gpu.bf16_weights()->copy_of(gpu_params[i].tensor),
-                      cpu.bf16_weights()->copy_of(cpu_params[i].tensor), when + " bf16 copy of " + cpu_params[i].name);
+      const Tensor gpu_copy = gpu.bf16_weights()->made_copy_of(gpu_params[i].tensor);
+      check_same_bits(gpu_copy, cpu.bf16_weights()->made_copy_of(cpu_params[i].tensor),
+                      when + " bf16 copy of " + cpu_params[i].name);
+      check_same_bits(gpu_copy, to_dtype(cpu_params[i].tensor, DType::BF16),
+                      when + " bf16 copy of " + cpu_params[i].name + ", rounded");
     }
     const std::vector<nn::NamedTensor> sc = cpu.state(), sg = gpu.state();
     for (size_t i = 0; i < sc.size(); ++i) check_same_bits(sg[i].tensor, sc[i].tensor, when + " " + sc[i].name);

@@ -336,11 +336,11 @@ TEST_CASE("cuda: moe: grouped SwiGLU kernels match the CPU, empty experts get ze
             check_scaled(fwd_gpu[i], fwd[i], i < 3 && kept != DType::BF16 ? float_bound(dtype) : bound,
                          what + " " + fwd_names[i]);
 
-          // Backward from the CPU's saved tensors on both devices: d_x_sorted [S, d] (kept: bf16 under BF16),
-          // dw_gate, dw_up [E, h, d], dw_down [E, d, h]. The GPU's outputs start as NaN: every element must be written.
+          // Backward from the CPU's saved tensors on both devices: d_x_sorted [S, d], dw_gate, dw_up [E, h, d],
+          // dw_down [E, d, h] (kept: bf16 under BF16). The GPU's outputs start as NaN: every element must be written.
           // d_act [S, h] is scratch.
-          std::vector<Tensor> bwd = {Tensor::empty({S, d}, kept), Tensor::empty(w_gate.shape(), dtype),
-                                     Tensor::empty(w_up.shape(), dtype), Tensor::empty(w_down.shape(), dtype)};
+          std::vector<Tensor> bwd = {Tensor::empty({S, d}, kept), Tensor::empty(w_gate.shape(), kept),
+                                     Tensor::empty(w_up.shape(), kept), Tensor::empty(w_down.shape(), kept)};
           std::vector<Tensor> bwd_gpu;
           for (const Tensor& t : bwd) bwd_gpu.push_back(to_gpu(to_dtype(full(t.shape(), NAN, dtype), t.dtype())));
           const Tensor d_act = Tensor::empty({S, h}, kept), d_act_gpu = empty_like_on(d_act, Device::CUDA);

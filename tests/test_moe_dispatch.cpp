@@ -10,7 +10,10 @@
 #include <string>
 #include <vector>
 
+#include "engine/bf16_weights.h"
 #include "engine/kernels/moe.h"
+#include "engine/precision.h"
+#include "engine/profile.h"
 #include "moe/dispatch.h"
 #include "moe/moe_layer.h"
 #include "moe/reference.h"
@@ -176,6 +179,48 @@ TEST_CASE("moe: moe_experts adds a residual in its un-permute: the bits of a sep
               {"moe_experts", "residual", "f64[9, 2]"});
 }
 
+// Under mixed precision moe_experts multiplies the weights' bf16 copies that the guard holds (engine/bf16_weights.h),
+// made at its first call and then reused: no weight is rounded, and the output and every gradient (the weights' bf16,
+// added in f32 over two passes, as over micro-batches) have the bits of rounding the weights in the op.
+TEST_CASE("moe: moe_experts under bf16 multiplies the guard's weight copies: no rounding, the same bits") {
+  Problem p = make_problem(12, 6, 5, 4, 2, 41);
+  auto round_calls = [](const std::vector<KernelTime>& kernels) {
+    int64_t calls = 0;
+    for (const KernelTime& k : kernels) calls += k.name == "round_to_bf16" ? k.calls : 0;
+    return calls;
+  };
+  // Two passes (forward and backward) of the layer under BF16, with or without the copies: the outputs, the inputs'
+  // gradients, then the weights' (summed over the passes), and each pass's roundings.
+  auto two_passes = [&](bool with_copies, std::vector<int64_t>& rounds) {
+    const std::vector<Tensor> w = {leaf(p.w_gate, DType::F32), leaf(p.w_up, DType::F32), leaf(p.w_down, DType::F32)};
+    const Bf16Weights copies(w);
+    std::vector<Tensor> out;
+    for (int pass = 0; pass < 2; ++pass) {
+      const Tensor x = leaf(p.x, DType::F32), gates = leaf(p.gates, DType::F32);
+      PrecisionGuard bf16(Precision::BF16, with_copies ? &copies : nullptr);
+      KernelProfile profile;
+      const Tensor y = moe::moe_experts(x, p.ids, gates, w[0], w[1], w[2]);
+      weighted_sum(y, 42 + pass).backward();
+      rounds.push_back(round_calls(profile.totals()));
+      out.insert(out.end(), {y.detach(), x.grad(), gates.grad()});
+    }
+    for (const Tensor& t : w) {
+      out.push_back(t.grad());
+      CHECK(t.grad().dtype() == DType::F32);  // the passes' bf16 gradients, added in f32
+      if (with_copies) CHECK(bitwise_equal(copies.made_copy_of(t), to_dtype(t, DType::BF16)));
+    }
+    return out;
+  };
+  std::vector<int64_t> own_rounds, copied_rounds;
+  const std::vector<Tensor> own = two_passes(false, own_rounds), copied = two_passes(true, copied_rounds);
+  // Without copies each pass rounds the three weights; with them the first pass makes the copies, the second rounds
+  // none.
+  CHECK(own_rounds == std::vector<int64_t>{3, 3});
+  CHECK(copied_rounds == std::vector<int64_t>{3, 0});
+  REQUIRE(copied.size() == own.size());
+  for (size_t i = 0; i < own.size(); ++i) CHECK_MESSAGE(bitwise_equal(copied[i], own[i]), "result " << i);
+}
+
 TEST_CASE("moe: moe_experts with no tokens gives an empty output and zero weight gradients") {
   Problem p = make_problem(3, 6, 5, 3, 2, 13);
   std::vector<Tensor> w = {leaf(p.w_gate, DType::F32), leaf(p.w_up, DType::F32), leaf(p.w_down, DType::F32)};
@@ -228,8 +273,8 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   cpu::moe_grouped_swiglu_forward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, out, Precision::BF16);
   Tensor d_act = Tensor::empty({S, h}, DType::BF16), dx = Tensor::empty({S, d}, DType::BF16);
   const Tensor f32_rows = Tensor::empty({S, h}, DType::F32);  // for the dtype errors below
-  Tensor dwg = Tensor::empty(wg.shape(), DType::F32), dwu = Tensor::empty(wu.shape(), DType::F32);
-  Tensor dwd = Tensor::empty(wd.shape(), DType::F32);
+  Tensor dwg = Tensor::empty(wg.shape(), DType::BF16), dwu = Tensor::empty(wu.shape(), DType::BF16);
+  Tensor dwd = Tensor::empty(wd.shape(), DType::BF16);
   cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act, dx, dwg, dwu, dwd,
                                    Precision::BF16);
 
@@ -287,8 +332,8 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
   Tensor act_b = Tensor::empty({S, h}, DType::BF16), out_b = Tensor::empty({S, d}, DType::BF16);
   const Tensor x_b = to_dtype(x, DType::BF16);
   cpu::moe_grouped_swiglu_forward(x_b, offsets, wg, wu, wd, gate_b, up_b, act_b, out_b, Precision::BF16);
-  Tensor dx_b = Tensor::empty({S, d}, DType::BF16), dwg_b = Tensor::empty(wg.shape(), DType::F32);
-  Tensor dwu_b = Tensor::empty(wu.shape(), DType::F32), dwd_b = Tensor::empty(wd.shape(), DType::F32);
+  Tensor dx_b = Tensor::empty({S, d}, DType::BF16), dwg_b = Tensor::empty(wg.shape(), DType::BF16);
+  Tensor dwu_b = Tensor::empty(wu.shape(), DType::BF16), dwd_b = Tensor::empty(wd.shape(), DType::BF16);
   cpu::moe_grouped_swiglu_backward(x_b, offsets, wg, wu, wd, gate_pre, up_pre, act, to_dtype(d_out, DType::BF16), d_act,
                                    dx_b, dwg_b, dwu_b, dwd_b, Precision::BF16);
   for (const auto& [got, want] :
@@ -300,11 +345,11 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
     const Tensor rwg = random({E, h, d}, 6, DType::F32, 0.4), rwu = random({E, h, d}, 7, DType::F32, 0.4);
     const Tensor rwd = random({E, d, h}, 8, DType::F32, 0.4);
     auto run = [&](const Tensor& w_gate, const Tensor& w_up, const Tensor& w_down) {
-      std::vector<Tensor> t = {Tensor::empty({S, h}, DType::BF16),    Tensor::empty({S, h}, DType::BF16),
-                               Tensor::empty({S, h}, DType::BF16),    Tensor::empty({S, d}, DType::BF16),
-                               Tensor::empty({S, h}, DType::BF16),    Tensor::empty({S, d}, DType::BF16),
-                               Tensor::empty(wg.shape(), DType::F32), Tensor::empty(wu.shape(), DType::F32),
-                               Tensor::empty(wd.shape(), DType::F32)};
+      std::vector<Tensor> t = {Tensor::empty({S, h}, DType::BF16),     Tensor::empty({S, h}, DType::BF16),
+                               Tensor::empty({S, h}, DType::BF16),     Tensor::empty({S, d}, DType::BF16),
+                               Tensor::empty({S, h}, DType::BF16),     Tensor::empty({S, d}, DType::BF16),
+                               Tensor::empty(wg.shape(), DType::BF16), Tensor::empty(wu.shape(), DType::BF16),
+                               Tensor::empty(wd.shape(), DType::BF16)};
       cpu::moe_grouped_swiglu_forward(x, offsets, w_gate, w_up, w_down, t[0], t[1], t[2], t[3], Precision::BF16);
       cpu::moe_grouped_swiglu_backward(x, offsets, w_gate, w_up, w_down, t[0], t[1], t[2], d_out, t[4], t[5], t[6],
                                        t[7], t[8], Precision::BF16);
@@ -352,10 +397,16 @@ TEST_CASE("moe: grouped SwiGLU under bf16 products keeps bf16 activations (naive
       {"d_act must be bf16 under bf16 precision, got f32"});
   check_error(
       [&] {
-        cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act, dwd, dwg, dwu,
-                                         dwd, Precision::BF16);
+        cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act,
+                                         Tensor::empty({S, d}, DType::F32), dwg, dwu, dwd, Precision::BF16);
       },
       {"d_x_sorted must be bf16 under bf16 precision, got f32"});
+  check_error(
+      [&] {
+        cpu::moe_grouped_swiglu_backward(x, offsets, wg, wu, wd, gate_pre, up_pre, act, d_out, d_act, dx,
+                                         Tensor::empty(wg.shape(), DType::F32), dwu, dwd, Precision::BF16);
+      },
+      {"dw_gate must be bf16 under bf16 precision, got f32"});
 }
 
 TEST_CASE("moe: moe_experts bad use throws naming the bad value") {

@@ -16,6 +16,7 @@
 
 #include "apps/train/train_config.h"
 #include "apps/train/trainer.h"
+#include "engine/bf16_weights.h"
 #include "engine/ops.h"
 #include "engine/precision.h"
 #include "moe/analysis/expert_metrics.h"
@@ -359,6 +360,8 @@ TEST_CASE("omoe: under mixed precision the projectors and projections are f32, a
         lb(testing::moe_layer_config(d, E, hidden, 2), 0, gen_b);
     optim::AdamW adam_a(la.named_parameters(), {}), adam_b(lb.named_parameters(), {});
     adam_b.keep_bf16_weights();
+    for (const nn::NamedTensor& p : lb.named_parameters())
+      (void)adam_b.bf16_weights()->copy_of(p.tensor);  // as products
     optim::OMoEConfig config;
     config.every = 2, config.mode = mode, config.project_down = true;
     optim::OMoE fp32(adam_a, {&la}, config), mixed(adam_b, {&lb}, config);
@@ -380,8 +383,9 @@ TEST_CASE("omoe: under mixed precision the projectors and projections are f32, a
       }
       for (size_t i = 0; i < pa.size(); ++i) {
         CHECK_MESSAGE(bitwise_equal(pb[i].tensor, pa[i].tensor), "step " << t << ": " << pa[i].name);
-        CHECK_MESSAGE(bitwise_equal(adam_b.bf16_weights()->copy_of(pb[i].tensor), to_dtype(pb[i].tensor, DType::BF16)),
-                      "step " << t << ": the copy of " << pb[i].name);
+        CHECK_MESSAGE(
+            bitwise_equal(adam_b.bf16_weights()->made_copy_of(pb[i].tensor), to_dtype(pb[i].tensor, DType::BF16)),
+            "step " << t << ": the copy of " << pb[i].name);
       }
       adam_a.zero_grad(), adam_b.zero_grad();
     }
@@ -454,16 +458,20 @@ TEST_CASE("omoe: AdamW's bf16 copies are its parameters rounded after every upda
   optim::AdamW plain(plain_params, {0.9, 0.95, 1e-8, 0.1}), kept(kept_params, {0.9, 0.95, 1e-8, 0.1});
   CHECK(kept.bf16_weights() == nullptr);
   kept.keep_bf16_weights();
-  REQUIRE(kept.bf16_weights() != nullptr);
+  const Bf16Weights& copies = *kept.bf16_weights();
+  // A copy is made when a product first asks for it; the updates rewrite the copies that exist.
+  CHECK_FALSE(copies.made_copy_of(kept_params[0].tensor).defined());
+  const Tensor first_copy = clone(copies.copy_of(kept_params[0].tensor));
+  CHECK(bitwise_equal(copies.made_copy_of(kept_params[0].tensor), first_copy));
+  (void)copies.copy_of(kept_params[1].tensor);
   auto check_step = [&](const std::string& when) {
     for (size_t i = 0; i < kept_params.size(); ++i) {
       const Tensor& p = kept_params[i].tensor;
       CHECK_MESSAGE(bitwise_equal(p, plain_params[i].tensor), when << ": " << kept_params[i].name);
-      CHECK_MESSAGE(bitwise_equal(kept.bf16_weights()->copy_of(p), to_dtype(p, DType::BF16)),
+      CHECK_MESSAGE(bitwise_equal(copies.made_copy_of(p), to_dtype(p, DType::BF16)),
                     when << ": the copy of " << kept_params[i].name);
     }
   };
-  const Tensor first_copy = clone(kept.bf16_weights()->copy_of(kept_params[0].tensor));
   for (int64_t t = 1; t <= 3; ++t) {  // step(): every parameter, one kernel
     for (size_t i = 0; i < kept_params.size(); ++i) {
       const Tensor g = testing::random(kept_params[i].tensor.shape(), 10 * t + i, DType::F32);
@@ -473,7 +481,7 @@ TEST_CASE("omoe: AdamW's bf16 copies are its parameters rounded after every upda
     plain.zero_grad(), kept.zero_grad();
     check_step(fmt::format("step {}", t));
   }
-  CHECK_FALSE(bitwise_equal(kept.bf16_weights()->copy_of(kept_params[0].tensor), first_copy));
+  CHECK_FALSE(bitwise_equal(copies.made_copy_of(kept_params[0].tensor), first_copy));
   // update_direction (OMoE's mode = direction): the direction, a transform of it, the step.
   plain.begin_step(), kept.begin_step();
   auto half = [](const Tensor& d) { return mul(d, 0.5); };

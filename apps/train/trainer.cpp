@@ -109,7 +109,7 @@ Trainer::Trainer(TrainConfig config, std::ostream& out) : config_(std::move(conf
     restore(resume.dir);
     metrics_bytes_ = truncate_metrics_log(metrics_path(), step_, out_);
   }
-  // The weights' bf16 copies, made once the weights are loaded; from here only the optimizer writes the weights.
+  // The weights' bf16 copies (each made at its first product), kept from here, where only the optimizer writes them.
   if (config_.precision == Precision::BF16) optimizer_->keep_bf16_weights();
   metrics_.open(metrics_path(), resume.dir.empty() ? std::ios::trunc : std::ios::app);
   if (!metrics_) throw std::runtime_error("cannot write the metrics log " + metrics_path().string());

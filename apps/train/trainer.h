@@ -49,6 +49,7 @@ class Trainer {
   moe::MoEModel& model() { return *model_; }
   const TrainingData& data() const { return data_; }
   const optim::OMoE* omoe() const { return omoe_.get(); }  // null unless optim.name = omoe
+  const optim::AdamW& optimizer() const { return *optimizer_; }
   std::filesystem::path metrics_path() const;
 
  private:

@@ -258,18 +258,19 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
                wu_op = bf16_operand(w_up, bf16), wd_op = bf16_operand(w_down, bf16),
                d_out_op = bf16_operand(d_out_sorted, bf16);
   const Tensor gate_f = as_f32(gate_pre), up_f = as_f32(up_pre), act_f = as_f32(act);  // the forward's values
-  // Under BF16 each product's f32 result is rounded to bf16 values where it is computed: d_act and d_x (the two
-  // products' sum) into bf16 tensors, the weight gradients in place.
+  // Under BF16 each product's f32 result is rounded to bf16 once: d_act where it is computed (the SwiGLU backward reads
+  // the rounded values), d_x (the two products' sum) and the weight gradients as they are stored in their bf16 tensors.
   const Tensor d_act_f32 = f32_scratch(d_act), d_x_f32 = f32_scratch(d_x_sorted);
+  const Tensor dw_gate_f32 = f32_scratch(dw_gate), dw_up_f32 = f32_scratch(dw_up), dw_down_f32 = f32_scratch(dw_down);
   const Tensor d_gate_pre = Tensor::empty(d_act.shape(), d_act_f32.dtype());  // [S, h]
   const Tensor d_up_pre = Tensor::empty(d_act.shape(), d_act_f32.dtype());    // [S, h]
-  dispatch_float("moe_grouped_swiglu_backward", dw_gate.dtype(), [&](auto tag) {
+  dispatch_float("moe_grouped_swiglu_backward", grouped_swiglu_dtype(bf16, w_gate), [&](auto tag) {
     using T = decltype(tag);
     const T *x = x_op.data<T>(), *wg = wg_op.data<T>(), *wu = wu_op.data<T>(), *wd = wd_op.data<T>();
     const T *gate = gate_f.data<T>(), *upp = up_f.data<T>(), *acts = act_f.data<T>();
     const T* d_out = d_out_op.data<T>();
     T *d_acts = d_act_f32.data<T>(), *d_gates = d_gate_pre.data<T>(), *d_ups = d_up_pre.data<T>();
-    T *d_x = d_x_f32.data<T>(), *dwg = dw_gate.data<T>(), *dwu = dw_up.data<T>(), *dwd = dw_down.data<T>();
+    T *d_x = d_x_f32.data<T>(), *dwg = dw_gate_f32.data<T>(), *dwu = dw_up_f32.data<T>(), *dwd = dw_down_f32.data<T>();
     for (int64_t e = 0; e < n_experts; ++e)  // an expert with no tokens has zero weight gradients
       if (o[e + 1] == o[e]) {
         std::fill(dwg + e * h * d, dwg + (e + 1) * h * d, T(0));
@@ -287,10 +288,7 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
       T* d_up = d_ups + begin * h;        // [c, h]
       gemm(false, false, c, h, d, dout, d, wd + e * d * h, h, T(0), da, h);
       gemm(true, false, d, h, c, dout, d, acts + begin * h, h, T(0), dwd + e * d * h, h);
-      if (bf16) {
-        round_span_to_bf16(da, da, c * h);
-        round_span_to_bf16(dwd + e * d * h, dwd + e * d * h, d * h);
-      }
+      if (bf16) round_span_to_bf16(da, da, c * h);
       swiglu_backward_span(gp, up, da, d_gate, d_up, c * h);
       if (bf16) {
         round_span_to_bf16(d_gate, d_gate, c * h);
@@ -298,10 +296,6 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
       }
       gemm(true, false, h, d, c, d_gate, h, xs, d, T(0), dwg + e * h * d, d);
       gemm(true, false, h, d, c, d_up, h, xs, d, T(0), dwu + e * h * d, d);
-      if (bf16) {
-        round_span_to_bf16(dwg + e * h * d, dwg + e * h * d, h * d);
-        round_span_to_bf16(dwu + e * h * d, dwu + e * h * d, h * d);
-      }
       T* dxs = d_x + begin * d;
       gemm(false, false, c, d, h, d_gate, h, wg + e * h * d, d, T(0), dxs, d);
       gemm(false, false, c, d, h, d_up, h, wu + e * h * d, d, T(1), dxs, d);
@@ -309,6 +303,7 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
   });
   store_rounded(d_act_f32, d_act);
   store_rounded(d_x_f32, d_x_sorted);
+  store_rounded(dw_gate_f32, dw_gate), store_rounded(dw_up_f32, dw_up), store_rounded(dw_down_f32, dw_down);
 }
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "engine/cpu/bf16.h"
 #include "engine/cpu/parallel.h"
 
 namespace moelab::cpu {
@@ -18,11 +19,12 @@ void adamw_update(const std::vector<AdamWTensors>& params, const AdamWScalars& s
     float* w = p.param.data<float>();
     float* m = p.m.data<float>();
     float* v = p.v.data<float>();
-    const float* g = p.grad.data<float>();
+    const Tensor g = as_f32(p.grad);  // a bf16 gradient widened (exact)
+    const float* grad = g.data<float>();
     bf16* copy = p.bf16_copy.defined() ? p.bf16_copy.data<bf16>() : nullptr;
     const float decay = p.decay;
     parallel_for(p.param.numel(), 8, [&](int64_t i) {
-      const float gi = g[i] * grad_scale;
+      const float gi = grad[i] * grad_scale;
       m[i] = fb1 * m[i] + (1 - fb1) * gi;
       v[i] = fb2 * v[i] + (1 - fb2) * gi * gi;
       w[i] = w[i] * decay - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
@@ -62,7 +64,8 @@ void adamw_apply_direction(const Tensor& param, const Tensor& direction, float d
 void sum_of_squares(const std::vector<Tensor>& tensors, const Tensor& total) {
   double sum = 0;
   for (const Tensor& t : tensors) {
-    const float* d = t.data<float>();
+    const Tensor values = as_f32(t);  // a bf16 tensor widened (exact)
+    const float* d = values.data<float>();
     sum += parallel_sum(t.numel(), [d](int64_t i) { return static_cast<double>(d[i]) * d[i]; });
   }
   *total.data<double>() = sum;

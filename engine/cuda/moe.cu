@@ -316,12 +316,11 @@ void moe_swiglu_backward(const Tensor& gate_pre, const Tensor& up_pre, const Ten
 // Under Precision::BF16 every product multiplies bf16 operands with f32 accumulation and writes bf16, as autocast's
 // grouped products do: one grouped bf16 -> bf16 call each at the bf16 rate (cublasGemmGroupedBatchedEx has no bf16 ->
 // f32), on the kept bf16 tensors as they are. The forward's three write the kept activations and output; the
-// backward's d_act and d_x_sorted are bf16 tensors, and the weight gradients are written in bf16 and widened into the
-// f32 gradients (each the f32 sum rounded once, as on the CPU). d_x = d_gate W_gate + d_up W_up is one product with
-// k = 2h, of [d_gate | d_up] (the SwiGLU backward writes both into the rows of one [S, 2h] tensor) and the weights
-// stacked per expert, [W_gate,e ; W_up,e] [2h, d], so that its sum too is rounded once. Under ExpertGemm::PerExpert
-// (runtime.h) each expert's product is one cublasGemmEx of the same types, under Padded (below) each product one
-// strided-batched call.
+// backward's d_act, d_x_sorted and weight gradients are bf16 tensors (each the f32 sum rounded once, as on the CPU).
+// d_x = d_gate W_gate + d_up W_up is one product with k = 2h, of [d_gate | d_up] (the SwiGLU backward writes both into
+// the rows of one [S, 2h] tensor) and the weights stacked per expert, [W_gate,e ; W_up,e] [2h, d], so that its sum too
+// is rounded once. Under ExpertGemm::PerExpert (runtime.h) each expert's product is one cublasGemmEx of the same types,
+// under Padded (below) each product one strided-batched call.
 
 namespace {
 
@@ -336,15 +335,6 @@ inline Tensor operand(const Tensor& t, bool round) {
   Tensor out = Tensor::empty(t.shape(), DType::BF16, Device::CUDA);
   round_to_bf16(t, out);
   return out;
-}
-
-// Where the products write a weight gradient: dw itself, or with `bf16` a bf16 tensor of its shape, which
-// store_weight_gradient then widens into dw (exact).
-inline Tensor weight_gradient_target(const Tensor& dw, bool bf16) {
-  return bf16 ? Tensor::empty(dw.shape(), DType::BF16, Device::CUDA) : dw;
-}
-inline void store_weight_gradient(const Tensor& target, const Tensor& dw) {
-  if (target.impl() != dw.impl()) convert_dtype(target, dw);
 }
 
 // Column `col` of t's first row, t seen as a row-major matrix (any dtype): a GEMM operand of t's columns from col on,
@@ -595,12 +585,10 @@ static void padded_swiglu_backward(const PaddedExperts& p, const Tensor& x_sorte
   const DType rounded = p.operand_dtype();
   const Tensor x = p.pad(x_sorted), act_operand = p.pad(act), d_out = p.pad(d_out_sorted);
   const Tensor wd = operand(w_down, p.rounds()), w_gate_up = stacked_gate_up(w_gate, w_up, rounded);
-  const Tensor dwg = weight_gradient_target(dw_gate, p.rounds()), dwu = weight_gradient_target(dw_up, p.rounds()),
-               dwd = weight_gradient_target(dw_down, p.rounds());
   // d_act = d_out W_down: [R, d] x [d, h] -> [R, h];  dW_down = d_out^T act: [R, d]^T x [R, h] -> [d, h]
   const Tensor d_act = p.output(h);
   p.products(false, false, R, h, d, d_out.raw_data(), d, wd.raw_data(), h, d_act, h);
-  p.products(true, false, d, h, R, d_out.raw_data(), d, act_operand.raw_data(), h, dwd, h);
+  p.products(true, false, d, h, R, d_out.raw_data(), d, act_operand.raw_data(), h, dw_down, h);
   const Tensor d_gate_up = Tensor::empty({d_act.size(0), 2 * h}, rounded, Device::CUDA);  // [d_gate | d_up]
   p.with_types("moe_padded_swiglu_backward", [&](auto f, auto out) {
     using F = decltype(f);
@@ -610,13 +598,12 @@ static void padded_swiglu_backward(const PaddedExperts& p, const Tensor& x_sorte
            stored<Out>(d_gate_up));
   });
   // dW_gate = d_gate^T x, dW_up = d_up^T x: [R, h]^T x [R, d] -> [h, d], from the halves of d_gate_up's rows
-  p.products(true, false, h, d, R, column_of(d_gate_up, 0), 2 * h, x.raw_data(), d, dwg, d);
-  p.products(true, false, h, d, R, column_of(d_gate_up, h), 2 * h, x.raw_data(), d, dwu, d);
+  p.products(true, false, h, d, R, column_of(d_gate_up, 0), 2 * h, x.raw_data(), d, dw_gate, d);
+  p.products(true, false, h, d, R, column_of(d_gate_up, h), 2 * h, x.raw_data(), d, dw_up, d);
   // d_x = [d_gate | d_up] [W_gate ; W_up]: [R, 2h] x [2h, d] -> [R, d], of d_x_sorted's dtype (bf16 under BF16)
   const Tensor dx = p.output(d);
   p.products(false, false, R, d, 2 * h, d_gate_up.raw_data(), 2 * h, w_gate_up.raw_data(), d, dx, d);
   p.unpad(dx, d_x_sorted);
-  store_weight_gradient(dwd, dw_down), store_weight_gradient(dwg, dw_gate), store_weight_gradient(dwu, dw_up);
 }
 
 void moe_grouped_swiglu_forward(const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate,
@@ -661,19 +648,17 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
   const bool bf16 = grouped_swiglu_backward_rounds(x_sorted, w_gate, w_up, w_down, gate_pre, up_pre, act, d_out_sorted,
                                                    d_act, d_x_sorted, dw_gate, dw_up, dw_down, precision);
   if (runs_padded(offsets)) {
-    padded_swiglu_backward(PaddedExperts(offsets, dw_gate.dtype(), bf16), x_sorted, w_gate, w_up, w_down, gate_pre,
-                           up_pre, act, d_out_sorted, d_x_sorted, dw_gate, dw_up, dw_down);
+    padded_swiglu_backward(PaddedExperts(offsets, grouped_swiglu_dtype(bf16, w_gate), bf16), x_sorted, w_gate, w_up,
+                           w_down, gate_pre, up_pre, act, d_out_sorted, d_x_sorted, dw_gate, dw_up, dw_down);
     return;
   }
   // Every operand and output has the kept tensors' dtype (bf16 under BF16, else the tensors'): x_sorted, d_out_sorted
   // and W_down as they are or rounded, act as the forward kept it, the stacked weights, d_gate_up [S, 2h] (the rows
-  // [d_gate | d_up] as the SwiGLU backward writes them), d_act, d_x_sorted, and the weight gradients' targets.
+  // [d_gate | d_up] as the SwiGLU backward writes them), d_act, d_x_sorted, and the weight gradients.
   const DType kept = act.dtype();
   const Tensor x = operand(x_sorted, bf16), wd = operand(w_down, bf16), d_out = operand(d_out_sorted, bf16);
   const Tensor w_gate_up = stacked_gate_up(w_gate, w_up, kept);
   const Tensor d_gate_up = Tensor::empty({d_act.size(0), 2 * h}, kept, Device::CUDA);
-  const Tensor dwg = weight_gradient_target(dw_gate, bf16), dwu = weight_gradient_target(dw_up, bf16),
-               dwd = weight_gradient_target(dw_down, bf16);
   const int64_t element = static_cast<int64_t>(dtype_size(kept));
   std::vector<GemmProblem> d_act_products, dw_down_products, dw_gate_and_up, dx_products;
   for (int64_t e = 0; e < n_experts; ++e) {
@@ -685,10 +670,10 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
     // d_act = d_out W_down: [c, d] x [d, h] -> [c, h]
     d_act_products.push_back({c, h, d, d_outs, d, row_of(wd, e * d, h), h, row_of(d_act, begin, h), h});
     // dW_down = d_out^T act: [c, d]^T x [c, h] -> [d, h]
-    dw_down_products.push_back({d, h, c, d_outs, d, row_of(act, begin, h), h, row_of(dwd, e * d, h), h});
+    dw_down_products.push_back({d, h, c, d_outs, d, row_of(act, begin, h), h, row_of(dw_down, e * d, h), h});
     // dW_gate = d_gate^T x, dW_up = d_up^T x: [c, h]^T x [c, d] -> [h, d]
-    dw_gate_and_up.push_back({h, d, c, d_gate, 2 * h, xs, d, row_of(dwg, e * h, d), d});
-    dw_gate_and_up.push_back({h, d, c, d_up, 2 * h, xs, d, row_of(dwu, e * h, d), d});
+    dw_gate_and_up.push_back({h, d, c, d_gate, 2 * h, xs, d, row_of(dw_gate, e * h, d), d});
+    dw_gate_and_up.push_back({h, d, c, d_up, 2 * h, xs, d, row_of(dw_up, e * h, d), d});
     // d_x = [d_gate | d_up] [W_gate,e ; W_up,e]: [c, 2h] x [2h, d] -> [c, d]
     dx_products.push_back(
         {c, d, 2 * h, d_gate, 2 * h, row_of(w_gate_up, e * 2 * h, d), d, row_of(d_x_sorted, begin, d), d});
@@ -699,7 +684,6 @@ void moe_grouped_swiglu_backward(const Tensor& x_sorted, const std::vector<int32
   swiglu_backward_rows(gate_pre, up_pre, d_act, h, 2 * h, kept, d_gate_up.raw_data(), column_of(d_gate_up, h));
   gemm_grouped(true, false, dw_gate_and_up, 1.0f, 0.0f, kept, kept);
   gemm_grouped(false, false, dx_products, 1.0f, 0.0f, kept, kept);
-  store_weight_gradient(dwd, dw_down), store_weight_gradient(dwg, dw_gate), store_weight_gradient(dwu, dw_up);
 }
 
 // ---- (f) weighted un-permute and its backward -----------------------------------------------------------------------

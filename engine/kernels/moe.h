@@ -49,14 +49,14 @@ DECLARE_KERNEL(moe_swiglu_backward, (const Tensor& gate_pre, const Tensor& up_pr
 //   out_sorted = act W_down,e^T                                                            [c_e, d]
 // Experts with no rows cost nothing. offsets [E+1] are on the host (DispatchPlan::host_offsets): the grouped GEMMs'
 // sizes, which the host needs to queue them.
-// precision BF16 (f32 math only): every GEMM operand (x_sorted, the weights, act) is rounded to bf16 and the
-// products accumulate in f32; x_sorted may be bf16 already (moe_permute_rows' rounded gather), and so may the weights
-// (the parameters' bf16 copies, which moe_experts passes). gate_pre, up_pre and act, the activations the backward
-// reads, are bf16 tensors: the gate and up products rounded as they are stored, act computed in f32 from those rounded
-// values (so the backward's silu' sees the forward's inputs) and rounded, which is the down product's operand as it is;
-// out_sorted is bf16 too, the down product rounded as it is stored (what the un-permute weights and its backward
-// reads). The GPU multiplies bf16 copies; the CPU, its reference, multiplies f32 copies holding the bf16 values with
-// its f32 GEMM (bf16 x bf16 products are exact in f32).
+// precision BF16 (f32 math only): every GEMM operand (x_sorted, the weights, act) is rounded to bf16 and the products
+// accumulate in f32; x_sorted may be bf16 already (moe_permute_rows' rounded gather), and so may the weights
+// (moe_experts passes bf16 copies: the parameters' own, engine/bf16_weights.h, or its rounding). gate_pre, up_pre and
+// act, the activations the backward reads, are bf16 tensors: the gate and up products rounded as they are stored, act
+// computed in f32 from those rounded values (so the backward's silu' sees the forward's inputs) and rounded, which is
+// the down product's operand as it is; out_sorted is bf16 too, the down product rounded as it is stored (what the
+// un-permute weights and its backward reads). The GPU multiplies bf16 copies; the CPU, its reference, multiplies f32
+// copies holding the bf16 values with its f32 GEMM (bf16 x bf16 products are exact in f32).
 DECLARE_KERNEL(moe_grouped_swiglu_forward,
                (const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate, const Tensor& w_up,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
@@ -72,9 +72,10 @@ DECLARE_KERNEL(moe_grouped_swiglu_forward,
 // precision BF16, as the forward: gate_pre, up_pre and act are the forward's bf16 tensors; the operands (x_sorted,
 // the weights, act, d_out_sorted, d_act, and d_gate_pre, d_up_pre once computed in f32) are bf16, with f32
 // accumulation, and every product's f32 sum is rounded to bf16 once, as autocast's bf16 products round theirs: d_act
-// and d_x_sorted are bf16 tensors (d_x_sorted's two products summed before the rounding), and the weight gradients
-// are f32 tensors holding bf16 values. One bf16 -> bf16 type for every product is what lets the GPU run each as one
-// grouped call at the bf16 rate (engine/cuda/moe.cu).
+// and d_x_sorted are bf16 tensors (d_x_sorted's two products summed before the rounding), and so are the weight
+// gradients (the f32 parameters' gradients in bf16, as autocast's bf16 products give them: optim::AdamW and grad_clip
+// read them widened, and a second micro-batch's is added in f32). One bf16 -> bf16 type for every product is what
+// lets the GPU run each as one grouped call at the bf16 rate (engine/cuda/moe.cu).
 DECLARE_KERNEL(moe_grouped_swiglu_backward,
                (const Tensor& x_sorted, const std::vector<int32_t>& offsets, const Tensor& w_gate, const Tensor& w_up,
                 const Tensor& w_down, const Tensor& gate_pre, const Tensor& up_pre, const Tensor& act,
@@ -85,7 +86,7 @@ DECLARE_KERNEL(moe_grouped_swiglu_backward,
 // misread). Under FP32 every tensor has the weights' dtype, f32 or f64. Under BF16 the math is f32: the `kept` tensors
 // (gate_pre, up_pre, act, out_sorted, and the backward's d_act and d_x_sorted) are bf16, the `inputs` (x_sorted,
 // d_out_sorted) f32 or bf16 (rounded already), the three weights f32 or bf16 (the parameters' bf16 copies,
-// engine/bf16_weights.h), one dtype for the three, and the `others` (the weight gradients) f32.
+// engine/bf16_weights.h), one dtype for the three, and the `others` (the weight gradients) bf16.
 // Returns whether the products round to bf16.
 struct NamedTensor {
   const char* name;
@@ -111,7 +112,7 @@ inline bool grouped_swiglu_rounds(Precision precision, std::initializer_list<Nam
   for (const NamedTensor& t : weights) require(t, weight_dtype, false);
   for (const NamedTensor& t : inputs) require(t, dtype, bf16);
   for (const NamedTensor& t : kept) require(t, bf16 ? DType::BF16 : dtype, false);
-  for (const NamedTensor& t : others) require(t, dtype, false);
+  for (const NamedTensor& t : others) require(t, bf16 ? DType::BF16 : dtype, false);
   return bf16;
 }
 // The dtype of the grouped SwiGLU's math and of its f32 or f64 tensors: f32 when it rounds, else the weights'.

@@ -11,7 +11,8 @@ namespace moelab {
 
 // ---- AdamW ------------------------------------------------------------------------------------------------------------
 
-// One parameter of an AdamW update: the parameter, its gradient and its two moments (f32, one shape, one device), its
+// One parameter of an AdamW update: the parameter, its gradient and its two moments (f32, one shape, one device; the
+// gradient may be bf16 in adamw_update, read widened: the experts' weight gradients under mixed precision), its
 // decay factor (1 - lr * weight_decay for a matrix, 1 otherwise), and its bf16 copy or an undefined tensor (bf16, the
 // parameter's shape: the copy mixed precision's products read, engine/bf16_weights.h, written with the parameter).
 struct AdamWTensors {
@@ -47,8 +48,9 @@ DECLARE_KERNEL(adamw_apply_direction,
 
 // ---- gradient clipping ------------------------------------------------------------------------------------------------
 
-// total f64 [] = the sum of the squares of every element of every listed tensor, in double: each tensor's sum in
-// fixed chunks of 4096 elements added in order, then the tensors' sums in list order (the same bits on every run).
+// total f64 [] = the sum of the squares of every element of every listed tensor (f32, or bf16 widened), in double: each
+// tensor's sum in fixed chunks of 4096 elements added in order, then the tensors' sums in list order (the same bits on
+// every run).
 DECLARE_KERNEL(sum_of_squares, (const std::vector<Tensor>& tensors, const Tensor& total))
 
 // ---- OMoE -------------------------------------------------------------------------------------------------------------
