@@ -65,6 +65,7 @@ struct TrainBenchOptions {
   bool breakdown = false;                   // time the phases of our step (forward, backward, clip, optimizer)
   std::string expert_gemm = "grouped";      // cuda: how the experts' products run (cuda::ExpertGemm's names)
   bool tf32 = false;                        // cuda: f32 products on TF32 tensor cores (cuda::set_tf32)
+  bool bf16_weights = true;                 // bf16: the weights' copies kept by the optimizer (as the trainer)
   bool verbose = false;                     // print every timed step, and every kernel of the breakdown
   std::string python = "/usr/bin/python3";  // Debian's python, where python3-torch is
   std::string torch_script;
@@ -144,7 +145,7 @@ double process_cpu_ms() {
 StepTimes time_our_steps(moe::MoEModel& model, const Batch& b, const TrainBenchOptions& opts,
                          std::vector<std::vector<double>>& phase_ms, KernelBreakdown& kernels) {
   optim::AdamW optimizer(model.lm().named_parameters(), optim::AdamWConfig{});
-  if (opts.precision == Precision::BF16) optimizer.keep_bf16_weights();  // as the trainer
+  if (opts.precision == Precision::BF16 && opts.bf16_weights) optimizer.keep_bf16_weights();  // as the trainer
   auto sync = [&] {
     if (opts.device == Device::CUDA) cuda::synchronize();
   };
@@ -396,7 +397,7 @@ void run_train_bench(const TrainBenchOptions& opts) {
              opts.steps, opts.warmup, threads);
   const std::string device_name = opts.device == Device::CUDA ? cuda::device_name() : "cpu";
   if (race)
-    fmt::print("moelab on {}, products in {}{}\n",
+    fmt::print("moelab on {}, products in {}{}{}\n",
                opts.device == Device::CPU
                    ? std::string("the CPU")
                    : fmt::format("cuda ({}{})", device_name,
@@ -408,7 +409,8 @@ void run_train_bench(const TrainBenchOptions& opts) {
                                  opts.expert_gemm == "grouped"  ? "as grouped calls"
                                  : opts.expert_gemm == "padded" ? "padded to the longest expert, strided-batched calls"
                                                                 : "one call per expert",
-                                 opts.tf32 ? ", f32 products on TF32" : ""));
+                                 opts.tf32 ? ", f32 products on TF32" : ""),
+               opts.precision == Precision::BF16 && !opts.bf16_weights ? ", each product rounding its weights" : "");
 
   // The torch side starts from these weights and this batch: written before our steps change them.
   fs::path folder;
@@ -634,6 +636,9 @@ void add_train_step_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_flag("--tf32", opts->tf32, "cuda: f32 products on TF32 tensor cores (our fp32 is strict f32 otherwise)");
   cmd->add_flag("!--no-torch", opts->torch, "time only our engine (e.g. under a profiler)");
+  cmd->add_flag("!--no-bf16-weights", opts->bf16_weights,
+                "bf16: no bf16 copies of the weights kept by the optimizer; each product rounds its weights (the "
+                "cost the copies save)");
   cmd->add_flag("--verbose", opts->verbose,
                 "print every timed step's ms (to see the noise of a loaded machine), and every kernel of --breakdown");
   cmd->add_option("--python", opts->python, "python with torch for the baseline")->capture_default_str();
