@@ -358,18 +358,16 @@ __global__ void stack_gate_up_kernel(const In* w_gate, const In* w_up, int64_t n
 inline Tensor stacked_gate_up(const Tensor& w_gate, const Tensor& w_up, DType type) {
   const int64_t h = w_gate.size(1), d = w_gate.size(2);
   Tensor stacked = Tensor::empty({w_gate.size(0), 2 * h, d}, type, Device::CUDA);
-  dispatch_float("moe_stack_gate_up", type == DType::BF16 ? DType::F32 : type, [&](auto tag) {
-    using F = decltype(tag);
-    with_storage<F>("moe_stack_gate_up", w_gate.dtype(), [&](auto weights_as) {
-      using In = decltype(weights_as);
-      with_storage<F>("moe_stack_gate_up", type, [&](auto stored_as) {
-        using Out = decltype(stored_as);
-        launch("moe_stack_gate_up", stack_gate_up_kernel<In, Out>, dim3(flat_blocks(stacked.numel())),
-               dim3(kFlatThreads), 0, stored<const In>(w_gate), stored<const In>(w_up), stacked.numel(), h, d,
-               stored<Out>(stacked));
-      });
-    });
-  });
+  auto stack = [&](auto weights_as, auto stored_as) {
+    using In = decltype(weights_as);
+    using Out = decltype(stored_as);
+    launch("moe_stack_gate_up", stack_gate_up_kernel<In, Out>, dim3(flat_blocks(stacked.numel())), dim3(kFlatThreads),
+           0, stored<const In>(w_gate), stored<const In>(w_up), stacked.numel(), h, d, stored<Out>(stacked));
+  };
+  if (type == DType::BF16)
+    with_storage<float>("moe_stack_gate_up", w_gate.dtype(), [&](auto in) { stack(in, __nv_bfloat16{}); });
+  else
+    dispatch_float("moe_stack_gate_up", type, [&](auto f) { stack(f, f); });
   return stacked;
 }
 
