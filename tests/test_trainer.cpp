@@ -26,6 +26,29 @@ std::vector<std::vector<float>> parameters_of(Trainer& t) {
   return out;
 }
 
+// Under bf16: the products made the copies they multiply (the experts', wqkv's, the head's; not the embedding's, which
+// is looked up, or the router's, an f32 product), and the updates kept each its weight's rounding.
+void check_bf16_copies(Trainer& trainer) {
+  const Bf16Weights* copies = trainer.optimizer().bf16_weights();
+  REQUIRE(copies != nullptr);
+  std::vector<std::string> made;
+  for (const nn::NamedTensor& p : trainer.model().lm().named_parameters()) {
+    const Tensor copy = copies->made_copy_of(p.tensor);
+    if (!copy.defined()) continue;
+    made.push_back(p.name);
+    CHECK_MESSAGE(testing::bitwise_equal(copy, to_dtype(p.tensor, DType::BF16)), p.name);
+  }
+  auto has = [&](const std::string& part) {
+    return std::any_of(made.begin(), made.end(), [&](const std::string& n) { return n.find(part) != n.npos; });
+  };
+  CHECK(has("experts.w_gate"));
+  CHECK(has("experts.w_down"));
+  CHECK(has("attn.wqkv.weight"));
+  CHECK(has("lm_head.weight"));
+  CHECK_FALSE(has("tok_emb"));
+  CHECK_FALSE(has("router"));
+}
+
 }  // namespace
 
 TEST_CASE("train: resume is bit-exact (20 steps == 10, stop, resume, 10)") {
@@ -48,26 +71,6 @@ TEST_CASE("train: resume is bit-exact (20 steps == 10, stop, resume, 10)") {
     std::ostringstream quiet;
     Trainer straight(config(dir / "straight"), quiet);
     straight.run();
-    if (bf16) {  // the products made the copies they multiply, and the updates kept each its weight's rounding
-      const Bf16Weights* copies = straight.optimizer().bf16_weights();
-      REQUIRE(copies != nullptr);
-      std::vector<std::string> made;
-      for (const nn::NamedTensor& p : straight.model().lm().named_parameters()) {
-        const Tensor copy = copies->made_copy_of(p.tensor);
-        if (!copy.defined()) continue;
-        made.push_back(p.name);
-        CHECK_MESSAGE(testing::bitwise_equal(copy, to_dtype(p.tensor, DType::BF16)), p.name);
-      }
-      auto has = [&](const std::string& part) {
-        return std::any_of(made.begin(), made.end(), [&](const std::string& n) { return n.find(part) != n.npos; });
-      };
-      CHECK(has("experts.w_gate"));
-      CHECK(has("experts.w_down"));
-      CHECK(has("attn.wqkv.weight"));
-      CHECK(has("lm_head.weight"));
-      CHECK_FALSE(has("tok_emb"));  // looked up, never multiplied
-      CHECK_FALSE(has("router"));   // an f32 product
-    }
 
     Trainer first(config(dir / "split"), quiet);
     first.run(10);
@@ -78,6 +81,10 @@ TEST_CASE("train: resume is bit-exact (20 steps == 10, stop, resume, 10)") {
     CHECK(resumed.step() == 10);
     resumed.run();
     CHECK(resumed.step() == 20);
+    if (bf16) {
+      check_bf16_copies(straight);
+      check_bf16_copies(resumed);  // made again after the checkpoint's load
+    }
     auto a = parameters_of(straight), b = parameters_of(resumed);
     REQUIRE(a.size() == b.size());
     for (size_t i = 0; i < a.size(); ++i) CHECK_MESSAGE(a[i] == b[i], "parameter " << i << " differs after resume");
