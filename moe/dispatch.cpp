@@ -77,9 +77,8 @@ void check_expert_ids(const Tensor& expert_ids, const std::vector<int32_t>& coun
 // What forward keeps for backward (see the top of this file).
 struct Saved {
   DispatchPlan plan;
-  Tensor gates;                           // detached (the caller holds it anyway)
+  Tensor gates;                           // detached (the caller holds it anyway); x's dtype (check_inputs)
   Tensor w_gate, w_up, w_down;            // the products' weights: the inputs detached, or under BF16 bf16 copies
-  DType dtype;                            // x's and the inputs' (check_inputs), f32 or f64: x's and the gates' grads'
   Tensor x_sorted, out_sorted;            // [S, d]
   Tensor gate_pre, up_pre, act;           // [S, h]
   Precision precision;                    // of the products (engine/precision.h), read once in forward
@@ -89,7 +88,7 @@ struct Saved {
 std::vector<Tensor> moe_experts_backward(const Saved& saved, const Tensor& dy) {
   const DispatchPlan& plan = saved.plan;
   const int64_t h = saved.w_gate.size(1), d = saved.w_gate.size(2), slots = plan.tokens * plan.top_k;
-  const DType dtype = saved.dtype;
+  const DType dtype = saved.gates.dtype();  // x's, f32 or f64
   const Device device = saved.w_gate.device();
   auto empty = [&](const Shape& shape) { return Tensor::empty(shape, dtype, device); };
 
@@ -162,7 +161,6 @@ Tensor moe_experts(const Tensor& x, const Tensor& expert_ids, const Tensor& gate
   auto empty = [&](const Shape& shape) { return Tensor::empty(shape, dtype, device); };
 
   Saved saved;
-  saved.dtype = dtype;
   saved.precision = dtype == DType::F32 ? product_precision() : Precision::FP32;  // f64 is never rounded
   saved.plan = plan_dispatch(expert_ids, dims.experts);                           // (a)-(c)
   const DispatchPlan& plan = saved.plan;

@@ -449,12 +449,13 @@ TEST_CASE("omoe: AdamW matches torch.optim.AdamW over 10 steps") {
   CHECK(worst_rel_move < 1e-4);
 }
 
+// A matrix (decayed) and a vector (not), the same values at every call: for two optimizers stepped side by side.
+std::vector<nn::NamedTensor> two_params() {
+  return {{"w", testing::random({6, 5}, 1, DType::F32)}, {"bias", testing::random({7}, 3, DType::F32)}};
+}
+
 TEST_CASE("omoe: AdamW's bf16 copies are its parameters rounded after every update, and change none of its bits") {
-  auto make_params = [] {
-    return std::vector<nn::NamedTensor>{{"w", testing::random({6, 5}, 1, DType::F32)},
-                                        {"bias", testing::random({7}, 3, DType::F32)}};
-  };
-  std::vector<nn::NamedTensor> plain_params = make_params(), kept_params = make_params();
+  std::vector<nn::NamedTensor> plain_params = two_params(), kept_params = two_params();
   optim::AdamW plain(plain_params, {0.9, 0.95, 1e-8, 0.1}), kept(kept_params, {0.9, 0.95, 1e-8, 0.1});
   CHECK(kept.bf16_weights() == nullptr);
   kept.keep_bf16_weights();
@@ -495,11 +496,7 @@ TEST_CASE("omoe: AdamW's bf16 copies are its parameters rounded after every upda
 TEST_CASE("omoe: gradient clipping: grad_clip's norm and factor, which AdamW applies as it reads each gradient") {
   // Two copies of the same parameters: one steps with the clipping factor, the other on gradients scaled first (what
   // torch's clip_grad_norm_ leaves in .grad): the same bits, and the gradients themselves stay unscaled.
-  auto make_params = [] {
-    return std::vector<nn::NamedTensor>{{"w", testing::random({6, 5}, 1, DType::F32)},
-                                        {"bias", testing::random({7}, 3, DType::F32)}};
-  };
-  std::vector<nn::NamedTensor> clipped = make_params(), prescaled = make_params();
+  std::vector<nn::NamedTensor> clipped = two_params(), prescaled = two_params();
   optim::AdamW a(clipped, {0.9, 0.95, 1e-8, 0.1}), b(prescaled, {0.9, 0.95, 1e-8, 0.1});
   for (int64_t t = 1; t <= 4; ++t) {
     double squares = 0;

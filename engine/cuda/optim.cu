@@ -26,6 +26,17 @@ inline __nv_bfloat16* bf16_data(const Tensor& t) {
   return t.defined() ? reinterpret_cast<__nv_bfloat16*>(t.data<bf16>()) : nullptr;
 }
 
+// An f32 or bf16 tensor's elements, read as float (bf16 widened, exact): a gradient.
+struct FloatElements {
+  const float* f32;  // or null, and the elements are bf16
+  const __nv_bfloat16* bf16;
+  __device__ float operator[](int64_t i) const { return f32 ? f32[i] : __bfloat162float(bf16[i]); }
+};
+inline FloatElements float_elements(const Tensor& t) {
+  const bool bf16 = t.dtype() == DType::BF16;
+  return {bf16 ? nullptr : t.data<float>(), bf16 ? bf16_data(t) : nullptr};
+}
+
 // ---- the tensor lists of a multi-tensor launch ------------------------------------------------------------------------
 
 // The record that holds flat index i: the last one with start <= i (records in increasing start, none empty).
@@ -57,8 +68,7 @@ __device__ __forceinline__ float update_moments(float grad, float& m, float& v, 
 
 struct AdamWRecord {
   float *param, *m, *v;
-  const float* grad;               // or null, and the gradient is bf16:
-  const __nv_bfloat16* grad_bf16;  // read widened
+  FloatElements grad;
   int64_t numel, start;  // start: the first element's index in the concatenation of all parameters
   float decay;
   __nv_bfloat16* bf16_copy;  // null: none
@@ -77,8 +87,7 @@ static __global__ void adamw_update_kernel(const AdamWRecord* records, int count
   const AdamWRecord& r = record_of(records, count, i);
   const int64_t k = i - r.start;
   float m = r.m[k], v = r.v[k];
-  const float grad = r.grad ? r.grad[k] : __bfloat162float(r.grad_bf16[k]);
-  const float denominator = update_moments(grad, m, v, scalars);
+  const float denominator = update_moments(r.grad[k], m, v, scalars);
   r.m[k] = m, r.v[k] = v;
   const float param = add_rn(mul_rn(r.param[k], r.decay), -(mul_rn(step_size, m) / denominator));
   r.param[k] = param;
@@ -90,9 +99,7 @@ void adamw_update(const std::vector<AdamWTensors>& params, const AdamWScalars& s
   int64_t total = 0;
   for (const AdamWTensors& p : params) {
     if (p.param.numel() == 0) continue;
-    const bool bf16_grad = p.grad.dtype() == DType::BF16;
-    records.push_back({p.param.data<float>(), p.m.data<float>(), p.v.data<float>(),
-                       bf16_grad ? nullptr : p.grad.data<float>(), bf16_grad ? bf16_data(p.grad) : nullptr,
+    records.push_back({p.param.data<float>(), p.m.data<float>(), p.v.data<float>(), float_elements(p.grad),
                        p.param.numel(), total, p.decay, bf16_data(p.bf16_copy)});
     total += p.param.numel();
   }
@@ -140,14 +147,11 @@ void adamw_apply_direction(const Tensor& param, const Tensor& direction, float d
 // The CPU's chunks (parallel_sum): each tensor's elements in chunks of kChunk, one block per chunk of every tensor.
 constexpr int64_t kChunk = 4096;
 
-// One tensor of a list, f32 (data) or bf16 (bf16_data); `start` is the index of its first chunk among all the
-// tensors' chunks.
+// One f32 or bf16 tensor of a list; `start` is the index of its first chunk among all the tensors' chunks.
 struct FloatTensorRecord {
-  const float* data;
-  const __nv_bfloat16* bf16_data;
+  FloatElements data;
   int64_t numel;
   int64_t start;
-  __device__ double at(int64_t i) const { return data ? data[i] : __bfloat162float(bf16_data[i]); }
 };
 
 // The non-empty tensors of a list, with their first chunks; `chunks` gets the chunks of all of them.
@@ -156,8 +160,7 @@ static std::vector<FloatTensorRecord> float_tensor_records(const std::vector<Ten
   chunks = 0;
   for (const Tensor& t : tensors) {
     if (t.numel() == 0) continue;
-    const bool bf16 = t.dtype() == DType::BF16;
-    records.push_back({bf16 ? nullptr : t.data<float>(), bf16 ? bf16_data(t) : nullptr, t.numel(), chunks});
+    records.push_back({float_elements(t), t.numel(), chunks});
     chunks += (t.numel() + kChunk - 1) / kChunk;
   }
   return records;
@@ -168,7 +171,7 @@ static __global__ void chunk_sum_of_squares_kernel(const FloatTensorRecord* reco
   const int64_t begin = (blockIdx.x - r.start) * kChunk;
   const int64_t end = begin + kChunk < r.numel ? begin + kChunk : r.numel;
   double total = 0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) total += r.at(i) * r.at(i);
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) total += static_cast<double>(r.data[i]) * r.data[i];
   total = block_sum(total);
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
